@@ -1,0 +1,94 @@
+//! Device selection: "cpu", "cuda", "cuda:N" or "auto".
+//!
+//! The linker drops libtorch_cuda.so from the link (as-needed), so CUDA kernels are
+//! registered only once it is loaded: we dlopen it on first use, when present.
+
+use once_cell::sync::OnceCell;
+use tch::Device;
+
+use crate::error::{Error, Result};
+
+static CUDA_LOAD: OnceCell<std::result::Result<(), String>> = OnceCell::new();
+
+/// Loads libtorch_cuda.so once (RTLD_GLOBAL so its kernels register with libtorch).
+/// Returns the loader's message when it cannot be loaded (no CUDA build or no driver).
+pub fn load_cuda() -> std::result::Result<(), String> {
+    CUDA_LOAD
+        .get_or_init(|| {
+            let mut last = String::new();
+            for name in ["libtorch_cuda.so"] {
+                let c = std::ffi::CString::new(name).expect("static name");
+                // SAFETY: dlopen with a valid C string; the handle is kept for the process lifetime.
+                let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+                if !h.is_null() {
+                    return Ok(());
+                }
+                // SAFETY: dlerror returns a thread-local C string or NULL.
+                let e = unsafe { libc::dlerror() };
+                if !e.is_null() {
+                    last = unsafe { std::ffi::CStr::from_ptr(e) }.to_string_lossy().into_owned();
+                }
+            }
+            Err(last)
+        })
+        .clone()
+}
+
+/// Whether a CUDA device is usable (libtorch_cuda loaded and a GPU visible).
+pub fn cuda_available() -> bool {
+    load_cuda().is_ok() && tch::Cuda::is_available()
+}
+
+/// Parses a device name. "auto" picks CUDA device 0 when available, else the CPU.
+pub fn parse_device(name: &str) -> Result<Device> {
+    let n = name.trim().to_ascii_lowercase();
+    match n.as_str() {
+        "cpu" => Ok(Device::Cpu),
+        "auto" | "" => Ok(if cuda_available() { Device::Cuda(0) } else { Device::Cpu }),
+        _ => {
+            let idx = if n == "cuda" || n == "gpu" {
+                0
+            } else if let Some(i) = n.strip_prefix("cuda:") {
+                i.parse::<usize>().map_err(|_| {
+                    Error::Device(format!("'{name}': expected \"cpu\", \"cuda\", \"cuda:N\" (N a GPU index) or \"auto\""))
+                })?
+            } else {
+                return Err(Error::Device(format!("'{name}': expected \"cpu\", \"cuda\", \"cuda:N\" or \"auto\"")));
+            };
+            if let Err(e) = load_cuda() {
+                return Err(Error::Device(format!("'{name}' requested but libtorch_cuda could not be loaded: {e}")));
+            }
+            let count = tch::Cuda::device_count() as usize;
+            if idx >= count {
+                return Err(Error::Device(format!("'{name}' requested but {count} CUDA device(s) are visible")));
+            }
+            Ok(Device::Cuda(idx))
+        }
+    }
+}
+
+/// The name of a device as accepted by [`parse_device`].
+pub fn device_name(d: Device) -> String {
+    match d {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(i) => format!("cuda:{i}"),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn names() {
+        assert_eq!(parse_device("cpu").unwrap(), Device::Cpu);
+        assert_eq!(parse_device("CPU").unwrap(), Device::Cpu);
+        assert!(parse_device("tpu").unwrap_err().to_string().contains("expected"));
+        assert!(parse_device("cuda:x").unwrap_err().to_string().contains("cuda:N"));
+        let auto = parse_device("auto").unwrap();
+        assert_eq!(auto == Device::Cpu, !cuda_available());
+        if !cuda_available() {
+            assert!(parse_device("cuda:0").is_err());
+        }
+    }
+}

@@ -1,0 +1,644 @@
+//! Exported functions. Each body runs under `guard` (no panic crosses the boundary).
+
+use std::ffi::{c_char, c_void, CString};
+use std::path::Path;
+
+use ndarray::{ArrayView3, ArrayViewMut2, ArrayViewMut3};
+
+use super::{arg_str, guard, last_error_ptr, null, Fail, LumosStatus};
+use crate::device::{cuda_available, parse_device};
+use crate::model::{Model, ModelKind, SegmentOptions, SegmentOutput};
+use crate::progress::{CancelToken, Monitor, Progress};
+use crate::train::{train, TrainConfig};
+
+/// The ABI version: bumped only when an existing function, struct or enum changes
+/// incompatibly. Compare with `LUMOS_ABI_VERSION` from the header you compiled against.
+pub const LUMOS_ABI_VERSION: u32 = 1;
+
+/// Opaque handle to a loaded model.
+///
+/// Thread safety: a model may be used from several threads at once (segment, info,
+/// save); calls on one handle are serialized internally. `lumos_model_free` must not run
+/// concurrently with any other call on the same handle.
+pub struct LumosModel {
+    model: Model,
+    kind_name: CString,
+    channel_names: Vec<CString>,
+    class_names: Vec<CString>,
+    metadata_json: CString,
+}
+
+impl LumosModel {
+    fn new(model: Model) -> Self {
+        let c = |s: &str| CString::new(s.replace('\0', " ")).unwrap_or_default();
+        LumosModel {
+            kind_name: c(model.meta.kind.name()),
+            channel_names: model.meta.input_channels.iter().map(|s| c(s)).collect(),
+            class_names: model.meta.classes.iter().map(|s| c(s)).collect(),
+            metadata_json: c(&serde_json::to_string_pretty(&model.meta).unwrap_or_default()),
+            model,
+        }
+    }
+}
+
+/// Opaque cancellation flag. Thread safety: `lumos_cancel_token_cancel` may be called
+/// from any thread while another thread runs an operation that watches the token.
+pub struct LumosCancelToken {
+    token: CancelToken,
+}
+
+/// Model kinds (stable numbers).
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LumosModelKind {
+    /// 2D nnU-Net segmentation of N-channel images.
+    Unet = 1,
+}
+
+/// Facts about a loaded model, filled by `lumos_model_info`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct LumosModelInfo {
+    /// The model kind.
+    pub kind: LumosModelKind,
+    /// Input channels the model expects (C in the (C, H, W) input).
+    pub n_input_channels: usize,
+    /// Output classes (K), background included.
+    pub n_classes: usize,
+    /// Training patch height in pixels (the default tile height).
+    pub patch_height: usize,
+    /// Training patch width in pixels (the default tile width).
+    pub patch_width: usize,
+    /// Whether `lumos_segment*` works with this model.
+    pub can_segment: bool,
+    /// Whether `lumos_decompose` works with this model.
+    pub can_decompose: bool,
+}
+
+/// Tiling and test-time options for segment and decompose.
+/// Fill with `lumos_tile_options_default` first, then change fields.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct LumosTileOptions {
+    /// Tile height in pixels; 0 = the model's training patch height. Must be a multiple of
+    /// the network's downsampling factor.
+    pub tile_height: usize,
+    /// Tile width in pixels; 0 = the model's training patch width.
+    pub tile_width: usize,
+    /// Step between tiles as a fraction of the tile, in (0, 1]; 0.5 by default.
+    pub step_fraction: f64,
+    /// Tiles per forward pass (>= 1); 4 by default.
+    pub batch_size: usize,
+    /// Test-time mirroring (average of 4 flips; 4x slower). false by default.
+    pub mirror: bool,
+}
+
+impl Default for LumosTileOptions {
+    fn default() -> Self {
+        let d = SegmentOptions::default();
+        LumosTileOptions { tile_height: 0, tile_width: 0, step_fraction: d.step_fraction, batch_size: d.batch_size, mirror: d.mirror }
+    }
+}
+
+/// What a long operation reports (see `LumosProgressCallback`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct LumosProgress {
+    /// 0 preparing, 1 training iteration done, 2 validation done, 3 checkpoint written,
+    /// 4 inference tiles done, 5 finished.
+    pub stage: u32,
+    /// Current epoch (0-based).
+    pub epoch: usize,
+    /// Total epochs.
+    pub epochs: usize,
+    /// Current iteration within the epoch, or tiles done (0-based).
+    pub iteration: usize,
+    /// Iterations per epoch, or total tiles.
+    pub iterations: usize,
+    /// Training loss of this iteration (mean over the epoch for stage 2); NaN if none.
+    pub loss: f64,
+    /// Validation mean foreground Dice (stage 2); NaN otherwise.
+    pub val_metric: f64,
+}
+
+impl From<&Progress> for LumosProgress {
+    fn from(p: &Progress) -> Self {
+        LumosProgress {
+            stage: p.stage as u32,
+            epoch: p.epoch,
+            epochs: p.epochs,
+            iteration: p.iteration,
+            iterations: p.iterations,
+            loss: p.loss,
+            val_metric: p.val_metric,
+        }
+    }
+}
+
+/// Progress callback: called on the thread that runs the operation, with a pointer valid
+/// only during the call, and the `user_data` given to the operation. It must not call
+/// `lumos_model_free` on a model in use; to stop, cancel the token instead.
+pub type LumosProgressCallback = Option<unsafe extern "C" fn(progress: *const LumosProgress, user_data: *mut c_void)>;
+
+/// Largest number of elements accepted in one input buffer (guards against overflowed
+/// or garbage shapes).
+const MAX_ELEMENTS: usize = 1 << 36;
+
+fn element_count(dims: &[usize], what: &str) -> Result<usize, Fail> {
+    if dims.contains(&0) {
+        return Err(Fail(LumosStatus::ShapeMismatch, format!("{what} shape {dims:?} has a zero dimension; every dimension must be >= 1")));
+    }
+    let n = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    match n {
+        Some(n) if n <= MAX_ELEMENTS => Ok(n),
+        _ => Err(Fail(LumosStatus::ShapeMismatch, format!("{what} shape {dims:?} is too large (more than 2^36 elements)"))),
+    }
+}
+
+/// # Safety
+/// `p` must be NULL or point to a live `LumosModel`.
+unsafe fn model_ref<'a>(p: *const LumosModel) -> Result<&'a LumosModel, Fail> {
+    // SAFETY: per the caller's contract.
+    unsafe { p.as_ref() }.ok_or_else(|| null("model"))
+}
+
+fn segment_options(opts: *const LumosTileOptions) -> Result<SegmentOptions, Fail> {
+    // SAFETY: the caller passes NULL or a valid LumosTileOptions.
+    let o = unsafe { opts.as_ref() }.copied().unwrap_or_default();
+    let tile = match (o.tile_height, o.tile_width) {
+        (0, 0) => None,
+        (0, _) | (_, 0) => {
+            return Err(Fail(LumosStatus::InvalidArgument, "tile_height and tile_width must both be 0 (model default) or both > 0".into()));
+        }
+        (h, w) => Some([h, w]),
+    };
+    Ok(SegmentOptions { tile, step_fraction: o.step_fraction, batch_size: o.batch_size, mirror: o.mirror })
+}
+
+fn cancel_of(c: *const LumosCancelToken) -> Option<CancelToken> {
+    // SAFETY: the caller passes NULL or a live token.
+    unsafe { c.as_ref() }.map(|t| t.token.clone())
+}
+
+// ---------------------------------------------------------------------------------------
+// Library
+
+/// The library version as a static NUL-terminated string ("MAJOR.MINOR.PATCH").
+/// Never free it. Thread-safe.
+#[unsafe(no_mangle)]
+pub extern "C" fn lumos_version() -> *const c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr() as *const c_char
+}
+
+/// The ABI version of the library (see `LUMOS_ABI_VERSION`). Thread-safe.
+#[unsafe(no_mangle)]
+pub extern "C" fn lumos_abi_version() -> u32 {
+    LUMOS_ABI_VERSION
+}
+
+/// The message of the last failed lumos call on the calling thread, or "" if the last
+/// call succeeded. The string is owned by the library and valid until the next lumos call
+/// on this thread; copy it to keep it. Never NULL. Thread-safe (per-thread storage).
+#[unsafe(no_mangle)]
+pub extern "C" fn lumos_last_error_message() -> *const c_char {
+    last_error_ptr()
+}
+
+/// A static name for a status code ("LUMOS_STATUS_OK", ...); "unknown" for numbers this
+/// version does not define. Never free it. Thread-safe.
+#[unsafe(no_mangle)]
+pub extern "C" fn lumos_status_name(status: u32) -> *const c_char {
+    let s: &'static str = match status {
+        0 => "LUMOS_STATUS_OK\0",
+        1 => "LUMOS_STATUS_NULL_POINTER\0",
+        2 => "LUMOS_STATUS_INVALID_ARGUMENT\0",
+        3 => "LUMOS_STATUS_SHAPE_MISMATCH\0",
+        4 => "LUMOS_STATUS_INVALID_INPUT\0",
+        5 => "LUMOS_STATUS_IO\0",
+        6 => "LUMOS_STATUS_TIFF\0",
+        7 => "LUMOS_STATUS_MODEL_FORMAT\0",
+        8 => "LUMOS_STATUS_UNSUPPORTED\0",
+        9 => "LUMOS_STATUS_CANCELLED\0",
+        10 => "LUMOS_STATUS_DEVICE\0",
+        11 => "LUMOS_STATUS_INVALID_CONFIG\0",
+        12 => "LUMOS_STATUS_TORCH\0",
+        13 => "LUMOS_STATUS_BUFFER_TOO_SMALL\0",
+        14 => "LUMOS_STATUS_INTERNAL\0",
+        _ => "unknown\0",
+    };
+    s.as_ptr() as *const c_char
+}
+
+/// Whether a CUDA GPU is usable (libtorch_cuda loaded and a device visible). Thread-safe.
+#[unsafe(no_mangle)]
+pub extern "C" fn lumos_cuda_available() -> bool {
+    catch_bool(cuda_available)
+}
+
+fn catch_bool(f: impl FnOnce() -> bool) -> bool {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or(false)
+}
+
+/// Sets libtorch's intra-op CPU threads for threads that have not yet run any tensor
+/// operation (call it first). `n_threads` >= 1.
+/// Errors: INVALID_ARGUMENT for 0.
+#[unsafe(no_mangle)]
+pub extern "C" fn lumos_set_num_threads(n_threads: u32) -> LumosStatus {
+    guard(|| {
+        if n_threads == 0 || n_threads > 4096 {
+            return Err(Fail(LumosStatus::InvalidArgument, format!("n_threads = {n_threads}; expected 1..=4096")));
+        }
+        tch::set_num_threads(n_threads as i32);
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Models
+
+/// Loads a model file.
+///
+/// - `path`: UTF-8 path of a lumos model file (or training checkpoint).
+/// - `device`: "cpu", "cuda", "cuda:N" or "auto" (CUDA when available, else CPU); NULL = "auto".
+/// - `out_model`: receives a new handle on success; free it with `lumos_model_free`.
+///
+/// Errors: NULL_POINTER, INVALID_ARGUMENT (non-UTF-8 path), IO (missing or unreadable
+/// file), MODEL_FORMAT (not a lumos model, corrupt or truncated, newer format, or another
+/// kind's weights), DEVICE. Thread-safe.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lumos_model_load(path: *const c_char, device: *const c_char, out_model: *mut *mut LumosModel) -> LumosStatus {
+    guard(|| {
+        // SAFETY: per this function's contract.
+        let path = unsafe { arg_str(path, "path") }?;
+        let dev = if device.is_null() { "auto" } else { unsafe { arg_str(device, "device") }? };
+        if out_model.is_null() {
+            return Err(null("out_model"));
+        }
+        let model = Model::load(Path::new(path), parse_device(dev)?)?;
+        let h = Box::into_raw(Box::new(LumosModel::new(model)));
+        // SAFETY: out_model is non-null and writable per the contract.
+        unsafe { *out_model = h };
+        Ok(())
+    })
+}
+
+/// Frees a model handle. NULL is ignored. Must not race with other calls on the handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lumos_model_free(model: *mut LumosModel) {
+    if !model.is_null() {
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            // SAFETY: the handle came from Box::into_raw in this library.
+            drop(unsafe { Box::from_raw(model) });
+        }));
+    }
+}
+
+/// Saves a model to `path` (UTF-8), atomically: a temporary file in the same folder is
+/// renamed over `path` only when complete, so a failure never leaves a partial file.
+///
+/// Errors: NULL_POINTER, INVALID_ARGUMENT, IO (missing or read-only folder, full disk).
+/// Thread-safe.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lumos_model_save(model: *const LumosModel, path: *const c_char) -> LumosStatus {
+    guard(|| {
+        let m = unsafe { model_ref(model) }?;
+        let path = unsafe { arg_str(path, "path") }?;
+        m.model.save(Path::new(path))?;
+        Ok(())
+    })
+}
+
+/// Fills `out_info` with the model's kind, channel and class counts and patch size.
+/// Errors: NULL_POINTER. Thread-safe.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lumos_model_info(model: *const LumosModel, out_info: *mut LumosModelInfo) -> LumosStatus {
+    guard(|| {
+        let m = unsafe { model_ref(model) }?;
+        if out_info.is_null() {
+            return Err(null("out_info"));
+        }
+        let meta = &m.model.meta;
+        let info = LumosModelInfo {
+            kind: match meta.kind {
+                ModelKind::Unet => LumosModelKind::Unet,
+            },
+            n_input_channels: meta.input_channels.len(),
+            n_classes: meta.classes.len(),
+            patch_height: meta.patch_size[0],
+            patch_width: meta.patch_size[1],
+            can_segment: meta.kind.can_segment(),
+            can_decompose: meta.kind.can_decompose(),
+        };
+        unsafe { *out_info = info };
+        Ok(())
+    })
+}
+
+/// The model kind's name ("unet", ...) in `*out_name`: a NUL-terminated UTF-8 string owned
+/// by the model, valid until `lumos_model_free`. Errors: NULL_POINTER. Thread-safe.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lumos_model_kind_name(model: *const LumosModel, out_name: *mut *const c_char) -> LumosStatus {
+    guard(|| {
+        let m = unsafe { model_ref(model) }?;
+        if out_name.is_null() {
+            return Err(null("out_name"));
+        }
+        unsafe { *out_name = m.kind_name.as_ptr() };
+        Ok(())
+    })
+}
+
+/// The name of input channel `index` (0-based, < n_input_channels) in `*out_name`, owned
+/// by the model and valid until `lumos_model_free`.
+/// Errors: NULL_POINTER, INVALID_ARGUMENT (index out of range). Thread-safe.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lumos_model_channel_name(model: *const LumosModel, index: usize, out_name: *mut *const c_char) -> LumosStatus {
+    guard(|| {
+        let m = unsafe { model_ref(model) }?;
+        if out_name.is_null() {
+            return Err(null("out_name"));
+        }
+        let s = m.channel_names.get(index).ok_or_else(|| {
+            Fail(LumosStatus::InvalidArgument, format!("channel index {index}; the model has {} input channels", m.channel_names.len()))
+        })?;
+        unsafe { *out_name = s.as_ptr() };
+        Ok(())
+    })
+}
+
+/// The name of class `index` (0-based, < n_classes; 0 is background) in `*out_name`,
+/// owned by the model and valid until `lumos_model_free`.
+/// Errors: NULL_POINTER, INVALID_ARGUMENT (index out of range). Thread-safe.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lumos_model_class_name(model: *const LumosModel, index: usize, out_name: *mut *const c_char) -> LumosStatus {
+    guard(|| {
+        let m = unsafe { model_ref(model) }?;
+        if out_name.is_null() {
+            return Err(null("out_name"));
+        }
+        let s = m.class_names.get(index).ok_or_else(|| {
+            Fail(LumosStatus::InvalidArgument, format!("class index {index}; the model has {} classes", m.class_names.len()))
+        })?;
+        unsafe { *out_name = s.as_ptr() };
+        Ok(())
+    })
+}
+
+/// The model's full metadata (architecture, normalization statistics, channels, classes,
+/// training provenance) as a JSON document in `*out_json`, owned by the model and valid
+/// until `lumos_model_free`. Errors: NULL_POINTER. Thread-safe.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lumos_model_metadata_json(model: *const LumosModel, out_json: *mut *const c_char) -> LumosStatus {
+    guard(|| {
+        let m = unsafe { model_ref(model) }?;
+        if out_json.is_null() {
+            return Err(null("out_json"));
+        }
+        unsafe { *out_json = m.metadata_json.as_ptr() };
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Segment and decompose
+
+/// Fills `out_options` with the defaults: model patch as tile, step 0.5, batch 4, no mirroring.
+/// Errors: NULL_POINTER. Thread-safe.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lumos_tile_options_default(out_options: *mut LumosTileOptions) -> LumosStatus {
+    guard(|| {
+        if out_options.is_null() {
+            return Err(null("out_options"));
+        }
+        unsafe { *out_options = LumosTileOptions::default() };
+        Ok(())
+    })
+}
+
+/// Borrows the caller's input as a `(C, H, W)` view after checking pointer and shape.
+unsafe fn input_view<'a>(input: *const f32, c: usize, h: usize, w: usize) -> Result<ArrayView3<'a, f32>, Fail> {
+    if input.is_null() {
+        return Err(null("input"));
+    }
+    let n = element_count(&[c, h, w], "input")?;
+    // SAFETY: the caller guarantees `input` holds c*h*w floats.
+    let s = unsafe { std::slice::from_raw_parts(input, n) };
+    Ok(ArrayView3::from_shape((c, h, w), s).expect("length checked"))
+}
+
+fn check_out_len(len: usize, need: usize, what: &str) -> Result<(), Fail> {
+    if len < need {
+        return Err(Fail(LumosStatus::BufferTooSmall, format!("{what} holds {len} elements; {need} are needed")));
+    }
+    Ok(())
+}
+
+/// Segments one frame into class labels.
+///
+/// - `input`: `channels * height * width` floats, channel-major `(C, H, W)`, row-major
+///   within a channel, in the units the model was trained on (for ssQPM: the four
+///   polarized intensities in camera counts, then phase in radians). Not modified.
+///   Frames of any size are processed tile by tile; memory beyond the caller's buffers is
+///   bounded by one row of tiles.
+/// - `options`: tiling and mirroring; NULL = defaults (`lumos_tile_options_default`).
+/// - `cancel`: NULL or a token; cancelling stops at the next tile (CANCELLED).
+/// - `out_labels`: caller-owned buffer of `out_len >= height * width` bytes; receives the
+///   class index (0 = background) of each pixel, `(H, W)` row-major. On failure its
+///   contents are unspecified.
+///
+/// Errors: NULL_POINTER, SHAPE_MISMATCH (channels differ from the model's, zero or absurd
+/// sizes), INVALID_INPUT (NaN or Inf pixels), INVALID_ARGUMENT (bad options),
+/// BUFFER_TOO_SMALL, UNSUPPORTED (model kind cannot segment), CANCELLED, TORCH.
+/// Thread-safe: concurrent calls on one model are serialized.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lumos_segment(
+    model: *const LumosModel,
+    input: *const f32,
+    channels: usize,
+    height: usize,
+    width: usize,
+    options: *const LumosTileOptions,
+    cancel: *const LumosCancelToken,
+    out_labels: *mut u8,
+    out_len: usize,
+) -> LumosStatus {
+    guard(|| {
+        let m = unsafe { model_ref(model) }?;
+        let x = unsafe { input_view(input, channels, height, width) }?;
+        if out_labels.is_null() {
+            return Err(null("out_labels"));
+        }
+        check_out_len(out_len, height * width, "out_labels")?;
+        let opts = segment_options(options)?;
+        let out = unsafe { std::slice::from_raw_parts_mut(out_labels, height * width) };
+        let view = ArrayViewMut2::from_shape((height, width), out).expect("length checked");
+        let mut mon = Monitor { progress: None, cancel: cancel_of(cancel) };
+        m.model.segment(x, &opts, SegmentOutput::Labels(view), &mut mon)?;
+        Ok(())
+    })
+}
+
+/// Segments one frame into class probabilities (softmax, blended across tiles).
+///
+/// Same as `lumos_segment`, but `out_probabilities` is a caller-owned buffer of
+/// `out_len >= n_classes * height * width` floats that receives `(K, H, W)` probabilities
+/// in [0, 1], class-major.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lumos_segment_probabilities(
+    model: *const LumosModel,
+    input: *const f32,
+    channels: usize,
+    height: usize,
+    width: usize,
+    options: *const LumosTileOptions,
+    cancel: *const LumosCancelToken,
+    out_probabilities: *mut f32,
+    out_len: usize,
+) -> LumosStatus {
+    guard(|| {
+        let m = unsafe { model_ref(model) }?;
+        let x = unsafe { input_view(input, channels, height, width) }?;
+        if out_probabilities.is_null() {
+            return Err(null("out_probabilities"));
+        }
+        let k = m.model.n_classes();
+        let need = element_count(&[k, height, width], "output")?;
+        check_out_len(out_len, need, "out_probabilities")?;
+        let opts = segment_options(options)?;
+        let out = unsafe { std::slice::from_raw_parts_mut(out_probabilities, need) };
+        let view = ArrayViewMut3::from_shape((k, height, width), out).expect("length checked");
+        let mut mon = Monitor { progress: None, cancel: cancel_of(cancel) };
+        m.model.segment(x, &opts, SegmentOutput::Probabilities(view), &mut mon)?;
+        Ok(())
+    })
+}
+
+/// Decomposes a single-channel `(H, W)` frame of two superimposed structures into two
+/// channels, written to `out` as `(2, H, W)` floats (`out_len >= 2 * height * width`).
+///
+/// Returns UNSUPPORTED for model kinds that do not decompose (all segmentation models);
+/// otherwise the same argument checks and errors as `lumos_segment`.
+/// Thread-safe: concurrent calls on one model are serialized.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lumos_decompose(
+    model: *const LumosModel,
+    input: *const f32,
+    height: usize,
+    width: usize,
+    options: *const LumosTileOptions,
+    cancel: *const LumosCancelToken,
+    out: *mut f32,
+    out_len: usize,
+) -> LumosStatus {
+    guard(|| {
+        let m = unsafe { model_ref(model) }?;
+        let _ = unsafe { input_view(input, 1, height, width) }?;
+        if out.is_null() {
+            return Err(null("out"));
+        }
+        let need = element_count(&[2, height, width], "output")?;
+        check_out_len(out_len, need, "out")?;
+        segment_options(options)?;
+        let _ = cancel_of(cancel);
+        m.model.check_decompose()?;
+        Err(Fail(LumosStatus::Unsupported, format!("decompose is not supported by a '{}' model", m.model.meta.kind.name())))
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Cancellation
+
+/// Creates a cancel token in `*out_token`; free it with `lumos_cancel_token_free`.
+/// Errors: NULL_POINTER. Thread-safe.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lumos_cancel_token_new(out_token: *mut *mut LumosCancelToken) -> LumosStatus {
+    guard(|| {
+        if out_token.is_null() {
+            return Err(null("out_token"));
+        }
+        unsafe { *out_token = Box::into_raw(Box::new(LumosCancelToken { token: CancelToken::new() })) };
+        Ok(())
+    })
+}
+
+/// Requests cancellation: operations watching the token stop at their next check
+/// (next training iteration or tile) and return CANCELLED. Callable from any thread.
+/// Errors: NULL_POINTER.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lumos_cancel_token_cancel(token: *const LumosCancelToken) -> LumosStatus {
+    guard(|| {
+        let t = unsafe { token.as_ref() }.ok_or_else(|| null("token"))?;
+        t.token.cancel();
+        Ok(())
+    })
+}
+
+/// Clears a cancellation so the token can be reused. Errors: NULL_POINTER. Thread-safe.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lumos_cancel_token_reset(token: *const LumosCancelToken) -> LumosStatus {
+    guard(|| {
+        let t = unsafe { token.as_ref() }.ok_or_else(|| null("token"))?;
+        t.token.reset();
+        Ok(())
+    })
+}
+
+/// Frees a cancel token. NULL is ignored. No operation may still be using it.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lumos_cancel_token_free(token: *mut LumosCancelToken) {
+    if !token.is_null() {
+        // SAFETY: the token came from Box::into_raw in this library.
+        drop(unsafe { Box::from_raw(token) });
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Training
+
+/// Trains a model and writes it to `output_path`.
+///
+/// - `config_json`: UTF-8 JSON training configuration (see README "Training config");
+///   NULL or "" = all defaults. Unknown fields are rejected. The config and seed are
+///   written to `OUTPUT.train.json` before training starts.
+/// - `data_dir`: folder with `images/NAME.tif` and `masks/NAME.tif` (or `train/images`).
+/// - `output_path`: where the model file is written (atomically) at the end. A checkpoint
+///   `OUTPUT.ckpt` is written atomically after every epoch; with `"resume": true` a later
+///   call continues from it.
+/// - `progress`, `user_data`: optional callback, called on this thread.
+/// - `cancel`: NULL or a token another thread may cancel; training then stops at the
+///   next iteration, returns CANCELLED and keeps the last checkpoint.
+/// - `out_model`: NULL, or receives the trained model (free with `lumos_model_free`).
+///
+/// Blocks until done. Errors: NULL_POINTER, INVALID_ARGUMENT, INVALID_CONFIG, IO, TIFF,
+/// SHAPE_MISMATCH, INVALID_INPUT, DEVICE, CANCELLED, TORCH. Thread-safe (separate
+/// trainings may run in separate threads).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lumos_train(
+    config_json: *const c_char,
+    data_dir: *const c_char,
+    output_path: *const c_char,
+    progress: LumosProgressCallback,
+    user_data: *mut c_void,
+    cancel: *const LumosCancelToken,
+    out_model: *mut *mut LumosModel,
+) -> LumosStatus {
+    guard(|| {
+        let cfg_s = if config_json.is_null() { "" } else { unsafe { arg_str(config_json, "config_json") }? };
+        let cfg = if cfg_s.trim().is_empty() { TrainConfig::default() } else { TrainConfig::from_json(cfg_s)? };
+        let data = unsafe { arg_str(data_dir, "data_dir") }?;
+        let out = unsafe { arg_str(output_path, "output_path") }?;
+        let mut cb = |p: &Progress| {
+            if let Some(f) = progress {
+                let lp = LumosProgress::from(p);
+                // SAFETY: the caller supplied a valid callback and user_data.
+                unsafe { f(&lp, user_data) };
+            }
+        };
+        let mut mon = Monitor { progress: Some(&mut cb), cancel: cancel_of(cancel) };
+        let outcome = train(&cfg, Path::new(data), Path::new(out), &mut mon)?;
+        if !out_model.is_null() {
+            unsafe { *out_model = Box::into_raw(Box::new(LumosModel::new(outcome.model))) };
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,29 @@
+//! lumos: a deep-learning engine for microscopy with a stable C API.
+//!
+//! Four verbs (load a model, segment, decompose, train) over a tch (libtorch) core that
+//! runs on CPU and CUDA. The C API (`ffi`) is the only `unsafe` boundary.
+
+pub mod augment;
+pub mod dataset;
+pub mod device;
+pub mod error;
+pub mod ffi;
+pub mod image;
+pub mod io;
+pub mod metrics;
+pub mod model;
+pub mod nn;
+pub mod normalize;
+pub mod overlay;
+pub mod progress;
+pub mod sim;
+pub mod tiling;
+pub mod train;
+pub mod weights;
+
+pub use error::{Error, Result};
+pub use image::{Image, Mask};
+pub use model::{Model, SegmentOptions};
+
+/// The library version (semver).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,374 @@
+//! Models: one self-describing file per model, and the runtime that segments with it.
+//!
+//! A model file is a safetensors file: the weights as float32 tensors (names as in a
+//! PyTorch state_dict) plus one metadata entry, `lumos`, holding a JSON document with the
+//! format name and version, the model kind, the architecture config, the normalization
+//! statistics, the channel and class names, the patch size and the training provenance.
+//! A training checkpoint is a model file with extra `optimizer.*` tensors and a
+//! `lumos.checkpoint` metadata entry, so the last checkpoint is also a usable model.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use ndarray::{ArrayView3, ArrayViewMut2, ArrayViewMut3};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::error::{Error, Result};
+use crate::image::check_finite;
+use crate::nn::unet::{Unet, UnetConfig};
+use crate::normalize::{apply_affine, Normalizer};
+use crate::progress::Monitor;
+use crate::tiling::{mirrored, sliding_window, SlidingWindow};
+use crate::weights;
+
+pub const FORMAT: &str = "lumos-model";
+/// Bumped when a file written by this version cannot be read by older versions.
+pub const FORMAT_VERSION: u32 = 1;
+pub const METADATA_KEY: &str = "lumos";
+
+/// The model kinds this engine knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    /// 2D nnU-Net segmentation of N-channel images (early fusion for ssQPM).
+    Unet,
+}
+
+impl ModelKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            ModelKind::Unet => "unet",
+        }
+    }
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "unet" | "nnunet" => Ok(ModelKind::Unet),
+            other => Err(Error::Config(format!("unknown model kind '{other}'; expected one of: unet"))),
+        }
+    }
+    pub fn can_segment(&self) -> bool {
+        true
+    }
+    pub fn can_decompose(&self) -> bool {
+        false
+    }
+}
+
+/// Where a model came from.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Provenance {
+    pub lumos_version: String,
+    /// Seconds since the Unix epoch when training started.
+    pub created_unix: u64,
+    pub seed: u64,
+    /// The training configuration as run (JSON).
+    pub train_config: serde_json::Value,
+    pub data: String,
+    pub train_images: Vec<String>,
+    pub val_images: Vec<String>,
+    pub epochs_completed: usize,
+    /// Mean foreground Dice on the validation images after the last epoch.
+    pub val_dice: Option<f64>,
+    pub device: String,
+    pub wall_seconds: f64,
+    pub history: Vec<EpochRecord>,
+}
+
+/// One epoch of training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    pub epoch: usize,
+    pub learning_rate: f64,
+    pub train_loss: f64,
+    /// Mean foreground Dice on the validation images (NaN without validation).
+    pub val_dice: f64,
+    pub seconds: f64,
+}
+
+/// The JSON document stored under the `lumos` metadata key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelMeta {
+    pub format: String,
+    pub format_version: u32,
+    pub kind: ModelKind,
+    pub architecture: serde_json::Value,
+    pub input_channels: Vec<String>,
+    pub classes: Vec<String>,
+    /// Training patch `[height, width]`, the default inference tile.
+    pub patch_size: [usize; 2],
+    pub normalization: Normalizer,
+    pub provenance: Provenance,
+}
+
+impl ModelMeta {
+    pub fn new(
+        kind: ModelKind,
+        architecture: serde_json::Value,
+        input_channels: Vec<String>,
+        classes: Vec<String>,
+        patch_size: [usize; 2],
+        normalization: Normalizer,
+    ) -> Self {
+        ModelMeta {
+            format: FORMAT.into(),
+            format_version: FORMAT_VERSION,
+            kind,
+            architecture,
+            input_channels,
+            classes,
+            patch_size,
+            normalization,
+            provenance: Provenance::default(),
+        }
+    }
+
+    /// Parses and checks the metadata of a file.
+    pub fn from_metadata(path: &Path, md: &HashMap<String, String>) -> Result<Self> {
+        let js = md.get(METADATA_KEY).ok_or_else(|| {
+            Error::ModelFormat(format!(
+                "'{}' is a safetensors file without lumos metadata; expected a model written by lumos",
+                path.display()
+            ))
+        })?;
+        let v: serde_json::Value = serde_json::from_str(js)
+            .map_err(|e| Error::ModelFormat(format!("'{}': corrupt lumos metadata ({e})", path.display())))?;
+        if v.get("format").and_then(|f| f.as_str()) != Some(FORMAT) {
+            return Err(Error::ModelFormat(format!("'{}' is not a {FORMAT} file", path.display())));
+        }
+        let ver = v.get("format_version").and_then(|f| f.as_u64()).unwrap_or(0);
+        if ver > FORMAT_VERSION as u64 {
+            return Err(Error::ModelFormat(format!(
+                "'{}' has format version {ver}; this lumos ({}) reads versions up to {FORMAT_VERSION}: update lumos",
+                path.display(),
+                env!("CARGO_PKG_VERSION")
+            )));
+        }
+        if let Some(k) = v.get("kind").and_then(|k| k.as_str()) {
+            ModelKind::parse(k).map_err(|_| {
+                Error::ModelFormat(format!("'{}' holds a model of kind '{k}', which this lumos does not know", path.display()))
+            })?;
+        }
+        serde_json::from_value(v).map_err(|e| Error::ModelFormat(format!("'{}': invalid lumos metadata ({e})", path.display())))
+    }
+}
+
+/// The networks behind the model kinds.
+#[derive(Debug)]
+pub enum Net {
+    Unet(Unet),
+}
+
+impl Net {
+    fn build(meta: &ModelMeta, p: &nn::Path) -> Result<Self> {
+        match meta.kind {
+            ModelKind::Unet => {
+                let cfg: UnetConfig = serde_json::from_value(meta.architecture.clone())
+                    .map_err(|e| Error::ModelFormat(format!("invalid unet architecture: {e}")))?;
+                cfg.validate()?;
+                Ok(Net::Unet(Unet::new(p, &cfg, meta.input_channels.len() as i64, meta.classes.len() as i64)))
+            }
+        }
+    }
+    /// `(N, C, H, W)` -> logits, full resolution first (deep supervision outputs follow).
+    pub fn forward(&self, x: &Tensor, deep_supervision: bool) -> Vec<Tensor> {
+        match self {
+            Net::Unet(u) => u.forward(x, deep_supervision),
+        }
+    }
+    /// Height and width must be multiples of this.
+    pub fn divisor(meta: &ModelMeta) -> usize {
+        match meta.kind {
+            ModelKind::Unet => serde_json::from_value::<UnetConfig>(meta.architecture.clone()).map(|c| c.divisor()).unwrap_or(1),
+        }
+    }
+}
+
+pub(crate) struct Inner {
+    pub vs: nn::VarStore,
+    pub net: Net,
+}
+
+/// A loaded model. `Send + Sync`: calls from several threads are serialized on an
+/// internal lock around the network (libtorch tensors are not `Sync`); for parallel
+/// inference load one model per thread.
+pub struct Model {
+    pub meta: ModelMeta,
+    device: Device,
+    inner: Mutex<Inner>,
+}
+
+/// How a frame is segmented.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SegmentOptions {
+    /// Tile size; `None` = the model's training patch size.
+    pub tile: Option<[usize; 2]>,
+    pub step_fraction: f64,
+    pub batch_size: usize,
+    /// Test-time mirroring (4 flips averaged): better, 4x slower.
+    pub mirror: bool,
+}
+
+impl Default for SegmentOptions {
+    fn default() -> Self {
+        SegmentOptions { tile: None, step_fraction: 0.5, batch_size: 4, mirror: false }
+    }
+}
+
+/// Where segmentation results go: labels `(H, W)` or class probabilities `(K, H, W)`.
+pub enum SegmentOutput<'a> {
+    Labels(ArrayViewMut2<'a, u8>),
+    Probabilities(ArrayViewMut3<'a, f32>),
+}
+
+impl Model {
+    /// A freshly initialized model (weights from libtorch's generator: seed it first).
+    pub fn new(meta: ModelMeta, device: Device) -> Result<Self> {
+        if meta.input_channels.is_empty() {
+            return Err(Error::Config("a model needs at least one input channel".into()));
+        }
+        if meta.classes.len() < 2 || meta.classes.len() > 255 {
+            return Err(Error::Config(format!("{} classes; expected 2..=255", meta.classes.len())));
+        }
+        if meta.normalization.n_channels() != meta.input_channels.len() {
+            return Err(Error::Config(format!(
+                "normalization has {} channels but the model has {} input channels",
+                meta.normalization.n_channels(),
+                meta.input_channels.len()
+            )));
+        }
+        let vs = nn::VarStore::new(device);
+        let net = Net::build(&meta, &vs.root())?;
+        Ok(Model { meta, device, inner: Mutex::new(Inner { vs, net }) })
+    }
+
+    /// Loads a model file onto `device`.
+    pub fn load(path: &Path, device: Device) -> Result<Self> {
+        let file = weights::load(path)?;
+        let meta = ModelMeta::from_metadata(path, &file.metadata)?;
+        let model = Model::new(meta, device)?;
+        weights::copy_into(&model.inner.lock().vs, &file.tensors, &["optimizer."])
+            .map_err(|e| Error::ModelFormat(format!("'{}': {e}", path.display())))?;
+        Ok(model)
+    }
+
+    /// Writes the model file atomically.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        self.save_with(path, &[], HashMap::new())
+    }
+
+    /// Model file plus extra tensors and metadata (used for checkpoints).
+    pub(crate) fn save_with(&self, path: &Path, extra: &[(String, Tensor)], mut md: HashMap<String, String>) -> Result<()> {
+        let inner = self.inner.lock();
+        let mut tensors: Vec<(String, Tensor)> = inner.vs.variables().into_iter().collect();
+        tensors.extend(extra.iter().map(|(n, t)| (n.clone(), t.shallow_clone())));
+        md.insert(METADATA_KEY.into(), serde_json::to_string(&self.meta).expect("metadata serializes"));
+        weights::save(path, &tensors, md)
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    pub(crate) fn lock(&self) -> parking_lot::MutexGuard<'_, Inner> {
+        self.inner.lock()
+    }
+
+    pub fn n_classes(&self) -> usize {
+        self.meta.classes.len()
+    }
+
+    /// Checks a `(C, H, W)` input against the model.
+    pub fn check_input(&self, frame: ArrayView3<f32>) -> Result<()> {
+        let (c, h, w) = frame.dim();
+        if c != self.meta.input_channels.len() {
+            return Err(Error::Shape(format!(
+                "the input has {c} channels; this {} model expects {} ({})",
+                self.meta.kind.name(),
+                self.meta.input_channels.len(),
+                self.meta.input_channels.join(", ")
+            )));
+        }
+        if h == 0 || w == 0 {
+            return Err(Error::Shape(format!("the input is {h} x {w} pixels; expected at least 1 x 1")));
+        }
+        check_finite(frame)
+    }
+
+    /// Segments a `(C, H, W)` frame of any size into `out`, tile by tile.
+    pub fn segment(&self, frame: ArrayView3<f32>, opts: &SegmentOptions, mut out: SegmentOutput, monitor: &mut Monitor) -> Result<()> {
+        self.check_input(frame)?;
+        let (_, h, w) = frame.dim();
+        let k = self.n_classes();
+        match &out {
+            SegmentOutput::Labels(l) if l.dim() != (h, w) => {
+                return Err(Error::Shape(format!("the label output is {:?}; expected ({h}, {w})", l.dim())));
+            }
+            SegmentOutput::Probabilities(p) if p.dim() != (k, h, w) => {
+                return Err(Error::Shape(format!("the probability output is {:?}; expected ({k}, {h}, {w})", p.dim())));
+            }
+            _ => {}
+        }
+        let sw = SlidingWindow {
+            tile: opts.tile.unwrap_or(self.meta.patch_size),
+            step_fraction: opts.step_fraction,
+            batch_size: opts.batch_size,
+        };
+        sw.validate(Net::divisor(&self.meta))?;
+        let aff = self.meta.normalization.resolve(frame)?;
+        let device = self.device;
+        let inner = self.inner.lock();
+        let prepare = |t: &Tensor| apply_affine(t, &aff, device);
+        let mut net_probs = |x: &Tensor| -> Result<Tensor> {
+            Ok(inner.net.forward(x, false).swap_remove(0).f_softmax(1, Kind::Float)?)
+        };
+        let mut predict = |x: &Tensor| -> Result<Tensor> {
+            tch::no_grad(|| if opts.mirror { mirrored(x, &mut net_probs) } else { net_probs(x) })
+        };
+        let mut sink = |row0: usize, rows: &Tensor| -> Result<()> {
+            let n = rows.size()[1] as usize;
+            match &mut out {
+                SegmentOutput::Labels(l) => {
+                    let am = rows.argmax(0, false).to_kind(Kind::Uint8).contiguous();
+                    let v = Vec::<u8>::try_from(am.view([-1]))?;
+                    let mut dst = l.slice_mut(ndarray::s![row0..row0 + n, ..]);
+                    for (d, s) in dst.iter_mut().zip(v) {
+                        *d = s;
+                    }
+                }
+                SegmentOutput::Probabilities(p) => {
+                    let a = crate::image::tensor_to_array3(rows)?;
+                    p.slice_mut(ndarray::s![.., row0..row0 + n, ..]).assign(&a);
+                }
+            }
+            Ok(())
+        };
+        sliding_window(frame, &sw, k, device, &prepare, &mut predict, &mut sink, monitor)
+    }
+
+    /// Convenience: labels of a `(C, H, W)` frame.
+    pub fn segment_labels(&self, frame: ArrayView3<f32>, opts: &SegmentOptions) -> Result<crate::image::Mask> {
+        let (_, h, w) = frame.dim();
+        let mut m = crate::image::Mask::zeros((h, w));
+        self.segment(frame, opts, SegmentOutput::Labels(m.view_mut()), &mut Monitor::none())?;
+        Ok(m)
+    }
+
+    /// The decompose verb: not available for segmentation kinds.
+    pub fn check_decompose(&self) -> Result<()> {
+        if !self.meta.kind.can_decompose() {
+            return Err(Error::Unsupported(format!(
+                "decompose is not supported by a '{}' model (a segmentation model); load a decomposition model",
+                self.meta.kind.name()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Number of trainable parameters.
+    pub fn n_parameters(&self) -> i64 {
+        self.inner.lock().vs.trainable_variables().iter().map(|t| t.numel() as i64).sum()
+    }
+}

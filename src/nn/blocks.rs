@@ -1,0 +1,151 @@
+//! nnU-Net building blocks (dynamic-network-architectures' PlainConvUNet):
+//! conv 3x3 + InstanceNorm(eps 1e-5, affine) + LeakyReLU(0.01); the first conv of an
+//! encoder stage carries the stride; decoders upsample with transposed convs.
+//! Parameter names mirror a PyTorch state_dict so weights can be compared 1:1.
+
+use tch::nn::{self, Module};
+use tch::Tensor;
+
+/// InstanceNorm2d with affine parameters, no running statistics.
+#[derive(Debug)]
+pub struct InstanceNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+impl InstanceNorm {
+    pub fn new(p: &nn::Path, c: i64) -> Self {
+        InstanceNorm { weight: p.ones("weight", &[c]), bias: p.zeros("bias", &[c]) }
+    }
+    /// `(N, C, H, W) -> (N, C, H, W)`
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.instance_norm(Some(&self.weight), Some(&self.bias), None::<&Tensor>, None::<&Tensor>, true, 0.1, 1e-5, false)
+    }
+}
+
+/// conv 3x3 -> InstanceNorm -> LeakyReLU(0.01).
+#[derive(Debug)]
+pub struct ConvNormAct {
+    pub conv: nn::Conv2D,
+    pub norm: InstanceNorm,
+}
+
+impl ConvNormAct {
+    pub fn new(p: &nn::Path, cin: i64, cout: i64, stride: i64) -> Self {
+        let cfg = nn::ConvConfig { stride, padding: 1, ..Default::default() };
+        ConvNormAct { conv: nn::conv2d(p / "conv", cin, cout, 3, cfg), norm: InstanceNorm::new(&(p / "norm"), cout) }
+    }
+    /// `(N, cin, H, W) -> (N, cout, H/stride, W/stride)`
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        self.norm.forward(&self.conv.forward(x)).leaky_relu_() // negative slope 0.01
+    }
+}
+
+/// Two (or more) ConvNormAct; the first may be strided.
+#[derive(Debug)]
+pub struct StackedConvs {
+    pub convs: Vec<ConvNormAct>,
+}
+
+impl StackedConvs {
+    pub fn new(p: &nn::Path, cin: i64, cout: i64, n: usize, stride: i64) -> Self {
+        let p = p / "convs";
+        let convs = (0..n)
+            .map(|i| ConvNormAct::new(&(&p / i), if i == 0 { cin } else { cout }, cout, if i == 0 { stride } else { 1 }))
+            .collect();
+        StackedConvs { convs }
+    }
+    /// `(N, cin, H, W) -> (N, cout, H/stride, W/stride)`
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let mut y = self.convs[0].forward(x);
+        for c in &self.convs[1..] {
+            y = c.forward(&y);
+        }
+        y
+    }
+}
+
+/// Features per stage: `base * 2^s`, capped at `max`.
+pub fn stage_features(base: i64, max: i64, n_stages: usize) -> Vec<i64> {
+    (0..n_stages).map(|s| (base << s).min(max)).collect()
+}
+
+/// A plain convolutional encoder: stage 0 at full resolution, each later stage halves it.
+#[derive(Debug)]
+pub struct Encoder {
+    pub stages: Vec<StackedConvs>,
+    pub features: Vec<i64>,
+}
+
+impl Encoder {
+    /// `first_stage` lets a branch encoder cover stages `first_stage..first_stage+features.len()`
+    /// (stride 1 only for global stage 0).
+    pub fn new(p: &nn::Path, cin: i64, features: &[i64], convs_per_stage: usize, first_stage: usize) -> Self {
+        let p = p / "stages";
+        let mut stages = Vec::new();
+        let mut c = cin;
+        for (i, &f) in features.iter().enumerate() {
+            let stride = if first_stage + i == 0 { 1 } else { 2 };
+            stages.push(StackedConvs::new(&(&p / i), c, f, convs_per_stage, stride));
+            c = f;
+        }
+        Encoder { stages, features: features.to_vec() }
+    }
+    /// `(N, cin, H, W)` -> one skip per stage, `(N, f_s, H/2^s, W/2^s)`.
+    pub fn forward(&self, x: &Tensor) -> Vec<Tensor> {
+        let mut skips = Vec::with_capacity(self.stages.len());
+        let mut y = x.shallow_clone();
+        for s in &self.stages {
+            y = s.forward(&y);
+            skips.push(y.shallow_clone());
+        }
+        skips
+    }
+}
+
+/// nnU-Net decoder: transposed conv (kernel = stride = 2), concatenate the skip,
+/// StackedConvs, and a 1x1 segmentation head per stage for deep supervision.
+#[derive(Debug)]
+pub struct Decoder {
+    pub transpconvs: Vec<nn::ConvTranspose2D>,
+    pub stages: Vec<StackedConvs>,
+    pub seg_layers: Vec<nn::Conv2D>,
+}
+
+impl Decoder {
+    /// `features`: encoder features per stage (lowest stage first); `skip_features`:
+    /// channels of the skip tensor at each stage (equal to `features` for a plain U-Net).
+    pub fn new(p: &nn::Path, features: &[i64], skip_features: &[i64], n_classes: i64, convs_per_stage: usize) -> Self {
+        let n = features.len();
+        let (mut tc, mut st, mut sl) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..n - 1 {
+            // decoder stage i goes from encoder stage n-1-i to n-2-i
+            let below = features[n - 1 - i];
+            let target = features[n - 2 - i];
+            let skip = skip_features[n - 2 - i];
+            let cfg = nn::ConvTransposeConfig { stride: 2, ..Default::default() };
+            tc.push(nn::conv_transpose2d(p / "transpconvs" / i, below, target, 2, cfg));
+            st.push(StackedConvs::new(&(p / "stages" / i), target + skip, target, convs_per_stage, 1));
+            sl.push(nn::conv2d(p / "seg_layers" / i, target, n_classes, 1, Default::default()));
+        }
+        Decoder { transpconvs: tc, stages: st, seg_layers: sl }
+    }
+
+    /// `skips[s]` is `(N, skip_f_s, H/2^s, W/2^s)`; the last entry is the bottleneck.
+    /// Returns logits per decoder stage, full resolution first:
+    /// `[(N, K, H, W), (N, K, H/2, W/2), ...]`. With `deep_supervision == false` only the first.
+    pub fn forward(&self, skips: &[Tensor], deep_supervision: bool) -> Vec<Tensor> {
+        let n = skips.len();
+        let mut x = skips[n - 1].shallow_clone();
+        let mut outs = Vec::new();
+        for i in 0..self.stages.len() {
+            let up = self.transpconvs[i].forward(&x);
+            x = self.stages[i].forward(&Tensor::cat(&[up, skips[n - 2 - i].shallow_clone()], 1));
+            if deep_supervision || i == self.stages.len() - 1 {
+                outs.push(self.seg_layers[i].forward(&x));
+            }
+        }
+        outs.reverse();
+        outs
+    }
+}

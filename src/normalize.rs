@@ -1,0 +1,218 @@
+//! The one normalization module: per-channel z-score (per image, or with training-set
+//! statistics) and robust quantile clipping (for phase). The fitted statistics are
+//! stored in the model file, so inference normalizes exactly as training did.
+//!
+//! Every method resolves, for a given frame, to a per-channel affine map with clipping,
+//! `y = (clamp(x, lo, hi) - mean) / std`, which is pointwise and so can be applied tile by
+//! tile without a normalized copy of the frame.
+
+use ndarray::{ArrayView3, Axis};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{Error, Result};
+use crate::image::Image;
+
+/// What the user asks for, per channel (in a training config).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "method", rename_all = "snake_case", deny_unknown_fields)]
+pub enum NormMethod {
+    /// z-score with this image's own mean and std (nnU-Net's default).
+    PerImageZscore,
+    /// z-score with the training set's mean and std of this channel.
+    DatasetZscore,
+    /// Clip to the training set's [q_low, q_high] quantiles, then z-score with the
+    /// clipped training statistics (robust to phase-unwrapping outliers).
+    RobustQuantile {
+        #[serde(default = "default_q_low")]
+        q_low: f64,
+        #[serde(default = "default_q_high")]
+        q_high: f64,
+    },
+}
+
+fn default_q_low() -> f64 {
+    0.005
+}
+fn default_q_high() -> f64 {
+    0.995
+}
+
+/// Fitted statistics of one channel (stored in the model).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "method", rename_all = "snake_case")]
+pub enum ChannelNorm {
+    PerImageZscore,
+    DatasetZscore { mean: f32, std: f32 },
+    RobustQuantile { q_low: f64, q_high: f64, lo: f32, hi: f32, mean: f32, std: f32 },
+}
+
+/// `y = (clamp(x, lo, hi) - mean) / std` for one channel of one frame.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ChannelAffine {
+    pub lo: f32,
+    pub hi: f32,
+    pub mean: f32,
+    pub std: f32,
+}
+
+/// The per-channel normalization of a model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Normalizer {
+    pub channels: Vec<ChannelNorm>,
+}
+
+/// Largest number of pixels per channel sampled for quantiles (memory bound).
+const MAX_QUANTILE_SAMPLES: usize = 4_000_000;
+
+/// Guards against division by ~0 for constant channels.
+fn safe_std(s: f64) -> f32 {
+    if s.is_finite() && s > 1e-8 { s as f32 } else { 1.0 }
+}
+
+impl Normalizer {
+    /// Fits the statistics of each channel on training images (all `(C, H, W)` with the
+    /// same C). `methods` has one entry per channel, or one entry for all channels.
+    pub fn fit(methods: &[NormMethod], images: &[&Image]) -> Result<Self> {
+        let c = images.first().ok_or_else(|| Error::InvalidArgument("no training images to fit normalization on".into()))?.channels();
+        let methods: Vec<NormMethod> = match methods.len() {
+            1 => vec![methods[0]; c],
+            n if n == c => methods.to_vec(),
+            n => {
+                return Err(Error::Config(format!("normalization lists {n} channel methods; the images have {c} channels")));
+            }
+        };
+        let mut out = Vec::with_capacity(c);
+        for (ch, m) in methods.iter().enumerate() {
+            let values = || images.iter().flat_map(move |im| im.data.index_axis(Axis(0), ch).into_iter().copied());
+            out.push(match *m {
+                NormMethod::PerImageZscore => ChannelNorm::PerImageZscore,
+                NormMethod::DatasetZscore => {
+                    let (mean, std) = mean_std(values());
+                    ChannelNorm::DatasetZscore { mean: mean as f32, std: safe_std(std) }
+                }
+                NormMethod::RobustQuantile { q_low, q_high } => {
+                    if !(0.0..=1.0).contains(&q_low) || !(0.0..=1.0).contains(&q_high) || q_low >= q_high {
+                        return Err(Error::Config(format!(
+                            "robust_quantile q_low = {q_low}, q_high = {q_high}; expected 0 <= q_low < q_high <= 1"
+                        )));
+                    }
+                    let total: usize = images.iter().map(|im| im.height() * im.width()).sum();
+                    let stride = total.div_ceil(MAX_QUANTILE_SAMPLES).max(1);
+                    let mut v: Vec<f32> = values().step_by(stride).collect();
+                    v.sort_by(|a, b| a.total_cmp(b));
+                    let q = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
+                    let (lo, hi) = (q(q_low), q(q_high));
+                    let (mean, std) = mean_std(values().map(|x| x.clamp(lo, hi)));
+                    ChannelNorm::RobustQuantile { q_low, q_high, lo, hi, mean: mean as f32, std: safe_std(std) }
+                }
+            });
+        }
+        Ok(Normalizer { channels: out })
+    }
+
+    pub fn n_channels(&self) -> usize {
+        self.channels.len()
+    }
+
+    /// Resolves to one affine map per channel for the frame `(C, H, W)`; per-image
+    /// statistics are computed here, once per frame.
+    pub fn resolve(&self, frame: ArrayView3<f32>) -> Result<Vec<ChannelAffine>> {
+        if frame.shape()[0] != self.channels.len() {
+            return Err(Error::Shape(format!(
+                "the input has {} channels; this model expects {}",
+                frame.shape()[0],
+                self.channels.len()
+            )));
+        }
+        Ok(self
+            .channels
+            .iter()
+            .enumerate()
+            .map(|(ch, n)| match *n {
+                ChannelNorm::PerImageZscore => {
+                    let (m, s) = mean_std(frame.index_axis(Axis(0), ch).iter().copied());
+                    ChannelAffine { lo: f32::NEG_INFINITY, hi: f32::INFINITY, mean: m as f32, std: safe_std(s) }
+                }
+                ChannelNorm::DatasetZscore { mean, std } => {
+                    ChannelAffine { lo: f32::NEG_INFINITY, hi: f32::INFINITY, mean, std }
+                }
+                ChannelNorm::RobustQuantile { lo, hi, mean, std, .. } => ChannelAffine { lo, hi, mean, std },
+            })
+            .collect())
+    }
+
+    /// Normalizes a whole image (training data) into a new image.
+    pub fn apply_image(&self, img: &Image) -> Result<Image> {
+        let aff = self.resolve(img.data.view())?;
+        let mut out = img.clone();
+        for (ch, a) in aff.iter().enumerate() {
+            out.data.index_axis_mut(Axis(0), ch).mapv_inplace(|x| (x.clamp(a.lo, a.hi) - a.mean) / a.std);
+        }
+        Ok(out)
+    }
+}
+
+/// Applies per-channel affine maps to a `(N, C, H, W)` or `(C, H, W)` tensor.
+pub fn apply_affine(x: &Tensor, aff: &[ChannelAffine], device: Device) -> Tensor {
+    let c = aff.len() as i64;
+    let shape: Vec<i64> = if x.dim() == 4 { vec![1, c, 1, 1] } else { vec![c, 1, 1] };
+    let col = |f: &dyn Fn(&ChannelAffine) -> f32| {
+        Tensor::from_slice(&aff.iter().map(f).collect::<Vec<f32>>()).view(shape.as_slice()).to_device(device)
+    };
+    let (lo, hi, mean, std) = (col(&|a| a.lo), col(&|a| a.hi), col(&|a| a.mean), col(&|a| a.std));
+    (x.to_kind(Kind::Float).maximum(&lo).minimum(&hi) - mean) / std
+}
+
+/// Mean and population std in f64, one pass (Welford).
+fn mean_std(it: impl Iterator<Item = f32>) -> (f64, f64) {
+    let (mut n, mut mean, mut m2) = (0f64, 0f64, 0f64);
+    for x in it {
+        n += 1.0;
+        let d = x as f64 - mean;
+        mean += d / n;
+        m2 += d * (x as f64 - mean);
+    }
+    if n == 0.0 { (0.0, 1.0) } else { (mean, (m2 / n).sqrt()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::Array3;
+
+    fn img(f: impl Fn(usize, usize, usize) -> f32) -> Image {
+        Image::new(Array3::from_shape_fn((2, 20, 20), |(c, y, x)| f(c, y, x)))
+    }
+
+    #[test]
+    fn dataset_zscore_and_quantile() {
+        let a = img(|c, y, x| if c == 0 { (y * 20 + x) as f32 } else { 5.0 });
+        let mut b = img(|c, y, x| if c == 0 { (y * 20 + x) as f32 + 400.0 } else { 5.0 });
+        b.data[[1, 0, 0]] = 1000.0; // outlier
+        let n = Normalizer::fit(
+            &[NormMethod::DatasetZscore, NormMethod::RobustQuantile { q_low: 0.01, q_high: 0.99 }],
+            &[&a, &b],
+        )
+        .unwrap();
+        let na = n.apply_image(&a).unwrap();
+        let nb = n.apply_image(&b).unwrap();
+        let all: Vec<f32> = na.data.index_axis(Axis(0), 0).iter().chain(nb.data.index_axis(Axis(0), 0).iter()).copied().collect();
+        let m = all.iter().sum::<f32>() / all.len() as f32;
+        let v = all.iter().map(|x| (x - m).powi(2)).sum::<f32>() / all.len() as f32;
+        assert!(m.abs() < 1e-4 && (v - 1.0).abs() < 1e-3, "mean {m} var {v}");
+        // the outlier is clipped to the 99% quantile (5.0), so the channel is constant
+        assert!(nb.data[[1, 0, 0]].abs() < 1e-6);
+        // tensor path equals the array path
+        let aff = n.resolve(b.data.view()).unwrap();
+        let t = apply_affine(&b.to_tensor(Device::Cpu), &aff, Device::Cpu);
+        let back = crate::image::tensor_to_array3(&t).unwrap();
+        assert!(back.iter().zip(nb.data.iter()).all(|(x, y)| (x - y).abs() < 1e-5));
+        // wrong channel count is a clear error
+        let bad = Image::new(Array3::zeros((3, 4, 4)));
+        assert!(n.resolve(bad.data.view()).unwrap_err().to_string().contains("3 channels"));
+        // statistics survive serialization
+        let js = serde_json::to_string(&n).unwrap();
+        assert_eq!(serde_json::from_str::<Normalizer>(&js).unwrap(), n);
+    }
+}

@@ -1,0 +1,524 @@
+//! The one training loop (every model kind trains through it).
+//!
+//! Order of work: the config and seed are written next to the output first
+//! (`OUTPUT.train.json`); the data are loaded, split and normalized; each epoch runs
+//! `iterations_per_epoch` SGD steps on augmented random patches, validates, and writes a
+//! checkpoint atomically. Each epoch seeds its own RNGs from (seed, epoch), so a run
+//! resumed from a checkpoint continues exactly as the uninterrupted run would have.
+//! Cancellation (from any thread) stops at the next iteration; the last checkpoint stays.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use tch::{Device, Tensor};
+
+use crate::augment::{augment_batch, AugmentConfig};
+use crate::dataset::{load_folder, Sample};
+use crate::device::{device_name, parse_device};
+use crate::error::{Error, Result};
+use crate::image::{array3_to_tensor, mask_to_tensor, Image};
+use crate::metrics;
+use crate::model::{EpochRecord, Model, ModelKind, ModelMeta, SegmentOptions};
+use crate::nn::loss::deep_supervision_loss;
+use crate::nn::unet::UnetConfig;
+use crate::normalize::{NormMethod, Normalizer};
+use crate::progress::{Monitor, Progress, Stage};
+use crate::weights;
+
+/// Everything that defines a training run (JSON; unknown fields are rejected).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Model kind: "unet".
+    pub kind: String,
+    pub unet: UnetConfig,
+    pub epochs: usize,
+    pub iterations_per_epoch: usize,
+    pub batch_size: usize,
+    /// Training patch `[height, width]`; multiples of the network's downsampling factor.
+    pub patch_size: [usize; 2],
+    pub learning_rate: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    /// Gradient-norm clip.
+    pub grad_clip: f64,
+    /// Fraction of each batch centred on a foreground pixel.
+    pub foreground_oversampling: f64,
+    pub deep_supervision: bool,
+    pub augmentation: AugmentConfig,
+    /// One method per channel, or one for all; empty = automatic (ssQPM channel names get
+    /// per-channel training-set z-score for the angles and robust quantiles for phase;
+    /// anything else per-image z-score).
+    pub normalization: Vec<NormMethod>,
+    /// Fraction of the images held out for validation (at least one when > 0).
+    pub val_fraction: f64,
+    pub seed: u64,
+    /// "cpu", "cuda", "cuda:N" or "auto".
+    pub device: String,
+    /// libtorch intra-op threads (0 = libtorch's default).
+    pub threads: usize,
+    /// Class names; empty = from the masks ("background", "class1", ...; binary masks:
+    /// "background", "cell").
+    pub classes: Vec<String>,
+    /// Checkpoint path; default `OUTPUT.ckpt`.
+    pub checkpoint: Option<PathBuf>,
+    /// Continue from the checkpoint when it exists.
+    pub resume: bool,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            kind: "unet".into(),
+            unet: UnetConfig::default(),
+            epochs: 50,
+            iterations_per_epoch: 50,
+            batch_size: 4,
+            patch_size: [256, 256],
+            learning_rate: 1e-2,
+            momentum: 0.99,
+            weight_decay: 3e-5,
+            grad_clip: 12.0,
+            foreground_oversampling: 0.33,
+            deep_supervision: true,
+            augmentation: AugmentConfig::default(),
+            normalization: Vec::new(),
+            val_fraction: 0.2,
+            seed: 0,
+            device: "auto".into(),
+            threads: 0,
+            classes: Vec::new(),
+            checkpoint: None,
+            resume: false,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn from_json(s: &str) -> Result<Self> {
+        let c: TrainConfig = serde_json::from_str(s).map_err(|e| Error::Config(format!("training config JSON: {e}")))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let kind = ModelKind::parse(&self.kind)?;
+        match kind {
+            ModelKind::Unet => self.unet.validate()?,
+        }
+        let pos = |v: usize, n: &str| if v == 0 { Err(Error::Config(format!("{n} must be >= 1"))) } else { Ok(()) };
+        pos(self.epochs, "epochs")?;
+        pos(self.iterations_per_epoch, "iterations_per_epoch")?;
+        pos(self.batch_size, "batch_size")?;
+        let d = self.unet.divisor();
+        if self.patch_size.iter().any(|&p| p == 0 || p % d != 0) {
+            return Err(Error::Config(format!(
+                "patch_size {:?} must be positive multiples of {d} (2^(n_stages-1))",
+                self.patch_size
+            )));
+        }
+        let fin = |v: f64, n: &str, lo: f64, hi: f64| {
+            if !(v.is_finite() && v >= lo && v <= hi) {
+                Err(Error::Config(format!("{n} = {v}; expected a number in [{lo}, {hi}]")))
+            } else {
+                Ok(())
+            }
+        };
+        fin(self.learning_rate, "learning_rate", 0.0, 10.0)?;
+        fin(self.momentum, "momentum", 0.0, 0.9999)?;
+        fin(self.weight_decay, "weight_decay", 0.0, 1.0)?;
+        fin(self.grad_clip, "grad_clip", 0.0, 1e9)?;
+        fin(self.foreground_oversampling, "foreground_oversampling", 0.0, 1.0)?;
+        fin(self.val_fraction, "val_fraction", 0.0, 0.9)?;
+        parse_device(&self.device)?;
+        Ok(())
+    }
+
+    fn checkpoint_path(&self, output: &Path) -> PathBuf {
+        self.checkpoint.clone().unwrap_or_else(|| sibling(output, "ckpt"))
+    }
+}
+
+/// `model.lumos` -> `model.lumos.EXT`.
+pub fn sibling(p: &Path, ext: &str) -> PathBuf {
+    let mut s = p.as_os_str().to_owned();
+    s.push(".");
+    s.push(ext);
+    PathBuf::from(s)
+}
+
+/// The result of a finished run.
+pub struct TrainOutcome {
+    pub model: Model,
+    pub history: Vec<EpochRecord>,
+}
+
+/// Training state stored in a checkpoint's `lumos.checkpoint` metadata.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CheckpointState {
+    epochs_completed: usize,
+    config: TrainConfig,
+    history: Vec<EpochRecord>,
+}
+
+const CHECKPOINT_KEY: &str = "lumos.checkpoint";
+
+fn per_epoch_seed(seed: u64, epoch: usize) -> u64 {
+    seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(epoch as u64 * 0x2545_F491_4F6C_DD1D + 1)
+}
+
+fn default_normalization(channel_names: &[String]) -> Vec<NormMethod> {
+    let ssqpm = ["I0", "I45", "I90", "I135", "phase"];
+    if channel_names.len() == 5 && channel_names.iter().zip(ssqpm).all(|(a, b)| a.eq_ignore_ascii_case(b)) {
+        let mut v = vec![NormMethod::DatasetZscore; 4];
+        v.push(NormMethod::RobustQuantile { q_low: 0.005, q_high: 0.995 });
+        v
+    } else {
+        vec![NormMethod::PerImageZscore]
+    }
+}
+
+/// In-memory training data on the device: normalized images and masks, padded to at
+/// least one patch, with the foreground pixel positions of each image.
+struct TrainSet {
+    images: Vec<Tensor>,
+    masks: Vec<Tensor>,
+    foreground: Vec<Vec<(usize, usize)>>,
+    sizes: Vec<(usize, usize)>,
+}
+
+impl TrainSet {
+    fn new(samples: &[&Sample], norm: &Normalizer, patch: [usize; 2], device: Device) -> Result<Self> {
+        let mut s = TrainSet { images: vec![], masks: vec![], foreground: vec![], sizes: vec![] };
+        for smp in samples {
+            let img = norm.apply_image(&smp.image)?;
+            let (h, w) = smp.mask.dim();
+            let (ph, pw) = (patch[0].saturating_sub(h) as i64, patch[1].saturating_sub(w) as i64);
+            let t = array3_to_tensor(img.data.view(), device).constant_pad_nd([0, pw, 0, ph]);
+            let m = mask_to_tensor(&smp.mask, device).constant_pad_nd([0, pw, 0, ph]);
+            s.foreground.push(smp.mask.indexed_iter().filter(|(_, v)| **v > 0).map(|(i, _)| i).collect());
+            s.sizes.push((h.max(patch[0]), w.max(patch[1])));
+            s.images.push(t);
+            s.masks.push(m);
+        }
+        Ok(s)
+    }
+
+    /// A batch `(B, C, ph, pw)`, `(B, ph, pw)`; the last `fg_fraction` of it is centred
+    /// on foreground pixels (nnU-Net's oversampling).
+    fn batch(&self, rng: &mut ChaCha8Rng, b: usize, patch: [usize; 2], fg_fraction: f64) -> (Tensor, Tensor) {
+        let n_fg = (b as f64 * fg_fraction).round() as usize;
+        let (mut xs, mut ms) = (Vec::with_capacity(b), Vec::with_capacity(b));
+        for k in 0..b {
+            let i = rng.random_range(0..self.images.len());
+            let (h, w) = self.sizes[i];
+            let (y, x) = if k >= b - n_fg && !self.foreground[i].is_empty() {
+                let (cy, cx) = self.foreground[i][rng.random_range(0..self.foreground[i].len())];
+                (
+                    cy.saturating_sub(patch[0] / 2).min(h - patch[0]),
+                    cx.saturating_sub(patch[1] / 2).min(w - patch[1]),
+                )
+            } else {
+                (rng.random_range(0..=h - patch[0]), rng.random_range(0..=w - patch[1]))
+            };
+            let crop = |t: &Tensor, d0: i64| t.narrow(d0, y as i64, patch[0] as i64).narrow(d0 + 1, x as i64, patch[1] as i64);
+            xs.push(crop(&self.images[i], 1).unsqueeze(0));
+            ms.push(crop(&self.masks[i], 0).unsqueeze(0));
+        }
+        (Tensor::cat(&xs, 0), Tensor::cat(&ms, 0))
+    }
+}
+
+/// SGD with Nesterov momentum and decoupled-from-nothing (PyTorch-style) weight decay;
+/// written out so that its momentum buffers can be checkpointed and restored.
+struct Sgd {
+    params: Vec<(String, Tensor)>,
+    momentum_buffers: HashMap<String, Tensor>,
+    momentum: f64,
+    weight_decay: f64,
+}
+
+impl Sgd {
+    fn new(vs: &tch::nn::VarStore, momentum: f64, weight_decay: f64) -> Self {
+        let mut params: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        params.sort_by(|a, b| a.0.cmp(&b.0));
+        Sgd { params, momentum_buffers: HashMap::new(), momentum, weight_decay }
+    }
+    fn zero_grad(&mut self) {
+        for (_, p) in self.params.iter_mut() {
+            p.zero_grad();
+        }
+    }
+    /// Clips the global gradient norm to `max_norm`; returns the norm before clipping.
+    fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
+        let grads: Vec<Tensor> = self.params.iter().map(|(_, p)| p.grad()).filter(|g| g.defined()).collect();
+        if grads.is_empty() {
+            return 0.0;
+        }
+        let total = tch::no_grad(|| Tensor::stack(&grads.iter().map(|g| g.norm()).collect::<Vec<_>>(), 0).norm()).double_value(&[]);
+        if max_norm > 0.0 && total > max_norm {
+            let s = max_norm / (total + 1e-6);
+            tch::no_grad(|| {
+                for mut g in grads {
+                    let _ = g.f_mul_scalar_(s);
+                }
+            });
+        }
+        total
+    }
+    fn step(&mut self, lr: f64) -> Result<()> {
+        tch::no_grad(|| -> Result<()> {
+            for (name, p) in self.params.iter_mut() {
+                let g = p.grad();
+                if !g.defined() {
+                    continue;
+                }
+                let g = if self.weight_decay > 0.0 { &g + &*p * self.weight_decay } else { g };
+                let buf = match self.momentum_buffers.get_mut(name) {
+                    Some(b) => {
+                        let _ = b.f_mul_scalar_(self.momentum)?.f_add_(&g)?;
+                        b.shallow_clone()
+                    }
+                    None => {
+                        let b = g.copy();
+                        self.momentum_buffers.insert(name.clone(), b.shallow_clone());
+                        b
+                    }
+                };
+                let update = &g + buf * self.momentum;
+                let _ = p.f_sub_(&(update * lr))?;
+            }
+            Ok(())
+        })
+    }
+    fn state(&self) -> Vec<(String, Tensor)> {
+        let mut v: Vec<_> = self.momentum_buffers.iter().map(|(n, t)| (format!("optimizer.momentum.{n}"), t.shallow_clone())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+    fn load_state(&mut self, tensors: &std::collections::BTreeMap<String, Tensor>, device: Device) {
+        for (n, t) in tensors {
+            if let Some(name) = n.strip_prefix("optimizer.momentum.") {
+                self.momentum_buffers.insert(name.to_string(), t.to_device(device));
+            }
+        }
+    }
+}
+
+/// Mean foreground Dice of `model` on raw (unnormalized) samples.
+pub fn evaluate_samples(model: &Model, samples: &[&Sample]) -> Result<Vec<metrics::ImageScores>> {
+    samples
+        .iter()
+        .map(|s| {
+            let pred = model.segment_labels(s.image.data.view(), &SegmentOptions::default())?;
+            metrics::score(&pred, &s.mask, model.n_classes())
+        })
+        .collect()
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Trains a model on `data_dir` and writes it to `output`.
+pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Monitor) -> Result<TrainOutcome> {
+    let t0 = Instant::now();
+    cfg.validate()?;
+    let kind = ModelKind::parse(&cfg.kind)?;
+    if output.as_os_str().is_empty() {
+        return Err(Error::InvalidArgument("the output model path is empty".into()));
+    }
+    let record_path = sibling(output, "train.json");
+    let ckpt_path = cfg.checkpoint_path(output);
+    let device = parse_device(&cfg.device)?;
+    if cfg.threads > 0 {
+        tch::set_num_threads(cfg.threads as i32);
+    }
+    monitor.emit(Progress::new(Stage::Preparing));
+
+    // the data, split reproducibly by the seed
+    let samples = load_folder(data_dir)?;
+    let mut order: Vec<usize> = (0..samples.len()).collect();
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(cfg.seed));
+    let n_val = if cfg.val_fraction > 0.0 && samples.len() >= 2 {
+        ((samples.len() as f64 * cfg.val_fraction).round() as usize).clamp(1, samples.len() - 1)
+    } else {
+        0
+    };
+    let (val_idx, train_idx) = order.split_at(n_val);
+    let mut train_idx = train_idx.to_vec();
+    let mut val_idx = val_idx.to_vec();
+    train_idx.sort();
+    val_idx.sort();
+    let train_s: Vec<&Sample> = train_idx.iter().map(|&i| &samples[i]).collect();
+    let val_s: Vec<&Sample> = val_idx.iter().map(|&i| &samples[i]).collect();
+
+    // the run is recorded before any work
+    let record = serde_json::json!({
+        "lumos_version": env!("CARGO_PKG_VERSION"),
+        "started_unix": now_unix(),
+        "config": cfg,
+        "seed": cfg.seed,
+        "data": data_dir.display().to_string(),
+        "train_images": train_s.iter().map(|s| s.name.clone()).collect::<Vec<_>>(),
+        "val_images": val_s.iter().map(|s| s.name.clone()).collect::<Vec<_>>(),
+        "device": device_name(device),
+    });
+    weights::write_atomic(&record_path, serde_json::to_string_pretty(&record).expect("json").as_bytes())?;
+
+    let channel_names = samples[0].image.channel_names.clone();
+    let max_label = samples.iter().flat_map(|s| s.mask.iter()).copied().max().unwrap_or(0) as usize;
+    let classes: Vec<String> = if !cfg.classes.is_empty() {
+        if cfg.classes.len() <= max_label {
+            return Err(Error::Config(format!(
+                "{} class names given but the masks contain label {max_label}",
+                cfg.classes.len()
+            )));
+        }
+        cfg.classes.clone()
+    } else if max_label <= 1 {
+        vec!["background".into(), "cell".into()]
+    } else {
+        std::iter::once("background".to_string()).chain((1..=max_label).map(|k| format!("class{k}"))).collect()
+    };
+    let methods = if cfg.normalization.is_empty() { default_normalization(&channel_names) } else { cfg.normalization.clone() };
+    let normalizer = Normalizer::fit(&methods, &train_s.iter().map(|s| &s.image).collect::<Vec<&Image>>())?;
+    let architecture = match kind {
+        ModelKind::Unet => serde_json::to_value(&cfg.unet).expect("json"),
+    };
+    let meta = ModelMeta::new(kind, architecture, channel_names, classes, cfg.patch_size, normalizer.clone());
+
+    tch::manual_seed(cfg.seed as i64);
+    let mut model = Model::new(meta, device)?;
+    let data = TrainSet::new(&train_s, &normalizer, cfg.patch_size, device)?;
+
+    let mut sgd = Sgd::new(&model.lock().vs, cfg.momentum, cfg.weight_decay);
+    let mut start_epoch = 0;
+    let mut history: Vec<EpochRecord> = Vec::new();
+    if cfg.resume && ckpt_path.is_file() {
+        let file = weights::load(&ckpt_path)?;
+        let st: CheckpointState = serde_json::from_str(
+            file.metadata.get(CHECKPOINT_KEY).ok_or_else(|| {
+                Error::ModelFormat(format!("'{}' is a model file, not a training checkpoint", ckpt_path.display()))
+            })?,
+        )
+        .map_err(|e| Error::ModelFormat(format!("'{}': corrupt checkpoint state ({e})", ckpt_path.display())))?;
+        let ck_meta = ModelMeta::from_metadata(&ckpt_path, &file.metadata)?;
+        if ck_meta.architecture != model.meta.architecture || ck_meta.classes != model.meta.classes || ck_meta.input_channels != model.meta.input_channels {
+            return Err(Error::Config(format!(
+                "checkpoint '{}' was written for another architecture, channels or classes; delete it or set resume = false",
+                ckpt_path.display()
+            )));
+        }
+        weights::copy_into(&model.lock().vs, &file.tensors, &["optimizer."])?;
+        sgd.load_state(&file.tensors, device);
+        model.meta.normalization = ck_meta.normalization;
+        start_epoch = st.epochs_completed;
+        history = st.history;
+        log::info!("resuming from '{}' after epoch {start_epoch}", ckpt_path.display());
+    }
+
+    for epoch in start_epoch..cfg.epochs {
+        let te = Instant::now();
+        let lr = cfg.learning_rate * (1.0 - epoch as f64 / cfg.epochs as f64).powf(0.9);
+        let es = per_epoch_seed(cfg.seed, epoch);
+        let mut rng = ChaCha8Rng::seed_from_u64(es);
+        tch::manual_seed((es >> 1) as i64);
+        let mut loss_sum = 0.0;
+        for it in 0..cfg.iterations_per_epoch {
+            monitor.check()?;
+            let (x, y) = data.batch(&mut rng, cfg.batch_size, cfg.patch_size, cfg.foreground_oversampling);
+            let (x, y) = augment_batch(&x, &y, &cfg.augmentation, &mut rng);
+            let loss = {
+                let inner = model.lock();
+                let outs = inner.net.forward(&x, cfg.deep_supervision);
+                deep_supervision_loss(&outs, &y)
+            };
+            sgd.zero_grad();
+            loss.f_backward()?;
+            sgd.clip_grad_norm(cfg.grad_clip);
+            sgd.step(lr)?;
+            let l = loss.double_value(&[]);
+            if !l.is_finite() {
+                return Err(Error::InvalidInput(format!(
+                    "training diverged (loss {l}) at epoch {epoch}, iteration {it}; lower learning_rate"
+                )));
+            }
+            loss_sum += l;
+            monitor.emit(Progress {
+                stage: Stage::Training,
+                epoch,
+                epochs: cfg.epochs,
+                iteration: it,
+                iterations: cfg.iterations_per_epoch,
+                loss: l,
+                val_metric: f64::NAN,
+            });
+        }
+        monitor.check()?;
+        let val_dice = if val_s.is_empty() {
+            f64::NAN
+        } else {
+            metrics::mean(&evaluate_samples(&model, &val_s)?.iter().map(|s| s.mean_fg_dice()).collect::<Vec<_>>())
+        };
+        let rec = EpochRecord {
+            epoch,
+            learning_rate: lr,
+            train_loss: loss_sum / cfg.iterations_per_epoch as f64,
+            val_dice,
+            seconds: te.elapsed().as_secs_f64(),
+        };
+        monitor.emit(Progress {
+            stage: Stage::Validation,
+            epoch,
+            epochs: cfg.epochs,
+            iteration: cfg.iterations_per_epoch,
+            iterations: cfg.iterations_per_epoch,
+            loss: rec.train_loss,
+            val_metric: val_dice,
+        });
+        history.push(rec);
+        let st = CheckpointState { epochs_completed: epoch + 1, config: cfg.clone(), history: history.clone() };
+        let mut md = HashMap::new();
+        md.insert(CHECKPOINT_KEY.to_string(), serde_json::to_string(&st).expect("json"));
+        model.meta.provenance = provenance(cfg, data_dir, &train_s, &val_s, epoch + 1, &history, device, t0);
+        model.save_with(&ckpt_path, &sgd.state(), md)?;
+        monitor.emit(Progress { stage: Stage::Checkpoint, epoch, epochs: cfg.epochs, ..Progress::new(Stage::Checkpoint) });
+    }
+    model.meta.provenance = provenance(cfg, data_dir, &train_s, &val_s, cfg.epochs, &history, device, t0);
+    model.save(output)?;
+    monitor.emit(Progress { stage: Stage::Done, epoch: cfg.epochs, epochs: cfg.epochs, ..Progress::new(Stage::Done) });
+    Ok(TrainOutcome { model, history })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn provenance(
+    cfg: &TrainConfig,
+    data_dir: &Path,
+    train_s: &[&Sample],
+    val_s: &[&Sample],
+    epochs_completed: usize,
+    history: &[EpochRecord],
+    device: Device,
+    t0: Instant,
+) -> crate::model::Provenance {
+    crate::model::Provenance {
+        lumos_version: env!("CARGO_PKG_VERSION").into(),
+        created_unix: now_unix(),
+        seed: cfg.seed,
+        train_config: serde_json::to_value(cfg).expect("json"),
+        data: data_dir.display().to_string(),
+        train_images: train_s.iter().map(|s| s.name.clone()).collect(),
+        val_images: val_s.iter().map(|s| s.name.clone()).collect(),
+        epochs_completed,
+        val_dice: history.last().map(|h| h.val_dice).filter(|v| v.is_finite()),
+        device: device_name(device),
+        wall_seconds: t0.elapsed().as_secs_f64(),
+        history: history.to_vec(),
+    }
+}
