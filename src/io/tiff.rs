@@ -60,7 +60,7 @@ pub struct TiffStack {
 /// ImageJ hyperstacks are laid out by their description (C channels, T = frames × slices);
 /// other files give one `T` entry per page, with `C` = samples per pixel (1, or 3 for RGB).
 pub fn read_stack(path: &Path) -> Result<TiffStack> {
-    guarded(path, || {
+    guarded(path, READING, || {
         let (mut dec, plan) = open_and_plan(path)?;
         let data = decode_all(path, &mut dec, &plan)?;
         let shape = (plan.t, plan.c, plan.height, plan.width);
@@ -84,7 +84,7 @@ pub fn read_stack(path: &Path) -> Result<TiffStack> {
 /// a multi-page file whose pages have several samples each (use [`read_stack`] for those).
 /// Channel names are the ImageJ labels when present, else `ch0..chN`.
 pub fn read_image(path: &Path) -> Result<Image> {
-    guarded(path, || {
+    guarded(path, READING, || {
         let (mut dec, plan) = open_and_plan(path)?;
         if let Some(ij) = &plan.imagej {
             if plan.t > 1 {
@@ -110,7 +110,7 @@ pub fn read_image(path: &Path) -> Result<Image> {
             ));
         }
         let data = decode_all(path, &mut dec, &plan)?;
-        // Exactly one of T and C exceeds 1 here, so the flat page order is channel order.
+        // At most one of T and C exceeds 1 here, so the flat page order is channel order.
         let channels = plan.t * plan.c;
         let data = Array3::from_shape_vec((channels, plan.height, plan.width), data)
             .map_err(|e| Error::tiff(path, format!("internal shape error: {e}")))?;
@@ -128,7 +128,7 @@ pub fn read_image(path: &Path) -> Result<Image> {
 /// are all integral. Every value must be in 0..=255; anything else (negative, > 255,
 /// fractional, NaN) is an error naming the first offending pixel.
 pub fn read_mask(path: &Path) -> Result<Mask> {
-    guarded(path, || {
+    guarded(path, READING, || {
         let (mut dec, plan) = open_and_plan(path)?;
         if plan.pages.len() != 1 {
             return Err(Error::tiff(
@@ -253,9 +253,13 @@ const TAG_IJ_METADATA: u16 = 50839;
 /// Largest tag value we read (IJMetadata with LUTs/ROIs, big strip tables).
 const MAX_TAG_BYTES: usize = 64 << 20;
 
+const READING: &str =
+    "reading this file; the file is corrupt or uses a layout this reader does not support";
+const WRITING: &str = "writing this file";
+
 /// Runs a reader or writer, turning a panic inside the `tiff` crate into `Error::Tiff`,
 /// since hostile input may hit an `assert!` or an out-of-bounds index there.
-fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
+fn guarded<T>(path: &Path, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(r) => r,
         Err(payload) => {
@@ -266,10 +270,7 @@ fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
                 .unwrap_or_else(|| "unknown panic".into());
             Err(Error::tiff(
                 path,
-                format!(
-                    "the TIFF decoder failed on this file ({msg}); the file is corrupt or uses \
-                     a layout this reader does not support"
-                ),
+                format!("the TIFF library panicked while {what} ({msg})"),
             ))
         }
     }
@@ -480,6 +481,20 @@ impl Samples {
         })
     }
 
+    /// Undoes the `tiff` crate's WhiteIsZero inversion of unsigned data (`max - v`, exact).
+    fn invert_unsigned(&mut self, bits: usize) {
+        match self {
+            Samples::U8(v) => {
+                let max = if bits < 8 { (1u8 << bits) - 1 } else { u8::MAX };
+                v.iter_mut().for_each(|x| *x = max - *x);
+            }
+            Samples::U16(v) => v.iter_mut().for_each(|x| *x = !*x),
+            Samples::U32(v) => v.iter_mut().for_each(|x| *x = !*x),
+            Samples::U64(v) => v.iter_mut().for_each(|x| *x = !*x),
+            _ => {}
+        }
+    }
+
     fn len(&self) -> usize {
         match self {
             Samples::U8(v) => v.len(),
@@ -576,6 +591,8 @@ struct PageInfo {
     source: Source,
     /// Uncompressed, stripped, no predictor: pixel bytes can be read directly.
     raw_ok: bool,
+    /// WhiteIsZero unsigned data: the crate inverted it, and we restore the stored values.
+    undo_invert: bool,
     /// Strip offsets and byte counts, kept for the raw paths.
     strips: Vec<(u64, u64)>,
     rows_per_strip: usize,
@@ -664,19 +681,140 @@ fn open(path: &Path) -> Result<(Dec, u64, bool)> {
             ),
         ));
     }
-    file.seek(SeekFrom::Start(0))
+    let mut reader = BufReader::new(file);
+    validate_structure(path, &mut reader, len, little_endian, magic == 43)?;
+    reader
+        .seek(SeekFrom::Start(0))
         .map_err(|e| Error::io(path, e))?;
 
-    // We bound sizes ourselves (MAX_TOTAL_SAMPLES, chunk extents checked against the file
-    // length), so the crate's per-image buffer limit would only refuse large valid pages.
+    // We bound sizes ourselves (MAX_TOTAL_SAMPLES before decoding, tag and chunk extents
+    // checked against the file length), so the crate's default per-image limit (256 MiB)
+    // would only refuse large valid pages. The crate also sizes tag vectors by this limit,
+    // so it stays finite.
     let mut limits = Limits::default();
-    limits.decoding_buffer_size = usize::MAX;
+    limits.decoding_buffer_size = usize::try_from(MAX_TOTAL_SAMPLES * 8).unwrap_or(usize::MAX);
     limits.intermediate_buffer_size = usize::MAX;
     limits.ifd_value_size = MAX_TAG_BYTES;
-    let dec = Decoder::new(BufReader::new(file))
+    let dec = Decoder::new(reader)
         .map_err(|e| tiff_err(path, "reading the first image directory", e))?
         .with_limits(limits);
     Ok((dec, len, little_endian))
+}
+
+/// Walks the directory chain and checks that every directory and every tag value lies
+/// inside the file, before the `tiff` crate sees it. The crate sizes its buffers from the
+/// counts in the file, so a corrupt count would otherwise become a huge allocation (and an
+/// abort, which no `catch_unwind` can stop); it also gives "truncated" a clear message.
+fn validate_structure(
+    path: &Path,
+    r: &mut BufReader<File>,
+    len: u64,
+    le: bool,
+    big: bool,
+) -> Result<()> {
+    // Directories are read as whole blocks: one seek per page, not per entry.
+    let mut read = |off: u64, n: usize| -> Result<Vec<u8>> {
+        let mut b = vec![0u8; n];
+        r.seek(SeekFrom::Start(off))
+            .map_err(|e| Error::io(path, e))?;
+        r.read_exact(&mut b).map_err(|e| Error::io(path, e))?;
+        Ok(b)
+    };
+    // An unsigned integer of any width in the file's byte order.
+    let uint = |b: &[u8]| -> u64 {
+        let fold = |a: u64, &x: &u8| (a << 8) | u64::from(x);
+        if le {
+            b.iter().rev().fold(0, fold)
+        } else {
+            b.iter().fold(0, fold)
+        }
+    };
+    let (count_size, entry_size, ptr_size, inline): (u64, u64, usize, u64) =
+        if big { (8, 20, 8, 8) } else { (2, 12, 4, 4) };
+    let header = if big { 16 } else { 8 };
+    if len < header {
+        return Err(Error::tiff(
+            path,
+            format!(
+                "file is only {len} bytes, shorter than the {header}-byte TIFF header; it is truncated"
+            ),
+        ));
+    }
+    let truncated = |what: String| {
+        Error::tiff(
+            path,
+            format!(
+                "{what} but the file is only {len} bytes long; the file is truncated or corrupt"
+            ),
+        )
+    };
+    let mut off = uint(&read(if big { 8 } else { 4 }, ptr_size)?);
+    if off == 0 {
+        return Err(Error::tiff(
+            path,
+            "the file contains no image directory; expected at least one image",
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut page = 1usize;
+    while off != 0 {
+        if !seen.insert(off) {
+            return Err(Error::tiff(
+                path,
+                format!(
+                    "the directory chain loops back on itself at page {page}; the file is corrupt"
+                ),
+            ));
+        }
+        if page > MAX_PAGES {
+            return Err(Error::tiff(
+                path,
+                format!("file has more than {MAX_PAGES} pages; refusing to read it"),
+            ));
+        }
+        if off.saturating_add(count_size) > len {
+            return Err(truncated(format!(
+                "the directory of page {page} starts at byte {off}"
+            )));
+        }
+        let n = uint(&read(off, count_size as usize)?);
+        let block = n
+            .checked_mul(entry_size)
+            .and_then(|b| b.checked_add(ptr_size as u64))
+            .unwrap_or(u64::MAX);
+        let end = (off + count_size).saturating_add(block);
+        if end > len {
+            return Err(truncated(format!(
+                "the directory of page {page} ({n} entries) ends at byte {end}"
+            )));
+        }
+        // Bounded by the file length just checked.
+        let ifd = read(off + count_size, block as usize)?;
+        for e in ifd[..ifd.len() - ptr_size].chunks_exact(entry_size as usize) {
+            let tag = uint(&e[0..2]);
+            let count = uint(&e[4..4 + ptr_size]);
+            // Unknown types are skipped by the decoder, so they cannot hurt.
+            let unit: u64 = match uint(&e[2..4]) {
+                1 | 2 | 6 | 7 => 1,
+                3 | 8 => 2,
+                4 | 9 | 11 | 13 => 4,
+                5 | 10 | 12 | 16 | 17 | 18 => 8,
+                _ => continue,
+            };
+            let size = count.saturating_mul(unit);
+            if size > inline {
+                let at = uint(&e[4 + ptr_size..]);
+                if at.saturating_add(size) > len {
+                    return Err(truncated(format!(
+                        "page {page}: tag {tag} holds {size} bytes from byte {at}"
+                    )));
+                }
+            }
+        }
+        off = uint(&ifd[ifd.len() - ptr_size..]);
+        page += 1;
+    }
+    Ok(())
 }
 
 fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
@@ -857,6 +995,43 @@ fn page_info(path: &Path, dec: &mut Dec, ifd: usize, file_len: u64) -> Result<Op
         }
         Err(e) => return Err(terr(e)),
     };
+    // WhiteIsZero: keep the stored values, as ImageJ and tifffile do. Fiji saves binary
+    // masks with an inverting LUT this way, and inverting them would swap object and
+    // background. The crate inverts unsigned data exactly (so we undo it) and refuses
+    // signed data (so we read it raw when uncompressed).
+    let mut undo_invert = false;
+    if photometric == Some(0) {
+        let unsigned = matches!(
+            dtype,
+            Dtype::U1 | Dtype::U2 | Dtype::U4 | Dtype::U8 | Dtype::U16 | Dtype::U32 | Dtype::U64
+        );
+        if unsigned && samples == 1 {
+            undo_invert = true;
+        } else if raw_ok && spp == 1 {
+            source = Source::Raw {
+                runs: strip_runs(
+                    path,
+                    &ctx,
+                    &offsets,
+                    &counts,
+                    rows_per_strip,
+                    width,
+                    height,
+                    dtype,
+                )?,
+            };
+        } else {
+            return Err(Error::tiff(
+                path,
+                format!(
+                    "{ctx}: WhiteIsZero {} data with compression {compression} and {spp} samples \
+                     per pixel is not supported; expected unsigned integers, or uncompressed \
+                     single-sample strips",
+                    dtype.name()
+                ),
+            ));
+        }
+    }
     if samples == 0 {
         return Err(Error::tiff(path, format!("{ctx}: zero samples per pixel")));
     }
@@ -877,6 +1052,7 @@ fn page_info(path: &Path, dec: &mut Dec, ifd: usize, file_len: u64) -> Result<Op
         dtype,
         source,
         raw_ok,
+        undo_invert,
         strips: offsets.into_iter().zip(counts).collect(),
         rows_per_strip,
     }))
@@ -1017,7 +1193,8 @@ fn parse_ij_labels(data: &[u8], counts: &[u64]) -> Option<Vec<String>> {
     labels
 }
 
-/// Reads a tag's raw value bytes (any type), capped at `MAX_TAG_BYTES`.
+/// Reads the raw bytes of a byte-typed tag (ASCII, BYTE, UNDEFINED), capped at
+/// `MAX_TAG_BYTES`, without the crate's UTF-8 check or its per-byte `Value` vector.
 fn tag_bytes(dec: &mut Dec, tag: Tag) -> Option<Vec<u8>> {
     let mut ifd = dec.image_ifd();
     let entry = ifd.find_entry(tag)?;
@@ -1037,8 +1214,9 @@ fn tag_bytes(dec: &mut Dec, tag: Tag) -> Option<Vec<u8>> {
     Some(buf)
 }
 
-/// The first page's ImageDescription, decoded as UTF-8 or, failing that, Latin-1 (older
-/// ImageJ versions write "µ" as a single byte).
+/// The first page's ImageDescription, decoded as UTF-8 or, failing that, Latin-1: some
+/// writers store "µ" as a single byte, which the crate rejects, and losing the description
+/// would silently lose the hyperstack layout.
 fn description(dec: &mut Dec) -> Option<String> {
     if let Ok(Some(Value::Ascii(s))) = dec.find_tag(Tag::ImageDescription) {
         return Some(s);
@@ -1341,14 +1519,18 @@ fn decode_page(path: &Path, dec: &mut Dec, plan: &Plan, idx: usize) -> Result<Sa
             dec.read_image_to_buffer(&mut res)
                 .map_err(|e| tiff_err(path, &ctx, e))?;
             let bits = page.dtype.bits();
-            match (bits < 8, res) {
+            let mut samples = match (bits < 8, res) {
                 (true, DecodingResult::U8(packed)) => Samples::U8(
                     unpack_bits(&packed, page.width, page.height, bits).ok_or_else(|| {
                         Error::tiff(path, format!("{ctx}: too few bytes of {bits}-bit data"))
                     })?,
                 ),
                 (_, res) => Samples::from_decoded(res),
+            };
+            if page.undo_invert {
+                samples.invert_unsigned(bits);
             }
+            samples
         }
         Source::Raw { runs } => {
             let total: u64 = runs.iter().map(|r| r.1).sum();
@@ -1556,7 +1738,7 @@ fn write_pages(
         TiffError::IoError(io) => Error::io(path, io),
         other => Error::tiff(path, format!("encoding failed: {other}")),
     };
-    guarded(path, || {
+    guarded(path, WRITING, || {
         let mut w = BufWriter::new(tmp.as_file());
         if big {
             let mut enc = TiffEncoder::new_big(&mut w).map_err(enc_err)?;

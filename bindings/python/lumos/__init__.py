@@ -1,0 +1,280 @@
+"""Thin ctypes binding of the lumos C API (include/lumos.h).
+
+It re-implements nothing: every call goes to liblumos.so. Status codes become
+``LumosError`` exceptions carrying the library's last-error message; handles are freed
+deterministically (``close()`` or a ``with`` block); arrays are passed zero-copy when
+they are C-contiguous float32.
+
+The library is found through ``$LUMOS_LIBRARY`` (a path to liblumos.so), else next to
+this package, else in the repository's ``target/release`` or ``target/debug``.
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+import json
+import os
+import pathlib
+import threading
+from typing import Callable, Optional
+
+import numpy as np
+
+__all__ = ["LumosError", "Model", "CancelToken", "train", "version", "abi_version", "cuda_available"]
+
+ABI_VERSION = 1
+
+STATUS_NAMES = {
+    0: "OK", 1: "NULL_POINTER", 2: "INVALID_ARGUMENT", 3: "SHAPE_MISMATCH", 4: "INVALID_INPUT",
+    5: "IO", 6: "TIFF", 7: "MODEL_FORMAT", 8: "UNSUPPORTED", 9: "CANCELLED", 10: "DEVICE",
+    11: "INVALID_CONFIG", 12: "TORCH", 13: "BUFFER_TOO_SMALL", 14: "INTERNAL",
+}
+
+
+class LumosError(RuntimeError):
+    """A failed lumos call: ``status`` is the C status number, ``name`` its name."""
+
+    def __init__(self, status: int, message: str):
+        self.status = status
+        self.name = STATUS_NAMES.get(status, str(status))
+        super().__init__(f"{self.name}: {message}")
+
+
+class _Info(C.Structure):
+    _fields_ = [("kind", C.c_uint32), ("n_input_channels", C.c_size_t), ("n_classes", C.c_size_t),
+                ("patch_height", C.c_size_t), ("patch_width", C.c_size_t),
+                ("can_segment", C.c_bool), ("can_decompose", C.c_bool)]
+
+
+class _TileOptions(C.Structure):
+    _fields_ = [("tile_height", C.c_size_t), ("tile_width", C.c_size_t), ("step_fraction", C.c_double),
+                ("batch_size", C.c_size_t), ("mirror", C.c_bool)]
+
+
+class _Progress(C.Structure):
+    _fields_ = [("stage", C.c_uint32), ("epoch", C.c_size_t), ("epochs", C.c_size_t),
+                ("iteration", C.c_size_t), ("iterations", C.c_size_t),
+                ("loss", C.c_double), ("val_metric", C.c_double)]
+
+
+_PROGRESS_CB = C.CFUNCTYPE(None, C.POINTER(_Progress), C.c_void_p)
+_lib = None
+_lib_lock = threading.Lock()
+
+
+def _find_library() -> str:
+    env = os.environ.get("LUMOS_LIBRARY")
+    if env:
+        return env
+    here = pathlib.Path(__file__).resolve().parent
+    candidates = [here / "liblumos.so"]
+    for up in here.parents:
+        candidates += [up / "target" / "release" / "liblumos.so", up / "target" / "debug" / "liblumos.so"]
+    for c in candidates:
+        if c.is_file():
+            return str(c)
+    raise OSError("liblumos.so not found: build it (cargo build --release) or set LUMOS_LIBRARY")
+
+
+def _load():
+    global _lib
+    with _lib_lock:
+        if _lib is not None:
+            return _lib
+        lib = C.CDLL(_find_library())
+        P, S, st = C.c_void_p, C.c_size_t, C.c_uint32
+        sig = {
+            "lumos_version": ([], C.c_char_p),
+            "lumos_abi_version": ([], C.c_uint32),
+            "lumos_last_error_message": ([], C.c_char_p),
+            "lumos_cuda_available": ([], C.c_bool),
+            "lumos_set_num_threads": ([C.c_uint32], st),
+            "lumos_model_load": ([C.c_char_p, C.c_char_p, C.POINTER(P)], st),
+            "lumos_model_free": ([P], None),
+            "lumos_model_save": ([P, C.c_char_p], st),
+            "lumos_model_info": ([P, C.POINTER(_Info)], st),
+            "lumos_model_kind_name": ([P, C.POINTER(C.c_char_p)], st),
+            "lumos_model_channel_name": ([P, S, C.POINTER(C.c_char_p)], st),
+            "lumos_model_class_name": ([P, S, C.POINTER(C.c_char_p)], st),
+            "lumos_model_metadata_json": ([P, C.POINTER(C.c_char_p)], st),
+            "lumos_tile_options_default": ([C.POINTER(_TileOptions)], st),
+            "lumos_segment": ([P, P, S, S, S, C.POINTER(_TileOptions), P, P, S], st),
+            "lumos_segment_probabilities": ([P, P, S, S, S, C.POINTER(_TileOptions), P, P, S], st),
+            "lumos_decompose": ([P, P, S, S, C.POINTER(_TileOptions), P, P, S], st),
+            "lumos_cancel_token_new": ([C.POINTER(P)], st),
+            "lumos_cancel_token_cancel": ([P], st),
+            "lumos_cancel_token_reset": ([P], st),
+            "lumos_cancel_token_free": ([P], None),
+            "lumos_train": ([C.c_char_p, C.c_char_p, C.c_char_p, _PROGRESS_CB, P, P, C.POINTER(P)], st),
+        }
+        for name, (args, res) in sig.items():
+            f = getattr(lib, name)
+            f.argtypes = args
+            f.restype = res
+        if lib.lumos_abi_version() != ABI_VERSION:
+            raise OSError(f"liblumos ABI {lib.lumos_abi_version()} but this binding expects {ABI_VERSION}")
+        _lib = lib
+        return lib
+
+
+def _check(status: int) -> None:
+    if status != 0:
+        msg = _load().lumos_last_error_message().decode("utf-8", "replace")
+        raise LumosError(status, msg)
+
+
+def version() -> str:
+    return _load().lumos_version().decode()
+
+
+def abi_version() -> int:
+    return _load().lumos_abi_version()
+
+
+def cuda_available() -> bool:
+    return bool(_load().lumos_cuda_available())
+
+
+class CancelToken:
+    """A cancellation flag; ``cancel()`` may be called from any thread."""
+
+    def __init__(self):
+        lib = _load()
+        h = C.c_void_p()
+        _check(lib.lumos_cancel_token_new(C.byref(h)))
+        self._h = h
+
+    def cancel(self) -> None:
+        _check(_load().lumos_cancel_token_cancel(self._h))
+
+    def reset(self) -> None:
+        _check(_load().lumos_cancel_token_reset(self._h))
+
+    def close(self) -> None:
+        if self._h:
+            _load().lumos_cancel_token_free(self._h)
+            self._h = C.c_void_p()
+
+    def __del__(self):
+        self.close()
+
+
+def _options(tile=None, step_fraction=0.5, batch_size=4, mirror=False) -> _TileOptions:
+    o = _TileOptions()
+    _check(_load().lumos_tile_options_default(C.byref(o)))
+    if tile is not None:
+        o.tile_height, o.tile_width = (tile, tile) if isinstance(tile, int) else tile
+    o.step_fraction, o.batch_size, o.mirror = step_fraction, batch_size, mirror
+    return o
+
+
+def _as_input(image: np.ndarray, ndim: int) -> np.ndarray:
+    a = np.ascontiguousarray(image, dtype=np.float32)  # zero-copy when already float32 C-order
+    if a.ndim != ndim:
+        raise ValueError(f"expected a {ndim}-D array, got shape {a.shape}")
+    return a
+
+
+class Model:
+    """A loaded model. Thread-safe: calls on one model are serialized by the library."""
+
+    def __init__(self, path, device: str = "auto", _handle: Optional[C.c_void_p] = None):
+        lib = _load()
+        if _handle is None:
+            h = C.c_void_p()
+            _check(lib.lumos_model_load(os.fsencode(str(path)), device.encode(), C.byref(h)))
+            _handle = h
+        self._h = _handle
+        info = _Info()
+        _check(lib.lumos_model_info(self._h, C.byref(info)))
+        self.n_input_channels = info.n_input_channels
+        self.n_classes = info.n_classes
+        self.patch_size = (info.patch_height, info.patch_width)
+        self.can_segment = bool(info.can_segment)
+        self.can_decompose = bool(info.can_decompose)
+        s = C.c_char_p()
+        _check(lib.lumos_model_kind_name(self._h, C.byref(s)))
+        self.kind = s.value.decode()
+        self.channel_names = []
+        for i in range(self.n_input_channels):
+            _check(lib.lumos_model_channel_name(self._h, i, C.byref(s)))
+            self.channel_names.append(s.value.decode())
+        self.class_names = []
+        for i in range(self.n_classes):
+            _check(lib.lumos_model_class_name(self._h, i, C.byref(s)))
+            self.class_names.append(s.value.decode())
+        _check(lib.lumos_model_metadata_json(self._h, C.byref(s)))
+        self.metadata = json.loads(s.value.decode())
+
+    def close(self) -> None:
+        if getattr(self, "_h", None):
+            _load().lumos_model_free(self._h)
+            self._h = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+    def save(self, path) -> None:
+        _check(_load().lumos_model_save(self._h, os.fsencode(str(path))))
+
+    def segment(self, image: np.ndarray, *, probabilities: bool = False, tile=None, step_fraction: float = 0.5,
+                batch_size: int = 4, mirror: bool = False, cancel: Optional[CancelToken] = None) -> np.ndarray:
+        """``image`` is (C, H, W). Returns (H, W) uint8 labels, or (K, H, W) float32 probabilities."""
+        x = _as_input(image, 3)
+        c, h, w = x.shape
+        opts = _options(tile, step_fraction, batch_size, mirror)
+        tok = cancel._h if cancel is not None else None
+        if probabilities:
+            out = np.empty((self.n_classes, h, w), dtype=np.float32)
+            _check(_load().lumos_segment_probabilities(self._h, x.ctypes.data, c, h, w, C.byref(opts), tok,
+                                                       out.ctypes.data, out.size))
+        else:
+            out = np.empty((h, w), dtype=np.uint8)
+            _check(_load().lumos_segment(self._h, x.ctypes.data, c, h, w, C.byref(opts), tok, out.ctypes.data, out.size))
+        return out
+
+    def decompose(self, image: np.ndarray, *, tile=None, cancel: Optional[CancelToken] = None) -> np.ndarray:
+        """``image`` is (H, W). Returns (2, H, W) float32."""
+        x = _as_input(image, 2)
+        h, w = x.shape
+        out = np.empty((2, h, w), dtype=np.float32)
+        opts = _options(tile)
+        tok = cancel._h if cancel is not None else None
+        _check(_load().lumos_decompose(self._h, x.ctypes.data, h, w, C.byref(opts), tok, out.ctypes.data, out.size))
+        return out
+
+
+def train(data_dir, output, config: Optional[dict] = None,
+          progress: Optional[Callable[[dict], None]] = None, cancel: Optional[CancelToken] = None) -> Model:
+    """Trains a model (blocking); ``progress`` receives dicts with stage, epoch, loss, val_metric..."""
+    lib = _load()
+    errors = []
+
+    def cb(p, _user):
+        if progress is None:
+            return
+        try:
+            q = p.contents
+            progress({f: getattr(q, f) for f, _ in _Progress._fields_})
+        except BaseException as e:  # an exception must not unwind into the library
+            errors.append(e)
+            if cancel is not None:
+                cancel.cancel()
+
+    c_cb = _PROGRESS_CB(cb)
+    h = C.c_void_p()
+    cfg = json.dumps(config or {}).encode()
+    tok = cancel._h if cancel is not None else None
+    status = lib.lumos_train(cfg, os.fsencode(str(data_dir)), os.fsencode(str(output)), c_cb, None, tok, C.byref(h))
+    if errors:
+        if h:
+            lib.lumos_model_free(h)
+        raise errors[0]
+    _check(status)
+    return Model(None, _handle=h)

@@ -1,0 +1,105 @@
+"""The Python binding against the real library: train, info, segment, errors, cancel."""
+
+import os
+import pathlib
+import subprocess
+import threading
+
+import numpy as np
+import pytest
+
+import lumos
+
+ROOT = pathlib.Path(__file__).resolve().parents[3]
+TINY = {"unet": {"n_stages": 3, "base_features": 4, "max_features": 16}, "epochs": 2,
+        "iterations_per_epoch": 3, "batch_size": 2, "patch_size": [32, 32], "seed": 1, "device": "cpu"}
+
+
+def lumos_cli():
+    for prof in ("debug", "release"):
+        p = ROOT / "target" / prof / "lumos"
+        if p.is_file():
+            return str(p)
+    pytest.skip("lumos CLI not built")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    subprocess.run([lumos_cli(), "simulate", "ssqpm", "--out", str(d), "--train", "4", "--test", "1",
+                    "--size", "64", "--seed", "3"], check=True, capture_output=True)
+    return d
+
+
+@pytest.fixture(scope="module")
+def model(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("m") / "m.lumos"
+    events = []
+    m = lumos.train(data / "train", out, TINY, progress=events.append)
+    assert out.is_file()
+    assert sum(e["stage"] == 1 for e in events) == 6
+    assert any(e["stage"] == 2 and 0.0 <= e["val_metric"] <= 1.0 for e in events)
+    yield m
+    m.close()
+
+
+def test_library_facts():
+    assert lumos.abi_version() == lumos.ABI_VERSION
+    assert lumos.version().count(".") == 2
+
+
+def test_info(model):
+    assert model.kind == "unet"
+    assert model.channel_names == ["I0", "I45", "I90", "I135", "phase"]
+    assert model.class_names == ["background", "cell"]
+    assert model.patch_size == (32, 32)
+    assert model.can_segment and not model.can_decompose
+    assert model.metadata["provenance"]["seed"] == 1
+
+
+def test_segment_and_reload(model, tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(1000, 50, size=(5, 40, 70)).astype(np.float32)
+    labels = model.segment(x)
+    assert labels.shape == (40, 70) and labels.dtype == np.uint8 and labels.max() <= 1
+    p = model.segment(x, probabilities=True)
+    assert p.shape == (2, 40, 70)
+    np.testing.assert_allclose(p.sum(0), 1.0, atol=1e-4)
+    model.save(tmp_path / "copy.lumos")
+    with lumos.Model(tmp_path / "copy.lumos", device="cpu") as m2:
+        np.testing.assert_array_equal(m2.segment(x), labels)
+    # non-contiguous float64 input is converted, not rejected
+    np.testing.assert_array_equal(model.segment(x.astype(np.float64)[:, :, :]), labels)
+
+
+def test_errors_carry_messages(model, tmp_path):
+    with pytest.raises(lumos.LumosError, match="SHAPE_MISMATCH.*expects 5"):
+        model.segment(np.zeros((4, 32, 32), np.float32))
+    bad = np.zeros((5, 32, 32), np.float32)
+    bad[0, 1, 2] = np.nan
+    with pytest.raises(lumos.LumosError, match="INVALID_INPUT"):
+        model.segment(bad)
+    with pytest.raises(lumos.LumosError, match="UNSUPPORTED"):
+        model.decompose(np.zeros((32, 32), np.float32))
+    with pytest.raises(lumos.LumosError, match="IO"):
+        lumos.Model(tmp_path / "missing.lumos")
+    (tmp_path / "junk.lumos").write_bytes(b"junk")
+    with pytest.raises(lumos.LumosError, match="MODEL_FORMAT"):
+        lumos.Model(tmp_path / "junk.lumos")
+    with pytest.raises(lumos.LumosError, match="INVALID_CONFIG"):
+        lumos.train(tmp_path, tmp_path / "x.lumos", {"epochs": 0})
+
+
+def test_cancel_from_another_thread(data, tmp_path):
+    tok = lumos.CancelToken()
+    cfg = dict(TINY, epochs=1000)
+    out = tmp_path / "slow.lumos"
+
+    def on_progress(p):
+        if p["stage"] == 3:  # first checkpoint written
+            threading.Thread(target=tok.cancel).start()
+
+    with pytest.raises(lumos.LumosError, match="CANCELLED"):
+        lumos.train(data / "train", out, cfg, progress=on_progress, cancel=tok)
+    assert not out.exists()
+    assert (tmp_path / "slow.lumos.ckpt").is_file()

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Runs every test: Rust unit and integration tests (including the C and C++ API programs
+# and the header check), then the Python binding's tests against the built library.
+# Bootstraps first (idempotent).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/bootstrap.sh
+export PATH="$HOME/.cargo/bin:$PATH"
+cargo test --all-targets "$@"
+cargo build --quiet --lib --bin lumos
+LUMOS_LIBRARY="$PWD/target/debug/liblumos.so" PYTHONPATH="$PWD/bindings/python" \
+    .venv/bin/python -m pytest -q bindings/python/tests
