@@ -111,6 +111,11 @@ enum LumosModelKind
    * 2D nnU-Net segmentation of N-channel images.
    */
   LUMOS_MODEL_KIND_UNET = 1,
+  /**
+   * DM-QPMNet dual-modality ssQPM segmentation (5 input channels: I0, I45, I90,
+   * I135, phase), or one of its baselines.
+   */
+  LUMOS_MODEL_KIND_DMQPM = 2,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L

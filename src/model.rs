@@ -17,6 +17,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
 use crate::image::check_finite;
+use crate::nn::dmqpm::{DmQpmConfig, DmQpmNet};
 use crate::nn::unet::{Unet, UnetConfig};
 use crate::normalize::{apply_affine, Normalizer};
 use crate::progress::Monitor;
@@ -34,18 +35,23 @@ pub const METADATA_KEY: &str = "lumos";
 pub enum ModelKind {
     /// 2D nnU-Net segmentation of N-channel images (early fusion for ssQPM).
     Unet,
+    /// DM-QPMNet: dual-encoder ssQPM segmentation (4 polarized intensities + phase),
+    /// or one of its baselines (see `nn::dmqpm`).
+    Dmqpm,
 }
 
 impl ModelKind {
     pub fn name(&self) -> &'static str {
         match self {
             ModelKind::Unet => "unet",
+            ModelKind::Dmqpm => "dmqpm",
         }
     }
     pub fn parse(s: &str) -> Result<Self> {
         match s.to_ascii_lowercase().as_str() {
             "unet" | "nnunet" => Ok(ModelKind::Unet),
-            other => Err(Error::Config(format!("unknown model kind '{other}'; expected one of: unet"))),
+            "dmqpm" | "dm-qpmnet" | "dm_qpmnet" | "dmqpmnet" => Ok(ModelKind::Dmqpm),
+            other => Err(Error::Config(format!("unknown model kind '{other}'; expected one of: unet, dmqpm"))),
         }
     }
     pub fn can_segment(&self) -> bool {
@@ -159,6 +165,7 @@ impl ModelMeta {
 #[derive(Debug)]
 pub enum Net {
     Unet(Unet),
+    Dmqpm(DmQpmNet),
 }
 
 impl Net {
@@ -170,18 +177,32 @@ impl Net {
                 cfg.validate()?;
                 Ok(Net::Unet(Unet::new(p, &cfg, meta.input_channels.len() as i64, meta.classes.len() as i64)))
             }
+            ModelKind::Dmqpm => {
+                let cfg: DmQpmConfig = serde_json::from_value(meta.architecture.clone())
+                    .map_err(|e| Error::ModelFormat(format!("invalid dmqpm architecture: {e}")))?;
+                if meta.input_channels.len() != 5 {
+                    return Err(Error::Shape(format!(
+                        "a dmqpm model takes 5 input channels (I0, I45, I90, I135, phase); the data have {} ({})",
+                        meta.input_channels.len(),
+                        meta.input_channels.join(", ")
+                    )));
+                }
+                Ok(Net::Dmqpm(DmQpmNet::new(p, &cfg, meta.classes.len() as i64)?))
+            }
         }
     }
     /// `(N, C, H, W)` -> logits, full resolution first (deep supervision outputs follow).
     pub fn forward(&self, x: &Tensor, deep_supervision: bool) -> Vec<Tensor> {
         match self {
             Net::Unet(u) => u.forward(x, deep_supervision),
+            Net::Dmqpm(d) => d.forward(x, deep_supervision),
         }
     }
     /// Height and width must be multiples of this.
     pub fn divisor(meta: &ModelMeta) -> usize {
         match meta.kind {
             ModelKind::Unet => serde_json::from_value::<UnetConfig>(meta.architecture.clone()).map(|c| c.divisor()).unwrap_or(1),
+            ModelKind::Dmqpm => serde_json::from_value::<DmQpmConfig>(meta.architecture.clone()).map(|c| c.divisor()).unwrap_or(1),
         }
     }
 }
@@ -224,8 +245,17 @@ pub enum SegmentOutput<'a> {
 }
 
 impl Model {
-    /// A freshly initialized model (weights from libtorch's generator: seed it first).
+    /// A freshly initialized model (weights from libtorch's generator, unseeded).
     pub fn new(meta: ModelMeta, device: Device) -> Result<Self> {
+        Self::new_seeded(meta, device, None)
+    }
+
+    /// A freshly initialized model; with `seed`, the weights are a function of the seed.
+    /// libtorch's generator is process-wide, so seeding and initialization happen under
+    /// one lock that every model construction takes: a model built in another thread at
+    /// the same time cannot change a seeded model's weights.
+    pub fn new_seeded(meta: ModelMeta, device: Device, seed: Option<u64>) -> Result<Self> {
+        static TORCH_RNG: Mutex<()> = Mutex::new(());
         if meta.input_channels.is_empty() {
             return Err(Error::Config("a model needs at least one input channel".into()));
         }
@@ -238,6 +268,10 @@ impl Model {
                 meta.normalization.n_channels(),
                 meta.input_channels.len()
             )));
+        }
+        let _rng = TORCH_RNG.lock();
+        if let Some(seed) = seed {
+            tch::manual_seed(seed as i64);
         }
         let vs = nn::VarStore::new(device);
         let net = Net::build(&meta, &vs.root())?;

@@ -25,6 +25,7 @@ use crate::image::{array3_to_tensor, mask_to_tensor, Image};
 use crate::metrics;
 use crate::model::{EpochRecord, Model, ModelKind, ModelMeta, SegmentOptions};
 use crate::nn::loss::deep_supervision_loss;
+use crate::nn::dmqpm::DmQpmConfig;
 use crate::nn::unet::UnetConfig;
 use crate::normalize::{NormMethod, Normalizer};
 use crate::progress::{Monitor, Progress, Stage};
@@ -34,9 +35,12 @@ use crate::weights;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
-    /// Model kind: "unet".
+    /// Model kind: "unet" or "dmqpm".
     pub kind: String,
+    /// Architecture of a "unet" model.
     pub unet: UnetConfig,
+    /// Architecture of a "dmqpm" model (DM-QPMNet or one of its baselines).
+    pub dmqpm: DmQpmConfig,
     pub epochs: usize,
     pub iterations_per_epoch: usize,
     pub batch_size: usize,
@@ -76,6 +80,7 @@ impl Default for TrainConfig {
         TrainConfig {
             kind: "unet".into(),
             unet: UnetConfig::default(),
+            dmqpm: DmQpmConfig::default(),
             epochs: 50,
             iterations_per_epoch: 50,
             batch_size: 4,
@@ -110,12 +115,16 @@ impl TrainConfig {
         let kind = ModelKind::parse(&self.kind)?;
         match kind {
             ModelKind::Unet => self.unet.validate()?,
+            ModelKind::Dmqpm => self.dmqpm.validate()?,
         }
         let pos = |v: usize, n: &str| if v == 0 { Err(Error::Config(format!("{n} must be >= 1"))) } else { Ok(()) };
         pos(self.epochs, "epochs")?;
         pos(self.iterations_per_epoch, "iterations_per_epoch")?;
         pos(self.batch_size, "batch_size")?;
-        let d = self.unet.divisor();
+        let d = match kind {
+            ModelKind::Unet => self.unet.divisor(),
+            ModelKind::Dmqpm => self.dmqpm.divisor(),
+        };
         if self.patch_size.iter().any(|&p| p == 0 || p % d != 0) {
             return Err(Error::Config(format!(
                 "patch_size {:?} must be positive multiples of {d} (2^(n_stages-1))",
@@ -169,12 +178,15 @@ struct CheckpointState {
 const CHECKPOINT_KEY: &str = "lumos.checkpoint";
 
 fn per_epoch_seed(seed: u64, epoch: usize) -> u64 {
-    seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(epoch as u64 * 0x2545_F491_4F6C_DD1D + 1)
+    seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add((epoch as u64).wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(1))
 }
 
-fn default_normalization(channel_names: &[String]) -> Vec<NormMethod> {
-    let ssqpm = ["I0", "I45", "I90", "I135", "phase"];
-    if channel_names.len() == 5 && channel_names.iter().zip(ssqpm).all(|(a, b)| a.eq_ignore_ascii_case(b)) {
+/// DM-QPMNet's per-modality normalization for ssQPM data (any dmqpm model, or five
+/// channels named as the simulator names them); per-image z-score otherwise.
+fn default_normalization(kind: ModelKind, channel_names: &[String]) -> Vec<NormMethod> {
+    let ssqpm = crate::nn::dmqpm::SSQPM_CHANNELS;
+    let named = channel_names.len() == 5 && channel_names.iter().zip(ssqpm).all(|(a, b)| a.eq_ignore_ascii_case(b));
+    if named || (kind == ModelKind::Dmqpm && channel_names.len() == 5) {
         let mut v = vec![NormMethod::DatasetZscore; 4];
         v.push(NormMethod::RobustQuantile { q_low: 0.005, q_high: 0.995 });
         v
@@ -386,15 +398,15 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
     } else {
         std::iter::once("background".to_string()).chain((1..=max_label).map(|k| format!("class{k}"))).collect()
     };
-    let methods = if cfg.normalization.is_empty() { default_normalization(&channel_names) } else { cfg.normalization.clone() };
+    let methods = if cfg.normalization.is_empty() { default_normalization(kind, &channel_names) } else { cfg.normalization.clone() };
     let normalizer = Normalizer::fit(&methods, &train_s.iter().map(|s| &s.image).collect::<Vec<&Image>>())?;
     let architecture = match kind {
         ModelKind::Unet => serde_json::to_value(&cfg.unet).expect("json"),
+        ModelKind::Dmqpm => serde_json::to_value(&cfg.dmqpm).expect("json"),
     };
     let meta = ModelMeta::new(kind, architecture, channel_names, classes, cfg.patch_size, normalizer.clone());
 
-    tch::manual_seed(cfg.seed as i64);
-    let mut model = Model::new(meta, device)?;
+    let mut model = Model::new_seeded(meta, device, Some(cfg.seed))?;
     let data = TrainSet::new(&train_s, &normalizer, cfg.patch_size, device)?;
 
     let mut sgd = Sgd::new(&model.lock().vs, cfg.momentum, cfg.weight_decay);
@@ -428,7 +440,6 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
         let lr = cfg.learning_rate * (1.0 - epoch as f64 / cfg.epochs as f64).powf(0.9);
         let es = per_epoch_seed(cfg.seed, epoch);
         let mut rng = ChaCha8Rng::seed_from_u64(es);
-        tch::manual_seed((es >> 1) as i64);
         let mut loss_sum = 0.0;
         for it in 0..cfg.iterations_per_epoch {
             monitor.check()?;

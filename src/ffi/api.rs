@@ -53,6 +53,9 @@ pub struct LumosCancelToken {
 pub enum LumosModelKind {
     /// 2D nnU-Net segmentation of N-channel images.
     Unet = 1,
+    /// DM-QPMNet dual-modality ssQPM segmentation (5 input channels: I0, I45, I90,
+    /// I135, phase), or one of its baselines.
+    Dmqpm = 2,
 }
 
 /// Facts about a loaded model, filled by `lumos_model_info`.
@@ -321,6 +324,7 @@ pub unsafe extern "C" fn lumos_model_info(model: *const LumosModel, out_info: *m
         let info = LumosModelInfo {
             kind: match meta.kind {
                 ModelKind::Unet => LumosModelKind::Unet,
+                ModelKind::Dmqpm => LumosModelKind::Dmqpm,
             },
             n_input_channels: meta.input_channels.len(),
             n_classes: meta.classes.len(),

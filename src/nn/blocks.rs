@@ -32,8 +32,12 @@ pub struct ConvNormAct {
 
 impl ConvNormAct {
     pub fn new(p: &nn::Path, cin: i64, cout: i64, stride: i64) -> Self {
-        let cfg = nn::ConvConfig { stride, padding: 1, ..Default::default() };
-        ConvNormAct { conv: nn::conv2d(p / "conv", cin, cout, 3, cfg), norm: InstanceNorm::new(&(p / "norm"), cout) }
+        Self::with_kernel(p, cin, cout, 3, stride)
+    }
+    /// A `k x k` conv (odd `k`, "same" padding) + InstanceNorm + LeakyReLU.
+    pub fn with_kernel(p: &nn::Path, cin: i64, cout: i64, k: i64, stride: i64) -> Self {
+        let cfg = nn::ConvConfig { stride, padding: k / 2, ..Default::default() };
+        ConvNormAct { conv: nn::conv2d(p / "conv", cin, cout, k, cfg), norm: InstanceNorm::new(&(p / "norm"), cout) }
     }
     /// `(N, cin, H, W) -> (N, cout, H/stride, W/stride)`
     pub fn forward(&self, x: &Tensor) -> Tensor {

@@ -1,4 +1,5 @@
 //! Network building blocks and architectures.
 pub mod blocks;
+pub mod dmqpm;
 pub mod loss;
 pub mod unet;
