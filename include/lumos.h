@@ -245,6 +245,20 @@ typedef struct LumosProgress {
 typedef void (*LumosProgressCallback)(const struct LumosProgress *progress,
                                       void *user_data);
 
+/**
+ * A `(C, H, W)` float32 image allocated by the library (`lumos_image_read_tiff`).
+ */
+typedef struct LumosImage {
+  /**
+   * `channels * height * width` floats, channel-major, row-major within a channel.
+   * Owned by the library: release with `lumos_image_free`.
+   */
+  float *data;
+  size_t channels;
+  size_t height;
+  size_t width;
+} LumosImage;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -473,6 +487,42 @@ LumosStatus lumos_train(const char *config_json,
                         void *user_data,
                         const struct LumosCancelToken *cancel,
                         struct LumosModel **out_model);
+
+/**
+ * Reads a TIFF file into a float32 `(C, H, W)` image: 8/16/32-bit integer or 32-bit
+ * float samples, single- or multi-page (each page a channel), ImageJ hyperstacks
+ * (channels in ImageJ order), uncompressed / LZW / Deflate / PackBits, stripped or tiled.
+ * Values are the stored sample values converted to float (no rescaling).
+ *
+ * - `path`: UTF-8 file path.
+ * - `out_image`: receives the image on success; its `data` is owned by the library and
+ *   must be released with `lumos_image_free`. Untouched on failure.
+ *
+ * Errors: NULL_POINTER, INVALID_ARGUMENT (path not UTF-8), IO (missing or unreadable
+ * file), TIFF (malformed or unsupported file). Thread-safe.
+ */
+LumosStatus lumos_image_read_tiff(const char *path,
+                                  struct LumosImage *out_image);
+
+/**
+ * Releases the pixels of an image from `lumos_image_read_tiff` and zeroes the struct.
+ * NULL, or an image whose `data` is NULL, is ignored. Calling it twice on the same struct
+ * is safe (the second call sees NULL data). Not thread-safe for the same struct.
+ */
+void lumos_image_free(struct LumosImage *image);
+
+/**
+ * Writes a label image `(H, W)` (`height * width` bytes, row-major) as an 8-bit TIFF
+ * with ImageJ metadata, atomically (a temporary file renamed into place: a failed write
+ * leaves no partial file).
+ *
+ * Errors: NULL_POINTER, INVALID_ARGUMENT (path not UTF-8), SHAPE_MISMATCH (a zero or
+ * absurd size), IO (missing folder, read-only folder, full disk). Thread-safe.
+ */
+LumosStatus lumos_mask_write_tiff(const char *path,
+                                  const uint8_t *labels,
+                                  size_t height,
+                                  size_t width);
 
 #ifdef __cplusplus
 }  // extern "C"

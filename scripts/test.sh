@@ -6,7 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/bootstrap.sh
 export PATH="$HOME/.cargo/bin:$PATH"
-cargo test --all-targets "$@"
+# the C tests link target/<profile>/deps/liblumos.so: build the cdylib first so that it
+# is current even when only sources changed since the last build
 cargo build --quiet --lib --bin lumos
+cargo test --all-targets "$@"
 LUMOS_LIBRARY="$PWD/target/debug/liblumos.so" PYTHONPATH="$PWD/bindings/python" \
     .venv/bin/python -m pytest -q bindings/python/tests

@@ -4,6 +4,7 @@
 //! runs on CPU and CUDA. The C API (`ffi`) is the only `unsafe` boundary.
 
 pub mod augment;
+pub mod compare;
 pub mod dataset;
 pub mod device;
 pub mod error;

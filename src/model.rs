@@ -89,9 +89,15 @@ pub struct EpochRecord {
     pub epoch: usize,
     pub learning_rate: f64,
     pub train_loss: f64,
-    /// Mean foreground Dice on the validation images (NaN without validation).
+    /// Mean foreground Dice on the validation images (NaN without validation; JSON null).
+    #[serde(deserialize_with = "nan_if_null")]
     pub val_dice: f64,
     pub seconds: f64,
+}
+
+/// JSON has no NaN: serde_json writes it as null, and this reads null back as NaN.
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// The JSON document stored under the `lumos` metadata key.

@@ -1,5 +1,5 @@
-//! Builds the C test program against include/lumos.h and the cdylib, as C and as C++,
-//! and runs it on a tiny simulated data set.
+//! Builds the C test programs against include/lumos.h and the cdylib, as C and as C++,
+//! and runs them on tiny simulated data sets.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -10,13 +10,20 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// target/<profile>, where cargo puts liblumos.so next to the test's deps folder.
+/// The folder of the cdylib built with this test: `target/<profile>/deps` (where `cargo
+/// test` writes the fresh liblumos.so; the copy in `target/<profile>` is only refreshed by
+/// `cargo build`), else `target/<profile>`.
 fn lib_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
+    let deps = exe.parent().unwrap().to_path_buf();
+    if deps.join("liblumos.so").is_file() { deps } else { deps.parent().unwrap().to_path_buf() }
 }
 
 fn build(compiler: &str, lang_args: &[&str], out: &Path) {
+    build_source(compiler, lang_args, "tests/c/api_test.c", out)
+}
+
+fn build_source(compiler: &str, lang_args: &[&str], source: &str, out: &Path) {
     let lib = lib_dir();
     assert!(lib.join("liblumos.so").is_file(), "liblumos.so not found in {}", lib.display());
     let status = Command::new(compiler)
@@ -24,7 +31,7 @@ fn build(compiler: &str, lang_args: &[&str], out: &Path) {
         .args(["-Wall", "-Wextra", "-Werror", "-g"])
         .arg("-I")
         .arg(root().join("include"))
-        .arg(root().join("tests/c/api_test.c"))
+        .arg(root().join(source))
         .arg("-o")
         .arg(out)
         .arg(format!("-L{}", lib.display()))
@@ -62,4 +69,34 @@ fn c_and_cpp_programs_exercise_the_api() {
     let cpp_work = dir.path().join("cpp");
     std::fs::create_dir_all(&cpp_work).unwrap();
     run(&cpp_exe, &data.join("train"), &cpp_work);
+}
+
+/// DM-QPMNet trained through the C API, saved, then loaded in a fresh process and run on a
+/// 5-channel TIFF, gives the same masks as in the training process.
+#[test]
+fn dmqpm_trained_through_the_c_api_segments_identically_in_a_fresh_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let cfg = SsqpmConfig { size: 64, ..Default::default() };
+    write_dataset(&data, 3, 1, &cfg, 21).unwrap();
+    let image = std::fs::read_dir(data.join("test/images")).unwrap().next().unwrap().unwrap().path();
+    let exe = dir.path().join("dmqpm_roundtrip");
+    build_source("gcc", &["-std=c11", "-x", "c"], "tests/c/dmqpm_roundtrip.c", &exe);
+    let model = dir.path().join("dmqpm.lumos");
+    let (m1, m2) = (dir.path().join("in_training_process.tif"), dir.path().join("fresh_process.tif"));
+    let go = |args: &[&std::ffi::OsStr]| {
+        let out = Command::new(&exe).args(args).output().unwrap();
+        println!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{:?} failed", args);
+    };
+    go(&["train".as_ref(), data.join("train").as_os_str(), model.as_os_str(), image.as_os_str(), m1.as_os_str()]);
+    assert!(model.is_file());
+    go(&["segment".as_ref(), model.as_os_str(), image.as_os_str(), m2.as_os_str()]);
+    let a = lumos::io::tiff::read_mask(&m1).unwrap();
+    let b = lumos::io::tiff::read_mask(&m2).unwrap();
+    assert_eq!(a.dim(), (64, 64));
+    assert_eq!(a, b, "the reloaded model segments differently");
+    // the saved model says what it is
+    let m = lumos::Model::load(&model, tch::Device::Cpu).unwrap();
+    assert_eq!(m.meta.kind, lumos::model::ModelKind::Dmqpm);
 }

@@ -41,6 +41,46 @@ enum Cmd {
     Info(InfoArgs),
     /// The main job: simulate ssQPM data, train on CPU, segment the test images, report.
     Demo(DemoArgs),
+    /// Re-run the DM-QPMNet paper's comparisons (fusion stage, attention vs concat,
+    /// directed vs bidirectional, early fusion, single modalities, leave-one-out) on
+    /// simulated ssQPM data, several seeds, one training budget; writes a report.
+    Compare(CompareArgs),
+}
+
+#[derive(Args)]
+struct CompareArgs {
+    /// tiny (seconds, for tests), cpu (under an hour on 2 cores for --variants main
+    /// with 3 seeds) or paper (the paper's sizes; a GPU job).
+    #[arg(long, default_value = "cpu")]
+    preset: String,
+    /// baselines (DM-QPMNet vs early fusion, angles only, phase only), main (+ fusion
+    /// stage 1 / 3, concat, bidirectional) or all (+ leave-one-out modality).
+    #[arg(long, default_value = "main")]
+    variants: String,
+    /// Training seeds, comma-separated.
+    #[arg(long, default_value = "0,1,2", value_delimiter = ',')]
+    seeds: Vec<u64>,
+    /// Existing data folder (train/ and test/); default: simulate 24 + 6 images.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Seed of the simulated data.
+    #[arg(long, default_value_t = 1000)]
+    data_seed: u64,
+    /// Where the report goes (README.md with the tables, results.json).
+    #[arg(long, short, default_value = "docs/results/dmqpm")]
+    out: PathBuf,
+    /// Models, checkpoints and simulated data.
+    #[arg(long, default_value = "out/compare")]
+    work: PathBuf,
+    /// Override the preset's epochs.
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Override the preset's iterations per epoch.
+    #[arg(long)]
+    iterations: Option<usize>,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -106,6 +146,10 @@ struct TrainArgs {
     device: Option<String>,
     #[arg(long)]
     seed: Option<u64>,
+    /// Model kind: unet (nnU-Net) or dmqpm (DM-QPMNet; its variant and fusion options
+    /// come from the config's "dmqpm" section).
+    #[arg(long)]
+    kind: Option<String>,
     /// Continue from OUT.ckpt when it exists.
     #[arg(long)]
     resume: bool,
@@ -205,6 +249,7 @@ fn main() {
         Cmd::Evaluate(a) => evaluate(a).map(|_| ()),
         Cmd::Info(a) => info(a),
         Cmd::Demo(a) => demo(a),
+        Cmd::Compare(a) => compare(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e}");
@@ -296,6 +341,10 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
     }
     if let Some(v) = a.seed {
         cfg.seed = v;
+    }
+    if let Some(v) = a.kind {
+        cfg.kind = v;
+        cfg.validate()?;
     }
     cfg.resume |= a.resume;
     let (bar, mut f) = train_progress(&cfg);
@@ -540,5 +589,47 @@ fn demo(a: DemoArgs) -> Result<()> {
         overlay_path.display(),
         results_path.display()
     );
+    Ok(())
+}
+
+fn compare(a: CompareArgs) -> Result<()> {
+    let opts = lumos::compare::CompareOptions {
+        preset: lumos::compare::Preset::parse(&a.preset)?,
+        set: lumos::compare::VariantSet::parse(&a.variants)?,
+        seeds: a.seeds.clone(),
+        data: a.data.clone(),
+        data_seed: a.data_seed,
+        work: a.work.clone(),
+        device: device_name(parse_device(&a.device)?),
+        epochs: a.epochs,
+        iterations: a.iterations,
+    };
+    let (_, base) = opts.preset.recipe();
+    let n_runs = lumos::compare::variants(opts.set, &base).len() * opts.seeds.len();
+    let bar = ProgressBar::new(n_runs as u64);
+    bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} runs  {msg}").expect("template"));
+    let b = bar.clone();
+    let mut on_progress = move |p: &Progress| {
+        if p.stage == Stage::Training {
+            b.set_message(format!("epoch {}/{} loss {:.3}", p.epoch + 1, p.epochs, p.loss));
+        }
+    };
+    let mut mon = Monitor { progress: Some(&mut on_progress), cancel: None };
+    let report = lumos::compare::run(&opts, &mut mon, |r| {
+        bar.println(format!(
+            "{:<40} seed {}  Dice {:.4}  IoU {:.4}  ({} parameters, {:.0} s)",
+            r.variant, r.seed, r.mean_dice, r.mean_iou, r.parameters, r.train_seconds
+        ));
+        bar.inc(1);
+    })?;
+    bar.finish_and_clear();
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED).set_header(["variant", "parameters", "Dice (pooled)", "IoU (pooled)", "Dice over seeds"]);
+    for v in &report.summary {
+        t.add_row([v.variant.clone(), v.parameters.to_string(), v.dice.to_string(), v.iou.to_string(), v.dice_seed_means.to_string()]);
+    }
+    println!("{t}");
+    report.write(&a.out)?;
+    println!("report written to {}/README.md and results.json ({:.0} s)", a.out.display(), report.wall_seconds);
     Ok(())
 }

@@ -646,3 +646,88 @@ pub unsafe extern "C" fn lumos_train(
         Ok(())
     })
 }
+
+// ---------------------------------------------------------------------------------------
+// TIFF files (for C/C++ hosts without their own TIFF reader)
+
+/// A `(C, H, W)` float32 image allocated by the library (`lumos_image_read_tiff`).
+#[repr(C)]
+#[derive(Debug)]
+pub struct LumosImage {
+    /// `channels * height * width` floats, channel-major, row-major within a channel.
+    /// Owned by the library: release with `lumos_image_free`.
+    pub data: *mut f32,
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+/// Reads a TIFF file into a float32 `(C, H, W)` image: 8/16/32-bit integer or 32-bit
+/// float samples, single- or multi-page (each page a channel), ImageJ hyperstacks
+/// (channels in ImageJ order), uncompressed / LZW / Deflate / PackBits, stripped or tiled.
+/// Values are the stored sample values converted to float (no rescaling).
+///
+/// - `path`: UTF-8 file path.
+/// - `out_image`: receives the image on success; its `data` is owned by the library and
+///   must be released with `lumos_image_free`. Untouched on failure.
+///
+/// Errors: NULL_POINTER, INVALID_ARGUMENT (path not UTF-8), IO (missing or unreadable
+/// file), TIFF (malformed or unsupported file). Thread-safe.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lumos_image_read_tiff(path: *const c_char, out_image: *mut LumosImage) -> LumosStatus {
+    guard(|| {
+        let p = unsafe { arg_str(path, "path") }?;
+        if out_image.is_null() {
+            return Err(null("out_image"));
+        }
+        let img = crate::io::tiff::read_image(Path::new(p))?;
+        let (c, h, w) = img.data.dim();
+        let v: Vec<f32> = img.data.iter().copied().collect(); // standard (C, H, W) order
+        let data = Box::into_raw(v.into_boxed_slice()) as *mut f32;
+        unsafe { *out_image = LumosImage { data, channels: c, height: h, width: w } };
+        Ok(())
+    })
+}
+
+/// Releases the pixels of an image from `lumos_image_read_tiff` and zeroes the struct.
+/// NULL, or an image whose `data` is NULL, is ignored. Calling it twice on the same struct
+/// is safe (the second call sees NULL data). Not thread-safe for the same struct.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lumos_image_free(image: *mut LumosImage) {
+    let _ = guard(|| {
+        if image.is_null() {
+            return Ok(());
+        }
+        // SAFETY: the caller passes a struct filled by lumos_image_read_tiff (or zeroed).
+        let im = unsafe { &mut *image };
+        if !im.data.is_null() {
+            let n = im.channels * im.height * im.width;
+            // SAFETY: data came from Box<[f32]> of exactly n elements.
+            drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(im.data, n)) });
+        }
+        *im = LumosImage { data: std::ptr::null_mut(), channels: 0, height: 0, width: 0 };
+        Ok(())
+    });
+}
+
+/// Writes a label image `(H, W)` (`height * width` bytes, row-major) as an 8-bit TIFF
+/// with ImageJ metadata, atomically (a temporary file renamed into place: a failed write
+/// leaves no partial file).
+///
+/// Errors: NULL_POINTER, INVALID_ARGUMENT (path not UTF-8), SHAPE_MISMATCH (a zero or
+/// absurd size), IO (missing folder, read-only folder, full disk). Thread-safe.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lumos_mask_write_tiff(path: *const c_char, labels: *const u8, height: usize, width: usize) -> LumosStatus {
+    guard(|| {
+        let p = unsafe { arg_str(path, "path") }?;
+        if labels.is_null() {
+            return Err(null("labels"));
+        }
+        let n = element_count(&[height, width], "labels")?;
+        // SAFETY: the caller guarantees `labels` holds height*width bytes.
+        let s = unsafe { std::slice::from_raw_parts(labels, n) };
+        let m = crate::image::Mask::from_shape_vec((height, width), s.to_vec()).expect("length checked");
+        crate::io::tiff::write_mask_u8(Path::new(p), &m)?;
+        Ok(())
+    })
+}
