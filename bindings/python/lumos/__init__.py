@@ -46,6 +46,11 @@ class _Info(C.Structure):
                 ("can_segment", C.c_bool), ("can_decompose", C.c_bool)]
 
 
+class _Image(C.Structure):
+    _fields_ = [("data", C.POINTER(C.c_float)), ("channels", C.c_size_t), ("height", C.c_size_t),
+                ("width", C.c_size_t)]
+
+
 class _TileOptions(C.Structure):
     _fields_ = [("tile_height", C.c_size_t), ("tile_width", C.c_size_t), ("step_fraction", C.c_double),
                 ("batch_size", C.c_size_t), ("mirror", C.c_bool)]
@@ -106,6 +111,9 @@ def _load():
             "lumos_cancel_token_reset": ([P], st),
             "lumos_cancel_token_free": ([P], None),
             "lumos_train": ([C.c_char_p, C.c_char_p, C.c_char_p, _PROGRESS_CB, P, P, C.POINTER(P)], st),
+            "lumos_image_read_tiff": ([C.c_char_p, C.POINTER(_Image)], st),
+            "lumos_image_free": ([C.POINTER(_Image)], None),
+            "lumos_mask_write_tiff": ([C.c_char_p, P, S, S], st),
         }
         for name, (args, res) in sig.items():
             f = getattr(lib, name)
@@ -248,6 +256,26 @@ class Model:
         tok = cancel._h if cancel is not None else None
         _check(_load().lumos_decompose(self._h, x.ctypes.data, h, w, C.byref(opts), tok, out.ctypes.data, out.size))
         return out
+
+
+def read_tiff(path) -> np.ndarray:
+    """Reads any TIFF the engine reads as a (C, H, W) float32 array (a copy owned by numpy)."""
+    lib = _load()
+    im = _Image()
+    _check(lib.lumos_image_read_tiff(os.fsencode(str(path)), C.byref(im)))
+    try:
+        n = im.channels * im.height * im.width
+        return np.ctypeslib.as_array(im.data, shape=(n,)).reshape(im.channels, im.height, im.width).copy()
+    finally:
+        lib.lumos_image_free(C.byref(im))
+
+
+def write_mask_tiff(path, labels: np.ndarray) -> None:
+    """Writes (H, W) labels as an 8-bit ImageJ TIFF, atomically."""
+    x = np.ascontiguousarray(labels, dtype=np.uint8)
+    if x.ndim != 2:
+        raise ValueError(f"labels must be (H, W); got shape {x.shape}")
+    _check(_load().lumos_mask_write_tiff(os.fsencode(str(path)), x.ctypes.data, x.shape[0], x.shape[1]))
 
 
 def train(data_dir, output, config: Optional[dict] = None,

@@ -103,3 +103,36 @@ def test_cancel_from_another_thread(data, tmp_path):
         lumos.train(data / "train", out, cfg, progress=on_progress, cancel=tok)
     assert not out.exists()
     assert (tmp_path / "slow.lumos.ckpt").is_file()
+
+
+def test_tiff_read_write_through_the_library(data, model, tmp_path):
+    img_path = sorted((data / "test" / "images").glob("*.tif"))[0]
+    x = lumos.read_tiff(img_path)
+    assert x.shape == (5, 64, 64) and x.dtype == np.float32 and np.isfinite(x).all()
+    labels = model.segment(x)
+    out = tmp_path / "mask.tif"
+    lumos.write_mask_tiff(out, labels)
+    back = lumos.read_tiff(out)
+    assert back.shape == (1, 64, 64)
+    assert np.array_equal(back[0].astype(np.uint8), labels)
+    with pytest.raises(lumos.LumosError) as e:
+        lumos.read_tiff(tmp_path / "missing.tif")
+    assert "missing.tif" in str(e.value)
+    with pytest.raises(ValueError):
+        lumos.write_mask_tiff(out, np.zeros((2, 2, 2)))
+
+
+def test_dmqpm_model_trains_and_segments(data, tmp_path):
+    cfg = {"kind": "dmqpm", "dmqpm": {"n_stages": 3, "base_features": 4, "max_features": 16,
+                                      "fusion_stage": 1, "heads": 2},
+           "epochs": 1, "iterations_per_epoch": 2, "batch_size": 2, "patch_size": [32, 32],
+           "seed": 1, "device": "cpu", "val_fraction": 0.0}
+    m = lumos.train(data / "train", tmp_path / "dm.lumos", cfg)
+    assert m.kind == "dmqpm"
+    x = lumos.read_tiff(sorted((data / "test" / "images").glob("*.tif"))[0])
+    a = m.segment(x)
+    m2 = lumos.Model(tmp_path / "dm.lumos", device="cpu")
+    assert np.array_equal(a, m2.segment(x))
+    with pytest.raises(lumos.LumosError) as e:
+        m.segment(x[:4])
+    assert "5" in str(e.value)
