@@ -78,15 +78,7 @@ fn main() {
             rows.push(row);
         }
     }
-    let machine = format!(
-        "{} ({} logical CPUs, libtorch threads {})",
-        std::fs::read_to_string("/proc/cpuinfo")
-            .ok()
-            .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
-            .unwrap_or_else(|| "unknown CPU".into()),
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        tch::get_num_threads()
-    );
+    let machine = format!("{}; libtorch threads {}", lumos::compare::machine_description(), tch::get_num_threads());
     let md = format!(
         "# Segmentation throughput through the tiling engine\n\n\
          Command: `cargo bench --bench segment` (LUMOS_DEVICE={}).\n\

@@ -288,6 +288,16 @@ fn simulate(a: SimulateArgs) -> Result<()> {
     Ok(())
 }
 
+/// Prints a line above the bar, or plainly when the bar is hidden (output not a terminal,
+/// as in logs and CI), so results still reach the log.
+fn say(bar: &ProgressBar, line: String) {
+    if bar.is_hidden() {
+        println!("{line}");
+    } else {
+        bar.println(line);
+    }
+}
+
 /// A progress bar for training, driven by the engine's progress events.
 fn train_progress(cfg: &TrainConfig) -> (ProgressBar, impl FnMut(&Progress)) {
     let total = (cfg.epochs * cfg.iterations_per_epoch) as u64;
@@ -306,7 +316,7 @@ fn train_progress(cfg: &TrainConfig) -> (ProgressBar, impl FnMut(&Progress)) {
         }
         Stage::Validation => {
             last_val = p.val_metric;
-            b.println(format!(
+            say(&b, format!(
                 "epoch {:>3}/{}  train loss {:.4}  val Dice {:.4}",
                 p.epoch + 1,
                 p.epochs,
@@ -616,7 +626,7 @@ fn compare(a: CompareArgs) -> Result<()> {
     };
     let mut mon = Monitor { progress: Some(&mut on_progress), cancel: None };
     let report = lumos::compare::run(&opts, &mut mon, |r| {
-        bar.println(format!(
+        say(&bar, format!(
             "{:<40} seed {}  Dice {:.4}  IoU {:.4}  ({} parameters, {:.0} s)",
             r.variant, r.seed, r.mean_dice, r.mean_iou, r.parameters, r.train_seconds
         ));
