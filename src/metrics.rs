@@ -137,6 +137,112 @@ pub fn summarize(images: &[ImageScores]) -> Summary {
     }
 }
 
+// ---------------------------------------------------------------------------------
+// Image-restoration metrics (decomposition), as the muSplit evaluation computes them.
+
+/// PSNR (dB) of `pred` against `truth` with the data range `max - min` of the truth.
+pub fn psnr(truth: ndarray::ArrayView2<f32>, pred: ndarray::ArrayView2<f32>) -> Result<f64> {
+    same_dim(truth, pred)?;
+    let (lo, hi) = truth.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v as f64), b.max(v as f64)));
+    let mse = truth.iter().zip(pred.iter()).map(|(&t, &p)| (t as f64 - p as f64).powi(2)).sum::<f64>() / truth.len() as f64;
+    Ok(20.0 * (hi - lo).max(1e-12).log10() - 10.0 * mse.max(1e-20).log10())
+}
+
+/// Range-invariant PSNR: the truth z-scored, the prediction zero-mean and scaled by the
+/// least-squares factor that best matches it to the truth, then PSNR with the z-scored
+/// truth's range. Invariant to an affine change of the prediction's intensities.
+pub fn range_invariant_psnr(truth: ndarray::ArrayView2<f32>, pred: ndarray::ArrayView2<f32>) -> Result<f64> {
+    same_dim(truth, pred)?;
+    let n = truth.len() as f64;
+    let mt = truth.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let st = (truth.iter().map(|&v| (v as f64 - mt).powi(2)).sum::<f64>() / n).sqrt().max(1e-12);
+    let mp = pred.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let t: Vec<f64> = truth.iter().map(|&v| (v as f64 - mt) / st).collect();
+    let p: Vec<f64> = pred.iter().map(|&v| v as f64 - mp).collect();
+    let pp = p.iter().map(|v| v * v).sum::<f64>();
+    let alpha = if pp > 0.0 { t.iter().zip(&p).map(|(a, b)| a * b).sum::<f64>() / pp } else { 0.0 };
+    let (lo, hi) = t.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+    let mse = t.iter().zip(&p).map(|(a, b)| (a - alpha * b).powi(2)).sum::<f64>() / n;
+    Ok(20.0 * (hi - lo).max(1e-12).log10() - 10.0 * mse.max(1e-20).log10())
+}
+
+/// SSIM as scikit-image computes it by default: 7x7 uniform window, K1 = 0.01,
+/// K2 = 0.03, sample covariances, data range = the truth's max - min, averaged over the
+/// pixels whose window lies inside the image.
+pub fn ssim(truth: ndarray::ArrayView2<f32>, pred: ndarray::ArrayView2<f32>) -> Result<f64> {
+    same_dim(truth, pred)?;
+    let (h, w) = truth.dim();
+    const WIN: usize = 7;
+    if h < WIN || w < WIN {
+        return Err(Error::Shape(format!("SSIM needs images of at least 7 x 7 pixels; got {h} x {w}")));
+    }
+    let (lo, hi) = truth.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v as f64), b.max(v as f64)));
+    let range = (hi - lo).max(1e-12);
+    let (c1, c2) = ((0.01 * range).powi(2), (0.03 * range).powi(2));
+    // summed-area tables of x, y, x^2, y^2, xy
+    let sat = |f: &dyn Fn(f64, f64) -> f64| {
+        let mut s = vec![0.0; (h + 1) * (w + 1)];
+        for y in 0..h {
+            let mut row = 0.0;
+            for x in 0..w {
+                row += f(truth[[y, x]] as f64, pred[[y, x]] as f64);
+                s[(y + 1) * (w + 1) + x + 1] = s[y * (w + 1) + x + 1] + row;
+            }
+        }
+        s
+    };
+    let tabs = [sat(&|a, _| a), sat(&|_, b| b), sat(&|a, _| a * a), sat(&|_, b| b * b), sat(&|a, b| a * b)];
+    let np = (WIN * WIN) as f64;
+    let cov_norm = np / (np - 1.0);
+    let box_sum = |s: &[f64], y: usize, x: usize| {
+        s[(y + WIN) * (w + 1) + x + WIN] - s[y * (w + 1) + x + WIN] - s[(y + WIN) * (w + 1) + x] + s[y * (w + 1) + x]
+    };
+    let mut total = 0.0;
+    let mut count = 0usize;
+    for y in 0..=h - WIN {
+        for x in 0..=w - WIN {
+            let [ux, uy, uxx, uyy, uxy] = [0, 1, 2, 3, 4].map(|i| box_sum(&tabs[i], y, x) / np);
+            let vx = cov_norm * (uxx - ux * ux);
+            let vy = cov_norm * (uyy - uy * uy);
+            let vxy = cov_norm * (uxy - ux * uy);
+            let s = ((2.0 * ux * uy + c1) * (2.0 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2));
+            total += s;
+            count += 1;
+        }
+    }
+    Ok(total / count as f64)
+}
+
+fn same_dim(a: ndarray::ArrayView2<f32>, b: ndarray::ArrayView2<f32>) -> Result<()> {
+    if a.dim() != b.dim() || a.is_empty() {
+        return Err(Error::Shape(format!("prediction is {:?} but ground truth is {:?} (and must not be empty)", b.dim(), a.dim())));
+    }
+    Ok(())
+}
+
+/// PSNR, range-invariant PSNR and SSIM of each channel of a decomposition.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SplitScores {
+    pub psnr: Vec<f64>,
+    pub ri_psnr: Vec<f64>,
+    pub ssim: Vec<f64>,
+}
+
+/// Scores `(K, H, W)` predictions against `(K, H, W)` truths, channel by channel.
+pub fn split_scores(truth: ndarray::ArrayView3<f32>, pred: ndarray::ArrayView3<f32>) -> Result<SplitScores> {
+    if truth.dim() != pred.dim() {
+        return Err(Error::Shape(format!("prediction is {:?} but ground truth is {:?}", pred.dim(), truth.dim())));
+    }
+    let mut s = SplitScores { psnr: vec![], ri_psnr: vec![], ssim: vec![] };
+    for c in 0..truth.shape()[0] {
+        let (t, p) = (truth.index_axis(ndarray::Axis(0), c), pred.index_axis(ndarray::Axis(0), c));
+        s.psnr.push(psnr(t, p)?);
+        s.ri_psnr.push(range_invariant_psnr(t, p)?);
+        s.ssim.push(ssim(t, p)?);
+    }
+    Ok(s)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -159,5 +265,35 @@ mod tests {
         assert!((ms.std - 2f64.sqrt()).abs() < 1e-12);
         assert!(score(&pred, &array![[0u8]], 2).is_err());
         assert!(score(&array![[3u8]], &array![[0u8]], 2).is_err());
+    }
+
+    #[test]
+    fn restoration_metrics_known_cases() {
+        use ndarray::Array2;
+        let t = Array2::from_shape_fn((16, 16), |(y, x)| ((y * 16 + x) as f32 * 0.37).sin() * 10.0 + 20.0);
+        // PSNR: range 20 (approx), constant error 1 -> 20 log10(range)
+        let p = t.mapv(|v| v + 1.0);
+        let (lo, hi) = t.iter().fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+        let want = 20.0 * ((hi - lo) as f64).log10();
+        assert!((psnr(t.view(), p.view()).unwrap() - want).abs() < 1e-4);
+        // RI-PSNR is invariant to an affine change of the prediction
+        let noisy = Array2::from_shape_fn((16, 16), |(y, x)| t[[y, x]] + (((y * 7 + x * 3) % 5) as f32 - 2.0) * 0.3);
+        let a = range_invariant_psnr(t.view(), noisy.view()).unwrap();
+        let b = range_invariant_psnr(t.view(), noisy.mapv(|v| 3.0 * v - 50.0).view()).unwrap();
+        assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        assert!(psnr(t.view(), noisy.mapv(|v| 3.0 * v - 50.0).view()).unwrap() < a - 10.0);
+        // SSIM: 1 for identical images, lower for noise, and equal to a hand computation
+        assert!((ssim(t.view(), t.view()).unwrap() - 1.0).abs() < 1e-9);
+        assert!(ssim(t.view(), noisy.view()).unwrap() < 0.999);
+        let x = Array2::from_shape_fn((7, 7), |(y, x)| (y * 7 + x) as f32);
+        let y = x.mapv(|v| 48.0 - v);
+        // one window: means 24, var_x = var_y = 4.083..*49/48.., cov = -var
+        let n = 49.0f64;
+        let mean = 24.0;
+        let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / (n - 1.0);
+        let (c1, c2) = ((0.01f64 * 48.0).powi(2), (0.03f64 * 48.0).powi(2));
+        let want = ((2.0 * mean * mean + c1) * (-2.0 * var + c2)) / ((2.0 * mean * mean + c1) * (2.0 * var + c2));
+        assert!((ssim(x.view(), y.view()).unwrap() - want).abs() < 1e-9);
+        assert!(ssim(x.slice(ndarray::s![..6, ..]), y.slice(ndarray::s![..6, ..])).is_err());
     }
 }

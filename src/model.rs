@@ -18,6 +18,7 @@ use tch::{nn, Device, Kind, Tensor};
 use crate::error::{Error, Result};
 use crate::image::check_finite;
 use crate::nn::dmqpm::{DmQpmConfig, DmQpmNet};
+use crate::nn::musplit::{MuSplitConfig, MuSplitNet};
 use crate::nn::unet::{Unet, UnetConfig};
 use crate::normalize::{apply_affine, Normalizer};
 use crate::progress::Monitor;
@@ -29,6 +30,10 @@ pub const FORMAT: &str = "lumos-model";
 pub const FORMAT_VERSION: u32 = 1;
 pub const METADATA_KEY: &str = "lumos";
 
+/// libtorch's random generator is process-wide: whoever seeds it and then draws from it
+/// (seeded model construction, stochastic decomposition) holds this lock meanwhile.
+pub(crate) static TORCH_RNG: Mutex<()> = Mutex::new(());
+
 /// The model kinds this engine knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -38,6 +43,9 @@ pub enum ModelKind {
     /// DM-QPMNet: dual-encoder ssQPM segmentation (4 polarized intensities + phase),
     /// or one of its baselines (see `nn::dmqpm`).
     Dmqpm,
+    /// muSplit: decomposition of one fluorescence image into two structures (LC U-Net
+    /// or LC hierarchical VAE, see `nn::musplit`).
+    Musplit,
 }
 
 impl ModelKind {
@@ -45,20 +53,22 @@ impl ModelKind {
         match self {
             ModelKind::Unet => "unet",
             ModelKind::Dmqpm => "dmqpm",
+            ModelKind::Musplit => "musplit",
         }
     }
     pub fn parse(s: &str) -> Result<Self> {
         match s.to_ascii_lowercase().as_str() {
             "unet" | "nnunet" => Ok(ModelKind::Unet),
             "dmqpm" | "dm-qpmnet" | "dm_qpmnet" | "dmqpmnet" => Ok(ModelKind::Dmqpm),
-            other => Err(Error::Config(format!("unknown model kind '{other}'; expected one of: unet, dmqpm"))),
+            "musplit" | "usplit" | "mu_split" | "microsplit" => Ok(ModelKind::Musplit),
+            other => Err(Error::Config(format!("unknown model kind '{other}'; expected one of: unet, dmqpm, musplit"))),
         }
     }
     pub fn can_segment(&self) -> bool {
-        true
+        !matches!(self, ModelKind::Musplit)
     }
     pub fn can_decompose(&self) -> bool {
-        false
+        matches!(self, ModelKind::Musplit)
     }
 }
 
@@ -92,6 +102,9 @@ pub struct EpochRecord {
     /// Mean foreground Dice on the validation images (NaN without validation; JSON null).
     #[serde(deserialize_with = "nan_if_null")]
     pub val_dice: f64,
+    /// Decomposition models: mean PSNR (dB) over channels and validation images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_psnr: Option<f64>,
     pub seconds: f64,
 }
 
@@ -112,6 +125,10 @@ pub struct ModelMeta {
     /// Training patch `[height, width]`, the default inference tile.
     pub patch_size: [usize; 2],
     pub normalization: Normalizer,
+    /// Decomposition models: the statistics the targets were normalized with during
+    /// training (one per output channel); predictions are mapped back with them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_normalization: Option<Normalizer>,
     pub provenance: Provenance,
 }
 
@@ -133,6 +150,7 @@ impl ModelMeta {
             classes,
             patch_size,
             normalization,
+            target_normalization: None,
             provenance: Provenance::default(),
         }
     }
@@ -172,6 +190,7 @@ impl ModelMeta {
 pub enum Net {
     Unet(Unet),
     Dmqpm(DmQpmNet),
+    Musplit(MuSplitNet),
 }
 
 impl Net {
@@ -195,6 +214,23 @@ impl Net {
                 }
                 Ok(Net::Dmqpm(DmQpmNet::new(p, &cfg, meta.classes.len() as i64)?))
             }
+            ModelKind::Musplit => {
+                let cfg: MuSplitConfig = serde_json::from_value(meta.architecture.clone())
+                    .map_err(|e| Error::ModelFormat(format!("invalid musplit architecture: {e}")))?;
+                if meta.input_channels.len() != 1 {
+                    return Err(Error::Shape(format!(
+                        "a musplit model takes 1 input channel (the superimposed image); the data have {}",
+                        meta.input_channels.len()
+                    )));
+                }
+                if meta.target_normalization.as_ref().map(|n| n.n_channels()) != Some(meta.classes.len()) {
+                    return Err(Error::ModelFormat(format!(
+                        "a musplit model needs target normalization statistics for its {} output channels",
+                        meta.classes.len()
+                    )));
+                }
+                Ok(Net::Musplit(MuSplitNet::new(p, &cfg, meta.classes.len() as i64)?))
+            }
         }
     }
     /// `(N, C, H, W)` -> logits, full resolution first (deep supervision outputs follow).
@@ -202,6 +238,7 @@ impl Net {
         match self {
             Net::Unet(u) => u.forward(x, deep_supervision),
             Net::Dmqpm(d) => d.forward(x, deep_supervision),
+            Net::Musplit(m) => vec![m.forward_t(x, false).mean],
         }
     }
     /// Height and width must be multiples of this.
@@ -209,6 +246,7 @@ impl Net {
         match meta.kind {
             ModelKind::Unet => serde_json::from_value::<UnetConfig>(meta.architecture.clone()).map(|c| c.divisor()).unwrap_or(1),
             ModelKind::Dmqpm => serde_json::from_value::<DmQpmConfig>(meta.architecture.clone()).map(|c| c.divisor()).unwrap_or(1),
+            ModelKind::Musplit => serde_json::from_value::<MuSplitConfig>(meta.architecture.clone()).map(|c| c.divisor()).unwrap_or(1),
         }
     }
 }
@@ -261,7 +299,6 @@ impl Model {
     /// one lock that every model construction takes: a model built in another thread at
     /// the same time cannot change a seeded model's weights.
     pub fn new_seeded(meta: ModelMeta, device: Device, seed: Option<u64>) -> Result<Self> {
-        static TORCH_RNG: Mutex<()> = Mutex::new(());
         if meta.input_channels.is_empty() {
             return Err(Error::Config("a model needs at least one input channel".into()));
         }
@@ -339,6 +376,12 @@ impl Model {
 
     /// Segments a `(C, H, W)` frame of any size into `out`, tile by tile.
     pub fn segment(&self, frame: ArrayView3<f32>, opts: &SegmentOptions, mut out: SegmentOutput, monitor: &mut Monitor) -> Result<()> {
+        if !self.meta.kind.can_segment() {
+            return Err(Error::Unsupported(format!(
+                "segment is not supported by a '{}' model (a decomposition model); use decompose, or load a segmentation model",
+                self.meta.kind.name()
+            )));
+        }
         self.check_input(frame)?;
         let (_, h, w) = frame.dim();
         let k = self.n_classes();

@@ -161,6 +161,100 @@ pub fn sliding_window(
     Ok(())
 }
 
+/// Inner-padding tiling (muSplit): the frame is cut into a grid of `keep x keep` cells;
+/// each cell is predicted from a `tile x tile` input centred on it, and only the central
+/// `keep x keep` of the prediction is kept, without blending. Context comes from the real
+/// neighbouring pixels (mirrored only past the frame border). `tile` equal to the training
+/// patch is the paper's "inner padding"; a `tile` much larger than the training patch is
+/// the prevalent "outer padding" scheme.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CentreTiles {
+    pub tile: usize,
+    pub keep: usize,
+    /// Tiles per forward pass.
+    pub batch_size: usize,
+}
+
+impl CentreTiles {
+    pub fn validate(&self, divisor: usize) -> Result<()> {
+        if self.tile == 0 || self.tile % divisor != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "tile {} must be a positive multiple of {divisor} (the network's downsampling factor)",
+                self.tile
+            )));
+        }
+        if self.keep < 2 || self.keep > self.tile || self.keep % 2 != 0 || (self.tile - self.keep) % 2 != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "kept centre {} must be even, >= 2 and <= the tile ({}), with tile - keep even",
+                self.keep, self.tile
+            )));
+        }
+        if self.batch_size == 0 {
+            return Err(Error::InvalidArgument("tile batch size must be >= 1".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Predicts an `(H, W)` frame with [`CentreTiles`], one row of cells at a time.
+///
+/// - `inputs(cy, row_centres, chunk)` returns the network input `(n, C, tile, tile)` for
+///   the tiles centred at `(cy, cx)` for `cx` in `chunk` (a part of `row_centres`, all
+///   tile centres of this row, given so that a row's context can be built once).
+/// - `predict` maps it to `(n, K, tile, tile)`.
+/// - `sink(row0, rows)` receives finished rows `(K, n, W)` on the CPU, top to bottom.
+///
+/// Memory: one row of predictions, `K x keep x W`, plus what `inputs` holds.
+#[allow(clippy::too_many_arguments)]
+pub fn centre_tiles(
+    h: usize,
+    w: usize,
+    ct: &CentreTiles,
+    out_channels: usize,
+    inputs: &mut dyn FnMut(i64, &[i64], &[i64]) -> Result<Tensor>,
+    predict: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
+    sink: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
+    monitor: &mut Monitor,
+) -> Result<()> {
+    if h == 0 || w == 0 {
+        return Err(Error::Shape(format!("the frame is {h} x {w}; expected at least 1 x 1 pixels")));
+    }
+    let (t, k) = (ct.tile as i64, ct.keep as i64);
+    let (rows, cols) = (h.div_ceil(ct.keep), w.div_ceil(ct.keep));
+    let centres: Vec<i64> = (0..cols as i64).map(|j| j * k + k / 2).collect();
+    let margin = (t - k) / 2;
+    let total = rows * cols;
+    let mut done = 0;
+    for i in 0..rows {
+        let cy = i as i64 * k + k / 2;
+        let mut row_parts = Vec::with_capacity(cols);
+        for chunk in centres.chunks(ct.batch_size) {
+            monitor.check()?;
+            let x = inputs(cy, &centres, chunk)?;
+            let pred = predict(&x)?;
+            let ps = pred.size();
+            if ps.len() != 4 || ps[0] != chunk.len() as i64 || ps[1] != out_channels as i64 || ps[2] != t || ps[3] != t {
+                return Err(Error::Shape(format!(
+                    "a tile prediction has shape {ps:?}; expected [{}, {out_channels}, {t}, {t}]",
+                    chunk.len()
+                )));
+            }
+            let centre = pred.narrow(2, margin, k).narrow(3, margin, k);
+            // (n, K, k, k) -> (K, k, n*k): tiles side by side
+            row_parts.push(centre.permute([1, 2, 0, 3]).reshape([out_channels as i64, k, -1]));
+            done += chunk.len();
+            let mut pr = Progress::new(Stage::Inference);
+            pr.iteration = done;
+            pr.iterations = total;
+            monitor.emit(pr);
+        }
+        let n = (h - i * ct.keep).min(ct.keep) as i64;
+        let row = Tensor::cat(&row_parts, 2).narrow(1, 0, n).narrow(2, 0, w as i64);
+        sink(i * ct.keep, &row.to_device(Device::Cpu).to_kind(Kind::Float))?;
+    }
+    Ok(())
+}
+
 /// Test-time mirroring: averages `f` over the 4 flips of a `(N, C, H, W)` batch.
 pub fn mirrored(x: &Tensor, f: &mut dyn FnMut(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
     let mut sum = f(x)?;
@@ -225,5 +319,45 @@ mod tests {
         let mut m = Monitor { progress: None, cancel: Some(token) };
         let r = sliding_window(frame.view(), &sw, 1, Device::Cpu, &|t| t.shallow_clone(), &mut |b| Ok(b.shallow_clone()), &mut |_, _| Ok(()), &mut m);
         assert!(matches!(r, Err(Error::Cancelled)));
+    }
+
+    /// An identity network with an input that is the frame around each centre must
+    /// give back the frame exactly, for any frame, tile and kept centre.
+    #[test]
+    fn centre_tiles_reconstruct_identity() {
+        for (h, w, t, k) in [(37usize, 53usize, 16usize, 8usize), (64, 64, 16, 16), (5, 70, 32, 16), (100, 33, 32, 4)] {
+            let frame = Tensor::arange((h * w) as i64, (Kind::Float, Device::Cpu)).view([h as i64, w as i64]);
+            let ct = CentreTiles { tile: t, keep: k, batch_size: 3 };
+            ct.validate(8.min(t)).unwrap();
+            let mut out = Array3::<f32>::zeros((1, h, w));
+            let mut next_row = 0;
+            centre_tiles(
+                h,
+                w,
+                &ct,
+                1,
+                &mut |cy, _, chunk| {
+                    let v: Vec<Tensor> =
+                        chunk.iter().map(|&cx| crate::lc::crops(&frame, cy, cx, t as i64, 1).unsqueeze(0)).collect();
+                    Ok(Tensor::cat(&v, 0))
+                },
+                &mut |b| Ok(b.shallow_clone()),
+                &mut |r0, rows| {
+                    assert_eq!(r0, next_row);
+                    let a = crate::image::tensor_to_array3(rows)?;
+                    next_row += a.shape()[1];
+                    out.slice_mut(s![.., r0..r0 + a.shape()[1], ..]).assign(&a);
+                    Ok(())
+                },
+                &mut Monitor::none(),
+            )
+            .unwrap();
+            assert_eq!(next_row, h);
+            let want = crate::image::tensor_to_array3(&frame.unsqueeze(0)).unwrap();
+            assert_eq!(out, want, "{h}x{w} tile {t} keep {k}");
+        }
+        assert!(CentreTiles { tile: 16, keep: 7, batch_size: 1 }.validate(8).is_err());
+        assert!(CentreTiles { tile: 16, keep: 32, batch_size: 1 }.validate(8).is_err());
+        assert!(CentreTiles { tile: 12, keep: 4, batch_size: 1 }.validate(8).is_err());
     }
 }

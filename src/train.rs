@@ -26,6 +26,7 @@ use crate::metrics;
 use crate::model::{EpochRecord, Model, ModelKind, ModelMeta, SegmentOptions};
 use crate::nn::loss::deep_supervision_loss;
 use crate::nn::dmqpm::DmQpmConfig;
+use crate::nn::musplit::MuSplitConfig;
 use crate::nn::unet::UnetConfig;
 use crate::normalize::{NormMethod, Normalizer};
 use crate::progress::{Monitor, Progress, Stage};
@@ -41,6 +42,11 @@ pub struct TrainConfig {
     pub unet: UnetConfig,
     /// Architecture of a "dmqpm" model (DM-QPMNet or one of its baselines).
     pub dmqpm: DmQpmConfig,
+    /// Architecture and optimizer of a "musplit" model (decomposition; trained with
+    /// Adamax on `DIR/targets` + optional `DIR/inputs`, see `split`). The SGD settings
+    /// below (learning_rate, momentum, weight_decay, grad_clip, foreground_oversampling,
+    /// deep_supervision, augmentation, normalization, classes) apply to segmentation kinds.
+    pub musplit: MuSplitConfig,
     pub epochs: usize,
     pub iterations_per_epoch: usize,
     pub batch_size: usize,
@@ -81,6 +87,7 @@ impl Default for TrainConfig {
             kind: "unet".into(),
             unet: UnetConfig::default(),
             dmqpm: DmQpmConfig::default(),
+            musplit: MuSplitConfig::default(),
             epochs: 50,
             iterations_per_epoch: 50,
             batch_size: 4,
@@ -116,6 +123,15 @@ impl TrainConfig {
         match kind {
             ModelKind::Unet => self.unet.validate()?,
             ModelKind::Dmqpm => self.dmqpm.validate()?,
+            ModelKind::Musplit => {
+                self.musplit.validate()?;
+                if self.patch_size[0] != self.patch_size[1] {
+                    return Err(Error::Config(format!(
+                        "patch_size {:?}: a musplit model trains on square patches",
+                        self.patch_size
+                    )));
+                }
+            }
         }
         let pos = |v: usize, n: &str| if v == 0 { Err(Error::Config(format!("{n} must be >= 1"))) } else { Ok(()) };
         pos(self.epochs, "epochs")?;
@@ -124,6 +140,7 @@ impl TrainConfig {
         let d = match kind {
             ModelKind::Unet => self.unet.divisor(),
             ModelKind::Dmqpm => self.dmqpm.divisor(),
+            ModelKind::Musplit => self.musplit.divisor(),
         };
         if self.patch_size.iter().any(|&p| p == 0 || p % d != 0) {
             return Err(Error::Config(format!(
@@ -169,15 +186,15 @@ pub struct TrainOutcome {
 
 /// Training state stored in a checkpoint's `lumos.checkpoint` metadata.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct CheckpointState {
+pub(crate) struct CheckpointState {
     epochs_completed: usize,
     config: TrainConfig,
     history: Vec<EpochRecord>,
 }
 
-const CHECKPOINT_KEY: &str = "lumos.checkpoint";
+pub(crate) const CHECKPOINT_KEY: &str = "lumos.checkpoint";
 
-fn per_epoch_seed(seed: u64, epoch: usize) -> u64 {
+pub(crate) fn per_epoch_seed(seed: u64, epoch: usize) -> u64 {
     seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add((epoch as u64).wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(1))
 }
 
@@ -333,7 +350,7 @@ pub fn evaluate_samples(model: &Model, samples: &[&Sample]) -> Result<Vec<metric
         .collect()
 }
 
-fn now_unix() -> u64 {
+pub(crate) fn now_unix() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
@@ -342,6 +359,9 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
     let t0 = Instant::now();
     cfg.validate()?;
     let kind = ModelKind::parse(&cfg.kind)?;
+    if kind == ModelKind::Musplit {
+        return crate::split::train(cfg, data_dir, output, monitor);
+    }
     if output.as_os_str().is_empty() {
         return Err(Error::InvalidArgument("the output model path is empty".into()));
     }
@@ -403,6 +423,7 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
     let architecture = match kind {
         ModelKind::Unet => serde_json::to_value(&cfg.unet).expect("json"),
         ModelKind::Dmqpm => serde_json::to_value(&cfg.dmqpm).expect("json"),
+        ModelKind::Musplit => unreachable!("musplit trains in split::train"),
     };
     let meta = ModelMeta::new(kind, architecture, channel_names, classes, cfg.patch_size, normalizer.clone());
 
@@ -482,6 +503,7 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
             learning_rate: lr,
             train_loss: loss_sum / cfg.iterations_per_epoch as f64,
             val_dice,
+            val_psnr: None,
             seconds: te.elapsed().as_secs_f64(),
         };
         monitor.emit(Progress {

@@ -9,6 +9,7 @@ use super::{arg_str, guard, last_error_ptr, null, Fail, LumosStatus};
 use crate::device::{cuda_available, parse_device};
 use crate::model::{Model, ModelKind, SegmentOptions, SegmentOutput};
 use crate::progress::{CancelToken, Monitor, Progress};
+use crate::split::DecomposeOptions;
 use crate::train::{train, TrainConfig};
 
 /// The ABI version: bumped only when an existing function, struct or enum changes
@@ -56,6 +57,9 @@ pub enum LumosModelKind {
     /// DM-QPMNet dual-modality ssQPM segmentation (5 input channels: I0, I45, I90,
     /// I135, phase), or one of its baselines.
     Dmqpm = 2,
+    /// muSplit decomposition (1 input channel, the superimposed image; 2 output
+    /// channels, one per structure): LC U-Net or LC hierarchical VAE.
+    Musplit = 3,
 }
 
 /// Facts about a loaded model, filled by `lumos_model_info`.
@@ -66,7 +70,8 @@ pub struct LumosModelInfo {
     pub kind: LumosModelKind,
     /// Input channels the model expects (C in the (C, H, W) input).
     pub n_input_channels: usize,
-    /// Output classes (K), background included.
+    /// Output classes (K), background included; for decomposition models the number of
+    /// output channels (2).
     pub n_classes: usize,
     /// Training patch height in pixels (the default tile height).
     pub patch_height: usize,
@@ -100,6 +105,54 @@ impl Default for LumosTileOptions {
     fn default() -> Self {
         let d = SegmentOptions::default();
         LumosTileOptions { tile_height: 0, tile_width: 0, step_fraction: d.step_fraction, batch_size: d.batch_size, mirror: d.mirror }
+    }
+}
+
+/// Options of `lumos_decompose`. Fill with `lumos_decompose_options_default` first,
+/// then change fields.
+///
+/// The frame is cut into a grid of `keep x keep` cells; each cell is predicted from a
+/// `tile x tile` input centred on it (with its lateral context) and only the central
+/// `keep x keep` of the prediction is kept ("inner padding" when `tile` is the training
+/// patch, the default). A `tile` several times the training patch with `keep` close to it
+/// is the prevalent "outer padding" scheme.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct LumosDecomposeOptions {
+    /// Square tile edge in pixels; 0 = the model's training patch. A multiple of the
+    /// network's downsampling factor.
+    pub tile: usize,
+    /// Kept centre of each tile in pixels; 0 = half the tile. Even, <= tile.
+    pub keep: usize,
+    /// Tiles per forward pass (>= 1); 16 by default.
+    pub batch_size: usize,
+    /// Average over 4 flips (4x slower). false by default.
+    pub mirror: bool,
+    /// Hierarchical-VAE models: posterior samples averaged per tile (MMSE estimate),
+    /// >= 1; 1 by default. Ignored by deterministic models.
+    pub samples: usize,
+    /// Hierarchical-VAE models: seed of the posterior samples; the same seed gives the
+    /// same output. 0 by default.
+    pub seed: u64,
+}
+
+impl Default for LumosDecomposeOptions {
+    fn default() -> Self {
+        let d = DecomposeOptions::default();
+        LumosDecomposeOptions { tile: 0, keep: 0, batch_size: d.batch_size, mirror: d.mirror, samples: d.samples, seed: d.seed }
+    }
+}
+
+fn decompose_options(opts: *const LumosDecomposeOptions) -> DecomposeOptions {
+    // SAFETY: the caller passes NULL or a valid LumosDecomposeOptions.
+    let o = unsafe { opts.as_ref() }.copied().unwrap_or_default();
+    DecomposeOptions {
+        tile: (o.tile > 0).then_some(o.tile),
+        keep: (o.keep > 0).then_some(o.keep),
+        batch_size: o.batch_size,
+        mirror: o.mirror,
+        samples: o.samples,
+        seed: o.seed,
     }
 }
 
@@ -325,6 +378,7 @@ pub unsafe extern "C" fn lumos_model_info(model: *const LumosModel, out_info: *m
             kind: match meta.kind {
                 ModelKind::Unet => LumosModelKind::Unet,
                 ModelKind::Dmqpm => LumosModelKind::Dmqpm,
+                ModelKind::Musplit => LumosModelKind::Musplit,
             },
             n_input_channels: meta.input_channels.len(),
             n_classes: meta.classes.len(),
@@ -517,35 +571,66 @@ pub unsafe extern "C" fn lumos_segment_probabilities(
     })
 }
 
+/// Fills `out_options` with the defaults: inner padding with the training patch as tile
+/// and half of it kept, 16 tiles per pass, no mirroring, 1 sample, seed 0.
+/// Errors: NULL_POINTER. Thread-safe.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lumos_decompose_options_default(out_options: *mut LumosDecomposeOptions) -> LumosStatus {
+    guard(|| {
+        if out_options.is_null() {
+            return Err(null("out_options"));
+        }
+        unsafe { *out_options = LumosDecomposeOptions::default() };
+        Ok(())
+    })
+}
+
 /// Decomposes a single-channel `(H, W)` frame of two superimposed structures into two
-/// channels, written to `out` as `(2, H, W)` floats (`out_len >= 2 * height * width`).
+/// channels (muSplit models).
 ///
-/// Returns UNSUPPORTED for model kinds that do not decompose (all segmentation models);
-/// otherwise the same argument checks and errors as `lumos_segment`.
-/// Thread-safe: concurrent calls on one model are serialized.
+/// - `input`: `height * width` floats, row-major, in the units the model was trained on
+///   (for the simulator: photo-electrons). Not modified. Frames of any size are processed
+///   tile by tile; memory beyond the caller's buffers is bounded by one row of tiles and
+///   its lateral context (`2^(levels-1) x tile` rows of the frame width).
+/// - `options`: tiling, mirroring and sampling; NULL = defaults
+///   (`lumos_decompose_options_default`).
+/// - `cancel`: NULL or a token; cancelling stops at the next batch of tiles (CANCELLED).
+/// - `out`: caller-owned buffer of `out_len >= 2 * height * width` floats; receives the
+///   structures as `(2, H, W)`, channel-major, in the targets' units. On failure its
+///   contents are unspecified.
+///
+/// Errors: NULL_POINTER, SHAPE_MISMATCH (zero or absurd sizes), INVALID_INPUT (NaN or Inf
+/// pixels), INVALID_ARGUMENT (bad options), BUFFER_TOO_SMALL, UNSUPPORTED (the model
+/// does not decompose: all segmentation models), CANCELLED, TORCH.
+/// Thread-safe: concurrent calls on one model are serialized. Deterministic for a given
+/// `seed` (stochastic models hold a process-wide lock on libtorch's generator meanwhile).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn lumos_decompose(
     model: *const LumosModel,
     input: *const f32,
     height: usize,
     width: usize,
-    options: *const LumosTileOptions,
+    options: *const LumosDecomposeOptions,
     cancel: *const LumosCancelToken,
     out: *mut f32,
     out_len: usize,
 ) -> LumosStatus {
     guard(|| {
         let m = unsafe { model_ref(model) }?;
-        let _ = unsafe { input_view(input, 1, height, width) }?;
+        let x = unsafe { input_view(input, 1, height, width) }?;
         if out.is_null() {
             return Err(null("out"));
         }
-        let need = element_count(&[2, height, width], "output")?;
-        check_out_len(out_len, need, "out")?;
-        segment_options(options)?;
-        let _ = cancel_of(cancel);
         m.model.check_decompose()?;
-        Err(Fail(LumosStatus::Unsupported, format!("decompose is not supported by a '{}' model", m.model.meta.kind.name())))
+        let k = m.model.n_classes();
+        let need = element_count(&[k, height, width], "output")?;
+        check_out_len(out_len, need, "out")?;
+        let opts = decompose_options(options);
+        let o = unsafe { std::slice::from_raw_parts_mut(out, need) };
+        let view = ArrayViewMut3::from_shape((k, height, width), o).expect("length checked");
+        let mut mon = Monitor { progress: None, cancel: cancel_of(cancel) };
+        m.model.decompose(x.index_axis(ndarray::Axis(0), 0), &opts, view, &mut mon)?;
+        Ok(())
     })
 }
 

@@ -3,3 +3,4 @@ pub mod blocks;
 pub mod dmqpm;
 pub mod loss;
 pub mod unet;
+pub mod musplit;

@@ -1,1 +1,2 @@
 pub mod ssqpm;
+pub mod fluo;

@@ -452,7 +452,7 @@ impl SsqpmSample {
 // Portable math: only + - * / and sqrt (correctly rounded by IEEE 754), so results do
 // not depend on the platform's libm.
 
-mod pmath {
+pub(crate) mod pmath {
     use std::f64::consts::{FRAC_PI_2, LOG2_E, SQRT_2};
 
     const LN2_HI: f64 = 6.931_471_803_691_238e-1;
@@ -563,7 +563,7 @@ fn smoothstep(t: f64) -> f64 {
 // ---------------------------------------------------------------------------------
 // Random numbers: ChaCha8 streams and portable uniform/normal/Poisson draws.
 
-struct Rng {
+pub(crate) struct Rng {
     rng: ChaCha8Rng,
 }
 
@@ -602,27 +602,27 @@ const STREAM_CAMERA: u64 = 3;
 const STREAM_PHASE: u64 = 4;
 
 impl Rng {
-    fn new(seed: u64, stream: u64) -> Self {
+    pub(crate) fn new(seed: u64, stream: u64) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         rng.set_stream(stream);
         Rng { rng }
     }
     /// Uniform in `[0, 1)` with 53 random bits.
-    fn uniform(&mut self) -> f64 {
+    pub(crate) fn uniform(&mut self) -> f64 {
         (self.rng.next_u64() >> 11) as f64 * (1.0 / 9_007_199_254_740_992.0)
     }
-    fn range(&mut self, r: [f64; 2]) -> f64 {
+    pub(crate) fn range(&mut self, r: [f64; 2]) -> f64 {
         r[0] + (r[1] - r[0]) * self.uniform()
     }
-    fn between(&mut self, lo: f64, hi: f64) -> f64 {
+    pub(crate) fn between(&mut self, lo: f64, hi: f64) -> f64 {
         lo + (hi - lo) * self.uniform()
     }
     /// Uniform integer in `0..n` (n > 0).
-    fn below(&mut self, n: usize) -> usize {
+    pub(crate) fn below(&mut self, n: usize) -> usize {
         ((self.rng.next_u64() as u128 * n as u128) >> 64) as usize
     }
     /// Standard normal (128-layer ziggurat, tables built with the portable math).
-    fn normal(&mut self) -> f64 {
+    pub(crate) fn normal(&mut self) -> f64 {
         let z = ziggurat();
         loop {
             let bits = self.rng.next_u64();
@@ -650,7 +650,7 @@ impl Rng {
         }
     }
     /// Poisson count with mean `lam` (exact product method; call for small means).
-    fn poisson_small(&mut self, lam: f64) -> f64 {
+    pub(crate) fn poisson_small(&mut self, lam: f64) -> f64 {
         let limit = pexp(-lam);
         let mut k = 0.0;
         let mut p = self.uniform();
@@ -662,7 +662,7 @@ impl Rng {
     }
 }
 
-fn splitmix64(mut z: u64) -> u64 {
+pub(crate) fn splitmix64(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -680,7 +680,7 @@ fn fold(i: isize, n: usize) -> usize {
 }
 
 /// Separable Gaussian blur of an `h x w` row-major image with symmetric borders.
-fn gaussian_blur(src: &[f64], h: usize, w: usize, sigma: f64) -> Vec<f64> {
+pub(crate) fn gaussian_blur(src: &[f64], h: usize, w: usize, sigma: f64) -> Vec<f64> {
     if sigma < 0.05 {
         return src.to_vec();
     }
@@ -723,7 +723,7 @@ fn gaussian_blur(src: &[f64], h: usize, w: usize, sigma: f64) -> Vec<f64> {
 /// Smooth zero-mean, unit-variance random field with correlation length `sigma` px
 /// (blurred uniform white noise, Gaussian by the central limit theorem). Wide fields
 /// are made on a coarser grid and interpolated bilinearly.
-fn smooth_field(rng: &mut Rng, h: usize, w: usize, sigma: f64) -> Vec<f64> {
+pub(crate) fn smooth_field(rng: &mut Rng, h: usize, w: usize, sigma: f64) -> Vec<f64> {
     let step = (sigma / 2.0).floor().max(1.0) as usize;
     let (hc, wc) = (h.div_ceil(step) + 1, w.div_ceil(step) + 1);
     let white: Vec<f64> = (0..hc * wc).map(|_| rng.uniform() - 0.5).collect();

@@ -1,0 +1,577 @@
+//! muSplit networks (Ashesh et al., ICCV 2023): image decomposition with lateral context.
+//!
+//! The input is `(N, 1 + lc_levels, T, T)`: channel 0 is the primary patch, channel `k`
+//! the lateral-context (LC) crop of level `k` (the frame downsampled by `2^k`, a `T x T`
+//! crop centred on the primary patch; see `crate::lc`). The output is the two
+//! structures of the primary patch, `(N, 2, T, T)`, in normalized target units.
+//!
+//! **Encoder** (both variants): level 0 works on the primary patch; each later level
+//! halves the resolution, and LC level `k` is merged right after down-block `k`: the LC
+//! crop goes through its own stem, and
+//! - `regular` merge (the paper's): the primary features, which cover the central
+//!   `1/2^k` of the LC crop's field of view, are zero-padded to the LC size (centred),
+//!   concatenated with the LC features on channels, mixed by a 1x1 conv and a block; the
+//!   merged map keeps the LC's larger field of view, so context reaches every later level;
+//! - `lean` merge: the LC features are centre-cropped to the primary's size instead.
+//!
+//! Skips (U-Net) and bottom-up values (HVAE) are centre-cropped to the primary patch's
+//! field of view at each level, so the decoder only ever works on the primary extent.
+//!
+//! **LC U-Net**: nnU-Net-style conv blocks (conv 3x3, InstanceNorm, LeakyReLU), channels
+//! `base * 2^k` capped at `max_channels`, bilinear upsampling, MSE loss.
+//!
+//! **LC HVAE (LadderVAE)**: 5x5 stem, gated residual blocks (BatchNorm, ELU, dropout,
+//! 1x1 gate), `levels - 1` stochastic layers with `z_dim` channels each, a learned
+//! top prior, posteriors from the top-down state and the bottom-up value, stochastic skips
+//! (the top-down state is concatenated with the sample's features), and a pixelwise
+//! mean and log-variance (clipped at -5) for each output channel. Loss: per-channel
+//! Gaussian NLL + `kl_weight` x KL (per layer divided by the latent size, averaged over
+//! layers). With `stochastic = false` (the HAE) the posterior mean is used, there is no
+//! KL, and the loss is the MSE.
+
+use serde::{Deserialize, Serialize};
+use tch::nn::{self, Module, ModuleT};
+use tch::{Kind, Tensor};
+
+use super::blocks::StackedConvs;
+use crate::error::{Error, Result};
+
+/// Which network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SplitVariant {
+    /// U-Net with lateral context.
+    Unet,
+    /// Hierarchical VAE (LadderVAE) with lateral context.
+    Hvae,
+}
+
+/// How LC features meet the primary features.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LcMerge {
+    /// Pad the primary features to the LC size (keeps the LC's field of view).
+    Regular,
+    /// Crop the LC features to the primary size (cheaper).
+    Lean,
+}
+
+/// Architecture and optimization of a muSplit model (JSON; unknown fields rejected).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MuSplitConfig {
+    pub variant: SplitVariant,
+    /// Resolution levels including full resolution (U-Net: 5; HVAE: 1 + stochastic layers).
+    pub levels: usize,
+    /// Lateral-context inputs, merged after down-blocks 1..=lc_levels (0 = no LC).
+    pub lc_levels: usize,
+    pub lc_merge: LcMerge,
+    /// Channels at full resolution (U-Net doubles per level; HVAE keeps it).
+    pub base_channels: i64,
+    pub max_channels: i64,
+    /// HVAE: latent channels per stochastic layer.
+    pub z_dim: i64,
+    /// HVAE: sample the posterior (false = the deterministic HAE).
+    pub stochastic: bool,
+    /// HVAE: dropout in the residual blocks.
+    pub dropout: f64,
+    /// HVAE: weight of the KL term.
+    pub kl_weight: f64,
+    /// Adamax learning rate.
+    pub learning_rate: f64,
+    /// Gradient clipping by value.
+    pub grad_clip_value: f64,
+    /// Halve the learning rate after this many epochs without a better validation PSNR.
+    pub lr_patience: usize,
+}
+
+impl Default for MuSplitConfig {
+    fn default() -> Self {
+        MuSplitConfig {
+            variant: SplitVariant::Unet,
+            levels: 5,
+            lc_levels: 4,
+            lc_merge: LcMerge::Regular,
+            base_channels: 32,
+            max_channels: 256,
+            z_dim: 128,
+            stochastic: true,
+            dropout: 0.1,
+            kl_weight: 1.0,
+            learning_rate: 1e-3,
+            grad_clip_value: 0.5,
+            lr_patience: 15,
+        }
+    }
+}
+
+impl MuSplitConfig {
+    pub fn validate(&self) -> Result<()> {
+        if !(3..=8).contains(&self.levels) {
+            return Err(Error::Config(format!("musplit levels = {}; expected 3..=8", self.levels)));
+        }
+        if self.lc_levels > self.levels - 1 {
+            return Err(Error::Config(format!(
+                "musplit lc_levels = {} but there are only {} down-blocks to merge them after (levels - 1)",
+                self.lc_levels,
+                self.levels - 1
+            )));
+        }
+        if self.base_channels < 1 || self.max_channels < self.base_channels || self.z_dim < 1 {
+            return Err(Error::Config("musplit base_channels, max_channels and z_dim must be >= 1 (max >= base)".into()));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(Error::Config(format!("musplit dropout = {}; expected [0, 1)", self.dropout)));
+        }
+        for (v, n) in [(self.kl_weight, "kl_weight"), (self.learning_rate, "learning_rate"), (self.grad_clip_value, "grad_clip_value")] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(Error::Config(format!("musplit {n} = {v}; expected a finite number >= 0")));
+            }
+        }
+        Ok(())
+    }
+    /// Tile edges must be multiples of this.
+    pub fn divisor(&self) -> usize {
+        1 << (self.levels - 1)
+    }
+    /// Input channels: the primary patch plus the LC levels.
+    pub fn input_channels(&self) -> usize {
+        1 + self.lc_levels
+    }
+    fn channels(&self, level: usize) -> i64 {
+        match self.variant {
+            SplitVariant::Unet => (self.base_channels << level).min(self.max_channels),
+            SplitVariant::Hvae => self.base_channels,
+        }
+    }
+    /// The CPU preset sizes for this variant (tests and CPU benchmarks shrink them).
+    pub fn paper(variant: SplitVariant) -> Self {
+        match variant {
+            SplitVariant::Unet => MuSplitConfig { variant, base_channels: 32, max_channels: 512, ..Default::default() },
+            SplitVariant::Hvae => MuSplitConfig { variant, base_channels: 64, max_channels: 64, levels: 5, ..Default::default() },
+        }
+    }
+}
+
+/// Centre crop of `(N, C, H, W)` to `(size, size)`.
+pub fn centre_crop(x: &Tensor, size: i64) -> Tensor {
+    let (h, w) = (x.size()[2], x.size()[3]);
+    if h == size && w == size {
+        return x.shallow_clone();
+    }
+    x.narrow(2, (h - size) / 2, size).narrow(3, (w - size) / 2, size)
+}
+
+/// Zero-pads `(N, C, h, w)` to `(size, size)`, centred.
+fn centre_pad(x: &Tensor, size: i64) -> Tensor {
+    let (h, w) = (x.size()[2], x.size()[3]);
+    let (ph, pw) = (size - h, size - w);
+    if ph == 0 && pw == 0 {
+        return x.shallow_clone();
+    }
+    x.constant_pad_nd([pw / 2, pw - pw / 2, ph / 2, ph - ph / 2])
+}
+
+fn upsample2(x: &Tensor) -> Tensor {
+    let s = x.size();
+    x.upsample_bilinear2d([s[2] * 2, s[3] * 2], false, None, None)
+}
+
+/// Gated residual block (LadderVAE): BN-ELU-conv-dropout-BN-ELU-conv, a 1x1 gate
+/// (`a * sigmoid(b)`), plus the input.
+#[derive(Debug)]
+struct ResGated {
+    bn1: nn::BatchNorm,
+    conv1: nn::Conv2D,
+    bn2: nn::BatchNorm,
+    conv2: nn::Conv2D,
+    gate: nn::Conv2D,
+    dropout: f64,
+}
+
+impl ResGated {
+    fn new(p: &nn::Path, c: i64, dropout: f64) -> Self {
+        let pad = nn::ConvConfig { padding: 1, ..Default::default() };
+        ResGated {
+            bn1: nn::batch_norm2d(p / "bn1", c, Default::default()),
+            conv1: nn::conv2d(p / "conv1", c, c, 3, pad),
+            bn2: nn::batch_norm2d(p / "bn2", c, Default::default()),
+            conv2: nn::conv2d(p / "conv2", c, c, 3, pad),
+            gate: nn::conv2d(p / "gate", c, 2 * c, 1, Default::default()),
+            dropout,
+        }
+    }
+    fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        let y = self.conv1.forward(&self.bn1.forward_t(x, train).elu());
+        let y = y.dropout(self.dropout, train);
+        let y = self.conv2.forward(&self.bn2.forward_t(&y, train).elu());
+        let g = self.gate.forward(&y).chunk(2, 1);
+        x + &g[0] * g[1].sigmoid()
+    }
+}
+
+/// A processing unit of either variant.
+#[derive(Debug)]
+enum Unit {
+    Conv(StackedConvs),
+    Res(ResGated),
+}
+
+impl Unit {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        match self {
+            Unit::Conv(s) => s.forward(x),
+            Unit::Res(r) => r.forward_t(x, train),
+        }
+    }
+}
+
+/// The stem that maps a 1-channel crop to `c` features at its own resolution.
+#[derive(Debug)]
+struct Stem {
+    conv: Option<nn::Conv2D>,
+    unit: Unit,
+}
+
+impl Stem {
+    fn new(p: &nn::Path, cfg: &MuSplitConfig, c: i64) -> Self {
+        match cfg.variant {
+            SplitVariant::Unet => Stem { conv: None, unit: Unit::Conv(StackedConvs::new(&(p / "block"), 1, c, 2, 1)) },
+            SplitVariant::Hvae => Stem {
+                conv: Some(nn::conv2d(p / "conv", 1, c, 5, nn::ConvConfig { padding: 2, ..Default::default() })),
+                unit: Unit::Res(ResGated::new(&(p / "block"), c, cfg.dropout)),
+            },
+        }
+    }
+    fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        match &self.conv {
+            Some(c) => self.unit.forward_t(&c.forward(x).elu(), train),
+            None => self.unit.forward_t(x, train),
+        }
+    }
+}
+
+/// Merges an LC level into the primary path.
+#[derive(Debug)]
+struct Merge {
+    stem: Stem,
+    proj: nn::Conv2D,
+    unit: Unit,
+}
+
+/// Encoder shared by both variants. Returns per level the features cropped to the
+/// primary patch's field of view.
+#[derive(Debug)]
+struct LcEncoder {
+    stem: Stem,
+    down: Vec<(Option<nn::Conv2D>, Unit)>,
+    merges: Vec<Merge>,
+    mode: LcMerge,
+}
+
+impl LcEncoder {
+    fn new(p: &nn::Path, cfg: &MuSplitConfig) -> Self {
+        let stem = Stem::new(&(p / "stem"), cfg, cfg.channels(0));
+        let mut down = Vec::new();
+        let mut merges = Vec::new();
+        for k in 1..cfg.levels {
+            let (cin, c) = (cfg.channels(k - 1), cfg.channels(k));
+            let dp = p / "down" / (k - 1);
+            down.push(match cfg.variant {
+                SplitVariant::Unet => (None, Unit::Conv(StackedConvs::new(&dp, cin, c, 2, 2))),
+                SplitVariant::Hvae => (
+                    Some(nn::conv2d(&dp / "conv", cin, c, 3, nn::ConvConfig { padding: 1, stride: 2, ..Default::default() })),
+                    Unit::Res(ResGated::new(&(&dp / "block"), c, cfg.dropout)),
+                ),
+            });
+            if k <= cfg.lc_levels {
+                let mp = p / "lc" / (k - 1);
+                let unit = match cfg.variant {
+                    SplitVariant::Unet => Unit::Conv(StackedConvs::new(&(&mp / "block"), c, c, 1, 1)),
+                    SplitVariant::Hvae => Unit::Res(ResGated::new(&(&mp / "block"), c, cfg.dropout)),
+                };
+                merges.push(Merge {
+                    stem: Stem::new(&(&mp / "stem"), cfg, c),
+                    proj: nn::conv2d(&mp / "proj", 2 * c, c, 1, Default::default()),
+                    unit,
+                });
+            }
+        }
+        LcEncoder { stem, down, merges, mode: cfg.lc_merge }
+    }
+
+    fn forward_t(&self, x: &Tensor, train: bool) -> Vec<Tensor> {
+        let t = x.size()[2];
+        let mut y = self.stem.forward_t(&x.narrow(1, 0, 1), train);
+        let mut out = vec![y.shallow_clone()];
+        for (k, (conv, unit)) in self.down.iter().enumerate() {
+            let k = k + 1;
+            y = match conv {
+                Some(c) => unit.forward_t(&c.forward(&y).elu(), train),
+                None => unit.forward_t(&y, train),
+            };
+            if let Some(m) = self.merges.get(k - 1) {
+                let lc = m.stem.forward_t(&x.narrow(1, k as i64, 1), train);
+                let (a, b) = match self.mode {
+                    LcMerge::Regular => (centre_pad(&y, lc.size()[2]), lc),
+                    LcMerge::Lean => {
+                        let s = y.size()[2];
+                        (y.shallow_clone(), centre_crop(&lc, s))
+                    }
+                };
+                y = m.unit.forward_t(&m.proj.forward(&Tensor::cat(&[a, b], 1)), train);
+            }
+            out.push(centre_crop(&y, t >> k));
+        }
+        out
+    }
+}
+
+/// What a forward pass returns.
+pub struct SplitOutput {
+    /// `(N, 2, T, T)` predicted structures (normalized units; the posterior-sample mean
+    /// of the likelihood for the HVAE).
+    pub mean: Tensor,
+    /// `(N, 2, T, T)` pixelwise log-variance (HVAE only).
+    pub logvar: Option<Tensor>,
+    /// Scalar KL term (stochastic HVAE only).
+    pub kl: Option<Tensor>,
+}
+
+#[derive(Debug)]
+struct UnetDecoder {
+    stages: Vec<StackedConvs>,
+    head: nn::Conv2D,
+}
+
+#[derive(Debug)]
+struct TdLayer {
+    prior: Option<nn::Conv2D>,
+    posterior: nn::Conv2D,
+    z_proj: nn::Conv2D,
+    mix: nn::Conv2D,
+    unit: ResGated,
+}
+
+#[derive(Debug)]
+struct Ladder {
+    top_prior: Tensor,
+    layers: Vec<TdLayer>,
+    up_units: Vec<ResGated>,
+    final_unit: ResGated,
+    head: nn::Conv2D,
+    stochastic: bool,
+}
+
+#[derive(Debug)]
+enum Decoder {
+    Unet(UnetDecoder),
+    Ladder(Ladder),
+}
+
+/// A muSplit network.
+#[derive(Debug)]
+pub struct MuSplitNet {
+    encoder: LcEncoder,
+    decoder: Decoder,
+    pub cfg: MuSplitConfig,
+    n_out: i64,
+}
+
+fn gaussian_kl(mu_q: &Tensor, lv_q: &Tensor, mu_p: &Tensor, lv_p: &Tensor) -> Tensor {
+    ((lv_p - lv_q) + (lv_q.exp() + (mu_q - mu_p).square()) / lv_p.exp() - 1.0) * 0.5
+}
+
+impl MuSplitNet {
+    pub fn new(p: &nn::Path, cfg: &MuSplitConfig, n_out: i64) -> Result<Self> {
+        cfg.validate()?;
+        let encoder = LcEncoder::new(&(p / "encoder"), cfg);
+        let l = cfg.levels;
+        let decoder = match cfg.variant {
+            SplitVariant::Unet => {
+                let dp = p / "decoder";
+                let stages = (0..l - 1)
+                    .map(|i| {
+                        let k = l - 2 - i; // target level
+                        StackedConvs::new(&(&dp / "stages" / i), cfg.channels(k + 1) + cfg.channels(k), cfg.channels(k), 2, 1)
+                    })
+                    .collect();
+                Decoder::Unet(UnetDecoder { stages, head: nn::conv2d(&dp / "head", cfg.channels(0), n_out, 1, Default::default()) })
+            }
+            SplitVariant::Hvae => {
+                let dp = p / "top_down";
+                let (c, z) = (cfg.base_channels, cfg.z_dim);
+                let pad = nn::ConvConfig { padding: 1, ..Default::default() };
+                let layers = (0..l - 1)
+                    .map(|i| {
+                        let lp = &dp / "layers" / i;
+                        let top = i == 0;
+                        TdLayer {
+                            prior: if top { None } else { Some(nn::conv2d(&lp / "prior", c, 2 * z, 3, pad)) },
+                            posterior: nn::conv2d(&lp / "posterior", if top { c } else { 2 * c }, 2 * z, 3, pad),
+                            z_proj: nn::conv2d(&lp / "z_proj", z, c, 1, Default::default()),
+                            mix: nn::conv2d(&lp / "mix", if top { c } else { 2 * c }, c, 1, Default::default()),
+                            unit: ResGated::new(&(&lp / "block"), c, cfg.dropout),
+                        }
+                    })
+                    .collect();
+                let up_units = (0..l - 1).map(|i| ResGated::new(&(&dp / "up" / i), c, cfg.dropout)).collect();
+                Decoder::Ladder(Ladder {
+                    top_prior: dp.zeros("top_prior", &[1, 2 * z, 1, 1]),
+                    layers,
+                    up_units,
+                    final_unit: ResGated::new(&(&dp / "final"), c, cfg.dropout),
+                    head: nn::conv2d(&dp / "head", c, 2 * n_out, 1, Default::default()),
+                    stochastic: cfg.stochastic,
+                })
+            }
+        };
+        Ok(MuSplitNet { encoder, decoder, cfg: cfg.clone(), n_out })
+    }
+
+    /// `(N, 1 + lc_levels, T, T)` -> the two structures of the primary patch.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> SplitOutput {
+        let feats = self.encoder.forward_t(x, train);
+        match &self.decoder {
+            Decoder::Unet(d) => {
+                let n = feats.len();
+                let mut g = feats[n - 1].shallow_clone();
+                for (i, st) in d.stages.iter().enumerate() {
+                    let k = n - 2 - i;
+                    g = st.forward(&Tensor::cat(&[upsample2(&g), feats[k].shallow_clone()], 1));
+                }
+                SplitOutput { mean: d.head.forward(&g), logvar: None, kl: None }
+            }
+            Decoder::Ladder(d) => {
+                let n = feats.len(); // levels; stochastic layers at levels n-1 .. 1
+                let mut h: Option<Tensor> = None;
+                let mut kls = Vec::new();
+                for (i, layer) in d.layers.iter().enumerate() {
+                    let level = n - 1 - i;
+                    let bu = &feats[level];
+                    let (q_in, p_params) = match &h {
+                        None => (bu.shallow_clone(), d.top_prior.shallow_clone()),
+                        Some(td) => {
+                            let pr = layer.prior.as_ref().expect("lower layers have priors").forward(td);
+                            (Tensor::cat(&[td.shallow_clone(), bu.shallow_clone()], 1), pr)
+                        }
+                    };
+                    let q = layer.posterior.forward(&q_in).chunk(2, 1);
+                    let (mu_q, lv_q) = (&q[0], q[1].clamp(-10.0, 10.0));
+                    let z = if d.stochastic {
+                        let pp = p_params.chunk(2, 1);
+                        let (mu_p, lv_p) = (&pp[0], pp[1].clamp(-10.0, 10.0));
+                        let kl = gaussian_kl(mu_q, &lv_q, mu_p, &lv_p);
+                        let per = kl.sum_dim_intlist(&[1i64, 2, 3][..], false, Kind::Float) / (kl.size()[1] * kl.size()[2] * kl.size()[3]) as f64;
+                        kls.push(per.mean(Kind::Float));
+                        mu_q + (&lv_q * 0.5).exp() * mu_q.randn_like()
+                    } else {
+                        mu_q.shallow_clone()
+                    };
+                    let zf = layer.z_proj.forward(&z);
+                    let mixed = match &h {
+                        None => layer.mix.forward(&zf),
+                        Some(td) => layer.mix.forward(&Tensor::cat(&[td.shallow_clone(), zf], 1)),
+                    };
+                    let out = layer.unit.forward_t(&mixed, train);
+                    // up to the next level
+                    h = Some(d.up_units[i].forward_t(&upsample2(&out), train));
+                }
+                let y = d.final_unit.forward_t(h.as_ref().expect("at least one layer"), train);
+                let o = d.head.forward(&y).chunk(2, 1);
+                let kl = if kls.is_empty() { None } else { Some(Tensor::stack(&kls, 0).mean(Kind::Float)) };
+                SplitOutput { mean: o[0].shallow_clone(), logvar: Some(o[1].clamp_min(-5.0)), kl }
+            }
+        }
+    }
+
+    /// The training loss of a batch against normalized targets `(N, 2, T, T)`.
+    pub fn loss(&self, out: &SplitOutput, target: &Tensor) -> Tensor {
+        match (&self.decoder, &out.logvar) {
+            (Decoder::Ladder(d), Some(lv)) if d.stochastic => {
+                let nll = (lv + (target - &out.mean).square() * (-lv).exp()) * 0.5;
+                let nll = nll.mean(Kind::Float);
+                match &out.kl {
+                    Some(kl) => nll + kl * self.cfg.kl_weight,
+                    None => nll,
+                }
+            }
+            _ => (target - &out.mean).square().mean(Kind::Float),
+        }
+    }
+
+    pub fn n_outputs(&self) -> i64 {
+        self.n_out
+    }
+
+    /// Whether predictions are random (MMSE averaging makes sense).
+    pub fn is_stochastic(&self) -> bool {
+        matches!(&self.decoder, Decoder::Ladder(d) if d.stochastic)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{nn::VarStore, Device};
+
+    fn tiny(variant: SplitVariant, lc: usize, merge: LcMerge) -> MuSplitConfig {
+        MuSplitConfig { variant, levels: 3, lc_levels: lc, lc_merge: merge, base_channels: 4, max_channels: 8, z_dim: 2, ..Default::default() }
+    }
+
+    #[test]
+    fn shapes_for_every_variant_and_tile_size() {
+        for variant in [SplitVariant::Unet, SplitVariant::Hvae] {
+            for (lc, merge) in [(0, LcMerge::Regular), (2, LcMerge::Regular), (2, LcMerge::Lean), (1, LcMerge::Regular)] {
+                let cfg = tiny(variant, lc, merge);
+                let vs = VarStore::new(Device::Cpu);
+                let net = MuSplitNet::new(&vs.root(), &cfg, 2).unwrap();
+                for t in [16i64, 32] {
+                    let x = Tensor::randn([2, 1 + lc as i64, t, t], (Kind::Float, Device::Cpu));
+                    let o = net.forward_t(&x, true);
+                    assert_eq!(o.mean.size(), vec![2, 2, t, t], "{variant:?} lc {lc} {merge:?}");
+                    let l = net.loss(&o, &Tensor::zeros([2, 2, t, t], (Kind::Float, Device::Cpu)));
+                    assert!(l.double_value(&[]).is_finite());
+                    l.backward();
+                }
+            }
+        }
+    }
+
+    /// With regular merging, a change far outside the primary patch (visible only in
+    /// the coarsest LC crop's margin) changes the prediction; without LC it cannot.
+    #[test]
+    fn lateral_context_reaches_the_output() {
+        tch::manual_seed(0);
+        for lc in [0usize, 2] {
+            let cfg = tiny(SplitVariant::Unet, lc, LcMerge::Regular);
+            let vs = VarStore::new(Device::Cpu);
+            let net = MuSplitNet::new(&vs.root(), &cfg, 2).unwrap();
+            let x = Tensor::randn([1, 1 + lc as i64, 16, 16], (Kind::Float, Device::Cpu));
+            let x2 = x.copy();
+            if lc > 0 {
+                // corner of the level-2 crop: outside the primary patch's field of view
+                let _ = x2.narrow(1, 2, 1).narrow(2, 0, 2).narrow(3, 0, 2).fill_(5.0);
+            }
+            let d = (net.forward_t(&x, false).mean - net.forward_t(&x2, false).mean).abs().max().double_value(&[]);
+            if lc == 0 {
+                assert_eq!(d, 0.0);
+            } else {
+                assert!(d > 1e-6, "LC margin did not reach the output");
+            }
+        }
+    }
+
+    #[test]
+    fn hae_is_deterministic_and_hvae_is_not() {
+        for stochastic in [false, true] {
+            let cfg = MuSplitConfig { stochastic, ..tiny(SplitVariant::Hvae, 2, LcMerge::Regular) };
+            let vs = VarStore::new(Device::Cpu);
+            let net = MuSplitNet::new(&vs.root(), &cfg, 2).unwrap();
+            let x = Tensor::randn([1, 3, 16, 16], (Kind::Float, Device::Cpu));
+            let d = (net.forward_t(&x, false).mean - net.forward_t(&x, false).mean).abs().max().double_value(&[]);
+            assert_eq!(d == 0.0, !stochastic, "stochastic = {stochastic}: difference {d}");
+            assert_eq!(net.is_stochastic(), stochastic);
+        }
+    }
+}
