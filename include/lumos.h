@@ -116,6 +116,11 @@ enum LumosModelKind
    * I135, phase), or one of its baselines.
    */
   LUMOS_MODEL_KIND_DMQPM = 2,
+  /**
+   * muSplit decomposition (1 input channel, the superimposed image; 2 output
+   * channels, one per structure): LC U-Net or LC hierarchical VAE.
+   */
+  LUMOS_MODEL_KIND_MUSPLIT = 3,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -153,7 +158,8 @@ typedef struct LumosModelInfo {
    */
   size_t n_input_channels;
   /**
-   * Output classes (K), background included.
+   * Output classes (K), background included; for decomposition models the number of
+   * output channels (2).
    */
   size_t n_classes;
   /**
@@ -201,6 +207,46 @@ typedef struct LumosTileOptions {
    */
   bool mirror;
 } LumosTileOptions;
+
+/**
+ * Options of `lumos_decompose`. Fill with `lumos_decompose_options_default` first,
+ * then change fields.
+ *
+ * The frame is cut into a grid of `keep x keep` cells; each cell is predicted from a
+ * `tile x tile` input centred on it (with its lateral context) and only the central
+ * `keep x keep` of the prediction is kept ("inner padding" when `tile` is the training
+ * patch, the default). A `tile` several times the training patch with `keep` close to it
+ * is the prevalent "outer padding" scheme.
+ */
+typedef struct LumosDecomposeOptions {
+  /**
+   * Square tile edge in pixels; 0 = the model's training patch. A multiple of the
+   * network's downsampling factor.
+   */
+  size_t tile;
+  /**
+   * Kept centre of each tile in pixels; 0 = half the tile. Even, <= tile.
+   */
+  size_t keep;
+  /**
+   * Tiles per forward pass (>= 1); 16 by default.
+   */
+  size_t batch_size;
+  /**
+   * Average over 4 flips (4x slower). false by default.
+   */
+  bool mirror;
+  /**
+   * Hierarchical-VAE models: posterior samples averaged per tile (MMSE estimate),
+   * >= 1; 1 by default. Ignored by deterministic models.
+   */
+  size_t samples;
+  /**
+   * Hierarchical-VAE models: seed of the posterior samples; the same seed gives the
+   * same output. 0 by default.
+   */
+  uint64_t seed;
+} LumosDecomposeOptions;
 
 /**
  * What a long operation reports (see `LumosProgressCallback`).
@@ -422,18 +468,38 @@ LumosStatus lumos_segment_probabilities(const struct LumosModel *model,
                                         size_t out_len);
 
 /**
+ * Fills `out_options` with the defaults: inner padding with the training patch as tile
+ * and half of it kept, 16 tiles per pass, no mirroring, 1 sample, seed 0.
+ * Errors: NULL_POINTER. Thread-safe.
+ */
+LumosStatus lumos_decompose_options_default(struct LumosDecomposeOptions *out_options);
+
+/**
  * Decomposes a single-channel `(H, W)` frame of two superimposed structures into two
- * channels, written to `out` as `(2, H, W)` floats (`out_len >= 2 * height * width`).
+ * channels (muSplit models).
  *
- * Returns UNSUPPORTED for model kinds that do not decompose (all segmentation models);
- * otherwise the same argument checks and errors as `lumos_segment`.
- * Thread-safe: concurrent calls on one model are serialized.
+ * - `input`: `height * width` floats, row-major, in the units the model was trained on
+ *   (for the simulator: photo-electrons). Not modified. Frames of any size are processed
+ *   tile by tile; memory beyond the caller's buffers is bounded by one row of tiles and
+ *   its lateral context (`2^(levels-1) x tile` rows of the frame width).
+ * - `options`: tiling, mirroring and sampling; NULL = defaults
+ *   (`lumos_decompose_options_default`).
+ * - `cancel`: NULL or a token; cancelling stops at the next batch of tiles (CANCELLED).
+ * - `out`: caller-owned buffer of `out_len >= 2 * height * width` floats; receives the
+ *   structures as `(2, H, W)`, channel-major, in the targets' units. On failure its
+ *   contents are unspecified.
+ *
+ * Errors: NULL_POINTER, SHAPE_MISMATCH (zero or absurd sizes), INVALID_INPUT (NaN or Inf
+ * pixels), INVALID_ARGUMENT (bad options), BUFFER_TOO_SMALL, UNSUPPORTED (the model
+ * does not decompose: all segmentation models), CANCELLED, TORCH.
+ * Thread-safe: concurrent calls on one model are serialized. Deterministic for a given
+ * `seed` (stochastic models hold a process-wide lock on libtorch's generator meanwhile).
  */
 LumosStatus lumos_decompose(const struct LumosModel *model,
                             const float *input,
                             size_t height,
                             size_t width,
-                            const struct LumosTileOptions *options,
+                            const struct LumosDecomposeOptions *options,
                             const struct LumosCancelToken *cancel,
                             float *out,
                             size_t out_len);

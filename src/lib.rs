@@ -5,6 +5,7 @@
 
 pub mod augment;
 pub mod compare;
+pub mod compare_split;
 pub mod dataset;
 pub mod device;
 pub mod error;

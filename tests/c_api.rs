@@ -100,3 +100,30 @@ fn dmqpm_trained_through_the_c_api_segments_identically_in_a_fresh_process() {
     let m = lumos::Model::load(&model, tch::Device::Cpu).unwrap();
     assert_eq!(m.meta.kind, lumos::model::ModelKind::Dmqpm);
 }
+
+/// The decompose verb's "Done when": train a muSplit model through the C API, decompose,
+/// then load the saved model in a fresh process: the output must be identical.
+#[test]
+fn musplit_train_then_decompose_in_a_fresh_process() {
+    use lumos::sim::fluo::{write_dataset, FluoConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write_dataset(&data, 2, 1, &FluoConfig { size: 40, ..Default::default() }, 5).unwrap();
+    let image = data.join("test/inputs/fluo_0000.tif");
+    let exe = dir.path().join("decompose_roundtrip");
+    build_source("gcc", &["-std=c11", "-x", "c"], "tests/c/decompose_roundtrip.c", &exe);
+    let model = dir.path().join("split.lumos");
+    let (o1, o2) = (dir.path().join("in_training_process.bin"), dir.path().join("fresh_process.bin"));
+    let go = |args: &[&std::ffi::OsStr]| {
+        let out = Command::new(&exe).args(args).output().unwrap();
+        println!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{:?} failed", args);
+    };
+    go(&["train".as_ref(), data.join("train").as_os_str(), model.as_os_str(), image.as_os_str(), o1.as_os_str()]);
+    go(&["decompose".as_ref(), model.as_os_str(), image.as_os_str(), o2.as_os_str()]);
+    let (a, b) = (std::fs::read(&o1).unwrap(), std::fs::read(&o2).unwrap());
+    assert_eq!(a.len(), 2 * 40 * 40 * 4);
+    assert!(a == b, "the reloaded model decomposes differently");
+    let m = lumos::Model::load(&model, tch::Device::Cpu).unwrap();
+    assert_eq!(m.meta.kind, lumos::model::ModelKind::Musplit);
+}

@@ -13,7 +13,9 @@ use lumos::io::tiff;
 use lumos::metrics::{self, ImageScores};
 use lumos::model::{Model, SegmentOptions, SegmentOutput};
 use lumos::progress::{Monitor, Progress, Stage};
+use lumos::sim::fluo::{FluoConfig, StructurePair};
 use lumos::sim::ssqpm::{self, Confluence, SsqpmConfig};
+use lumos::split::DecomposeOptions;
 use lumos::train::{train, TrainConfig};
 use lumos::{overlay, Error, Result};
 
@@ -41,6 +43,11 @@ enum Cmd {
     Info(InfoArgs),
     /// The main job: simulate ssQPM data, train on CPU, segment the test images, report.
     Demo(DemoArgs),
+    /// Decompose single-channel fluorescence TIFFs into two structures with a muSplit model.
+    Decompose(DecomposeArgs),
+    /// Re-run the muSplit paper's comparisons (U-Net and HVAE, without and with lateral
+    /// context; inner vs outer padding) on simulated two-structure fluorescence.
+    SplitCompare(SplitCompareArgs),
     /// Re-run the DM-QPMNet paper's comparisons (fusion stage, attention vs concat,
     /// directed vs bidirectional, early fusion, single modalities, leave-one-out) on
     /// simulated ssQPM data, several seeds, one training budget; writes a report.
@@ -87,6 +94,92 @@ struct CompareArgs {
 enum Modality {
     /// Single-shot quantitative phase microscopy (4 polarized intensities + phase).
     Ssqpm,
+    /// Widefield fluorescence of two superimposed structures (muSplit data:
+    /// DIR/{train,test}/inputs and targets).
+    Fluo,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PairArg {
+    /// Straight actin-like fibres + curved microtubule-like networks.
+    ActinTubulin,
+    /// Punctate vesicles + large nuclei.
+    VesiclesNuclei,
+}
+
+impl PairArg {
+    fn pair(self) -> StructurePair {
+        match self {
+            PairArg::ActinTubulin => StructurePair::ActinTubulin,
+            PairArg::VesiclesNuclei => StructurePair::VesiclesNuclei,
+        }
+    }
+}
+
+#[derive(Args)]
+struct DecomposeArgs {
+    #[arg(long, short)]
+    model: PathBuf,
+    /// A single-channel TIFF file or a folder of them.
+    #[arg(long, short)]
+    input: PathBuf,
+    /// Output folder for NAME_split.tif (2-channel float32).
+    #[arg(long, short)]
+    out: PathBuf,
+    /// Folder of ground-truth NAME.tif (2-channel): report PSNR, RI-PSNR and SSIM.
+    #[arg(long)]
+    truth: Option<PathBuf>,
+    /// inner (tiles of the training patch, the paper's scheme) or outer (tiles 4x larger).
+    #[arg(long, default_value = "inner")]
+    padding: String,
+    /// Square tile edge in pixels (overrides --padding).
+    #[arg(long)]
+    tile: Option<usize>,
+    /// Kept centre of each tile (default: half the tile for inner padding).
+    #[arg(long)]
+    keep: Option<usize>,
+    /// HVAE models: posterior samples averaged (MMSE).
+    #[arg(long, default_value_t = 1)]
+    samples: usize,
+    /// HVAE models: seed of the samples.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Average over 4 flips.
+    #[arg(long)]
+    mirror: bool,
+    /// Tiles per forward pass.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+#[derive(Args)]
+struct SplitCompareArgs {
+    /// tiny (seconds), cpu (about half an hour on 2 cores with 2 seeds) or paper (GPU).
+    #[arg(long, default_value = "cpu")]
+    preset: String,
+    #[arg(long, value_enum, default_value = "actin-tubulin")]
+    pair: PairArg,
+    /// Training seeds, comma-separated.
+    #[arg(long, default_value = "0,1", value_delimiter = ',')]
+    seeds: Vec<u64>,
+    /// Existing data folder (train/ and test/ with targets/); default: simulate.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    #[arg(long, default_value_t = 2000)]
+    data_seed: u64,
+    #[arg(long, short, default_value = "docs/results/musplit")]
+    out: PathBuf,
+    #[arg(long, default_value = "out/split-compare")]
+    work: PathBuf,
+    #[arg(long)]
+    epochs: Option<usize>,
+    #[arg(long)]
+    iterations: Option<usize>,
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -114,6 +207,9 @@ struct SimulateArgs {
     size: usize,
     #[arg(long, value_enum, default_value = "mixed")]
     confluence: ConfluenceArg,
+    /// Fluorescence: which two structures.
+    #[arg(long, value_enum, default_value = "actin-tubulin")]
+    pair: PairArg,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// JSON file with simulator settings (overrides the defaults; flags override it).
@@ -250,6 +346,8 @@ fn main() {
         Cmd::Info(a) => info(a),
         Cmd::Demo(a) => demo(a),
         Cmd::Compare(a) => compare(a),
+        Cmd::Decompose(a) => decompose(a),
+        Cmd::SplitCompare(a) => split_compare(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e}");
@@ -261,7 +359,29 @@ fn main() {
 }
 
 fn simulate(a: SimulateArgs) -> Result<()> {
-    let Modality::Ssqpm = a.modality;
+    if let Modality::Fluo = a.modality {
+        let mut cfg: FluoConfig = match &a.config {
+            Some(p) => serde_json::from_str(&std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?)
+                .map_err(|e| Error::Config(format!("{}: {e}", p.display())))?,
+            None => FluoConfig::default(),
+        };
+        cfg.size = a.size;
+        cfg.pair = a.pair.pair();
+        let t = Instant::now();
+        let [tr, te] = lumos::sim::fluo::write_dataset(&a.out, a.train, a.test, &cfg, a.seed)?;
+        println!(
+            "simulated {} training and {} test fluorescence frames ({}x{}, {} + {}) into {} in {:.1} s",
+            tr.len(),
+            te.len(),
+            cfg.size,
+            cfg.size,
+            cfg.pair.channel_names()[0],
+            cfg.pair.channel_names()[1],
+            a.out.display(),
+            t.elapsed().as_secs_f64()
+        );
+        return Ok(());
+    }
     let mut cfg: SsqpmConfig = match &a.config {
         Some(p) => serde_json::from_str(&std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?)
             .map_err(|e| Error::Config(format!("{}: {e}", p.display())))?,
@@ -354,6 +474,10 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
     }
     if let Some(v) = a.kind {
         cfg.kind = v;
+        // muSplit trains on 64 x 64 patches unless told otherwise
+        if cfg.kind.eq_ignore_ascii_case("musplit") && a.config.is_none() && a.patch.is_none() {
+            cfg.patch_size = [64, 64];
+        }
         cfg.validate()?;
     }
     cfg.resume |= a.resume;
@@ -641,5 +765,105 @@ fn compare(a: CompareArgs) -> Result<()> {
     println!("{t}");
     report.write(&a.out)?;
     println!("report written to {}/README.md and results.json ({:.0} s)", a.out.display(), report.wall_seconds);
+    Ok(())
+}
+
+fn decompose(a: DecomposeArgs) -> Result<()> {
+    let model = Model::load(&a.model, parse_device(&a.device)?)?;
+    model.check_decompose()?;
+    let patch = model.meta.patch_size[0];
+    let mut opts = match a.padding.as_str() {
+        "inner" => DecomposeOptions::default(),
+        "outer" => DecomposeOptions::outer_padding(patch, 4),
+        o => return Err(Error::InvalidArgument(format!("--padding {o}; expected inner or outer"))),
+    };
+    if let Some(t) = a.tile {
+        opts.tile = Some(t);
+        opts.keep = None;
+    }
+    if let Some(k) = a.keep {
+        opts.keep = Some(k);
+    }
+    opts.samples = a.samples;
+    opts.seed = a.seed;
+    opts.mirror = a.mirror;
+    opts.batch_size = a.batch;
+    let files = tiff_files(&a.input)?;
+    std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
+    let bar = tile_bar(files.len());
+    let ch = &model.meta.classes;
+    let mut header = vec!["image".to_string(), "size".into(), "seconds".into()];
+    if a.truth.is_some() {
+        for m in ["PSNR", "RI-PSNR", "SSIM"] {
+            for c in ch {
+                header.push(format!("{m} {c}"));
+            }
+        }
+    }
+    let mut table = Table::new();
+    table.load_preset(UTF8_FULL_CONDENSED).set_header(header);
+    let mut all = Vec::new();
+    for f in &files {
+        let t = Instant::now();
+        let img = tiff::read_image(f)?;
+        if img.channels() != 1 {
+            return Err(Error::Shape(format!("'{}' has {} channels; decompose takes single-channel images", f.display(), img.channels())));
+        }
+        let stem = f.file_stem().and_then(|s| s.to_str()).unwrap_or("image").to_string();
+        bar.set_message(stem.clone());
+        let pred = model.decompose_array(img.data.index_axis(ndarray::Axis(0), 0), &opts)?;
+        let secs = t.elapsed().as_secs_f64();
+        let mut row = vec![stem.clone(), format!("{}x{}", img.height(), img.width()), format!("{secs:.2}")];
+        if let Some(truth_dir) = &a.truth {
+            let tp = truth_dir.join(format!("{stem}.tif"));
+            let truth = tiff::read_image(&tp)?;
+            let s = metrics::split_scores(truth.data.view(), pred.view())?;
+            row.extend(s.psnr.iter().chain(&s.ri_psnr).map(|v| format!("{v:.2}")).chain(s.ssim.iter().map(|v| format!("{v:.3}"))));
+            all.push(s);
+        }
+        tiff::write_image_f32(&a.out.join(format!("{stem}_split.tif")), &lumos::Image::with_names(pred, ch.clone())?)?;
+        table.add_row(row);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    println!("{table}");
+    if !all.is_empty() {
+        for (i, c) in ch.iter().enumerate() {
+            let p = metrics::mean_std(&all.iter().map(|s| s.psnr[i]).collect::<Vec<_>>());
+            let q = metrics::mean_std(&all.iter().map(|s| s.ssim[i]).collect::<Vec<_>>());
+            println!("{c}: PSNR {:.2} ± {:.2} dB, SSIM {:.3} ± {:.3} over {} images", p.mean, p.std, q.mean, q.std, all.len());
+        }
+    }
+    println!("decompositions written to {}", a.out.display());
+    Ok(())
+}
+
+fn split_compare(a: SplitCompareArgs) -> Result<()> {
+    let opts = lumos::compare_split::SplitCompareOptions {
+        preset: lumos::compare_split::SplitPreset::parse(&a.preset)?,
+        pair: a.pair.pair(),
+        seeds: a.seeds.clone(),
+        data: a.data.clone(),
+        data_seed: a.data_seed,
+        work: a.work.clone(),
+        device: device_name(parse_device(&a.device)?),
+        epochs: a.epochs,
+        iterations: a.iterations,
+    };
+    let command = std::env::args().map(|s| if s.contains(' ') { format!("'{s}'") } else { s }).collect::<Vec<_>>().join(" ");
+    let bar = ProgressBar::new((4 * 2 * opts.seeds.len()) as u64);
+    bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} evaluations").expect("template"));
+    let report = lumos::compare_split::run(&opts, &command, |r| {
+        let m = |v: &Vec<Vec<f64>>, c: usize| metrics::mean(&v.iter().map(|f| f[c]).collect::<Vec<_>>());
+        say(&bar, format!(
+            "{:<20} {:<6} seed {}  PSNR {:.2} / {:.2}  SSIM {:.3} / {:.3}  ({} parameters, trained in {:.0} s)",
+            r.model, r.tiling, r.seed, m(&r.psnr, 0), m(&r.psnr, 1), m(&r.ssim, 0), m(&r.ssim, 1), r.parameters, r.train_seconds
+        ));
+        bar.inc(1);
+    })?;
+    bar.finish_and_clear();
+    report.write(&a.out)?;
+    println!("{}", report.markdown());
+    println!("report written to {}/README.md and results.json", a.out.display());
     Ok(())
 }

@@ -56,6 +56,11 @@ class _TileOptions(C.Structure):
                 ("batch_size", C.c_size_t), ("mirror", C.c_bool)]
 
 
+class _DecomposeOptions(C.Structure):
+    _fields_ = [("tile", C.c_size_t), ("keep", C.c_size_t), ("batch_size", C.c_size_t), ("mirror", C.c_bool),
+                ("samples", C.c_size_t), ("seed", C.c_uint64)]
+
+
 class _Progress(C.Structure):
     _fields_ = [("stage", C.c_uint32), ("epoch", C.c_size_t), ("epochs", C.c_size_t),
                 ("iteration", C.c_size_t), ("iterations", C.c_size_t),
@@ -105,7 +110,8 @@ def _load():
             "lumos_tile_options_default": ([C.POINTER(_TileOptions)], st),
             "lumos_segment": ([P, P, S, S, S, C.POINTER(_TileOptions), P, P, S], st),
             "lumos_segment_probabilities": ([P, P, S, S, S, C.POINTER(_TileOptions), P, P, S], st),
-            "lumos_decompose": ([P, P, S, S, C.POINTER(_TileOptions), P, P, S], st),
+            "lumos_decompose_options_default": ([C.POINTER(_DecomposeOptions)], st),
+            "lumos_decompose": ([P, P, S, S, C.POINTER(_DecomposeOptions), P, P, S], st),
             "lumos_cancel_token_new": ([C.POINTER(P)], st),
             "lumos_cancel_token_cancel": ([P], st),
             "lumos_cancel_token_reset": ([P], st),
@@ -247,12 +253,21 @@ class Model:
             _check(_load().lumos_segment(self._h, x.ctypes.data, c, h, w, C.byref(opts), tok, out.ctypes.data, out.size))
         return out
 
-    def decompose(self, image: np.ndarray, *, tile=None, cancel: Optional[CancelToken] = None) -> np.ndarray:
-        """``image`` is (H, W). Returns (2, H, W) float32."""
+    def decompose(self, image: np.ndarray, *, tile: int = 0, keep: int = 0, batch_size: int = 16,
+                  mirror: bool = False, samples: int = 1, seed: int = 0,
+                  cancel: Optional[CancelToken] = None) -> np.ndarray:
+        """Splits a (H, W) image of two superimposed structures (muSplit models).
+
+        Returns (2, H, W) float32 in the targets' units. ``tile`` (0 = training patch) and
+        ``keep`` (0 = half the tile) set the inner-padding tiling; ``samples`` posterior
+        samples are averaged by hierarchical-VAE models, drawn from ``seed``."""
         x = _as_input(image, 2)
         h, w = x.shape
         out = np.empty((2, h, w), dtype=np.float32)
-        opts = _options(tile)
+        opts = _DecomposeOptions()
+        _check(_load().lumos_decompose_options_default(C.byref(opts)))
+        opts.tile, opts.keep, opts.batch_size, opts.mirror = tile, keep, batch_size, mirror
+        opts.samples, opts.seed = samples, seed
         tok = cancel._h if cancel is not None else None
         _check(_load().lumos_decompose(self._h, x.ctypes.data, h, w, C.byref(opts), tok, out.ctypes.data, out.size))
         return out

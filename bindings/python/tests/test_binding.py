@@ -136,3 +136,25 @@ def test_dmqpm_model_trains_and_segments(data, tmp_path):
     with pytest.raises(lumos.LumosError) as e:
         m.segment(x[:4])
     assert "5" in str(e.value)
+
+
+def test_musplit_decomposes_deterministically(tmp_path):
+    d = tmp_path / "fluo"
+    subprocess.run([lumos_cli(), "simulate", "fluo", "--out", str(d), "--train", "2", "--test", "1",
+                    "--size", "48", "--seed", "4"], check=True, capture_output=True)
+    cfg = {"kind": "musplit", "musplit": {"variant": "hvae", "levels": 3, "lc_levels": 2, "base_channels": 4,
+                                          "max_channels": 4, "z_dim": 2},
+           "epochs": 1, "iterations_per_epoch": 2, "batch_size": 2, "patch_size": [16, 16], "val_fraction": 0.0,
+           "seed": 2, "device": "cpu"}
+    m = lumos.train(d / "train", tmp_path / "s.lumos", cfg)
+    assert m.can_decompose and not m.can_segment
+    x = lumos.read_tiff(d / "test" / "inputs" / "fluo_0000.tif")[0]
+    a = m.decompose(x, samples=2, seed=5)
+    assert a.shape == (2, 48, 48) and np.isfinite(a).all()
+    again = lumos.Model(tmp_path / "s.lumos").decompose(x, samples=2, seed=5)
+    np.testing.assert_array_equal(a, again)
+    assert not np.array_equal(a, m.decompose(x, samples=2, seed=6))
+    with pytest.raises(lumos.LumosError, match="UNSUPPORTED"):
+        m.segment(x[None])
+    with pytest.raises(lumos.LumosError, match="INVALID_ARGUMENT.*even"):
+        m.decompose(x, keep=7)
