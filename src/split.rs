@@ -204,7 +204,8 @@ fn mean_std_of(c: &ChannelNorm) -> (f32, f32) {
 impl Model {
     /// Decomposes an `(H, W)` frame of any size into `out` `(K, H, W)` (K = 2), tile by
     /// tile with inner padding (or the tiling in `opts`). Memory beyond the caller's
-    /// buffers is bounded by one row of tiles and its lateral context.
+    /// buffers is bounded by one batch of tiles and its lateral context, whatever the
+    /// frame size.
     pub fn decompose(&self, frame: ArrayView2<f32>, opts: &DecomposeOptions, mut out: ArrayViewMut3<f32>, monitor: &mut Monitor) -> Result<()> {
         self.check_decompose()?;
         let (h, w) = frame.dim();
@@ -249,13 +250,10 @@ impl Model {
         } else {
             None
         };
-        let mut band: Option<(i64, LcBand)> = None;
-        let mut inputs = |cy: i64, row: &[i64], chunk: &[i64]| -> Result<Tensor> {
-            if band.as_ref().map(|b| b.0) != Some(cy) {
-                band = Some((cy, LcBand::new(&src, cy, tile as i64, levels, &aff, row, device)));
-            }
-            let b = &mut band.as_mut().expect("just set").1;
-            Ok(Tensor::stack(&chunk.iter().map(|&cx| b.crop(cx)).collect::<Vec<_>>(), 0))
+        // one band of lateral context per batch of tiles: memory independent of the frame
+        let mut inputs = |cy: i64, _row: &[i64], chunk: &[i64]| -> Result<Tensor> {
+            let mut band = LcBand::new(&src, cy, tile as i64, levels, &aff, chunk, device);
+            Ok(Tensor::stack(&chunk.iter().map(|&cx| band.crop(cx)).collect::<Vec<_>>(), 0))
         };
         let samples = if stochastic { opts.samples } else { 1 };
         let mut one = |x: &Tensor| -> Result<Tensor> {
@@ -269,9 +267,9 @@ impl Model {
             let p = tch::no_grad(|| if opts.mirror { mirrored(x, &mut one) } else { one(x) })?;
             Ok(p * &std_t + &mean_t)
         };
-        let mut sink = |row0: usize, rows: &Tensor| -> Result<()> {
-            let a = crate::image::tensor_to_array3(rows)?;
-            out.slice_mut(ndarray::s![.., row0..row0 + a.shape()[1], ..]).assign(&a);
+        let mut sink = |row0: usize, col0: usize, block: &Tensor| -> Result<()> {
+            let a = crate::image::tensor_to_array3(block)?;
+            out.slice_mut(ndarray::s![.., row0..row0 + a.shape()[1], col0..col0 + a.shape()[2]]).assign(&a);
             Ok(())
         };
         centre_tiles(h, w, &ct, k, &mut inputs, &mut predict, &mut sink, monitor)

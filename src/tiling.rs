@@ -202,9 +202,11 @@ impl CentreTiles {
 ///   the tiles centred at `(cy, cx)` for `cx` in `chunk` (a part of `row_centres`, all
 ///   tile centres of this row, given so that a row's context can be built once).
 /// - `predict` maps it to `(n, K, tile, tile)`.
-/// - `sink(row0, rows)` receives finished rows `(K, n, W)` on the CPU, top to bottom.
+/// - `sink(row0, col0, block)` receives each finished block `(K, n, m)` on the CPU (one
+///   batch of cells), row by row, left to right.
 ///
-/// Memory: one row of predictions, `K x keep x W`, plus what `inputs` holds.
+/// Memory: one batch of tile predictions, plus what `inputs` holds; independent of the
+/// frame size.
 #[allow(clippy::too_many_arguments)]
 pub fn centre_tiles(
     h: usize,
@@ -213,7 +215,7 @@ pub fn centre_tiles(
     out_channels: usize,
     inputs: &mut dyn FnMut(i64, &[i64], &[i64]) -> Result<Tensor>,
     predict: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
-    sink: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
+    sink: &mut dyn FnMut(usize, usize, &Tensor) -> Result<()>,
     monitor: &mut Monitor,
 ) -> Result<()> {
     if h == 0 || w == 0 {
@@ -227,7 +229,7 @@ pub fn centre_tiles(
     let mut done = 0;
     for i in 0..rows {
         let cy = i as i64 * k + k / 2;
-        let mut row_parts = Vec::with_capacity(cols);
+        let n_rows = (h - i * ct.keep).min(ct.keep) as i64;
         for chunk in centres.chunks(ct.batch_size) {
             monitor.check()?;
             let x = inputs(cy, &centres, chunk)?;
@@ -240,17 +242,17 @@ pub fn centre_tiles(
                 )));
             }
             let centre = pred.narrow(2, margin, k).narrow(3, margin, k);
-            // (n, K, k, k) -> (K, k, n*k): tiles side by side
-            row_parts.push(centre.permute([1, 2, 0, 3]).reshape([out_channels as i64, k, -1]));
+            // (n, K, k, k) -> (K, k, n*k): tiles side by side, cut at the frame border
+            let col0 = (chunk[0] - k / 2) as usize;
+            let block = centre.permute([1, 2, 0, 3]).reshape([out_channels as i64, k, -1]);
+            let n_cols = (w - col0).min(chunk.len() * ct.keep) as i64;
+            sink(i * ct.keep, col0, &block.narrow(1, 0, n_rows).narrow(2, 0, n_cols).to_device(Device::Cpu).to_kind(Kind::Float))?;
             done += chunk.len();
             let mut pr = Progress::new(Stage::Inference);
             pr.iteration = done;
             pr.iterations = total;
             monitor.emit(pr);
         }
-        let n = (h - i * ct.keep).min(ct.keep) as i64;
-        let row = Tensor::cat(&row_parts, 2).narrow(1, 0, n).narrow(2, 0, w as i64);
-        sink(i * ct.keep, &row.to_device(Device::Cpu).to_kind(Kind::Float))?;
     }
     Ok(())
 }
@@ -330,7 +332,7 @@ mod tests {
             let ct = CentreTiles { tile: t, keep: k, batch_size: 3 };
             ct.validate(8.min(t)).unwrap();
             let mut out = Array3::<f32>::zeros((1, h, w));
-            let mut next_row = 0;
+            let mut next_row = 0usize;
             centre_tiles(
                 h,
                 w,
@@ -342,11 +344,11 @@ mod tests {
                     Ok(Tensor::cat(&v, 0))
                 },
                 &mut |b| Ok(b.shallow_clone()),
-                &mut |r0, rows| {
-                    assert_eq!(r0, next_row);
-                    let a = crate::image::tensor_to_array3(rows)?;
-                    next_row += a.shape()[1];
-                    out.slice_mut(s![.., r0..r0 + a.shape()[1], ..]).assign(&a);
+                &mut |r0, c0, block| {
+                    let a = crate::image::tensor_to_array3(block)?;
+                    assert!(r0 >= next_row.saturating_sub(k), "blocks arrive row by row");
+                    next_row = next_row.max(r0 + a.shape()[1]);
+                    out.slice_mut(s![.., r0..r0 + a.shape()[1], c0..c0 + a.shape()[2]]).assign(&a);
                     Ok(())
                 },
                 &mut Monitor::none(),
