@@ -480,8 +480,8 @@ LumosStatus lumos_decompose_options_default(struct LumosDecomposeOptions *out_op
  *
  * - `input`: `height * width` floats, row-major, in the units the model was trained on
  *   (for the simulator: photo-electrons). Not modified. Frames of any size are processed
- *   tile by tile; memory beyond the caller's buffers is bounded by one row of tiles and
- *   its lateral context (`2^(levels-1) x tile` rows of the frame width).
+ *   tile by tile; memory beyond the caller's buffers is bounded by one batch of tiles and
+ *   its lateral context, independent of the frame size.
  * - `options`: tiling, mirroring and sampling; NULL = defaults
  *   (`lumos_decompose_options_default`).
  * - `cancel`: NULL or a token; cancelling stops at the next batch of tiles (CANCELLED).
