@@ -20,7 +20,7 @@ pub struct Sample {
     pub mask: Mask,
 }
 
-fn is_tiff(p: &Path) -> bool {
+pub(crate) fn is_tiff(p: &Path) -> bool {
     matches!(p.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref(), Some("tif" | "tiff"))
 }
 
@@ -93,4 +93,20 @@ pub fn load_folder(dir: &Path) -> Result<Vec<Sample>> {
         out.push(Sample { name, image, mask });
     }
     Ok(out)
+}
+
+/// Splits `0..n` into (train, validation) indices, reproducibly from `seed`: a shuffled
+/// `val_fraction` of the items (at least one when > 0 and n >= 2) is held out; both lists
+/// are sorted.
+pub fn split_indices(n: usize, val_fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
+    let n_val = if val_fraction > 0.0 && n >= 2 { ((n as f64 * val_fraction).round() as usize).clamp(1, n - 1) } else { 0 };
+    let (val, train) = order.split_at(n_val);
+    let (mut train, mut val) = (train.to_vec(), val.to_vec());
+    train.sort();
+    val.sort();
+    (train, val)
 }

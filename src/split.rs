@@ -34,12 +34,12 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use ndarray::{Array3, ArrayView2, ArrayViewMut3, Axis};
-use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
+use crate::dataset::is_tiff;
 use crate::device::{device_name, parse_device};
 use crate::error::{Error, Result};
 use crate::image::{array3_to_tensor, Image};
@@ -62,10 +62,6 @@ pub struct SplitSample {
     pub input: Image,
     /// `(2, H, W)`.
     pub targets: Image,
-}
-
-fn is_tiff(p: &Path) -> bool {
-    matches!(p.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref(), Some("tif" | "tiff"))
 }
 
 fn tiffs(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
@@ -439,17 +435,7 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
     monitor.emit(Progress::new(Stage::Preparing));
 
     let samples = load_split_folder(data_dir)?;
-    let mut order: Vec<usize> = (0..samples.len()).collect();
-    order.shuffle(&mut ChaCha8Rng::seed_from_u64(cfg.seed));
-    let n_val = if cfg.val_fraction > 0.0 && samples.len() >= 2 {
-        ((samples.len() as f64 * cfg.val_fraction).round() as usize).clamp(1, samples.len() - 1)
-    } else {
-        0
-    };
-    let (val_idx, train_idx) = order.split_at(n_val);
-    let (mut train_idx, mut val_idx) = (train_idx.to_vec(), val_idx.to_vec());
-    train_idx.sort();
-    val_idx.sort();
+    let (train_idx, val_idx) = crate::dataset::split_indices(samples.len(), cfg.val_fraction, cfg.seed);
     let train_s: Vec<&SplitSample> = train_idx.iter().map(|&i| &samples[i]).collect();
     let val_s: Vec<&SplitSample> = val_idx.iter().map(|&i| &samples[i]).collect();
     let names = |v: &[&SplitSample]| v.iter().map(|s| s.name.clone()).collect::<Vec<_>>();

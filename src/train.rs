@@ -11,7 +11,6 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -375,18 +374,7 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
 
     // the data, split reproducibly by the seed
     let samples = load_folder(data_dir)?;
-    let mut order: Vec<usize> = (0..samples.len()).collect();
-    order.shuffle(&mut ChaCha8Rng::seed_from_u64(cfg.seed));
-    let n_val = if cfg.val_fraction > 0.0 && samples.len() >= 2 {
-        ((samples.len() as f64 * cfg.val_fraction).round() as usize).clamp(1, samples.len() - 1)
-    } else {
-        0
-    };
-    let (val_idx, train_idx) = order.split_at(n_val);
-    let mut train_idx = train_idx.to_vec();
-    let mut val_idx = val_idx.to_vec();
-    train_idx.sort();
-    val_idx.sort();
+    let (train_idx, val_idx) = crate::dataset::split_indices(samples.len(), cfg.val_fraction, cfg.seed);
     let train_s: Vec<&Sample> = train_idx.iter().map(|&i| &samples[i]).collect();
     let val_s: Vec<&Sample> = val_idx.iter().map(|&i| &samples[i]).collect();
 
