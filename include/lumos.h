@@ -22,6 +22,23 @@
 
 
 /**
+ * `LumosDiffusionOptions.start`: the starting noise is LDM-P's DDIM inversion of the
+ * image latent (PG-DiffSeg).
+ */
+#define LUMOS_START_PRIOR 0
+
+/**
+ * `LumosDiffusionOptions.start`: random Gaussian starting noise (the diffusion baseline;
+ * `samples > 1` votes by majority).
+ */
+#define LUMOS_START_RANDOM 1
+
+/**
+ * `LumosDiffusionOptions.start`: the image latent diffused forward to `forward_t`.
+ */
+#define LUMOS_START_FORWARD 2
+
+/**
  * Status codes returned by every fallible function. The numbers are stable: new codes
  * are appended, none is ever renumbered or reused.
  */
@@ -121,6 +138,12 @@ enum LumosModelKind
    * channels, one per structure): LC U-Net or LC hierarchical VAE.
    */
   LUMOS_MODEL_KIND_MUSPLIT = 3,
+  /**
+   * PG-DiffSeg latent-diffusion segmentation of QPI (1 input channel, the phase in
+   * radians; classes background / live / dead). Segments by diffusion sampling: see
+   * `lumos_segment_diffusion`.
+   */
+  LUMOS_MODEL_KIND_PGDIFF = 4,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -207,6 +230,43 @@ typedef struct LumosTileOptions {
    */
   bool mirror;
 } LumosTileOptions;
+
+/**
+ * Sampling options of PG-DiffSeg models (`lumos_segment_diffusion`). Fill with
+ * `lumos_diffusion_options_default` or `lumos_model_diffusion_options` first, then
+ * change fields. Network evaluations per tile: `inversion_steps` (prior start only)
+ * plus `samples * sampling_steps`.
+ */
+typedef struct LumosDiffusionOptions {
+  /**
+   * `LUMOS_START_PRIOR` (0), `LUMOS_START_RANDOM` (1) or `LUMOS_START_FORWARD` (2).
+   */
+  uint32_t start;
+  /**
+   * DDIM inversion steps of LDM-P, 1..T-1 (T = 1000 diffusion steps); paper: 100.
+   */
+  size_t inversion_steps;
+  /**
+   * DDIM sampling steps of LDM-S, 1..T-1; paper: 200.
+   */
+  size_t sampling_steps;
+  /**
+   * DDIM eta in [0, 1]; 0 = deterministic sampling.
+   */
+  double eta;
+  /**
+   * Samples per tile, 1..=64, combined by majority voting.
+   */
+  size_t samples;
+  /**
+   * Timestep of the forward-diffusion start, 0..T-1 (0 = the latent itself).
+   */
+  size_t forward_t;
+  /**
+   * Seed of every random draw; the same seed, input and options give the same labels.
+   */
+  uint64_t seed;
+} LumosDiffusionOptions;
 
 /**
  * Options of `lumos_decompose`. Fill with `lumos_decompose_options_default` first,
@@ -466,6 +526,48 @@ LumosStatus lumos_segment_probabilities(const struct LumosModel *model,
                                         const struct LumosCancelToken *cancel,
                                         float *out_probabilities,
                                         size_t out_len);
+
+/**
+ * Fills `out_options` with the paper's sampling: prior start, 100 inversion steps, 200
+ * sampling steps, eta 0, 1 sample, forward_t 300, seed 0.
+ * Errors: NULL_POINTER. Thread-safe.
+ */
+LumosStatus lumos_diffusion_options_default(struct LumosDiffusionOptions *out_options);
+
+/**
+ * Fills `out_options` with the sampling a PG-DiffSeg model was saved with (what
+ * `lumos_segment` uses for it).
+ * Errors: NULL_POINTER, UNSUPPORTED (not a PG-DiffSeg model). Thread-safe.
+ */
+LumosStatus lumos_model_diffusion_options(const struct LumosModel *model,
+                                          struct LumosDiffusionOptions *out_options);
+
+/**
+ * Segments one phase frame with a PG-DiffSeg model, with explicit sampling options.
+ *
+ * Same contract as `lumos_segment` (input `(C, H, W)` floats in the training units, for
+ * QPI the phase in radians; `out_labels` caller-owned, `out_len >= height * width`
+ * bytes, class indices row-major), plus `diffusion`: NULL = the model's saved sampling
+ * (`lumos_model_diffusion_options`). Each tile is encoded, its starting noise made
+ * (prior / random / forward), the mask sampled by DDIM, resized to the tile and blended
+ * across tiles; cancelling stops between diffusion steps (CANCELLED). Cost grows with
+ * `inversion_steps + samples * sampling_steps` network evaluations per tile.
+ *
+ * Errors: as `lumos_segment`, plus INVALID_ARGUMENT (steps out of range, eta outside
+ * [0, 1], samples outside 1..=64, unknown start) and UNSUPPORTED (not a PG-DiffSeg
+ * model). Thread-safe: concurrent calls on one model are serialized. Deterministic for
+ * a given seed, input and options.
+ */
+LumosStatus lumos_segment_diffusion(const struct LumosModel *model,
+                                    const float *input,
+                                    size_t channels,
+                                    size_t height,
+                                    size_t width,
+                                    const struct LumosTileOptions *options,
+                                    const struct LumosDiffusionOptions *diffusion,
+                                    const struct LumosCancelToken *cancel,
+                                    uint8_t *out_labels,
+                                    size_t out_len);
 
 /**
  * Fills `out_options` with the defaults: inner padding with the training patch as tile

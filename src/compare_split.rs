@@ -166,11 +166,22 @@ pub fn run(opts: &SplitCompareOptions, command: &str, mut on_run: impl FnMut(&Sp
         for &seed in &opts.seeds {
             tc.seed = seed;
             configs.insert(name.to_string(), serde_json::to_value(&tc).expect("json"));
-            let out = opts.work.join(format!("{}_s{seed}.lumos", name.split(' ').next().unwrap_or("m").to_lowercase().replace('-', "")
-                + if lc { "_lc" } else { "" }));
-            let tt = Instant::now();
-            let trained = train(&tc, &data.join("train"), &out, &mut Monitor::none())?;
-            let train_seconds = tt.elapsed().as_secs_f64();
+            let slug = match (variant, lc) {
+                (SplitVariant::Unet, false) => "unet",
+                (SplitVariant::Unet, true) => "lc_unet",
+                (SplitVariant::Hvae, false) => "hvae",
+                (SplitVariant::Hvae, true) => "lc_hvae",
+            };
+            let out = opts.work.join(format!("{slug}_s{seed}.lumos"));
+            let (model, train_seconds) = match crate::train::reuse_trained(&out, &tc) {
+                Some(found) => found,
+                None => {
+                    let tt = Instant::now();
+                    let trained = train(&tc, &data.join("train"), &out, &mut Monitor::none())?;
+                    (trained.model, tt.elapsed().as_secs_f64())
+                }
+            };
+            let trained = crate::train::TrainOutcome { model, history: Vec::new() };
             let patch = tc.patch_size[0];
             for (tiling, dopts) in [
                 ("inner", DecomposeOptions { seed, ..Default::default() }),

@@ -6,7 +6,10 @@
 pub mod augment;
 pub mod compare;
 pub mod compare_split;
+pub mod compare_diff;
 pub mod dataset;
+pub mod ddim;
+pub mod diffseg;
 pub mod device;
 pub mod error;
 pub mod ffi;

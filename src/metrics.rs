@@ -213,6 +213,40 @@ pub fn ssim(truth: ndarray::ArrayView2<f32>, pred: ndarray::ArrayView2<f32>) -> 
     Ok(total / count as f64)
 }
 
+/// KL divergence `KL(p || N(0, 1))` of the density `p` of `values`, estimated with a
+/// Gaussian kernel density estimate (Scott's bandwidth `sigma n^(-1/5)`, as
+/// `scipy.stats.gaussian_kde`), integrated numerically on [-10, 10] (2001 points). At
+/// most 2048 values are used (evenly strided). PG-DiffSeg's measure of how Gaussian a
+/// starting noise is: 0 for a standard normal, `mu^2 / 2` for N(mu, 1). Returns
+/// infinity for constant input (a point mass).
+pub fn kde_kl_to_standard_normal(values: &[f32]) -> f64 {
+    let stride = values.len().div_ceil(2048).max(1);
+    let v: Vec<f64> = values.iter().step_by(stride).map(|&x| x as f64).filter(|x| x.is_finite()).collect();
+    let n = v.len();
+    if n < 2 {
+        return f64::INFINITY;
+    }
+    let m = v.iter().sum::<f64>() / n as f64;
+    let sd = (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt();
+    if sd <= 1e-12 {
+        return f64::INFINITY;
+    }
+    let bw = sd * (n as f64).powf(-0.2);
+    let norm = 1.0 / (n as f64 * bw * (2.0 * std::f64::consts::PI).sqrt());
+    let (lo, hi, pts) = (-10.0, 10.0, 2001);
+    let dx = (hi - lo) / (pts - 1) as f64;
+    let mut kl = 0.0;
+    for i in 0..pts {
+        let x = lo + i as f64 * dx;
+        let p: f64 = v.iter().map(|&c| (-0.5 * ((x - c) / bw).powi(2)).exp()).sum::<f64>() * norm;
+        if p > 1e-300 {
+            let logq = -0.5 * x * x - 0.5 * (2.0 * std::f64::consts::PI).ln();
+            kl += p * (p.ln() - logq) * dx;
+        }
+    }
+    kl.max(0.0)
+}
+
 fn same_dim(a: ndarray::ArrayView2<f32>, b: ndarray::ArrayView2<f32>) -> Result<()> {
     if a.dim() != b.dim() || a.is_empty() {
         return Err(Error::Shape(format!("prediction is {:?} but ground truth is {:?} (and must not be empty)", b.dim(), a.dim())));
@@ -245,6 +279,36 @@ pub fn split_scores(truth: ndarray::ArrayView3<f32>, pred: ndarray::ArrayView3<f
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn kde_kl_known_cases() {
+        use rand::SeedableRng;
+        use rand_distr::{Distribution, StandardNormal};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        let std_normal: Vec<f32> = (0..2048).map(|_| StandardNormal.sample(&mut rng)).collect();
+        let kl0 = super::kde_kl_to_standard_normal(&std_normal);
+        assert!(kl0 < 0.01, "N(0,1): {kl0}");
+        // KL(N(2, 1) || N(0, 1)) = 2 (the KDE widens the density slightly)
+        let shifted: Vec<f32> = std_normal.iter().map(|v| v + 2.0).collect();
+        let kl2 = super::kde_kl_to_standard_normal(&shifted);
+        assert!((kl2 - 2.0).abs() < 0.15, "N(2,1): {kl2}");
+        // KL(N(0, 0.5^2) || N(0, 1)) = 0.5 (0.25 - 1 - ln 0.25) = 0.318
+        let narrow: Vec<f32> = std_normal.iter().map(|v| v * 0.5).collect();
+        let kln = super::kde_kl_to_standard_normal(&narrow);
+        assert!((kln - 0.318).abs() < 0.05, "N(0,0.25): {kln}");
+        assert!(super::kde_kl_to_standard_normal(&[1.0; 100]).is_infinite());
+    }
+
+    #[test]
+    fn ssim_of_an_image_with_itself_and_with_noise() {
+        use rand::SeedableRng;
+        use rand_distr::{Distribution, StandardNormal};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
+        let a = ndarray::Array2::from_shape_fn((32, 32), |(y, x)| ((x as f32) * 0.3).sin() + (y as f32) * 0.05);
+        assert!((super::ssim(a.view(), a.view()).unwrap() - 1.0).abs() < 1e-9);
+        let n = ndarray::Array2::from_shape_fn((32, 32), |_| StandardNormal.sample(&mut rng));
+        assert!(super::ssim(a.view(), n.view()).unwrap().abs() < 0.1);
+    }
+
     use super::*;
     use ndarray::array;
 

@@ -17,6 +17,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
 use crate::image::check_finite;
+use crate::diffseg::{DiffusionOptions, PgDiffConfig, PgDiffNet};
 use crate::nn::dmqpm::{DmQpmConfig, DmQpmNet};
 use crate::nn::musplit::{MuSplitConfig, MuSplitNet};
 use crate::nn::unet::{Unet, UnetConfig};
@@ -46,6 +47,9 @@ pub enum ModelKind {
     /// muSplit: decomposition of one fluorescence image into two structures (LC U-Net
     /// or LC hierarchical VAE, see `nn::musplit`).
     Musplit,
+    /// PG-DiffSeg: prior-guided latent-diffusion segmentation of QPI (autoencoder,
+    /// LDM-P and LDM-S, see `diffseg`).
+    Pgdiff,
 }
 
 impl ModelKind {
@@ -54,6 +58,7 @@ impl ModelKind {
             ModelKind::Unet => "unet",
             ModelKind::Dmqpm => "dmqpm",
             ModelKind::Musplit => "musplit",
+            ModelKind::Pgdiff => "pgdiff",
         }
     }
     pub fn parse(s: &str) -> Result<Self> {
@@ -61,7 +66,8 @@ impl ModelKind {
             "unet" | "nnunet" => Ok(ModelKind::Unet),
             "dmqpm" | "dm-qpmnet" | "dm_qpmnet" | "dmqpmnet" => Ok(ModelKind::Dmqpm),
             "musplit" | "usplit" | "mu_split" | "microsplit" => Ok(ModelKind::Musplit),
-            other => Err(Error::Config(format!("unknown model kind '{other}'; expected one of: unet, dmqpm, musplit"))),
+            "pgdiff" | "pg-diffseg" | "pgdiffseg" | "pg_diffseg" | "diffseg" => Ok(ModelKind::Pgdiff),
+            other => Err(Error::Config(format!("unknown model kind '{other}'; expected one of: unet, dmqpm, musplit, pgdiff"))),
         }
     }
     pub fn can_segment(&self) -> bool {
@@ -191,6 +197,7 @@ pub enum Net {
     Unet(Unet),
     Dmqpm(DmQpmNet),
     Musplit(MuSplitNet),
+    Pgdiff(PgDiffNet),
 }
 
 impl Net {
@@ -231,14 +238,21 @@ impl Net {
                 }
                 Ok(Net::Musplit(MuSplitNet::new(p, &cfg, meta.classes.len() as i64)?))
             }
+            ModelKind::Pgdiff => {
+                let cfg: PgDiffConfig = serde_json::from_value(meta.architecture.clone())
+                    .map_err(|e| Error::ModelFormat(format!("invalid pgdiff architecture: {e}")))?;
+                Ok(Net::Pgdiff(PgDiffNet::new(p, &cfg, meta.input_channels.len() as i64, meta.classes.len() as i64)?))
+            }
         }
     }
     /// `(N, C, H, W)` -> logits, full resolution first (deep supervision outputs follow).
-    pub fn forward(&self, x: &Tensor, deep_supervision: bool) -> Vec<Tensor> {
+    /// A PG-DiffSeg model has no single forward pass (it samples; see `diffseg`).
+    pub fn forward(&self, x: &Tensor, deep_supervision: bool) -> Result<Vec<Tensor>> {
         match self {
-            Net::Unet(u) => u.forward(x, deep_supervision),
-            Net::Dmqpm(d) => d.forward(x, deep_supervision),
-            Net::Musplit(m) => vec![m.forward_t(x, false).mean],
+            Net::Unet(u) => Ok(u.forward(x, deep_supervision)),
+            Net::Dmqpm(d) => Ok(d.forward(x, deep_supervision)),
+            Net::Musplit(m) => Ok(vec![m.forward_t(x, false).mean]),
+            Net::Pgdiff(_) => Err(Error::Unsupported("a pgdiff model has no single forward pass; it segments by diffusion sampling".into())),
         }
     }
     /// Height and width must be multiples of this.
@@ -247,6 +261,7 @@ impl Net {
             ModelKind::Unet => serde_json::from_value::<UnetConfig>(meta.architecture.clone()).map(|c| c.divisor()).unwrap_or(1),
             ModelKind::Dmqpm => serde_json::from_value::<DmQpmConfig>(meta.architecture.clone()).map(|c| c.divisor()).unwrap_or(1),
             ModelKind::Musplit => serde_json::from_value::<MuSplitConfig>(meta.architecture.clone()).map(|c| c.divisor()).unwrap_or(1),
+            ModelKind::Pgdiff => serde_json::from_value::<PgDiffConfig>(meta.architecture.clone()).map(|c| c.divisor()).unwrap_or(1),
         }
     }
 }
@@ -274,11 +289,13 @@ pub struct SegmentOptions {
     pub batch_size: usize,
     /// Test-time mirroring (4 flips averaged): better, 4x slower.
     pub mirror: bool,
+    /// PG-DiffSeg sampling; `None` = the model's defaults. Ignored by other kinds.
+    pub diffusion: Option<DiffusionOptions>,
 }
 
 impl Default for SegmentOptions {
     fn default() -> Self {
-        SegmentOptions { tile: None, step_fraction: 0.5, batch_size: 4, mirror: false }
+        SegmentOptions { tile: None, step_fraction: 0.5, batch_size: 4, mirror: false, diffusion: None }
     }
 }
 
@@ -345,6 +362,12 @@ impl Model {
         weights::save(path, &tensors, md)
     }
 
+    /// Runs `f` with the network (under the model's lock): for inspection and tools
+    /// that drive the network directly (tests, benchmarks).
+    pub fn with_net<R>(&self, f: impl FnOnce(&Net) -> R) -> R {
+        f(&self.inner.lock().net)
+    }
+
     pub fn device(&self) -> Device {
         self.device
     }
@@ -403,9 +426,28 @@ impl Model {
         let aff = self.meta.normalization.resolve(frame)?;
         let device = self.device;
         let inner = self.inner.lock();
+        let diff_opts = match (&inner.net, opts.diffusion) {
+            (Net::Pgdiff(d), o) => {
+                let o = o.unwrap_or(d.cfg.sampling);
+                o.validate(d.schedule.len())?;
+                Some(o)
+            }
+            _ => None,
+        };
+        // the sampler checks for cancellation between its steps
+        let inner_monitor = Monitor { progress: None, cancel: monitor.cancel.clone() };
+        let mut batch_no = 0u64;
         let prepare = |t: &Tensor| apply_affine(t, &aff, device);
         let mut net_probs = |x: &Tensor| -> Result<Tensor> {
-            Ok(inner.net.forward(x, false).swap_remove(0).f_softmax(1, Kind::Float)?)
+            match (&inner.net, diff_opts) {
+                (Net::Pgdiff(d), Some(o)) => {
+                    // every batch of tiles draws from its own stream: (seed, batch index)
+                    let stream = crate::train::per_epoch_seed(o.seed, batch_no as usize);
+                    batch_no += 1;
+                    Ok(d.predict(x, &o, stream, &inner_monitor)?.probabilities)
+                }
+                (net, _) => Ok(net.forward(x, false)?.swap_remove(0).f_softmax(1, Kind::Float)?),
+            }
         };
         let mut predict = |x: &Tensor| -> Result<Tensor> {
             tch::no_grad(|| if opts.mirror { mirrored(x, &mut net_probs) } else { net_probs(x) })
@@ -437,6 +479,17 @@ impl Model {
         let mut m = crate::image::Mask::zeros((h, w));
         self.segment(frame, opts, SegmentOutput::Labels(m.view_mut()), &mut Monitor::none())?;
         Ok(m)
+    }
+
+    /// The sampling a PG-DiffSeg model was saved with.
+    pub fn diffusion_defaults(&self) -> Result<DiffusionOptions> {
+        match &self.inner.lock().net {
+            Net::Pgdiff(d) => Ok(d.cfg.sampling),
+            _ => Err(Error::Unsupported(format!(
+                "diffusion options apply to pgdiff models; this is a '{}' model",
+                self.meta.kind.name()
+            ))),
+        }
     }
 
     /// The decompose verb: not available for segmentation kinds.

@@ -40,18 +40,18 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::dataset::is_tiff;
-use crate::device::{device_name, parse_device};
+use crate::device::parse_device;
 use crate::error::{Error, Result};
 use crate::image::{array3_to_tensor, Image};
 use crate::io::tiff;
 use crate::lc::{self, LcBand};
 use crate::metrics;
 use crate::nn::musplit::SplitVariant;
-use crate::model::{EpochRecord, Model, ModelKind, ModelMeta, Net, Provenance, TORCH_RNG};
+use crate::model::{EpochRecord, Model, ModelKind, ModelMeta, Net, TORCH_RNG};
 use crate::normalize::{ChannelNorm, NormMethod, Normalizer};
 use crate::progress::{Monitor, Progress, Stage};
 use crate::tiling::{centre_tiles, mirrored, CentreTiles};
-use crate::train::{now_unix, per_epoch_seed, sibling, TrainConfig, TrainOutcome};
+use crate::train::{per_epoch_seed, sibling, RunInfo, TrainConfig, TrainOutcome};
 use crate::weights;
 
 /// One training frame: the superimposed input and the two structures.
@@ -439,17 +439,8 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
     let train_s: Vec<&SplitSample> = train_idx.iter().map(|&i| &samples[i]).collect();
     let val_s: Vec<&SplitSample> = val_idx.iter().map(|&i| &samples[i]).collect();
     let names = |v: &[&SplitSample]| v.iter().map(|s| s.name.clone()).collect::<Vec<_>>();
-    let record = serde_json::json!({
-        "lumos_version": env!("CARGO_PKG_VERSION"),
-        "started_unix": now_unix(),
-        "config": cfg,
-        "seed": cfg.seed,
-        "data": data_dir.display().to_string(),
-        "train_images": names(&train_s),
-        "val_images": names(&val_s),
-        "device": device_name(device),
-    });
-    weights::write_atomic(&record_path, serde_json::to_string_pretty(&record).expect("json").as_bytes())?;
+    let run = RunInfo { cfg, data_dir, train_names: names(&train_s), val_names: names(&val_s), device, t0 };
+    run.write_record(&record_path)?;
 
     let q = [NormMethod::RobustQuantile { q_low: 0.0, q_high: 0.995 }];
     let in_norm = Normalizer::fit(&q, &train_s.iter().map(|s| &s.input).collect::<Vec<_>>())?;
@@ -501,20 +492,6 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
     }
 
     let eval_opts = DecomposeOptions { seed: cfg.seed, ..Default::default() };
-    let provenance = |epochs: usize, history: &[EpochRecord]| Provenance {
-        lumos_version: env!("CARGO_PKG_VERSION").into(),
-        created_unix: now_unix(),
-        seed: cfg.seed,
-        train_config: serde_json::to_value(cfg).expect("json"),
-        data: data_dir.display().to_string(),
-        train_images: names(&train_s),
-        val_images: names(&val_s),
-        epochs_completed: epochs,
-        val_dice: None,
-        device: device_name(device),
-        wall_seconds: t0.elapsed().as_secs_f64(),
-        history: history.to_vec(),
-    };
     for epoch in start_epoch..cfg.epochs {
         let te = Instant::now();
         let es = per_epoch_seed(cfg.seed, epoch);
@@ -535,6 +512,11 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
                 let inner = model.lock();
                 let Net::Musplit(net) = &inner.net else { unreachable!("a musplit model holds a musplit net") };
                 let out = net.forward_t(&x, true);
+                if log::log_enabled!(log::Level::Debug) {
+                    let kl = out.kl.as_ref().map(|k| k.double_value(&[])).unwrap_or(f64::NAN);
+                    let mean_abs = out.mean.abs().max().double_value(&[]);
+                    log::debug!("epoch {epoch} iteration {it}: KL {kl:.4}, max |mean| {mean_abs:.3}");
+                }
                 net.loss(&out, &y)
             };
             opt.zero_grad();
@@ -600,11 +582,11 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
         };
         let mut md = HashMap::new();
         md.insert(CHECKPOINT_KEY.to_string(), serde_json::to_string(&st).expect("json"));
-        model.meta.provenance = provenance(epoch + 1, &history);
+        model.meta.provenance = run.provenance(epoch + 1, &history);
         model.save_with(&ckpt_path, &opt.state(), md)?;
         monitor.emit(Progress { stage: Stage::Checkpoint, epoch, epochs: cfg.epochs, ..Progress::new(Stage::Checkpoint) });
     }
-    model.meta.provenance = provenance(cfg.epochs, &history);
+    model.meta.provenance = run.provenance(cfg.epochs, &history);
     model.save(output)?;
     monitor.emit(Progress { stage: Stage::Done, epoch: cfg.epochs, epochs: cfg.epochs, ..Progress::new(Stage::Done) });
     Ok(TrainOutcome { model, history })

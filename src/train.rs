@@ -25,6 +25,7 @@ use crate::metrics;
 use crate::model::{EpochRecord, Model, ModelKind, ModelMeta, SegmentOptions};
 use crate::nn::loss::deep_supervision_loss;
 use crate::nn::dmqpm::DmQpmConfig;
+use crate::diffseg::PgDiffConfig;
 use crate::nn::musplit::MuSplitConfig;
 use crate::nn::unet::UnetConfig;
 use crate::normalize::{NormMethod, Normalizer};
@@ -35,7 +36,7 @@ use crate::weights;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
-    /// Model kind: "unet" or "dmqpm".
+    /// Model kind: "unet", "dmqpm", "musplit" or "pgdiff".
     pub kind: String,
     /// Architecture of a "unet" model.
     pub unet: UnetConfig,
@@ -46,6 +47,10 @@ pub struct TrainConfig {
     /// below (learning_rate, momentum, weight_decay, grad_clip, foreground_oversampling,
     /// deep_supervision, augmentation, normalization, classes) apply to segmentation kinds.
     pub musplit: MuSplitConfig,
+    /// Architecture, optimizer and default sampling of a "pgdiff" model (PG-DiffSeg;
+    /// trained with Adam on `DIR/images` + `DIR/masks`, see `diffseg`). `epochs` counts
+    /// the diffusion epochs, which follow `pgdiff.ae_epochs` autoencoder epochs.
+    pub pgdiff: PgDiffConfig,
     pub epochs: usize,
     pub iterations_per_epoch: usize,
     pub batch_size: usize,
@@ -87,6 +92,7 @@ impl Default for TrainConfig {
             unet: UnetConfig::default(),
             dmqpm: DmQpmConfig::default(),
             musplit: MuSplitConfig::default(),
+            pgdiff: PgDiffConfig::default(),
             epochs: 50,
             iterations_per_epoch: 50,
             batch_size: 4,
@@ -122,6 +128,12 @@ impl TrainConfig {
         match kind {
             ModelKind::Unet => self.unet.validate()?,
             ModelKind::Dmqpm => self.dmqpm.validate()?,
+            ModelKind::Pgdiff => {
+                self.pgdiff.validate()?;
+                if self.patch_size[0] != self.patch_size[1] {
+                    return Err(Error::Config(format!("patch_size {:?}: a pgdiff model trains on square tiles", self.patch_size)));
+                }
+            }
             ModelKind::Musplit => {
                 self.musplit.validate()?;
                 if self.patch_size[0] != self.patch_size[1] {
@@ -140,6 +152,7 @@ impl TrainConfig {
             ModelKind::Unet => self.unet.divisor(),
             ModelKind::Dmqpm => self.dmqpm.divisor(),
             ModelKind::Musplit => self.musplit.divisor(),
+            ModelKind::Pgdiff => self.pgdiff.divisor(),
         };
         if self.patch_size.iter().any(|&p| p == 0 || p % d != 0) {
             return Err(Error::Config(format!(
@@ -361,6 +374,9 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
     if kind == ModelKind::Musplit {
         return crate::split::train(cfg, data_dir, output, monitor);
     }
+    if kind == ModelKind::Pgdiff {
+        return crate::diffseg::train(cfg, data_dir, output, monitor);
+    }
     if output.as_os_str().is_empty() {
         return Err(Error::InvalidArgument("the output model path is empty".into()));
     }
@@ -379,39 +395,25 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
     let val_s: Vec<&Sample> = val_idx.iter().map(|&i| &samples[i]).collect();
 
     // the run is recorded before any work
-    let record = serde_json::json!({
-        "lumos_version": env!("CARGO_PKG_VERSION"),
-        "started_unix": now_unix(),
-        "config": cfg,
-        "seed": cfg.seed,
-        "data": data_dir.display().to_string(),
-        "train_images": train_s.iter().map(|s| s.name.clone()).collect::<Vec<_>>(),
-        "val_images": val_s.iter().map(|s| s.name.clone()).collect::<Vec<_>>(),
-        "device": device_name(device),
-    });
-    weights::write_atomic(&record_path, serde_json::to_string_pretty(&record).expect("json").as_bytes())?;
+    let run = RunInfo {
+        cfg,
+        data_dir,
+        train_names: train_s.iter().map(|s| s.name.clone()).collect(),
+        val_names: val_s.iter().map(|s| s.name.clone()).collect(),
+        device,
+        t0,
+    };
+    run.write_record(&record_path)?;
 
     let channel_names = samples[0].image.channel_names.clone();
-    let max_label = samples.iter().flat_map(|s| s.mask.iter()).copied().max().unwrap_or(0) as usize;
-    let classes: Vec<String> = if !cfg.classes.is_empty() {
-        if cfg.classes.len() <= max_label {
-            return Err(Error::Config(format!(
-                "{} class names given but the masks contain label {max_label}",
-                cfg.classes.len()
-            )));
-        }
-        cfg.classes.clone()
-    } else if max_label <= 1 {
-        vec!["background".into(), "cell".into()]
-    } else {
-        std::iter::once("background".to_string()).chain((1..=max_label).map(|k| format!("class{k}"))).collect()
-    };
+    let classes = class_names(cfg, &samples)?;
     let methods = if cfg.normalization.is_empty() { default_normalization(kind, &channel_names) } else { cfg.normalization.clone() };
     let normalizer = Normalizer::fit(&methods, &train_s.iter().map(|s| &s.image).collect::<Vec<&Image>>())?;
     let architecture = match kind {
         ModelKind::Unet => serde_json::to_value(&cfg.unet).expect("json"),
         ModelKind::Dmqpm => serde_json::to_value(&cfg.dmqpm).expect("json"),
         ModelKind::Musplit => unreachable!("musplit trains in split::train"),
+        ModelKind::Pgdiff => unreachable!("pgdiff trains in diffseg::train"),
     };
     let meta = ModelMeta::new(kind, architecture, channel_names, classes, cfg.patch_size, normalizer.clone());
 
@@ -456,7 +458,7 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
             let (x, y) = augment_batch(&x, &y, &cfg.augmentation, &mut rng);
             let loss = {
                 let inner = model.lock();
-                let outs = inner.net.forward(&x, cfg.deep_supervision);
+                let outs = inner.net.forward(&x, cfg.deep_supervision)?;
                 deep_supervision_loss(&outs, &y)
             };
             sgd.zero_grad();
@@ -507,39 +509,94 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
         let st = CheckpointState { epochs_completed: epoch + 1, config: cfg.clone(), history: history.clone() };
         let mut md = HashMap::new();
         md.insert(CHECKPOINT_KEY.to_string(), serde_json::to_string(&st).expect("json"));
-        model.meta.provenance = provenance(cfg, data_dir, &train_s, &val_s, epoch + 1, &history, device, t0);
+        model.meta.provenance = run.provenance(epoch + 1, &history);
         model.save_with(&ckpt_path, &sgd.state(), md)?;
         monitor.emit(Progress { stage: Stage::Checkpoint, epoch, epochs: cfg.epochs, ..Progress::new(Stage::Checkpoint) });
     }
-    model.meta.provenance = provenance(cfg, data_dir, &train_s, &val_s, cfg.epochs, &history, device, t0);
+    model.meta.provenance = run.provenance(cfg.epochs, &history);
     model.save(output)?;
     monitor.emit(Progress { stage: Stage::Done, epoch: cfg.epochs, epochs: cfg.epochs, ..Progress::new(Stage::Done) });
     Ok(TrainOutcome { model, history })
 }
 
-#[allow(clippy::too_many_arguments)]
-fn provenance(
-    cfg: &TrainConfig,
-    data_dir: &Path,
-    train_s: &[&Sample],
-    val_s: &[&Sample],
-    epochs_completed: usize,
-    history: &[EpochRecord],
-    device: Device,
-    t0: Instant,
-) -> crate::model::Provenance {
-    crate::model::Provenance {
-        lumos_version: env!("CARGO_PKG_VERSION").into(),
-        created_unix: now_unix(),
-        seed: cfg.seed,
-        train_config: serde_json::to_value(cfg).expect("json"),
-        data: data_dir.display().to_string(),
-        train_images: train_s.iter().map(|s| s.name.clone()).collect(),
-        val_images: val_s.iter().map(|s| s.name.clone()).collect(),
-        epochs_completed,
-        val_dice: history.last().map(|h| h.val_dice).filter(|v| v.is_finite()),
-        device: device_name(device),
-        wall_seconds: t0.elapsed().as_secs_f64(),
-        history: history.to_vec(),
+/// One training run's identity: written as `OUTPUT.train.json` before any work and
+/// stored as the model's provenance after every epoch.
+pub(crate) struct RunInfo<'a> {
+    pub cfg: &'a TrainConfig,
+    pub data_dir: &'a Path,
+    pub train_names: Vec<String>,
+    pub val_names: Vec<String>,
+    pub device: Device,
+    pub t0: Instant,
+}
+
+impl RunInfo<'_> {
+    /// Writes the run record (config, seed, data split, device) atomically.
+    pub fn write_record(&self, path: &Path) -> Result<()> {
+        let record = serde_json::json!({
+            "lumos_version": env!("CARGO_PKG_VERSION"),
+            "started_unix": now_unix(),
+            "config": self.cfg,
+            "seed": self.cfg.seed,
+            "data": self.data_dir.display().to_string(),
+            "train_images": self.train_names,
+            "val_images": self.val_names,
+            "device": device_name(self.device),
+        });
+        weights::write_atomic(path, serde_json::to_string_pretty(&record).expect("json").as_bytes())
     }
+
+    pub fn provenance(&self, epochs_completed: usize, history: &[EpochRecord]) -> crate::model::Provenance {
+        crate::model::Provenance {
+            lumos_version: env!("CARGO_PKG_VERSION").into(),
+            created_unix: now_unix(),
+            seed: self.cfg.seed,
+            train_config: serde_json::to_value(self.cfg).expect("json"),
+            data: self.data_dir.display().to_string(),
+            train_images: self.train_names.clone(),
+            val_images: self.val_names.clone(),
+            epochs_completed,
+            val_dice: history.iter().rev().map(|h| h.val_dice).find(|v| v.is_finite()),
+            device: device_name(self.device),
+            wall_seconds: self.t0.elapsed().as_secs_f64(),
+            history: history.to_vec(),
+        }
+    }
+}
+
+/// Class names: the config's (at least one per mask label), or "background" and "cell"
+/// for binary masks, or "background", "class1", ... otherwise.
+pub(crate) fn class_names(cfg: &TrainConfig, samples: &[Sample]) -> Result<Vec<String>> {
+    let max_label = samples.iter().flat_map(|s| s.mask.iter()).copied().max().unwrap_or(0) as usize;
+    Ok(if !cfg.classes.is_empty() {
+        if cfg.classes.len() <= max_label {
+            return Err(Error::Config(format!(
+                "{} class names given but the masks contain label {max_label}; expected at least {} names",
+                cfg.classes.len(),
+                max_label + 1
+            )));
+        }
+        cfg.classes.clone()
+    } else if max_label <= 1 {
+        vec!["background".into(), "cell".into()]
+    } else {
+        std::iter::once("background".to_string()).chain((1..=max_label).map(|k| format!("class{k}"))).collect()
+    })
+}
+
+/// Reuses a model file left by an earlier run when it was trained by this lumos version
+/// with exactly `tc` (all epochs done): comparisons resume instead of retraining.
+/// Returns the model and its recorded training time.
+pub(crate) fn reuse_trained(path: &Path, tc: &TrainConfig) -> Option<(Model, f64)> {
+    if !path.is_file() {
+        return None;
+    }
+    let m = Model::load(path, parse_device(&tc.device).ok()?).ok()?;
+    let p = &m.meta.provenance;
+    let same = p.lumos_version == env!("CARGO_PKG_VERSION") && p.train_config == serde_json::to_value(tc).ok()? && !p.history.is_empty();
+    let secs = p.wall_seconds;
+    same.then(|| {
+        log::info!("reusing '{}' (same configuration, trained in {secs:.0} s)", path.display());
+        (m, secs)
+    })
 }

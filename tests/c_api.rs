@@ -127,3 +127,28 @@ fn musplit_train_then_decompose_in_a_fresh_process() {
     let m = lumos::Model::load(&model, tch::Device::Cpu).unwrap();
     assert_eq!(m.meta.kind, lumos::model::ModelKind::Musplit);
 }
+
+#[test]
+fn pgdiff_train_save_reload_segment_in_a_fresh_process() {
+    use lumos::sim::qpi::{write_dataset, QpiConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write_dataset(&data, 3, 1, &QpiConfig { size: 48, ..Default::default() }, 6).unwrap();
+    let image = data.join("test/images/qpi_0000.tif");
+    let exe = dir.path().join("pgdiff_roundtrip");
+    build_source("gcc", &["-std=c11", "-x", "c"], "tests/c/pgdiff_roundtrip.c", &exe);
+    let model = dir.path().join("pg.lumos");
+    let (o1, o2) = (dir.path().join("in_training_process.bin"), dir.path().join("fresh_process.bin"));
+    let go = |args: &[&std::ffi::OsStr]| {
+        let out = Command::new(&exe).args(args).output().unwrap();
+        println!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{:?} failed", args);
+    };
+    go(&["train".as_ref(), data.join("train").as_os_str(), model.as_os_str(), image.as_os_str(), o1.as_os_str()]);
+    go(&["segment".as_ref(), model.as_os_str(), image.as_os_str(), o2.as_os_str()]);
+    let (a, b) = (std::fs::read(&o1).unwrap(), std::fs::read(&o2).unwrap());
+    assert_eq!(a.len(), 2 * 48 * 48);
+    assert!(a == b, "the reloaded model segments differently");
+    let m = lumos::Model::load(&model, tch::Device::Cpu).unwrap();
+    assert_eq!(m.meta.kind, lumos::model::ModelKind::Pgdiff);
+}

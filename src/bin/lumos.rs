@@ -48,6 +48,10 @@ enum Cmd {
     /// Re-run the muSplit paper's comparisons (U-Net and HVAE, without and with lateral
     /// context; inner vs outer padding) on simulated two-structure fluorescence.
     SplitCompare(SplitCompareArgs),
+    /// Re-run the PG-DiffSeg paper's Table 2 (random starts with majority voting vs the
+    /// prior start, nnU-Net) and Table 3 (starting-noise ablation), plus quality against
+    /// network evaluations, on simulated QPI; writes a report.
+    DiffCompare(DiffCompareArgs),
     /// Re-run the DM-QPMNet paper's comparisons (fusion stage, attention vs concat,
     /// directed vs bidirectional, early fusion, single modalities, leave-one-out) on
     /// simulated ssQPM data, several seeds, one training budget; writes a report.
@@ -97,6 +101,9 @@ enum Modality {
     /// Widefield fluorescence of two superimposed structures (muSplit data:
     /// DIR/{train,test}/inputs and targets).
     Fluo,
+    /// Quantitative phase images of live and dead cells (PG-DiffSeg data: phase in
+    /// radians; masks 0 background, 1 live, 2 dead).
+    Qpi,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -182,6 +189,32 @@ struct SplitCompareArgs {
     device: String,
 }
 
+#[derive(Args)]
+struct DiffCompareArgs {
+    /// tiny (seconds, tests), cpu (small networks on 128-pixel tiles, 2-core CPU) or
+    /// paper (the paper's networks on 256-pixel tiles; a GPU job).
+    #[arg(long, default_value = "cpu")]
+    preset: String,
+    /// Training seeds, comma-separated.
+    #[arg(long, default_value = "0,1,2", value_delimiter = ',')]
+    seeds: Vec<u64>,
+    /// Existing data folder (train/ and test/ with images/ and masks/); default: simulate.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    #[arg(long, default_value_t = 3000)]
+    data_seed: u64,
+    /// Seed of the random starting noise at evaluation.
+    #[arg(long, default_value_t = 0)]
+    eval_seed: u64,
+    #[arg(long, short, default_value = "docs/results/pgdiff")]
+    out: PathBuf,
+    /// Models and simulated data; a rerun reuses models trained with the same config.
+    #[arg(long, default_value = "out/diff-compare")]
+    work: PathBuf,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum ConfluenceArg {
     Low,
@@ -242,10 +275,15 @@ struct TrainArgs {
     device: Option<String>,
     #[arg(long)]
     seed: Option<u64>,
-    /// Model kind: unet (nnU-Net) or dmqpm (DM-QPMNet; its variant and fusion options
-    /// come from the config's "dmqpm" section).
+    /// Model kind: unet (nnU-Net), dmqpm (DM-QPMNet; its variant and fusion options
+    /// come from the config's "dmqpm" section), musplit (decomposition) or pgdiff
+    /// (PG-DiffSeg; see --pgdiff-preset).
     #[arg(long)]
     kind: Option<String>,
+    /// pgdiff networks when no config is given: paper (the paper's sizes, 256 x 256
+    /// tiles; a GPU job), cpu (small networks, 128 x 128 tiles) or tiny (tests).
+    #[arg(long, default_value = "paper")]
+    pgdiff_preset: String,
     /// Continue from OUT.ckpt when it exists.
     #[arg(long)]
     resume: bool,
@@ -271,11 +309,48 @@ struct TileArgs {
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "auto")]
     device: String,
+    /// PG-DiffSeg: starting noise (prior = LDM-P inversion, random, forward).
+    #[arg(long)]
+    start: Option<String>,
+    /// PG-DiffSeg: DDIM inversion steps (default: the model's, paper 100).
+    #[arg(long)]
+    inversion_steps: Option<usize>,
+    /// PG-DiffSeg: DDIM sampling steps (default: the model's, paper 200).
+    #[arg(long)]
+    sampling_steps: Option<usize>,
+    /// PG-DiffSeg: DDIM eta (0 = deterministic).
+    #[arg(long)]
+    eta: Option<f64>,
+    /// PG-DiffSeg: samples per tile, combined by majority voting.
+    #[arg(long)]
+    samples: Option<usize>,
+    /// PG-DiffSeg: timestep of the forward-diffusion start.
+    #[arg(long)]
+    forward_t: Option<usize>,
+    /// PG-DiffSeg: seed of the random draws.
+    #[arg(long)]
+    diffusion_seed: Option<u64>,
 }
 
 impl TileArgs {
-    fn options(&self) -> SegmentOptions {
-        SegmentOptions { tile: self.tile.map(|t| [t, t]), step_fraction: self.step, batch_size: self.batch, mirror: self.mirror }
+    /// Tiling options; for a PG-DiffSeg model the model's sampling with the flags applied.
+    fn options(&self, model: &Model) -> Result<SegmentOptions> {
+        let diffusion = match model.diffusion_defaults() {
+            Ok(mut d) => {
+                if let Some(v) = &self.start {
+                    d.start = lumos::diffseg::StartNoise::parse(v)?;
+                }
+                d.inversion_steps = self.inversion_steps.unwrap_or(d.inversion_steps);
+                d.sampling_steps = self.sampling_steps.unwrap_or(d.sampling_steps);
+                d.eta = self.eta.unwrap_or(d.eta);
+                d.samples = self.samples.unwrap_or(d.samples);
+                d.forward_t = self.forward_t.unwrap_or(d.forward_t);
+                d.seed = self.diffusion_seed.unwrap_or(d.seed);
+                Some(d)
+            }
+            Err(_) => None,
+        };
+        Ok(SegmentOptions { tile: self.tile.map(|t| [t, t]), step_fraction: self.step, batch_size: self.batch, mirror: self.mirror, diffusion })
     }
 }
 
@@ -348,6 +423,7 @@ fn main() {
         Cmd::Compare(a) => compare(a),
         Cmd::Decompose(a) => decompose(a),
         Cmd::SplitCompare(a) => split_compare(a),
+        Cmd::DiffCompare(a) => diff_compare(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e}");
@@ -359,6 +435,26 @@ fn main() {
 }
 
 fn simulate(a: SimulateArgs) -> Result<()> {
+    if let Modality::Qpi = a.modality {
+        let mut cfg: lumos::sim::qpi::QpiConfig = match &a.config {
+            Some(p) => serde_json::from_str(&std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?)
+                .map_err(|e| Error::Config(format!("{}: {e}", p.display())))?,
+            None => lumos::sim::qpi::QpiConfig::default(),
+        };
+        cfg.size = a.size;
+        let t = Instant::now();
+        let [tr, te] = lumos::sim::qpi::write_dataset(&a.out, a.train, a.test, &cfg, a.seed)?;
+        println!(
+            "simulated {} training and {} test QPI frames ({}x{}, background / live / dead) into {} in {:.1} s",
+            tr.len(),
+            te.len(),
+            cfg.size,
+            cfg.size,
+            a.out.display(),
+            t.elapsed().as_secs_f64()
+        );
+        return Ok(());
+    }
     if let Modality::Fluo = a.modality {
         let mut cfg: FluoConfig = match &a.config {
             Some(p) => serde_json::from_str(&std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?)
@@ -478,6 +574,18 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         if cfg.kind.eq_ignore_ascii_case("musplit") && a.config.is_none() && a.patch.is_none() {
             cfg.patch_size = [64, 64];
         }
+        if lumos::model::ModelKind::parse(&cfg.kind)? == lumos::model::ModelKind::Pgdiff && a.config.is_none() {
+            let (pc, patch) = match a.pgdiff_preset.as_str() {
+                "paper" => (lumos::diffseg::PgDiffConfig::default(), 256),
+                "cpu" => (lumos::diffseg::PgDiffConfig::cpu(), 128),
+                "tiny" => (lumos::diffseg::PgDiffConfig::tiny(), 32),
+                o => return Err(Error::InvalidArgument(format!("--pgdiff-preset '{o}'; expected paper, cpu or tiny"))),
+            };
+            cfg.pgdiff = pc;
+            if a.patch.is_none() {
+                cfg.patch_size = [patch, patch];
+            }
+        }
         cfg.validate()?;
     }
     cfg.resume |= a.resume;
@@ -526,7 +634,7 @@ fn segment(a: SegmentArgs) -> Result<()> {
     let files = tiff_files(&a.input)?;
     std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
     let bar = tile_bar(files.len());
-    let opts = a.tiles.options();
+    let opts = a.tiles.options(&model)?;
     let mut table = Table::new();
     table.load_preset(UTF8_FULL_CONDENSED).set_header(["image", "size", "foreground %", "seconds"]);
     for f in &files {
@@ -611,7 +719,7 @@ fn evaluation_json(model_path: &Path, data: &Path, ev: &Evaluation, sum: &metric
 
 fn evaluate(a: EvaluateArgs) -> Result<metrics::Summary> {
     let model = Model::load(&a.model, parse_device(&a.tiles.device)?)?;
-    let ev = evaluate_folder(&model, &a.data, &a.tiles.options())?;
+    let ev = evaluate_folder(&model, &a.data, &a.tiles.options(&model)?)?;
     let (table, sum) = score_table(&model, &ev);
     println!("{table}");
     if let Some(j) = &a.json {
@@ -838,6 +946,45 @@ fn decompose(a: DecomposeArgs) -> Result<()> {
     Ok(())
 }
 
+/// This process's command line, quoted where needed (recorded in reports).
+fn command_line() -> String {
+    std::env::args().map(|s| if s.contains(' ') { format!("'{s}'") } else { s }).collect::<Vec<_>>().join(" ")
+}
+
+fn diff_compare(a: DiffCompareArgs) -> Result<()> {
+    let opts = lumos::compare_diff::DiffCompareOptions {
+        preset: lumos::compare_diff::DiffPreset::parse(&a.preset)?,
+        seeds: a.seeds.clone(),
+        data: a.data.clone(),
+        data_seed: a.data_seed,
+        work: a.work.clone(),
+        device: device_name(parse_device(&a.device)?),
+        eval_seed: a.eval_seed,
+    };
+    let command = command_line();
+    let bar = ProgressBar::new((19 * opts.seeds.len()) as u64);
+    bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} rows").expect("template"));
+    let report = lumos::compare_diff::run(&opts, &command, |r| {
+        say(&bar, format!(
+            "{:<26} seed {}  mIoU {:.3}  F1 {:.3}  noise SSIM {:.3}  KLD {:.4}  ({} evaluations, {:.3} s/tile)",
+            r.row,
+            r.seed,
+            metrics::mean(&r.miou),
+            metrics::mean(&r.f1),
+            metrics::mean(&r.noise_ssim),
+            metrics::mean(&r.noise_kld),
+            r.evaluations,
+            r.seconds_per_tile
+        ));
+        bar.inc(1);
+    })?;
+    bar.finish_and_clear();
+    report.write(&a.out)?;
+    println!("{}", report.markdown());
+    println!("report written to {}/README.md and results.json", a.out.display());
+    Ok(())
+}
+
 fn split_compare(a: SplitCompareArgs) -> Result<()> {
     let opts = lumos::compare_split::SplitCompareOptions {
         preset: lumos::compare_split::SplitPreset::parse(&a.preset)?,
@@ -850,7 +997,7 @@ fn split_compare(a: SplitCompareArgs) -> Result<()> {
         epochs: a.epochs,
         iterations: a.iterations,
     };
-    let command = std::env::args().map(|s| if s.contains(' ') { format!("'{s}'") } else { s }).collect::<Vec<_>>().join(" ");
+    let command = command_line();
     let bar = ProgressBar::new((4 * 2 * opts.seeds.len()) as u64);
     bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} evaluations").expect("template"));
     let report = lumos::compare_split::run(&opts, &command, |r| {

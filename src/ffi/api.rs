@@ -7,6 +7,7 @@ use ndarray::{ArrayView3, ArrayViewMut2, ArrayViewMut3};
 
 use super::{arg_str, guard, last_error_ptr, null, Fail, LumosStatus};
 use crate::device::{cuda_available, parse_device};
+use crate::diffseg::{DiffusionOptions, StartNoise};
 use crate::model::{Model, ModelKind, SegmentOptions, SegmentOutput};
 use crate::progress::{CancelToken, Monitor, Progress};
 use crate::split::DecomposeOptions;
@@ -60,6 +61,10 @@ pub enum LumosModelKind {
     /// muSplit decomposition (1 input channel, the superimposed image; 2 output
     /// channels, one per structure): LC U-Net or LC hierarchical VAE.
     Musplit = 3,
+    /// PG-DiffSeg latent-diffusion segmentation of QPI (1 input channel, the phase in
+    /// radians; classes background / live / dead). Segments by diffusion sampling: see
+    /// `lumos_segment_diffusion`.
+    Pgdiff = 4,
 }
 
 /// Facts about a loaded model, filled by `lumos_model_info`.
@@ -156,6 +161,79 @@ fn decompose_options(opts: *const LumosDecomposeOptions) -> DecomposeOptions {
     }
 }
 
+/// `LumosDiffusionOptions.start`: the starting noise is LDM-P's DDIM inversion of the
+/// image latent (PG-DiffSeg).
+pub const LUMOS_START_PRIOR: u32 = 0;
+/// `LumosDiffusionOptions.start`: random Gaussian starting noise (the diffusion baseline;
+/// `samples > 1` votes by majority).
+pub const LUMOS_START_RANDOM: u32 = 1;
+/// `LumosDiffusionOptions.start`: the image latent diffused forward to `forward_t`.
+pub const LUMOS_START_FORWARD: u32 = 2;
+
+/// Sampling options of PG-DiffSeg models (`lumos_segment_diffusion`). Fill with
+/// `lumos_diffusion_options_default` or `lumos_model_diffusion_options` first, then
+/// change fields. Network evaluations per tile: `inversion_steps` (prior start only)
+/// plus `samples * sampling_steps`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct LumosDiffusionOptions {
+    /// `LUMOS_START_PRIOR` (0), `LUMOS_START_RANDOM` (1) or `LUMOS_START_FORWARD` (2).
+    pub start: u32,
+    /// DDIM inversion steps of LDM-P, 1..T-1 (T = 1000 diffusion steps); paper: 100.
+    pub inversion_steps: usize,
+    /// DDIM sampling steps of LDM-S, 1..T-1; paper: 200.
+    pub sampling_steps: usize,
+    /// DDIM eta in [0, 1]; 0 = deterministic sampling.
+    pub eta: f64,
+    /// Samples per tile, 1..=64, combined by majority voting.
+    pub samples: usize,
+    /// Timestep of the forward-diffusion start, 0..T-1 (0 = the latent itself).
+    pub forward_t: usize,
+    /// Seed of every random draw; the same seed, input and options give the same labels.
+    pub seed: u64,
+}
+
+impl From<DiffusionOptions> for LumosDiffusionOptions {
+    fn from(d: DiffusionOptions) -> Self {
+        LumosDiffusionOptions {
+            start: match d.start {
+                StartNoise::Prior => LUMOS_START_PRIOR,
+                StartNoise::Random => LUMOS_START_RANDOM,
+                StartNoise::Forward => LUMOS_START_FORWARD,
+            },
+            inversion_steps: d.inversion_steps,
+            sampling_steps: d.sampling_steps,
+            eta: d.eta,
+            samples: d.samples,
+            forward_t: d.forward_t,
+            seed: d.seed,
+        }
+    }
+}
+
+fn diffusion_options(o: &LumosDiffusionOptions) -> Result<DiffusionOptions, Fail> {
+    let start = match o.start {
+        LUMOS_START_PRIOR => StartNoise::Prior,
+        LUMOS_START_RANDOM => StartNoise::Random,
+        LUMOS_START_FORWARD => StartNoise::Forward,
+        other => {
+            return Err(Fail(
+                LumosStatus::InvalidArgument,
+                format!("start = {other}; expected LUMOS_START_PRIOR (0), LUMOS_START_RANDOM (1) or LUMOS_START_FORWARD (2)"),
+            ));
+        }
+    };
+    Ok(DiffusionOptions {
+        start,
+        inversion_steps: o.inversion_steps,
+        sampling_steps: o.sampling_steps,
+        eta: o.eta,
+        samples: o.samples,
+        forward_t: o.forward_t,
+        seed: o.seed,
+    })
+}
+
 /// What a long operation reports (see `LumosProgressCallback`).
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
@@ -228,7 +306,7 @@ fn segment_options(opts: *const LumosTileOptions) -> Result<SegmentOptions, Fail
         }
         (h, w) => Some([h, w]),
     };
-    Ok(SegmentOptions { tile, step_fraction: o.step_fraction, batch_size: o.batch_size, mirror: o.mirror })
+    Ok(SegmentOptions { tile, step_fraction: o.step_fraction, batch_size: o.batch_size, mirror: o.mirror, diffusion: None })
 }
 
 fn cancel_of(c: *const LumosCancelToken) -> Option<CancelToken> {
@@ -379,6 +457,7 @@ pub unsafe extern "C" fn lumos_model_info(model: *const LumosModel, out_info: *m
                 ModelKind::Unet => LumosModelKind::Unet,
                 ModelKind::Dmqpm => LumosModelKind::Dmqpm,
                 ModelKind::Musplit => LumosModelKind::Musplit,
+                ModelKind::Pgdiff => LumosModelKind::Pgdiff,
             },
             n_input_channels: meta.input_channels.len(),
             n_classes: meta.classes.len(),
@@ -528,12 +607,26 @@ pub unsafe extern "C" fn lumos_segment(
         }
         check_out_len(out_len, height * width, "out_labels")?;
         let opts = segment_options(options)?;
-        let out = unsafe { std::slice::from_raw_parts_mut(out_labels, height * width) };
-        let view = ArrayViewMut2::from_shape((height, width), out).expect("length checked");
-        let mut mon = Monitor { progress: None, cancel: cancel_of(cancel) };
-        m.model.segment(x, &opts, SegmentOutput::Labels(view), &mut mon)?;
-        Ok(())
+        unsafe { segment_labels_into(m, x, &opts, cancel, out_labels, height, width) }
     })
+}
+
+/// Segments into the caller's label buffer (checked non-NULL and long enough).
+unsafe fn segment_labels_into(
+    m: &LumosModel,
+    x: ArrayView3<f32>,
+    opts: &SegmentOptions,
+    cancel: *const LumosCancelToken,
+    out_labels: *mut u8,
+    height: usize,
+    width: usize,
+) -> Result<(), Fail> {
+    // SAFETY: the caller checked that out_labels holds height * width bytes.
+    let out = unsafe { std::slice::from_raw_parts_mut(out_labels, height * width) };
+    let view = ArrayViewMut2::from_shape((height, width), out).expect("length checked");
+    let mut mon = Monitor { progress: None, cancel: cancel_of(cancel) };
+    m.model.segment(x, opts, SegmentOutput::Labels(view), &mut mon)?;
+    Ok(())
 }
 
 /// Segments one frame into class probabilities (softmax, blended across tiles).
@@ -568,6 +661,81 @@ pub unsafe extern "C" fn lumos_segment_probabilities(
         let mut mon = Monitor { progress: None, cancel: cancel_of(cancel) };
         m.model.segment(x, &opts, SegmentOutput::Probabilities(view), &mut mon)?;
         Ok(())
+    })
+}
+
+/// Fills `out_options` with the paper's sampling: prior start, 100 inversion steps, 200
+/// sampling steps, eta 0, 1 sample, forward_t 300, seed 0.
+/// Errors: NULL_POINTER. Thread-safe.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lumos_diffusion_options_default(out_options: *mut LumosDiffusionOptions) -> LumosStatus {
+    guard(|| {
+        if out_options.is_null() {
+            return Err(null("out_options"));
+        }
+        unsafe { *out_options = DiffusionOptions::default().into() };
+        Ok(())
+    })
+}
+
+/// Fills `out_options` with the sampling a PG-DiffSeg model was saved with (what
+/// `lumos_segment` uses for it).
+/// Errors: NULL_POINTER, UNSUPPORTED (not a PG-DiffSeg model). Thread-safe.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lumos_model_diffusion_options(model: *const LumosModel, out_options: *mut LumosDiffusionOptions) -> LumosStatus {
+    guard(|| {
+        let m = unsafe { model_ref(model) }?;
+        if out_options.is_null() {
+            return Err(null("out_options"));
+        }
+        let d = m.model.diffusion_defaults()?;
+        unsafe { *out_options = d.into() };
+        Ok(())
+    })
+}
+
+/// Segments one phase frame with a PG-DiffSeg model, with explicit sampling options.
+///
+/// Same contract as `lumos_segment` (input `(C, H, W)` floats in the training units, for
+/// QPI the phase in radians; `out_labels` caller-owned, `out_len >= height * width`
+/// bytes, class indices row-major), plus `diffusion`: NULL = the model's saved sampling
+/// (`lumos_model_diffusion_options`). Each tile is encoded, its starting noise made
+/// (prior / random / forward), the mask sampled by DDIM, resized to the tile and blended
+/// across tiles; cancelling stops between diffusion steps (CANCELLED). Cost grows with
+/// `inversion_steps + samples * sampling_steps` network evaluations per tile.
+///
+/// Errors: as `lumos_segment`, plus INVALID_ARGUMENT (steps out of range, eta outside
+/// [0, 1], samples outside 1..=64, unknown start) and UNSUPPORTED (not a PG-DiffSeg
+/// model). Thread-safe: concurrent calls on one model are serialized. Deterministic for
+/// a given seed, input and options.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lumos_segment_diffusion(
+    model: *const LumosModel,
+    input: *const f32,
+    channels: usize,
+    height: usize,
+    width: usize,
+    options: *const LumosTileOptions,
+    diffusion: *const LumosDiffusionOptions,
+    cancel: *const LumosCancelToken,
+    out_labels: *mut u8,
+    out_len: usize,
+) -> LumosStatus {
+    guard(|| {
+        let m = unsafe { model_ref(model) }?;
+        let x = unsafe { input_view(input, channels, height, width) }?;
+        if out_labels.is_null() {
+            return Err(null("out_labels"));
+        }
+        check_out_len(out_len, height * width, "out_labels")?;
+        let mut opts = segment_options(options)?;
+        let defaults = m.model.diffusion_defaults()?;
+        // SAFETY: the caller passes NULL or a valid LumosDiffusionOptions.
+        opts.diffusion = Some(match unsafe { diffusion.as_ref() } {
+            Some(d) => diffusion_options(d)?,
+            None => defaults,
+        });
+        unsafe { segment_labels_into(m, x, &opts, cancel, out_labels, height, width) }
     })
 }
 

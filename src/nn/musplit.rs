@@ -24,7 +24,8 @@
 //! 1x1 gate), `levels - 1` stochastic layers with `z_dim` channels each, a learned
 //! top prior, posteriors from the top-down state and the bottom-up value, stochastic skips
 //! (the top-down state is concatenated with the sample's features), and a pixelwise
-//! mean and log-variance (clipped at -5) for each output channel. Loss: per-channel
+//! mean and log-variance (bounded below by -5, smoothly) for each output channel; latent
+//! log-variances are bounded smoothly to (-6, 6). Loss: per-channel
 //! Gaussian NLL + `kl_weight` x KL (per layer divided by the latent size, averaged over
 //! layers). With `stochastic = false` (the HAE) the posterior mean is used, there is no
 //! KL, and the loss is the MSE.
@@ -378,6 +379,21 @@ pub struct MuSplitNet {
     n_out: i64,
 }
 
+/// Latent log-variances are bounded smoothly to (-LV_BOUND, LV_BOUND) (`b tanh(x / b)`):
+/// a hard clamp stops the gradient outside its range, and a prior variance near
+/// `e^-10` turns small mean differences into KL terms of 1e4-1e6 (training of the LC
+/// HVAE diverged that way).
+const LV_BOUND: f64 = 6.0;
+
+fn soft_bound(lv: &Tensor) -> Tensor {
+    (lv / LV_BOUND).tanh() * LV_BOUND
+}
+
+/// The pixelwise output log-variance, bounded below by -5 smoothly (`-5 + softplus(x + 5)`).
+fn soft_floor(lv: &Tensor) -> Tensor {
+    (lv + 5.0).softplus() - 5.0
+}
+
 fn gaussian_kl(mu_q: &Tensor, lv_q: &Tensor, mu_p: &Tensor, lv_p: &Tensor) -> Tensor {
     ((lv_p - lv_q) + (lv_q.exp() + (mu_q - mu_p).square()) / lv_p.exp() - 1.0) * 0.5
 }
@@ -402,13 +418,18 @@ impl MuSplitNet {
                 let dp = p / "top_down";
                 let (c, z) = (cfg.base_channels, cfg.z_dim);
                 let pad = nn::ConvConfig { padding: 1, ..Default::default() };
+                // prior and posterior start at N(0, 1) everywhere (zero weights): with
+                // default init the posterior log-variance and the prior / posterior mean
+                // gap are large, latent samples have std ~20, the initial KL is ~1e5 per
+                // element and training of the LC HVAE diverged on some seeds
+                let zero = nn::ConvConfig { ws_init: nn::Init::Const(0.0), bs_init: nn::Init::Const(0.0), ..pad };
                 let layers = (0..l - 1)
                     .map(|i| {
                         let lp = &dp / "layers" / i;
                         let top = i == 0;
                         TdLayer {
-                            prior: if top { None } else { Some(nn::conv2d(&lp / "prior", c, 2 * z, 3, pad)) },
-                            posterior: nn::conv2d(&lp / "posterior", if top { c } else { 2 * c }, 2 * z, 3, pad),
+                            prior: if top { None } else { Some(nn::conv2d(&lp / "prior", c, 2 * z, 3, zero)) },
+                            posterior: nn::conv2d(&lp / "posterior", if top { c } else { 2 * c }, 2 * z, 3, zero),
                             z_proj: nn::conv2d(&lp / "z_proj", z, c, 1, Default::default()),
                             mix: nn::conv2d(&lp / "mix", if top { c } else { 2 * c }, c, 1, Default::default()),
                             unit: ResGated::new(&(&lp / "block"), c, cfg.dropout),
@@ -457,10 +478,10 @@ impl MuSplitNet {
                         }
                     };
                     let q = layer.posterior.forward(&q_in).chunk(2, 1);
-                    let (mu_q, lv_q) = (&q[0], q[1].clamp(-10.0, 10.0));
+                    let (mu_q, lv_q) = (&q[0], soft_bound(&q[1]));
                     let z = if d.stochastic {
                         let pp = p_params.chunk(2, 1);
-                        let (mu_p, lv_p) = (&pp[0], pp[1].clamp(-10.0, 10.0));
+                        let (mu_p, lv_p) = (&pp[0], soft_bound(&pp[1]));
                         let kl = gaussian_kl(mu_q, &lv_q, mu_p, &lv_p);
                         let per = kl.sum_dim_intlist(&[1i64, 2, 3][..], false, Kind::Float) / (kl.size()[1] * kl.size()[2] * kl.size()[3]) as f64;
                         kls.push(per.mean(Kind::Float));
@@ -480,7 +501,7 @@ impl MuSplitNet {
                 let y = d.final_unit.forward_t(h.as_ref().expect("at least one layer"), train);
                 let o = d.head.forward(&y).chunk(2, 1);
                 let kl = if kls.is_empty() { None } else { Some(Tensor::stack(&kls, 0).mean(Kind::Float)) };
-                SplitOutput { mean: o[0].shallow_clone(), logvar: Some(o[1].clamp_min(-5.0)), kl }
+                SplitOutput { mean: o[0].shallow_clone(), logvar: Some(soft_floor(&o[1])), kl }
             }
         }
     }

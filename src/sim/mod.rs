@@ -1,2 +1,3 @@
 pub mod ssqpm;
 pub mod fluo;
+pub mod qpi;

@@ -61,6 +61,14 @@ class _DecomposeOptions(C.Structure):
                 ("samples", C.c_size_t), ("seed", C.c_uint64)]
 
 
+class _DiffusionOptions(C.Structure):
+    _fields_ = [("start", C.c_uint32), ("inversion_steps", C.c_size_t), ("sampling_steps", C.c_size_t),
+                ("eta", C.c_double), ("samples", C.c_size_t), ("forward_t", C.c_size_t), ("seed", C.c_uint64)]
+
+
+_STARTS = {"prior": 0, "random": 1, "forward": 2}
+
+
 class _Progress(C.Structure):
     _fields_ = [("stage", C.c_uint32), ("epoch", C.c_size_t), ("epochs", C.c_size_t),
                 ("iteration", C.c_size_t), ("iterations", C.c_size_t),
@@ -111,6 +119,10 @@ def _load():
             "lumos_segment": ([P, P, S, S, S, C.POINTER(_TileOptions), P, P, S], st),
             "lumos_segment_probabilities": ([P, P, S, S, S, C.POINTER(_TileOptions), P, P, S], st),
             "lumos_decompose_options_default": ([C.POINTER(_DecomposeOptions)], st),
+            "lumos_diffusion_options_default": ([C.POINTER(_DiffusionOptions)], st),
+            "lumos_model_diffusion_options": ([P, C.POINTER(_DiffusionOptions)], st),
+            "lumos_segment_diffusion": ([P, P, S, S, S, C.POINTER(_TileOptions), C.POINTER(_DiffusionOptions), P, P,
+                                         S], st),
             "lumos_decompose": ([P, P, S, S, C.POINTER(_DecomposeOptions), P, P, S], st),
             "lumos_cancel_token_new": ([C.POINTER(P)], st),
             "lumos_cancel_token_cancel": ([P], st),
@@ -237,13 +249,41 @@ class Model:
     def save(self, path) -> None:
         _check(_load().lumos_model_save(self._h, os.fsencode(str(path))))
 
+    def diffusion_options(self) -> dict:
+        """The sampling a PG-DiffSeg model was saved with (what ``segment`` uses by default)."""
+        d = _DiffusionOptions()
+        _check(_load().lumos_model_diffusion_options(self._h, C.byref(d)))
+        start = {v: k for k, v in _STARTS.items()}[d.start]
+        return {"start": start, "inversion_steps": d.inversion_steps, "sampling_steps": d.sampling_steps,
+                "eta": d.eta, "samples": d.samples, "forward_t": d.forward_t, "seed": d.seed}
+
     def segment(self, image: np.ndarray, *, probabilities: bool = False, tile=None, step_fraction: float = 0.5,
-                batch_size: int = 4, mirror: bool = False, cancel: Optional[CancelToken] = None) -> np.ndarray:
-        """``image`` is (C, H, W). Returns (H, W) uint8 labels, or (K, H, W) float32 probabilities."""
+                batch_size: int = 4, mirror: bool = False, cancel: Optional[CancelToken] = None,
+                diffusion: Optional[dict] = None) -> np.ndarray:
+        """``image`` is (C, H, W). Returns (H, W) uint8 labels, or (K, H, W) float32 probabilities.
+
+        ``diffusion`` (PG-DiffSeg models, labels only): overrides of the model's sampling, keys
+        ``start`` ("prior", "random", "forward"), ``inversion_steps``, ``sampling_steps``, ``eta``,
+        ``samples``, ``forward_t``, ``seed``."""
         x = _as_input(image, 3)
         c, h, w = x.shape
         opts = _options(tile, step_fraction, batch_size, mirror)
         tok = cancel._h if cancel is not None else None
+        if diffusion is not None:
+            if probabilities:
+                raise ValueError("diffusion options apply to label output; drop probabilities=True")
+            merged = {**self.diffusion_options(), **diffusion}
+            unknown = set(merged) - {"start", "inversion_steps", "sampling_steps", "eta", "samples", "forward_t", "seed"}
+            if unknown:
+                raise ValueError(f"unknown diffusion options: {sorted(unknown)}")
+            if merged["start"] not in _STARTS:
+                raise ValueError(f"start = {merged['start']!r}; expected one of {sorted(_STARTS)}")
+            d = _DiffusionOptions(_STARTS[merged["start"]], merged["inversion_steps"], merged["sampling_steps"],
+                                  merged["eta"], merged["samples"], merged["forward_t"], merged["seed"])
+            out = np.empty((h, w), dtype=np.uint8)
+            _check(_load().lumos_segment_diffusion(self._h, x.ctypes.data, c, h, w, C.byref(opts), C.byref(d), tok,
+                                                   out.ctypes.data, out.size))
+            return out
         if probabilities:
             out = np.empty((self.n_classes, h, w), dtype=np.float32)
             _check(_load().lumos_segment_probabilities(self._h, x.ctypes.data, c, h, w, C.byref(opts), tok,

@@ -158,3 +158,31 @@ def test_musplit_decomposes_deterministically(tmp_path):
         m.segment(x[None])
     with pytest.raises(lumos.LumosError, match="INVALID_ARGUMENT.*even"):
         m.decompose(x, keep=7)
+
+
+def test_pgdiff_segments_deterministically(tmp_path):
+    d = tmp_path / "qpi"
+    subprocess.run([lumos_cli(), "simulate", "qpi", "--out", str(d), "--train", "3", "--test", "1",
+                    "--size", "64", "--seed", "4"], check=True, capture_output=True)
+    unet = {"model_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [2],
+            "num_head_channels": 8, "groups": 4}
+    cfg = {"kind": "pgdiff",
+           "pgdiff": {"autoencoder": {"ch": 8, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "groups": 4},
+                      "ldm_p": unet, "ldm_s": unet, "ae_epochs": 1, "learning_rate": 0.001,
+                      "sampling": {"inversion_steps": 4, "sampling_steps": 4}},
+           "epochs": 1, "iterations_per_epoch": 2, "batch_size": 2, "patch_size": [32, 32], "val_fraction": 0.0,
+           "seed": 2, "device": "cpu"}
+    m = lumos.train(d / "train", tmp_path / "pg.lumos", cfg)
+    assert m.can_segment and not m.can_decompose and m.n_classes == 3
+    assert m.diffusion_options()["sampling_steps"] == 4
+    x = lumos.read_tiff(d / "test" / "images" / "qpi_0000.tif")
+    a = m.segment(x, diffusion={"start": "random", "samples": 2, "eta": 0.3, "seed": 7})
+    assert a.shape == (64, 64) and a.max() <= 2
+    again = lumos.Model(tmp_path / "pg.lumos").segment(x, diffusion={"start": "random", "samples": 2, "eta": 0.3,
+                                                                        "seed": 7})
+    np.testing.assert_array_equal(a, again)
+    np.testing.assert_array_equal(m.segment(x), m.segment(x, diffusion={}))
+    with pytest.raises(lumos.LumosError, match="INVALID_ARGUMENT.*sampling_steps"):
+        m.segment(x, diffusion={"sampling_steps": 0})
+    with pytest.raises(ValueError):
+        m.segment(x, diffusion={"steps": 3})

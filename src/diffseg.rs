@@ -1,0 +1,884 @@
+//! PG-DiffSeg (Shao, Anastasio & Li): prior-guided latent-diffusion segmentation of
+//! quantitative phase images.
+//!
+//! A model holds three networks (one file, weights under `ae.`, `ldm_p.`, `ldm_s.`):
+//! - the f4 autoencoder (`nn::ldm::Autoencoder`), whose encoder maps a `T x T` phase tile
+//!   to a `T/4 x T/4 x 3` latent `z` (scaled by `latent_scale = 1 / std(z)` over the
+//!   training data, as latent diffusion's `scale_by_std`);
+//! - LDM-P, an unconditional denoiser on image latents;
+//! - LDM-S, a denoiser of the one-hot mask (resized to the latent size, scaled to
+//!   [-1, 1]) conditioned on `z` by channel concatenation.
+//!
+//! Segmentation of a tile: `z = E(x)`; the starting noise is LDM-P's DDIM inversion of
+//! `z` (the "prior": content-informed and Gaussian), averaged over its channels and
+//! repeated to the number of classes; LDM-S samples the mask latent from it by DDIM; the
+//! result is resized to the tile and the class is the argmax. The paper's baselines are
+//! options: random starting noise (with majority voting over N samples) and "forward
+//! diffusion t" noise (`z` diffused to timestep t, then averaged and repeated).
+//!
+//! Training (`train`) runs `pgdiff.ae_epochs` epochs of the autoencoder (L1
+//! reconstruction + KL), fits `latent_scale`, then `epochs` epochs of LDM-P and LDM-S
+//! together (epsilon prediction, L2, uniform timesteps), with Adam, a checkpoint after
+//! every epoch and exact resume.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::time::Instant;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+use serde::{Deserialize, Serialize};
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::dataset::{load_folder, Sample};
+use crate::ddim::{self, Schedule};
+use crate::device::parse_device;
+use crate::error::{Error, Result};
+use crate::image::{array3_to_tensor, mask_to_tensor};
+use crate::metrics;
+use crate::model::{EpochRecord, Model, ModelKind, ModelMeta, Net, SegmentOptions, TORCH_RNG};
+use crate::nn::ldm::{Autoencoder, AutoencoderConfig, DiffusionUnet, DiffusionUnetConfig};
+use crate::normalize::{NormMethod, Normalizer};
+use crate::progress::{Monitor, Progress, Stage};
+use crate::train::{per_epoch_seed, sibling, RunInfo, TrainConfig, TrainOutcome};
+use crate::weights;
+
+/// Where the sampler starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartNoise {
+    /// PG-DiffSeg: LDM-P's DDIM inversion of the image latent.
+    Prior,
+    /// Random Gaussian noise (the DM baseline; use `samples` > 1 for majority voting).
+    Random,
+    /// The image latent diffused forward to timestep `forward_t` (the paper's
+    /// "Forward Diff. t" ablation; t = 0 is the latent itself).
+    Forward,
+}
+
+impl StartNoise {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "prior" | "pg" | "ldm-p" => Ok(StartNoise::Prior),
+            "random" => Ok(StartNoise::Random),
+            "forward" | "forward-diffusion" => Ok(StartNoise::Forward),
+            o => Err(Error::InvalidArgument(format!("start noise '{o}'; expected prior, random or forward"))),
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            StartNoise::Prior => "prior",
+            StartNoise::Random => "random",
+            StartNoise::Forward => "forward",
+        }
+    }
+}
+
+/// How a PG-DiffSeg model samples.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiffusionOptions {
+    pub start: StartNoise,
+    /// DDIM inversion steps of LDM-P (prior start only); the paper uses 100.
+    pub inversion_steps: usize,
+    /// DDIM sampling steps of LDM-S; the paper uses 200.
+    pub sampling_steps: usize,
+    /// DDIM eta (0 = deterministic sampling).
+    pub eta: f64,
+    /// Samples per tile; more than one are combined by majority voting.
+    pub samples: usize,
+    /// Timestep of the forward-diffusion start.
+    pub forward_t: usize,
+    /// Seed of every random draw (random starts, eta > 0 noise): the same seed, frame
+    /// and options give the same labels.
+    pub seed: u64,
+}
+
+impl Default for DiffusionOptions {
+    fn default() -> Self {
+        DiffusionOptions { start: StartNoise::Prior, inversion_steps: 100, sampling_steps: 200, eta: 0.0, samples: 1, forward_t: 300, seed: 0 }
+    }
+}
+
+impl DiffusionOptions {
+    pub fn validate(&self, timesteps: usize) -> Result<()> {
+        let steps = |v: usize, n: &str| {
+            if v == 0 || v >= timesteps {
+                Err(Error::InvalidArgument(format!("{n} = {v}; expected 1..={}", timesteps - 1)))
+            } else {
+                Ok(())
+            }
+        };
+        steps(self.sampling_steps, "sampling_steps")?;
+        if self.start == StartNoise::Prior {
+            steps(self.inversion_steps, "inversion_steps")?;
+        }
+        if self.forward_t >= timesteps {
+            return Err(Error::InvalidArgument(format!("forward_t = {}; expected 0..={}", self.forward_t, timesteps - 1)));
+        }
+        if !(self.eta.is_finite() && (0.0..=1.0).contains(&self.eta)) {
+            return Err(Error::InvalidArgument(format!("eta = {}; expected a number in [0, 1]", self.eta)));
+        }
+        if !(1..=64).contains(&self.samples) {
+            return Err(Error::InvalidArgument(format!("samples = {}; expected 1..=64", self.samples)));
+        }
+        Ok(())
+    }
+    /// Network evaluations per tile.
+    pub fn evaluations(&self) -> usize {
+        let inv = if self.start == StartNoise::Prior { self.inversion_steps } else { 0 };
+        inv + self.samples * self.sampling_steps
+    }
+}
+
+/// Architecture and optimizer of a PG-DiffSeg model (the `pgdiff` section of a training
+/// config; stored as the model's architecture).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PgDiffConfig {
+    pub autoencoder: AutoencoderConfig,
+    pub ldm_p: DiffusionUnetConfig,
+    pub ldm_s: DiffusionUnetConfig,
+    /// Diffusion steps T and the linear beta range.
+    pub timesteps: usize,
+    pub beta_start: f64,
+    pub beta_end: f64,
+    /// Epochs of autoencoder training before the diffusion models (>= 1).
+    pub ae_epochs: usize,
+    pub ae_learning_rate: f64,
+    /// Adam learning rate of LDM-P and LDM-S (the paper: 2e-6 with its batch sizes and
+    /// training length; small models trained briefly need ~1e-4).
+    pub learning_rate: f64,
+    /// Gradient-norm clip (0 = none).
+    pub grad_clip: f64,
+    /// Default sampling of the model (segment without explicit options).
+    pub sampling: DiffusionOptions,
+}
+
+impl Default for PgDiffConfig {
+    /// The paper's sizes (f4 autoencoder, LDM-P 224..896, LDM-S 128..512).
+    fn default() -> Self {
+        PgDiffConfig {
+            autoencoder: AutoencoderConfig::default(),
+            ldm_p: DiffusionUnetConfig::ldm_p_paper(),
+            ldm_s: DiffusionUnetConfig::ldm_s_paper(),
+            timesteps: 1000,
+            beta_start: 0.0015,
+            beta_end: 0.0195,
+            ae_epochs: 10,
+            ae_learning_rate: 1e-4,
+            learning_rate: 2e-6,
+            grad_clip: 1.0,
+            sampling: DiffusionOptions::default(),
+        }
+    }
+}
+
+impl PgDiffConfig {
+    /// Small networks for CPU training (minutes) at 128 x 128 tiles.
+    pub fn cpu() -> Self {
+        let unet = DiffusionUnetConfig {
+            model_channels: 32,
+            channel_mult: vec![1, 2, 2],
+            num_res_blocks: 1,
+            attention_resolutions: vec![2, 4],
+            num_head_channels: 32,
+            dropout: 0.0,
+            groups: 16,
+        };
+        PgDiffConfig {
+            autoencoder: AutoencoderConfig { ch: 32, ch_mult: vec![1, 2, 2], num_res_blocks: 1, z_channels: 3, groups: 16, kl_weight: 1e-6 },
+            ldm_p: unet.clone(),
+            ldm_s: unet,
+            ae_learning_rate: 5e-4,
+            learning_rate: 2e-4,
+            ..Self::default()
+        }
+    }
+    /// Tiny networks for tests (seconds).
+    pub fn tiny() -> Self {
+        let unet = DiffusionUnetConfig {
+            model_channels: 8,
+            channel_mult: vec![1, 2],
+            num_res_blocks: 1,
+            attention_resolutions: vec![2],
+            num_head_channels: 8,
+            dropout: 0.0,
+            groups: 4,
+        };
+        PgDiffConfig {
+            autoencoder: AutoencoderConfig { ch: 8, ch_mult: vec![1, 2, 2], num_res_blocks: 1, z_channels: 3, groups: 4, kl_weight: 1e-6 },
+            ldm_p: unet.clone(),
+            ldm_s: unet,
+            ae_epochs: 1,
+            ae_learning_rate: 2e-3,
+            learning_rate: 1e-3,
+            sampling: DiffusionOptions { inversion_steps: 10, sampling_steps: 10, ..DiffusionOptions::default() },
+            ..Self::default()
+        }
+    }
+    /// Tile sides must be multiples of this.
+    pub fn divisor(&self) -> usize {
+        self.autoencoder.factor() * self.ldm_p.divisor().max(self.ldm_s.divisor())
+    }
+    pub fn schedule(&self) -> Result<Schedule> {
+        Schedule::linear(self.timesteps, self.beta_start, self.beta_end)
+    }
+    pub fn validate(&self) -> Result<()> {
+        self.autoencoder.validate()?;
+        self.ldm_p.validate()?;
+        self.ldm_s.validate()?;
+        self.schedule()?;
+        if self.ae_epochs == 0 {
+            return Err(Error::Config("pgdiff.ae_epochs = 0; the autoencoder is trained from scratch and needs >= 1 epoch".into()));
+        }
+        for (v, n) in [(self.ae_learning_rate, "pgdiff.ae_learning_rate"), (self.learning_rate, "pgdiff.learning_rate")] {
+            if !(v.is_finite() && v > 0.0 && v < 1.0) {
+                return Err(Error::Config(format!("{n} = {v}; expected a number in (0, 1)")));
+            }
+        }
+        if !(self.grad_clip.is_finite() && self.grad_clip >= 0.0) {
+            return Err(Error::Config(format!("pgdiff.grad_clip = {}; expected >= 0", self.grad_clip)));
+        }
+        self.sampling.validate(self.timesteps)
+    }
+}
+
+/// Gaussian draws from a seeded ChaCha stream, independent of libtorch's global
+/// generator (so inference needs no lock and is reproducible on any thread).
+pub struct NormalStream(ChaCha8Rng);
+
+impl NormalStream {
+    pub fn new(seed: u64) -> Self {
+        NormalStream(ChaCha8Rng::seed_from_u64(seed))
+    }
+    pub fn draw(&mut self, shape: &[i64], device: Device) -> Tensor {
+        let n: i64 = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| StandardNormal.sample(&mut self.0)).collect();
+        Tensor::from_slice(&v).view(shape).to_device(device)
+    }
+}
+
+/// The three networks of a PG-DiffSeg model.
+#[derive(Debug)]
+pub struct PgDiffNet {
+    pub ae: Autoencoder,
+    pub ldm_p: DiffusionUnet,
+    pub ldm_s: DiffusionUnet,
+    /// `1 / std` of the training latents (a non-trained variable, saved with the model).
+    pub latent_scale: Tensor,
+    pub schedule: Schedule,
+    pub cfg: PgDiffConfig,
+    pub n_classes: i64,
+}
+
+/// What the sampler produced for a batch of tiles.
+pub struct TileResult {
+    /// `(N, K, T, T)`: per-class scores in [0, 1] summing to 1 (vote fractions when
+    /// several samples were drawn).
+    pub probabilities: Tensor,
+    /// `(N, T/f, T/f)`: the starting noise of the first sample, averaged over channels.
+    pub noise: Tensor,
+}
+
+impl PgDiffNet {
+    pub fn new(p: &nn::Path, cfg: &PgDiffConfig, in_channels: i64, n_classes: i64) -> Result<Self> {
+        cfg.validate()?;
+        let z = cfg.autoencoder.z_channels;
+        Ok(PgDiffNet {
+            ae: Autoencoder::new(&(p / "ae"), &cfg.autoencoder, in_channels)?,
+            ldm_p: DiffusionUnet::new(&(p / "ldm_p"), &cfg.ldm_p, z, z)?,
+            ldm_s: DiffusionUnet::new(&(p / "ldm_s"), &cfg.ldm_s, n_classes + z, n_classes)?,
+            latent_scale: p.ones_no_train("latent_scale", &[1]),
+            schedule: cfg.schedule()?,
+            cfg: cfg.clone(),
+            n_classes,
+        })
+    }
+
+    /// The scaled latent (posterior mean) of normalized tiles `(N, C, T, T)`.
+    pub fn encode(&self, x: &Tensor) -> Tensor {
+        self.ae.encode(x).mean * &self.latent_scale
+    }
+
+    fn timesteps(t: usize, n: i64, device: Device) -> Tensor {
+        Tensor::full([n], t as i64, (Kind::Int64, device))
+    }
+
+    /// LDM-P's noise prediction.
+    pub fn eps_p(&self, x: &Tensor, t: usize) -> Tensor {
+        self.ldm_p.forward_t(x, &Self::timesteps(t, x.size()[0], x.device()), false)
+    }
+
+    /// LDM-S's noise prediction for mask latents `x` given image latents `z`.
+    pub fn eps_s(&self, x: &Tensor, z: &Tensor, t: usize) -> Tensor {
+        self.ldm_s.forward_t(&Tensor::cat(&[x, z], 1), &Self::timesteps(t, x.size()[0], x.device()), false)
+    }
+
+    /// The starting noise `(N, K, h, w)` for latents `z`.
+    pub fn start_noise(&self, z: &Tensor, opts: &DiffusionOptions, rng: &mut NormalStream, monitor: &Monitor) -> Result<Tensor> {
+        let (n, _, h, w) = z.size4()?;
+        let k = self.n_classes;
+        let avg_repeat = |e: Tensor| e.mean_dim(1, true, Kind::Float).expand([n, k, h, w], false).contiguous();
+        Ok(match opts.start {
+            StartNoise::Random => rng.draw(&[n, k, h, w], z.device()),
+            StartNoise::Forward => {
+                if opts.forward_t == 0 {
+                    avg_repeat(z.shallow_clone())
+                } else {
+                    avg_repeat(self.schedule.q_sample_at(z, opts.forward_t, &rng.draw(&z.size(), z.device())))
+                }
+            }
+            StartNoise::Prior => {
+                let mut eps = |x: &Tensor, t: usize| Ok(self.eps_p(x, t));
+                avg_repeat(ddim::invert(&self.schedule, opts.inversion_steps, z, &mut eps, monitor)?)
+            }
+        })
+    }
+
+    /// DDIM sampling of LDM-S from `noise` given `z`: the mask latent `(N, K, h, w)`.
+    pub fn sample_mask(&self, noise: &Tensor, z: &Tensor, opts: &DiffusionOptions, rng: &mut NormalStream, monitor: &Monitor) -> Result<Tensor> {
+        let mut eps = |x: &Tensor, t: usize| Ok(self.eps_s(x, z, t));
+        let shape = noise.size();
+        let dev = noise.device();
+        let mut fresh = || rng.draw(&shape, dev);
+        ddim::sample(&self.schedule, opts.sampling_steps, opts.eta, noise, &mut eps, &mut fresh, monitor)
+    }
+
+    /// Segments a batch of normalized tiles `(N, C, T, T)`; `stream_seed` seeds this
+    /// batch's random draws.
+    pub fn predict(&self, x: &Tensor, opts: &DiffusionOptions, stream_seed: u64, monitor: &Monitor) -> Result<TileResult> {
+        tch::no_grad(|| {
+            let (_, _, th, tw) = x.size4()?;
+            let mut rng = NormalStream::new(stream_seed);
+            let z = self.encode(x);
+            let k = self.n_classes;
+            let mut votes: Option<Tensor> = None;
+            let mut soft: Option<Tensor> = None;
+            let mut first_noise = None;
+            for _ in 0..opts.samples {
+                let noise = self.start_noise(&z, opts, &mut rng, monitor)?;
+                if first_noise.is_none() {
+                    first_noise = Some(noise.select(1, 0));
+                }
+                let y = self.sample_mask(&noise, &z, opts, &mut rng, monitor)?;
+                let up = y.upsample_bilinear2d([th, tw], false, None, None);
+                // the mask latent is 2 * one-hot - 1: scores in [0, 1]
+                let p = ((up + 1.0) * 0.5).clamp(0.0, 1.0);
+                let p = &p / (p.sum_dim_intlist(1, true, Kind::Float) + 1e-6);
+                let v = p.argmax(1, false).one_hot(k).permute([0, 3, 1, 2]).to_kind(Kind::Float);
+                votes = Some(match votes {
+                    Some(a) => a + v,
+                    None => v,
+                });
+                soft = Some(match soft {
+                    Some(a) => a + p,
+                    None => p,
+                });
+            }
+            let s = opts.samples as f64;
+            let probabilities = if opts.samples == 1 {
+                soft.expect("one sample")
+            } else {
+                // majority voting; ties go to the higher mean score
+                let votes = votes.expect("samples") / s;
+                let soft = soft.expect("samples") / s;
+                let tie = &votes + &soft * 1e-3;
+                let win = tie.argmax(1, true);
+                // report vote fractions, but make sure the argmax is the tie-broken winner
+                &votes + Tensor::zeros_like(&votes).scatter_value(1, &win, 1e-4)
+            };
+            Ok(TileResult { probabilities, noise: first_noise.expect("samples >= 1") })
+        })
+    }
+
+    /// The one-hot masks `(N, H, W)` as latent targets `(N, K, H/f, W/f)` in [-1, 1].
+    pub fn mask_latent(&self, masks: &Tensor) -> Tensor {
+        let f = self.cfg.autoencoder.factor() as i64;
+        let oh = masks.to_kind(Kind::Int64).one_hot(self.n_classes).permute([0, 3, 1, 2]).to_kind(Kind::Float);
+        oh.avg_pool2d([f, f], [f, f], [0, 0], false, true, None) * 2.0 - 1.0
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Starting-noise quality (the paper's SSIM and KLD).
+
+/// The paper's starting-noise quality of one tile: SSIM between the channel-averaged
+/// noise and the image (area-resized to the latent size; both min-max scaled to [0, 1]),
+/// and the KL divergence of the noise's Gaussian-KDE density from N(0, 1).
+pub fn noise_quality(noise: &Tensor, image: &Tensor) -> Result<(f64, f64)> {
+    let (h, w) = (noise.size()[0], noise.size()[1]);
+    let img = image.unsqueeze(0).unsqueeze(0).adaptive_avg_pool2d([h, w]).view([h, w]);
+    let scale = |t: &Tensor| {
+        let (lo, hi) = (t.min().double_value(&[]), t.max().double_value(&[]));
+        (t - lo) / (hi - lo).max(1e-12)
+    };
+    let to_arr = |t: Tensor| -> Result<ndarray::Array2<f32>> {
+        let v = Vec::<f32>::try_from(t.to_kind(Kind::Float).to_device(Device::Cpu).contiguous().view([-1]))?;
+        Ok(ndarray::Array2::from_shape_vec((h as usize, w as usize), v).expect("shape"))
+    };
+    let a = to_arr(scale(&img))?;
+    let b = to_arr(scale(noise))?;
+    let ssim = metrics::ssim(a.view(), b.view())?;
+    let values = Vec::<f32>::try_from(noise.to_kind(Kind::Float).to_device(Device::Cpu).contiguous().view([-1]))?;
+    Ok((ssim, metrics::kde_kl_to_standard_normal(&values)))
+}
+
+// ---------------------------------------------------------------------------------------
+// Training
+
+/// Adam (betas 0.9 / 0.999, eps 1e-8) over the variables under some name prefixes; its
+/// state is checkpointed under `optimizer.<tag>.`.
+struct Adam {
+    tag: &'static str,
+    params: Vec<(String, Tensor)>,
+    m: HashMap<String, Tensor>,
+    v: HashMap<String, Tensor>,
+    step: i64,
+}
+
+impl Adam {
+    fn new(vs: &nn::VarStore, tag: &'static str, prefixes: &[&str]) -> Self {
+        let mut params: Vec<(String, Tensor)> =
+            vs.variables().into_iter().filter(|(n, t)| t.requires_grad() && prefixes.iter().any(|p| n.starts_with(p))).collect();
+        params.sort_by(|a, b| a.0.cmp(&b.0));
+        Adam { tag, params, m: HashMap::new(), v: HashMap::new(), step: 0 }
+    }
+    fn zero_grad(&mut self) {
+        for (_, p) in self.params.iter_mut() {
+            p.zero_grad();
+        }
+    }
+    fn clip_norm(&mut self, max: f64) -> Result<()> {
+        if max <= 0.0 {
+            return Ok(());
+        }
+        tch::no_grad(|| {
+            let mut sq = 0.0;
+            for (_, p) in &self.params {
+                let g = p.grad();
+                if g.defined() {
+                    sq += g.square().sum(Kind::Double).double_value(&[]);
+                }
+            }
+            let norm = sq.sqrt();
+            if norm > max {
+                for (_, p) in &self.params {
+                    let mut g = p.grad();
+                    if g.defined() {
+                        let _ = g.f_mul_scalar_(max / (norm + 1e-6))?;
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+    fn update(&mut self, lr: f64) -> Result<()> {
+        let (b1, b2, eps) = (0.9, 0.999, 1e-8);
+        self.step += 1;
+        let (c1, c2) = (1.0 - f64::powi(b1, self.step as i32), 1.0 - f64::powi(b2, self.step as i32));
+        tch::no_grad(|| -> Result<()> {
+            for (name, p) in self.params.iter_mut() {
+                let g = p.grad();
+                if !g.defined() {
+                    continue;
+                }
+                let m = self.m.entry(name.clone()).or_insert_with(|| g.zeros_like());
+                let _ = m.f_mul_scalar_(b1)?.f_add_(&(&g * (1.0 - b1)))?;
+                let v = self.v.entry(name.clone()).or_insert_with(|| g.zeros_like());
+                let _ = v.f_mul_scalar_(b2)?.f_add_(&(g.square() * (1.0 - b2)))?;
+                let denom = (&*v / c2).sqrt() + eps;
+                let _ = p.f_sub_(&(&*m / denom * (lr / c1)))?;
+            }
+            Ok(())
+        })
+    }
+    fn state(&self) -> Vec<(String, Tensor)> {
+        let t = self.tag;
+        let mut out: Vec<_> = self
+            .m
+            .iter()
+            .map(|(n, x)| (format!("optimizer.{t}.m.{n}"), x.shallow_clone()))
+            .chain(self.v.iter().map(|(n, x)| (format!("optimizer.{t}.v.{n}"), x.shallow_clone())))
+            .collect();
+        out.push((format!("optimizer.{t}.step"), Tensor::from_slice(&[self.step as f32])));
+        out
+    }
+    fn load_state(&mut self, tensors: &BTreeMap<String, Tensor>, device: Device) {
+        let (pm, pv, ps) = (format!("optimizer.{}.m.", self.tag), format!("optimizer.{}.v.", self.tag), format!("optimizer.{}.step", self.tag));
+        for (n, t) in tensors {
+            if let Some(name) = n.strip_prefix(&pm) {
+                self.m.insert(name.to_string(), t.to_device(device));
+            } else if let Some(name) = n.strip_prefix(&pv) {
+                self.v.insert(name.to_string(), t.to_device(device));
+            } else if *n == ps {
+                self.step = t.double_value(&[0]) as i64;
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct DiffCheckpoint {
+    epochs_completed: usize,
+    config: TrainConfig,
+    history: Vec<EpochRecord>,
+}
+
+const CHECKPOINT_KEY: &str = "lumos.checkpoint";
+
+/// Normalized training images `(C, H, W)` and masks `(H, W)` on the device.
+struct TileSet {
+    images: Vec<Tensor>,
+    masks: Vec<Tensor>,
+}
+
+impl TileSet {
+    /// Random `T x T` crops with rot90 / flip and brightness / contrast jitter.
+    fn batch(&self, rng: &mut ChaCha8Rng, b: usize, tile: i64) -> (Tensor, Tensor) {
+        let (mut xs, mut ys) = (Vec::with_capacity(b), Vec::with_capacity(b));
+        for _ in 0..b {
+            let i = rng.random_range(0..self.images.len());
+            let (h, w) = (self.images[i].size()[1], self.images[i].size()[2]);
+            let (ph, pw) = ((tile - h).max(0), (tile - w).max(0));
+            let (img, msk) = if ph > 0 || pw > 0 {
+                (self.images[i].constant_pad_nd([0, pw, 0, ph]), self.masks[i].constant_pad_nd([0, pw, 0, ph]))
+            } else {
+                (self.images[i].shallow_clone(), self.masks[i].shallow_clone())
+            };
+            let y0 = rng.random_range(0..=(h + ph - tile));
+            let x0 = rng.random_range(0..=(w + pw - tile));
+            let x = img.narrow(1, y0, tile).narrow(2, x0, tile);
+            let y = msk.narrow(0, y0, tile).narrow(1, x0, tile);
+            let rot = rng.random_range(0..4i64);
+            let flip = rng.random_bool(0.5);
+            let contrast = rng.random_range(0.9..1.1);
+            let bright = rng.random_range(-0.1..0.1);
+            let x = if rot > 0 { x.rot90(rot, [1, 2]) } else { x };
+            let y = if rot > 0 { y.rot90(rot, [0, 1]) } else { y };
+            let (x, y) = if flip { (x.flip([2]), y.flip([1])) } else { (x, y) };
+            xs.push(x * contrast + bright);
+            ys.push(y);
+        }
+        (Tensor::stack(&xs, 0), Tensor::stack(&ys, 0))
+    }
+}
+
+/// Fast sampling used for validation during training.
+fn validation_options(seed: u64) -> DiffusionOptions {
+    DiffusionOptions { inversion_steps: 10, sampling_steps: 20, seed, ..DiffusionOptions::default() }
+}
+
+/// Mean reconstruction PSNR (dB, normalized units, data range of each tile) of the
+/// autoencoder over non-overlapping tiles of `images`.
+pub fn reconstruction_psnr(model: &Model, images: &[&crate::image::Image]) -> Result<f64> {
+    let inner = model.lock();
+    let Net::Pgdiff(net) = &inner.net else {
+        return Err(Error::Unsupported(format!("a '{}' model has no autoencoder", model.meta.kind.name())));
+    };
+    let t = model.meta.patch_size[0] as i64;
+    let mut scores = Vec::new();
+    tch::no_grad(|| -> Result<()> {
+        for img in images {
+            let x = model.meta.normalization.apply_image(img)?;
+            let x = array3_to_tensor(x.data.view(), model.device());
+            let (_, h, w) = x.size3()?;
+            for y0 in (0..=h - t).step_by(t as usize) {
+                for x0 in (0..=w - t).step_by(t as usize) {
+                    let tile = x.narrow(1, y0, t).narrow(2, x0, t).unsqueeze(0);
+                    let rec = net.ae.decode(&net.ae.encode(&tile).mean);
+                    let a = crate::image::tensor_to_array3(&tile.get(0))?;
+                    let b = crate::image::tensor_to_array3(&rec.get(0))?;
+                    for c in 0..a.dim().0 {
+                        scores.push(metrics::psnr(a.index_axis(ndarray::Axis(0), c), b.index_axis(ndarray::Axis(0), c))?);
+                    }
+                }
+            }
+        }
+        Ok(())
+    })?;
+    Ok(metrics::mean(&scores))
+}
+
+/// Trains a PG-DiffSeg model (`cfg.kind == "pgdiff"`) on a segmentation folder
+/// (`DIR/images/*.tif` phase images, `DIR/masks/*.tif` labels).
+pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Monitor) -> Result<TrainOutcome> {
+    let t0 = Instant::now();
+    cfg.validate()?;
+    if output.as_os_str().is_empty() {
+        return Err(Error::InvalidArgument("the output model path is empty".into()));
+    }
+    let pc = &cfg.pgdiff;
+    let record_path = sibling(output, "train.json");
+    let ckpt_path = cfg.checkpoint.clone().unwrap_or_else(|| sibling(output, "ckpt"));
+    let device = parse_device(&cfg.device)?;
+    if cfg.threads > 0 {
+        tch::set_num_threads(cfg.threads as i32);
+    }
+    monitor.emit(Progress::new(Stage::Preparing));
+    let samples = load_folder(data_dir)?;
+    let (train_idx, val_idx) = crate::dataset::split_indices(samples.len(), cfg.val_fraction, cfg.seed);
+    let train_s: Vec<&Sample> = train_idx.iter().map(|&i| &samples[i]).collect();
+    let val_s: Vec<&Sample> = val_idx.iter().map(|&i| &samples[i]).collect();
+    let names = |v: &[&Sample]| v.iter().map(|s| s.name.clone()).collect::<Vec<_>>();
+    let mut classes = crate::train::class_names(cfg, &samples)?;
+    if cfg.classes.is_empty() && classes.len() == 3 {
+        // three labels are the live / dead setting of the paper and the simulator
+        classes = crate::sim::qpi::CLASS_NAMES.iter().map(|s| s.to_string()).collect();
+    }
+    let run = RunInfo { cfg, data_dir, train_names: names(&train_s), val_names: names(&val_s), device, t0 };
+    run.write_record(&record_path)?;
+
+    let norm = if cfg.normalization.is_empty() { vec![NormMethod::DatasetZscore] } else { cfg.normalization.clone() };
+    let normalizer = Normalizer::fit(&norm, &train_s.iter().map(|s| &s.image).collect::<Vec<_>>())?;
+    let meta = ModelMeta::new(
+        ModelKind::Pgdiff,
+        serde_json::to_value(pc).expect("json"),
+        samples[0].image.channel_names.clone(),
+        classes,
+        cfg.patch_size,
+        normalizer.clone(),
+    );
+    let mut model = Model::new_seeded(meta, device, Some(cfg.seed))?;
+    let data = TileSet {
+        images: train_s.iter().map(|s| Ok(array3_to_tensor(normalizer.apply_image(&s.image)?.data.view(), device))).collect::<Result<_>>()?,
+        masks: train_s.iter().map(|s| mask_to_tensor(&s.mask, device).to_kind(Kind::Int64)).collect(),
+    };
+    let tile = cfg.patch_size[0] as i64;
+    let (mut opt_ae, mut opt_dm) = {
+        let inner = model.lock();
+        (Adam::new(&inner.vs, "ae", &["ae."]), Adam::new(&inner.vs, "ldm", &["ldm_p.", "ldm_s."]))
+    };
+    let total_epochs = pc.ae_epochs + cfg.epochs;
+    let mut start_epoch = 0;
+    let mut history: Vec<EpochRecord> = Vec::new();
+    if cfg.resume && ckpt_path.is_file() {
+        let file = weights::load(&ckpt_path)?;
+        let st: DiffCheckpoint = serde_json::from_str(file.metadata.get(CHECKPOINT_KEY).ok_or_else(|| {
+            Error::ModelFormat(format!("'{}' is a model file, not a training checkpoint", ckpt_path.display()))
+        })?)
+        .map_err(|e| Error::ModelFormat(format!("'{}': corrupt checkpoint state ({e})", ckpt_path.display())))?;
+        let ck = ModelMeta::from_metadata(&ckpt_path, &file.metadata)?;
+        if ck.kind != ModelKind::Pgdiff || ck.architecture != model.meta.architecture || ck.classes != model.meta.classes {
+            return Err(Error::Config(format!(
+                "checkpoint '{}' was written for another architecture or classes; delete it or set resume = false",
+                ckpt_path.display()
+            )));
+        }
+        weights::copy_into(&model.lock().vs, &file.tensors, &["optimizer."])?;
+        opt_ae.load_state(&file.tensors, device);
+        opt_dm.load_state(&file.tensors, device);
+        model.meta.normalization = ck.normalization;
+        start_epoch = st.epochs_completed;
+        history = st.history;
+    }
+
+    for epoch in start_epoch..total_epochs {
+        let te = Instant::now();
+        let ae_phase = epoch < pc.ae_epochs;
+        if epoch == pc.ae_epochs {
+            fit_latent_scale(&model, &data, tile, cfg.seed)?;
+        }
+        let es = per_epoch_seed(cfg.seed, epoch);
+        let mut rng = ChaCha8Rng::seed_from_u64(es);
+        let mut loss_sum = 0.0;
+        for it in 0..cfg.iterations_per_epoch {
+            monitor.check()?;
+            let (x, y) = data.batch(&mut rng, cfg.batch_size, tile);
+            // timesteps, noise and posterior samples come from libtorch's generator:
+            // seeded per iteration and held for the iteration (reproducible while other
+            // threads use the engine)
+            let guard = TORCH_RNG.lock();
+            tch::manual_seed(per_epoch_seed(es, it) as i64);
+            let loss = {
+                let inner = model.lock();
+                let Net::Pgdiff(net) = &inner.net else { unreachable!("a pgdiff model holds a pgdiff net") };
+                if ae_phase {
+                    let post = net.ae.encode(&x);
+                    let rec = net.ae.decode(&post.sample());
+                    let per_px = (x.numel() / x.size()[0] as usize) as f64;
+                    (&x - rec).abs().mean(Kind::Float) + post.kl().mean(Kind::Float) * (pc.autoencoder.kl_weight / per_px)
+                } else {
+                    let z = tch::no_grad(|| net.encode(&x));
+                    let n = z.size()[0];
+                    let tp = Tensor::randint(pc.timesteps as i64, [n], (Kind::Int64, device));
+                    let ep = z.randn_like();
+                    let lp = (net.ldm_p.forward_t(&net.schedule.q_sample(&z, &tp, &ep), &tp, true) - &ep).square().mean(Kind::Float);
+                    let m = net.mask_latent(&y);
+                    let ts = Tensor::randint(pc.timesteps as i64, [n], (Kind::Int64, device));
+                    let es_ = m.randn_like();
+                    let xs = Tensor::cat(&[net.schedule.q_sample(&m, &ts, &es_), z], 1);
+                    let ls = (net.ldm_s.forward_t(&xs, &ts, true) - &es_).square().mean(Kind::Float);
+                    lp + ls
+                }
+            };
+            let opt = if ae_phase { &mut opt_ae } else { &mut opt_dm };
+            opt.zero_grad();
+            loss.f_backward()?;
+            drop(guard);
+            opt.clip_norm(pc.grad_clip)?;
+            opt.update(if ae_phase { pc.ae_learning_rate } else { pc.learning_rate })?;
+            let l = loss.double_value(&[]);
+            if !l.is_finite() {
+                return Err(Error::InvalidInput(format!(
+                    "training diverged (loss {l}) at epoch {epoch}, iteration {it}; lower pgdiff.{}learning_rate",
+                    if ae_phase { "ae_" } else { "" }
+                )));
+            }
+            loss_sum += l;
+            monitor.emit(Progress {
+                stage: Stage::Training,
+                epoch,
+                epochs: total_epochs,
+                iteration: it,
+                iterations: cfg.iterations_per_epoch,
+                loss: l,
+                val_metric: f64::NAN,
+            });
+        }
+        monitor.check()?;
+        let (mut val_dice, mut val_psnr) = (f64::NAN, None);
+        if !val_s.is_empty() {
+            if ae_phase {
+                val_psnr = Some(reconstruction_psnr(&model, &val_s.iter().map(|s| &s.image).collect::<Vec<_>>())?);
+            } else {
+                let opts = SegmentOptions { step_fraction: 1.0, diffusion: Some(validation_options(cfg.seed)), ..Default::default() };
+                let scores = val_s
+                    .iter()
+                    .map(|s| metrics::score(&model.segment_labels(s.image.data.view(), &opts)?, &s.mask, model.n_classes()))
+                    .collect::<Result<Vec<_>>>()?;
+                val_dice = metrics::summarize(&scores).mean_fg_dice.mean;
+            }
+        }
+        let rec = EpochRecord {
+            epoch,
+            learning_rate: if ae_phase { pc.ae_learning_rate } else { pc.learning_rate },
+            train_loss: loss_sum / cfg.iterations_per_epoch as f64,
+            val_dice,
+            val_psnr,
+            seconds: te.elapsed().as_secs_f64(),
+        };
+        monitor.emit(Progress {
+            stage: Stage::Validation,
+            epoch,
+            epochs: total_epochs,
+            iteration: cfg.iterations_per_epoch,
+            iterations: cfg.iterations_per_epoch,
+            loss: rec.train_loss,
+            val_metric: if ae_phase { val_psnr.unwrap_or(f64::NAN) } else { val_dice },
+        });
+        log::info!(
+            "pgdiff epoch {}/{} ({}) loss {:.4} val {} {:.1} s",
+            epoch + 1,
+            total_epochs,
+            if ae_phase { "autoencoder" } else { "diffusion" },
+            rec.train_loss,
+            if ae_phase { format!("PSNR {:.2} dB", val_psnr.unwrap_or(f64::NAN)) } else { format!("Dice {val_dice:.3}") },
+            rec.seconds
+        );
+        history.push(rec);
+        let st = DiffCheckpoint { epochs_completed: epoch + 1, config: cfg.clone(), history: history.clone() };
+        let mut md = HashMap::new();
+        md.insert(CHECKPOINT_KEY.to_string(), serde_json::to_string(&st).expect("json"));
+        model.meta.provenance = run.provenance(epoch + 1, &history);
+        let mut extra = opt_ae.state();
+        extra.extend(opt_dm.state());
+        model.save_with(&ckpt_path, &extra, md)?;
+        monitor.emit(Progress { stage: Stage::Checkpoint, epoch, epochs: total_epochs, ..Progress::new(Stage::Checkpoint) });
+    }
+    if total_epochs == pc.ae_epochs {
+        fit_latent_scale(&model, &data, tile, cfg.seed)?;
+    }
+    model.meta.provenance = run.provenance(total_epochs, &history);
+    model.save(output)?;
+    monitor.emit(Progress { stage: Stage::Done, epoch: total_epochs, epochs: total_epochs, ..Progress::new(Stage::Done) });
+    Ok(TrainOutcome { model, history })
+}
+
+/// `latent_scale = 1 / std` of the latents of (up to) 64 random training tiles.
+fn fit_latent_scale(model: &Model, data: &TileSet, tile: i64, seed: u64) -> Result<()> {
+    let inner = model.lock();
+    let Net::Pgdiff(net) = &inner.net else { unreachable!("a pgdiff model holds a pgdiff net") };
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5ca1e);
+    let (x, _) = data.batch(&mut rng, 64.min(16 * data.images.len()).max(1), tile);
+    let std = tch::no_grad(|| net.ae.encode(&x).mean.std(true)).double_value(&[]);
+    if !(std.is_finite() && std > 1e-8) {
+        return Err(Error::InvalidInput(format!("the autoencoder's latents have standard deviation {std}; cannot scale them")));
+    }
+    tch::no_grad(|| {
+        let mut s = net.latent_scale.shallow_clone();
+        let _ = s.fill_(1.0 / std);
+    });
+    log::info!("pgdiff latent std {std:.4}; latent_scale {:.4}", 1.0 / std);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Evaluation on labelled frames (the comparison tables)
+
+/// Scores of one sampling configuration on labelled frames.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TileEvaluation {
+    /// Per frame: mIoU over all classes (background included), as the paper.
+    pub miou: Vec<f64>,
+    /// Per frame: mean F1 (Dice) over all classes.
+    pub f1: Vec<f64>,
+    /// Per tile: SSIM between the starting noise and the image.
+    pub noise_ssim: Vec<f64>,
+    /// Per tile: KL divergence of the starting noise's KDE density from N(0, 1).
+    pub noise_kld: Vec<f64>,
+    /// Wall seconds per tile.
+    pub seconds_per_tile: f64,
+}
+
+/// Segments labelled frames tile by tile (non-overlapping `T x T` tiles; frame sides
+/// must be multiples of the model's patch) and scores them; also measures each tile's
+/// starting noise. Tile batches draw from streams seeded by `(opts.seed, frame, batch)`.
+pub fn evaluate_tiles(model: &Model, samples: &[&Sample], opts: &DiffusionOptions, batch_size: usize, monitor: &Monitor) -> Result<TileEvaluation> {
+    opts.validate(model.with_net(|n| match n {
+        Net::Pgdiff(d) => Ok(d.schedule.len()),
+        _ => Err(Error::Unsupported(format!("evaluate_tiles needs a pgdiff model, not '{}'", model.meta.kind.name()))),
+    })?)?;
+    let t = model.meta.patch_size[0];
+    let k = model.n_classes();
+    let mut ev = TileEvaluation { miou: Vec::new(), f1: Vec::new(), noise_ssim: Vec::new(), noise_kld: Vec::new(), seconds_per_tile: 0.0 };
+    let mut tiles_done = 0usize;
+    let t0 = Instant::now();
+    for (fi, s) in samples.iter().enumerate() {
+        let (h, w) = s.mask.dim();
+        if h % t != 0 || w % t != 0 {
+            return Err(Error::Shape(format!("frame '{}' is {h} x {w}; evaluation needs multiples of the {t}-pixel tile", s.name)));
+        }
+        let x = array3_to_tensor(model.meta.normalization.apply_image(&s.image)?.data.view(), model.device());
+        let origins: Vec<(usize, usize)> = (0..h / t).flat_map(|r| (0..w / t).map(move |c| (r * t, c * t))).collect();
+        let mut labels = crate::image::Mask::zeros((h, w));
+        for (bi, chunk) in origins.chunks(batch_size.max(1)).enumerate() {
+            monitor.check()?;
+            let batch = Tensor::stack(
+                &chunk.iter().map(|&(y, x0)| x.narrow(1, y as i64, t as i64).narrow(2, x0 as i64, t as i64)).collect::<Vec<_>>(),
+                0,
+            );
+            let stream = per_epoch_seed(per_epoch_seed(opts.seed, fi), bi);
+            let res = model.with_net(|n| match n {
+                Net::Pgdiff(d) => d.predict(&batch, opts, stream, monitor),
+                _ => unreachable!("checked above"),
+            })?;
+            let am = res.probabilities.argmax(1, false).to_kind(Kind::Uint8).to_device(Device::Cpu);
+            for (i, &(y, x0)) in chunk.iter().enumerate() {
+                let v = Vec::<u8>::try_from(am.get(i as i64).contiguous().view([-1]))?;
+                let tile = ndarray::ArrayView2::from_shape((t, t), &v).expect("tile shape");
+                labels.slice_mut(ndarray::s![y..y + t, x0..x0 + t]).assign(&tile);
+                let (ssim, kld) = noise_quality(&res.noise.get(i as i64), &batch.get(i as i64).get(0))?;
+                ev.noise_ssim.push(ssim);
+                ev.noise_kld.push(kld);
+            }
+            tiles_done += chunk.len();
+        }
+        let sc = metrics::score(&labels, &s.mask, k)?;
+        ev.miou.push(sc.miou());
+        ev.f1.push(metrics::mean(&sc.classes.iter().map(|c| c.f1).collect::<Vec<_>>()));
+    }
+    ev.seconds_per_tile = t0.elapsed().as_secs_f64() / tiles_done.max(1) as f64;
+    Ok(ev)
+}
