@@ -36,7 +36,7 @@ use crate::train::{train, TrainConfig};
 pub enum DiffPreset {
     /// Seconds: for tests (tiny networks, 32-pixel tiles).
     Tiny,
-    /// A 2-core CPU: small networks on 128-pixel tiles.
+    /// A 2-core CPU: small networks on 128-pixel tiles (about 20 minutes per seed).
     Cpu,
     /// The paper's networks on 256-pixel tiles: a GPU job.
     Paper,
@@ -72,8 +72,8 @@ impl DiffPreset {
                 ..base
             },
             DiffPreset::Cpu => TrainConfig {
-                pgdiff: PgDiffConfig { ae_epochs: 4, ..PgDiffConfig::cpu() },
-                epochs: 12,
+                pgdiff: PgDiffConfig { ae_epochs: 2, ..PgDiffConfig::cpu() },
+                epochs: 8,
                 iterations_per_epoch: 150,
                 batch_size: 8,
                 patch_size: [128, 128],
@@ -95,7 +95,7 @@ impl DiffPreset {
         let r = self.recipe();
         let (epochs, its) = match self {
             DiffPreset::Tiny => (1, 2),
-            DiffPreset::Cpu => (20, 50),
+            DiffPreset::Cpu => (10, 50),
             DiffPreset::Paper => (100, 250),
         };
         TrainConfig {
