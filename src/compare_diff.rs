@@ -61,7 +61,8 @@ impl DiffPreset {
     }
     /// The PG-DiffSeg training recipe.
     pub fn recipe(&self) -> TrainConfig {
-        let base = TrainConfig { kind: "pgdiff".into(), val_fraction: 0.0, device: "cpu".into(), ..Default::default() };
+        // resume: an interrupted comparison continues from each model's last checkpoint
+        let base = TrainConfig { kind: "pgdiff".into(), val_fraction: 0.0, device: "cpu".into(), resume: true, ..Default::default() };
         match self {
             DiffPreset::Tiny => TrainConfig {
                 pgdiff: PgDiffConfig::tiny(),
@@ -107,6 +108,7 @@ impl DiffPreset {
             val_fraction: 0.0,
             device: r.device.clone(),
             learning_rate: 0.01,
+            resume: true,
             ..Default::default()
         }
     }
