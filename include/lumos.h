@@ -266,6 +266,10 @@ typedef struct LumosDiffusionOptions {
    * Seed of every random draw; the same seed, input and options give the same labels.
    */
   uint64_t seed;
+  /**
+   * Clip each step's predicted clean mask to [-1, 1] (true by default).
+   */
+  bool clip_denoised;
 } LumosDiffusionOptions;
 
 /**
@@ -529,7 +533,7 @@ LumosStatus lumos_segment_probabilities(const struct LumosModel *model,
 
 /**
  * Fills `out_options` with the paper's sampling: prior start, 100 inversion steps, 200
- * sampling steps, eta 0, 1 sample, forward_t 300, seed 0.
+ * sampling steps, eta 0, 1 sample, forward_t 300, seed 0, clipping on.
  * Errors: NULL_POINTER. Thread-safe.
  */
 LumosStatus lumos_diffusion_options_default(struct LumosDiffusionOptions *out_options);

@@ -93,11 +93,24 @@ pub struct DiffusionOptions {
     /// Seed of every random draw (random starts, eta > 0 noise): the same seed, frame
     /// and options give the same labels.
     pub seed: u64,
+    /// Clip each step's predicted clean mask latent to [-1, 1] (the range of the one-hot
+    /// targets) and re-derive the noise from it (diffusers' `clip_sample`). Keeps sampling
+    /// from drifting where the high-noise regime is not learned well.
+    pub clip_denoised: bool,
 }
 
 impl Default for DiffusionOptions {
     fn default() -> Self {
-        DiffusionOptions { start: StartNoise::Prior, inversion_steps: 100, sampling_steps: 200, eta: 0.0, samples: 1, forward_t: 300, seed: 0 }
+        DiffusionOptions {
+            start: StartNoise::Prior,
+            inversion_steps: 100,
+            sampling_steps: 200,
+            eta: 0.0,
+            samples: 1,
+            forward_t: 300,
+            seed: 0,
+            clip_denoised: true,
+        }
     }
 }
 
@@ -339,7 +352,16 @@ impl PgDiffNet {
 
     /// DDIM sampling of LDM-S from `noise` given `z`: the mask latent `(N, K, h, w)`.
     pub fn sample_mask(&self, noise: &Tensor, z: &Tensor, opts: &DiffusionOptions, rng: &mut NormalStream, monitor: &Monitor) -> Result<Tensor> {
-        let mut eps = |x: &Tensor, t: usize| Ok(self.eps_s(x, z, t));
+        let clip = opts.clip_denoised;
+        let mut eps = |x: &Tensor, t: usize| {
+            let e = self.eps_s(x, z, t);
+            if !clip {
+                return Ok(e);
+            }
+            let a = self.schedule.alpha_bar(t);
+            let x0 = ((x - &e * (1.0 - a).sqrt()) / a.sqrt()).clamp(-1.0, 1.0);
+            Ok((x - x0 * a.sqrt()) / (1.0 - a).sqrt())
+        };
         let shape = noise.size();
         let dev = noise.device();
         let mut fresh = || rng.draw(&shape, dev);

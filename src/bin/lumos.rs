@@ -330,6 +330,9 @@ struct TileArgs {
     /// PG-DiffSeg: seed of the random draws.
     #[arg(long)]
     diffusion_seed: Option<u64>,
+    /// PG-DiffSeg: do not clip the predicted clean mask to [-1, 1] during sampling.
+    #[arg(long)]
+    no_clip: bool,
 }
 
 impl TileArgs {
@@ -346,6 +349,7 @@ impl TileArgs {
                 d.samples = self.samples.unwrap_or(d.samples);
                 d.forward_t = self.forward_t.unwrap_or(d.forward_t);
                 d.seed = self.diffusion_seed.unwrap_or(d.seed);
+                d.clip_denoised &= !self.no_clip;
                 Some(d)
             }
             Err(_) => None,

@@ -191,6 +191,8 @@ pub struct LumosDiffusionOptions {
     pub forward_t: usize,
     /// Seed of every random draw; the same seed, input and options give the same labels.
     pub seed: u64,
+    /// Clip each step's predicted clean mask to [-1, 1] (true by default).
+    pub clip_denoised: bool,
 }
 
 impl From<DiffusionOptions> for LumosDiffusionOptions {
@@ -207,6 +209,7 @@ impl From<DiffusionOptions> for LumosDiffusionOptions {
             samples: d.samples,
             forward_t: d.forward_t,
             seed: d.seed,
+            clip_denoised: d.clip_denoised,
         }
     }
 }
@@ -231,6 +234,7 @@ fn diffusion_options(o: &LumosDiffusionOptions) -> Result<DiffusionOptions, Fail
         samples: o.samples,
         forward_t: o.forward_t,
         seed: o.seed,
+        clip_denoised: o.clip_denoised,
     })
 }
 
@@ -665,7 +669,7 @@ pub unsafe extern "C" fn lumos_segment_probabilities(
 }
 
 /// Fills `out_options` with the paper's sampling: prior start, 100 inversion steps, 200
-/// sampling steps, eta 0, 1 sample, forward_t 300, seed 0.
+/// sampling steps, eta 0, 1 sample, forward_t 300, seed 0, clipping on.
 /// Errors: NULL_POINTER. Thread-safe.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn lumos_diffusion_options_default(out_options: *mut LumosDiffusionOptions) -> LumosStatus {

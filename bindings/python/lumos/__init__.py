@@ -63,7 +63,8 @@ class _DecomposeOptions(C.Structure):
 
 class _DiffusionOptions(C.Structure):
     _fields_ = [("start", C.c_uint32), ("inversion_steps", C.c_size_t), ("sampling_steps", C.c_size_t),
-                ("eta", C.c_double), ("samples", C.c_size_t), ("forward_t", C.c_size_t), ("seed", C.c_uint64)]
+                ("eta", C.c_double), ("samples", C.c_size_t), ("forward_t", C.c_size_t), ("seed", C.c_uint64),
+                ("clip_denoised", C.c_bool)]
 
 
 _STARTS = {"prior": 0, "random": 1, "forward": 2}
@@ -255,7 +256,8 @@ class Model:
         _check(_load().lumos_model_diffusion_options(self._h, C.byref(d)))
         start = {v: k for k, v in _STARTS.items()}[d.start]
         return {"start": start, "inversion_steps": d.inversion_steps, "sampling_steps": d.sampling_steps,
-                "eta": d.eta, "samples": d.samples, "forward_t": d.forward_t, "seed": d.seed}
+                "eta": d.eta, "samples": d.samples, "forward_t": d.forward_t, "seed": d.seed,
+                "clip_denoised": bool(d.clip_denoised)}
 
     def segment(self, image: np.ndarray, *, probabilities: bool = False, tile=None, step_fraction: float = 0.5,
                 batch_size: int = 4, mirror: bool = False, cancel: Optional[CancelToken] = None,
@@ -264,7 +266,7 @@ class Model:
 
         ``diffusion`` (PG-DiffSeg models, labels only): overrides of the model's sampling, keys
         ``start`` ("prior", "random", "forward"), ``inversion_steps``, ``sampling_steps``, ``eta``,
-        ``samples``, ``forward_t``, ``seed``."""
+        ``samples``, ``forward_t``, ``seed``, ``clip_denoised``."""
         x = _as_input(image, 3)
         c, h, w = x.shape
         opts = _options(tile, step_fraction, batch_size, mirror)
@@ -273,13 +275,15 @@ class Model:
             if probabilities:
                 raise ValueError("diffusion options apply to label output; drop probabilities=True")
             merged = {**self.diffusion_options(), **diffusion}
-            unknown = set(merged) - {"start", "inversion_steps", "sampling_steps", "eta", "samples", "forward_t", "seed"}
+            unknown = set(merged) - {"start", "inversion_steps", "sampling_steps", "eta", "samples", "forward_t", "seed",
+                                     "clip_denoised"}
             if unknown:
                 raise ValueError(f"unknown diffusion options: {sorted(unknown)}")
             if merged["start"] not in _STARTS:
                 raise ValueError(f"start = {merged['start']!r}; expected one of {sorted(_STARTS)}")
             d = _DiffusionOptions(_STARTS[merged["start"]], merged["inversion_steps"], merged["sampling_steps"],
-                                  merged["eta"], merged["samples"], merged["forward_t"], merged["seed"])
+                                  merged["eta"], merged["samples"], merged["forward_t"], merged["seed"],
+                                  merged["clip_denoised"])
             out = np.empty((h, w), dtype=np.uint8)
             _check(_load().lumos_segment_diffusion(self._h, x.ctypes.data, c, h, w, C.byref(opts), C.byref(d), tok,
                                                    out.ctypes.data, out.size))
