@@ -42,7 +42,6 @@ use crate::nn::ldm::{Autoencoder, AutoencoderConfig, DiffusionUnet, DiffusionUne
 use crate::normalize::{NormMethod, Normalizer};
 use crate::progress::{Monitor, Progress, Stage};
 use crate::train::{per_epoch_seed, sibling, RunInfo, TrainConfig, TrainOutcome};
-use crate::weights;
 
 /// Where the sampler starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -548,7 +547,6 @@ struct DiffCheckpoint {
     history: Vec<EpochRecord>,
 }
 
-const CHECKPOINT_KEY: &str = "lumos.checkpoint";
 
 /// Normalized training images `(C, H, W)` and masks `(H, W)` on the device.
 struct TileSet {
@@ -676,19 +674,7 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
     let mut start_epoch = 0;
     let mut history: Vec<EpochRecord> = Vec::new();
     if cfg.resume && ckpt_path.is_file() {
-        let file = weights::load(&ckpt_path)?;
-        let st: DiffCheckpoint = serde_json::from_str(file.metadata.get(CHECKPOINT_KEY).ok_or_else(|| {
-            Error::ModelFormat(format!("'{}' is a model file, not a training checkpoint", ckpt_path.display()))
-        })?)
-        .map_err(|e| Error::ModelFormat(format!("'{}': corrupt checkpoint state ({e})", ckpt_path.display())))?;
-        let ck = ModelMeta::from_metadata(&ckpt_path, &file.metadata)?;
-        if ck.kind != ModelKind::Pgdiff || ck.architecture != model.meta.architecture || ck.classes != model.meta.classes {
-            return Err(Error::Config(format!(
-                "checkpoint '{}' was written for another architecture or classes; delete it or set resume = false",
-                ckpt_path.display()
-            )));
-        }
-        weights::copy_into(&model.lock().vs, &file.tensors, &["optimizer."])?;
+        let (file, st, ck) = crate::train::read_checkpoint::<DiffCheckpoint>(&ckpt_path, &model)?;
         opt_ae.load_state(&file.tensors, device);
         opt_dm.load_state(&file.tensors, device);
         model.meta.normalization = ck.normalization;
@@ -802,7 +788,7 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
         history.push(rec);
         let st = DiffCheckpoint { epochs_completed: epoch + 1, config: cfg.clone(), history: history.clone() };
         let mut md = HashMap::new();
-        md.insert(CHECKPOINT_KEY.to_string(), serde_json::to_string(&st).expect("json"));
+        md.insert(crate::train::CHECKPOINT_KEY.to_string(), serde_json::to_string(&st).expect("json"));
         model.meta.provenance = run.provenance(epoch + 1, &history);
         let mut extra = opt_ae.state();
         extra.extend(opt_dm.state());

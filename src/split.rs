@@ -52,7 +52,6 @@ use crate::normalize::{ChannelNorm, NormMethod, Normalizer};
 use crate::progress::{Monitor, Progress, Stage};
 use crate::tiling::{centre_tiles, mirrored, CentreTiles};
 use crate::train::{per_epoch_seed, sibling, RunInfo, TrainConfig, TrainOutcome};
-use crate::weights;
 
 /// One training frame: the superimposed input and the two structures.
 #[derive(Debug, Clone)]
@@ -379,7 +378,6 @@ struct SplitCheckpoint {
     bad_epochs: usize,
 }
 
-const CHECKPOINT_KEY: &str = "lumos.checkpoint";
 
 /// Training frames on the device, normalized: inputs `(H, W)`, targets `(2, H, W)`.
 struct SplitSet {
@@ -470,19 +468,7 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
     let mut history: Vec<EpochRecord> = Vec::new();
     let (mut lr, mut best, mut bad) = (mc.learning_rate, None::<f64>, 0usize);
     if cfg.resume && ckpt_path.is_file() {
-        let file = weights::load(&ckpt_path)?;
-        let st: SplitCheckpoint = serde_json::from_str(file.metadata.get(CHECKPOINT_KEY).ok_or_else(|| {
-            Error::ModelFormat(format!("'{}' is a model file, not a training checkpoint", ckpt_path.display()))
-        })?)
-        .map_err(|e| Error::ModelFormat(format!("'{}': corrupt checkpoint state ({e})", ckpt_path.display())))?;
-        let ck = ModelMeta::from_metadata(&ckpt_path, &file.metadata)?;
-        if ck.kind != ModelKind::Musplit || ck.architecture != model.meta.architecture || ck.classes != model.meta.classes {
-            return Err(Error::Config(format!(
-                "checkpoint '{}' was written for another architecture or channels; delete it or set resume = false",
-                ckpt_path.display()
-            )));
-        }
-        weights::copy_into(&model.lock().vs, &file.tensors, &["optimizer."])?;
+        let (file, st, ck) = crate::train::read_checkpoint::<SplitCheckpoint>(&ckpt_path, &model)?;
         opt.load_state(&file.tensors, device);
         model.meta.normalization = ck.normalization;
         model.meta.target_normalization = ck.target_normalization;
@@ -581,7 +567,7 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
             bad_epochs: bad,
         };
         let mut md = HashMap::new();
-        md.insert(CHECKPOINT_KEY.to_string(), serde_json::to_string(&st).expect("json"));
+        md.insert(crate::train::CHECKPOINT_KEY.to_string(), serde_json::to_string(&st).expect("json"));
         model.meta.provenance = run.provenance(epoch + 1, &history);
         model.save_with(&ckpt_path, &opt.state(), md)?;
         monitor.emit(Progress { stage: Stage::Checkpoint, epoch, epochs: cfg.epochs, ..Progress::new(Stage::Checkpoint) });

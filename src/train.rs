@@ -564,6 +564,32 @@ impl RunInfo<'_> {
     }
 }
 
+/// Reads a training checkpoint of `kind` for `model`: the weights are copied into the
+/// model (optimizer tensors skipped); returns the file (for optimizer state), the
+/// loop's state from the `lumos.checkpoint` entry and the checkpoint's metadata.
+/// Refuses a checkpoint written for another kind, architecture or classes.
+pub(crate) fn read_checkpoint<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    model: &Model,
+) -> Result<(weights::TensorFile, T, ModelMeta)> {
+    let file = weights::load(path)?;
+    let st: T = serde_json::from_str(
+        file.metadata
+            .get(CHECKPOINT_KEY)
+            .ok_or_else(|| Error::ModelFormat(format!("'{}' is a model file, not a training checkpoint", path.display())))?,
+    )
+    .map_err(|e| Error::ModelFormat(format!("'{}': corrupt checkpoint state ({e})", path.display())))?;
+    let ck = ModelMeta::from_metadata(path, &file.metadata)?;
+    if ck.kind != model.meta.kind || ck.architecture != model.meta.architecture || ck.classes != model.meta.classes {
+        return Err(Error::Config(format!(
+            "checkpoint '{}' was written for another architecture or classes; delete it or set resume = false",
+            path.display()
+        )));
+    }
+    weights::copy_into(&model.lock().vs, &file.tensors, &["optimizer."])?;
+    Ok((file, st, ck))
+}
+
 /// Class names: the config's (at least one per mask label), or "background" and "cell"
 /// for binary masks, or "background", "class1", ... otherwise.
 pub(crate) fn class_names(cfg: &TrainConfig, samples: &[Sample]) -> Result<Vec<String>> {
