@@ -356,7 +356,8 @@ typedef void (*LumosProgressCallback)(const struct LumosProgress *progress,
                                       void *user_data);
 
 /**
- * A `(C, H, W)` float32 image allocated by the library (`lumos_image_read_tiff`).
+ * A `(C, H, W)` float32 image allocated by the library (`lumos_image_read_tiff`,
+ * `lumos_simulate`).
  */
 typedef struct LumosImage {
   /**
@@ -634,6 +635,28 @@ LumosStatus lumos_cancel_token_reset(const struct LumosCancelToken *token);
 void lumos_cancel_token_free(struct LumosCancelToken *token);
 
 /**
+ * The training configuration (JSON for `lumos_train`) of a named recipe: a method of the
+ * papers at a size. Hosts start from it and change what the user chose (epochs, device,
+ * seed...), so a model trained from a plugin follows the recipe the results were
+ * measured with.
+ *
+ * - `method`: "dm-qpmnet", "early-fusion", "angles-only", "phase-only" (ssQPM data:
+ *   five channels I0, I45, I90, I135, phase), "nnunet" (any channels), "pg-diffseg"
+ *   (one phase channel, live / dead / background masks), "musplit-unet" or
+ *   "musplit-hvae" (two-structure decomposition; `DIR/targets`).
+ * - `size`: "tiny" (seconds; for trying things out), "cpu" (the docs/results CPU
+ *   recipes) or "paper" (the papers' sizes; a GPU job).
+ * - `out_json`: receives a NUL-terminated UTF-8 string owned by the library, valid until
+ *   the next `lumos_train_recipe` call on the same thread. Untouched on failure.
+ *
+ * Errors: NULL_POINTER, INVALID_ARGUMENT (unknown method or size, text not UTF-8).
+ * Thread-safe (each thread has its own string).
+ */
+LumosStatus lumos_train_recipe(const char *method,
+                               const char *size,
+                               const char **out_json);
+
+/**
  * Trains a model and writes it to `output_path`.
  *
  * - `config_json`: UTF-8 JSON training configuration (see README "Training config");
@@ -677,11 +700,58 @@ LumosStatus lumos_image_read_tiff(const char *path,
                                   struct LumosImage *out_image);
 
 /**
- * Releases the pixels of an image from `lumos_image_read_tiff` and zeroes the struct.
+ * Releases the pixels of an image from `lumos_image_read_tiff` or `lumos_simulate` and
+ * zeroes the struct.
  * NULL, or an image whose `data` is NULL, is ignored. Calling it twice on the same struct
  * is safe (the second call sees NULL data). Not thread-safe for the same struct.
  */
 void lumos_image_free(struct LumosImage *image);
+
+/**
+ * Simulates one labelled frame with the engine's physically grounded simulators (sample
+ * data for plugins, test input for acquisition software).
+ *
+ * - `modality`: "ssqpm" (single-shot QPM: `image` is `(5, H, W)`, the intensities I0,
+ *   I45, I90, I135 in camera ADU then the phase in radians; `truth` is `(1, H, W)`, 0
+ *   background / 1 cell), "qpi" (live/dead QPI: `image` `(1, H, W)` phase in radians;
+ *   `truth` `(1, H, W)`, 0 background / 1 live / 2 dead) or "fluo" (two superimposed
+ *   fluorescent structures: `image` `(1, H, W)` in photo-electrons; `truth` `(2, H, W)`,
+ *   the two structures in photons).
+ * - `config_json`: the simulator's settings as a JSON object, as for `lumos simulate
+ *   --config` (for example `{"size": 512}`; the edge length is `size` pixels); NULL or ""
+ *   for the defaults (256 px for ssqpm and qpi, 512 px for fluo). Unknown fields are an error.
+ * - `seed`: the same seed gives the same frame.
+ * - `out_image`, `out_truth`: receive library-owned images; release each with
+ *   `lumos_image_free`. Both untouched on failure.
+ *
+ * Errors: NULL_POINTER, INVALID_ARGUMENT (unknown modality, text not UTF-8),
+ * INVALID_CONFIG (bad JSON or out-of-range settings). Thread-safe.
+ */
+LumosStatus lumos_simulate(const char *modality,
+                           const char *config_json,
+                           uint64_t seed,
+                           struct LumosImage *out_image,
+                           struct LumosImage *out_truth);
+
+/**
+ * Writes a float32 `(C, H, W)` image (`channels * height * width` floats, channel-major)
+ * as a TIFF, one page per channel, with ImageJ metadata (a `C > 1` image opens in Fiji as
+ * a C-channel hyperstack), atomically (temporary file renamed into place). Training data
+ * for `lumos_train` can be written with it.
+ *
+ * - `channel_names`: NULL (names "ch0", "ch1", ...) or `channels` UTF-8 strings, stored
+ *   as the ImageJ slice labels. Models remember the channel names they were trained on,
+ *   and ssQPM names ("I0", "I45", "I90", "I135", "phase") select the ssQPM normalization.
+ *
+ * Errors: NULL_POINTER, INVALID_ARGUMENT (path or a name not UTF-8), SHAPE_MISMATCH (a
+ * zero or absurd size), IO (missing folder, read-only folder, full disk). Thread-safe.
+ */
+LumosStatus lumos_image_write_tiff(const char *path,
+                                   const float *data,
+                                   size_t channels,
+                                   size_t height,
+                                   size_t width,
+                                   const char *const *channel_names);
 
 /**
  * Writes a label image `(H, W)` (`height * width` bytes, row-major) as an 8-bit TIFF

@@ -3,6 +3,7 @@
 # - libtorch 2.11.0 (CPU + CUDA libraries) from the PyPI torch wheel into .libtorch/
 #   (git-ignored), as tch 0.24 expects; .cargo/config.toml points torch-sys at it.
 # - a C and C++ compiler for the C API tests.
+# - the host applications and Python packages of the plugin tests (see below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -45,9 +46,42 @@ if [ ! -f "$MARKER" ] || [ ! -f .libtorch/torch/lib/libtorch_cpu.so ]; then
     echo "bootstrap: libtorch ready in .libtorch"
 fi
 
-# Python test environment for the binding (numpy + pytest), in .venv (git-ignored).
-if [ ! -x .venv/bin/pytest ] || ! .venv/bin/python -c "import numpy" >/dev/null 2>&1; then
-    echo "bootstrap: creating .venv with numpy and pytest ..."
+# Host applications for the plugin tests (apt, as root; skipped with a note otherwise):
+# Xvfb + Mesa + the X client libraries Qt needs (napari), ImageJ 1 + JNA + JUnit 4 and a
+# JDK (the Fiji plugin), gcc's AddressSanitizer comes with gcc.
+host_pkgs=(xvfb xauth libgl1 libegl1 libgl1-mesa-dri libxkbcommon-x11-0 libxcb-icccm4 libxcb-image0
+    libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 libxcb-shape0 libxcb-xfixes0 libxcb-xinerama0
+    libxcb-xkb1 libfontconfig1 libdbus-1-3 imagej libjna-java junit4)
+command -v javac >/dev/null 2>&1 || host_pkgs+=(default-jdk-headless)
+missing_host=()
+for p in "${host_pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing_host+=("$p")
+done
+if [ ${#missing_host[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "bootstrap: installing host-application test packages: ${missing_host[*]}"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing_host[@]}" >/dev/null
+    else
+        echo "bootstrap: please install ${missing_host[*]} (needed by the napari and Fiji plugin tests)" >&2
+        exit 1
+    fi
+fi
+
+# Python environment in .venv (git-ignored): numpy + pytest for the binding; napari with
+# PyQt5, pytest-qt, pytest-xvfb and npe2 for the plugin (about 900 MB); the binding and
+# the plugin installed editable, so napari discovers the plugin through its entry point.
+if [ ! -x .venv/bin/python ]; then
+    echo "bootstrap: creating .venv ..."
     python3 -m venv .venv 2>/dev/null || { python3 -m pip install --quiet virtualenv && python3 -m virtualenv -q .venv; }
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check numpy pytest
+fi
+if ! .venv/bin/python -c "import numpy, pytest, napari, npe2, pytestqt, pytest_xvfb" >/dev/null 2>&1; then
+    echo "bootstrap: installing numpy, pytest, napari[pyqt5], pytest-qt, pytest-xvfb, npe2 into .venv ..."
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check numpy pytest "napari[pyqt5]" pytest-qt \
+        pytest-xvfb npe2
+fi
+if ! .venv/bin/python -c "import napari_lumos, lumos" >/dev/null 2>&1; then
+    # setuptools >= 70 builds editable wheels without the separate 'wheel' package
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check "setuptools>=70"
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation \
+        -e bindings/python -e napari-plugin
 fi

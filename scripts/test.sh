@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every test: Rust unit and integration tests (including the C and C++ API programs
-# and the header check), then the Python binding's tests against the built library.
+# Runs every test: Rust unit and integration tests (including the C and C++ API programs,
+# the acquisition examples under AddressSanitizer and the header check), then the Python
+# binding and napari plugin tests, then the Java binding and Fiji plugin tests.
 # Bootstraps first (idempotent).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,5 +11,8 @@ export PATH="$HOME/.cargo/bin:$PATH"
 # is current even when only sources changed since the last build
 cargo build --quiet --lib --bin lumos
 cargo test --all-targets "$@"
-LUMOS_LIBRARY="$PWD/target/debug/liblumos.so" PYTHONPATH="$PWD/bindings/python" \
-    .venv/bin/python -m pytest -q bindings/python/tests
+export LUMOS_LIBRARY="$PWD/target/debug/liblumos.so"
+# the Python binding, then the napari plugin in real napari under Xvfb (pytest-xvfb)
+.venv/bin/python -m pytest -q -o xvfb_width=1600 -o xvfb_height=1000 bindings/python/tests napari-plugin/tests
+# the Java binding and the Fiji/ImageJ plugins: JUnit headless + a macro in ImageJ under Xvfb
+./fiji-plugin/test.sh

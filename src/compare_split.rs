@@ -57,7 +57,7 @@ impl SplitPreset {
         match self {
             SplitPreset::Tiny => (
                 t(1, 2, 2, 16),
-                MuSplitConfig { variant, levels: 3, base_channels: 4, max_channels: 8, z_dim: 2, ..Default::default() },
+                MuSplitConfig { variant, levels: 3, lc_levels: 2, base_channels: 4, max_channels: 8, z_dim: 2, ..Default::default() },
             ),
             SplitPreset::Cpu => (
                 t(8, 50, 8, 64),

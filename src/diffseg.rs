@@ -292,6 +292,10 @@ pub struct TileResult {
     pub probabilities: Tensor,
     /// `(N, T/f, T/f)`: the starting noise of the first sample, averaged over channels.
     pub noise: Tensor,
+    /// `(N, T/f, T/f)`: the clean image latent (scaled), averaged over channels: the
+    /// reference that fixes the sign of the latent space when the noise is compared with
+    /// the image (see [`noise_quality`]).
+    pub latent: Tensor,
 }
 
 impl PgDiffNet {
@@ -410,7 +414,7 @@ impl PgDiffNet {
                 // report vote fractions, but make sure the argmax is the tie-broken winner
                 &votes + Tensor::zeros_like(&votes).scatter_value(1, &win, 1e-4)
             };
-            Ok(TileResult { probabilities, noise: first_noise.expect("samples >= 1") })
+            Ok(TileResult { probabilities, noise: first_noise.expect("samples >= 1"), latent: z.mean_dim(1, false, Kind::Float) })
         })
     }
 
@@ -428,9 +432,22 @@ impl PgDiffNet {
 /// The paper's starting-noise quality of one tile: SSIM between the channel-averaged
 /// noise and the image (area-resized to the latent size; both min-max scaled to [0, 1]),
 /// and the KL divergence of the noise's Gaussian-KDE density from N(0, 1).
-pub fn noise_quality(noise: &Tensor, image: &Tensor) -> Result<(f64, f64)> {
+///
+/// The autoencoder is trained from scratch, so the sign of its latent space is arbitrary:
+/// a latent that is a faithful but inverted copy of the image would score a negative SSIM.
+/// `latent` (the tile's channel-averaged clean latent) fixes the orientation: when it
+/// correlates negatively with the image, the noise is negated before the SSIM is taken.
+/// The choice depends only on the image and the model, never on the noise, so it gives
+/// random noise no advantage. Returns `(ssim_aligned, ssim_raw, kld)`.
+pub fn noise_quality(noise: &Tensor, image: &Tensor, latent: &Tensor) -> Result<(f64, f64, f64)> {
     let (h, w) = (noise.size()[0], noise.size()[1]);
-    let img = image.unsqueeze(0).unsqueeze(0).adaptive_avg_pool2d([h, w]).view([h, w]);
+    let img = image.to_kind(Kind::Float).unsqueeze(0).unsqueeze(0).adaptive_avg_pool2d([h, w]).view([h, w]);
+    let centred = |t: &Tensor| {
+        let t = t.to_kind(Kind::Float);
+        &t - t.mean(Kind::Float)
+    };
+    let covariance = (centred(&img) * centred(latent)).sum(Kind::Double).double_value(&[]);
+    let orientation = if covariance < 0.0 { -1.0 } else { 1.0 };
     let scale = |t: &Tensor| {
         let (lo, hi) = (t.min().double_value(&[]), t.max().double_value(&[]));
         (t - lo) / (hi - lo).max(1e-12)
@@ -440,10 +457,10 @@ pub fn noise_quality(noise: &Tensor, image: &Tensor) -> Result<(f64, f64)> {
         Ok(ndarray::Array2::from_shape_vec((h as usize, w as usize), v).expect("shape"))
     };
     let a = to_arr(scale(&img))?;
-    let b = to_arr(scale(noise))?;
-    let ssim = metrics::ssim(a.view(), b.view())?;
+    let raw = metrics::ssim(a.view(), to_arr(scale(noise))?.view())?;
+    let aligned = if orientation < 0.0 { metrics::ssim(a.view(), to_arr(scale(&(noise * -1.0)))?.view())? } else { raw };
     let values = Vec::<f32>::try_from(noise.to_kind(Kind::Float).to_device(Device::Cpu).contiguous().view([-1]))?;
-    Ok((ssim, metrics::kde_kl_to_standard_normal(&values)))
+    Ok((aligned, raw, metrics::kde_kl_to_standard_normal(&values)))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -832,8 +849,11 @@ pub struct TileEvaluation {
     pub miou: Vec<f64>,
     /// Per frame: mean F1 (Dice) over all classes.
     pub f1: Vec<f64>,
-    /// Per tile: SSIM between the starting noise and the image.
+    /// Per tile: SSIM between the starting noise and the image, the latent's sign aligned
+    /// with the image (see [`noise_quality`]).
     pub noise_ssim: Vec<f64>,
+    /// Per tile: the same SSIM without sign alignment.
+    pub noise_ssim_raw: Vec<f64>,
     /// Per tile: KL divergence of the starting noise's KDE density from N(0, 1).
     pub noise_kld: Vec<f64>,
     /// Wall seconds per tile.
@@ -850,7 +870,7 @@ pub fn evaluate_tiles(model: &Model, samples: &[&Sample], opts: &DiffusionOption
     })?)?;
     let t = model.meta.patch_size[0];
     let k = model.n_classes();
-    let mut ev = TileEvaluation { miou: Vec::new(), f1: Vec::new(), noise_ssim: Vec::new(), noise_kld: Vec::new(), seconds_per_tile: 0.0 };
+    let mut ev = TileEvaluation { miou: Vec::new(), f1: Vec::new(), noise_ssim: Vec::new(), noise_ssim_raw: Vec::new(), noise_kld: Vec::new(), seconds_per_tile: 0.0 };
     let mut tiles_done = 0usize;
     let t0 = Instant::now();
     for (fi, s) in samples.iter().enumerate() {
@@ -877,8 +897,9 @@ pub fn evaluate_tiles(model: &Model, samples: &[&Sample], opts: &DiffusionOption
                 let v = Vec::<u8>::try_from(am.get(i as i64).contiguous().view([-1]))?;
                 let tile = ndarray::ArrayView2::from_shape((t, t), &v).expect("tile shape");
                 labels.slice_mut(ndarray::s![y..y + t, x0..x0 + t]).assign(&tile);
-                let (ssim, kld) = noise_quality(&res.noise.get(i as i64), &batch.get(i as i64).get(0))?;
+                let (ssim, raw, kld) = noise_quality(&res.noise.get(i as i64), &batch.get(i as i64).get(0), &res.latent.get(i as i64))?;
                 ev.noise_ssim.push(ssim);
+                ev.noise_ssim_raw.push(raw);
                 ev.noise_kld.push(kld);
             }
             tiles_done += chunk.len();
@@ -889,4 +910,27 @@ pub fn evaluate_tiles(model: &Model, samples: &[&Sample], opts: &DiffusionOption
     }
     ev.seconds_per_tile = t0.elapsed().as_secs_f64() / tiles_done.max(1) as f64;
     Ok(ev)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A latent that is an inverted copy of the image scores like an upright one once the
+    /// sign is aligned; the alignment follows the clean latent, not the noise.
+    #[test]
+    fn noise_ssim_aligns_the_latent_sign() {
+        let image = (Tensor::arange(256, (Kind::Float, Device::Cpu)).view([16, 16]) * 0.37).sin();
+        let upright = &image * 0.1;
+        let inverted = &image * -0.1;
+        let (aligned_up, raw_up, _) = noise_quality(&upright, &image, &upright).unwrap();
+        let (aligned_inv, raw_inv, _) = noise_quality(&inverted, &image, &inverted).unwrap();
+        assert!(aligned_up > 0.99 && raw_up > 0.99, "{aligned_up} {raw_up}");
+        assert!(raw_inv < 0.0, "an inverted copy has negative raw SSIM: {raw_inv}");
+        assert!((aligned_inv - aligned_up).abs() < 1e-6, "{aligned_inv} vs {aligned_up}");
+        // an upright latent does not flip an inverted noise
+        let (aligned_mixed, raw_mixed, _) = noise_quality(&inverted, &image, &upright).unwrap();
+        assert_eq!(aligned_mixed, raw_mixed);
+        assert!(aligned_mixed < 0.0);
+    }
 }

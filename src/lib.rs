@@ -22,6 +22,7 @@ pub mod nn;
 pub mod normalize;
 pub mod overlay;
 pub mod progress;
+pub mod recipes;
 pub mod sim;
 pub mod split;
 pub mod tiling;

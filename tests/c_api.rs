@@ -152,3 +152,112 @@ fn pgdiff_train_save_reload_segment_in_a_fresh_process() {
     let m = lumos::Model::load(&model, tch::Device::Cpu).unwrap();
     assert_eq!(m.meta.kind, lumos::model::ModelKind::Pgdiff);
 }
+
+fn train_tiny(method: &str, data: &Path, out: &Path) {
+    let mut cfg = lumos::recipes::recipe(method, "tiny").unwrap();
+    cfg.device = "cpu".into();
+    cfg.val_fraction = 0.0;
+    lumos::train::train(&cfg, data, out, &mut lumos::progress::Monitor::none()).unwrap();
+}
+
+/// Builds a program with AddressSanitizer (LeakSanitizer included) and runs it: it must
+/// succeed, and ASan must report no memory error and no leak. libtorch's own one-time
+/// allocations (thread pools, kernel registries) are suppressed by `tests/lsan.supp`,
+/// which names only libtorch, libgomp and libstdc++ frames: a leak in lumos is reported.
+fn run_under_asan(compiler: &str, lang_args: &[&str], source: &str, exe: &Path, args: &[&std::ffi::OsStr]) -> String {
+    let mut lang: Vec<&str> = lang_args.to_vec();
+    lang.extend(["-fsanitize=address", "-fno-omit-frame-pointer", "-I", "bindings/cpp"]);
+    build_source(compiler, &lang, source, exe);
+    let out = Command::new(exe)
+        .current_dir(root())
+        .args(args)
+        .env("ASAN_OPTIONS", "detect_leaks=1:abort_on_error=0:exitcode=23")
+        .env("LSAN_OPTIONS", format!("suppressions={}:print_suppressions=0", root().join("tests/lsan.supp").display()))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}{stderr}");
+    assert!(!stderr.contains("ERROR: AddressSanitizer"), "{source}: AddressSanitizer error:\n{stderr}");
+    assert!(!stderr.contains("ERROR: LeakSanitizer"), "{source}: leak:\n{stderr}");
+    assert!(out.status.success(), "{source} failed ({:?}):\n{stderr}", out.status);
+    stdout
+}
+
+/// The acquisition-style examples for C and C++ integrators: load once, process a stream
+/// of frames, check every status, free everything; clean under AddressSanitizer.
+#[test]
+fn acquisition_examples_run_clean_under_address_sanitizer() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write_dataset(&data, 3, 0, &SsqpmConfig { size: 64, ..Default::default() }, 8).unwrap();
+    let model = dir.path().join("dmqpm.lumos");
+    train_tiny("dm-qpmnet", &data.join("train"), &model);
+    let masks = dir.path().join("masks");
+    std::fs::create_dir_all(&masks).unwrap();
+
+    let c = run_under_asan(
+        "gcc",
+        &["-std=c11", "-x", "c"],
+        "bindings/c/acquire.c",
+        &dir.path().join("acquire_c"),
+        &[model.as_os_str(), "simulate".as_ref(), "ssqpm".as_ref(), "4".as_ref(), masks.as_os_str()],
+    );
+    assert!(c.contains("segmented 4 frames"), "{c}");
+    assert_eq!(c.matches("frame ").count(), 4);
+    let m = lumos::io::tiff::read_mask(&masks.join("mask_0003.tif")).unwrap();
+    assert_eq!(m.dim(), (128, 128));
+
+    // TIFF frames, and a frame with the wrong channel count is refused with a message
+    let tif = dir.path().join("frame.tif");
+    let frame = lumos::sim::simulate_frame("ssqpm", r#"{"size": 64}"#, 1).unwrap();
+    lumos::io::tiff::write_image_f32(&tif, &frame.image).unwrap();
+    run_under_asan("gcc", &["-std=c11", "-x", "c"], "bindings/c/acquire.c", &dir.path().join("acquire_c2"), &[
+        model.as_os_str(),
+        tif.as_os_str(),
+        tif.as_os_str(),
+    ]);
+    let out = Command::new(dir.path().join("acquire_c2"))
+        .args([model.as_os_str(), "simulate".as_ref(), "qpi".as_ref(), "1".as_ref()])
+        .env("ASAN_OPTIONS", "detect_leaks=0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has 1 channels; the model takes 5"));
+
+    // the check can fail: the same program without lumos_model_free is reported as leaking
+    let leaky = dir.path().join("leaky.c");
+    let src = std::fs::read_to_string(root().join("bindings/c/acquire.c")).unwrap();
+    std::fs::write(&leaky, src.replace("lumos_model_free(model);", "")).unwrap();
+    build_source("gcc", &["-std=c11", "-x", "c", "-fsanitize=address", "-fno-omit-frame-pointer"], leaky.to_str().unwrap(), &dir.path().join("leaky"));
+    let out = Command::new(dir.path().join("leaky"))
+        .args([model.as_os_str(), "simulate".as_ref(), "ssqpm".as_ref(), "1".as_ref()])
+        .env("ASAN_OPTIONS", "detect_leaks=1")
+        .env("LSAN_OPTIONS", format!("suppressions={}", root().join("tests/lsan.supp").display()))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("ERROR: LeakSanitizer") && stderr.contains("lumos_model_load"), "the leak went unseen:\n{stderr}");
+
+    // C++: segmentation, then decomposition with a muSplit model
+    let cpp = run_under_asan(
+        "g++",
+        &["-std=c++17", "-x", "c++"],
+        "bindings/cpp/acquire.cpp",
+        &dir.path().join("acquire_cpp"),
+        &[model.as_os_str(), "ssqpm".as_ref(), "3".as_ref()],
+    );
+    assert!(cpp.contains("processed 3 frames"), "{cpp}");
+    let fluo = dir.path().join("fluo");
+    lumos::sim::fluo::write_dataset(&fluo, 2, 0, &lumos::sim::fluo::FluoConfig { size: 48, ..Default::default() }, 3).unwrap();
+    let split = dir.path().join("split.lumos");
+    train_tiny("musplit-hvae", &fluo.join("train"), &split);
+    let cpp = run_under_asan(
+        "g++",
+        &["-std=c++17", "-x", "c++"],
+        "bindings/cpp/acquire.cpp",
+        &dir.path().join("acquire_cpp2"),
+        &[split.as_os_str(), "fluo".as_ref(), "2".as_ref()],
+    );
+    assert!(cpp.contains("model musplit") && cpp.contains("processed 2 frames"), "{cpp}");
+}

@@ -259,8 +259,16 @@ struct TrainArgs {
     #[arg(long, short)]
     out: PathBuf,
     /// JSON training config (see README); flags below override it.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "recipe")]
     config: Option<PathBuf>,
+    /// Start from a named recipe instead of a config file: dm-qpmnet, early-fusion,
+    /// angles-only, phase-only, nnunet, pg-diffseg, musplit-unet or musplit-hvae (the
+    /// recipes of docs/results; see --size). Flags below override it.
+    #[arg(long)]
+    recipe: Option<String>,
+    /// Size of the --recipe: tiny (seconds), cpu (the CPU comparisons) or paper (a GPU job).
+    #[arg(long, default_value = "cpu", requires = "recipe")]
+    size: String,
     #[arg(long)]
     epochs: Option<usize>,
     #[arg(long)]
@@ -550,9 +558,10 @@ fn train_progress(cfg: &TrainConfig) -> (ProgressBar, impl FnMut(&Progress)) {
 }
 
 fn train_cmd(a: TrainArgs) -> Result<()> {
-    let mut cfg = match &a.config {
-        Some(p) => TrainConfig::from_json(&std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?)?,
-        None => TrainConfig::default(),
+    let mut cfg = match (&a.config, &a.recipe) {
+        (Some(p), _) => TrainConfig::from_json(&std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?)?,
+        (None, Some(r)) => lumos::recipes::recipe(r, &a.size)?,
+        (None, None) => TrainConfig::default(),
     };
     if let Some(v) = a.epochs {
         cfg.epochs = v;
@@ -575,10 +584,10 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
     if let Some(v) = a.kind {
         cfg.kind = v;
         // muSplit trains on 64 x 64 patches unless told otherwise
-        if cfg.kind.eq_ignore_ascii_case("musplit") && a.config.is_none() && a.patch.is_none() {
+        if cfg.kind.eq_ignore_ascii_case("musplit") && a.config.is_none() && a.recipe.is_none() && a.patch.is_none() {
             cfg.patch_size = [64, 64];
         }
-        if lumos::model::ModelKind::parse(&cfg.kind)? == lumos::model::ModelKind::Pgdiff && a.config.is_none() {
+        if lumos::model::ModelKind::parse(&cfg.kind)? == lumos::model::ModelKind::Pgdiff && a.config.is_none() && a.recipe.is_none() {
             let (pc, patch) = match a.pgdiff_preset.as_str() {
                 "paper" => (lumos::diffseg::PgDiffConfig::default(), 256),
                 "cpu" => (lumos::diffseg::PgDiffConfig::cpu(), 128),

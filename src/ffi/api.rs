@@ -856,6 +856,46 @@ pub unsafe extern "C" fn lumos_cancel_token_free(token: *mut LumosCancelToken) {
 // ---------------------------------------------------------------------------------------
 // Training
 
+thread_local! {
+    static RECIPE_JSON: std::cell::RefCell<std::ffi::CString> = std::cell::RefCell::new(std::ffi::CString::default());
+}
+
+/// The training configuration (JSON for `lumos_train`) of a named recipe: a method of the
+/// papers at a size. Hosts start from it and change what the user chose (epochs, device,
+/// seed...), so a model trained from a plugin follows the recipe the results were
+/// measured with.
+///
+/// - `method`: "dm-qpmnet", "early-fusion", "angles-only", "phase-only" (ssQPM data:
+///   five channels I0, I45, I90, I135, phase), "nnunet" (any channels), "pg-diffseg"
+///   (one phase channel, live / dead / background masks), "musplit-unet" or
+///   "musplit-hvae" (two-structure decomposition; `DIR/targets`).
+/// - `size`: "tiny" (seconds; for trying things out), "cpu" (the docs/results CPU
+///   recipes) or "paper" (the papers' sizes; a GPU job).
+/// - `out_json`: receives a NUL-terminated UTF-8 string owned by the library, valid until
+///   the next `lumos_train_recipe` call on the same thread. Untouched on failure.
+///
+/// Errors: NULL_POINTER, INVALID_ARGUMENT (unknown method or size, text not UTF-8).
+/// Thread-safe (each thread has its own string).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lumos_train_recipe(method: *const c_char, size: *const c_char, out_json: *mut *const c_char) -> LumosStatus {
+    guard(|| {
+        let m = unsafe { arg_str(method, "method") }?;
+        let z = unsafe { arg_str(size, "size") }?;
+        if out_json.is_null() {
+            return Err(null("out_json"));
+        }
+        let cfg = crate::recipes::recipe(m, z)?;
+        let json = serde_json::to_string_pretty(&cfg).expect("a TrainConfig serializes");
+        let c = std::ffi::CString::new(json).expect("JSON has no NUL");
+        RECIPE_JSON.with(|r| {
+            *r.borrow_mut() = c;
+            // SAFETY: out_json checked non-NULL; the string lives in this thread's slot.
+            unsafe { *out_json = r.borrow().as_ptr() };
+        });
+        Ok(())
+    })
+}
+
 /// Trains a model and writes it to `output_path`.
 ///
 /// - `config_json`: UTF-8 JSON training configuration (see README "Training config");
@@ -907,7 +947,8 @@ pub unsafe extern "C" fn lumos_train(
 // ---------------------------------------------------------------------------------------
 // TIFF files (for C/C++ hosts without their own TIFF reader)
 
-/// A `(C, H, W)` float32 image allocated by the library (`lumos_image_read_tiff`).
+/// A `(C, H, W)` float32 image allocated by the library (`lumos_image_read_tiff`,
+/// `lumos_simulate`).
 #[repr(C)]
 #[derive(Debug)]
 pub struct LumosImage {
@@ -938,15 +979,13 @@ pub unsafe extern "C" fn lumos_image_read_tiff(path: *const c_char, out_image: *
             return Err(null("out_image"));
         }
         let img = crate::io::tiff::read_image(Path::new(p))?;
-        let (c, h, w) = img.data.dim();
-        let v: Vec<f32> = img.data.iter().copied().collect(); // standard (C, H, W) order
-        let data = Box::into_raw(v.into_boxed_slice()) as *mut f32;
-        unsafe { *out_image = LumosImage { data, channels: c, height: h, width: w } };
+        unsafe { *out_image = image_into_c(img) };
         Ok(())
     })
 }
 
-/// Releases the pixels of an image from `lumos_image_read_tiff` and zeroes the struct.
+/// Releases the pixels of an image from `lumos_image_read_tiff` or `lumos_simulate` and
+/// zeroes the struct.
 /// NULL, or an image whose `data` is NULL, is ignored. Calling it twice on the same struct
 /// is safe (the second call sees NULL data). Not thread-safe for the same struct.
 #[unsafe(no_mangle)]
@@ -965,6 +1004,100 @@ pub unsafe extern "C" fn lumos_image_free(image: *mut LumosImage) {
         *im = LumosImage { data: std::ptr::null_mut(), channels: 0, height: 0, width: 0 };
         Ok(())
     });
+}
+
+fn image_into_c(img: crate::image::Image) -> LumosImage {
+    let (c, h, w) = img.data.dim();
+    let v: Vec<f32> = img.data.iter().copied().collect(); // standard (C, H, W) order
+    LumosImage { data: Box::into_raw(v.into_boxed_slice()) as *mut f32, channels: c, height: h, width: w }
+}
+
+/// Simulates one labelled frame with the engine's physically grounded simulators (sample
+/// data for plugins, test input for acquisition software).
+///
+/// - `modality`: "ssqpm" (single-shot QPM: `image` is `(5, H, W)`, the intensities I0,
+///   I45, I90, I135 in camera ADU then the phase in radians; `truth` is `(1, H, W)`, 0
+///   background / 1 cell), "qpi" (live/dead QPI: `image` `(1, H, W)` phase in radians;
+///   `truth` `(1, H, W)`, 0 background / 1 live / 2 dead) or "fluo" (two superimposed
+///   fluorescent structures: `image` `(1, H, W)` in photo-electrons; `truth` `(2, H, W)`,
+///   the two structures in photons).
+/// - `config_json`: the simulator's settings as a JSON object, as for `lumos simulate
+///   --config` (for example `{"size": 512}`; the edge length is `size` pixels); NULL or ""
+///   for the defaults (256 px for ssqpm and qpi, 512 px for fluo). Unknown fields are an error.
+/// - `seed`: the same seed gives the same frame.
+/// - `out_image`, `out_truth`: receive library-owned images; release each with
+///   `lumos_image_free`. Both untouched on failure.
+///
+/// Errors: NULL_POINTER, INVALID_ARGUMENT (unknown modality, text not UTF-8),
+/// INVALID_CONFIG (bad JSON or out-of-range settings). Thread-safe.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lumos_simulate(
+    modality: *const c_char,
+    config_json: *const c_char,
+    seed: u64,
+    out_image: *mut LumosImage,
+    out_truth: *mut LumosImage,
+) -> LumosStatus {
+    guard(|| {
+        let m = unsafe { arg_str(modality, "modality") }?;
+        let cfg = if config_json.is_null() { "" } else { unsafe { arg_str(config_json, "config_json") }? };
+        if out_image.is_null() {
+            return Err(null("out_image"));
+        }
+        if out_truth.is_null() {
+            return Err(null("out_truth"));
+        }
+        let frame = crate::sim::simulate_frame(m, cfg, seed)?;
+        unsafe {
+            *out_image = image_into_c(frame.image);
+            *out_truth = image_into_c(frame.truth);
+        }
+        Ok(())
+    })
+}
+
+/// Writes a float32 `(C, H, W)` image (`channels * height * width` floats, channel-major)
+/// as a TIFF, one page per channel, with ImageJ metadata (a `C > 1` image opens in Fiji as
+/// a C-channel hyperstack), atomically (temporary file renamed into place). Training data
+/// for `lumos_train` can be written with it.
+///
+/// - `channel_names`: NULL (names "ch0", "ch1", ...) or `channels` UTF-8 strings, stored
+///   as the ImageJ slice labels. Models remember the channel names they were trained on,
+///   and ssQPM names ("I0", "I45", "I90", "I135", "phase") select the ssQPM normalization.
+///
+/// Errors: NULL_POINTER, INVALID_ARGUMENT (path or a name not UTF-8), SHAPE_MISMATCH (a
+/// zero or absurd size), IO (missing folder, read-only folder, full disk). Thread-safe.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lumos_image_write_tiff(
+    path: *const c_char,
+    data: *const f32,
+    channels: usize,
+    height: usize,
+    width: usize,
+    channel_names: *const *const c_char,
+) -> LumosStatus {
+    guard(|| {
+        let p = unsafe { arg_str(path, "path") }?;
+        if data.is_null() {
+            return Err(null("data"));
+        }
+        let n = element_count(&[channels, height, width], "image")?;
+        // SAFETY: the caller guarantees `data` holds channels*height*width floats.
+        let s = unsafe { std::slice::from_raw_parts(data, n) };
+        let arr = ndarray::Array3::from_shape_vec((channels, height, width), s.to_vec()).expect("length checked");
+        let mut img = crate::image::Image::new(arr);
+        if !channel_names.is_null() {
+            // SAFETY: the caller guarantees `channels` string pointers.
+            let names = unsafe { std::slice::from_raw_parts(channel_names, channels) };
+            img.channel_names = names
+                .iter()
+                .enumerate()
+                .map(|(i, &q)| unsafe { arg_str(q, &format!("channel_names[{i}]")) }.map(str::to_string))
+                .collect::<Result<_, _>>()?;
+        }
+        crate::io::tiff::write_image_f32(Path::new(p), &img)?;
+        Ok(())
+    })
 }
 
 /// Writes a label image `(H, W)` (`height * width` bytes, row-major) as an 8-bit TIFF

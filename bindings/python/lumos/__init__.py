@@ -20,7 +20,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-__all__ = ["LumosError", "Model", "CancelToken", "train", "version", "abi_version", "cuda_available"]
+__all__ = ["LumosError", "Model", "CancelToken", "train", "simulate", "read_tiff", "write_image_tiff",
+           "write_mask_tiff", "train_recipe", "RECIPES", "version", "abi_version", "cuda_available"]
 
 ABI_VERSION = 1
 
@@ -133,6 +134,9 @@ def _load():
             "lumos_image_read_tiff": ([C.c_char_p, C.POINTER(_Image)], st),
             "lumos_image_free": ([C.POINTER(_Image)], None),
             "lumos_mask_write_tiff": ([C.c_char_p, P, S, S], st),
+            "lumos_image_write_tiff": ([C.c_char_p, P, S, S, S, C.POINTER(C.c_char_p)], st),
+            "lumos_train_recipe": ([C.c_char_p, C.c_char_p, C.POINTER(C.c_char_p)], st),
+            "lumos_simulate": ([C.c_char_p, C.c_char_p, C.c_uint64, C.POINTER(_Image), C.POINTER(_Image)], st),
         }
         for name, (args, res) in sig.items():
             f = getattr(lib, name)
@@ -317,16 +321,52 @@ class Model:
         return out
 
 
-def read_tiff(path) -> np.ndarray:
-    """Reads any TIFF the engine reads as a (C, H, W) float32 array (a copy owned by numpy)."""
-    lib = _load()
-    im = _Image()
-    _check(lib.lumos_image_read_tiff(os.fsencode(str(path)), C.byref(im)))
+def _take_image(im: _Image) -> np.ndarray:
+    """Copies a library-owned image into numpy and frees the library's buffer."""
     try:
         n = im.channels * im.height * im.width
         return np.ctypeslib.as_array(im.data, shape=(n,)).reshape(im.channels, im.height, im.width).copy()
     finally:
-        lib.lumos_image_free(C.byref(im))
+        _load().lumos_image_free(C.byref(im))
+
+
+def read_tiff(path) -> np.ndarray:
+    """Reads any TIFF the engine reads as a (C, H, W) float32 array (a copy owned by numpy)."""
+    im = _Image()
+    _check(_load().lumos_image_read_tiff(os.fsencode(str(path)), C.byref(im)))
+    return _take_image(im)
+
+
+def write_image_tiff(path, image: np.ndarray, channel_names=None) -> None:
+    """Writes a (C, H, W) or (H, W) image as a float32 ImageJ TIFF (one page per channel), atomically.
+
+    ``channel_names`` (one per channel) are stored as slice labels; models remember them, and
+    the ssQPM names I0, I45, I90, I135, phase select the ssQPM normalization."""
+    x = np.ascontiguousarray(image, dtype=np.float32)
+    if x.ndim == 2:
+        x = x[None]
+    if x.ndim != 3:
+        raise ValueError(f"image must be (C, H, W) or (H, W); got shape {x.shape}")
+    names = None
+    if channel_names is not None:
+        if len(channel_names) != x.shape[0]:
+            raise ValueError(f"{len(channel_names)} channel names for {x.shape[0]} channels")
+        names = (C.c_char_p * x.shape[0])(*[str(n).encode() for n in channel_names])
+    _check(_load().lumos_image_write_tiff(os.fsencode(str(path)), x.ctypes.data, *x.shape, names))
+
+
+def simulate(modality: str, seed: int = 0, **config) -> tuple:
+    """One simulated frame and its truth, from the engine's simulators.
+
+    ``modality``: "ssqpm" (image (5, H, W): I0, I45, I90, I135 in ADU and phase in rad;
+    truth (1, H, W) 0 background / 1 cell), "qpi" (image (1, H, W) phase in rad; truth
+    (1, H, W) 0 background / 1 live / 2 dead) or "fluo" (image (1, H, W) two superimposed
+    structures; truth (2, H, W) the structures). ``config``: simulator settings, e.g.
+    ``size=256``. Returns ``(image, truth)`` as float32 arrays."""
+    im, tr = _Image(), _Image()
+    _check(_load().lumos_simulate(modality.encode(), json.dumps(config).encode(), seed, C.byref(im), C.byref(tr)))
+    image = _take_image(im)
+    return image, _take_image(tr)
 
 
 def write_mask_tiff(path, labels: np.ndarray) -> None:
@@ -335,6 +375,20 @@ def write_mask_tiff(path, labels: np.ndarray) -> None:
     if x.ndim != 2:
         raise ValueError(f"labels must be (H, W); got shape {x.shape}")
     _check(_load().lumos_mask_write_tiff(os.fsencode(str(path)), x.ctypes.data, x.shape[0], x.shape[1]))
+
+
+def train_recipe(method: str, size: str = "cpu") -> dict:
+    """The training configuration of a named recipe, to adjust and pass to ``train``.
+
+    ``method``: "dm-qpmnet", "early-fusion", "angles-only", "phase-only", "nnunet",
+    "pg-diffseg", "musplit-unet" or "musplit-hvae"; ``size``: "tiny", "cpu" or "paper"."""
+    s = C.c_char_p()
+    _check(_load().lumos_train_recipe(method.encode(), size.encode(), C.byref(s)))
+    return json.loads(s.value.decode())
+
+
+RECIPES = ("dm-qpmnet", "early-fusion", "angles-only", "phase-only", "nnunet", "pg-diffseg", "musplit-unet",
+           "musplit-hvae")
 
 
 def train(data_dir, output, config: Optional[dict] = None,

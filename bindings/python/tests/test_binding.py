@@ -186,3 +186,40 @@ def test_pgdiff_segments_deterministically(tmp_path):
         m.segment(x, diffusion={"sampling_steps": 0})
     with pytest.raises(ValueError):
         m.segment(x, diffusion={"steps": 3})
+
+
+def test_simulate_and_write_image(tmp_path):
+    for modality, channels, truth_channels in (("ssqpm", 5, 1), ("qpi", 1, 1), ("fluo", 1, 2)):
+        image, truth = lumos.simulate(modality, seed=3, size=48)
+        assert image.shape == (channels, 48, 48) and truth.shape == (truth_channels, 48, 48), modality
+        assert image.dtype == np.float32 and np.isfinite(image).all()
+        again, _ = lumos.simulate(modality, seed=3, size=48)
+        np.testing.assert_array_equal(image, again)
+    _, mask = lumos.simulate("qpi", seed=1, size=64)
+    assert set(np.unique(mask)) <= {0.0, 1.0, 2.0}
+    with pytest.raises(lumos.LumosError, match="INVALID_ARGUMENT.*modality 'sem'"):
+        lumos.simulate("sem")
+    with pytest.raises(lumos.LumosError, match="INVALID_CONFIG.*sise"):
+        lumos.simulate("qpi", sise=64)
+    image, _ = lumos.simulate("ssqpm", seed=2, size=32)
+    lumos.write_image_tiff(tmp_path / "x.tif", image)
+    np.testing.assert_array_equal(lumos.read_tiff(tmp_path / "x.tif"), image)
+    names = ["I0", "I45", "I90", "I135", "phase"]
+    lumos.write_image_tiff(tmp_path / "named.tif", image, channel_names=names)
+    np.testing.assert_array_equal(lumos.read_tiff(tmp_path / "named.tif"), image)
+    with pytest.raises(ValueError):
+        lumos.write_image_tiff(tmp_path / "named.tif", image, channel_names=names[:2])
+    lumos.write_image_tiff(tmp_path / "y.tif", image[4])
+    assert lumos.read_tiff(tmp_path / "y.tif").shape == (1, 32, 32)
+    with pytest.raises(lumos.LumosError, match="IO"):
+        lumos.write_image_tiff(tmp_path / "no" / "such" / "x.tif", image)
+
+
+def test_train_recipes():
+    for method in lumos.RECIPES:
+        cfg = lumos.train_recipe(method, "tiny")
+        assert cfg["device"] == "auto" and cfg["seed"] == 0
+    assert lumos.train_recipe("phase-only", "cpu")["dmqpm"]["channels"] == [4]
+    assert lumos.train_recipe("pg-diffseg", "paper")["kind"] == "pgdiff"
+    with pytest.raises(lumos.LumosError, match="INVALID_ARGUMENT.*unknown method 'sam'"):
+        lumos.train_recipe("sam", "cpu")

@@ -1,0 +1,228 @@
+package org.lumos.fiji;
+
+import ij.IJ;
+import ij.ImagePlus;
+import ij.ImageStack;
+import ij.measure.Calibration;
+import ij.process.FloatProcessor;
+import org.junit.BeforeClass;
+import org.junit.Test;
+import org.lumos.CancelToken;
+import org.lumos.Lumos;
+import org.lumos.LumosException;
+import org.lumos.Model;
+
+import java.io.File;
+import java.nio.file.Files;
+import java.util.Arrays;
+
+import static org.junit.Assert.assertArrayEquals;
+import static org.junit.Assert.assertEquals;
+import static org.junit.Assert.assertFalse;
+import static org.junit.Assert.assertNotNull;
+import static org.junit.Assert.assertNull;
+import static org.junit.Assert.assertTrue;
+import static org.junit.Assert.fail;
+
+/**
+ * The Java binding and the three plugins, headless, on real ImagePlus data: tiny models
+ * are trained through the binding on simulated frames, then the plugins run through
+ * {@code IJ.runPlugIn} exactly as a macro would call them.
+ */
+public class PluginsTest {
+    static File dir;
+    static String dmqpm;
+    static String pgdiff;
+    static String musplit;
+
+    static File folder(String name, String modality, int n, int size) {
+        File d = new File(dir, name);
+        for (int s = 0; s < n; s++) {
+            Lumos.Image[] f = Lumos.simulate(modality, "{\"size\": " + size + "}", s);
+            String file = String.format("frame_%04d.tif", s);
+            if (modality.equals("fluo")) {
+                new File(d, "targets").mkdirs();
+                Lumos.writeImageTiff(new File(d, "targets/" + file).getPath(), f[1], null);
+            } else {
+                new File(d, "images").mkdirs();
+                new File(d, "masks").mkdirs();
+                Lumos.writeImageTiff(new File(d, "images/" + file).getPath(), f[0],
+                        modality.equals("ssqpm") ? new String[]{"I0", "I45", "I90", "I135", "phase"} : new String[]{"phase"});
+                byte[] mask = new byte[size * size];
+                for (int i = 0; i < mask.length; i++) {
+                    mask[i] = (byte) f[1].data[i];
+                }
+                Lumos.writeMaskTiff(new File(d, "masks/" + file).getPath(), mask, size, size);
+            }
+        }
+        return d;
+    }
+
+    static String tinyConfig(String method, String extra) {
+        String cfg = Lumos_Train.config(method, "tiny", 0, "cpu", 1, false);
+        cfg = Lumos_Train.setTop(cfg, "val_fraction", "0.0");
+        return extra == null ? cfg : Lumos_Train.setTop(cfg, "iterations_per_epoch", extra);
+    }
+
+    @BeforeClass
+    public static void trainModels() throws Exception {
+        System.setProperty("java.awt.headless", "true");
+        dir = Files.createTempDirectory("lumos-fiji").toFile();
+        dmqpm = new File(dir, "dmqpm.lumos").getPath();
+        Lumos.train(tinyConfig("dm-qpmnet", null), folder("ssqpm", "ssqpm", 3, 64).getPath(), dmqpm, null, null).close();
+        pgdiff = new File(dir, "pgdiff.lumos").getPath();
+        String pg = tinyConfig("pg-diffseg", "2").replace("\"inversion_steps\": 10", "\"inversion_steps\": 3")
+                .replace("\"sampling_steps\": 10", "\"sampling_steps\": 3");
+        Lumos.train(pg, folder("qpi", "qpi", 3, 64).getPath(), pgdiff, null, null).close();
+        musplit = new File(dir, "musplit.lumos").getPath();
+        Lumos.train(tinyConfig("musplit-hvae", null), folder("fluo", "fluo", 2, 64).getPath(), musplit, null, null)
+                .close();
+    }
+
+    static ImagePlus ssqpmImage(int seed) {
+        Lumos.Image x = Lumos.simulate("ssqpm", "{\"size\": 96}", seed)[0];
+        ImageStack st = new ImageStack(96, 96);
+        for (int c = 0; c < 5; c++) {
+            st.addSlice(new String[]{"I0", "I45", "I90", "I135", "phase"}[c], new FloatProcessor(96, 96, x.channel(c)));
+        }
+        ImagePlus imp = new ImagePlus("ssqpm", st);
+        imp.setDimensions(5, 1, 1);
+        Calibration cal = imp.getCalibration();
+        cal.pixelWidth = 0.5;
+        cal.pixelHeight = 0.5;
+        cal.setUnit("um");
+        return imp;
+    }
+
+    @Test
+    public void bindingFacts() {
+        assertEquals(2, Lumos.version().split("\\.").length - 1);
+        try (Model m = Model.load(dmqpm, "cpu")) {
+            assertEquals("dmqpm", m.kind);
+            assertArrayEquals(new String[]{"I0", "I45", "I90", "I135", "phase"}, m.channelNames);
+            assertTrue(m.canSegment);
+            assertFalse(m.canDecompose);
+            assertTrue(m.metadataJson().contains("provenance"));
+        }
+        try {
+            Model.load(new File(dir, "missing.lumos").getPath(), "cpu");
+            fail("loading a missing file must fail");
+        } catch (LumosException e) {
+            assertEquals("IO", e.statusName);
+            assertTrue(e.getMessage(), e.getMessage().contains("missing.lumos"));
+        }
+        try {
+            Lumos.simulate("sem", null, 0);
+            fail();
+        } catch (LumosException e) {
+            assertEquals("INVALID_ARGUMENT", e.statusName);
+        }
+    }
+
+    @Test
+    public void segmentPluginOnAHyperstack() {
+        ImagePlus imp = ssqpmImage(7);
+        IJ.runPlugIn(imp, "org.lumos.fiji.Lumos_Segment", "model=[" + dmqpm + "] device=cpu");
+        ImagePlus out = Lumos_Segment.lastResult;
+        assertNotNull("the plugin produced no image (see the log)", out);
+        assertEquals(96, out.getWidth());
+        assertEquals(ImagePlus.GRAY8, out.getType());
+        assertEquals(0.5, out.getCalibration().pixelWidth, 0.0);
+        assertEquals(imp.getCalibration().getUnit(), out.getCalibration().getUnit());
+        byte[] viaPlugin = (byte[]) out.getProcessor().getPixels();
+        try (Model m = Model.load(dmqpm, "cpu")) {
+            byte[] direct = m.segment(Plugins.frame(imp, 5, 1, 1), null, null);
+            assertArrayEquals("the plugin gives what the binding gives", direct, viaPlugin);
+        }
+    }
+
+    @Test
+    public void segmentPluginRefusesAWrongChannelCount() {
+        ImagePlus imp = new ImagePlus("one", new FloatProcessor(64, 64));
+        IJ.runPlugIn(imp, "org.lumos.fiji.Lumos_Segment", "model=[" + dmqpm + "] device=cpu");
+        assertNull(Lumos_Segment.lastResult);
+    }
+
+    @Test
+    public void pgdiffSegmentationIsSeeded() {
+        Lumos.Image x = Lumos.simulate("qpi", "{\"size\": 64}", 9)[0];
+        ImagePlus imp = new ImagePlus("phase", new FloatProcessor(64, 64, x.channel(0)));
+        String args = "model=[" + pgdiff + "] device=cpu samples=2 seed=5";
+        IJ.runPlugIn(imp, "org.lumos.fiji.Lumos_Segment", args);
+        byte[] a = (byte[]) Lumos_Segment.lastResult.getProcessor().getPixels();
+        IJ.runPlugIn(imp, "org.lumos.fiji.Lumos_Segment", args);
+        byte[] b = (byte[]) Lumos_Segment.lastResult.getProcessor().getPixels();
+        assertArrayEquals(a, b);
+        for (byte v : a) {
+            assertTrue(v >= 0 && v <= 2);
+        }
+    }
+
+    @Test
+    public void decomposePluginOnAStack() {
+        ImageStack st = new ImageStack(64, 64);
+        for (int s = 0; s < 2; s++) {
+            st.addSlice(new FloatProcessor(64, 64, Lumos.simulate("fluo", "{\"size\": 64}", 20 + s)[0].channel(0)));
+        }
+        ImagePlus imp = new ImagePlus("mixed", st);
+        IJ.runPlugIn(imp, "org.lumos.fiji.Lumos_Decompose", "model=[" + musplit + "] device=cpu samples=2 seed=3");
+        ImagePlus out = Lumos_Decompose.lastResult;
+        assertNotNull(out);
+        assertEquals(2, out.getNChannels());
+        assertEquals(2, out.getNSlices() * out.getNFrames());
+        float[] first = (float[]) out.getStack().getProcessor(1).getPixels();
+        try (Model m = Model.load(musplit, "cpu")) {
+            org.lumos.LumosLibrary.DecomposeOptions o = Model.defaultDecomposition();
+            o.samples = 2;
+            o.seed = 3;
+            float[] y = m.decompose((float[]) st.getProcessor(1).convertToFloat().getPixels(), 64, 64, o, null);
+            assertArrayEquals(Arrays.copyOf(y, 64 * 64), first, 0f);
+        }
+    }
+
+    @Test
+    public void trainPluginWritesAModelAndCancelKeepsTheCheckpoint() throws Exception {
+        File data = new File(dir, "ssqpm");
+        String out = new File(dir, "trained.lumos").getPath();
+        IJ.runPlugIn("org.lumos.fiji.Lumos_Train",
+                "method=phase-only size=tiny data=[" + data + "] epochs=1 device=cpu seed=2 model=[" + out + "]");
+        assertEquals(out, Lumos_Train.lastResult);
+        try (Model m = Model.load(out, "cpu")) {
+            assertEquals("dmqpm", m.kind);
+        }
+        // cancel from another thread once the first checkpoint exists
+        final String out2 = new File(dir, "stopped.lumos").getPath();
+        final CancelToken token = new CancelToken();
+        final boolean[] checkpointed = {false};
+        try {
+            Lumos.train(Lumos_Train.config("dm-qpmnet", "tiny", 500, "cpu", 0, false), data.getPath(), out2,
+                    new Lumos.ProgressListener() {
+                        @Override
+                        public void progress(org.lumos.LumosLibrary.Progress p) {
+                            if (p.stage == 3) {
+                                checkpointed[0] = true;
+                                token.cancel();
+                            }
+                        }
+                    }, token);
+            fail("a cancelled training must throw");
+        } catch (LumosException e) {
+            assertTrue(e.isCancelled());
+        } finally {
+            token.close();
+        }
+        assertTrue(checkpointed[0]);
+        assertFalse(new File(out2).exists());
+        assertTrue(new File(out2 + ".ckpt").isFile());
+    }
+
+    @Test
+    public void recipeOverridesOnlyTouchTopLevelKeys() {
+        String cfg = Lumos_Train.config("pg-diffseg", "cpu", 7, "cpu", 11, true);
+        assertTrue(cfg.contains("\n  \"epochs\": 7,"));
+        assertTrue(cfg.contains("\n  \"seed\": 11,"));
+        assertTrue(cfg.contains("\n  \"device\": \"cpu\","));
+        // the sampling seed inside pgdiff is left alone
+        assertTrue(cfg.matches("(?s).*\\n {6}\"seed\": 0.*"));
+    }
+}

@@ -1,0 +1,430 @@
+"""The dock widgets: Segment, Decompose, Train.
+
+Each widget gathers its inputs on the GUI thread, runs a ``_compute`` generator in a
+napari thread worker (the viewer stays responsive), shows progress in its own bar and in
+napari's activity dock, and can be stopped: Stop cancels the engine's work through a
+``lumos.CancelToken`` (a training keeps its last checkpoint). Results become layers.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import TYPE_CHECKING, Optional
+
+import numpy as np
+from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, ProgressBar,
+                              PushButton, Select, SpinBox)
+
+import lumos
+
+from . import _compute
+
+if TYPE_CHECKING:
+    import napari
+
+SEPARATE = "one layer per channel"
+STACKED = "one multi-channel layer"
+
+
+def _image_names(viewer) -> list:
+    from napari.layers import Image
+
+    return [layer.name for layer in viewer.layers if isinstance(layer, Image)]
+
+
+def _labels_names(viewer) -> list:
+    from napari.layers import Labels
+
+    return [layer.name for layer in viewer.layers if isinstance(layer, Labels)]
+
+
+class JobFailed(Exception):
+    """Carries a job's error (a ``lumos.LumosError`` or other RuntimeError) out of the worker."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+
+
+class _Job(Container):
+    """Shared machinery: a Run and a Stop button, a progress bar and a status line; runs a
+    computation in a napari thread worker."""
+
+    run_text = "Run"
+
+    def __init__(self, viewer: napari.viewer.Viewer):
+        super().__init__()
+        self._viewer = viewer
+        self._worker = None
+        self._token: Optional[lumos.CancelToken] = None
+        self._pbar = None
+        self.run_button = PushButton(text=self.run_text)
+        self.stop_button = PushButton(text="Stop", enabled=False)
+        self.progress = ProgressBar(value=0, min=0, max=1, visible=False)
+        self.status = Label(value="")
+        self.run_button.changed.connect(self._start)
+        self.stop_button.changed.connect(self.stop)
+        # layer choices follow the viewer
+        viewer.layers.events.inserted.connect(self.reset_choices)
+        viewer.layers.events.removed.connect(self.reset_choices)
+        viewer.layers.events.moved.connect(self.reset_choices)
+
+    def _controls(self):
+        return [self.run_button, self.stop_button, self.progress, self.status]
+
+    # -- running -------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._worker is not None
+
+    def _start(self, *_):
+        if self.running:
+            return
+        try:
+            gen = self.prepare()
+        except (ValueError, lumos.LumosError, OSError) as e:
+            self.status.value = f"cannot start: {e}"
+            return
+        from napari.qt.threading import create_worker
+        from napari.utils import progress
+
+        self._pbar = progress(total=0, desc=self.run_text)
+        self.progress.visible = True
+        self.progress.value = 0
+        self.run_button.enabled = False
+        self.stop_button.enabled = True
+        def job():
+            try:
+                return (yield from gen)
+            except RuntimeError as e:
+                # superqt's generator worker takes a RuntimeError for "the worker was
+                # deleted" and ends without `errored` or `finished`; LumosError is one
+                raise JobFailed(e) from e
+
+        self._worker = create_worker(job, _ignore_errors=True)  # _on_error reports them
+        self._worker.yielded.connect(self._on_progress)
+        self._worker.returned.connect(self._on_result)
+        self._worker.errored.connect(self._on_error)
+        self._worker.finished.connect(self._on_finished)
+        self._worker.start()
+
+    def stop(self, *_):
+        """Asks the engine to stop; the worker ends with a CANCELLED error."""
+        if self._token is not None:
+            self._token.cancel()
+            self.status.value = "stopping ..."
+
+    def _on_progress(self, update):
+        message, done, total = update[:3]
+        self.status.value = message
+        if total:
+            self.progress.max = total
+            self.progress.value = done
+            pbar = self._pbar  # updating it may run the event loop, which may finish the job
+            if pbar is not None:
+                pbar.total = total
+                pbar.n = done
+                pbar.set_description(message[:60])
+                pbar.refresh()
+        self.on_event(update)
+
+    def _on_error(self, e):
+        e = e.error if isinstance(e, JobFailed) else e
+        if isinstance(e, lumos.LumosError) and e.name == "CANCELLED":
+            self.status.value = self.cancelled_message()
+        else:
+            self.status.value = f"failed: {e}"
+
+    def _on_finished(self):
+        self._worker = None
+        if self._pbar is not None:
+            self._pbar.close()
+            self._pbar = None
+        self.run_button.enabled = True
+        self.stop_button.enabled = False
+        if self._token is not None:
+            self._token.close()
+            self._token = None
+
+    def _new_token(self) -> lumos.CancelToken:
+        self._token = lumos.CancelToken()
+        return self._token
+
+    # -- for subclasses ------------------------------------------------------------------
+    def prepare(self):
+        """Reads the inputs on the GUI thread; returns the generator to run."""
+        raise NotImplementedError
+
+    def _on_result(self, result):
+        raise NotImplementedError
+
+    def on_event(self, update):
+        pass
+
+    def cancelled_message(self) -> str:
+        return "stopped"
+
+
+class _ModelJob(_Job):
+    """A job that needs a model file."""
+
+    def __init__(self, viewer):
+        super().__init__(viewer)
+        self.model_file = FileEdit(label="model", filter="*.lumos", mode="r")
+        self.device = ComboBox(label="device", choices=["auto", "cpu", "cuda"], value="auto")
+        self.model_info = Label(value="no model loaded")
+        self.model: Optional[lumos.Model] = None
+        self._model_key = None
+        self.model_file.changed.connect(self._load_model)
+        self.device.changed.connect(self._load_model)
+
+    def _load_model(self, *_):
+        path = pathlib.Path(str(self.model_file.value))
+        if not path.is_file():
+            return
+        key = (str(path), self.device.value)
+        if key == self._model_key:
+            return
+        try:
+            model = lumos.Model(path, device=self.device.value)
+        except lumos.LumosError as e:
+            self.model_info.value = f"cannot load: {e}"
+            return
+        if self.model is not None:
+            self.model.close()
+        self.model, self._model_key = model, key
+        self.model_info.value = (f"{model.kind}: {', '.join(model.channel_names)} -> "
+                                 f"{', '.join(model.class_names)}")
+        self.on_model()
+
+    def load(self, path, device: str = "auto"):
+        """Loads a model file (what choosing it in the file field does)."""
+        self.device.value = device
+        self.model_file.value = str(path)
+        self._load_model()
+
+    def on_model(self):
+        pass
+
+    def _require_model(self) -> lumos.Model:
+        if self.model is None:
+            raise ValueError("choose a model file first")
+        return self.model
+
+
+class SegmentWidget(_ModelJob):
+    """Segments image layers with a DM-QPMNet, nnU-Net or PG-DiffSeg model into a labels layer."""
+
+    run_text = "Segment"
+
+    def __init__(self, viewer: napari.viewer.Viewer):
+        super().__init__(viewer)
+        self.layout_choice = ComboBox(label="input", choices=[SEPARATE, STACKED], value=SEPARATE)
+        self.stacked = ComboBox(label="layer", choices=lambda _: _image_names(viewer), visible=False)
+        self.channels = [ComboBox(label=f"channel {i}", choices=lambda _: _image_names(viewer), visible=i == 0)
+                         for i in range(5)]
+        # PG-DiffSeg sampling
+        self.start = ComboBox(label="starting noise", choices=["prior", "random", "forward"], value="prior",
+                              visible=False)
+        self.inversion_steps = SpinBox(label="inversion steps", min=1, max=1000, value=100, visible=False)
+        self.sampling_steps = SpinBox(label="sampling steps", min=1, max=1000, value=200, visible=False)
+        self.samples = SpinBox(label="samples (voting)", min=1, max=50, value=1, visible=False)
+        self.eta = FloatSpinBox(label="eta", min=0.0, max=1.0, step=0.1, value=0.0, visible=False)
+        self.seed = SpinBox(label="seed", min=0, max=2**31 - 1, value=0, visible=False)
+        self.layout_choice.changed.connect(self._show_inputs)
+        self.extend([self.model_file, self.device, self.model_info, self.layout_choice, self.stacked, *self.channels,
+                     self.start, self.inversion_steps, self.sampling_steps, self.samples, self.eta, self.seed,
+                     *self._controls()])
+
+    def _diffusion_widgets(self):
+        return [self.start, self.inversion_steps, self.sampling_steps, self.samples, self.eta, self.seed]
+
+    def on_model(self):
+        m = self.model
+        names = _image_names(self._viewer)
+        for i, combo in enumerate(self.channels):
+            if i < m.n_input_channels:
+                combo.label = m.channel_names[i]
+                combo.reset_choices()
+                if m.channel_names[i] in names:  # the simulators' layers carry the channel names
+                    combo.value = m.channel_names[i]
+        is_diff = m.kind == "pgdiff"
+        for w in self._diffusion_widgets():
+            w.visible = is_diff
+        if is_diff:
+            d = m.diffusion_options()
+            self.start.value = d["start"]
+            self.inversion_steps.value = d["inversion_steps"]
+            self.sampling_steps.value = d["sampling_steps"]
+            self.samples.value = d["samples"]
+            self.eta.value = d["eta"]
+            self.seed.value = d["seed"]
+        self._show_inputs()
+
+    def _show_inputs(self, *_):
+        n = self.model.n_input_channels if self.model is not None else 1
+        stacked = self.layout_choice.value == STACKED
+        self.stacked.visible = stacked
+        for i, combo in enumerate(self.channels):
+            combo.visible = not stacked and i < n
+
+    def prepare(self):
+        m = self._require_model()
+        if not m.can_segment:
+            raise ValueError(f"a {m.kind} model does not segment; use the Decompose widget")
+        if self.layout_choice.value == STACKED:
+            names = [self.stacked.value]
+        else:
+            names = [c.value for c in self.channels[:m.n_input_channels]]
+        if any(n is None for n in names):
+            raise ValueError("choose an image layer for every channel")
+        frames, has_t = _compute.frames_from_arrays([self._viewer.layers[n].data for n in names], m.n_input_channels)
+        self._source = names[-1]
+        self._has_t = has_t
+        diffusion = None
+        if m.kind == "pgdiff":
+            diffusion = {"start": self.start.value, "inversion_steps": self.inversion_steps.value,
+                         "sampling_steps": self.sampling_steps.value, "samples": self.samples.value,
+                         "eta": self.eta.value, "seed": self.seed.value}
+        return _compute.segment(m, frames, cancel=self._new_token(), diffusion=diffusion)
+
+    def _on_result(self, labels):
+        data = labels if self._has_t else labels[0]
+        layer = self._viewer.add_labels(data, name=f"{self._source} {self.model.kind} labels",
+                                        metadata={"class_names": self.model.class_names}, opacity=0.5)
+        classes = ", ".join(f"{i} {n}" for i, n in enumerate(self.model.class_names))
+        self.status.value = f"done: {layer.name} ({classes})"
+
+
+class DecomposeWidget(_ModelJob):
+    """Splits a fluorescence layer into its two structures with a muSplit model."""
+
+    run_text = "Decompose"
+
+    def __init__(self, viewer: napari.viewer.Viewer):
+        super().__init__(viewer)
+        self.image = ComboBox(label="image", choices=lambda _: _image_names(viewer))
+        self.tile = SpinBox(label="tile (0 = training patch)", min=0, max=4096, value=0)
+        self.keep = SpinBox(label="kept centre (0 = half)", min=0, max=4096, value=0)
+        self.samples = SpinBox(label="posterior samples", min=1, max=100, value=1)
+        self.seed = SpinBox(label="seed", min=0, max=2**31 - 1, value=0)
+        self.extend([self.model_file, self.device, self.model_info, self.image, self.tile, self.keep, self.samples,
+                     self.seed, *self._controls()])
+
+    def prepare(self):
+        m = self._require_model()
+        if not m.can_decompose:
+            raise ValueError(f"a {m.kind} model does not decompose; use the Segment widget")
+        if self.image.value is None:
+            raise ValueError("choose an image layer")
+        data = np.asarray(self._viewer.layers[self.image.value].data)
+        if data.ndim not in (2, 3):
+            raise ValueError(f"the image must be (H, W) or (T, H, W); got shape {data.shape}")
+        self._source, self._has_t = self.image.value, data.ndim == 3
+        frames = data if self._has_t else data[None]
+        return _compute.decompose(m, frames, cancel=self._new_token(), tile=self.tile.value, keep=self.keep.value,
+                                  samples=self.samples.value, seed=self.seed.value)
+
+    def _on_result(self, parts):
+        names = self.model.class_names if len(self.model.class_names) == 2 else ["structure 1", "structure 2"]
+        src = self._viewer.layers[self._source] if self._source in self._viewer.layers else None
+        scale = src.scale if src is not None else None
+        for part, name, cmap in zip(parts, names, ("magenta", "green")):
+            self._viewer.add_image(part if self._has_t else part[0], name=f"{self._source} {name}", colormap=cmap,
+                                   blending="additive", scale=scale)
+        self.status.value = f"done: {self._source} -> {names[0]} + {names[1]}"
+
+
+class TrainWidget(_Job):
+    """Trains a model from a data folder or from layers, with live loss and a Stop button."""
+
+    run_text = "Train"
+
+    def __init__(self, viewer: napari.viewer.Viewer):
+        super().__init__(viewer)
+        self.method = ComboBox(label="method", choices=list(lumos.RECIPES), value="dm-qpmnet")
+        self.size = ComboBox(label="size", choices=["tiny", "cpu", "paper"], value="cpu")
+        self.source = ComboBox(label="data", choices=["folder", "layers"], value="folder")
+        self.folder = FileEdit(label="data folder", mode="d")
+        self.images = Select(label="image layers (channels, in order)", choices=lambda _: _image_names(viewer),
+                             visible=False)
+        self.labels = ComboBox(label="labels layer", choices=lambda _: _labels_names(viewer), visible=False)
+        self.epochs = SpinBox(label="epochs", min=1, max=100000, value=25)
+        self.device = ComboBox(label="device", choices=["auto", "cpu", "cuda"], value="auto")
+        self.seed = SpinBox(label="seed", min=0, max=2**31 - 1, value=0)
+        self.output = FileEdit(label="save model as", mode="w", filter="*.lumos", value="model.lumos")
+        self.resume = CheckBox(label="resume from the checkpoint", value=False)
+        self.loss_plot = Label(value="")
+        self.losses: list = []
+        self.events: list = []
+        self.model: Optional[lumos.Model] = None
+        self.method.changed.connect(self._recipe_changed)
+        self.size.changed.connect(self._recipe_changed)
+        self.source.changed.connect(self._show_source)
+        self.extend([self.method, self.size, self.source, self.folder, self.images, self.labels, self.epochs,
+                     self.device, self.seed, self.output, self.resume, *self._controls(), self.loss_plot])
+        self._recipe_changed()
+
+    def _recipe_changed(self, *_):
+        self.epochs.value = lumos.train_recipe(self.method.value, self.size.value)["epochs"]
+        self._show_source()
+
+    def _show_source(self, *_):
+        layers = self.source.value == "layers"
+        self.folder.visible = not layers
+        self.images.visible = layers
+        self.labels.visible = layers and not self.method.value.startswith("musplit")
+        self.images.label = ("structure layers (two)" if self.method.value.startswith("musplit")
+                             else "image layers (channels, in order)")
+
+    def config(self) -> dict:
+        cfg = lumos.train_recipe(self.method.value, self.size.value)
+        cfg.update(epochs=self.epochs.value, device=self.device.value, seed=self.seed.value,
+                   resume=bool(self.resume.value))
+        return cfg
+
+    def _data_from_layers(self) -> pathlib.Path:
+        names = [n for n in _image_names(self._viewer) if n in (self.images.value or [])]  # layer-list order
+        if not names:
+            raise ValueError("select the image layers to train on")
+        arrays = [np.asarray(self._viewer.layers[n].data) for n in names]
+        folder = _compute.temporary_folder()
+        if self.method.value.startswith("musplit"):
+            if len(arrays) != 2:
+                raise ValueError(f"muSplit trains on the two structures: select two layers, not {len(arrays)}")
+            targets, _ = _compute.frames_from_arrays(arrays, 2)
+            return _compute.write_training_folder(folder, targets, targets=targets, channel_names=names)
+        if self.labels.value is None:
+            raise ValueError("choose the labels layer with the classes to learn")
+        frames, has_t = _compute.frames_from_arrays(arrays, len(arrays))
+        masks = np.asarray(self._viewer.layers[self.labels.value].data)
+        masks = masks if has_t else masks[None]
+        return _compute.write_training_folder(folder, frames, masks=masks, channel_names=names)
+
+    def prepare(self):
+        cfg = self.config()
+        out = pathlib.Path(str(self.output.value))
+        if out.suffix != ".lumos":
+            raise ValueError(f"the model file should end in .lumos: {out}")
+        data = self._data_from_layers() if self.source.value == "layers" else pathlib.Path(str(self.folder.value))
+        self.losses, self.events = [], []
+        self._output = out
+        return _compute.train(data, out, cfg, cancel=self._new_token())
+
+    def on_event(self, update):
+        ev = update[3]
+        self.events.append(ev)
+        if ev["stage"] == 1 and ev["loss"] == ev["loss"]:
+            self.losses.append(ev["loss"])
+            self.loss_plot.value = f"loss {_compute.sparkline(self.losses)} {ev['loss']:.4f}"
+
+    def _on_result(self, model):
+        if self.model is not None:
+            self.model.close()
+        self.model = model
+        self.status.value = f"trained: {self._output}"
+
+    def cancelled_message(self) -> str:
+        ckpt = pathlib.Path(str(self._output) + ".ckpt")
+        kept = f"; last checkpoint kept: {ckpt} (tick 'resume' to continue)" if ckpt.is_file() else ""
+        return "stopped" + kept

@@ -1,0 +1,196 @@
+"""The plugin in a real napari viewer (under Xvfb via pytest-xvfb): each widget docked, run
+on sample data, its output layers checked and a screenshot saved and checked not blank."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import lumos
+from napari_lumos import _compute
+
+PLUGIN = "napari-lumos"
+MANIFEST = pathlib.Path(__file__).resolve().parents[1] / "src" / "napari_lumos" / "napari.yaml"
+
+
+def wait_done(qtbot, widget, timeout=120_000):
+    qtbot.waitUntil(lambda: not widget.running, timeout=timeout)
+
+
+def screenshot(viewer, path: pathlib.Path) -> np.ndarray:
+    from skimage.io import imsave  # napari depends on scikit-image
+
+    viewer.window._qt_window.resize(1400, 800)
+    viewer.reset_view()
+    shot = viewer.screenshot(canvas_only=False, flash=False)
+    imsave(path, shot, check_contrast=False)
+    return shot
+
+
+def canvas_not_blank(viewer):
+    canvas = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(float)
+    assert canvas.std() > 5.0, f"the canvas looks blank (std {canvas.std():.2f})"
+
+
+def test_manifest_validates():
+    r = subprocess.run([sys.executable, "-m", "npe2", "validate", PLUGIN], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    from npe2 import PluginManifest
+
+    pm = PluginManifest.from_file(MANIFEST)
+    pm.validate_imports()
+    assert {w.display_name for w in pm.contributions.widgets} == {"Segment", "Decompose", "Train"}
+
+
+def test_frames_from_arrays():
+    a = np.zeros((8, 9), np.float32)
+    f, t = _compute.frames_from_arrays([a] * 5, 5)
+    assert f.shape == (1, 5, 8, 9) and not t
+    f, t = _compute.frames_from_arrays([np.zeros((3, 8, 9))] * 5, 5)
+    assert f.shape == (3, 5, 8, 9) and t
+    f, t = _compute.frames_from_arrays([np.zeros((5, 8, 9))], 5)
+    assert f.shape == (1, 5, 8, 9) and not t
+    f, t = _compute.frames_from_arrays([np.zeros((4, 8, 9))], 1)
+    assert f.shape == (4, 1, 8, 9) and t
+    with pytest.raises(ValueError, match="differ in shape"):
+        _compute.frames_from_arrays([a, a, a, a, np.zeros((8, 8))], 5)
+    with pytest.raises(ValueError, match=r"\(5, H, W\)"):
+        _compute.frames_from_arrays([np.zeros((4, 8, 9))], 5)
+
+
+def test_sample_data(make_napari_viewer):
+    viewer = make_napari_viewer(show=True)
+    viewer.open_sample(PLUGIN, "ssqpm")
+    assert [l.name for l in viewer.layers] == ["I0", "I45", "I90", "I135", "phase", "cells (truth)"]
+    assert viewer.layers["phase"].data.shape == (256, 256)
+    viewer.open_sample(PLUGIN, "qpi")
+    assert set(np.unique(viewer.layers["live/dead (truth)"].data)) <= {0, 1, 2}
+    viewer.open_sample(PLUGIN, "fluo")
+    assert viewer.layers["mixed"].data.shape == (256, 256)
+
+
+def test_segment_dmqpm_from_five_layers(make_napari_viewer, qtbot, models, screenshot_dir):
+    viewer = make_napari_viewer(show=True)
+    viewer.open_sample(PLUGIN, "ssqpm")
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    widget.load(models["dmqpm"], "cpu")
+    assert widget.model.kind == "dmqpm"
+    # the channels were matched to the layers by name
+    assert [c.value for c in widget.channels] == ["I0", "I45", "I90", "I135", "phase"]
+    widget.run_button.clicked()
+    wait_done(qtbot, widget)
+    assert widget.status.value.startswith("done"), widget.status.value
+    labels = viewer.layers["phase dmqpm labels"]
+    assert labels.data.shape == (256, 256) and labels.data.dtype == np.uint8 and labels.data.max() <= 1
+    # the widget gives what the binding gives
+    with lumos.Model(models["dmqpm"], device="cpu") as m:
+        x = np.stack([viewer.layers[n].data for n in ["I0", "I45", "I90", "I135", "phase"]])
+        np.testing.assert_array_equal(labels.data, m.segment(x))
+    viewer.layers["cells (truth)"].visible = False
+    canvas_not_blank(viewer)
+    screenshot(viewer, screenshot_dir / "napari-segment-dmqpm.png")
+
+
+def test_segment_pgdiff_one_phase_layer(make_napari_viewer, qtbot, models, screenshot_dir):
+    viewer = make_napari_viewer(show=True)
+    viewer.open_sample(PLUGIN, "qpi")
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    widget.load(models["pgdiff"], "cpu")
+    assert not widget.start.native.isHidden() and widget.sampling_steps.value == 3
+    assert widget.channels[0].value == "phase" and widget.channels[1].native.isHidden()
+    widget.samples.value = 2
+    widget.seed.value = 5
+    widget.run_button.clicked()
+    wait_done(qtbot, widget)
+    assert widget.status.value.startswith("done"), widget.status.value
+    labels = viewer.layers["phase pgdiff labels"].data
+    assert labels.shape == (256, 256) and labels.max() <= 2
+    with lumos.Model(models["pgdiff"], device="cpu") as m:
+        expect = m.segment(viewer.layers["phase"].data[None], diffusion={"samples": 2, "seed": 5})
+    np.testing.assert_array_equal(labels, expect)
+    viewer.layers["live/dead (truth)"].visible = False
+    canvas_not_blank(viewer)
+    screenshot(viewer, screenshot_dir / "napari-segment-pgdiff.png")
+
+
+def test_segment_stops_on_request(make_napari_viewer, qtbot, models):
+    viewer = make_napari_viewer(show=True)
+    stack = np.stack([lumos.simulate("qpi", seed=s, size=256)[0][0] for s in range(6)])
+    viewer.add_image(stack, name="phase")
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    widget.load(models["pgdiff"], "cpu")
+    widget.sampling_steps.value = 50
+    widget.run_button.clicked()
+    qtbot.waitUntil(lambda: widget.progress.max == 6, timeout=60_000)
+    widget.stop()
+    wait_done(qtbot, widget)
+    assert widget.status.value == "stopped"
+    assert "phase pgdiff labels" not in viewer.layers
+
+
+def test_decompose_widget(make_napari_viewer, qtbot, models, screenshot_dir):
+    viewer = make_napari_viewer(show=True)
+    viewer.open_sample(PLUGIN, "fluo")
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Decompose")
+    widget.load(models["musplit"], "cpu")
+    widget.image.value = "mixed"
+    widget.samples.value = 2
+    widget.run_button.clicked()
+    wait_done(qtbot, widget)
+    assert widget.status.value.startswith("done"), widget.status.value
+    with lumos.Model(models["musplit"], device="cpu") as m:
+        expect = m.decompose(viewer.layers["mixed"].data, samples=2)
+        names = m.class_names
+    for i, name in enumerate(names):
+        np.testing.assert_array_equal(viewer.layers[f"mixed {name}"].data, expect[i])
+    canvas_not_blank(viewer)
+    screenshot(viewer, screenshot_dir / "napari-decompose.png")
+
+
+def test_segment_widget_refuses_a_decomposition_model(make_napari_viewer, models):
+    viewer = make_napari_viewer(show=True)
+    viewer.open_sample(PLUGIN, "fluo")
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    widget.load(models["musplit"], "cpu")
+    widget.run_button.clicked()
+    assert not widget.running and "does not segment" in widget.status.value
+
+
+def test_train_from_layers_then_stop_and_resume(make_napari_viewer, qtbot, tmp_path, screenshot_dir):
+    viewer = make_napari_viewer(show=True)
+    viewer.open_sample(PLUGIN, "ssqpm")
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Train")
+    widget.method.value = "dm-qpmnet"
+    widget.size.value = "tiny"
+    widget.source.value = "layers"
+    widget.images.value = ["I0", "I45", "I90", "I135", "phase"]
+    widget.labels.value = "cells (truth)"
+    widget.epochs.value = 2
+    widget.device.value = "cpu"
+    out = tmp_path / "from_layers.lumos"
+    widget.output.value = str(out)
+    widget.run_button.clicked()
+    wait_done(qtbot, widget)
+    assert widget.status.value == f"trained: {out}", widget.status.value
+    assert out.is_file() and widget.model.kind == "dmqpm"
+    iterations = [e for e in widget.events if e["stage"] == 1]
+    assert len(iterations) == 2 * lumos.train_recipe("dm-qpmnet", "tiny")["iterations_per_epoch"]
+    assert widget.loss_plot.value.startswith("loss ")
+    assert widget.progress.value == widget.progress.max
+    canvas_not_blank(viewer)
+    screenshot(viewer, screenshot_dir / "napari-train.png")
+
+    # a long training stopped after its first checkpoint keeps that checkpoint
+    out2 = tmp_path / "stopped.lumos"
+    widget.output.value = str(out2)
+    widget.epochs.value = 200
+    widget.run_button.clicked()
+    qtbot.waitUntil(lambda: any(e["stage"] == 3 for e in widget.events), timeout=60_000)
+    widget.stop()
+    wait_done(qtbot, widget)
+    assert "stopped; last checkpoint kept" in widget.status.value, widget.status.value
+    assert not out2.exists() and pathlib.Path(str(out2) + ".ckpt").is_file()
