@@ -95,6 +95,23 @@ def test_segment_dmqpm_from_five_layers(make_napari_viewer, qtbot, models, scree
     screenshot(viewer, screenshot_dir / "napari-segment-dmqpm.png")
 
 
+def test_segment_one_multichannel_layer_time_series(make_napari_viewer, qtbot, models):
+    viewer = make_napari_viewer(show=True)
+    stack = np.stack([lumos.simulate("ssqpm", seed=s, size=64)[0] for s in (3, 4)])  # (T, 5, H, W)
+    viewer.add_image(stack, name="ssqpm stack")
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    widget.load(models["dmqpm"], "cpu")
+    widget.layout_choice.value = "one multi-channel layer"
+    widget.stacked.value = "ssqpm stack"
+    widget.run_button.clicked()
+    wait_done(qtbot, widget)
+    labels = viewer.layers["ssqpm stack dmqpm labels"].data
+    assert labels.shape == (2, 64, 64)
+    with lumos.Model(models["dmqpm"], device="cpu") as m:
+        for t in range(2):
+            np.testing.assert_array_equal(labels[t], m.segment(stack[t]))
+
+
 def test_segment_pgdiff_one_phase_layer(make_napari_viewer, qtbot, models, screenshot_dir):
     viewer = make_napari_viewer(show=True)
     viewer.open_sample(PLUGIN, "qpi")
