@@ -29,15 +29,15 @@ pub struct SlidingWindow {
 impl SlidingWindow {
     pub fn validate(&self, divisor: usize) -> Result<()> {
         if !(self.step_fraction > 0.0 && self.step_fraction <= 1.0) {
-            return Err(Error::InvalidArgument(format!("tile step fraction {} must be in (0, 1]", self.step_fraction)));
+            return Err(Error::InvalidArgument(format!("step_fraction = {}; the step between tiles must be a fraction in (0, 1] of the tile", self.step_fraction)));
         }
         if self.batch_size == 0 {
-            return Err(Error::InvalidArgument("tile batch size must be >= 1".into()));
+            return Err(Error::InvalidArgument("batch_size = 0; tiles per forward pass must be >= 1".into()));
         }
         for &t in &self.tile {
             if t == 0 || t % divisor != 0 {
                 return Err(Error::InvalidArgument(format!(
-                    "tile size {:?} must be positive multiples of {divisor} (the network's downsampling factor)",
+                    "tile size (tile_height, tile_width) = {:?}; both must be positive multiples of {divisor} (the network's downsampling factor)",
                     self.tile
                 )));
             }
@@ -185,12 +185,12 @@ impl CentreTiles {
         }
         if self.keep < 2 || self.keep > self.tile || self.keep % 2 != 0 || (self.tile - self.keep) % 2 != 0 {
             return Err(Error::InvalidArgument(format!(
-                "kept centre {} must be even, >= 2 and <= the tile ({}), with tile - keep even",
+                "keep = {}: the kept centre must be even, >= 2 and <= the tile ({}), with tile - keep even",
                 self.keep, self.tile
             )));
         }
         if self.batch_size == 0 {
-            return Err(Error::InvalidArgument("tile batch size must be >= 1".into()));
+            return Err(Error::InvalidArgument("batch_size = 0; tiles per forward pass must be >= 1".into()));
         }
         Ok(())
     }
