@@ -1,5 +1,6 @@
 //! Builds the C test programs against include/lumos.h and the cdylib, as C and as C++,
-//! and runs them on tiny simulated data sets.
+//! with AddressSanitizer, and runs them on tiny simulated data sets: each must pass and
+//! ASan / LeakSanitizer must report nothing.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -29,6 +30,8 @@ fn build_source(compiler: &str, lang_args: &[&str], source: &str, out: &Path) {
     let status = Command::new(compiler)
         .args(lang_args)
         .args(["-Wall", "-Wextra", "-Werror", "-g"])
+        // every C/C++ test program runs under AddressSanitizer + LeakSanitizer
+        .args(["-fsanitize=address", "-fno-omit-frame-pointer"])
         .arg("-I")
         .arg(root().join("include"))
         .arg(root().join(source))
@@ -43,11 +46,27 @@ fn build_source(compiler: &str, lang_args: &[&str], source: &str, out: &Path) {
     assert!(status.status.success(), "{compiler} failed:\n{}", String::from_utf8_lossy(&status.stderr));
 }
 
+/// A command for an ASan-built test program: leak checking on, libtorch's one-time
+/// allocations suppressed (tests/lsan.supp names no lumos frame).
+fn asan(exe: &Path) -> Command {
+    let mut c = Command::new(exe);
+    c.env("ASAN_OPTIONS", "detect_leaks=1:abort_on_error=0:exitcode=23")
+        .env("LSAN_OPTIONS", format!("suppressions={}:print_suppressions=0", root().join("tests/lsan.supp").display()));
+    c
+}
+
+/// Fails on any AddressSanitizer or LeakSanitizer report in a program's stderr.
+fn assert_sanitizer_clean(what: &str, stderr: &str) {
+    assert!(!stderr.contains("ERROR: AddressSanitizer"), "{what}: AddressSanitizer error:\n{stderr}");
+    assert!(!stderr.contains("ERROR: LeakSanitizer"), "{what}: leak:\n{stderr}");
+}
+
 fn run(exe: &Path, data: &Path, work: &Path) {
-    let out = Command::new(exe).arg(data).arg(work).output().unwrap();
+    let out = asan(exe).arg(data).arg(work).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     println!("{stdout}");
+    assert_sanitizer_clean(&exe.display().to_string(), &stderr);
     assert!(out.status.success(), "{} failed:\n{stdout}\n{stderr}", exe.display());
     assert!(stdout.contains(", 0 failed"), "{stdout}");
 }
@@ -85,8 +104,9 @@ fn dmqpm_trained_through_the_c_api_segments_identically_in_a_fresh_process() {
     let model = dir.path().join("dmqpm.lumos");
     let (m1, m2) = (dir.path().join("in_training_process.tif"), dir.path().join("fresh_process.tif"));
     let go = |args: &[&std::ffi::OsStr]| {
-        let out = Command::new(&exe).args(args).output().unwrap();
+        let out = asan(&exe).args(args).output().unwrap();
         println!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert_sanitizer_clean(&format!("{args:?}"), &String::from_utf8_lossy(&out.stderr));
         assert!(out.status.success(), "{:?} failed", args);
     };
     go(&["train".as_ref(), data.join("train").as_os_str(), model.as_os_str(), image.as_os_str(), m1.as_os_str()]);
@@ -115,8 +135,9 @@ fn musplit_train_then_decompose_in_a_fresh_process() {
     let model = dir.path().join("split.lumos");
     let (o1, o2) = (dir.path().join("in_training_process.bin"), dir.path().join("fresh_process.bin"));
     let go = |args: &[&std::ffi::OsStr]| {
-        let out = Command::new(&exe).args(args).output().unwrap();
+        let out = asan(&exe).args(args).output().unwrap();
         println!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert_sanitizer_clean(&format!("{args:?}"), &String::from_utf8_lossy(&out.stderr));
         assert!(out.status.success(), "{:?} failed", args);
     };
     go(&["train".as_ref(), data.join("train").as_os_str(), model.as_os_str(), image.as_os_str(), o1.as_os_str()]);
@@ -140,8 +161,9 @@ fn pgdiff_train_save_reload_segment_in_a_fresh_process() {
     let model = dir.path().join("pg.lumos");
     let (o1, o2) = (dir.path().join("in_training_process.bin"), dir.path().join("fresh_process.bin"));
     let go = |args: &[&std::ffi::OsStr]| {
-        let out = Command::new(&exe).args(args).output().unwrap();
+        let out = asan(&exe).args(args).output().unwrap();
         println!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert_sanitizer_clean(&format!("{args:?}"), &String::from_utf8_lossy(&out.stderr));
         assert!(out.status.success(), "{:?} failed", args);
     };
     go(&["train".as_ref(), data.join("train").as_os_str(), model.as_os_str(), image.as_os_str(), o1.as_os_str()]);
@@ -160,26 +182,19 @@ fn train_tiny(method: &str, data: &Path, out: &Path) {
     lumos::train::train(&cfg, data, out, &mut lumos::progress::Monitor::none()).unwrap();
 }
 
-/// Builds a program with AddressSanitizer (LeakSanitizer included) and runs it: it must
+/// Builds a program (with AddressSanitizer, as every test program) and runs it: it must
 /// succeed, and ASan must report no memory error and no leak. libtorch's own one-time
 /// allocations (thread pools, kernel registries) are suppressed by `tests/lsan.supp`,
 /// which names only libtorch, libgomp and libstdc++ frames: a leak in lumos is reported.
 fn run_under_asan(compiler: &str, lang_args: &[&str], source: &str, exe: &Path, args: &[&std::ffi::OsStr]) -> String {
     let mut lang: Vec<&str> = lang_args.to_vec();
-    lang.extend(["-fsanitize=address", "-fno-omit-frame-pointer", "-I", "bindings/cpp"]);
+    lang.extend(["-I", "bindings/cpp"]);
     build_source(compiler, &lang, source, exe);
-    let out = Command::new(exe)
-        .current_dir(root())
-        .args(args)
-        .env("ASAN_OPTIONS", "detect_leaks=1:abort_on_error=0:exitcode=23")
-        .env("LSAN_OPTIONS", format!("suppressions={}:print_suppressions=0", root().join("tests/lsan.supp").display()))
-        .output()
-        .unwrap();
+    let out = asan(exe).current_dir(root()).args(args).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     let stderr = String::from_utf8_lossy(&out.stderr);
     println!("{stdout}{stderr}");
-    assert!(!stderr.contains("ERROR: AddressSanitizer"), "{source}: AddressSanitizer error:\n{stderr}");
-    assert!(!stderr.contains("ERROR: LeakSanitizer"), "{source}: leak:\n{stderr}");
+    assert_sanitizer_clean(source, &stderr);
     assert!(out.status.success(), "{source} failed ({:?}):\n{stderr}", out.status);
     stdout
 }
@@ -229,7 +244,7 @@ fn acquisition_examples_run_clean_under_address_sanitizer() {
     let leaky = dir.path().join("leaky.c");
     let src = std::fs::read_to_string(root().join("bindings/c/acquire.c")).unwrap();
     std::fs::write(&leaky, src.replace("lumos_model_free(model);", "")).unwrap();
-    build_source("gcc", &["-std=c11", "-x", "c", "-fsanitize=address", "-fno-omit-frame-pointer"], leaky.to_str().unwrap(), &dir.path().join("leaky"));
+    build_source("gcc", &["-std=c11", "-x", "c"], leaky.to_str().unwrap(), &dir.path().join("leaky"));
     let out = Command::new(dir.path().join("leaky"))
         .args([model.as_os_str(), "simulate".as_ref(), "ssqpm".as_ref(), "1".as_ref()])
         .env("ASAN_OPTIONS", "detect_leaks=1")
