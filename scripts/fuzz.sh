@@ -37,10 +37,9 @@ for t in tiff_reader model_file json_configs; do
         -max_total_time="$SECONDS_PER_TARGET" -rss_limit_mb=4096 -timeout=60 -print_final_stats=1 >"$log" 2>&1
     rc=$?
     set -e
-    runs=$(grep -oE 'Done [0-9]+ runs' "$log" | grep -oE '[0-9]+' | tail -1)
-    runs=${runs:-$(grep -oE '^stat::number_of_executed_units: *[0-9]+' "$log" | grep -oE '[0-9]+$' | tail -1)}
-    crashes=$(ls "fuzz/artifacts/$t" 2>/dev/null | wc -l)
-    cov=$(grep -oE 'cov: [0-9]+' "$log" | tail -1 | grep -oE '[0-9]+')
+    runs=$(grep -oE '^stat::number_of_executed_units: *[0-9]+' "$log" | grep -oE '[0-9]+$' | tail -1 || true)
+    crashes=$(find "fuzz/artifacts/$t" -type f | wc -l)
+    cov=$(grep -oE 'cov: [0-9]+' "$log" | tail -1 | grep -oE '[0-9]+' || true)
     echo "fuzz: $t: ${runs:-?} executions in ${SECONDS_PER_TARGET} s, coverage ${cov:-?} edges, $crashes crash(es), exit $rc"
     if [ "$rc" != 0 ] || [ "$crashes" != 0 ]; then
         status=1

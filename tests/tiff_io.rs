@@ -628,3 +628,19 @@ fn imagej_opens_our_files_when_available() {
     assert_eq!(lines[0], "dims 1 1 1 16", "{lines:?}");
     assert!(lines[1].ends_with("|0.0|304.0|203.0"), "{lines:?}");
 }
+
+/// Found by fuzzing (fuzz/fuzz_targets/tiff_reader.rs): a 372-byte file whose header
+/// claims gigabytes of pixels made the reader allocate 8 GB. It is refused up front now.
+#[test]
+fn a_header_claiming_more_pixels_than_the_file_holds_is_refused_before_allocating() {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiff/fuzz_huge_header.tif");
+    for e in [
+        lumos::io::tiff::read_stack(&p).map(|_| ()).unwrap_err(),
+        lumos::io::tiff::read_image(&p).map(|_| ()).unwrap_err(),
+        lumos::io::tiff::read_mask(&p).map(|_| ()).unwrap_err(),
+    ] {
+        let m = e.to_string();
+        assert!(matches!(e, lumos::Error::Tiff { .. }), "{e:?}");
+        assert!(m.contains("more than a 372-byte file can hold"), "{m}");
+    }
+}

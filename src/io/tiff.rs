@@ -245,6 +245,8 @@ pub fn write_mask_u16(path: &Path, mask: &Array2<u16>) -> Result<()> {
 /// Upper bound on samples in one read (8 GiB of f32): a corrupt header must not make us
 /// allocate absurd buffers, and nothing this engine processes is larger.
 const MAX_TOTAL_SAMPLES: u64 = 1 << 31;
+/// Largest ratio of decoded to stored pixel bytes a real file can have (see open_and_plan).
+const MAX_EXPANSION: u64 = 4096;
 /// Upper bound on pages, so a hostile directory chain cannot exhaust memory.
 const MAX_PAGES: usize = 1 << 20;
 /// ImageJ's private tags: byte counts of the entries in, and the blob of, IJMetadata.
@@ -1397,6 +1399,25 @@ fn open_and_plan(path: &Path) -> Result<(Dec, Plan)> {
         ));
     }
 
+    // Compressed pixel data expands at most about 2730x (LZW with 12-bit codes; Deflate
+    // about 1032x, PackBits 64x). A header that claims more pixels than the file's bytes
+    // could hold is corrupt: refuse it before allocating (a 400-byte file once asked for
+    // 8 GB here, found by fuzzing).
+    let stored_bits = total.saturating_mul(first.dtype.bits() as u64);
+    if stored_bits / 8 > file_len.saturating_mul(MAX_EXPANSION).saturating_add(1 << 20) {
+        return Err(Error::tiff(
+            path,
+            format!(
+                "the header describes {t} x {c} x {} x {} samples of {} bits, more than a \
+                 {file_len}-byte file can hold even compressed (at most {MAX_EXPANSION}x); the \
+                 file is corrupt or truncated",
+                first.height,
+                first.width,
+                first.dtype.bits() as u64
+            ),
+        ));
+    }
+
     // Labels are per page in CZT order: the first C belong to the first time point/slice.
     let labels = match (&imagej, labels) {
         (Some(ij), Some(l))
@@ -1584,7 +1605,8 @@ fn decode_page(path: &Path, dec: &mut Dec, plan: &Plan, idx: usize) -> Result<Sa
 /// Decodes all pages into one flat f32 buffer in page order, each page as `(S, H, W)`.
 fn decode_all(path: &Path, dec: &mut Dec, plan: &Plan) -> Result<Vec<f32>> {
     let page_len = plan.width * plan.height * plan.samples;
-    // Size was bounded by MAX_TOTAL_SAMPLES in the plan, so this allocation is sane.
+    // Size was bounded in the plan by MAX_TOTAL_SAMPLES and by what the file's bytes can
+    // hold (MAX_EXPANSION), so this allocation is sane.
     let mut out = vec![0f32; page_len * plan.pages.len()];
     for (i, chunk) in out.chunks_exact_mut(page_len).enumerate() {
         let samples = decode_page(path, dec, plan, i)?;
