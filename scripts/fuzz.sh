@@ -30,6 +30,7 @@ rows=""
 status=0
 for t in tiff_reader model_file json_configs; do
     corpus="fuzz/corpus/$t"
+    rm -rf "fuzz/artifacts/$t" # count this run's crashes only
     mkdir -p "$corpus" "fuzz/artifacts/$t"
     log=$(mktemp)
     set +e

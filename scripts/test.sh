@@ -16,3 +16,8 @@ export LUMOS_LIBRARY="$PWD/target/debug/liblumos.so"
 .venv/bin/python -m pytest -q -o xvfb_width=1600 -o xvfb_height=1000 bindings/python/tests napari-plugin/tests
 # the Java binding and the Fiji/ImageJ plugins: JUnit headless + a macro in ImageJ under Xvfb
 ./fiji-plugin/test.sh
+# a short fuzzing run of the TIFF reader, the model loader and the JSON configs (the long
+# run is reported in docs/reliability.md); LUMOS_SKIP_FUZZ=1 skips it
+if [ "${LUMOS_SKIP_FUZZ:-0}" != 1 ]; then
+    ./scripts/fuzz.sh 20
+fi
