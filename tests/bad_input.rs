@@ -231,6 +231,7 @@ fn decompose_matrix() {
     expect(dec(y.as_ptr(), h, w, null(), 2 * h * w), LumosStatus::InvalidInput, &["finite"]);
     expect(dec(x.as_ptr(), h, w, &LumosDecomposeOptions { keep: 7, ..good }, 2 * h * w), LumosStatus::InvalidArgument, &["even"]);
     expect(dec(x.as_ptr(), h, w, &LumosDecomposeOptions { samples: 0, ..good }, 2 * h * w), LumosStatus::InvalidArgument, &["samples"]);
+    expect(unsafe { lumos_decompose_options_default(null_mut()) }, LumosStatus::NullPointer, &["out_options"]);
     assert_eq!(dec(x.as_ptr(), h, w, null(), 2 * h * w), LumosStatus::Ok, "{}", last());
     // a decomposition model does not segment
     let mut labels = vec![0u8; h * w];
