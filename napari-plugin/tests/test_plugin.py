@@ -21,17 +21,28 @@ def wait_done(qtbot, widget, timeout=120_000):
     qtbot.waitUntil(lambda: not widget.running, timeout=timeout)
 
 
+def sized(viewer):
+    """Gives the window a fixed size and lets Qt lay it out: with a tall dock widget the
+    canvas can otherwise be squeezed to nothing, and its screenshot is an empty image."""
+    from qtpy.QtWidgets import QApplication
+
+    viewer.window._qt_window.resize(1400, 800)
+    QApplication.processEvents()
+    viewer.reset_view()
+    QApplication.processEvents()
+
+
 def screenshot(viewer, path: pathlib.Path) -> np.ndarray:
     from skimage.io import imsave  # napari depends on scikit-image
 
-    viewer.window._qt_window.resize(1400, 800)
-    viewer.reset_view()
+    sized(viewer)
     shot = viewer.screenshot(canvas_only=False, flash=False)
     imsave(path, shot, check_contrast=False)
     return shot
 
 
 def canvas_not_blank(viewer):
+    sized(viewer)
     canvas = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(float)
     assert canvas.std() > 5.0, f"the canvas looks blank (std {canvas.std():.2f})"
 
