@@ -48,7 +48,7 @@ class JobFailed(Exception):
 
 class _Job(Container):
     """Shared machinery: a Run and a Stop button, a progress bar and a status line; runs a
-    computation in a napari thread worker."""
+    computation in a napari thread worker. Subclasses define `prepare` and `_on_result`."""
 
     run_text = "Run"
 
@@ -151,13 +151,9 @@ class _Job(Container):
         return self._token
 
     # -- for subclasses ------------------------------------------------------------------
-    def prepare(self):
-        """Reads the inputs on the GUI thread; returns the generator to run."""
-        raise NotImplementedError
-
-    def _on_result(self, result):
-        raise NotImplementedError
-
+    # Each widget defines `prepare()` (reads the inputs on the GUI thread and returns the
+    # `_compute` generator to run) and `_on_result(result)` (turns the result into layers);
+    # the two hooks below are optional.
     def on_event(self, update):
         pass
 
