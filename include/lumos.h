@@ -533,6 +533,44 @@ LumosStatus lumos_segment_probabilities(const struct LumosModel *model,
                                         size_t out_len);
 
 /**
+ * Segments one region (a chunk) of a larger frame into class probabilities, normalized
+ * with the whole frame's statistics: what a tiled or distributed caller (Dask, an
+ * acquisition loop working on stripes) uses so that every chunk of a frame is treated
+ * alike.
+ *
+ * - `input`, `channels`, `height`, `width`, `options`, `cancel`: as `lumos_segment`;
+ *   `input` is the region, including whatever overlap (halo) the caller chose.
+ * - `frame_mean`, `frame_std`: NULL, or each `channels` floats: the mean and population
+ *   standard deviation (ddof 0) of every channel over the whole frame, in the input's
+ *   units. They replace the region's own statistics for channels the model normalizes
+ *   per image (z-score per image, nnU-Net's default); channels with statistics fitted
+ *   at training ignore them. Both NULL = the region's own statistics (then this is
+ *   `lumos_segment_probabilities`, plus `diffusion`). One NULL and not the other is an
+ *   error. A std of 0 is treated as 1 (constant channel).
+ * - `diffusion`: PG-DiffSeg sampling, NULL = the model's saved sampling; ignored by
+ *   other kinds.
+ * - `out_probabilities`: caller-owned, `out_len >= n_classes * height * width` floats;
+ *   receives `(K, H, W)` probabilities, class-major. The labels `lumos_segment` would
+ *   give are their argmax over K (first maximum on ties).
+ *
+ * Errors: as `lumos_segment_probabilities`, plus SHAPE_MISMATCH / INVALID_ARGUMENT
+ * (statistics not finite, negative std, only one of the two given).
+ * Thread-safe: concurrent calls on one model are serialized.
+ */
+LumosStatus lumos_segment_region(const struct LumosModel *model,
+                                 const float *input,
+                                 size_t channels,
+                                 size_t height,
+                                 size_t width,
+                                 const float *frame_mean,
+                                 const float *frame_std,
+                                 const struct LumosTileOptions *options,
+                                 const struct LumosDiffusionOptions *diffusion,
+                                 const struct LumosCancelToken *cancel,
+                                 float *out_probabilities,
+                                 size_t out_len);
+
+/**
  * Fills `out_options` with the paper's sampling: prior start, 100 inversion steps, 200
  * sampling steps, eta 0, 1 sample, forward_t 300, seed 0, clipping on.
  * Errors: NULL_POINTER. Thread-safe.
@@ -633,6 +671,42 @@ LumosStatus lumos_cancel_token_reset(const struct LumosCancelToken *token);
  * Frees a cancel token. NULL is ignored. No operation may still be using it.
  */
 void lumos_cancel_token_free(struct LumosCancelToken *token);
+
+/**
+ * Exports a model file to the bioimage.io model format (rdf.yaml format_version 0.5,
+ * TorchScript weights traced from the engine, test tensors with sha256, cover, README),
+ * so that bioimageio.core, deepImageJ and other consumers run it.
+ * - `model_path`: UTF-8 path of a lumos model file.
+ * - `out_path`: UTF-8 path of the package: a folder, or a `.zip` file when it ends in
+ *   `.zip`. Written atomically (staged, then renamed); an existing folder is replaced
+ *   only if it is an earlier export (holds `rdf.yaml`) or empty.
+ * - `options_json`: NULL / "" or a JSON object, all fields optional: `name`,
+ *   `description`, `authors` / `maintainers` (lists of `{"name", "affiliation", "email",
+ *   "orcid", "github_user"}`; maintainers need `github_user`), `license` (SPDX, default
+ *   "CC-BY-4.0"), `tags`, `git_repo`, `version`, `tile` (`[height, width]` of the
+ *   exported input, segmentation models; default the training patch), `sample` (path of a
+ *   `(C, H, W)` TIFF to cut the test tile from; default simulated data of the model's
+ *   modality), `sample_seed`. Unknown fields are rejected.
+ * - `out_report_json`: NULL, or receives a NUL-terminated UTF-8 JSON report (`path`,
+ *   `input_shape`, `output_shape`, `self_check` = largest difference between the exported
+ *   graph and the engine on the test tile, `files` with sha256) owned by the library,
+ *   valid until the next `lumos_export_bioimageio` call on the same thread.
+ *
+ * Fixed spatial size: the graph is traced on one tile. Per-image z-score is declared as
+ * rdf preprocessing; fitted normalization is inside the graph. PG-DiffSeg exports only
+ * deterministic sampling (prior start, eta 0); muSplit takes one lateral-context window.
+ * The export reloads the written TorchScript and compares it with the engine's own
+ * output; it fails (writing nothing) when they differ by more than 1e-3.
+ * Errors: NULL_POINTER, INVALID_ARGUMENT (bad options, name not allowed by bioimage.io,
+ * existing non-export folder), IO, MODEL_FORMAT, UNSUPPORTED (random PG-DiffSeg
+ * sampling, mixed per-image and fitted normalization), SHAPE_MISMATCH (sample too small
+ * or with other channels), INVALID_INPUT (self-check failed), TORCH. CPU only; may take
+ * minutes for large diffusion models. Thread-safe.
+ */
+LumosStatus lumos_export_bioimageio(const char *model_path,
+                                    const char *out_path,
+                                    const char *options_json,
+                                    const char **out_report_json);
 
 /**
  * The training configuration (JSON for `lumos_train`) of a named recipe: a method of the

@@ -109,6 +109,11 @@ impl DiffPreset {
             device: r.device.clone(),
             learning_rate: 0.01,
             resume: true,
+            unet: match self {
+                // nnU-Net's planning stops halving at a 4 x 4 bottleneck; tiny runs in seconds
+                DiffPreset::Tiny => crate::nn::unet::UnetConfig { n_stages: 4, base_features: 8, max_features: 64, convs_per_stage: 2 },
+                _ => Default::default(),
+            },
             ..Default::default()
         }
     }

@@ -12,6 +12,7 @@ pub mod ddim;
 pub mod diffseg;
 pub mod device;
 pub mod error;
+pub mod export;
 pub mod ffi;
 pub mod image;
 pub mod io;

@@ -398,7 +398,21 @@ impl Model {
     }
 
     /// Segments a `(C, H, W)` frame of any size into `out`, tile by tile.
-    pub fn segment(&self, frame: ArrayView3<f32>, opts: &SegmentOptions, mut out: SegmentOutput, monitor: &mut Monitor) -> Result<()> {
+    pub fn segment(&self, frame: ArrayView3<f32>, opts: &SegmentOptions, out: SegmentOutput, monitor: &mut Monitor) -> Result<()> {
+        self.segment_region(frame, None, opts, out, monitor)
+    }
+
+    /// As [`segment`](Self::segment) for a region of a larger frame: channels normalized
+    /// per image use `frame_stats` (per channel `(mean, std)` of the whole frame) instead
+    /// of the region's own statistics, so that chunks of one frame are normalized alike.
+    pub fn segment_region(
+        &self,
+        frame: ArrayView3<f32>,
+        frame_stats: Option<&[(f32, f32)]>,
+        opts: &SegmentOptions,
+        mut out: SegmentOutput,
+        monitor: &mut Monitor,
+    ) -> Result<()> {
         if !self.meta.kind.can_segment() {
             return Err(Error::Unsupported(format!(
                 "segment is not supported by a '{}' model (a decomposition model); use decompose, or load a segmentation model",
@@ -423,7 +437,7 @@ impl Model {
             batch_size: opts.batch_size,
         };
         sw.validate(Net::divisor(&self.meta))?;
-        let aff = self.meta.normalization.resolve(frame)?;
+        let aff = self.meta.normalization.resolve_with(frame, frame_stats)?;
         let device = self.device;
         let inner = self.inner.lock();
         let diff_opts = match (&inner.net, opts.diffusion) {

@@ -118,6 +118,28 @@ impl Normalizer {
     /// Resolves to one affine map per channel for the frame `(C, H, W)`; per-image
     /// statistics are computed here, once per frame.
     pub fn resolve(&self, frame: ArrayView3<f32>) -> Result<Vec<ChannelAffine>> {
+        self.resolve_with(frame, None)
+    }
+
+    /// As [`resolve`](Self::resolve), but per-image channels take `frame_stats[ch]` =
+    /// `(mean, std)` when given: the statistics of a whole frame of which `frame` is a
+    /// region (chunked processing of images too large for one call). Channels with
+    /// fitted statistics ignore them.
+    pub fn resolve_with(&self, frame: ArrayView3<f32>, frame_stats: Option<&[(f32, f32)]>) -> Result<Vec<ChannelAffine>> {
+        if let Some(st) = frame_stats {
+            if st.len() != self.channels.len() {
+                return Err(Error::Shape(format!(
+                    "{} frame statistics (mean, std) given; this model has {} input channels",
+                    st.len(),
+                    self.channels.len()
+                )));
+            }
+            if let Some((ch, (m, s))) = st.iter().enumerate().find(|(_, (m, s))| !m.is_finite() || !s.is_finite() || *s < 0.0) {
+                return Err(Error::InvalidArgument(format!(
+                    "frame statistics of channel {ch}: mean {m}, std {s}; expected a finite mean and a finite std >= 0"
+                )));
+            }
+        }
         if frame.shape()[0] != self.channels.len() {
             return Err(Error::Shape(format!(
                 "the input has {} channels; this model expects {}",
@@ -131,7 +153,10 @@ impl Normalizer {
             .enumerate()
             .map(|(ch, n)| match *n {
                 ChannelNorm::PerImageZscore => {
-                    let (m, s) = mean_std(frame.index_axis(Axis(0), ch).iter().copied());
+                    let (m, s) = match frame_stats {
+                        Some(st) => (st[ch].0 as f64, st[ch].1 as f64),
+                        None => mean_std(frame.index_axis(Axis(0), ch).iter().copied()),
+                    };
                     ChannelAffine { lo: f32::NEG_INFINITY, hi: f32::INFINITY, mean: m as f32, std: safe_std(s) }
                 }
                 ChannelNorm::DatasetZscore { mean, std } => {

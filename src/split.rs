@@ -171,11 +171,14 @@ pub struct DecomposeOptions {
     pub samples: usize,
     /// HVAE: seed of the posterior samples (same seed, same output).
     pub seed: u64,
+    /// HVAE: decode at the posterior means instead of sampling (deterministic; what a
+    /// bioimage.io export computes). Ignored by deterministic models.
+    pub posterior_mean: bool,
 }
 
 impl Default for DecomposeOptions {
     fn default() -> Self {
-        DecomposeOptions { tile: None, keep: None, batch_size: 16, mirror: false, samples: 1, seed: 0 }
+        DecomposeOptions { tile: None, keep: None, batch_size: 16, mirror: false, samples: 1, seed: 0, posterior_mean: false }
     }
 }
 
@@ -189,7 +192,7 @@ impl DecomposeOptions {
 }
 
 /// The mean and std of a fitted channel normalization.
-fn mean_std_of(c: &ChannelNorm) -> (f32, f32) {
+pub(crate) fn mean_std_of(c: &ChannelNorm) -> (f32, f32) {
     match *c {
         ChannelNorm::PerImageZscore => (0.0, 1.0),
         ChannelNorm::DatasetZscore { mean, std } | ChannelNorm::RobustQuantile { mean, std, .. } => (mean, std),
@@ -237,7 +240,7 @@ impl Model {
             return Err(Error::Unsupported(format!("a '{}' model cannot decompose", self.meta.kind.name())));
         };
         let levels = net.cfg.input_channels();
-        let stochastic = net.is_stochastic();
+        let stochastic = net.is_stochastic() && !opts.posterior_mean;
         let _rng = if stochastic {
             let g = TORCH_RNG.lock();
             tch::manual_seed(opts.seed as i64);
@@ -252,6 +255,9 @@ impl Model {
         };
         let samples = if stochastic { opts.samples } else { 1 };
         let mut one = |x: &Tensor| -> Result<Tensor> {
+            if opts.posterior_mean {
+                return Ok(net.forward_posterior_mean(x));
+            }
             let mut acc = net.forward_t(x, false).mean;
             for _ in 1..samples {
                 acc += net.forward_t(x, false).mean;

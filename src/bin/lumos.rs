@@ -56,6 +56,51 @@ enum Cmd {
     /// directed vs bidirectional, early fusion, single modalities, leave-one-out) on
     /// simulated ssQPM data, several seeds, one training budget; writes a report.
     Compare(CompareArgs),
+    /// Export a model to the bioimage.io model format (rdf.yaml 0.5, TorchScript weights,
+    /// test tensors): a folder, or a .zip package when OUT ends in .zip.
+    Export(ExportArgs),
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    /// The lumos model file.
+    model: PathBuf,
+    /// Output folder, or OUT.zip for a bioimage.io package.
+    #[arg(long)]
+    out: PathBuf,
+    /// Model name in the rdf (default: from the method and classes).
+    #[arg(long)]
+    name: Option<String>,
+    /// Description (default: generated from the model).
+    #[arg(long)]
+    description: Option<String>,
+    /// An author: "Name" or "Name; affiliation; ORCID" (repeatable).
+    #[arg(long = "author")]
+    authors: Vec<String>,
+    /// A maintainer's GitHub user name (repeatable; bioimage.io needs one to upload).
+    #[arg(long = "maintainer")]
+    maintainers: Vec<String>,
+    /// SPDX licence of the weights.
+    #[arg(long, default_value = "CC-BY-4.0")]
+    license: String,
+    /// Extra tag (repeatable).
+    #[arg(long = "tag")]
+    tags: Vec<String>,
+    /// Repository of the model's code or training.
+    #[arg(long)]
+    git_repo: Option<String>,
+    /// Version of this model.
+    #[arg(long, default_value = "1.0.0")]
+    version: String,
+    /// Input tile HxW of the exported graph (segmentation models; default the training patch).
+    #[arg(long)]
+    tile: Option<String>,
+    /// TIFF (C, H, W) to cut the test tile from (default: simulated data of the model's modality).
+    #[arg(long)]
+    sample: Option<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -436,6 +481,7 @@ fn main() {
         Cmd::Decompose(a) => decompose(a),
         Cmd::SplitCompare(a) => split_compare(a),
         Cmd::DiffCompare(a) => diff_compare(a),
+        Cmd::Export(a) => export_cmd(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e}");
@@ -740,6 +786,50 @@ fn evaluate(a: EvaluateArgs) -> Result<metrics::Summary> {
         lumos::weights::write_atomic(j, serde_json::to_string_pretty(&v).expect("json").as_bytes())?;
     }
     Ok(sum)
+}
+
+fn export_cmd(a: ExportArgs) -> Result<()> {
+    use lumos::export::{export_bioimageio, ExportOptions, Person};
+    let tile = match &a.tile {
+        None => None,
+        Some(t) => {
+            let v: Vec<usize> = t.split(['x', 'X', ',']).map(|p| p.trim().parse::<usize>()).collect::<std::result::Result<_, _>>().map_err(|_| {
+                lumos::Error::InvalidArgument(format!("--tile '{t}': expected HxW, for example 256x256"))
+            })?;
+            match v[..] {
+                [h, w] => Some([h, w]),
+                [s] => Some([s, s]),
+                _ => return Err(lumos::Error::InvalidArgument(format!("--tile '{t}': expected HxW, for example 256x256"))),
+            }
+        }
+    };
+    let opts = ExportOptions {
+        name: a.name,
+        description: a.description,
+        authors: a.authors.iter().map(|s| Person::parse(s)).collect::<Result<_>>()?,
+        maintainers: a.maintainers.iter().map(|g| Person { name: g.clone(), github_user: Some(g.clone()), ..Default::default() }).collect(),
+        license: a.license,
+        tags: a.tags,
+        git_repo: a.git_repo,
+        version: a.version,
+        tile,
+        sample: a.sample,
+        sample_seed: 0,
+    };
+    let r = export_bioimageio(&a.model, &a.out, &opts)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r).expect("json"));
+    } else {
+        println!(
+            "exported {} -> {} (input {:?}, output {:?}; exported graph vs engine: max difference {:.2e})",
+            a.model.display(),
+            r.path.display(),
+            r.input_shape,
+            r.output_shape,
+            r.self_check
+        );
+    }
+    Ok(())
 }
 
 fn info(a: InfoArgs) -> Result<()> {

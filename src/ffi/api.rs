@@ -158,6 +158,7 @@ fn decompose_options(opts: *const LumosDecomposeOptions) -> DecomposeOptions {
         mirror: o.mirror,
         samples: o.samples,
         seed: o.seed,
+        posterior_mean: false,
     }
 }
 
@@ -668,6 +669,83 @@ pub unsafe extern "C" fn lumos_segment_probabilities(
     })
 }
 
+/// Segments one region (a chunk) of a larger frame into class probabilities, normalized
+/// with the whole frame's statistics: what a tiled or distributed caller (Dask, an
+/// acquisition loop working on stripes) uses so that every chunk of a frame is treated
+/// alike.
+///
+/// - `input`, `channels`, `height`, `width`, `options`, `cancel`: as `lumos_segment`;
+///   `input` is the region, including whatever overlap (halo) the caller chose.
+/// - `frame_mean`, `frame_std`: NULL, or each `channels` floats: the mean and population
+///   standard deviation (ddof 0) of every channel over the whole frame, in the input's
+///   units. They replace the region's own statistics for channels the model normalizes
+///   per image (z-score per image, nnU-Net's default); channels with statistics fitted
+///   at training ignore them. Both NULL = the region's own statistics (then this is
+///   `lumos_segment_probabilities`, plus `diffusion`). One NULL and not the other is an
+///   error. A std of 0 is treated as 1 (constant channel).
+/// - `diffusion`: PG-DiffSeg sampling, NULL = the model's saved sampling; ignored by
+///   other kinds.
+/// - `out_probabilities`: caller-owned, `out_len >= n_classes * height * width` floats;
+///   receives `(K, H, W)` probabilities, class-major. The labels `lumos_segment` would
+///   give are their argmax over K (first maximum on ties).
+///
+/// Errors: as `lumos_segment_probabilities`, plus SHAPE_MISMATCH / INVALID_ARGUMENT
+/// (statistics not finite, negative std, only one of the two given).
+/// Thread-safe: concurrent calls on one model are serialized.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lumos_segment_region(
+    model: *const LumosModel,
+    input: *const f32,
+    channels: usize,
+    height: usize,
+    width: usize,
+    frame_mean: *const f32,
+    frame_std: *const f32,
+    options: *const LumosTileOptions,
+    diffusion: *const LumosDiffusionOptions,
+    cancel: *const LumosCancelToken,
+    out_probabilities: *mut f32,
+    out_len: usize,
+) -> LumosStatus {
+    guard(|| {
+        let m = unsafe { model_ref(model) }?;
+        let x = unsafe { input_view(input, channels, height, width) }?;
+        if out_probabilities.is_null() {
+            return Err(null("out_probabilities"));
+        }
+        let k = m.model.n_classes();
+        let need = element_count(&[k, height, width], "output")?;
+        check_out_len(out_len, need, "out_probabilities")?;
+        let stats: Option<Vec<(f32, f32)>> = match (frame_mean.is_null(), frame_std.is_null()) {
+            (true, true) => None,
+            (false, false) => {
+                // SAFETY: the caller passes `channels` floats in each.
+                let (mu, sd) = unsafe { (std::slice::from_raw_parts(frame_mean, channels), std::slice::from_raw_parts(frame_std, channels)) };
+                Some(mu.iter().copied().zip(sd.iter().copied()).collect())
+            }
+            (true, false) | (false, true) => {
+                return Err(Fail(
+                    LumosStatus::InvalidArgument,
+                    "frame_mean and frame_std: one is NULL and the other is not; pass both (the whole frame's statistics) or neither".into(),
+                ));
+            }
+        };
+        let mut opts = segment_options(options)?;
+        if m.model.meta.kind == ModelKind::Pgdiff {
+            // SAFETY: the caller passes NULL or a valid LumosDiffusionOptions.
+            opts.diffusion = Some(match unsafe { diffusion.as_ref() } {
+                Some(d) => diffusion_options(d)?,
+                None => m.model.diffusion_defaults()?,
+            });
+        }
+        let out = unsafe { std::slice::from_raw_parts_mut(out_probabilities, need) };
+        let view = ArrayViewMut3::from_shape((k, height, width), out).expect("length checked");
+        let mut mon = Monitor { progress: None, cancel: cancel_of(cancel) };
+        m.model.segment_region(x, stats.as_deref(), &opts, SegmentOutput::Probabilities(view), &mut mon)?;
+        Ok(())
+    })
+}
+
 /// Fills `out_options` with the paper's sampling: prior start, 100 inversion steps, 200
 /// sampling steps, eta 0, 1 sample, forward_t 300, seed 0, clipping on.
 /// Errors: NULL_POINTER. Thread-safe.
@@ -858,6 +936,73 @@ pub unsafe extern "C" fn lumos_cancel_token_free(token: *mut LumosCancelToken) {
 
 thread_local! {
     static RECIPE_JSON: std::cell::RefCell<std::ffi::CString> = std::cell::RefCell::new(std::ffi::CString::default());
+}
+
+thread_local! {
+    static EXPORT_JSON: std::cell::RefCell<std::ffi::CString> = std::cell::RefCell::new(std::ffi::CString::default());
+}
+
+/// Exports a model file to the bioimage.io model format (rdf.yaml format_version 0.5,
+/// TorchScript weights traced from the engine, test tensors with sha256, cover, README),
+/// so that bioimageio.core, deepImageJ and other consumers run it.
+/// - `model_path`: UTF-8 path of a lumos model file.
+/// - `out_path`: UTF-8 path of the package: a folder, or a `.zip` file when it ends in
+///   `.zip`. Written atomically (staged, then renamed); an existing folder is replaced
+///   only if it is an earlier export (holds `rdf.yaml`) or empty.
+/// - `options_json`: NULL / "" or a JSON object, all fields optional: `name`,
+///   `description`, `authors` / `maintainers` (lists of `{"name", "affiliation", "email",
+///   "orcid", "github_user"}`; maintainers need `github_user`), `license` (SPDX, default
+///   "CC-BY-4.0"), `tags`, `git_repo`, `version`, `tile` (`[height, width]` of the
+///   exported input, segmentation models; default the training patch), `sample` (path of a
+///   `(C, H, W)` TIFF to cut the test tile from; default simulated data of the model's
+///   modality), `sample_seed`. Unknown fields are rejected.
+/// - `out_report_json`: NULL, or receives a NUL-terminated UTF-8 JSON report (`path`,
+///   `input_shape`, `output_shape`, `self_check` = largest difference between the exported
+///   graph and the engine on the test tile, `files` with sha256) owned by the library,
+///   valid until the next `lumos_export_bioimageio` call on the same thread.
+///
+/// Fixed spatial size: the graph is traced on one tile. Per-image z-score is declared as
+/// rdf preprocessing; fitted normalization is inside the graph. PG-DiffSeg exports only
+/// deterministic sampling (prior start, eta 0); muSplit takes one lateral-context window.
+/// The export reloads the written TorchScript and compares it with the engine's own
+/// output; it fails (writing nothing) when they differ by more than 1e-3.
+/// Errors: NULL_POINTER, INVALID_ARGUMENT (bad options, name not allowed by bioimage.io,
+/// existing non-export folder), IO, MODEL_FORMAT, UNSUPPORTED (random PG-DiffSeg
+/// sampling, mixed per-image and fitted normalization), SHAPE_MISMATCH (sample too small
+/// or with other channels), INVALID_INPUT (self-check failed), TORCH. CPU only; may take
+/// minutes for large diffusion models. Thread-safe.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lumos_export_bioimageio(
+    model_path: *const c_char,
+    out_path: *const c_char,
+    options_json: *const c_char,
+    out_report_json: *mut *const c_char,
+) -> LumosStatus {
+    guard(|| {
+        let mp = unsafe { arg_str(model_path, "model_path") }?;
+        let op = unsafe { arg_str(out_path, "out_path") }?;
+        let opts: crate::export::ExportOptions = if options_json.is_null() {
+            Default::default()
+        } else {
+            let j = unsafe { arg_str(options_json, "options_json") }?;
+            if j.trim().is_empty() {
+                Default::default()
+            } else {
+                serde_json::from_str(j).map_err(|e| Fail(LumosStatus::InvalidArgument, format!("options_json: {e}")))?
+            }
+        };
+        let report = crate::export::export_bioimageio(std::path::Path::new(mp), std::path::Path::new(op), &opts)?;
+        if !out_report_json.is_null() {
+            let json = serde_json::to_string(&report).expect("a report serializes");
+            let c = std::ffi::CString::new(json).expect("JSON has no NUL");
+            EXPORT_JSON.with(|r| {
+                *r.borrow_mut() = c;
+                // SAFETY: out_report_json checked non-NULL; the string lives in this thread's slot.
+                unsafe { *out_report_json = r.borrow().as_ptr() };
+            });
+        }
+        Ok(())
+    })
 }
 
 /// The training configuration (JSON for `lumos_train`) of a named recipe: a method of the

@@ -452,6 +452,17 @@ impl MuSplitNet {
 
     /// `(N, 1 + lc_levels, T, T)` -> the two structures of the primary patch.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> SplitOutput {
+        self.forward_opts(x, train, true)
+    }
+
+    /// Inference with every latent at its posterior mean (no sampling, no KL): the
+    /// deterministic prediction of a hierarchical VAE; the same as `forward_t` for the
+    /// U-Net and non-stochastic ladders. Normalized units, `(N, 2, T, T)`.
+    pub fn forward_posterior_mean(&self, x: &Tensor) -> Tensor {
+        self.forward_opts(x, false, false).mean
+    }
+
+    fn forward_opts(&self, x: &Tensor, train: bool, sample: bool) -> SplitOutput {
         let feats = self.encoder.forward_t(x, train);
         match &self.decoder {
             Decoder::Unet(d) => {
@@ -479,7 +490,7 @@ impl MuSplitNet {
                     };
                     let q = layer.posterior.forward(&q_in).chunk(2, 1);
                     let (mu_q, lv_q) = (&q[0], soft_bound(&q[1]));
-                    let z = if d.stochastic {
+                    let z = if d.stochastic && sample {
                         let pp = p_params.chunk(2, 1);
                         let (mu_p, lv_p) = (&pp[0], soft_bound(&pp[1]));
                         let kl = gaussian_kl(mu_q, &lv_q, mu_p, &lv_p);

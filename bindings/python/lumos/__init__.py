@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-__all__ = ["LumosError", "Model", "CancelToken", "train", "simulate", "read_tiff", "write_image_tiff",
+__all__ = ["LumosError", "Model", "CancelToken", "train", "export_bioimageio", "simulate", "read_tiff", "write_image_tiff",
            "write_mask_tiff", "train_recipe", "RECIPES", "version", "abi_version", "cuda_available"]
 
 ABI_VERSION = 1
@@ -125,6 +125,8 @@ def _load():
             "lumos_model_diffusion_options": ([P, C.POINTER(_DiffusionOptions)], st),
             "lumos_segment_diffusion": ([P, P, S, S, S, C.POINTER(_TileOptions), C.POINTER(_DiffusionOptions), P, P,
                                          S], st),
+            "lumos_segment_region": ([P, P, S, S, S, P, P, C.POINTER(_TileOptions), C.POINTER(_DiffusionOptions), P, P,
+                                      S], st),
             "lumos_decompose": ([P, P, S, S, C.POINTER(_DecomposeOptions), P, P, S], st),
             "lumos_cancel_token_new": ([C.POINTER(P)], st),
             "lumos_cancel_token_cancel": ([P], st),
@@ -136,6 +138,7 @@ def _load():
             "lumos_mask_write_tiff": ([C.c_char_p, P, S, S], st),
             "lumos_image_write_tiff": ([C.c_char_p, P, S, S, S, C.POINTER(C.c_char_p)], st),
             "lumos_train_recipe": ([C.c_char_p, C.c_char_p, C.POINTER(C.c_char_p)], st),
+            "lumos_export_bioimageio": ([C.c_char_p, C.c_char_p, C.c_char_p, C.POINTER(C.c_char_p)], st),
             "lumos_simulate": ([C.c_char_p, C.c_char_p, C.c_uint64, C.POINTER(_Image), C.POINTER(_Image)], st),
         }
         for name, (args, res) in sig.items():
@@ -278,16 +281,7 @@ class Model:
         if diffusion is not None:
             if probabilities:
                 raise ValueError("diffusion options apply to label output; drop probabilities=True")
-            merged = {**self.diffusion_options(), **diffusion}
-            unknown = set(merged) - {"start", "inversion_steps", "sampling_steps", "eta", "samples", "forward_t", "seed",
-                                     "clip_denoised"}
-            if unknown:
-                raise ValueError(f"unknown diffusion options: {sorted(unknown)}")
-            if merged["start"] not in _STARTS:
-                raise ValueError(f"start = {merged['start']!r}; expected one of {sorted(_STARTS)}")
-            d = _DiffusionOptions(_STARTS[merged["start"]], merged["inversion_steps"], merged["sampling_steps"],
-                                  merged["eta"], merged["samples"], merged["forward_t"], merged["seed"],
-                                  merged["clip_denoised"])
+            d = self._diffusion(diffusion)
             out = np.empty((h, w), dtype=np.uint8)
             _check(_load().lumos_segment_diffusion(self._h, x.ctypes.data, c, h, w, C.byref(opts), C.byref(d), tok,
                                                    out.ctypes.data, out.size))
@@ -299,6 +293,43 @@ class Model:
         else:
             out = np.empty((h, w), dtype=np.uint8)
             _check(_load().lumos_segment(self._h, x.ctypes.data, c, h, w, C.byref(opts), tok, out.ctypes.data, out.size))
+        return out
+
+    def _diffusion(self, diffusion: dict) -> _DiffusionOptions:
+        merged = {**self.diffusion_options(), **diffusion}
+        unknown = set(merged) - {"start", "inversion_steps", "sampling_steps", "eta", "samples", "forward_t", "seed",
+                                 "clip_denoised"}
+        if unknown:
+            raise ValueError(f"unknown diffusion options: {sorted(unknown)}")
+        if merged["start"] not in _STARTS:
+            raise ValueError(f"start = {merged['start']!r}; expected one of {sorted(_STARTS)}")
+        return _DiffusionOptions(_STARTS[merged["start"]], merged["inversion_steps"], merged["sampling_steps"],
+                                 merged["eta"], merged["samples"], merged["forward_t"], merged["seed"],
+                                 merged["clip_denoised"])
+
+    def segment_region(self, region: np.ndarray, frame_mean=None, frame_std=None, *, tile=None,
+                       step_fraction: float = 0.5, batch_size: int = 4, mirror: bool = False,
+                       cancel: Optional[CancelToken] = None, diffusion: Optional[dict] = None) -> np.ndarray:
+        """Class probabilities (K, H, W) of ``region`` (C, H, W), a chunk of a larger frame.
+
+        ``frame_mean`` / ``frame_std``: per-channel mean and population std (ddof 0) of the
+        whole frame; channels the model normalizes per image use them instead of the
+        region's own (both None = the region's own). Their argmax over K are the labels."""
+        x = _as_input(region, 3)
+        c, h, w = x.shape
+        if (frame_mean is None) != (frame_std is None):
+            raise ValueError("pass both frame_mean and frame_std, or neither")
+        stats = None
+        if frame_mean is not None:
+            stats = [np.ascontiguousarray(np.broadcast_to(np.asarray(v, dtype=np.float32).reshape(-1), (c,)))
+                     for v in (frame_mean, frame_std)]
+        opts = _options(tile, step_fraction, batch_size, mirror)
+        d = C.byref(self._diffusion(diffusion)) if diffusion is not None else None
+        tok = cancel._h if cancel is not None else None
+        out = np.empty((self.n_classes, h, w), dtype=np.float32)
+        mu, sd = (stats[0].ctypes.data, stats[1].ctypes.data) if stats else (None, None)
+        _check(_load().lumos_segment_region(self._h, x.ctypes.data, c, h, w, mu, sd, C.byref(opts), d, tok,
+                                            out.ctypes.data, out.size))
         return out
 
     def decompose(self, image: np.ndarray, *, tile: int = 0, keep: int = 0, batch_size: int = 16,
@@ -375,6 +406,31 @@ def write_mask_tiff(path, labels: np.ndarray) -> None:
     if x.ndim != 2:
         raise ValueError(f"labels must be (H, W); got shape {x.shape}")
     _check(_load().lumos_mask_write_tiff(os.fsencode(str(path)), x.ctypes.data, x.shape[0], x.shape[1]))
+
+
+def export_bioimageio(model_path, out, **options) -> dict:
+    """Exports a model file to the bioimage.io model format: a folder, or a package when
+    ``out`` ends in ``.zip``. Returns the report (``path``, ``input_shape``, ``output_shape``,
+    ``self_check``: largest difference between the exported TorchScript and the engine on
+    the test tile, ``files`` with sha256).
+
+    Options (all optional): ``name``, ``description``, ``authors`` / ``maintainers`` (lists
+    of dicts with ``name``, ``affiliation``, ``email``, ``orcid``, ``github_user``; a
+    string is taken as a name), ``license`` (SPDX, default "CC-BY-4.0"), ``tags``,
+    ``git_repo``, ``version``, ``tile`` ((height, width), segmentation models), ``sample``
+    (path of a (C, H, W) TIFF for the test tile), ``sample_seed``."""
+    for key in ("authors", "maintainers"):
+        if key in options:
+            options[key] = [{"name": p} if isinstance(p, str) else dict(p) for p in options[key]]
+    if "sample" in options and options["sample"] is not None:
+        options["sample"] = os.fspath(options["sample"])
+    if "tile" in options and options["tile"] is not None:
+        t = options["tile"]
+        options["tile"] = [t, t] if isinstance(t, int) else list(t)
+    s = C.c_char_p()
+    _check(_load().lumos_export_bioimageio(os.fsencode(str(model_path)), os.fsencode(str(out)),
+                                           json.dumps(options).encode(), C.byref(s)))
+    return json.loads(s.value.decode())
 
 
 def train_recipe(method: str, size: str = "cpu") -> dict:
