@@ -79,6 +79,15 @@ if ! .venv/bin/python -c "import numpy, pytest, napari, npe2, pytestqt, pytest_x
     .venv/bin/python -m pip install --quiet --disable-pip-version-check numpy pytest "napari[pyqt5]" pytest-qt \
         pytest-xvfb npe2
 fi
+# bioimage.io (issue 9): PyTorch (the PyPI wheel of the engine's libtorch version, to run
+# exported TorchScript; about 4.6 GB with its CUDA libraries, CPU is enough), bioimageio.core
+# and .spec; pydantic < 2.13 because bioimageio.spec 0.5.12's serializers break on 2.14.
+# Dask scale-out: dask[array], distributed, zarr (OME-Zarr).
+if ! .venv/bin/python -c "import torch, bioimageio.core, dask.array, distributed, zarr" >/dev/null 2>&1; then
+    echo "bootstrap: installing torch $TORCH_VERSION, bioimageio.core, dask, distributed, zarr into .venv ..."
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==$TORCH_VERSION" bioimageio.core \
+        "pydantic<2.13" "dask[array]" distributed zarr
+fi
 if ! .venv/bin/python -c "import napari_lumos, lumos" >/dev/null 2>&1; then
     # setuptools >= 70 builds editable wheels without the separate 'wheel' package
     .venv/bin/python -m pip install --quiet --disable-pip-version-check "setuptools>=70"

@@ -12,6 +12,8 @@ export PATH="$HOME/.cargo/bin:$PATH"
 cargo build --quiet --lib --bin lumos
 cargo test --all-targets "$@"
 export LUMOS_LIBRARY="$PWD/target/debug/liblumos.so"
+# bootstrap installed torch + bioimageio.core: the bioimage.io export tests must run, not skip
+export LUMOS_REQUIRE_BIOIMAGEIO=1
 # the Python binding, then the napari plugin in real napari under Xvfb (pytest-xvfb)
 .venv/bin/python -m pytest -q -o xvfb_width=1600 -o xvfb_height=1000 bindings/python/tests napari-plugin/tests
 # the Java binding and the Fiji/ImageJ plugins: JUnit headless + a macro in ImageJ under Xvfb

@@ -26,6 +26,11 @@ split_model = work + "/musplit.lumos";
 run("Lumos Train", "method=musplit-hvae size=tiny data=[" + fluo + "] epochs=1 device=cpu seed=0 model=[" + split_model + "]");
 if (File.exists(split_model)) pass("Lumos Train wrote " + split_model); else fail("Lumos Train wrote " + split_model);
 
+// Export: the trained model as a bioimage.io package, through the menu command
+pkg = work + "/dmqpm.bioimageio.zip";
+run("Lumos Export to bioimage.io", "model=[" + model + "] package=[" + pkg + "] name=[Macro export test] authors=[Ada Tester; Imaging Lab] license=CC-BY-4.0");
+if (File.exists(pkg)) pass("Lumos Export wrote " + pkg); else fail("Lumos Export wrote " + pkg);
+
 // Segment the current image (a 5-channel hyperstack written by the engine)
 open(image);
 input = getTitle();

@@ -54,7 +54,7 @@ def test_manifest_validates():
 
     pm = PluginManifest.from_file(MANIFEST)
     pm.validate_imports()
-    assert {w.display_name for w in pm.contributions.widgets} == {"Segment", "Decompose", "Train"}
+    assert {w.display_name for w in pm.contributions.widgets} == {"Segment", "Decompose", "Train", "Export to bioimage.io"}
 
 
 def test_frames_from_arrays():
@@ -177,6 +177,30 @@ def test_decompose_widget(make_napari_viewer, qtbot, models, screenshot_dir):
         np.testing.assert_array_equal(viewer.layers[f"mixed {name}"].data, expect[i])
     canvas_not_blank(viewer)
     screenshot(viewer, screenshot_dir / "napari-decompose.png")
+
+
+def test_export_widget_writes_a_bioimageio_package(make_napari_viewer, qtbot, models, tmp_path, screenshot_dir):
+    viewer = make_napari_viewer(show=True)
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Export to bioimage.io")
+    widget.load(models["musplit"], "cpu")
+    assert str(widget.output.value).endswith(".bioimageio.zip")  # a default next to the model
+    out = tmp_path / "split.zip"
+    widget.output.value = str(out)
+    widget.model_name.value = "napari export test"
+    widget.authors.value = "Ada Tester; Imaging Lab | Bo Second"
+    widget.run_button.clicked()
+    wait_done(qtbot, widget)
+    assert widget.status.value.startswith("done"), widget.status.value
+    assert widget.last_report["self_check"] < 1e-3
+    import yaml  # napari depends on PyYAML
+    import zipfile
+
+    with zipfile.ZipFile(out) as z:
+        rdf = yaml.safe_load(z.read("rdf.yaml"))
+    assert rdf["name"] == "napari export test"
+    assert [a["name"] for a in rdf["authors"]] == ["Ada Tester", "Bo Second"]
+    assert rdf["authors"][0]["affiliation"] == "Imaging Lab"
+    screenshot(viewer, screenshot_dir / "napari-export.png")
 
 
 def test_segment_widget_refuses_a_decomposition_model(make_napari_viewer, models):

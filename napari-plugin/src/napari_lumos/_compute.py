@@ -148,6 +148,16 @@ def train(data_dir, output, config: dict, *, cancel: Optional[lumos.CancelToken]
 STAGES = {0: "preparing", 1: "training", 2: "validated", 3: "checkpoint written", 4: "inference", 5: "finished"}
 
 
+def export(model_path, out, **options):
+    """Exports a model file to the bioimage.io format (a folder, or a .zip package); the
+    engine traces the network and checks the saved TorchScript against itself. Returns the
+    export report."""
+    yield "exporting to bioimage.io (tracing the network) ...", 0, 1
+    report = lumos.export_bioimageio(model_path, out, **options)
+    yield "exported", 1, 1
+    return report
+
+
 def describe(ev: dict) -> str:
     """One line for a progress event."""
     s = f"{STAGES.get(ev['stage'], ev['stage'])}: epoch {ev['epoch'] + 1}/{ev['epochs']}"

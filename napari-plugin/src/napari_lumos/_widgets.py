@@ -1,4 +1,4 @@
-"""The dock widgets: Segment, Decompose, Train.
+"""The dock widgets: Segment, Decompose, Train, Export (bioimage.io).
 
 Each widget gathers its inputs on the GUI thread, runs a ``_compute`` generator in a
 napari thread worker (the viewer stays responsive), shows progress in its own bar and in
@@ -12,7 +12,7 @@ import pathlib
 from typing import TYPE_CHECKING, Optional
 
 import numpy as np
-from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, ProgressBar,
+from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, LineEdit, ProgressBar,
                               PushButton, Select, SpinBox)
 
 import lumos
@@ -329,6 +329,56 @@ class DecomposeWidget(_ModelJob):
             self._viewer.add_image(part if self._has_t else part[0], name=f"{self._source} {name}", colormap=cmap,
                                    blending="additive", scale=scale)
         self.status.value = f"done: {self._source} -> {names[0]} + {names[1]}"
+
+
+class ExportWidget(_ModelJob):
+    """Exports a model to the bioimage.io model format in one action (for deepImageJ,
+    bioimageio.core and the bioimage.io model zoo)."""
+
+    run_text = "Export to bioimage.io"
+
+    def __init__(self, viewer: napari.viewer.Viewer):
+        super().__init__(viewer)
+        self.output = FileEdit(label="package (.zip or folder)", filter="*.zip", mode="w")
+        self.model_name = LineEdit(label="name (empty = from the model)", value="")
+        self.authors = LineEdit(label="authors (Name; affiliation; ORCID, separated by |)", value="")
+        self.license = LineEdit(label="license (SPDX)", value="CC-BY-4.0")
+        self.extend([self.model_file, self.model_info, self.output, self.model_name, self.authors, self.license,
+                     *self._controls()])
+        self.stop_button.visible = False  # tracing is short and not interruptible
+
+    def on_model(self):
+        if not str(self.output.value) or str(self.output.value) == ".":
+            path = pathlib.Path(str(self.model_file.value))
+            self.output.value = str(path.with_name(path.stem + ".bioimageio.zip"))
+
+    def prepare(self):
+        self._require_model()
+        out = pathlib.Path(str(self.output.value))
+        if not str(self.output.value) or out == pathlib.Path("."):
+            raise ValueError("choose where to write the package (.zip or a new folder)")
+        options = {"license": self.license.value.strip() or "CC-BY-4.0"}
+        if self.model_name.value.strip():
+            options["name"] = self.model_name.value.strip()
+        authors = [a.strip() for a in self.authors.value.split("|") if a.strip()]
+        if authors:
+            options["authors"] = [_person(a) for a in authors]
+        return _compute.export(pathlib.Path(str(self.model_file.value)), out, **options)
+
+    def _on_result(self, report):
+        self.last_report = report
+        self.status.value = (f"done: {report['path']} (exported graph vs engine: max difference "
+                             f"{report['self_check']:.1e})")
+
+
+def _person(text: str) -> dict:
+    """"Name; affiliation; ORCID" -> the rdf's author fields."""
+    parts = [p.strip() for p in text.split(";")]
+    person = {"name": parts[0]}
+    for key, value in zip(("affiliation", "orcid"), parts[1:]):
+        if value:
+            person[key] = value
+    return person
 
 
 class TrainWidget(_Job):

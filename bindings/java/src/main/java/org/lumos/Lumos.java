@@ -149,6 +149,35 @@ public final class Lumos {
     }
 
     /**
+     * Exports a model file to the bioimage.io model format (rdf.yaml 0.5, TorchScript
+     * weights traced from the engine, test tensors): a folder, or a package when
+     * {@code out} ends in ".zip". {@code optionsJson}: null or a JSON object (name,
+     * description, authors, maintainers, license, tags, git_repo, version, tile, sample;
+     * see lumos.h). Returns the report as JSON (path, input_shape, output_shape,
+     * self_check, files). Blocking; writes nothing on failure.
+     */
+    public static String exportBioimageio(String modelPath, String out, String optionsJson) {
+        PointerByReference report = new PointerByReference();
+        check(lib().lumos_export_bioimageio(modelPath, out, optionsJson, report));
+        return report.getValue().getString(0, "UTF-8");
+    }
+
+    /** A JSON string literal (quotes, backslashes and control characters escaped). */
+    public static String jsonString(String s) {
+        StringBuilder b = new StringBuilder("\"");
+        for (char c : s.toCharArray()) {
+            if (c == '"' || c == '\\') {
+                b.append('\\').append(c);
+            } else if (c < 0x20) {
+                b.append(String.format("\\u%04x", (int) c));
+            } else {
+                b.append(c);
+            }
+        }
+        return b.append('"').toString();
+    }
+
+    /**
      * Trains a model (blocking) from {@code dataDir} and writes it to {@code output}.
      * {@code listener} and {@code cancel} may be null. A cancelled training throws a
      * {@link LumosException} with {@link LumosException#isCancelled()} and keeps the last

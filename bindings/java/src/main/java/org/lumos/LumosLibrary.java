@@ -155,6 +155,8 @@ public interface LumosLibrary extends Library {
 
     int lumos_train_recipe(String method, String size, PointerByReference outJson);
 
+    int lumos_export_bioimageio(String modelPath, String outPath, String optionsJson, PointerByReference outReportJson);
+
     int lumos_simulate(String modality, String configJson, long seed, Image outImage, Image outTruth);
 
     int lumos_image_read_tiff(String path, Image outImage);

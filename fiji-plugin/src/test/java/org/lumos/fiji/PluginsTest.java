@@ -25,7 +25,7 @@ import static org.junit.Assert.assertTrue;
 import static org.junit.Assert.fail;
 
 /**
- * The Java binding and the three plugins, headless, on real ImagePlus data: tiny models
+ * The Java binding and the four plugins, headless, on real ImagePlus data: tiny models
  * are trained through the binding on simulated frames, then the plugins run through
  * {@code IJ.runPlugIn} exactly as a macro would call them.
  */
@@ -214,6 +214,39 @@ public class PluginsTest {
         assertTrue(checkpointed[0]);
         assertFalse(new File(out2).exists());
         assertTrue(new File(out2 + ".ckpt").isFile());
+    }
+
+    @Test
+    public void exportWritesABioimageioPackage() throws Exception {
+        String pkg = new File(dir, "dmqpm.bioimageio.zip").getPath();
+        IJ.runPlugIn("org.lumos.fiji.Lumos_Export", "model=[" + dmqpm + "] package=[" + pkg
+                + "] name=[Fiji export test] authors=[Ada Tester; Imaging Lab | Bo \"Q\" Second] license=MIT");
+        String report = Lumos_Export.lastResult;
+        assertNotNull("the export failed (see the log)", report);
+        assertTrue(report, report.contains("\"input_shape\":[1,5,32,32]"));
+        assertTrue(new File(pkg).isFile());
+        java.util.zip.ZipFile z = new java.util.zip.ZipFile(pkg);
+        try {
+            java.util.zip.ZipEntry e = z.getEntry("rdf.yaml");
+            assertNotNull(e);
+            byte[] bytes = new byte[(int) e.getSize()];
+            java.io.DataInputStream in = new java.io.DataInputStream(z.getInputStream(e));
+            in.readFully(bytes);
+            String rdf = new String(bytes, "UTF-8");
+            assertTrue(rdf, rdf.contains("name: Fiji export test"));
+            assertTrue(rdf, rdf.contains("affiliation: Imaging Lab"));
+            assertTrue(rdf, rdf.contains("Bo \"Q\" Second"));
+            assertTrue(rdf, rdf.contains("license: MIT"));
+        } finally {
+            z.close();
+        }
+        // a missing model is a clear error, not an exception out of the plugin
+        try {
+            Lumos_Export.export(new File(dir, "missing.lumos").getPath(), pkg, "", "", "MIT");
+            fail("a missing model must be refused");
+        } catch (IllegalArgumentException e) {
+            assertTrue(e.getMessage().contains("not a file"));
+        }
     }
 
     @Test
