@@ -542,7 +542,7 @@ impl DiffusionUnet {
             }
         }
         let out_norm = gn(p / "out" / 0, cfg.groups, ch, 1e-5);
-        let out_conv = zero_conv(p / "out" / 2, mc, out_channels, 3);
+        let out_conv = zero_conv(p / "out" / 2, ch, out_channels, 3);
         Ok(DiffusionUnet { time1, time2, input_blocks, middle, output_blocks, out_norm, out_conv, model_channels: mc })
     }
 
@@ -610,6 +610,25 @@ mod tests {
         assert_eq!(y.size(), [2, 3, 16, 16]);
         // the output conv is zero-initialized, as in openaimodel
         assert_eq!(y.abs().max().double_value(&[]), 0.0);
+    }
+
+    #[test]
+    fn first_level_wider_than_model_channels() {
+        // channel_mult[0] != 1: the output conv takes the last level's width (found by the
+        // PyTorch transcription in benches/peers; it used to panic on the first forward)
+        let vs = nn::VarStore::new(Device::Cpu);
+        let cfg = DiffusionUnetConfig {
+            model_channels: 8,
+            channel_mult: vec![2, 2],
+            num_res_blocks: 1,
+            attention_resolutions: vec![2],
+            num_head_channels: 8,
+            dropout: 0.0,
+            groups: 8,
+        };
+        let net = DiffusionUnet::new(&vs.root(), &cfg, 4, 3).unwrap();
+        let y = net.forward_t(&Tensor::randn([1, 4, 8, 8], (Kind::Float, Device::Cpu)), &Tensor::from_slice(&[3i64]), false);
+        assert_eq!(y.size(), [1, 3, 8, 8]);
     }
 
     #[test]
