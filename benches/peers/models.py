@@ -1098,7 +1098,7 @@ class PgDiffNet(nn.Module):
         with one sample and eta = 0."""
         o = {**self.sampling, **(opts or {})}
         if o["eta"] != 0 or o["samples"] != 1 or o["start"] == "random" or (o["start"] == "forward" and o["forward_t"] != 0):
-            raise NotImplementedError("only the deterministic pipeline is transcribed: eta 0, one sample, "
+            raise ValueError("only the deterministic pipeline is transcribed: eta 0, one sample, "
                                       "prior start or forward start at t = 0")
         n, _, th, tw = x.shape
         z = self.encode(x)

@@ -20,8 +20,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
-__all__ = ["LumosError", "Model", "CancelToken", "train", "export_bioimageio", "simulate", "read_tiff", "write_image_tiff",
-           "write_mask_tiff", "train_recipe", "RECIPES", "version", "abi_version", "cuda_available"]
+__all__ = ["LumosError", "Model", "CancelToken", "train", "simulate", "read_tiff", "write_image_tiff",
+           "write_mask_tiff", "train_recipe", "RECIPES", "version", "abi_version", "cuda_available",
+           "set_num_threads", "export_bioimageio"]
 
 ABI_VERSION = 1
 
@@ -163,6 +164,12 @@ def version() -> str:
 
 def abi_version() -> int:
     return _load().lumos_abi_version()
+
+
+def set_num_threads(n: int) -> None:
+    """Sets libtorch's intra-op CPU threads for threads that have not yet run a tensor
+    operation (call it first, e.g. once per Dask worker). ``n`` >= 1."""
+    _check(_load().lumos_set_num_threads(int(n)))
 
 
 def cuda_available() -> bool:
