@@ -86,11 +86,11 @@ fi
 if ! .venv/bin/python -c "import torch, bioimageio.core, dask.array, distributed, zarr" >/dev/null 2>&1; then
     echo "bootstrap: installing torch $TORCH_VERSION, bioimageio.core, dask, distributed, zarr into .venv ..."
     .venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==$TORCH_VERSION" bioimageio.core \
-        "pydantic<2.13" "dask[array]" distributed zarr
+        "pydantic<2.13" "setuptools<82" "dask[array]" distributed zarr
 fi
 if ! .venv/bin/python -c "import napari_lumos, lumos" >/dev/null 2>&1; then
     # setuptools >= 70 builds editable wheels without the separate 'wheel' package
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check "setuptools>=70"
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check "setuptools>=70,<82"
     .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation \
         -e bindings/python -e napari-plugin
 fi

@@ -61,20 +61,34 @@ fn killed_trainings_resume_to_the_uninterrupted_model() {
 
     let out = dir.path().join("killed.lumos");
     let ckpt = dir.path().join("killed.lumos.ckpt");
-    // kill times drawn from a fixed seed: 15 % to 75 % of the time an uninterrupted run
-    // needs for the epochs still to go, so that most runs die mid-training
+    // Each run is killed after it has written 1 to 3 new checkpoints, plus a random part
+    // of one epoch's time: the kill lands anywhere in an epoch (mid-step, mid-write),
+    // and how many epochs a run gets does not depend on how busy the machine is. Kill
+    // points come from a fixed seed.
+    let epoch_ms = (full / 30).max(1);
     let mut state = 0x9e3779b97f4a7c15u64;
     let mut next = || {
         state ^= state << 13;
         state ^= state >> 7;
         state ^= state << 17;
-        full * (15 + state % 61) / 100
+        state
     };
+    let stamp = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     let (mut kills, mut last_epochs) = (0, 0);
     while !out.exists() && kills < 12 {
         let mut child = train_cmd(&cfg, &data, &out).spawn().unwrap();
-        let remaining = (1.0 - last_epochs as f64 / 30.0).max(0.25);
-        std::thread::sleep(Duration::from_millis((next() as f64 * remaining) as u64));
+        let (writes, fraction) = (1 + next() % 3, next() % 100);
+        let (mut seen, mut last) = (0, stamp(&ckpt));
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while seen < writes && child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+            let now = stamp(&ckpt);
+            if now != last {
+                seen += 1;
+                last = now;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(epoch_ms * fraction / 100));
         if child.try_wait().unwrap().is_none() {
             child.kill().unwrap(); // SIGKILL: no chance to clean up
             kills += 1;
