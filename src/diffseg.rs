@@ -557,6 +557,78 @@ impl Adam {
     }
 }
 
+/// One optimization step of the PG-DiffSeg trainer (kind `pgdiff`), exactly as [`train`]
+/// runs it for every iteration. Autoencoder phase: L1 reconstruction of a posterior
+/// sample plus the weighted KL, Adam on the autoencoder. Diffusion phase: the image
+/// latents (encoder without gradients), uniform timesteps and Gaussian noise for LDM-P
+/// (image latents) and LDM-S (mask latents conditioned on the image latent), the sum of
+/// both epsilon-prediction L2 losses, Adam on LDM-P and LDM-S. Then the backward pass,
+/// gradient-norm clipping (`pgdiff.grad_clip`) and the Adam update at the phase's learning
+/// rate. Both optimizers' state lives here. [`train`] drives it; `benches/compare.rs`
+/// times it on a fixed batch.
+pub struct DiffusionStep {
+    opt_ae: Adam,
+    opt_dm: Adam,
+    cfg: PgDiffConfig,
+}
+
+impl DiffusionStep {
+    /// Fresh Adam optimizers for the autoencoder (`ae.*`) and the denoisers
+    /// (`ldm_p.*`, `ldm_s.*`), with `cfg.pgdiff`'s learning rates, clipping and KL weight.
+    pub fn new(model: &Model, cfg: &TrainConfig) -> Self {
+        let inner = model.lock();
+        DiffusionStep {
+            opt_ae: Adam::new(&inner.vs, "ae", &["ae."]),
+            opt_dm: Adam::new(&inner.vs, "ldm", &["ldm_p.", "ldm_s."]),
+            cfg: cfg.pgdiff.clone(),
+        }
+    }
+
+    /// One step on a batch: normalized tiles `x` `(N, C, T, T)` and labels `y` `(N, T, T)`
+    /// (int64), on the model's device; `ae_phase` picks the autoencoder step, otherwise
+    /// the diffusion step. Timesteps, noise and posterior samples come from libtorch's
+    /// process-wide generator, seeded with `seed` and held while the loss and gradients
+    /// are computed (the trainer passes a seed derived from (seed, epoch, iteration)).
+    /// Returns the loss before the update (reading it waits for the device).
+    pub fn step(&mut self, model: &Model, x: &Tensor, y: &Tensor, ae_phase: bool, seed: u64) -> Result<f64> {
+        let pc = &self.cfg;
+        let device = model.device();
+        let guard = TORCH_RNG.lock();
+        tch::manual_seed(seed as i64);
+        let loss = {
+            let inner = model.lock();
+            let Net::Pgdiff(net) = &inner.net else {
+                return Err(Error::Unsupported(format!("a '{}' model is not trained by the PG-DiffSeg trainer", model.meta.kind.name())));
+            };
+            if ae_phase {
+                let post = net.ae.encode(x);
+                let rec = net.ae.decode(&post.sample());
+                let per_px = (x.numel() / x.size()[0] as usize) as f64;
+                (x - rec).abs().mean(Kind::Float) + post.kl().mean(Kind::Float) * (pc.autoencoder.kl_weight / per_px)
+            } else {
+                let z = tch::no_grad(|| net.encode(x));
+                let n = z.size()[0];
+                let tp = Tensor::randint(pc.timesteps as i64, [n], (Kind::Int64, device));
+                let ep = z.randn_like();
+                let lp = (net.ldm_p.forward_t(&net.schedule.q_sample(&z, &tp, &ep), &tp, true) - &ep).square().mean(Kind::Float);
+                let m = net.mask_latent(y);
+                let ts = Tensor::randint(pc.timesteps as i64, [n], (Kind::Int64, device));
+                let es_ = m.randn_like();
+                let xs = Tensor::cat(&[net.schedule.q_sample(&m, &ts, &es_), z], 1);
+                let ls = (net.ldm_s.forward_t(&xs, &ts, true) - &es_).square().mean(Kind::Float);
+                lp + ls
+            }
+        };
+        let opt = if ae_phase { &mut self.opt_ae } else { &mut self.opt_dm };
+        opt.zero_grad();
+        loss.f_backward()?;
+        drop(guard);
+        opt.clip_norm(pc.grad_clip)?;
+        opt.update(if ae_phase { pc.ae_learning_rate } else { pc.learning_rate })?;
+        Ok(loss.double_value(&[]))
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct DiffCheckpoint {
     epochs_completed: usize,
@@ -683,17 +755,14 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
         masks: train_s.iter().map(|s| mask_to_tensor(&s.mask, device).to_kind(Kind::Int64)).collect(),
     };
     let tile = cfg.patch_size[0] as i64;
-    let (mut opt_ae, mut opt_dm) = {
-        let inner = model.lock();
-        (Adam::new(&inner.vs, "ae", &["ae."]), Adam::new(&inner.vs, "ldm", &["ldm_p.", "ldm_s."]))
-    };
+    let mut stepper = DiffusionStep::new(&model, cfg);
     let total_epochs = pc.ae_epochs + cfg.epochs;
     let mut start_epoch = 0;
     let mut history: Vec<EpochRecord> = Vec::new();
     if cfg.resume && ckpt_path.is_file() {
         let (file, st, ck) = crate::train::read_checkpoint::<DiffCheckpoint>(&ckpt_path, &model)?;
-        opt_ae.load_state(&file.tensors, device);
-        opt_dm.load_state(&file.tensors, device);
+        stepper.opt_ae.load_state(&file.tensors, device);
+        stepper.opt_dm.load_state(&file.tensors, device);
         model.meta.normalization = ck.normalization;
         start_epoch = st.epochs_completed;
         history = st.history;
@@ -712,39 +781,9 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
             monitor.check()?;
             let (x, y) = data.batch(&mut rng, cfg.batch_size, tile);
             // timesteps, noise and posterior samples come from libtorch's generator:
-            // seeded per iteration and held for the iteration (reproducible while other
+            // seeded per iteration and held for the step (reproducible while other
             // threads use the engine)
-            let guard = TORCH_RNG.lock();
-            tch::manual_seed(per_epoch_seed(es, it) as i64);
-            let loss = {
-                let inner = model.lock();
-                let Net::Pgdiff(net) = &inner.net else { unreachable!("a pgdiff model holds a pgdiff net") };
-                if ae_phase {
-                    let post = net.ae.encode(&x);
-                    let rec = net.ae.decode(&post.sample());
-                    let per_px = (x.numel() / x.size()[0] as usize) as f64;
-                    (&x - rec).abs().mean(Kind::Float) + post.kl().mean(Kind::Float) * (pc.autoencoder.kl_weight / per_px)
-                } else {
-                    let z = tch::no_grad(|| net.encode(&x));
-                    let n = z.size()[0];
-                    let tp = Tensor::randint(pc.timesteps as i64, [n], (Kind::Int64, device));
-                    let ep = z.randn_like();
-                    let lp = (net.ldm_p.forward_t(&net.schedule.q_sample(&z, &tp, &ep), &tp, true) - &ep).square().mean(Kind::Float);
-                    let m = net.mask_latent(&y);
-                    let ts = Tensor::randint(pc.timesteps as i64, [n], (Kind::Int64, device));
-                    let es_ = m.randn_like();
-                    let xs = Tensor::cat(&[net.schedule.q_sample(&m, &ts, &es_), z], 1);
-                    let ls = (net.ldm_s.forward_t(&xs, &ts, true) - &es_).square().mean(Kind::Float);
-                    lp + ls
-                }
-            };
-            let opt = if ae_phase { &mut opt_ae } else { &mut opt_dm };
-            opt.zero_grad();
-            loss.f_backward()?;
-            drop(guard);
-            opt.clip_norm(pc.grad_clip)?;
-            opt.update(if ae_phase { pc.ae_learning_rate } else { pc.learning_rate })?;
-            let l = loss.double_value(&[]);
+            let l = stepper.step(&model, &x, &y, ae_phase, per_epoch_seed(es, it))?;
             if !l.is_finite() {
                 return Err(Error::InvalidInput(format!(
                     "training diverged (loss {l}) at epoch {epoch}, iteration {it}; lower pgdiff.{}learning_rate",
@@ -807,8 +846,8 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
         let mut md = HashMap::new();
         md.insert(crate::train::CHECKPOINT_KEY.to_string(), serde_json::to_string(&st).expect("json"));
         model.meta.provenance = run.provenance(epoch + 1, &history);
-        let mut extra = opt_ae.state();
-        extra.extend(opt_dm.state());
+        let mut extra = stepper.opt_ae.state();
+        extra.extend(stepper.opt_dm.state());
         model.save_with(&ckpt_path, &extra, md)?;
         monitor.emit(Progress { stage: Stage::Checkpoint, epoch, epochs: total_epochs, ..Progress::new(Stage::Checkpoint) });
     }

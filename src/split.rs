@@ -373,6 +373,58 @@ impl Adamax {
     }
 }
 
+/// One optimization step of the decomposition trainer (kind `musplit`), exactly as
+/// [`train`] runs it for every iteration: the forward pass in training mode, the model's
+/// loss (MSE for the U-Net; Gaussian NLL + KL for the HVAE), the backward pass, gradient
+/// clipping by value (`musplit.grad_clip_value`) and one Adamax step at the given
+/// learning rate. The optimizer's state lives here. [`train`] drives it;
+/// `benches/compare.rs` times it on a fixed batch.
+pub struct DecompositionStep {
+    opt: Adamax,
+    variant: SplitVariant,
+    grad_clip_value: f64,
+}
+
+impl DecompositionStep {
+    /// A fresh Adamax over the model's trainable variables, with `cfg.musplit`'s
+    /// `grad_clip_value`.
+    pub fn new(model: &Model, cfg: &TrainConfig) -> Self {
+        DecompositionStep { opt: Adamax::new(&model.lock().vs), variant: cfg.musplit.variant, grad_clip_value: cfg.musplit.grad_clip_value }
+    }
+
+    /// One step on a batch: normalized inputs with their lateral context `x`
+    /// `(N, 1 + lc_levels, T, T)` and normalized targets `y` `(N, 2, T, T)`, on the model's
+    /// device, at learning rate `lr`. The HVAE's latent samples and dropout come from
+    /// libtorch's process-wide generator, seeded with `seed` and held for the step (the
+    /// trainer passes a seed derived from (seed, epoch, iteration)); the U-Net draws
+    /// nothing. Returns the loss before the update (reading it waits for the device).
+    pub fn step(&mut self, model: &Model, x: &Tensor, y: &Tensor, lr: f64, seed: u64) -> Result<f64> {
+        let _rng = (self.variant == SplitVariant::Hvae).then(|| {
+            let g = TORCH_RNG.lock();
+            tch::manual_seed(seed as i64);
+            g
+        });
+        let loss = {
+            let inner = model.lock();
+            let Net::Musplit(net) = &inner.net else {
+                return Err(Error::Unsupported(format!("a '{}' model is not trained by the decomposition trainer", model.meta.kind.name())));
+            };
+            let out = net.forward_t(x, true);
+            if log::log_enabled!(log::Level::Debug) {
+                let kl = out.kl.as_ref().map(|k| k.double_value(&[])).unwrap_or(f64::NAN);
+                let mean_abs = out.mean.abs().max().double_value(&[]);
+                log::debug!("training step: KL {kl:.4}, max |mean| {mean_abs:.3}");
+            }
+            net.loss(&out, y)
+        };
+        self.opt.zero_grad();
+        loss.f_backward()?;
+        self.opt.clip_value(self.grad_clip_value);
+        self.opt.update(lr)?;
+        Ok(loss.double_value(&[]))
+    }
+}
+
 /// Training state stored in a checkpoint.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct SplitCheckpoint {
@@ -469,13 +521,13 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
     let levels = mc.input_channels();
     let tile = cfg.patch_size[0] as i64;
 
-    let mut opt = Adamax::new(&model.lock().vs);
+    let mut stepper = DecompositionStep::new(&model, cfg);
     let mut start_epoch = 0;
     let mut history: Vec<EpochRecord> = Vec::new();
     let (mut lr, mut best, mut bad) = (mc.learning_rate, None::<f64>, 0usize);
     if cfg.resume && ckpt_path.is_file() {
         let (file, st, ck) = crate::train::read_checkpoint::<SplitCheckpoint>(&ckpt_path, &model)?;
-        opt.load_state(&file.tensors, device);
+        stepper.opt.load_state(&file.tensors, device);
         model.meta.normalization = ck.normalization;
         model.meta.target_normalization = ck.target_normalization;
         start_epoch = st.epochs_completed;
@@ -491,31 +543,11 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
         let mut loss_sum = 0.0;
         for it in 0..cfg.iterations_per_epoch {
             monitor.check()?;
-            // the HVAE's samples and dropout come from libtorch's process-wide generator:
-            // seeded per iteration and held for the iteration, so that other threads
-            // cannot change this run
-            let _rng = (mc.variant == SplitVariant::Hvae).then(|| {
-                let g = TORCH_RNG.lock();
-                tch::manual_seed(per_epoch_seed(es, it) as i64);
-                g
-            });
             let (x, y) = data.batch(&mut rng, cfg.batch_size, tile, levels);
-            let loss = {
-                let inner = model.lock();
-                let Net::Musplit(net) = &inner.net else { unreachable!("a musplit model holds a musplit net") };
-                let out = net.forward_t(&x, true);
-                if log::log_enabled!(log::Level::Debug) {
-                    let kl = out.kl.as_ref().map(|k| k.double_value(&[])).unwrap_or(f64::NAN);
-                    let mean_abs = out.mean.abs().max().double_value(&[]);
-                    log::debug!("epoch {epoch} iteration {it}: KL {kl:.4}, max |mean| {mean_abs:.3}");
-                }
-                net.loss(&out, &y)
-            };
-            opt.zero_grad();
-            loss.f_backward()?;
-            opt.clip_value(mc.grad_clip_value);
-            opt.update(lr)?;
-            let l = loss.double_value(&[]);
+            // the HVAE's samples and dropout come from libtorch's process-wide generator:
+            // seeded per iteration and held for the step, so that other threads cannot
+            // change this run
+            let l = stepper.step(&model, &x, &y, lr, per_epoch_seed(es, it))?;
             if !l.is_finite() {
                 return Err(Error::InvalidInput(format!(
                     "training diverged (loss {l}) at epoch {epoch}, iteration {it}; lower musplit.learning_rate"
@@ -575,7 +607,7 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
         let mut md = HashMap::new();
         md.insert(crate::train::CHECKPOINT_KEY.to_string(), serde_json::to_string(&st).expect("json"));
         model.meta.provenance = run.provenance(epoch + 1, &history);
-        model.save_with(&ckpt_path, &opt.state(), md)?;
+        model.save_with(&ckpt_path, &stepper.opt.state(), md)?;
         monitor.emit(Progress { stage: Stage::Checkpoint, epoch, epochs: cfg.epochs, ..Progress::new(Stage::Checkpoint) });
     }
     model.meta.provenance = run.provenance(cfg.epochs, &history);

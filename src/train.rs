@@ -351,6 +351,47 @@ impl Sgd {
     }
 }
 
+/// One optimization step of the segmentation trainer (kinds `unet` and `dmqpm`), exactly
+/// as [`train`] runs it for every iteration: the forward pass (with deep supervision when
+/// the config asks for it), nnU-Net's loss (`deep_supervision_loss`: CE + soft Dice), the
+/// backward pass, gradient-norm clipping at `grad_clip`, and one step of the SGD Nesterov
+/// optimizer (`momentum`, `weight_decay`) at the given learning rate. The optimizer's
+/// momentum buffers live here. [`train`] drives it; `benches/compare.rs` times it on a
+/// fixed batch.
+pub struct SegmentationStep {
+    sgd: Sgd,
+    deep_supervision: bool,
+    grad_clip: f64,
+}
+
+impl SegmentationStep {
+    /// A fresh optimizer over the model's trainable variables, with `cfg`'s `momentum`,
+    /// `weight_decay`, `grad_clip` and `deep_supervision`.
+    pub fn new(model: &Model, cfg: &TrainConfig) -> Self {
+        SegmentationStep {
+            sgd: Sgd::new(&model.lock().vs, cfg.momentum, cfg.weight_decay),
+            deep_supervision: cfg.deep_supervision,
+            grad_clip: cfg.grad_clip,
+        }
+    }
+
+    /// One step on a batch: normalized images `x` `(N, C, H, W)` and labels `y` `(N, H, W)`
+    /// (int64), on the model's device, at learning rate `lr`. Returns the loss before the
+    /// update (reading it waits for the device).
+    pub fn step(&mut self, model: &Model, x: &Tensor, y: &Tensor, lr: f64) -> Result<f64> {
+        let loss = {
+            let inner = model.lock();
+            let outs = inner.net.forward(x, self.deep_supervision)?;
+            deep_supervision_loss(&outs, y)
+        };
+        self.sgd.zero_grad();
+        loss.f_backward()?;
+        self.sgd.clip_grad_norm(self.grad_clip);
+        self.sgd.step(lr)?;
+        Ok(loss.double_value(&[]))
+    }
+}
+
 /// Mean foreground Dice of `model` on raw (unnormalized) samples.
 pub fn evaluate_samples(model: &Model, samples: &[&Sample]) -> Result<Vec<metrics::ImageScores>> {
     samples
@@ -420,7 +461,7 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
     let mut model = Model::new_seeded(meta, device, Some(cfg.seed))?;
     let data = TrainSet::new(&train_s, &normalizer, cfg.patch_size, device)?;
 
-    let mut sgd = Sgd::new(&model.lock().vs, cfg.momentum, cfg.weight_decay);
+    let mut stepper = SegmentationStep::new(&model, cfg);
     let mut start_epoch = 0;
     let mut history: Vec<EpochRecord> = Vec::new();
     if cfg.resume && ckpt_path.is_file() {
@@ -439,7 +480,7 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
             )));
         }
         weights::copy_into(&model.lock().vs, &file.tensors, &["optimizer."])?;
-        sgd.load_state(&file.tensors, device);
+        stepper.sgd.load_state(&file.tensors, device);
         model.meta.normalization = ck_meta.normalization;
         start_epoch = st.epochs_completed;
         history = st.history;
@@ -456,16 +497,7 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
             monitor.check()?;
             let (x, y) = data.batch(&mut rng, cfg.batch_size, cfg.patch_size, cfg.foreground_oversampling);
             let (x, y) = augment_batch(&x, &y, &cfg.augmentation, &mut rng);
-            let loss = {
-                let inner = model.lock();
-                let outs = inner.net.forward(&x, cfg.deep_supervision)?;
-                deep_supervision_loss(&outs, &y)
-            };
-            sgd.zero_grad();
-            loss.f_backward()?;
-            sgd.clip_grad_norm(cfg.grad_clip);
-            sgd.step(lr)?;
-            let l = loss.double_value(&[]);
+            let l = stepper.step(&model, &x, &y, lr)?;
             if !l.is_finite() {
                 return Err(Error::InvalidInput(format!(
                     "training diverged (loss {l}) at epoch {epoch}, iteration {it}; lower learning_rate"
@@ -510,7 +542,7 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
         let mut md = HashMap::new();
         md.insert(CHECKPOINT_KEY.to_string(), serde_json::to_string(&st).expect("json"));
         model.meta.provenance = run.provenance(epoch + 1, &history);
-        model.save_with(&ckpt_path, &sgd.state(), md)?;
+        model.save_with(&ckpt_path, &stepper.sgd.state(), md)?;
         monitor.emit(Progress { stage: Stage::Checkpoint, epoch, epochs: cfg.epochs, ..Progress::new(Stage::Checkpoint) });
     }
     model.meta.provenance = run.provenance(cfg.epochs, &history);

@@ -1,0 +1,337 @@
+"""Writes docs/benchmarks.md from the measurements of scripts/bench.sh.
+
+    python benches/peers/report.py --results target/bench/results.json --out docs/benchmarks.md
+
+``results.json`` (written by scripts/bench.sh): ``{"run": {...}, "versions": {...},
+"measurements": [one JSON object per engine or peer measurement], "gpu_memory": [[unix
+time, MiB used], ...]}``. Engine and peer rows are paired by (model, mode, batch, frame,
+steps); every ratio is engine / peer from the same run. Standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+
+GOAL = 0.9
+
+MODE_TITLES = {
+    "train_step": "Training step (forward, backward, optimizer)",
+    "inference": "Inference throughput (network forward without gradients, a batch of tiles)",
+    "segment_2048": "Time to segment a {frame} ssQPM frame (sliding window, Gaussian blending)",
+    "decompose": "muSplit: decompose a fluorescence frame (inner-padding tiling)",
+    "pgdiff_tiles": "PG-DiffSeg: tiles per second (encode, DDIM inversion, DDIM sampling)",
+}
+MODE_ORDER = ["train_step", "inference", "segment_2048", "decompose", "pgdiff_tiles"]
+
+
+def machine(run: dict) -> dict:
+    m = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
+        m["cpu"] = names[0] if names else platform.processor()
+        m["logical_cpus"] = len(names)
+    except OSError:
+        m["cpu"] = platform.processor() or "unknown"
+    try:
+        m["usable_cpus"] = len(os.sched_getaffinity(0))
+    except AttributeError:
+        m["usable_cpus"] = os.cpu_count()
+    try:
+        with open("/proc/meminfo") as f:
+            kb = next(int(l.split()[1]) for l in f if l.startswith("MemTotal"))
+        m["ram_gib"] = kb / 2 ** 20
+    except (OSError, StopIteration):
+        pass
+    m["kernel"] = platform.release()
+    try:
+        q = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                           capture_output=True, text=True, timeout=20)
+        if q.returncode == 0 and q.stdout.strip():
+            m["gpu"] = q.stdout.strip().replace("\n", "; ")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return m
+
+
+def libtorch_version(root: str) -> str:
+    p = os.path.join(root, ".libtorch", "torch", "version.py")
+    try:
+        with open(p) as f:
+            for line in f:
+                if line.startswith("__version__"):
+                    return line.split("=", 1)[1].strip().strip("'\"")
+    except OSError:
+        pass
+    return os.environ.get("LIBTORCH", "unknown")
+
+
+def key(r: dict):
+    steps = tuple(r.get("steps") or ())
+    return (r["model"], r["mode"], r["batch"], r.get("frame"), steps)
+
+
+def fmt(v, digits=3):
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        if v != v:
+            return "n/a"
+        if v == 0:
+            return "0"
+        if abs(v) >= 100:
+            return f"{v:.0f}"
+        if abs(v) >= 1:
+            return f"{v:.{max(digits - 1, 1)}f}"
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def check_cell(e, p):
+    ce, cp = e.get("check"), p.get("check")
+    if ce is None or cp is None:
+        return "n/a"
+    rel = abs(ce - cp) / max(abs(ce), abs(cp), 1e-12)
+    mark = "same" if rel < 1e-3 else f"differ ({rel:.1e})"
+    return f"{ce:.5g} / {cp:.5g} ({mark})"
+
+
+def spread(r) -> float:
+    """(max - min) / median of a row's timed repetitions (0 for a single repetition)."""
+    t = r.get("times_s") or []
+    if len(t) < 2 or not r.get("median_s"):
+        return 0.0
+    return (max(t) - min(t)) / r["median_s"]
+
+
+def gpu_peak(samples, r, baseline):
+    if not samples or r.get("t_start") is None:
+        return None
+    vals = [mib for (ts, mib) in samples if r["t_start"] - 0.5 <= ts <= r["t_end"] + 0.5]
+    if not vals:
+        return None
+    return max(vals) - baseline
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--results", default="target/bench/results.json")
+    ap.add_argument("--out", default="docs/benchmarks.md")
+    ap.add_argument("--root", default=".")
+    a = ap.parse_args()
+    with open(a.results) as f:
+        res = json.load(f)
+    run = res.get("run", {})
+    vers = res.get("versions", {})
+    rows = res.get("measurements", [])
+    gsamples = res.get("gpu_memory") or []
+    gbase = run.get("gpu_memory_baseline_mib") or 0.0
+    eng = {key(r): r for r in rows if r.get("side") == "engine"}
+    peer = {key(r): r for r in rows if r.get("side") == "peer"}
+    quick = run.get("profile") == "quick"
+    cuda = str(run.get("device", "cpu")).startswith("cuda")
+    mach = machine(run)
+    L = []
+    w = L.append
+    w("# lumos against its PyTorch peers")
+    w("")
+    if quick:
+        w("> **QUICK SMOKE CONFIGURATION, NOT THE BENCHMARK.** This file was written by "
+          "`scripts/bench.sh --quick`: tiny networks (the recipes' `tiny` size), tiny batches, frames and "
+          "repetitions, on a machine shared with other work. It proves that the harness runs end to end; "
+          "its figures say nothing about the engine's speed. Run `scripts/bench.sh` (no `--quick`) on an idle "
+          "machine for the benchmark.")
+        w("")
+    w(f"Command: `{run.get('command', 'scripts/bench.sh')}`  ")
+    w(f"Date: {run.get('date', 'unknown')} (run took {fmt(run.get('elapsed_s'))} s)  ")
+    w(f"Profile: **{run.get('profile', '?')}**, device **{run.get('device', 'cpu')}**, "
+      f"{run.get('threads', '?')} intra-op threads for both sides (`tch::set_num_threads` / `torch.set_num_threads`)  ")
+    la = run.get("loadavg_start"), run.get("loadavg_end")
+    if la[0]:
+        w(f"Load average (1, 5, 15 min) at the start: {la[0]}; at the end: {la[1]}")
+    w("")
+    w("## Machine and versions")
+    w("")
+    w("| | |")
+    w("|---|---|")
+    w(f"| CPU | {mach.get('cpu')} ({mach.get('logical_cpus', '?')} logical CPUs, {mach.get('usable_cpus')} usable by this process) |")
+    if "ram_gib" in mach:
+        w(f"| RAM | {mach['ram_gib']:.1f} GiB |")
+    w(f"| GPU | {mach.get('gpu', 'none')} |")
+    w(f"| OS kernel | Linux {mach.get('kernel')} |")
+    lumos_v = next((r["impl"] for r in rows if r.get("side") == "engine"), "lumos")
+    w(f"| engine | {lumos_v}; libtorch {libtorch_version(a.root)} (`.libtorch`, from the PyPI torch wheel); `cargo bench` profile (release) |")
+    w(f"| peers | PyTorch {vers.get('torch')} (CUDA {vers.get('torch_cuda')}), Python {vers.get('python')}, "
+      f"dynamic_network_architectures {vers.get('dynamic_network_architectures')}, diffusers {vers.get('diffusers')}, "
+      f"numpy {vers.get('numpy')} |")
+    w("")
+    w("## How it was measured")
+    w("")
+    w("- One measurement per process, engine first (`target/release/deps/compare-*`, built by "
+      "`cargo bench --bench compare --no-run`; benches/compare.rs), then the peer "
+      "(`benches/peers/bench_peers.py`) with the same arguments: same model file (seeded engine weights, "
+      "loaded into the peer), same inputs (simulated frames written by the engine), same batch, tile and "
+      "thread count, same hyperparameters (the engine's training config travels with the inputs).")
+    reps = sorted({(r["mode"], r["warmup"], r["reps"]) for r in rows})
+    w("- Repetitions (untimed warm-up + timed): " + "; ".join(f"{m} {wu} + {rp}" for m, wu, rp in reps)
+      + ". **Statistic: the median of the timed repetitions** (all times are in results.json). "
+      "Every repetition ends with a device synchronization on CUDA; training steps end with `loss.item()` "
+      "on both sides. PG-DiffSeg's warm-up runs 1 inversion + 1 sampling step.")
+    w(f"- Ratio = engine time / peer time (for throughputs: peer throughput / engine throughput). The goal "
+      f"is a ratio at or below {GOAL} on every row; *met* / **not met** below says which rows reach it.")
+    w("- Peak memory (CPU): the process's resident high-water mark, reset (`/proc/self/clear_refs`) once the "
+      "model and inputs are ready, read after the timed repetitions: weights, activations, gradients and "
+      "optimizer state of the measured work, plus what each runtime keeps resident (for the peer, the Python "
+      "interpreter and torch's modules, about 0.5 GB). In parentheses: the growth over the resident size at the "
+      "reset, i.e. the memory the measured work itself added (activations, gradients, optimizer state, buffers).")
+    if cuda:
+        w("- Peak memory (GPU): device memory in use while the process measured (nvidia-smi, sampled every "
+          "~0.1 s by scripts/bench.sh, minus the idle baseline): the CUDA context plus what each caching "
+          "allocator reserved, the same method for both sides (tch exposes no allocator statistics). The "
+          "peer's `torch.cuda.max_memory_allocated` is listed as well.")
+    w("- † after the goal: one side's timed repetitions spread by more than 10 % of their median "
+      "((max - min) / median), so the ratio is uncertain (a busy machine, or too few repetitions).")
+    w("- Check: a value computed from each side's output on the same inputs (first training loss, output mean, "
+      "mean label, mean score); *same* when they agree to 1e-3, which shows that both sides did the same work. "
+      "Stochastic cases (HVAE, diffusion training) draw from the same libtorch generator with the same seeds.")
+    w("")
+
+    met = total = 0
+    not_met = []
+    sections = []
+    for mode in MODE_ORDER:
+        keys = [k for k in eng if k[1] == mode]
+        if not keys:
+            continue
+        S = []
+        frames = sorted({f"{eng[k]['frame']} x {eng[k]['frame']}" for k in keys if eng[k].get("frame")})
+        S.append("## " + MODE_TITLES[mode].format(frame=" / ".join(frames) or "2048 x 2048"))
+        S.append("")
+        mem_hdr = ("engine / peer peak device MiB" if cuda
+                   else "engine / peer peak RSS MiB (growth during the measurement)")
+        mem_ratio_hdr = "memory engine/peer" if cuda else "memory engine/peer: peak (growth)"
+        if mode == "train_step":
+            S.append(f"| model | parameters | batch x tile | engine s/step | peer s/step | engine/peer | goal <= {GOAL} | {mem_hdr} | {mem_ratio_hdr} | check: first loss engine / peer |")
+            S.append("|---|---:|---|---:|---:|---:|---|---:|---:|---|")
+        elif mode == "inference":
+            S.append(f"| model | parameters | batch x tile | engine MP/s | peer MP/s | engine/peer (time) | goal <= {GOAL} | {mem_hdr} | {mem_ratio_hdr} | check: output mean engine / peer |")
+            S.append("|---|---:|---|---:|---:|---:|---|---:|---:|---|")
+        elif mode in ("segment_2048", "decompose"):
+            S.append(f"| model | parameters | frame (tiles of tile) | engine s | peer s | engine MP/s | peer MP/s | engine/peer | goal <= {GOAL} | {mem_hdr} | {mem_ratio_hdr} | check engine / peer |")
+            S.append("|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---|")
+        else:
+            S.append(f"| model | steps (inversion + sampling) | tiles x tile | engine tiles/s | peer tiles/s | engine MP/s | peer MP/s | engine/peer (time) | goal <= {GOAL} | {mem_hdr} | {mem_ratio_hdr} | check engine / peer |")
+            S.append("|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|")
+        for k in sorted(keys, key=lambda k: (k[0], k[4], k[2])):
+            e = eng[k]
+            p = peer.get(k)
+            if p is None:
+                S.append(f"| {e['model']} | {e.get('params')} | | {fmt(e['median_s'])} | **peer failed** | | | | | |")
+                continue
+            ratio = e["median_s"] / p["median_s"]
+            total += 1
+            ok = ratio <= GOAL
+            met += ok
+            if not ok:
+                not_met.append(f"{MODE_TITLES[mode].split(' (')[0].split(':')[0]}: {e['model']}"
+                               + (f" {e['steps'][0]}+{e['steps'][1]} steps" if e.get("steps") else "")
+                               + f" ({ratio:.2f})")
+            goal = "met" if ok else "**not met**"
+            noisy = max(spread(e), spread(p)) > 0.1
+            if noisy:
+                goal += " †"
+            ge = gp = None
+            if cuda:
+                me, mp = gpu_peak(gsamples, e, gbase), gpu_peak(gsamples, p, gbase)
+                extra_alloc = p.get("cuda_max_allocated_mib")
+                mem = f"{fmt(me)} / {fmt(mp)}" + (f" (torch allocated {fmt(extra_alloc)})" if extra_alloc else "")
+            else:
+                ge = gp = None
+                me, mp = e.get("peak_rss_mib"), p.get("peak_rss_mib")
+                ge = me - e["base_rss_mib"] if (me and e.get("base_rss_mib")) else None
+                gp = mp - p["base_rss_mib"] if (mp and p.get("base_rss_mib")) else None
+                mem = f"{fmt(me)} / {fmt(mp)} ({fmt(ge)} / {fmt(gp)})"
+            mratio = fmt(me / mp, 2) if (me and mp) else "n/a"
+            if not cuda and ge and gp:
+                mratio += f" ({fmt(ge / gp, 2)})"
+            params = e.get("params")
+            if params != p.get("params"):
+                params = f"{params} (peer {p.get('params')})"
+            bt = f"{e['batch']} x {e['tile']}x{e['tile']}"
+            chk = check_cell(e, p)
+            if mode == "train_step":
+                S.append(f"| {e['model']} | {params} | {bt} | {fmt(e['median_s'])} | {fmt(p['median_s'])} | {ratio:.2f} | {goal} | {mem} | {mratio} | {chk} |")
+            elif mode == "inference":
+                S.append(f"| {e['model']} | {params} | {bt} | {fmt(e['mp_per_s'])} | {fmt(p['mp_per_s'])} | {ratio:.2f} | {goal} | {mem} | {mratio} | {chk} |")
+            elif mode in ("segment_2048", "decompose"):
+                info = e.get("sliding_window") or e.get("tiling") or {}
+                fr = f"{e['frame']} x {e['frame']} ({fmt(info.get('tiles'))} of {e['tile']}x{e['tile']})"
+                S.append(f"| {e['model']} | {params} | {fr} | {fmt(e['median_s'])} | {fmt(p['median_s'])} | {fmt(e['mp_per_s'])} | {fmt(p['mp_per_s'])} | {ratio:.2f} | {goal} | {mem} | {mratio} | {chk} |")
+            else:
+                st = e.get("steps") or [0, 0]
+                S.append(f"| {e['model']} | {st[0]} + {st[1]} | {e['batch']} x {e['tile']}x{e['tile']} | {fmt(e.get('tiles_per_s'))} | {fmt(p.get('tiles_per_s'))} | {fmt(e['mp_per_s'])} | {fmt(p['mp_per_s'])} | {ratio:.2f} | {goal} | {mem} | {mratio} | {chk} |")
+        S.append("")
+        if mode == "train_step":
+            S.append("| model | engine: loss and optimizer | peer: loss and optimizer |")
+            S.append("|---|---|---|")
+            for k in sorted(keys):
+                e, p = eng[k], peer.get(k, {})
+                S.append(f"| {e['model']} | {e.get('optimizer', '')} | {p.get('optimizer', 'n/a')} |")
+            S.append("")
+        sections.append(S)
+    w("## Summary")
+    w("")
+    w(f"Goal (engine time at or below {GOAL} x the peer's): **met on {met} of {total} rows**"
+      + (f"; not met: {', '.join(not_met)}." if not_met else "."))
+    missing = [k for k in eng if k not in peer] + [k for k in peer if k not in eng]
+    fails = run.get("failures") or []
+    if fails or missing:
+        w("")
+        w("Failed or unpaired measurements: " + "; ".join([str(f) for f in fails] + [" ".join(map(str, k)) for k in missing]))
+    w("")
+    for S in sections:
+        L.extend(S)
+    bd = [(k, eng[k], peer.get(k)) for k in eng if k[1] == "train_step" and eng[k].get("forward_backward_s")]
+    if bd:
+        w("## Where a training step's time goes")
+        w("")
+        w("Forward + loss and forward + loss + backward timed alone (medians, same batch, after the steps); "
+          "the rest of a step is `zero_grad`, gradient clipping and the optimizer update. These are differences "
+          "of medians: where timing noise exceeds the optimizer's share they can come out negative.")
+        w("")
+        w("| model | side | step s | forward + loss s | backward s | zero_grad + clip + optimizer s | optimizer share |")
+        w("|---|---|---:|---:|---:|---:|---:|")
+        for k, e, p in sorted(bd, key=lambda t: t[0]):
+            for side, r in (("engine", e), ("peer", p)):
+                if not r or not r.get("forward_backward_s"):
+                    continue
+                f, fb, st = r["forward_loss_s"], r["forward_backward_s"], r["median_s"]
+                rest = st - fb
+                w(f"| {r['model']} | {side} | {fmt(st)} | {fmt(f)} | {fmt(fb - f)} | {fmt(rest)} | {100 * rest / st:.0f} % |")
+        w("")
+    w("## Peers")
+    w("")
+    impls = sorted({(r["model"], r["impl"]) for r in rows if r.get("side") == "peer"})
+    for m, i in impls:
+        w(f"- {m}: {i}")
+    w("- Transcriptions: benches/peers/models.py, proven equal to the engine (parameter counts and outputs) by "
+      "benches/peers/check_parity.py. Training-step peers: the engine's losses written in PyTorch, `loss.backward()`, "
+      "`torch.nn.utils.clip_grad_norm_` / `clip_grad_value_`, `torch.optim` with the engine's settings and torch's "
+      "default implementation for the device. Sliding window: PyTorch, nnU-Net's Gaussian (sigma = tile / 8) and "
+      "step 0.5, the engine's batches of 4 tiles along a row. PG-DiffSeg sampling: diffusers' `DDIMInverseScheduler` "
+      "and `DDIMScheduler` loops.")
+    w("")
+    w("Raw measurements: `target/bench/results.json` (every repetition, pid, start and end times, setup time, "
+      "peak memory, inputs and model files).")
+    w("")
+    with open(a.out, "w") as f:
+        f.write("\n".join(L))
+    print(f"report: {a.out} ({met} of {total} rows meet the goal)")
+
+
+if __name__ == "__main__":
+    main()
