@@ -237,7 +237,8 @@ def main():
             ok = ratio <= GOAL
             met += ok
             if not ok:
-                not_met.append(f"{MODE_TITLES[mode].split(' (')[0].split(':')[0]}: {e['model']}"
+                short = MODE_TITLES[mode].format(frame="whole").split(' (')[0].split(':')[0]
+                not_met.append(f"{short}: {e['model']}"
                                + (f" {e['steps'][0]}+{e['steps'][1]} steps" if e.get("steps") else "")
                                + f" ({ratio:.2f})")
             goal = "met" if ok else "**not met**"
