@@ -1,5 +1,9 @@
 //! torch-sys puts no rpath into final binaries: add libtorch's lib folder so the
 //! CLI, the tests and the cdylib find libtorch without LD_LIBRARY_PATH.
+//!
+//! Also compiles `src/optim/shim.cpp` (libtorch's multi-tensor optimizer kernels, which
+//! tch does not bind) against libtorch's headers, with the flags torch-sys uses for its
+//! own C++ wrapper (C++17, the C++11 ABI that `LIBTORCH_CXX11_ABI` names).
 use std::path::PathBuf;
 
 fn main() {
@@ -14,4 +18,24 @@ fn main() {
         let lib = lib.canonicalize().unwrap_or(lib);
         println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
     }
+    println!("cargo:rerun-if-changed=src/optim/shim.cpp");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
+    let libtorch = match std::env::var("LIBTORCH") {
+        Ok(lt) if PathBuf::from(&lt).is_relative() => root.join(lt),
+        Ok(lt) => PathBuf::from(lt),
+        Err(_) => root.join(".libtorch/torch"),
+    };
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
+    cc::Build::new()
+        .cpp(true)
+        .file("src/optim/shim.cpp")
+        .include(libtorch.join("include"))
+        .include(libtorch.join("include/torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .flag_if_supported("-Wno-unused-parameter")
+        .warnings(false)
+        .compile("lumos_optim");
 }

@@ -31,9 +31,10 @@
 # PG-DiffSeg processes need about 7 GB of RAM at paper size and the run writes its 1.7 GB model
 # file under target/bench/work-*.
 #
-# Needs: cargo (libtorch in .libtorch, see scripts/bootstrap.sh), .venv with torch 2.11.0 and
-# diffusers, and dynamic_network_architectures (installed on first use with pip --no-deps
-# into target/bench/pydeps when .venv lacks it; nothing is added to .venv).
+# Needs: cargo (libtorch in .libtorch, see scripts/bootstrap.sh), .venv with torch 2.11.0,
+# diffusers 0.42.1 (installed into .venv with its dependencies on first use) and
+# dynamic_network_architectures (installed on first use with pip --no-deps into
+# target/bench/pydeps, so that its torch requirement cannot touch .venv's torch).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -170,9 +171,10 @@ if ! "$PY" -c "import dynamic_network_architectures" 2>/dev/null; then
     echo "bench.sh: installing dynamic-network-architectures 0.4.4 into $BENCH/pydeps (pip --no-deps) ..."
     "$PY" -m pip install --quiet --disable-pip-version-check --no-deps --target "$pydeps" "dynamic-network-architectures==0.4.4"
 fi
-if ! "$PY" -c "import diffusers" 2>/dev/null; then
-    echo "bench.sh: installing diffusers 0.42.1 into $BENCH/pydeps (pip --no-deps) ..."
-    "$PY" -m pip install --quiet --disable-pip-version-check --no-deps --target "$pydeps" "diffusers==0.42.1"
+if ! "$PY" -c "import diffusers, safetensors" 2>/dev/null; then
+    # with its dependencies (huggingface_hub, safetensors, ...); pip keeps .venv's torch and numpy
+    echo "bench.sh: installing diffusers 0.42.1 and its dependencies into .venv ..."
+    "$PY" -m pip install --quiet --disable-pip-version-check "diffusers==0.42.1" safetensors
 fi
 "$PY" benches/peers/bench_peers.py --versions > "$BENCH/versions.json"
 

@@ -483,54 +483,25 @@ impl Adam {
         params.sort_by(|a, b| a.0.cmp(&b.0));
         Adam { tag, params, m: HashMap::new(), v: HashMap::new(), step: 0 }
     }
-    fn zero_grad(&mut self) {
-        for (_, p) in self.params.iter_mut() {
-            p.zero_grad();
-        }
+    /// Drops the gradients (the next backward pass writes fresh ones).
+    fn zero_grad(&mut self) -> Result<()> {
+        let ps: Vec<Tensor> = self.params.iter().map(|(_, p)| p.shallow_clone()).collect();
+        crate::optim::drop_grads(&ps)
     }
+    /// Clips the global gradient norm to `max` (`max <= 0`: no clipping).
     fn clip_norm(&mut self, max: f64) -> Result<()> {
         if max <= 0.0 {
             return Ok(());
         }
-        tch::no_grad(|| {
-            let mut sq = 0.0;
-            for (_, p) in &self.params {
-                let g = p.grad();
-                if g.defined() {
-                    sq += g.square().sum(Kind::Double).double_value(&[]);
-                }
-            }
-            let norm = sq.sqrt();
-            if norm > max {
-                for (_, p) in &self.params {
-                    let mut g = p.grad();
-                    if g.defined() {
-                        let _ = g.f_mul_scalar_(max / (norm + 1e-6))?;
-                    }
-                }
-            }
-            Ok(())
-        })
+        let grads: Vec<Tensor> = self.params.iter().map(|(_, p)| p.grad()).filter(|g| g.defined()).collect();
+        crate::optim::clip_grad_norm_(&grads, max).map(|_| ())
     }
+    /// One step of libtorch's fused Adam over the parameters with a gradient.
     fn update(&mut self, lr: f64) -> Result<()> {
         let (b1, b2, eps) = (0.9, 0.999, 1e-8);
         self.step += 1;
-        let (c1, c2) = (1.0 - f64::powi(b1, self.step as i32), 1.0 - f64::powi(b2, self.step as i32));
-        tch::no_grad(|| -> Result<()> {
-            for (name, p) in self.params.iter_mut() {
-                let g = p.grad();
-                if !g.defined() {
-                    continue;
-                }
-                let m = self.m.entry(name.clone()).or_insert_with(|| g.zeros_like());
-                let _ = m.f_mul_scalar_(b1)?.f_add_(&(&g * (1.0 - b1)))?;
-                let v = self.v.entry(name.clone()).or_insert_with(|| g.zeros_like());
-                let _ = v.f_mul_scalar_(b2)?.f_add_(&(g.square() * (1.0 - b2)))?;
-                let denom = (&*v / c2).sqrt() + eps;
-                let _ = p.f_sub_(&(&*m / denom * (lr / c1)))?;
-            }
-            Ok(())
-        })
+        let [ps, gs, ms, vs] = crate::optim::gather_two_states(&self.params, &mut self.m, &mut self.v);
+        crate::optim::adam_(&ps, &gs, &ms, &vs, self.step, lr, b1, b2, eps)
     }
     fn state(&self) -> Vec<(String, Tensor)> {
         let t = self.tag;
@@ -620,7 +591,7 @@ impl DiffusionStep {
             }
         };
         let opt = if ae_phase { &mut self.opt_ae } else { &mut self.opt_dm };
-        opt.zero_grad();
+        opt.zero_grad()?;
         loss.f_backward()?;
         drop(guard);
         opt.clip_norm(pc.grad_clip)?;

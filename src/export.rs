@@ -341,7 +341,8 @@ fn trace(model: &Model, plan: &Plan, example: &Tensor) -> Result<CModule> {
             }
         }
     };
-    let module = tch::no_grad(|| CModule::create_by_tracing("LumosExport", "forward", &[example.shallow_clone()], &mut f))?;
+    // portable conv2d ops in the graph, not oneDNN-packed weights (nn::packed)
+    let module = crate::nn::packed::plain(|| tch::no_grad(|| CModule::create_by_tracing("LumosExport", "forward", &[example.shallow_clone()], &mut f)))?;
     if let Some(e) = failure {
         return Err(e);
     }

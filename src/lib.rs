@@ -20,6 +20,7 @@ pub mod lc;
 pub mod metrics;
 pub mod model;
 pub mod nn;
+pub mod optim;
 pub mod normalize;
 pub mod overlay;
 pub mod progress;

@@ -255,6 +255,24 @@ impl Net {
             Net::Pgdiff(_) => Err(Error::Unsupported("a pgdiff model has no single forward pass; it segments by diffusion sampling".into())),
         }
     }
+    /// Inference forward (call inside `tch::no_grad`): the full-resolution output only,
+    /// `(N, K, H, W)` logits for `unet` / `dmqpm`, the predicted structures `(N, 2, T, T)`
+    /// for `musplit`, as a contiguous tensor. The convolutional segmentation networks and
+    /// the LC U-Net run channels-last here (NHWC strides; oneDNN's native layout, so no per-conv reorders,
+    /// and the GroupNorm kernel keeps it): the same function as [`Net::forward`], faster
+    /// on the CPU (docs/benchmarks.md). Training keeps NCHW, where channels-last
+    /// backward passes measured slower.
+    pub fn infer(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Net::Unet(_) | Net::Dmqpm(_) => Ok(self.forward(&channels_last(x), false)?.swap_remove(0).contiguous()),
+            // the LC U-Net likewise (BatchNorm keeps channels-last); not the HVAE, whose
+            // latent draws (randn_like) would follow the memory layout
+            Net::Musplit(m) if m.cfg.variant == crate::nn::musplit::SplitVariant::Unet => {
+                Ok(self.forward(&channels_last(x), false)?.swap_remove(0).contiguous())
+            }
+            _ => Ok(self.forward(x, false)?.swap_remove(0)),
+        }
+    }
     /// Height and width must be multiples of this.
     pub fn divisor(meta: &ModelMeta) -> usize {
         match meta.kind {
@@ -264,6 +282,11 @@ impl Net {
             ModelKind::Pgdiff => serde_json::from_value::<PgDiffConfig>(meta.architecture.clone()).map(|c| c.divisor()).unwrap_or(1),
         }
     }
+}
+
+/// The same `(N, C, H, W)` tensor with channels-last (NHWC) strides.
+pub fn channels_last(x: &Tensor) -> Tensor {
+    x.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
 }
 
 pub(crate) struct Inner {
@@ -316,6 +339,7 @@ impl Model {
     /// one lock that every model construction takes: a model built in another thread at
     /// the same time cannot change a seeded model's weights.
     pub fn new_seeded(meta: ModelMeta, device: Device, seed: Option<u64>) -> Result<Self> {
+        crate::device::tune_allocator();
         if meta.input_channels.is_empty() {
             return Err(Error::Config("a model needs at least one input channel".into()));
         }
@@ -340,6 +364,7 @@ impl Model {
 
     /// Loads a model file onto `device`.
     pub fn load(path: &Path, device: Device) -> Result<Self> {
+        crate::device::tune_allocator();
         let file = weights::load(path)?;
         let meta = ModelMeta::from_metadata(path, &file.metadata)?;
         let model = Model::new(meta, device)?;
@@ -372,6 +397,13 @@ impl Model {
         self.device
     }
 
+    /// The model's named tensors (trainable and buffers), as handles that share storage
+    /// with the model: writing into one (under `tch::no_grad`) changes the model.
+    pub fn variables(&self) -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> = self.lock().vs.variables().into_iter().collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
     pub(crate) fn lock(&self) -> parking_lot::MutexGuard<'_, Inner> {
         self.inner.lock()
     }
@@ -460,7 +492,7 @@ impl Model {
                     batch_no += 1;
                     Ok(d.predict(x, &o, stream, &inner_monitor)?.probabilities)
                 }
-                (net, _) => Ok(net.forward(x, false)?.swap_remove(0).f_softmax(1, Kind::Float)?),
+                (net, _) => Ok(net.infer(x)?.f_softmax(1, Kind::Float)?),
             }
         };
         let mut predict = |x: &Tensor| -> Result<Tensor> {

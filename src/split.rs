@@ -311,43 +311,27 @@ impl Adamax {
         params.sort_by(|a, b| a.0.cmp(&b.0));
         Adamax { params, m: HashMap::new(), u: HashMap::new(), step: 0 }
     }
-    fn zero_grad(&mut self) {
-        for (_, p) in self.params.iter_mut() {
-            p.zero_grad();
-        }
+    /// Drops the gradients (the next backward pass writes fresh ones).
+    fn zero_grad(&mut self) -> Result<()> {
+        let ps: Vec<Tensor> = self.params.iter().map(|(_, p)| p.shallow_clone()).collect();
+        crate::optim::drop_grads(&ps)
     }
-    fn clip_value(&mut self, v: f64) {
+    fn grads(&self) -> Vec<Tensor> {
+        self.params.iter().map(|(_, p)| p.grad()).filter(|g| g.defined()).collect()
+    }
+    /// Clips every gradient element to `[-v, v]` (`v <= 0`: no clipping).
+    fn clip_value(&mut self, v: f64) -> Result<()> {
         if v <= 0.0 {
-            return;
+            return Ok(());
         }
-        tch::no_grad(|| {
-            for (_, p) in &self.params {
-                let mut g = p.grad();
-                if g.defined() {
-                    let _ = g.clamp_(-v, v);
-                }
-            }
-        });
+        crate::optim::clamp_(&self.grads(), -v, v)
     }
+    /// One Adamax step (libtorch's multi-tensor ops) over the parameters with a gradient.
     fn update(&mut self, lr: f64) -> Result<()> {
         let (b1, b2, eps) = (0.9, 0.999, 1e-8);
         self.step += 1;
-        let bias = 1.0 - f64::powi(b1, self.step as i32);
-        tch::no_grad(|| -> Result<()> {
-            for (name, p) in self.params.iter_mut() {
-                let g = p.grad();
-                if !g.defined() {
-                    continue;
-                }
-                let m = self.m.entry(name.clone()).or_insert_with(|| g.zeros_like());
-                let _ = m.f_mul_scalar_(b1)?.f_add_(&(&g * (1.0 - b1)))?;
-                let u = self.u.entry(name.clone()).or_insert_with(|| g.zeros_like());
-                let nu = (&*u * b2).maximum(&(g.abs() + eps));
-                u.f_copy_(&nu)?;
-                let _ = p.f_sub_(&(&*m / &*u * (lr / bias)))?;
-            }
-            Ok(())
-        })
+        let [ps, gs, ms, us] = crate::optim::gather_two_states(&self.params, &mut self.m, &mut self.u);
+        crate::optim::adamax_(&ps, &gs, &ms, &us, self.step, lr, b1, b2, eps)
     }
     fn state(&self) -> Vec<(String, Tensor)> {
         let mut v: Vec<_> = self
@@ -417,9 +401,9 @@ impl DecompositionStep {
             }
             net.loss(&out, y)
         };
-        self.opt.zero_grad();
+        self.opt.zero_grad()?;
         loss.f_backward()?;
-        self.opt.clip_value(self.grad_clip_value);
+        self.opt.clip_value(self.grad_clip_value)?;
         self.opt.update(lr)?;
         Ok(loss.double_value(&[]))
     }

@@ -290,52 +290,56 @@ impl Sgd {
         params.sort_by(|a, b| a.0.cmp(&b.0));
         Sgd { params, momentum_buffers: HashMap::new(), momentum, weight_decay }
     }
-    fn zero_grad(&mut self) {
-        for (_, p) in self.params.iter_mut() {
-            p.zero_grad();
+    /// Drops the gradients (the next backward pass writes fresh ones).
+    fn zero_grad(&mut self) -> Result<()> {
+        let ps: Vec<Tensor> = self.params.iter().map(|(_, p)| p.shallow_clone()).collect();
+        crate::optim::drop_grads(&ps)
+    }
+    /// The parameters that received a gradient, with their gradients.
+    fn with_grads(&self) -> (Vec<String>, Vec<Tensor>, Vec<Tensor>) {
+        let (mut names, mut ps, mut gs) = (Vec::new(), Vec::new(), Vec::new());
+        for (n, p) in &self.params {
+            let g = p.grad();
+            if g.defined() {
+                names.push(n.clone());
+                ps.push(p.shallow_clone());
+                gs.push(g);
+            }
         }
+        (names, ps, gs)
     }
     /// Clips the global gradient norm to `max_norm`; returns the norm before clipping.
-    fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
-        let grads: Vec<Tensor> = self.params.iter().map(|(_, p)| p.grad()).filter(|g| g.defined()).collect();
-        if grads.is_empty() {
-            return 0.0;
-        }
-        let total = tch::no_grad(|| Tensor::stack(&grads.iter().map(|g| g.norm()).collect::<Vec<_>>(), 0).norm()).double_value(&[]);
-        if max_norm > 0.0 && total > max_norm {
-            let s = max_norm / (total + 1e-6);
-            tch::no_grad(|| {
-                for mut g in grads {
-                    let _ = g.f_mul_scalar_(s);
-                }
-            });
-        }
-        total
+    fn clip_grad_norm(&mut self, max_norm: f64) -> Result<f64> {
+        let (_, _, grads) = self.with_grads();
+        crate::optim::clip_grad_norm_(&grads, max_norm)
     }
+    /// One step of libtorch's fused SGD over every parameter with a gradient; parameters
+    /// seen for the first time start their momentum buffer from the gradient.
     fn step(&mut self, lr: f64) -> Result<()> {
-        tch::no_grad(|| -> Result<()> {
-            for (name, p) in self.params.iter_mut() {
-                let g = p.grad();
-                if !g.defined() {
-                    continue;
+        let (names, ps, gs) = self.with_grads();
+        let (mut old, mut new): ((Vec<Tensor>, Vec<Tensor>, Vec<Tensor>), (Vec<Tensor>, Vec<Tensor>, Vec<Tensor>)) = Default::default();
+        for ((name, p), g) in names.into_iter().zip(ps).zip(gs) {
+            match self.momentum_buffers.get(&name) {
+                Some(b) => {
+                    old.0.push(p);
+                    old.1.push(g);
+                    old.2.push(b.shallow_clone());
                 }
-                let g = if self.weight_decay > 0.0 { &g + &*p * self.weight_decay } else { g };
-                let buf = match self.momentum_buffers.get_mut(name) {
-                    Some(b) => {
-                        let _ = b.f_mul_scalar_(self.momentum)?.f_add_(&g)?;
-                        b.shallow_clone()
-                    }
-                    None => {
-                        let b = g.copy();
-                        self.momentum_buffers.insert(name.clone(), b.shallow_clone());
-                        b
-                    }
-                };
-                let update = &g + buf * self.momentum;
-                let _ = p.f_sub_(&(update * lr))?;
+                None => {
+                    let b = g.zeros_like();
+                    self.momentum_buffers.insert(name, b.shallow_clone());
+                    new.0.push(p);
+                    new.1.push(g);
+                    new.2.push(b);
+                }
             }
-            Ok(())
-        })
+        }
+        for (group, first) in [(old, false), (new, true)] {
+            if !group.0.is_empty() {
+                crate::optim::sgd_(&group.0, &group.1, &group.2, lr, self.momentum, self.weight_decay, true, first)?;
+            }
+        }
+        Ok(())
     }
     fn state(&self) -> Vec<(String, Tensor)> {
         let mut v: Vec<_> = self.momentum_buffers.iter().map(|(n, t)| (format!("optimizer.momentum.{n}"), t.shallow_clone())).collect();
@@ -384,9 +388,9 @@ impl SegmentationStep {
             let outs = inner.net.forward(x, self.deep_supervision)?;
             deep_supervision_loss(&outs, y)
         };
-        self.sgd.zero_grad();
+        self.sgd.zero_grad()?;
         loss.f_backward()?;
-        self.sgd.clip_grad_norm(self.grad_clip);
+        self.sgd.clip_grad_norm(self.grad_clip)?;
         self.sgd.step(lr)?;
         Ok(loss.double_value(&[]))
     }

@@ -5,3 +5,4 @@ pub mod ldm;
 pub mod loss;
 pub mod unet;
 pub mod musplit;
+pub mod packed;
