@@ -19,7 +19,7 @@
 #          and inputs of an earlier run of the same profile).
 #
 # Duration of the CPU benchmark on 2 cores (Xeon, ~150 GFLOP/s fp32 through oneDNN): about
-# 25 minutes, both sides together, plus the release build when it is stale. The papers'
+# 35 minutes, both sides together, plus the release build when it is stale. The papers'
 # networks are big for a CPU (DM-QPMNet 40 GFLOP per 256x256 tile forward, the LC U-Net 68
 # GFLOP per 64x64 tile with its lateral context, PG-DiffSeg's LDM-P 202 and LDM-S 114 GFLOP per
 # evaluation, 300 evaluations per tile at the paper's 100 + 200 steps), so the CPU plan keeps

@@ -176,7 +176,7 @@ def engine_side(work: pathlib.Path, lumos_bin: str, threads: int, fresh: bool) -
 NEGATIVE = [
     ("dm_qpmnet", "fusion.attn.q_proj.weight perturbed", "fusion.attn.q_proj.weight", 0),
     ("early_fusion", "encoder.stages.3 (bottleneck) conv perturbed", "encoder.stages.3.convs.0.conv.weight", 0),
-    ("nnunet_recipe_qpi", "encoder.stages.5 (2x2 bottleneck) conv perturbed", "encoder.stages.5.convs.1.conv.weight", 0),
+    ("nnunet_recipe_qpi", "encoder.stages.3 (bottleneck) conv perturbed", "encoder.stages.3.convs.1.conv.weight", 0),
     ("musplit_unet", "stem of LC level 2 perturbed", "encoder.lc.1.stem.block.convs.0.conv.weight", 0),
     ("musplit_hvae", "posterior samples from another seed", None, 1),
     ("pg_diffseg", "LDM-P output conv perturbed (prior inversion only)", "ldm_p.out.2.weight", 0),
