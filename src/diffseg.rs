@@ -485,23 +485,16 @@ impl Adam {
     }
     /// Drops the gradients (the next backward pass writes fresh ones).
     fn zero_grad(&mut self) -> Result<()> {
-        let ps: Vec<Tensor> = self.params.iter().map(|(_, p)| p.shallow_clone()).collect();
-        crate::optim::drop_grads(&ps)
+        crate::optim::drop_grads(self.params.iter().map(|(_, p)| p))
     }
-    /// Clips the global gradient norm to `max` (`max <= 0`: no clipping).
-    fn clip_norm(&mut self, max: f64) -> Result<()> {
-        if max <= 0.0 {
-            return Ok(());
-        }
-        let grads: Vec<Tensor> = self.params.iter().map(|(_, p)| p.grad()).filter(|g| g.defined()).collect();
-        crate::optim::clip_grad_norm_(&grads, max).map(|_| ())
-    }
-    /// One step of libtorch's fused Adam over the parameters with a gradient.
-    fn update(&mut self, lr: f64) -> Result<()> {
+    /// Clips the global gradient norm to `max_norm` (`<= 0`: no clipping), then one step
+    /// of libtorch's fused Adam over the parameters with a gradient.
+    fn clip_and_update(&mut self, max_norm: f64, lr: f64) -> Result<()> {
         let (b1, b2, eps) = (0.9, 0.999, 1e-8);
         self.step += 1;
-        let [ps, gs, ms, vs] = crate::optim::gather_two_states(&self.params, &mut self.m, &mut self.v);
-        crate::optim::adam_(&ps, &gs, &ms, &vs, self.step, lr, b1, b2, eps)
+        let (ps, gs, st) = crate::optim::gather(&self.params, &mut [&mut self.m, &mut self.v]);
+        crate::optim::clip_grad_norm_(&gs, max_norm)?;
+        crate::optim::adam_(&ps, &gs, &st[0], &st[1], self.step, lr, b1, b2, eps)
     }
     fn state(&self) -> Vec<(String, Tensor)> {
         let t = self.tag;
@@ -594,8 +587,7 @@ impl DiffusionStep {
         opt.zero_grad()?;
         loss.f_backward()?;
         drop(guard);
-        opt.clip_norm(pc.grad_clip)?;
-        opt.update(if ae_phase { pc.ae_learning_rate } else { pc.learning_rate })?;
+        opt.clip_and_update(pc.grad_clip, if ae_phase { pc.ae_learning_rate } else { pc.learning_rate })?;
         Ok(loss.double_value(&[]))
     }
 }

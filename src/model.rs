@@ -263,14 +263,16 @@ impl Net {
     /// on the CPU (docs/benchmarks.md). Training keeps NCHW, where channels-last
     /// backward passes measured slower.
     pub fn infer(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Net::Unet(_) | Net::Dmqpm(_) => Ok(self.forward(&channels_last(x), false)?.swap_remove(0).contiguous()),
-            // the LC U-Net likewise (BatchNorm keeps channels-last); not the HVAE, whose
-            // latent draws (randn_like) would follow the memory layout
-            Net::Musplit(m) if m.cfg.variant == crate::nn::musplit::SplitVariant::Unet => {
-                Ok(self.forward(&channels_last(x), false)?.swap_remove(0).contiguous())
-            }
-            _ => Ok(self.forward(x, false)?.swap_remove(0)),
+        // not the HVAE: its latent draws (randn_like) would follow the memory layout
+        let nhwc = match self {
+            Net::Unet(_) | Net::Dmqpm(_) => true,
+            Net::Musplit(m) => m.cfg.variant == crate::nn::musplit::SplitVariant::Unet,
+            Net::Pgdiff(_) => false,
+        };
+        if nhwc {
+            Ok(self.forward(&channels_last(x), false)?.swap_remove(0).contiguous())
+        } else {
+            Ok(self.forward(x, false)?.swap_remove(0))
         }
     }
     /// Height and width must be multiples of this.
@@ -364,7 +366,6 @@ impl Model {
 
     /// Loads a model file onto `device`.
     pub fn load(path: &Path, device: Device) -> Result<Self> {
-        crate::device::tune_allocator();
         let file = weights::load(path)?;
         let meta = ModelMeta::from_metadata(path, &file.metadata)?;
         let model = Model::new(meta, device)?;

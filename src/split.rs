@@ -313,25 +313,19 @@ impl Adamax {
     }
     /// Drops the gradients (the next backward pass writes fresh ones).
     fn zero_grad(&mut self) -> Result<()> {
-        let ps: Vec<Tensor> = self.params.iter().map(|(_, p)| p.shallow_clone()).collect();
-        crate::optim::drop_grads(&ps)
+        crate::optim::drop_grads(self.params.iter().map(|(_, p)| p))
     }
-    fn grads(&self) -> Vec<Tensor> {
-        self.params.iter().map(|(_, p)| p.grad()).filter(|g| g.defined()).collect()
-    }
-    /// Clips every gradient element to `[-v, v]` (`v <= 0`: no clipping).
-    fn clip_value(&mut self, v: f64) -> Result<()> {
-        if v <= 0.0 {
-            return Ok(());
-        }
-        crate::optim::clamp_(&self.grads(), -v, v)
-    }
-    /// One Adamax step (libtorch's multi-tensor ops) over the parameters with a gradient.
-    fn update(&mut self, lr: f64) -> Result<()> {
+    /// Clips every gradient element to `[-clip_value, clip_value]` (`<= 0`: no
+    /// clipping), then one Adamax step (libtorch's multi-tensor ops) over the parameters
+    /// with a gradient.
+    fn clip_and_update(&mut self, clip_value: f64, lr: f64) -> Result<()> {
         let (b1, b2, eps) = (0.9, 0.999, 1e-8);
         self.step += 1;
-        let [ps, gs, ms, us] = crate::optim::gather_two_states(&self.params, &mut self.m, &mut self.u);
-        crate::optim::adamax_(&ps, &gs, &ms, &us, self.step, lr, b1, b2, eps)
+        let (ps, gs, st) = crate::optim::gather(&self.params, &mut [&mut self.m, &mut self.u]);
+        if clip_value > 0.0 {
+            crate::optim::clamp_(&gs, -clip_value, clip_value)?;
+        }
+        crate::optim::adamax_(&ps, &gs, &st[0], &st[1], self.step, lr, b1, b2, eps)
     }
     fn state(&self) -> Vec<(String, Tensor)> {
         let mut v: Vec<_> = self
@@ -403,8 +397,7 @@ impl DecompositionStep {
         };
         self.opt.zero_grad()?;
         loss.f_backward()?;
-        self.opt.clip_value(self.grad_clip_value)?;
-        self.opt.update(lr)?;
+        self.opt.clip_and_update(self.grad_clip_value, lr)?;
         Ok(loss.double_value(&[]))
     }
 }

@@ -292,54 +292,16 @@ impl Sgd {
     }
     /// Drops the gradients (the next backward pass writes fresh ones).
     fn zero_grad(&mut self) -> Result<()> {
-        let ps: Vec<Tensor> = self.params.iter().map(|(_, p)| p.shallow_clone()).collect();
-        crate::optim::drop_grads(&ps)
+        crate::optim::drop_grads(self.params.iter().map(|(_, p)| p))
     }
-    /// The parameters that received a gradient, with their gradients.
-    fn with_grads(&self) -> (Vec<String>, Vec<Tensor>, Vec<Tensor>) {
-        let (mut names, mut ps, mut gs) = (Vec::new(), Vec::new(), Vec::new());
-        for (n, p) in &self.params {
-            let g = p.grad();
-            if g.defined() {
-                names.push(n.clone());
-                ps.push(p.shallow_clone());
-                gs.push(g);
-            }
-        }
-        (names, ps, gs)
-    }
-    /// Clips the global gradient norm to `max_norm`; returns the norm before clipping.
-    fn clip_grad_norm(&mut self, max_norm: f64) -> Result<f64> {
-        let (_, _, grads) = self.with_grads();
-        crate::optim::clip_grad_norm_(&grads, max_norm)
-    }
-    /// One step of libtorch's fused SGD over every parameter with a gradient; parameters
-    /// seen for the first time start their momentum buffer from the gradient.
-    fn step(&mut self, lr: f64) -> Result<()> {
-        let (names, ps, gs) = self.with_grads();
-        let (mut old, mut new): ((Vec<Tensor>, Vec<Tensor>, Vec<Tensor>), (Vec<Tensor>, Vec<Tensor>, Vec<Tensor>)) = Default::default();
-        for ((name, p), g) in names.into_iter().zip(ps).zip(gs) {
-            match self.momentum_buffers.get(&name) {
-                Some(b) => {
-                    old.0.push(p);
-                    old.1.push(g);
-                    old.2.push(b.shallow_clone());
-                }
-                None => {
-                    let b = g.zeros_like();
-                    self.momentum_buffers.insert(name, b.shallow_clone());
-                    new.0.push(p);
-                    new.1.push(g);
-                    new.2.push(b);
-                }
-            }
-        }
-        for (group, first) in [(old, false), (new, true)] {
-            if !group.0.is_empty() {
-                crate::optim::sgd_(&group.0, &group.1, &group.2, lr, self.momentum, self.weight_decay, true, first)?;
-            }
-        }
-        Ok(())
+    /// Clips the global gradient norm to `max_norm` (`<= 0`: no clipping), then one step
+    /// of libtorch's fused SGD over every parameter with a gradient. Returns the norm
+    /// before clipping.
+    fn clip_and_step(&mut self, max_norm: f64, lr: f64) -> Result<f64> {
+        let (ps, gs, bufs) = crate::optim::gather(&self.params, &mut [&mut self.momentum_buffers]);
+        let norm = crate::optim::clip_grad_norm_(&gs, max_norm)?;
+        crate::optim::sgd_(&ps, &gs, &bufs[0], lr, self.momentum, self.weight_decay, true)?;
+        Ok(norm)
     }
     fn state(&self) -> Vec<(String, Tensor)> {
         let mut v: Vec<_> = self.momentum_buffers.iter().map(|(n, t)| (format!("optimizer.momentum.{n}"), t.shallow_clone())).collect();
@@ -390,8 +352,7 @@ impl SegmentationStep {
         };
         self.sgd.zero_grad()?;
         loss.f_backward()?;
-        self.sgd.clip_grad_norm(self.grad_clip)?;
-        self.sgd.step(lr)?;
+        self.sgd.clip_and_step(self.grad_clip, lr)?;
         Ok(loss.double_value(&[]))
     }
 }

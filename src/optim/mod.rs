@@ -36,7 +36,6 @@ unsafe extern "C" {
         momentum: f64,
         lr: f64,
         nesterov: c_int,
-        first_step: c_int,
         err: *mut c_char,
         err_len: usize,
     ) -> c_int;
@@ -110,33 +109,35 @@ fn check_aligned(what: &str, params: &[Tensor], lists: &[&[Tensor]]) -> Result<(
     Ok(())
 }
 
-/// Index-aligned lists for a two-state optimizer (Adam's `m`, `v`; Adamax's `m`, `u`):
-/// the named parameters that have a gradient, their gradients, and their state tensors
-/// from `a` and `b`, created as zeros the first time a parameter is seen.
-pub fn gather_two_states(
+/// Index-aligned lists for one optimizer step: the named parameters that have a
+/// gradient, their gradients, and for each state map the parameter's state tensor
+/// (created as zeros the first time the parameter is seen; SGD's momentum, Adam's `m`
+/// and `v`, Adamax's `m` and `u`).
+pub fn gather(
     params: &[(String, Tensor)],
-    a: &mut std::collections::HashMap<String, Tensor>,
-    b: &mut std::collections::HashMap<String, Tensor>,
-) -> [Vec<Tensor>; 4] {
-    let [mut ps, mut gs, mut sa, mut sb] = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+    states: &mut [&mut std::collections::HashMap<String, Tensor>],
+) -> (Vec<Tensor>, Vec<Tensor>, Vec<Vec<Tensor>>) {
+    let (mut ps, mut gs) = (Vec::new(), Vec::new());
+    let mut st: Vec<Vec<Tensor>> = states.iter().map(|_| Vec::new()).collect();
     for (name, p) in params {
         let g = p.grad();
         if !g.defined() {
             continue;
         }
-        sa.push(a.entry(name.clone()).or_insert_with(|| g.zeros_like()).shallow_clone());
-        sb.push(b.entry(name.clone()).or_insert_with(|| g.zeros_like()).shallow_clone());
+        for (map, list) in states.iter_mut().zip(st.iter_mut()) {
+            list.push(map.entry(name.clone()).or_insert_with(|| g.zeros_like()).shallow_clone());
+        }
         ps.push(p.shallow_clone());
         gs.push(g);
     }
-    [ps, gs, sa, sb]
+    (ps, gs, st)
 }
 
 /// Drops the gradients of `params` (undefined afterwards, as torch's
 /// `zero_grad(set_to_none=True)`): the next backward pass writes fresh ones instead of
 /// adding into zeroed buffers.
-pub fn drop_grads(params: &[Tensor]) -> Result<()> {
-    let p = ptrs(params);
+pub fn drop_grads<'a>(params: impl IntoIterator<Item = &'a Tensor>) -> Result<()> {
+    let p: Vec<T> = params.into_iter().map(|t| t.as_ptr() as T).collect();
     // SAFETY: `p` holds live tch handles for the duration of the call.
     call("drop gradients", |e, l| unsafe { lumos_optim_drop_grads(p.as_ptr(), p.len(), e, l) })
 }
@@ -177,8 +178,8 @@ pub fn clip_grad_norm_(grads: &[Tensor], max_norm: f64) -> Result<f64> {
 
 /// One SGD step with momentum (dampening 0) and L2 weight decay, PyTorch's rule: `g +=
 /// weight_decay * p`; `buf = g` on the first step, else `buf = momentum * buf + g`;
-/// `p -= lr * (g + momentum * buf)` with Nesterov, `p -= lr * buf` without. `bufs` are
-/// allocated by the caller (any values on the first step, which overwrites them).
+/// `p -= lr * (g + momentum * buf)` with Nesterov, `p -= lr * buf` without. `bufs` start
+/// as zeros, which makes the first step's `buf = g` exactly (dampening 0).
 pub fn sgd_(
     params: &[Tensor],
     grads: &[Tensor],
@@ -187,7 +188,6 @@ pub fn sgd_(
     momentum: f64,
     weight_decay: f64,
     nesterov: bool,
-    first_step: bool,
 ) -> Result<()> {
     check_aligned("sgd", params, &[grads, bufs])?;
     let (p, g, b) = (ptrs(params), ptrs(grads), ptrs(bufs));
@@ -202,7 +202,6 @@ pub fn sgd_(
             momentum,
             lr,
             nesterov as c_int,
-            first_step as c_int,
             e,
             l,
         )
@@ -257,7 +256,7 @@ mod tests {
         let (lr, mom, wd) = (0.01, 0.99, 3e-5);
         for step in 0..3 {
             let before: Vec<i64> = ps.iter().map(|p| p.internal_version()).collect();
-            sgd_(&ps, &gs, &bufs, lr, mom, wd, true, step == 0).unwrap();
+            sgd_(&ps, &gs, &bufs, lr, mom, wd, true).unwrap();
             // caches keyed by the version counter (nn::packed) must see the update
             assert!(ps.iter().zip(&before).all(|(p, v)| p.internal_version() > *v), "every parameter's version moved");
             for (i, (p, g)) in reference.iter().zip(&gs).enumerate() {
@@ -334,14 +333,14 @@ mod tests {
         let p = Tensor::randn([3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
         (&p * 2.0).sum(Kind::Float).backward();
         assert!(p.grad().defined());
-        drop_grads(std::slice::from_ref(&p)).unwrap();
+        drop_grads([&p]).unwrap();
         assert!(!p.grad().defined(), "the gradient is undefined after drop_grads");
     }
 
     #[test]
     fn mismatched_lists_are_an_error_not_a_crash() {
         let (ps, gs) = setup(5);
-        let err = sgd_(&ps, &gs[..2], &gs, 0.1, 0.9, 0.0, true, true).unwrap_err();
+        let err = sgd_(&ps, &gs[..2], &gs, 0.1, 0.9, 0.0, true).unwrap_err();
         assert!(err.to_string().contains("state lists"), "{err}");
         // libtorch's CPU kernels would read out of bounds: refused before the call
         let wrong: Vec<Tensor> = ps.iter().map(|_| Tensor::zeros([2], (Kind::Float, Device::Cpu))).collect();

@@ -94,15 +94,14 @@ int lumos_optim_clamp(at::Tensor **ts, size_t n, double lo, double hi, char *err
     });
 }
 
-// SGD with momentum (dampening 0), PyTorch's update: on the first step the buffer takes
-// the (weight-decayed) gradient, later buf = momentum * buf + g; Nesterov steps along
-// g + momentum * buf.
+// SGD with momentum (dampening 0), PyTorch's update: buf = momentum * buf + g (buffers
+// start as zeros, so the first step's buffer is g); Nesterov steps along g + momentum * buf.
 int lumos_optim_fused_sgd(at::Tensor **params, at::Tensor **grads, at::Tensor **bufs, size_t n, double weight_decay,
-                          double momentum, double lr, int nesterov, int first_step, char *err, size_t err_len) {
+                          double momentum, double lr, int nesterov, char *err, size_t err_len) {
     return guarded(err, err_len, [&] {
         if (!n) return;
         at::_fused_sgd_(list(params, n), list(grads, n), list(bufs, n), weight_decay, momentum, lr, 0.0,
-                        nesterov != 0, false, first_step != 0);
+                        nesterov != 0, false, false);
         bump_versions(params, n);
     });
 }
