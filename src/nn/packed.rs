@@ -2,7 +2,10 @@
 //!
 //! Eager libtorch hands a dense weight to oneDNN on every call, and oneDNN reorders it
 //! into its blocked layout each time; for the deep, wide layers of these networks
-//! (hundreds of channels at 8x8 to 32x32) that reorder costs as much as the convolution.
+//! (hundreds of channels at 8x8 to 32x32) that reorder is a large share of the call (a
+//! 3x3 conv, 896 channels at 8x8: 7.0 ms NCHW, 4.7 ms channels-last with the packed
+//! weight; measured with PyTorch on the same libtorch 2.11, 2-core AMD EPYC,
+//! 2026-11-26).
 //! Without gradients, on the CPU, a [`Conv2d`] packs its weight once
 //! (`mkldnn_reorder_conv2d_weight`, as `torch.jit.freeze` or torch.compile's CPU backend
 //! do) and calls libtorch's `mkldnn::_convolution_pointwise` with the packed weight. The
