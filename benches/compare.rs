@@ -6,7 +6,7 @@
 //! ```text
 //! compare --bench --model M --mode MODE [--size paper|tiny] [--device cpu|cuda|cuda:N]
 //!         [--threads N] [--batch B] [--warmup W] [--reps R] [--frame N] [--steps I,S]
-//!         [--breakdown] --work DIR
+//!         [--breakdown] [--precision float32|bfloat16] --work DIR
 //! ```
 //!
 //! - models: the recipe names of `lumos::recipes` (`dm-qpmnet`, `early-fusion`, `nnunet`,
@@ -23,7 +23,10 @@
 //!     training patch (PG-DiffSeg: one evaluation of LDM-P and one of LDM-S on the
 //!     latents of the tiles, t = 500).
 //!   - `segment_2048`: `Model::segment` of a simulated ssQPM frame (`--frame`, 2048 in the
-//!     benchmark): sliding window, Gaussian blending, step 0.5, batch 4, labels out.
+//!     benchmark): sliding window, Gaussian blending, step 0.5, `--batch` tiles per
+//!     forward pass, labels out.
+//! - `--precision bfloat16`: inference modes run under bfloat16 autocast
+//!   (`Model::set_precision`); training steps are always float32.
 //!   - `decompose`: `Model::decompose` (muSplit inner-padding tiling, batch 16) of a
 //!     simulated fluorescence frame of `--frame` pixels.
 //!   - `pgdiff_tiles`: `PgDiffNet::predict` (encode, DDIM inversion with LDM-P, DDIM
@@ -51,7 +54,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use lumos::diffseg::{DiffusionOptions, DiffusionStep};
-use lumos::model::{Model, ModelKind, ModelMeta, Net, SegmentOptions, SegmentOutput};
+use lumos::model::{Model, ModelKind, ModelMeta, Net, Precision, SegmentOptions, SegmentOutput};
+use lumos::nn::precision::with_precision;
 use lumos::normalize::{NormMethod, Normalizer};
 use lumos::progress::Monitor;
 use lumos::split::{DecomposeOptions, DecompositionStep};
@@ -81,6 +85,7 @@ struct Opts {
     frame: usize,
     steps: (usize, usize),
     breakdown: bool,
+    precision: Precision,
     work: PathBuf,
 }
 
@@ -122,6 +127,7 @@ fn parse_args(args: &[String]) -> Res<Opts> {
         frame: num("frame", 2048)?,
         steps: (a.trim().parse().map_err(err)?, b.trim().parse().map_err(err)?),
         breakdown: flags.iter().any(|f| f == "breakdown"),
+        precision: Precision::parse(&get("precision", "float32")).map_err(err)?,
         work: PathBuf::from(kv.get("work").cloned().ok_or("--work is required")?),
     })
 }
@@ -356,6 +362,9 @@ fn run(o: &Opts) -> Res<Value> {
     let t_setup = Instant::now();
     let built = build(o)?;
     let model = &built.model;
+    // inference precision (segment, decompose, and the network calls below); training is float32
+    model.set_precision(o.precision);
+    let prec = if o.mode == "train_step" { Precision::Float32 } else { o.precision };
     let cfg = &built.cfg;
     let dir = o.work.join(&o.model);
     std::fs::create_dir_all(&dir).map_err(err)?;
@@ -464,11 +473,12 @@ fn run(o: &Opts) -> Res<Value> {
                     let r = timed(o.warmup, o.reps, dev, &mut |_| {
                         tch::no_grad(|| {
                             model.with_net(|n| match n {
-                                Net::Pgdiff(d) => {
+                                Net::Pgdiff(d) => with_precision(prec, dev, || {
                                     let a = d.eps_p(&z, 500);
                                     let b = d.eps_s(&m, &z, 500);
-                                    Ok(a.abs().mean(Kind::Float).double_value(&[]) + b.abs().mean(Kind::Float).double_value(&[]))
-                                }
+                                    a.abs().mean(Kind::Float).double_value(&[]) + b.abs().mean(Kind::Float).double_value(&[])
+                                })
+                                .map_err(err),
                                 _ => unreachable!(),
                             })
                         })
@@ -489,7 +499,7 @@ fn run(o: &Opts) -> Res<Value> {
                         if kind == ModelKind::Musplit {
                             tch::manual_seed(7);
                         }
-                        let out = tch::no_grad(|| model.with_net(|n| n.infer(&x))).map_err(err)?;
+                        let out = with_precision(prec, dev, || tch::no_grad(|| model.with_net(|n| n.infer(&x)))).map_err(err)?.map_err(err)?;
                         Ok(out.mean(Kind::Float).double_value(&[]))
                     })?;
                     (r.0, r.1, t0)
@@ -504,7 +514,7 @@ fn run(o: &Opts) -> Res<Value> {
             let f = sim("ssqpm", n, 7)?;
             save_tensors(&inputs, cfg, &[("frame", &lumos::image::array3_to_tensor(f.image.data.view(), Device::Cpu))])?;
             let data: Array3<f32> = f.image.data;
-            let opts = SegmentOptions::default();
+            let opts = SegmentOptions { batch_size: o.batch, ..SegmentOptions::default() };
             let sw_tiles = lumos::tiling::tile_starts(n, t, opts.step_fraction).len().pow(2);
             tiles_per_rep = sw_tiles as f64;
             extra.insert("sliding_window".into(), json!({"step_fraction": opts.step_fraction, "batch": opts.batch_size, "tiles": sw_tiles, "mirror": false}));
@@ -571,7 +581,8 @@ fn run(o: &Opts) -> Res<Value> {
             let r = timed(o.warmup, o.reps, dev, &mut |warm| {
                 let op = if warm { &warm_opts } else { &opts };
                 let p = model.with_net(|n| match n {
-                    Net::Pgdiff(d) => d.predict(&x, op, 0, &Monitor::none()).map(|r| r.probabilities),
+                    Net::Pgdiff(d) => with_precision(prec, dev, || d.predict(&x, op, 0, &Monitor::none()).map(|r| r.probabilities))
+                        .and_then(|r| r),
                     _ => unreachable!(),
                 }).map_err(err)?;
                 Ok(p.select(1, 1).mean(Kind::Float).double_value(&[]))
@@ -596,6 +607,7 @@ fn run(o: &Opts) -> Res<Value> {
         "device": lumos::device::device_name(dev),
         "threads": tch::get_num_threads(),
         "batch": o.batch,
+        "precision": prec.name(),
         "tile": tile,
         "frame": frame,
         "warmup": o.warmup,

@@ -39,6 +39,16 @@
 #define LUMOS_START_FORWARD 2
 
 /**
+ * `lumos_model_set_precision`: float32 arithmetic (the default).
+ */
+#define LUMOS_PRECISION_FLOAT32 0
+
+/**
+ * `lumos_model_set_precision`: bfloat16 autocast.
+ */
+#define LUMOS_PRECISION_BFLOAT16 1
+
+/**
  * Status codes returned by every fallible function. The numbers are stable: new codes
  * are appended, none is ever renumbered or reused.
  */
@@ -446,6 +456,28 @@ LumosStatus lumos_model_save(const struct LumosModel *model,
  */
 LumosStatus lumos_model_info(const struct LumosModel *model,
                              struct LumosModelInfo *out_info);
+
+/**
+ * Sets the arithmetic of the model's later inference calls (`lumos_segment*`,
+ * `lumos_decompose`): `LUMOS_PRECISION_FLOAT32` (0, the default) or
+ * `LUMOS_PRECISION_BFLOAT16` (1): bfloat16 autocast, where convolutions, matrix products
+ * and attention run in bfloat16 and normalizations in float32; on a CUDA GPU with tensor
+ * cores (Ampere or newer) the fast path. Outputs stay float32 / uint8; probabilities
+ * change at the level of bfloat16 rounding (about 1e-2), labels only where classes were
+ * nearly tied. On a CPU it is allowed but seldom faster. Training is unaffected.
+ *
+ * Errors: NULL_POINTER, INVALID_ARGUMENT (another value). Thread-safe: calls that start
+ * after it returns use the new precision.
+ */
+LumosStatus lumos_model_set_precision(const struct LumosModel *model,
+                                      uint32_t precision);
+
+/**
+ * The model's inference precision (`LUMOS_PRECISION_*`) in `*out_precision`.
+ * Errors: NULL_POINTER. Thread-safe.
+ */
+LumosStatus lumos_model_precision(const struct LumosModel *model,
+                                  uint32_t *out_precision);
 
 /**
  * The model kind's name ("unet", ...) in `*out_name`: a NUL-terminated UTF-8 string owned

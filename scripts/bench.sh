@@ -16,7 +16,12 @@
 # Options: --threads N (intra-op threads for both sides; default: the usable CPUs),
 #          --out FILE (default docs/benchmarks.md), --only REGEX (run the plan lines whose
 #          "model mode" matches, e.g. --only 'train_step'), --keep-work (reuse the model files
-#          and inputs of an earlier run of the same profile).
+#          and inputs of an earlier run of the same profile), --engine EXE (a compare bench
+#          binary built elsewhere: no cargo needed, as on a GPU machine without a Rust
+#          toolchain), --python PY (the peers' interpreter instead of .venv/bin/python),
+#          --deadline SECONDS (start no new plan line after this long; the report covers
+#          what ran), --plan FILE (plan lines "model mode key=value ..." from FILE instead
+#          of the profile's plan; see plan_cuda below for the keys).
 #
 # Duration of the CPU benchmark on 2 cores (Xeon, ~150 GFLOP/s fp32 through oneDNN): about
 # 35 minutes, both sides together, plus the release build when it is stale. The papers'
@@ -46,6 +51,10 @@ threads=""
 out=docs/benchmarks.md
 only=""
 keep_work=0
+engine=""
+python=""
+deadline=0
+planfile=""
 cmdline="scripts/bench.sh${*:+ $*}"
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -55,6 +64,10 @@ while [ $# -gt 0 ]; do
         --out) out="$2"; shift ;;
         --only) only="$2"; shift ;;
         --keep-work) keep_work=1 ;;
+        --engine) engine="$2"; shift ;;
+        --python) python="$2"; shift ;;
+        --deadline) deadline="$2"; shift ;;
+        --plan) planfile="$2"; shift ;;
         -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
         *) echo "bench.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
     esac
@@ -106,24 +119,36 @@ plan_cpu() {
 }
 
 plan_cuda() {
-    # the papers' training batch sizes
-    echo "dm-qpmnet train_step batch=12 warmup=3 reps=10 breakdown"
-    echo "early-fusion train_step batch=12 warmup=3 reps=10 breakdown"
-    echo "nnunet train_step batch=10 warmup=3 reps=10 breakdown"
-    echo "musplit-unet train_step batch=32 warmup=3 reps=10 breakdown"
-    echo "musplit-hvae train_step batch=32 warmup=3 reps=10 breakdown"
+    # first the 1024 x 1024 DM-QPMNet frame (the issue's < 10 ms target) and the inference
+    # rows in float32 and bfloat16, then the papers' training batch sizes (12, 12, 10, 32,
+    # 32, 10), then the whole-frame and diffusion rows
+    for p in float32 bfloat16; do
+        echo "dm-qpmnet segment_2048 batch=8 frame=1024 warmup=2 reps=10 precision=$p"
+        echo "early-fusion segment_2048 batch=8 frame=1024 warmup=2 reps=10 precision=$p"
+    done
+    for p in float32 bfloat16; do
+        echo "dm-qpmnet inference batch=12 warmup=3 reps=20 precision=$p"
+        echo "early-fusion inference batch=12 warmup=3 reps=20 precision=$p"
+        echo "nnunet inference batch=10 warmup=3 reps=20 precision=$p"
+        echo "musplit-unet inference batch=32 warmup=3 reps=20 precision=$p"
+        echo "musplit-hvae inference batch=32 warmup=3 reps=20 precision=$p"
+        echo "pg-diffseg inference batch=10 warmup=3 reps=20 precision=$p"
+        # the 49 tiles of a 1024 x 1024 frame in one forward pass: the frame's compute floor
+        echo "dm-qpmnet inference batch=49 warmup=3 reps=10 precision=$p"
+    done
+    echo "dm-qpmnet train_step batch=12 warmup=3 reps=10"
+    echo "early-fusion train_step batch=12 warmup=3 reps=10"
+    echo "nnunet train_step batch=10 warmup=3 reps=10"
+    echo "musplit-unet train_step batch=32 warmup=3 reps=10"
+    echo "musplit-hvae train_step batch=32 warmup=3 reps=10"
     echo "pg-diffseg train_step batch=10 warmup=3 reps=10"
-    echo "dm-qpmnet inference batch=12 warmup=3 reps=20"
-    echo "early-fusion inference batch=12 warmup=3 reps=20"
-    echo "nnunet inference batch=10 warmup=3 reps=20"
-    echo "musplit-unet inference batch=32 warmup=3 reps=20"
-    echo "musplit-hvae inference batch=32 warmup=3 reps=20"
-    echo "pg-diffseg inference batch=10 warmup=3 reps=20"
-    echo "dm-qpmnet segment_2048 batch=4 frame=2048 warmup=1 reps=3"
-    echo "early-fusion segment_2048 batch=4 frame=2048 warmup=1 reps=3"
-    echo "musplit-unet decompose batch=16 frame=2048 warmup=1 reps=3"
+    for p in float32 bfloat16; do
+        echo "dm-qpmnet segment_2048 batch=8 frame=2048 warmup=1 reps=3 precision=$p"
+        echo "musplit-unet decompose batch=16 frame=2048 warmup=1 reps=3 precision=$p"
+        echo "pg-diffseg pgdiff_tiles batch=10 steps=5,10 warmup=1 reps=3 precision=$p"
+    done
+    echo "early-fusion segment_2048 batch=8 frame=2048 warmup=1 reps=3"
     echo "musplit-hvae decompose batch=16 frame=2048 warmup=1 reps=3"
-    echo "pg-diffseg pgdiff_tiles batch=10 steps=5,10 warmup=1 reps=3"
     echo "pg-diffseg pgdiff_tiles batch=10 steps=100,200 warmup=1 reps=2"
 }
 
@@ -132,6 +157,9 @@ case "$profile/$devclass" in
     full/cpu) plan=$(plan_cpu); size=paper ;;
     full/cuda) plan=$(plan_cuda); size=paper ;;
 esac
+if [ -n "$planfile" ]; then
+    plan=$(grep -v '^[[:space:]]*\(#\|$\)' "$planfile") || { echo "bench.sh: --plan $planfile has no plan lines" >&2; exit 2; }
+fi
 if [ -n "$only" ]; then
     plan=$(printf '%s\n' "$plan" | awk -v re="$only" '{ if (($1 " " $2) ~ re) print }')
     [ -n "$plan" ] || { echo "bench.sh: --only '$only' matches no measurement" >&2; exit 2; }
@@ -140,17 +168,21 @@ fi
 # ---------------------------------------------------------------------------------------
 # Build the engine side, find the peers' Python
 
-PY="$ROOT/.venv/bin/python"
-[ -x "$PY" ] || { echo "bench.sh: .venv/bin/python is missing; run scripts/bootstrap.sh" >&2; exit 1; }
+PY="${python:-$ROOT/.venv/bin/python}"
+command -v "$PY" >/dev/null 2>&1 || { echo "bench.sh: $PY is missing; run scripts/bootstrap.sh (or pass --python)" >&2; exit 1; }
 BENCH=target/bench
 mkdir -p "$BENCH/logs"
 work="$BENCH/work-$profile-${device//:/}"
 [ "$keep_work" = 1 ] || rm -rf "$work"
 mkdir -p "$work"
 
-echo "bench.sh: building the engine's bench binary (cargo bench --bench compare --no-run) ..."
-exe=$(cargo bench --bench compare --no-run --message-format=json 2>"$BENCH/logs/build.err" \
-    | "$PY" -c 'import json, sys
+if [ -n "$engine" ]; then
+    exe=$engine
+    [ -x "$exe" ] || { echo "bench.sh: --engine $exe is not an executable" >&2; exit 1; }
+else
+    echo "bench.sh: building the engine's bench binary (cargo bench --bench compare --no-run) ..."
+    exe=$(cargo bench --bench compare --no-run --message-format=json 2>"$BENCH/logs/build.err" \
+        | "$PY" -c 'import json, sys
 for line in sys.stdin:
     try:
         m = json.loads(line)
@@ -158,10 +190,11 @@ for line in sys.stdin:
         continue
     if m.get("reason") == "compiler-artifact" and m.get("target", {}).get("name") == "compare" and m.get("executable"):
         print(m["executable"])') || true
-if [ -z "$exe" ] || [ ! -x "$exe" ]; then
-    cat "$BENCH/logs/build.err" >&2
-    echo "bench.sh: could not build the compare bench" >&2
-    exit 1
+    if [ -z "$exe" ] || [ ! -x "$exe" ]; then
+        cat "$BENCH/logs/build.err" >&2
+        echo "bench.sh: could not build the compare bench" >&2
+        exit 1
+    fi
 fi
 echo "bench.sh: engine: $exe"
 
@@ -212,7 +245,12 @@ i=0
 while read -r model mode rest; do
     [ -n "$model" ] || continue
     i=$((i + 1))
-    batch=2; warmup=1; reps=3; frame=0; steps=100,200; bd=()
+    if [ "$deadline" -gt 0 ] && [ $((SECONDS - start)) -ge "$deadline" ]; then
+        failures+=("$model $mode $rest: not run (--deadline $deadline s reached)")
+        echo "bench.sh: [$i/$n] $model $mode: skipped, --deadline $deadline s reached"
+        continue
+    fi
+    batch=2; warmup=1; reps=3; frame=0; steps=100,200; bd=(); precision=float32
     for kv in $rest; do
         case "$kv" in
             batch=*) batch=${kv#batch=} ;;
@@ -220,13 +258,14 @@ while read -r model mode rest; do
             reps=*) reps=${kv#reps=} ;;
             frame=*) frame=${kv#frame=} ;;
             steps=*) steps=${kv#steps=} ;;
+            precision=*) precision=${kv#precision=} ;;
             breakdown) bd=(--breakdown) ;;
         esac
     done
     args=(--model "$model" --mode "$mode" --size "$size" --device "$device" --threads "$threads"
           --batch "$batch" --warmup "$warmup" --reps "$reps" --frame "$frame" --steps "$steps"
-          --work "$work" "${bd[@]}")
-    tag="$model-$mode-b$batch-f$frame-s${steps/,/-}"
+          --precision "$precision" --work "$work" "${bd[@]}")
+    tag="$model-$mode-b$batch-f$frame-s${steps/,/-}-$precision"
     for side in engine peer; do
         t0=$SECONDS
         if [ "$side" = engine ]; then
@@ -257,7 +296,7 @@ sampler=""
 
 export B_PROFILE=$profile B_DEVICE=$device B_THREADS=$threads B_CMD="$cmdline" B_DATE="$date_str" \
     B_ELAPSED=$elapsed B_LOAD0="$load_start" B_LOAD1="$load_end" B_GPUBASE="$gpu_base" B_LINES="$lines" \
-    B_GPUMEM="$gpumem" B_VERSIONS="$BENCH/versions.json" B_OUT="$BENCH/results.json"
+    B_GPUMEM="$gpumem" B_VERSIONS="$BENCH/versions.json" B_OUT="$BENCH/results.json" B_ROOT="$ROOT"
 printf '%s\n' "${failures[@]+"${failures[@]}"}" > "$BENCH/failures.txt"
 "$PY" - <<'EOF'
 import json, os
@@ -272,9 +311,15 @@ for l in open(e["B_GPUMEM"]):
         except ValueError:
             pass
 fails = [l.strip() for l in open(os.path.join(os.path.dirname(e["B_OUT"]), "failures.txt")) if l.strip()]
+import sys
+sys.path.insert(0, os.path.join(e["B_ROOT"], "benches", "peers"))
+import report
+mach = report.machine({})
+mach["libtorch"] = e.get("LUMOS_BENCH_LIBTORCH") or report.libtorch_version(e["B_ROOT"])
 run = {"profile": e["B_PROFILE"], "device": e["B_DEVICE"], "threads": int(e["B_THREADS"]), "command": e["B_CMD"],
        "date": e["B_DATE"], "elapsed_s": float(e["B_ELAPSED"]), "loadavg_start": e["B_LOAD0"],
-       "loadavg_end": e["B_LOAD1"], "gpu_memory_baseline_mib": float(e["B_GPUBASE"] or 0), "failures": fails}
+       "loadavg_end": e["B_LOAD1"], "gpu_memory_baseline_mib": float(e["B_GPUBASE"] or 0), "failures": fails,
+       "machine": mach}
 json.dump({"run": run, "versions": json.load(open(e["B_VERSIONS"])), "measurements": rows, "gpu_memory": gpu},
           open(e["B_OUT"], "w"), indent=1)
 EOF

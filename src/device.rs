@@ -76,13 +76,31 @@ pub fn cuda_available() -> bool {
     load_cuda().is_ok() && tch::Cuda::is_available()
 }
 
+/// cuDNN's autotuner on (`torch.backends.cudnn.benchmark = True`, as nnU-Net sets it):
+/// the first convolution of each shape times cuDNN's algorithms and keeps the fastest.
+/// Tiles and training patches have fixed shapes, so the search is paid once.
+/// `LUMOS_CUDNN_BENCHMARK=0` keeps cuDNN's heuristic choice.
+fn tune_cudnn() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if !std::env::var("LUMOS_CUDNN_BENCHMARK").is_ok_and(|v| v.trim() == "0") {
+            tch::Cuda::cudnn_set_benchmark(true);
+        }
+    });
+}
+
 /// Parses a device name. "auto" picks CUDA device 0 when available, else the CPU.
 pub fn parse_device(name: &str) -> Result<Device> {
     tune_allocator();
     let n = name.trim().to_ascii_lowercase();
     match n.as_str() {
         "cpu" => Ok(Device::Cpu),
-        "auto" | "" => Ok(if cuda_available() { Device::Cuda(0) } else { Device::Cpu }),
+        "auto" | "" => Ok(if cuda_available() {
+            tune_cudnn();
+            Device::Cuda(0)
+        } else {
+            Device::Cpu
+        }),
         _ => {
             let idx = if n == "cuda" || n == "gpu" {
                 0
@@ -100,6 +118,7 @@ pub fn parse_device(name: &str) -> Result<Device> {
             if idx >= count {
                 return Err(Error::Device(format!("'{name}' requested but {count} CUDA device(s) are visible")));
             }
+            tune_cudnn();
             Ok(Device::Cuda(idx))
         }
     }

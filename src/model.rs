@@ -20,6 +20,8 @@ use crate::image::check_finite;
 use crate::diffseg::{DiffusionOptions, PgDiffConfig, PgDiffNet};
 use crate::nn::dmqpm::{DmQpmConfig, DmQpmNet};
 use crate::nn::musplit::{MuSplitConfig, MuSplitNet};
+use crate::nn::precision::{to_float, with_precision};
+pub use crate::nn::precision::Precision;
 use crate::nn::unet::{Unet, UnetConfig};
 use crate::normalize::{apply_affine, Normalizer};
 use crate::progress::Monitor;
@@ -302,6 +304,8 @@ pub(crate) struct Inner {
 pub struct Model {
     pub meta: ModelMeta,
     device: Device,
+    /// Inference precision ([`Precision::code`]); float32 unless set.
+    precision: std::sync::atomic::AtomicI32,
     inner: Mutex<Inner>,
 }
 
@@ -361,7 +365,7 @@ impl Model {
         }
         let vs = nn::VarStore::new(device);
         let net = Net::build(&meta, &vs.root())?;
-        Ok(Model { meta, device, inner: Mutex::new(Inner { vs, net }) })
+        Ok(Model { meta, device, precision: Default::default(), inner: Mutex::new(Inner { vs, net }) })
     }
 
     /// Loads a model file onto `device`.
@@ -396,6 +400,17 @@ impl Model {
 
     pub fn device(&self) -> Device {
         self.device
+    }
+
+    /// The precision of this model's inference (segment, decompose); float32 by default.
+    pub fn precision(&self) -> Precision {
+        Precision::from_code(self.precision.load(std::sync::atomic::Ordering::Relaxed)).unwrap_or_default()
+    }
+
+    /// Sets the precision of later inference calls ([`Precision`]: bfloat16 autocast is
+    /// what makes a CUDA GPU's tensor cores do the work). Training is unaffected.
+    pub fn set_precision(&self, precision: Precision) {
+        self.precision.store(precision.code(), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The model's named tensors (trainable and buffers), as handles that share storage
@@ -496,14 +511,17 @@ impl Model {
                 (net, _) => Ok(net.infer(x)?.f_softmax(1, Kind::Float)?),
             }
         };
+        let precision = self.precision();
         let mut predict = |x: &Tensor| -> Result<Tensor> {
-            tch::no_grad(|| if opts.mirror { mirrored(x, &mut net_probs) } else { net_probs(x) })
+            with_precision(precision, device, || tch::no_grad(|| if opts.mirror { mirrored(x, &mut net_probs) } else { net_probs(x) }))?
+                .map(to_float)
         };
         let mut sink = |row0: usize, rows: &Tensor| -> Result<()> {
             let n = rows.size()[1] as usize;
             match &mut out {
                 SegmentOutput::Labels(l) => {
-                    let am = rows.argmax(0, false).to_kind(Kind::Uint8).contiguous();
+                    // the argmax on the device: only the labels cross to the host
+                    let am = rows.argmax(0, false).to_kind(Kind::Uint8).to_device(Device::Cpu).contiguous();
                     let v = Vec::<u8>::try_from(am.view([-1]))?;
                     let mut dst = l.slice_mut(ndarray::s![row0..row0 + n, ..]);
                     for (d, s) in dst.iter_mut().zip(v) {

@@ -186,7 +186,11 @@ pub fn apply_affine(x: &Tensor, aff: &[ChannelAffine], device: Device) -> Tensor
         Tensor::from_slice(&aff.iter().map(f).collect::<Vec<f32>>()).view(shape.as_slice()).to_device(device)
     };
     let (lo, hi, mean, std) = (col(&|a| a.lo), col(&|a| a.hi), col(&|a| a.mean), col(&|a| a.std));
-    (x.to_kind(Kind::Float).maximum(&lo).minimum(&hi) - mean) / std
+    // one new tensor (the clamp), then in place: a single pass's worth of memory
+    let mut y = x.to_kind(Kind::Float).clamp_tensor(Some(&lo), Some(&hi));
+    y -= &mean;
+    y /= &std;
+    y
 }
 
 /// Mean and population std in f64, one pass (Welford).

@@ -47,6 +47,7 @@ use crate::io::tiff;
 use crate::lc::{self, LcBand};
 use crate::metrics;
 use crate::nn::musplit::SplitVariant;
+use crate::nn::precision::{to_float, with_precision};
 use crate::model::{EpochRecord, Model, ModelKind, ModelMeta, Net, TORCH_RNG};
 use crate::normalize::{ChannelNorm, NormMethod, Normalizer};
 use crate::progress::{Monitor, Progress, Stage};
@@ -235,6 +236,7 @@ impl Model {
         let src = unsafe {
             Tensor::from_blob(contiguous.as_ptr() as *const u8, &[h as i64, w as i64], &[w as i64, 1], Kind::Float, Device::Cpu)
         };
+        let precision = self.precision();
         let inner = self.lock();
         let Net::Musplit(net) = &inner.net else {
             return Err(Error::Unsupported(format!("a '{}' model cannot decompose", self.meta.kind.name())));
@@ -258,15 +260,15 @@ impl Model {
             if opts.posterior_mean {
                 return Ok(net.forward_posterior_mean(x));
             }
-            let mut acc = net.forward_t(x, false).mean;
+            let mut acc = to_float(net.forward_t(x, false).mean);
             for _ in 1..samples {
-                acc += net.forward_t(x, false).mean;
+                acc += to_float(net.forward_t(x, false).mean);
             }
             Ok(acc / samples as f64)
         };
         let mut predict = |x: &Tensor| -> Result<Tensor> {
-            let p = tch::no_grad(|| if opts.mirror { mirrored(x, &mut one) } else { one(x) })?;
-            Ok(p * &std_t + &mean_t)
+            let p = with_precision(precision, device, || tch::no_grad(|| if opts.mirror { mirrored(x, &mut one) } else { one(x) }))??;
+            Ok(to_float(p) * &std_t + &mean_t)
         };
         let mut sink = |row0: usize, col0: usize, block: &Tensor| -> Result<()> {
             let a = crate::image::tensor_to_array3(block)?;

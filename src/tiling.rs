@@ -71,15 +71,41 @@ pub fn gaussian_importance(th: usize, tw: usize, device: Device) -> Tensor {
     g.maximum(&min_nz).to_device(device)
 }
 
+/// On a CUDA device, frames up to this size (float32 bytes) are predicted by
+/// [`sliding_window`] in one piece (one copy in, tiles batched across rows, one result
+/// transfer: fewer transfers and synchronizations); larger ones, and every frame on the CPU,
+/// band by band, with memory bounded by a band of tile rows whatever the frame's size.
+pub const WHOLE_FRAME_BYTES: usize = 256 << 20;
+
+/// Rows `y0..y1` of a `(C, H, W)` frame as a `(1, C, y1 - y0, W)` float tensor on `device`,
+/// read from the array's memory in place (no intermediate host copy) unless its strides
+/// are negative.
+fn rows_to_device(frame: ArrayView3<f32>, y0: usize, y1: usize, device: Device) -> Tensor {
+    let v = frame.slice(s![.., y0..y1, ..]);
+    if v.strides().iter().any(|&st| st < 0) || v.is_empty() {
+        return array3_to_tensor(v, device).unsqueeze(0);
+    }
+    let dims: Vec<i64> = std::iter::once(1).chain(v.shape().iter().map(|&d| d as i64)).collect();
+    let strides: Vec<i64> = std::iter::once(v.len() as i64).chain(v.strides().iter().map(|&st| st as i64)).collect();
+    // SAFETY: the pointer and strides describe the view's elements, all inside the array;
+    // the tensor borrows them only inside `sliding_window`, whose `frame` outlives it
+    // (to_device and `prepare` copy; an identity `prepare` keeps the borrow in the scope).
+    let t = unsafe { Tensor::from_blob(v.as_ptr() as *const u8, &dims, &strides, Kind::Float, Device::Cpu) };
+    t.to_device(device)
+}
+
 /// Predicts a `(C, H, W)` frame tile by tile.
 ///
-/// - `prepare` maps a raw tile `(1, C, h, w)` (already on `device`) to network input;
-///   it is where normalization happens.
+/// - `prepare` maps raw pixels `(1, C, h, w)` (a band of the frame's rows, already on
+///   `device`) to network input, pixel by pixel: it is where normalization happens.
 /// - `predict` maps a batch `(N, C, th, tw)` to `(N, K, th, tw)` values to blend
 ///   (probabilities, or any per-pixel output).
-/// - `sink(row0, rows)` receives finished rows `(K, n, W)` on the CPU, top to bottom.
+/// - `sink(row0, rows)` receives finished rows `(K, n, W)` on `device`, top to bottom: all
+///   rows at once for a frame of up to [`WHOLE_FRAME_BYTES`] on a CUDA device, else band by
+///   band (a sink that wants labels can take the argmax on the device and copy only those).
 ///
 /// Tiles past the frame border (frames smaller than a tile) are zero-padded after `prepare`.
+#[allow(clippy::too_many_arguments)]
 pub fn sliding_window(
     frame: ArrayView3<f32>,
     sw: &SlidingWindow,
@@ -90,9 +116,28 @@ pub fn sliding_window(
     sink: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
     monitor: &mut Monitor,
 ) -> Result<()> {
+    let whole = device.is_cuda() && frame.len() * 4 <= WHOLE_FRAME_BYTES;
+    sliding_window_with(frame, sw, out_channels, device, prepare, predict, sink, monitor, whole)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn sliding_window_with(
+    frame: ArrayView3<f32>,
+    sw: &SlidingWindow,
+    out_channels: usize,
+    device: Device,
+    prepare: &dyn Fn(&Tensor) -> Tensor,
+    predict: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
+    sink: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
+    monitor: &mut Monitor,
+    whole: bool,
+) -> Result<()> {
     let (_, h, w) = frame.dim();
     if h == 0 || w == 0 {
         return Err(Error::Shape(format!("the frame is {h} x {w}; expected at least 1 x 1 pixels")));
+    }
+    if whole {
+        return whole_frame(frame, sw, out_channels, device, prepare, predict, sink, monitor);
     }
     let [th, tw] = sw.tile;
     let ys = tile_starts(h, th, sw.step_fraction);
@@ -108,14 +153,6 @@ pub fn sliding_window(
     let total = ys.len() * xs.len();
     let mut done = 0usize;
 
-    let extract = |y: usize, x: usize| -> Tensor {
-        let (y1, x1) = ((y + th).min(h), (x + tw).min(w));
-        let t = array3_to_tensor(frame.slice(s![.., y..y1, x..x1]), device).unsqueeze(0);
-        let t = prepare(&t);
-        let (ph, pw) = ((th - (y1 - y)) as i64, (tw - (x1 - x)) as i64);
-        if ph > 0 || pw > 0 { t.constant_pad_nd([0, pw, 0, ph]) } else { t }
-    };
-
     for (bi, &y) in ys.iter().enumerate() {
         // shift the accumulator so that it starts at row y
         let shift = (y - acc_row0) as i64;
@@ -125,29 +162,15 @@ pub fn sliding_window(
             wsum = Tensor::cat(&[wsum.narrow(1, shift, keep), Tensor::zeros([1, shift, wp as i64], opts)], 1);
             acc_row0 = y;
         }
+        // the band of rows [y, y + th) across the frame on the device, prepared, zero-padded
+        // to th x wp (one host-to-device copy per band)
+        let y1 = (y + th).min(h);
+        let band = prepare(&rows_to_device(frame, y, y1, device));
+        let (ph, pw) = ((th - (y1 - y)) as i64, (wp - w) as i64);
+        let band = if ph > 0 || pw > 0 { band.constant_pad_nd([0, pw, 0, ph]) } else { band };
         for chunk in xs.chunks(sw.batch_size) {
-            monitor.check()?;
-            let batch = Tensor::cat(&chunk.iter().map(|&x| extract(y, x)).collect::<Vec<_>>(), 0);
-            let pred = predict(&batch)?;
-            let ps = pred.size();
-            if ps.len() != 4 || ps[0] != chunk.len() as i64 || ps[1] != k || ps[2] != th as i64 || ps[3] != tw as i64 {
-                return Err(Error::Shape(format!(
-                    "a tile prediction has shape {ps:?}; expected [{}, {k}, {th}, {tw}]",
-                    chunk.len()
-                )));
-            }
-            for (i, &x) in chunk.iter().enumerate() {
-                let p = pred.get(i as i64).to_kind(Kind::Float) * &gauss;
-                let mut a = acc.narrow(2, x as i64, tw as i64);
-                a += p;
-                let mut ws = wsum.narrow(2, x as i64, tw as i64);
-                ws += &gauss;
-            }
-            done += chunk.len();
-            let mut pr = Progress::new(Stage::Inference);
-            pr.iteration = done;
-            pr.iterations = total;
-            monitor.emit(pr);
+            let at: Vec<(i64, i64)> = chunk.iter().map(|&x| (0, x as i64)).collect();
+            predict_and_blend(&band, &at, sw.tile, k, &gauss, predict, (&acc, &wsum), (&mut done, total), monitor)?;
         }
         // rows before the next band's start are final
         let next = if bi + 1 < ys.len() { ys[bi + 1] } else { h.max(th) };
@@ -155,10 +178,90 @@ pub fn sliding_window(
         if end > y {
             let n = (end - y) as i64;
             let rows = acc.narrow(1, 0, n).narrow(2, 0, w as i64) / wsum.narrow(1, 0, n).narrow(2, 0, w as i64);
-            sink(y, &rows.to_device(Device::Cpu))?;
+            sink(y, &rows)?;
         }
     }
     Ok(())
+}
+
+/// Predicts one batch of tiles (cut from `input` at `at`, rows and columns within it) and
+/// adds the Gaussian-weighted predictions and weights into `acc` / `wsum` at `at`; reports
+/// progress (`done` of `total` tiles).
+#[allow(clippy::too_many_arguments)]
+fn predict_and_blend(
+    input: &Tensor,
+    at: &[(i64, i64)],
+    [th, tw]: [usize; 2],
+    k: i64,
+    gauss: &Tensor,
+    predict: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
+    (acc, wsum): (&Tensor, &Tensor),
+    (done, total): (&mut usize, usize),
+    monitor: &mut Monitor,
+) -> Result<()> {
+    monitor.check()?;
+    let (th_, tw_) = (th as i64, tw as i64);
+    let batch = Tensor::cat(&at.iter().map(|&(y, x)| input.narrow(2, y, th_).narrow(3, x, tw_)).collect::<Vec<_>>(), 0);
+    let pred = predict(&batch)?;
+    check_prediction(&pred, at.len(), k, th, tw)?;
+    let weighted = pred.to_kind(Kind::Float) * gauss;
+    for (i, &(y, x)) in at.iter().enumerate() {
+        let mut a = acc.narrow(1, y, th_).narrow(2, x, tw_);
+        a += weighted.get(i as i64);
+        let mut ws = wsum.narrow(1, y, th_).narrow(2, x, tw_);
+        ws += gauss;
+    }
+    *done += at.len();
+    let mut pr = Progress::new(Stage::Inference);
+    pr.iteration = *done;
+    pr.iterations = total;
+    monitor.emit(pr);
+    Ok(())
+}
+
+fn check_prediction(pred: &Tensor, n: usize, k: i64, th: usize, tw: usize) -> Result<()> {
+    let ps = pred.size();
+    if ps.len() != 4 || ps[0] != n as i64 || ps[1] != k || ps[2] != th as i64 || ps[3] != tw as i64 {
+        return Err(Error::Shape(format!("a tile prediction has shape {ps:?}; expected [{n}, {k}, {th}, {tw}]")));
+    }
+    Ok(())
+}
+
+/// [`sliding_window`] for a frame that fits on the device: one host-to-device copy and one
+/// `prepare` of the whole frame, batches of `batch_size` tiles taken in reading order across
+/// rows of tiles (full batches however the tiles fall into rows), one accumulator for the
+/// frame, and one `sink` call with every row at the end (one device-to-host transfer).
+#[allow(clippy::too_many_arguments)]
+fn whole_frame(
+    frame: ArrayView3<f32>,
+    sw: &SlidingWindow,
+    out_channels: usize,
+    device: Device,
+    prepare: &dyn Fn(&Tensor) -> Tensor,
+    predict: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
+    sink: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
+    monitor: &mut Monitor,
+) -> Result<()> {
+    let (_, h, w) = frame.dim();
+    let [th, tw] = sw.tile;
+    let (hp, wp) = (h.max(th), w.max(tw));
+    let k = out_channels as i64;
+    let gauss = gaussian_importance(th, tw, device);
+    let opts = (Kind::Float, device);
+    let input = prepare(&rows_to_device(frame, 0, h, device));
+    let (ph, pw) = ((hp - h) as i64, (wp - w) as i64);
+    let input = if ph > 0 || pw > 0 { input.constant_pad_nd([0, pw, 0, ph]) } else { input };
+    let acc = Tensor::zeros([k, hp as i64, wp as i64], opts);
+    let wsum = Tensor::zeros([1, hp as i64, wp as i64], opts);
+    let ys = tile_starts(h, th, sw.step_fraction);
+    let xs = tile_starts(w, tw, sw.step_fraction);
+    let tiles: Vec<(i64, i64)> = ys.iter().flat_map(|&y| xs.iter().map(move |&x| (y as i64, x as i64))).collect();
+    let mut done = 0usize;
+    for chunk in tiles.chunks(sw.batch_size) {
+        predict_and_blend(&input, chunk, sw.tile, k, &gauss, predict, (&acc, &wsum), (&mut done, tiles.len()), monitor)?;
+    }
+    let rows = acc.narrow(1, 0, h as i64).narrow(2, 0, w as i64) / wsum.narrow(1, 0, h as i64).narrow(2, 0, w as i64);
+    sink(0, &rows)
 }
 
 /// Inner-padding tiling (muSplit): the frame is cut into a grid of `keep x keep` cells;
@@ -281,21 +384,31 @@ mod tests {
         assert!(s.windows(2).all(|w| w[1] - w[0] <= 128));
     }
 
-    /// An identity "network" must give back the input exactly, whatever the tiling.
+    /// An identity "network" must give back the input exactly, whatever the tiling, with
+    /// the frame predicted in one piece (the CUDA path, run here on the CPU) or band by band; a non-identity `prepare`
+    /// (an affine map) is applied exactly once to every pixel.
     #[test]
     fn identity_is_reconstructed() {
-        for (h, w, t) in [(37usize, 53usize, 16usize), (64, 64, 64), (10, 70, 32), (100, 33, 32)] {
+        for (h, w, t, whole) in [
+            (37usize, 53usize, 16usize, true),
+            (64, 64, 64, true),
+            (10, 70, 32, true),
+            (100, 33, 32, true),
+            (37, 53, 16, false),
+            (10, 70, 32, false),
+            (100, 33, 32, false),
+        ] {
             let frame = Array3::from_shape_fn((2, h, w), |(c, y, x)| (c * 1000 + y * 7 + x) as f32);
             let sw = SlidingWindow { tile: [t, t], step_fraction: 0.5, batch_size: 3 };
             let mut out = Array3::<f32>::zeros((2, h, w));
             let mut next_row = 0;
-            sliding_window(
+            sliding_window_with(
                 frame.view(),
                 &sw,
                 2,
                 Device::Cpu,
-                &|t| t.shallow_clone(),
-                &mut |b| Ok(b.shallow_clone()),
+                &|t| t * 2.0 - 1.0,
+                &mut |b| Ok((b + 1.0) / 2.0),
                 &mut |r0, rows| {
                     assert_eq!(r0, next_row, "rows arrive in order");
                     let a = crate::image::tensor_to_array3(rows)?;
@@ -304,11 +417,12 @@ mod tests {
                     Ok(())
                 },
                 &mut Monitor::none(),
+                whole,
             )
             .unwrap();
             assert_eq!(next_row, h);
             let err = out.iter().zip(frame.iter()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            assert!(err < 1e-2, "{h}x{w} tile {t}: max error {err}");
+            assert!(err < 1e-2, "{h}x{w} tile {t}, whole frame {whole}: max error {err}");
         }
     }
 

@@ -23,8 +23,9 @@ Peers (PyTorch eager, the torch in this interpreter):
   ``torch.optim.SGD(nesterov=True)`` / ``Adamax`` / ``Adam`` with the engine's settings, torch's
   default implementation choice (for-loop on CPU, foreach on CUDA).
 - ``segment_2048``: a PyTorch sliding window with Gaussian importance weighting (nnU-Net's:
-  step 0.5, sigma = tile / 8), the engine's batches of 4 tiles along each row, softmax
-  probabilities blended on the device, argmax to uint8 labels on the CPU.
+  step 0.5, sigma = tile / 8), the frame on the device in one piece, the engine's batches
+  (``--batch`` tiles in reading order across rows of tiles), softmax probabilities blended
+  on the device, argmax to uint8 labels on the device, one copy of the labels to the host.
 - ``decompose``: ``MuSplitNet.decompose`` (the engine's inner-padding tiling, batch 16).
 - ``pgdiff_tiles``: the autoencoder's encoder, diffusers' ``DDIMInverseScheduler`` loop with
   LDM-P (prior start), diffusers' ``DDIMScheduler`` loop with LDM-S (eta 0, ``clip_sample``
@@ -88,6 +89,9 @@ def parse_args(argv):
     p.add_argument("--frame", type=int, default=2048)
     p.add_argument("--steps", default="100,200")
     p.add_argument("--breakdown", action="store_true")
+    p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
+                   help="inference modes: bfloat16 = torch.autocast(dtype=torch.bfloat16) with a channels-last "
+                        "network and inputs (training steps stay float32)")
     p.add_argument("--work")
     a = p.parse_args(argv)
     if not a.versions and not (a.model and a.mode and a.work):
@@ -275,6 +279,23 @@ def main(argv=None):
     torch.set_num_threads(threads)
     dev = torch.device(a.device)
     cuda = dev.type == "cuda"
+    if cuda:
+        # nnU-Net's own setting for training and prediction
+        torch.backends.cudnn.benchmark = True
+    bf16 = a.precision == "bfloat16" and a.mode != "train_step"
+
+    def amp():
+        """The inference precision: bfloat16 autocast, or nothing."""
+        import contextlib
+        return torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+    def for_inference(net):
+        """eval(); with bfloat16, the channels-last layout that tensor-core convolutions prefer."""
+        net = net.eval()
+        return net.to(memory_format=torch.channels_last) if bf16 else net
+
+    def cl(x):
+        return x.contiguous(memory_format=torch.channels_last) if bf16 and x.dim() == 4 else x
 
     def sync():
         if cuda:
@@ -317,6 +338,7 @@ def main(argv=None):
     out = {"side": "peer", "model": a.model, "mode": a.mode, "size": a.size, "kind": kind,
            "impl": f"PyTorch {torch.__version__} eager: {PEERS.get(a.model, 'transcription')}",
            "device": str(dev), "threads": torch.get_num_threads(), "batch": a.batch, "tile": t, "frame": None,
+           "precision": "bfloat16" if bf16 else "float32",
            "warmup": a.warmup, "reps": a.reps, "model_file": model_file, "inputs_file": inputs_file}
     pixels = 0.0
     tiles = 0.0
@@ -461,8 +483,8 @@ def main(argv=None):
                 extra["forward_backward_s"] = median(fwdbwd)
     elif a.mode == "inference":
         pixels = a.batch * t * t
-        x = inp["x"].to(dev)
-        net = build_net(a.model, meta, sd, False).to(dev).eval()
+        x = cl(inp["x"].to(dev))
+        net = for_inference(build_net(a.model, meta, sd, False).to(dev))
         del sd
         if kind == "pgdiff":
             m = inp["m"].to(dev)
@@ -471,7 +493,7 @@ def main(argv=None):
             extra["what"] = "one LDM-P and one LDM-S evaluation on the tiles' latents (t = 500)"
 
             def infer(_warm):
-                with torch.no_grad():
+                with torch.no_grad(), amp():
                     e1 = net.eps_p(z, 500)
                     e2 = net.eps_s(m, z, 500)
                     return e1.abs().mean().item() + e2.abs().mean().item()
@@ -479,9 +501,9 @@ def main(argv=None):
             def infer(_warm):
                 if kind == "musplit":
                     torch.manual_seed(7)
-                with torch.no_grad():
+                with torch.no_grad(), amp():
                     o = segmentation_forward(net, x, False)[0] if kind != "musplit" else net(x)
-                    return o.mean().item()
+                    return o.float().mean().item()
         t0 = start_measuring()
         times, check = timed(a.warmup, a.reps, infer)
     elif a.mode == "segment_2048":
@@ -489,9 +511,9 @@ def main(argv=None):
         out["frame"] = n
         pixels = n * n
         frame = inp["frame"].numpy()
-        net = build_net(a.model, meta, sd, False).to(dev).eval()
+        net = for_inference(build_net(a.model, meta, sd, False).to(dev))
         del sd
-        step_fraction, bs = 0.5, 4
+        step_fraction, bs = 0.5, a.batch
 
         def starts(size, tile):
             if size <= tile:
@@ -523,16 +545,16 @@ def main(argv=None):
             hp, wp = x.shape[1], x.shape[2]
             acc = torch.zeros((k, hp, wp), device=dev)
             wsum = torch.zeros((hp, wp), device=dev)
+            tiles = [(y0, x0) for y0 in starts(h, t) for x0 in starts(w, t)]
             with torch.no_grad():
-                for y0 in starts(h, t):
-                    xs = starts(w, t)
-                    for i in range(0, len(xs), bs):
-                        chunk = xs[i:i + bs]
-                        batch = torch.stack([x[:, y0:y0 + t, x0:x0 + t] for x0 in chunk], 0)
-                        p = segmentation_forward(net, batch, False)[0].softmax(1)
-                        for j, x0 in enumerate(chunk):
-                            acc[:, y0:y0 + t, x0:x0 + t] += p[j] * gauss
-                            wsum[y0:y0 + t, x0:x0 + t] += gauss
+                for i in range(0, len(tiles), bs):
+                    chunk = tiles[i:i + bs]
+                    batch = cl(torch.stack([x[:, y0:y0 + t, x0:x0 + t] for y0, x0 in chunk], 0))
+                    with amp():
+                        p = segmentation_forward(net, batch, False)[0].float().softmax(1)
+                    for j, (y0, x0) in enumerate(chunk):
+                        acc[:, y0:y0 + t, x0:x0 + t] += p[j] * gauss
+                        wsum[y0:y0 + t, x0:x0 + t] += gauss
                 labels = (acc[:, :h, :w] / wsum[:h, :w]).argmax(0).to(torch.uint8).cpu().numpy()
             return labels
 
@@ -549,18 +571,19 @@ def main(argv=None):
         out["frame"] = n
         pixels = n * n
         frame = inp["frame"].numpy()
-        net = build_net(a.model, meta, sd, False).to(dev).eval()
+        net = for_inference(build_net(a.model, meta, sd, False).to(dev))
         del sd
         keep = t // 2
         tiles = (-(-n // keep)) ** 2
         extra["tiling"] = {"tile": t, "keep": keep, "batch": 16, "samples": 1, "tiles": tiles}
 
         def run(warm):
-            if warm:
-                w = min(2 * t, n)
-                net.decompose(frame[:w, :w], meta, batch_size=16, samples=1, seed=0)
-                return float("nan")
-            return float(net.decompose(frame, meta, batch_size=16, samples=1, seed=0).mean())
+            with amp():
+                if warm:
+                    w = min(2 * t, n)
+                    net.decompose(frame[:w, :w], meta, batch_size=16, samples=1, seed=0)
+                    return float("nan")
+                return float(net.decompose(frame, meta, batch_size=16, samples=1, seed=0).mean())
 
         t0 = start_measuring()
         times, check = timed(a.warmup, a.reps, run)
@@ -569,8 +592,8 @@ def main(argv=None):
 
         pixels = a.batch * t * t
         tiles = a.batch
-        x = inp["x"].to(dev)
-        net = build_net(a.model, meta, sd, False).to(dev).eval()
+        x = cl(inp["x"].to(dev))
+        net = for_inference(build_net(a.model, meta, sd, False).to(dev))
         del sd
         pc = cfg["pgdiff"]
         samp = {**M.SAMPLING_DEFAULTS, **pc.get("sampling", {})}
@@ -587,7 +610,7 @@ def main(argv=None):
         extra["sampling"] = {**samp, "inversion_steps": inv_steps, "sampling_steps": samp_steps}
 
         def predict(n_inv, n_samp):
-            with torch.no_grad():
+            with torch.no_grad(), amp():
                 n_, _, th, tw = x.shape
                 z = net.encode(x)
                 _, _, h, w = z.shape
@@ -606,7 +629,7 @@ def main(argv=None):
 
         def run(warm):
             p = predict(1, 1) if warm else predict(inv_steps, samp_steps)
-            return p[:, 1].mean().item()
+            return p[:, 1].float().mean().item()
 
         t0 = start_measuring()
         times, check = timed(a.warmup, a.reps, run)

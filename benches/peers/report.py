@@ -5,7 +5,7 @@
 ``results.json`` (written by scripts/bench.sh): ``{"run": {...}, "versions": {...},
 "measurements": [one JSON object per engine or peer measurement], "gpu_memory": [[unix
 time, MiB used], ...]}``. Engine and peer rows are paired by (model, mode, batch, frame,
-steps); every ratio is engine / peer from the same run. Standard library only.
+steps, precision); every ratio is engine / peer from the same run. Standard library only.
 """
 
 from __future__ import annotations
@@ -72,7 +72,26 @@ def libtorch_version(root: str) -> str:
 
 def key(r: dict):
     steps = tuple(r.get("steps") or ())
-    return (r["model"], r["mode"], r["batch"], r.get("frame"), steps)
+    return (r["model"], r["mode"], r["batch"], r.get("frame"), steps, r.get("precision") or "float32")
+
+
+def failure_key(f: str):
+    """(model, mode, batch, frame, steps, precision) of a bench.sh failure line
+    ("MODEL MODE key=value ...: why")."""
+    words = f.split(":", 1)[0].split()
+    kv = dict(w.split("=", 1) for w in words[2:] if "=" in w)
+    try:
+        steps = tuple(int(v) for v in kv["steps"].split(",")) if "steps" in kv else ()
+        return (words[0], words[1], int(kv.get("batch", 2)), int(kv.get("frame", 0)), steps,
+                kv.get("precision", "float32"))
+    except (IndexError, ValueError):
+        return None
+
+
+def label(r: dict) -> str:
+    """The model's name in a table row, with the inference precision when not float32."""
+    p = r.get("precision") or "float32"
+    return r["model"] if p == "float32" else f"{r['model']} ({p})"
 
 
 def fmt(v, digits=3):
@@ -119,22 +138,47 @@ def gpu_peak(samples, r, baseline):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--results", default="target/bench/results.json")
+    ap.add_argument("--results", action="append",
+                    help="results.json of scripts/bench.sh (default target/bench/results.json); given several "
+                         "times, the runs' measurements are merged (a later run's measurement replaces an "
+                         "earlier one of the same model, mode, batch, frame, steps and precision)")
     ap.add_argument("--out", default="docs/benchmarks.md")
     ap.add_argument("--root", default=".")
+    ap.add_argument("--notes", help="a Markdown file included after the summary (observations about this run)")
     a = ap.parse_args()
-    with open(a.results) as f:
-        res = json.load(f)
-    run = res.get("run", {})
+    runs = []
+    for path in a.results or ["target/bench/results.json"]:
+        with open(path) as f:
+            runs.append(json.load(f))
+    res = runs[-1]
+    run = dict(res.get("run", {}))
     vers = res.get("versions", {})
-    rows = res.get("measurements", [])
-    gsamples = res.get("gpu_memory") or []
+    rows = []
+    gsamples = []
+    for r in runs:
+        rows.extend(r.get("measurements", []))
+        gsamples.extend(r.get("gpu_memory") or [])
+    if len(runs) > 1:
+        # one device, several calls: name each run; later measurements replace earlier ones
+        run["command"] = " ; then ".join(r["run"].get("command", "?") for r in runs)
+        run["date"] = " ; ".join(r["run"].get("date", "?") for r in runs)
+        run["elapsed_s"] = sum(r["run"].get("elapsed_s") or 0 for r in runs)
+        done = {(m["model"], m["mode"], m["batch"], m.get("frame") or 0, tuple(m.get("steps") or ()),
+                 m.get("precision") or "float32") for m in rows}
+        fails = {}
+        for r in runs:
+            for f in r["run"].get("failures") or []:
+                k = failure_key(f)
+                if k not in done:
+                    fails[k or f] = f
+        run["failures"] = list(fails.values())
     gbase = run.get("gpu_memory_baseline_mib") or 0.0
     eng = {key(r): r for r in rows if r.get("side") == "engine"}
     peer = {key(r): r for r in rows if r.get("side") == "peer"}
     quick = run.get("profile") == "quick"
     cuda = str(run.get("device", "cpu")).startswith("cuda")
-    mach = machine(run)
+    # the machine that ran the benchmark (recorded by bench.sh), else this one
+    mach = run.get("machine") or machine(run)
     L = []
     w = L.append
     w("# lumos against its PyTorch peers")
@@ -164,7 +208,7 @@ def main():
     w(f"| GPU | {mach.get('gpu', 'none')} |")
     w(f"| OS kernel | Linux {mach.get('kernel')} |")
     lumos_v = next((r["impl"] for r in rows if r.get("side") == "engine"), "lumos")
-    w(f"| engine | {lumos_v}; libtorch {libtorch_version(a.root)} (`.libtorch`, from the PyPI torch wheel); `cargo bench` profile (release) |")
+    w(f"| engine | {lumos_v}; libtorch {mach.get('libtorch') or libtorch_version(a.root)} (from the PyPI torch wheel); `cargo bench` profile (release) |")
     w(f"| peers | PyTorch {vers.get('torch')} (CUDA {vers.get('torch_cuda')}), Python {vers.get('python')}, "
       f"dynamic_network_architectures {vers.get('dynamic_network_architectures')}, diffusers {vers.get('diffusers')}, "
       f"numpy {vers.get('numpy')} |")
@@ -226,11 +270,11 @@ def main():
         else:
             S.append(f"| model | steps (inversion + sampling) | tiles x tile | engine tiles/s | peer tiles/s | engine MP/s | peer MP/s | engine/peer (time) | goal <= {GOAL} | {mem_hdr} | {mem_ratio_hdr} | check engine / peer |")
             S.append("|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|")
-        for k in sorted(keys, key=lambda k: (k[0], k[4], k[2])):
+        for k in sorted(keys, key=lambda k: (k[0], k[4], k[5], k[3] or 0, k[2])):
             e = eng[k]
             p = peer.get(k)
             if p is None:
-                S.append(f"| {e['model']} | {e.get('params')} | | {fmt(e['median_s'])} | **peer failed** | | | | | |")
+                S.append(f"| {label(e)} | {e.get('params')} | | {fmt(e['median_s'])} | **peer failed** | | | | | |")
                 continue
             ratio = e["median_s"] / p["median_s"]
             total += 1
@@ -238,7 +282,7 @@ def main():
             met += ok
             if not ok:
                 short = MODE_TITLES[mode].format(frame="whole").split(' (')[0].split(':')[0]
-                not_met.append(f"{short}: {e['model']}"
+                not_met.append(f"{short}: {label(e)}"
                                + (f" {e['steps'][0]}+{e['steps'][1]} steps" if e.get("steps") else "")
                                + f" ({ratio:.2f})")
             goal = "met" if ok else "**not met**"
@@ -265,16 +309,16 @@ def main():
             bt = f"{e['batch']} x {e['tile']}x{e['tile']}"
             chk = check_cell(e, p)
             if mode == "train_step":
-                S.append(f"| {e['model']} | {params} | {bt} | {fmt(e['median_s'])} | {fmt(p['median_s'])} | {ratio:.2f} | {goal} | {mem} | {mratio} | {chk} |")
+                S.append(f"| {label(e)} | {params} | {bt} | {fmt(e['median_s'])} | {fmt(p['median_s'])} | {ratio:.2f} | {goal} | {mem} | {mratio} | {chk} |")
             elif mode == "inference":
-                S.append(f"| {e['model']} | {params} | {bt} | {fmt(e['mp_per_s'])} | {fmt(p['mp_per_s'])} | {ratio:.2f} | {goal} | {mem} | {mratio} | {chk} |")
+                S.append(f"| {label(e)} | {params} | {bt} | {fmt(e['mp_per_s'])} | {fmt(p['mp_per_s'])} | {ratio:.2f} | {goal} | {mem} | {mratio} | {chk} |")
             elif mode in ("segment_2048", "decompose"):
                 info = e.get("sliding_window") or e.get("tiling") or {}
-                fr = f"{e['frame']} x {e['frame']} ({fmt(info.get('tiles'))} of {e['tile']}x{e['tile']})"
-                S.append(f"| {e['model']} | {params} | {fr} | {fmt(e['median_s'])} | {fmt(p['median_s'])} | {fmt(e['mp_per_s'])} | {fmt(p['mp_per_s'])} | {ratio:.2f} | {goal} | {mem} | {mratio} | {chk} |")
+                fr = f"{e['frame']} x {e['frame']} ({fmt(info.get('tiles'))} of {e['tile']}x{e['tile']}, {info.get('batch', e['batch'])} per pass)"
+                S.append(f"| {label(e)} | {params} | {fr} | {fmt(e['median_s'])} | {fmt(p['median_s'])} | {fmt(e['mp_per_s'])} | {fmt(p['mp_per_s'])} | {ratio:.2f} | {goal} | {mem} | {mratio} | {chk} |")
             else:
                 st = e.get("steps") or [0, 0]
-                S.append(f"| {e['model']} | {st[0]} + {st[1]} | {e['batch']} x {e['tile']}x{e['tile']} | {fmt(e.get('tiles_per_s'))} | {fmt(p.get('tiles_per_s'))} | {fmt(e['mp_per_s'])} | {fmt(p['mp_per_s'])} | {ratio:.2f} | {goal} | {mem} | {mratio} | {chk} |")
+                S.append(f"| {label(e)} | {st[0]} + {st[1]} | {e['batch']} x {e['tile']}x{e['tile']} | {fmt(e.get('tiles_per_s'))} | {fmt(p.get('tiles_per_s'))} | {fmt(e['mp_per_s'])} | {fmt(p['mp_per_s'])} | {ratio:.2f} | {goal} | {mem} | {mratio} | {chk} |")
         S.append("")
         if mode == "train_step":
             S.append("| model | engine: loss and optimizer | peer: loss and optimizer |")
@@ -294,6 +338,14 @@ def main():
         w("")
         w("Failed or unpaired measurements: " + "; ".join([str(f) for f in fails] + [" ".join(map(str, k)) for k in missing]))
     w("")
+    if len(runs) > 1:
+        w(f"Merged from {len(runs)} runs of scripts/bench.sh on the same machine kind (commands and dates above, "
+          "in order); each row comes from the last run that measured it.")
+        w("")
+    if a.notes:
+        with open(a.notes) as f:
+            L.append(f.read().rstrip("\n"))
+        w("")
     for S in sections:
         L.extend(S)
     bd = [(k, eng[k], peer.get(k)) for k in eng if k[1] == "train_step" and eng[k].get("forward_backward_s")]
@@ -348,10 +400,10 @@ def main():
       "benches/peers/check_parity.py. Training-step peers: the engine's losses written in PyTorch, `loss.backward()`, "
       "`torch.nn.utils.clip_grad_norm_` / `clip_grad_value_`, `torch.optim` with the engine's settings and torch's "
       "default implementation for the device. Sliding window: PyTorch, nnU-Net's Gaussian (sigma = tile / 8) and "
-      "step 0.5, the engine's batches of 4 tiles along a row. PG-DiffSeg sampling: diffusers' `DDIMInverseScheduler` "
+      "step 0.5, the frame on the device in one piece, the engine's batches (the plan's batch, tiles in reading order across rows of tiles). PG-DiffSeg sampling: diffusers' `DDIMInverseScheduler` "
       "and `DDIMScheduler` loops.")
     w("")
-    w("Raw measurements: `target/bench/results.json` (every repetition, pid, start and end times, setup time, "
+    w("Raw measurements: " + ", ".join(f"`{p}`" for p in (a.results or ["target/bench/results.json"])) + " (every repetition, pid, start and end times, setup time, "
       "peak memory, inputs and model files).")
     w("")
     with open(a.out, "w") as f:

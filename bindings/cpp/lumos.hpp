@@ -110,6 +110,15 @@ public:
         return s;
     }
     void save(const std::string &path) const { check(lumos_model_save(m_, path.c_str()), "saving a model"); }
+    /// Inference arithmetic: LUMOS_PRECISION_FLOAT32 (default) or LUMOS_PRECISION_BFLOAT16.
+    void set_precision(uint32_t precision) const {
+        check(lumos_model_set_precision(m_, precision), "setting the inference precision");
+    }
+    uint32_t precision() const {
+        uint32_t p = 0;
+        check(lumos_model_precision(m_, &p), "reading the inference precision");
+        return p;
+    }
 
     /// (H * W) class labels of a (C, H, W) image.
     std::vector<uint8_t> segment(const Image &x, const CancelToken *cancel = nullptr) const {

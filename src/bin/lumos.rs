@@ -11,7 +11,7 @@ use lumos::dataset::list_pairs;
 use lumos::device::{device_name, parse_device};
 use lumos::io::tiff;
 use lumos::metrics::{self, ImageScores};
-use lumos::model::{Model, SegmentOptions, SegmentOutput};
+use lumos::model::{Model, Precision, SegmentOptions, SegmentOutput};
 use lumos::progress::{Monitor, Progress, Stage};
 use lumos::sim::fluo::{FluoConfig, StructurePair};
 use lumos::sim::ssqpm::{self, Confluence, SsqpmConfig};
@@ -205,6 +205,9 @@ struct DecomposeArgs {
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Inference arithmetic: float32, or bfloat16 (autocast; the fast path on a CUDA GPU).
+    #[arg(long, default_value = "float32")]
+    precision: String,
 }
 
 #[derive(Args)]
@@ -362,6 +365,9 @@ struct TileArgs {
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Inference arithmetic: float32, or bfloat16 (autocast; the fast path on a CUDA GPU).
+    #[arg(long, default_value = "float32")]
+    precision: String,
     /// PG-DiffSeg: starting noise (prior = LDM-P inversion, random, forward).
     #[arg(long)]
     start: Option<String>,
@@ -690,6 +696,7 @@ fn tile_bar(n: usize) -> ProgressBar {
 
 fn segment(a: SegmentArgs) -> Result<()> {
     let model = Model::load(&a.model, parse_device(&a.tiles.device)?)?;
+    model.set_precision(Precision::parse(&a.tiles.precision)?);
     let files = tiff_files(&a.input)?;
     std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
     let bar = tile_bar(files.len());
@@ -778,6 +785,7 @@ fn evaluation_json(model_path: &Path, data: &Path, ev: &Evaluation, sum: &metric
 
 fn evaluate(a: EvaluateArgs) -> Result<metrics::Summary> {
     let model = Model::load(&a.model, parse_device(&a.tiles.device)?)?;
+    model.set_precision(Precision::parse(&a.tiles.precision)?);
     let ev = evaluate_folder(&model, &a.data, &a.tiles.options(&model)?)?;
     let (table, sum) = score_table(&model, &ev);
     println!("{table}");
@@ -981,6 +989,7 @@ fn compare(a: CompareArgs) -> Result<()> {
 
 fn decompose(a: DecomposeArgs) -> Result<()> {
     let model = Model::load(&a.model, parse_device(&a.device)?)?;
+    model.set_precision(Precision::parse(&a.precision)?);
     model.check_decompose()?;
     let patch = model.meta.patch_size[0];
     let mut opts = match a.padding.as_str() {

@@ -8,7 +8,7 @@ use ndarray::{ArrayView3, ArrayViewMut2, ArrayViewMut3};
 use super::{arg_str, guard, last_error_ptr, null, Fail, LumosStatus};
 use crate::device::{cuda_available, parse_device};
 use crate::diffseg::{DiffusionOptions, StartNoise};
-use crate::model::{Model, ModelKind, SegmentOptions, SegmentOutput};
+use crate::model::{Model, ModelKind, Precision, SegmentOptions, SegmentOutput};
 use crate::progress::{CancelToken, Monitor, Progress};
 use crate::split::DecomposeOptions;
 use crate::train::{train, TrainConfig};
@@ -472,6 +472,47 @@ pub unsafe extern "C" fn lumos_model_info(model: *const LumosModel, out_info: *m
             can_decompose: meta.kind.can_decompose(),
         };
         unsafe { *out_info = info };
+        Ok(())
+    })
+}
+
+/// `lumos_model_set_precision`: float32 arithmetic (the default).
+pub const LUMOS_PRECISION_FLOAT32: u32 = 0;
+/// `lumos_model_set_precision`: bfloat16 autocast.
+pub const LUMOS_PRECISION_BFLOAT16: u32 = 1;
+
+/// Sets the arithmetic of the model's later inference calls (`lumos_segment*`,
+/// `lumos_decompose`): `LUMOS_PRECISION_FLOAT32` (0, the default) or
+/// `LUMOS_PRECISION_BFLOAT16` (1): bfloat16 autocast, where convolutions, matrix products
+/// and attention run in bfloat16 and normalizations in float32; on a CUDA GPU with tensor
+/// cores (Ampere or newer) the fast path. Outputs stay float32 / uint8; probabilities
+/// change at the level of bfloat16 rounding (about 1e-2), labels only where classes were
+/// nearly tied. On a CPU it is allowed but seldom faster. Training is unaffected.
+///
+/// Errors: NULL_POINTER, INVALID_ARGUMENT (another value). Thread-safe: calls that start
+/// after it returns use the new precision.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lumos_model_set_precision(model: *const LumosModel, precision: u32) -> LumosStatus {
+    guard(|| {
+        let m = unsafe { model_ref(model) }?;
+        let p = i32::try_from(precision).ok().and_then(|c| Precision::from_code(c).ok()).ok_or_else(|| {
+            Fail(LumosStatus::InvalidArgument, format!("precision = {precision}; expected LUMOS_PRECISION_FLOAT32 (0) or LUMOS_PRECISION_BFLOAT16 (1)"))
+        })?;
+        m.model.set_precision(p);
+        Ok(())
+    })
+}
+
+/// The model's inference precision (`LUMOS_PRECISION_*`) in `*out_precision`.
+/// Errors: NULL_POINTER. Thread-safe.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lumos_model_precision(model: *const LumosModel, out_precision: *mut u32) -> LumosStatus {
+    guard(|| {
+        let m = unsafe { model_ref(model) }?;
+        if out_precision.is_null() {
+            return Err(null("out_precision"));
+        }
+        unsafe { *out_precision = m.model.precision().code() as u32 };
         Ok(())
     })
 }

@@ -6,3 +6,4 @@ pub mod loss;
 pub mod unet;
 pub mod musplit;
 pub mod packed;
+pub mod precision;

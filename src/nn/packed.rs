@@ -10,9 +10,9 @@
 //! (`mkldnn_reorder_conv2d_weight`, as `torch.jit.freeze` or torch.compile's CPU backend
 //! do) and calls libtorch's `mkldnn::_convolution_pointwise` with the packed weight. The
 //! packed copy is keyed by the weight's storage and version counter, so an optimizer
-//! step, `copy_` or a reload repacks it; training (grad mode on), CUDA, other dtypes and
-//! `LUMOS_PACKED_CONV=0` take the ordinary `conv2d`. Any error on the packed path falls
-//! back to `conv2d` for good (logged once).
+//! step, `copy_` or a reload repacks it; training (grad mode on), CUDA, other dtypes, CPU
+//! autocast (bfloat16 inference) and `LUMOS_PACKED_CONV=0` take the ordinary `conv2d`.
+//! Any error on the packed path falls back to `conv2d` for good (logged once).
 
 use std::os::raw::{c_char, c_int};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -104,6 +104,7 @@ impl PackCache {
     /// path when it applies, else libtorch's `conv2d`.
     pub fn conv2d(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: i64, padding: i64) -> Tensor {
         if packed_conv_enabled() && !PLAIN.with(|p| p.get()) && x.device() == Device::Cpu && x.kind() == Kind::Float && w.kind() == Kind::Float && x.dim() == 4 && !grad_enabled()
+            && !super::precision::autocast_enabled(Device::Cpu)
         {
             match self.try_packed(x, w, b, stride, padding) {
                 Ok(y) => return y,

@@ -1,8 +1,9 @@
-// Multi-tensor optimizer kernels of libtorch (the `_fused_*` and `_foreach_*` ATen ops that
-// torch.optim uses with fused=True / foreach=True), which tch does not bind. Each entry
-// point takes arrays of tch tensor handles (`torch::Tensor*`, tch's C_tensor), runs under
-// a NoGradGuard, catches every C++ exception and returns 0 on success or 1 with the
-// message in `err` (NUL-terminated, truncated to `err_len`). See src/optim/mod.rs.
+// libtorch entry points that tch does not bind: the multi-tensor optimizer kernels (the
+// `_fused_*` and `_foreach_*` ATen ops that torch.optim uses with fused=True / foreach=True,
+// src/optim/mod.rs), oneDNN's packed convolution (src/nn/packed.rs) and per-device autocast
+// (src/nn/precision.rs). Entry points take tch tensor handles (`torch::Tensor*`, tch's
+// C_tensor), run under a NoGradGuard, catch every C++ exception and return 0 on success or
+// 1 with the message in `err` (NUL-terminated, truncated to `err_len`).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_foreach_abs.h>
 #include <ATen/ops/_foreach_add.h>
@@ -21,6 +22,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
 #include <ATen/Context.h>
+#include <ATen/autocast_mode.h>
 
 #include <cstdio>
 #include <exception>
@@ -175,6 +177,38 @@ int lumos_conv2d_packed(at::Tensor *x, at::Tensor *packed, at::Tensor *bias, con
         op.callBoxed(&stack);
         *out = new at::Tensor(stack.back().toTensor());
     });
+}
+
+// Autocast (torch.autocast) on this thread for one device type (c10::DeviceType: 0 CPU,
+// 1 CUDA) to a lower-precision dtype (c10::ScalarType: 15 BFloat16, 5 Half). `enter` saves
+// the previous state in *prev_enabled / *prev_dtype for `exit`, which restores it and, at
+// the outermost level, clears autocast's cache of cast weights. See src/nn/precision.rs.
+int lumos_autocast_enter(int device_type, int dtype, int *prev_enabled, int *prev_dtype, char *err, size_t err_len) {
+    return guarded(err, err_len, [&] {
+        auto dt = static_cast<at::DeviceType>(device_type);
+        TORCH_CHECK(dt == at::kCPU || dt == at::kCUDA, "autocast: device type ", device_type, " is not CPU (0) or CUDA (1)");
+        auto st = static_cast<at::ScalarType>(dtype);
+        TORCH_CHECK(st == at::kBFloat16 || st == at::kHalf, "autocast: dtype ", dtype, " is not BFloat16 (15) or Half (5)");
+        *prev_enabled = at::autocast::is_autocast_enabled(dt) ? 1 : 0;
+        *prev_dtype = static_cast<int>(at::autocast::get_autocast_dtype(dt));
+        at::autocast::set_autocast_dtype(dt, st);
+        at::autocast::set_autocast_enabled(dt, true);
+        at::autocast::increment_nesting();
+    });
+}
+
+int lumos_autocast_exit(int device_type, int prev_enabled, int prev_dtype, char *err, size_t err_len) {
+    return guarded(err, err_len, [&] {
+        auto dt = static_cast<at::DeviceType>(device_type);
+        if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+        at::autocast::set_autocast_enabled(dt, prev_enabled != 0);
+        at::autocast::set_autocast_dtype(dt, static_cast<at::ScalarType>(prev_dtype));
+    });
+}
+
+// Whether autocast is on for this device type on this thread.
+int lumos_autocast_enabled(int device_type) {
+    return at::autocast::is_autocast_enabled(static_cast<at::DeviceType>(device_type)) ? 1 : 0;
 }
 
 }  // extern "C"

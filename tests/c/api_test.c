@@ -206,6 +206,38 @@ int main(int argc, char **argv) {
     }
     CHECK(worst < 1e-4, "probabilities sum to 1 (worst %g)", worst);
     CHECK(argmax_agrees, "labels are the argmax of the probabilities");
+    /* bfloat16 inference: probabilities within bfloat16 rounding, float32 restored after */
+    uint32_t prec = 99;
+    EXPECT_STATUS(lumos_model_precision(model, &prec), LUMOS_STATUS_OK);
+    CHECK(prec == LUMOS_PRECISION_FLOAT32, "default precision %u", prec);
+    EXPECT_STATUS(lumos_model_set_precision(model, 7), LUMOS_STATUS_INVALID_ARGUMENT);
+    EXPECT_STATUS(lumos_model_set_precision(NULL, LUMOS_PRECISION_BFLOAT16), LUMOS_STATUS_NULL_POINTER);
+    EXPECT_STATUS(lumos_model_precision(model, NULL), LUMOS_STATUS_NULL_POINTER);
+    EXPECT_STATUS(lumos_model_set_precision(model, LUMOS_PRECISION_BFLOAT16), LUMOS_STATUS_OK);
+    EXPECT_STATUS(lumos_model_precision(model, &prec), LUMOS_STATUS_OK);
+    CHECK(prec == LUMOS_PRECISION_BFLOAT16, "precision set to %u", prec);
+    float *probs16 = (float *)malloc(2 * H * W * sizeof(float));
+    EXPECT_STATUS(lumos_segment_probabilities(model, frame, C, H, W, &opts, NULL, probs16, 2 * H * W), LUMOS_STATUS_OK);
+    double dmax = 0.0, dsum = 0.0;
+    size_t same = 0;
+    for (size_t i = 0; i < 2 * H * W; i++) {
+        double d = fabs(probs16[i] - probs[i]);
+        dsum += d;
+        if (d > dmax) dmax = d;
+    }
+    size_t clear = 0; /* pixels whose float32 class probabilities differ by more than 0.2 */
+    for (size_t i = 0; i < H * W; i++) {
+        if (fabs(probs[H * W + i] - probs[i]) <= 0.2) continue;
+        clear++;
+        same += (probs16[H * W + i] > probs16[i]) == (probs[H * W + i] > probs[i]);
+    }
+    /* bfloat16 keeps 8 mantissa bits: probabilities move (autocast took effect), a little
+       on average, and the argmax changes only where the classes were nearly tied */
+    CHECK(dmax > 0.0 && dsum / (2 * H * W) < 0.02 && clear > 0 && same == clear,
+          "bfloat16 probabilities near float32 (max diff %g, mean diff %g, %zu of %zu clear labels equal)", dmax,
+          dsum / (2 * H * W), same, clear);
+    free(probs16);
+    EXPECT_STATUS(lumos_model_set_precision(model, LUMOS_PRECISION_FLOAT32), LUMOS_STATUS_OK);
     opts.mirror = true;
     opts.tile_height = opts.tile_width = 32;
     opts.batch_size = 1;

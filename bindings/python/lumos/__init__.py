@@ -114,6 +114,8 @@ def _load():
             "lumos_model_free": ([P], None),
             "lumos_model_save": ([P, C.c_char_p], st),
             "lumos_model_info": ([P, C.POINTER(_Info)], st),
+            "lumos_model_set_precision": ([P, C.c_uint32], st),
+            "lumos_model_precision": ([P, C.POINTER(C.c_uint32)], st),
             "lumos_model_kind_name": ([P, C.POINTER(C.c_char_p)], st),
             "lumos_model_channel_name": ([P, S, C.POINTER(C.c_char_p)], st),
             "lumos_model_class_name": ([P, S, C.POINTER(C.c_char_p)], st),
@@ -216,6 +218,9 @@ def _as_input(image: np.ndarray, ndim: int) -> np.ndarray:
     return a
 
 
+_PRECISIONS = {0: "float32", 1: "bfloat16"}
+
+
 class Model:
     """A loaded model. Thread-safe: calls on one model are serialized by the library."""
 
@@ -263,6 +268,21 @@ class Model:
 
     def save(self, path) -> None:
         _check(_load().lumos_model_save(self._h, os.fsencode(str(path))))
+
+    @property
+    def precision(self) -> str:
+        """Inference arithmetic: ``"float32"`` (default) or ``"bfloat16"`` (autocast; the fast
+        path on a CUDA GPU with tensor cores; probabilities change at bfloat16 rounding)."""
+        v = C.c_uint32()
+        _check(_load().lumos_model_precision(self._h, C.byref(v)))
+        return _PRECISIONS[v.value]
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        codes = {v: k for k, v in _PRECISIONS.items()}
+        if value not in codes:
+            raise ValueError(f"precision {value!r}; expected one of {sorted(codes)}")
+        _check(_load().lumos_model_set_precision(self._h, codes[value]))
 
     def diffusion_options(self) -> dict:
         """The sampling a PG-DiffSeg model was saved with (what ``segment`` uses by default)."""

@@ -72,6 +72,33 @@ def test_segment_and_reload(model, tmp_path):
     np.testing.assert_array_equal(model.segment(x.astype(np.float64)[:, :, :]), labels)
 
 
+def test_bfloat16_precision(model):
+    rng = np.random.default_rng(1)
+    x = rng.normal(1000, 50, size=(5, 48, 64)).astype(np.float32)
+    p32 = model.segment(x, probabilities=True)
+    assert model.precision == "float32"
+    model.precision = "bfloat16"
+    try:
+        assert model.precision == "bfloat16"
+        p16 = model.segment(x, probabilities=True)
+    finally:
+        model.precision = "float32"
+    assert p16.dtype == np.float32
+    np.testing.assert_allclose(p16.sum(0), 1.0, atol=1e-3)
+    d = np.abs(p16 - p32)
+    # bfloat16 keeps 8 mantissa bits: the probabilities move (autocast took effect), a little on
+    # average, and the argmax changes only where the classes were nearly tied
+    assert d.max() > 0 and d.mean() < 0.02, (d.max(), d.mean())
+    clear = np.abs(p32[1] - p32[0]) > 0.2
+    assert clear.any()
+    np.testing.assert_array_equal(p16.argmax(0)[clear], p32.argmax(0)[clear])
+    with pytest.raises(ValueError, match="fp16"):
+        model.precision = "fp16"
+    with pytest.raises(lumos.LumosError, match="INVALID_ARGUMENT.*precision"):
+        lumos._check(lumos._load().lumos_model_set_precision(model._h, 7))
+    np.testing.assert_array_equal(model.segment(x, probabilities=True), p32)
+
+
 def test_errors_carry_messages(model, tmp_path):
     with pytest.raises(lumos.LumosError, match="SHAPE_MISMATCH.*expects 5"):
         model.segment(np.zeros((4, 32, 32), np.float32))

@@ -4,6 +4,7 @@ import com.sun.jna.Callback;
 import com.sun.jna.Library;
 import com.sun.jna.Pointer;
 import com.sun.jna.Structure;
+import com.sun.jna.ptr.IntByReference;
 import com.sun.jna.ptr.PointerByReference;
 
 /**
@@ -112,6 +113,11 @@ public interface LumosLibrary extends Library {
     int lumos_model_save(Pointer model, String path);
 
     int lumos_model_info(Pointer model, ModelInfo outInfo);
+
+    /** LUMOS_PRECISION_FLOAT32 (0) or LUMOS_PRECISION_BFLOAT16 (1). */
+    int lumos_model_set_precision(Pointer model, int precision);
+
+    int lumos_model_precision(Pointer model, IntByReference outPrecision);
 
     int lumos_model_kind_name(Pointer model, PointerByReference outName);
 

@@ -1,6 +1,7 @@
 package org.lumos;
 
 import com.sun.jna.Pointer;
+import com.sun.jna.ptr.IntByReference;
 import com.sun.jna.ptr.PointerByReference;
 
 /**
@@ -67,6 +68,22 @@ public final class Model implements AutoCloseable {
     /** Saves the model (atomically). */
     public void save(String path) {
         Lumos.check(Lumos.lib().lumos_model_save(h(), path));
+    }
+
+    /**
+     * Inference arithmetic for later segment / decompose calls: false = float32 (the default),
+     * true = bfloat16 autocast (the fast path on a CUDA GPU with tensor cores; probabilities
+     * change at bfloat16 rounding). Training is unaffected.
+     */
+    public void setBfloat16(boolean bf16) {
+        Lumos.check(Lumos.lib().lumos_model_set_precision(h(), bf16 ? 1 : 0));
+    }
+
+    /** Whether inference runs in bfloat16 (see {@link #setBfloat16}). */
+    public boolean isBfloat16() {
+        IntByReference p = new IntByReference();
+        Lumos.check(Lumos.lib().lumos_model_precision(h(), p));
+        return p.getValue() == 1;
     }
 
     /** The model's metadata as JSON (config, provenance, normalization). */

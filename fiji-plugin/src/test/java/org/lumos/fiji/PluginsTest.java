@@ -103,6 +103,11 @@ public class PluginsTest {
             assertTrue(m.canSegment);
             assertFalse(m.canDecompose);
             assertTrue(m.metadataJson().contains("provenance"));
+            assertFalse(m.isBfloat16());
+            m.setBfloat16(true);
+            assertTrue(m.isBfloat16());
+            m.setBfloat16(false);
+            assertFalse(m.isBfloat16());
         }
         try {
             Model.load(new File(dir, "missing.lumos").getPath(), "cpu");
