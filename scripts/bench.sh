@@ -110,6 +110,11 @@ plan_cpu() {
     echo "musplit-unet inference batch=8 warmup=1 reps=3"
     echo "musplit-hvae inference batch=16 warmup=1 reps=3"
     echo "pg-diffseg inference batch=1 warmup=1 reps=3"
+    # bfloat16 autocast inference (fast on CPUs with AVX-512 BF16 or AMX)
+    for m in "dm-qpmnet 4" "early-fusion 4" "nnunet 4" "musplit-unet 8" "musplit-hvae 16" "pg-diffseg 1"; do
+        set -- $m
+        echo "$1 inference batch=$2 warmup=1 reps=3 precision=bfloat16"
+    done
     echo "dm-qpmnet segment_2048 batch=4 frame=2048 warmup=1 reps=1"
     echo "early-fusion segment_2048 batch=4 frame=2048 warmup=1 reps=1"
     echo "musplit-unet decompose batch=16 frame=256 warmup=1 reps=1"

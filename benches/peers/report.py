@@ -400,7 +400,7 @@ def main():
       "benches/peers/check_parity.py. Training-step peers: the engine's losses written in PyTorch, `loss.backward()`, "
       "`torch.nn.utils.clip_grad_norm_` / `clip_grad_value_`, `torch.optim` with the engine's settings and torch's "
       "default implementation for the device. Sliding window: PyTorch, nnU-Net's Gaussian (sigma = tile / 8) and "
-      "step 0.5, the frame on the device in one piece, the engine's batches (the plan's batch, tiles in reading order across rows of tiles). PG-DiffSeg sampling: diffusers' `DDIMInverseScheduler` "
+      "step 0.5, the same tiles per forward pass as the engine (benches/peers/bench_peers.py). PG-DiffSeg sampling: diffusers' `DDIMInverseScheduler` "
       "and `DDIMScheduler` loops.")
     w("")
     w("Raw measurements: " + ", ".join(f"`{p}`" for p in (a.results or ["target/bench/results.json"])) + " (every repetition, pid, start and end times, setup time, "

@@ -6,8 +6,11 @@
 //! newer), reductions and normalizations stay in float32, weights are cast once per call
 //! (autocast's cache). Outputs are returned as float32. It changes results at the level of
 //! bfloat16 rounding (8 bits of mantissa): class probabilities move by about 1e-2 at most,
-//! labels only where two classes were nearly tied. On a CPU it is allowed but rarely faster
-//! (only CPUs with AVX-512 BF16 or AMX have bfloat16 arithmetic).
+//! labels only where two classes were nearly tied. On a CPU it pays only where the CPU has
+//! bfloat16 arithmetic (AVX-512 BF16 or AMX): on a 2-core AMD EPYC with AVX-512 BF16
+//! (2026-11-26, docs/benchmarks.md) the nnU-Net-style networks and the LC U-Net ran 1.7 to
+//! 2.1x faster, PG-DiffSeg's diffusion U-Nets 0.9x (slower). On an NVIDIA H200 DM-QPMNet ran
+//! 1.9x faster and the PlainConvUNet 0.9x (docs/benchmarks-cuda.md). Hence opt-in.
 //!
 //! Training always runs in float32.
 
