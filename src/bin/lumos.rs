@@ -695,8 +695,9 @@ fn tile_bar(n: usize) -> ProgressBar {
 }
 
 fn segment(a: SegmentArgs) -> Result<()> {
+    let precision = Precision::parse(&a.tiles.precision)?;
     let model = Model::load(&a.model, parse_device(&a.tiles.device)?)?;
-    model.set_precision(Precision::parse(&a.tiles.precision)?);
+    model.set_precision(precision);
     let files = tiff_files(&a.input)?;
     std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
     let bar = tile_bar(files.len());
@@ -784,8 +785,9 @@ fn evaluation_json(model_path: &Path, data: &Path, ev: &Evaluation, sum: &metric
 }
 
 fn evaluate(a: EvaluateArgs) -> Result<metrics::Summary> {
+    let precision = Precision::parse(&a.tiles.precision)?;
     let model = Model::load(&a.model, parse_device(&a.tiles.device)?)?;
-    model.set_precision(Precision::parse(&a.tiles.precision)?);
+    model.set_precision(precision);
     let ev = evaluate_folder(&model, &a.data, &a.tiles.options(&model)?)?;
     let (table, sum) = score_table(&model, &ev);
     println!("{table}");
@@ -988,8 +990,9 @@ fn compare(a: CompareArgs) -> Result<()> {
 }
 
 fn decompose(a: DecomposeArgs) -> Result<()> {
+    let precision = Precision::parse(&a.precision)?;
     let model = Model::load(&a.model, parse_device(&a.device)?)?;
-    model.set_precision(Precision::parse(&a.precision)?);
+    model.set_precision(precision);
     model.check_decompose()?;
     let patch = model.meta.patch_size[0];
     let mut opts = match a.padding.as_str() {
