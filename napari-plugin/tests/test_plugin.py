@@ -101,6 +101,14 @@ def test_segment_dmqpm_from_five_layers(make_napari_viewer, qtbot, models, scree
     with lumos.Model(models["dmqpm"], device="cpu") as m:
         x = np.stack([viewer.layers[n].data for n in ["I0", "I45", "I90", "I135", "phase"]])
         np.testing.assert_array_equal(labels.data, m.segment(x))
+    # the bfloat16 box sets the loaded model's precision, and a reloaded model keeps it
+    assert widget.model.precision == "float32"
+    widget.bf16.value = True
+    assert widget.model.precision == "bfloat16"
+    widget.device.value = "auto"
+    assert widget.model.precision == "bfloat16"
+    widget.bf16.value = False
+    assert widget.model.precision == "float32"
     viewer.layers["cells (truth)"].visible = False
     canvas_not_blank(viewer)
     screenshot(viewer, screenshot_dir / "napari-segment-dmqpm.png")
