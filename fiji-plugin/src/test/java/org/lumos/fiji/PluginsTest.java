@@ -135,6 +135,10 @@ public class PluginsTest {
         assertEquals(0.5, out.getCalibration().pixelWidth, 0.0);
         assertEquals(imp.getCalibration().getUnit(), out.getCalibration().getUnit());
         byte[] viaPlugin = (byte[]) out.getProcessor().getPixels();
+        // the bfloat16 flag runs (labels may differ only where classes were nearly tied)
+        IJ.runPlugIn(imp, "org.lumos.fiji.Lumos_Segment", "model=[" + dmqpm + "] device=cpu bfloat16");
+        assertNotNull("the bfloat16 run produced no image (see the log)", Lumos_Segment.lastResult);
+        assertEquals(96, Lumos_Segment.lastResult.getWidth());
         try (Model m = Model.load(dmqpm, "cpu")) {
             byte[] direct = m.segment(Plugins.frame(imp, 5, 1, 1), null, null);
             assertArrayEquals("the plugin gives what the binding gives", direct, viaPlugin);
