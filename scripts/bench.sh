@@ -18,7 +18,8 @@
 #          "model mode" matches, e.g. --only 'train_step'), --keep-work (reuse the model files
 #          and inputs of an earlier run of the same profile), --engine EXE (a compare bench
 #          binary built elsewhere: no cargo needed, as on a GPU machine without a Rust
-#          toolchain), --python PY (the peers' interpreter instead of .venv/bin/python),
+#          toolchain), --python PY (the peers' interpreter instead of .venv/bin/python;
+#          relative paths given to --engine, --plan and --out start at the repository root),
 #          --deadline SECONDS (start no new plan line after this long; the report covers
 #          what ran), --plan FILE (plan lines "model mode key=value ..." from FILE instead
 #          of the profile's plan; see plan_cuda below for the keys).
@@ -68,12 +69,17 @@ while [ $# -gt 0 ]; do
         --python) python="$2"; shift ;;
         --deadline) deadline="$2"; shift ;;
         --plan) planfile="$2"; shift ;;
-        -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
         *) echo "bench.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
     esac
     shift
 done
 [ -n "$threads" ] || threads=$(nproc)
+case "$deadline" in ''|*[!0-9]*) echo "bench.sh: --deadline takes whole seconds, not '$deadline'" >&2; exit 2 ;; esac
+if [ -n "$planfile" ] && [ ! -f "$planfile" ]; then
+    echo "bench.sh: --plan $planfile: no such file (relative paths start at the repository root)" >&2
+    exit 2
+fi
 case "$device" in cpu|cuda|cuda:*) ;; *) echo "bench.sh: --device cpu or cuda[:N]" >&2; exit 2 ;; esac
 devclass=${device%%:*}
 
@@ -279,15 +285,15 @@ while read -r model mode rest; do
             cmd=("$PY" benches/peers/bench_peers.py "${args[@]}")
         fi
         if "${cmd[@]}" < /dev/null > "$BENCH/logs/$tag.$side.out" 2> "$BENCH/logs/$tag.$side.err"; then
-            grep '^{' "$BENCH/logs/$tag.$side.out" >> "$lines" || failures+=("$tag $side: no JSON line")
+            grep '^{' "$BENCH/logs/$tag.$side.out" >> "$lines" || failures+=("$model $mode $rest: $side printed no JSON line")
             med=$(grep '^{' "$BENCH/logs/$tag.$side.out" | tail -1 | "$PY" -c 'import json,sys; print("%.4g" % json.load(sys.stdin)["median_s"])' 2>/dev/null || echo "?")
             printf 'bench.sh: [%d/%d] %-13s %-13s %-6s median %8s s  (%d s)\n' "$i" "$n" "$model" "$mode" "$side" "$med" $((SECONDS - t0))
         else
             rc=$?
-            failures+=("$tag $side: exit $rc (see $BENCH/logs/$tag.$side.err)")
+            failures+=("$model $mode $rest: $side exit $rc (see $BENCH/logs/$tag.$side.err)")
             printf 'bench.sh: [%d/%d] %-13s %-13s %-6s FAILED (exit %d), see %s\n' "$i" "$n" "$model" "$mode" "$side" "$rc" "$BENCH/logs/$tag.$side.err"
             # the peer needs the engine's model file and inputs
-            [ "$side" = engine ] && { failures+=("$tag peer: skipped (engine failed)"); break; }
+            [ "$side" = engine ] && { failures+=("$model $mode $rest: peer skipped (engine failed)"); break; }
         fi
     done
 done <<< "$plan"

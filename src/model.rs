@@ -23,7 +23,7 @@ use crate::nn::musplit::{MuSplitConfig, MuSplitNet};
 use crate::nn::precision::{to_float, with_precision};
 pub use crate::nn::precision::Precision;
 use crate::nn::unet::{Unet, UnetConfig};
-use crate::normalize::{apply_affine, Normalizer};
+use crate::normalize::{apply_affine_owned, Normalizer};
 use crate::progress::Monitor;
 use crate::tiling::{mirrored, sliding_window, SlidingWindow};
 use crate::weights;
@@ -499,7 +499,7 @@ impl Model {
         // the sampler checks for cancellation between its steps
         let inner_monitor = Monitor { progress: None, cancel: monitor.cancel.clone() };
         let mut batch_no = 0u64;
-        let prepare = |t: &Tensor| apply_affine(t, &aff, device);
+        let prepare = |t: Tensor| apply_affine_owned(t, &aff, device);
         let mut net_probs = |x: &Tensor| -> Result<Tensor> {
             match (&inner.net, diff_opts) {
                 (Net::Pgdiff(d), Some(o)) => {

@@ -178,19 +178,27 @@ impl Normalizer {
     }
 }
 
-/// Applies per-channel affine maps to a `(N, C, H, W)` or `(C, H, W)` tensor.
-pub fn apply_affine(x: &Tensor, aff: &[ChannelAffine], device: Device) -> Tensor {
-    let c = aff.len() as i64;
-    let shape: Vec<i64> = if x.dim() == 4 { vec![1, c, 1, 1] } else { vec![c, 1, 1] };
-    let col = |f: &dyn Fn(&ChannelAffine) -> f32| {
-        Tensor::from_slice(&aff.iter().map(f).collect::<Vec<f32>>()).view(shape.as_slice()).to_device(device)
-    };
-    let (lo, hi, mean, std) = (col(&|a| a.lo), col(&|a| a.hi), col(&|a| a.mean), col(&|a| a.std));
-    // one new tensor (the clamp), then in place: a single pass's worth of memory
-    let mut y = x.to_kind(Kind::Float).clamp_tensor(Some(&lo), Some(&hi));
-    y -= &mean;
-    y /= &std;
+/// Applies per-channel affine maps (clamp to `[lo, hi]`, then `(x - mean) / std`) to a
+/// `(N, C, H, W)` or `(C, H, W)` tensor the caller gives up: computed in place in it, no new
+/// memory (a non-float tensor is converted first).
+pub fn apply_affine_owned(x: Tensor, aff: &[ChannelAffine], device: Device) -> Tensor {
+    let mut y = if x.kind() == Kind::Float { x } else { x.to_kind(Kind::Float) };
+    let _ = y.clamp_tensor_(Some(&affine_column(aff, y.dim(), device, |a| a.lo)), Some(&affine_column(aff, y.dim(), device, |a| a.hi)));
+    normalize_in_place(y, aff, device)
+}
+
+/// `(x - mean) / std` per channel, in place.
+fn normalize_in_place(mut y: Tensor, aff: &[ChannelAffine], device: Device) -> Tensor {
+    y -= &affine_column(aff, y.dim(), device, |a| a.mean);
+    y /= &affine_column(aff, y.dim(), device, |a| a.std);
     y
+}
+
+/// One field of the channels' affine maps, shaped to broadcast over a `dim`-D tensor.
+fn affine_column(aff: &[ChannelAffine], dim: usize, device: Device, f: impl Fn(&ChannelAffine) -> f32) -> Tensor {
+    let c = aff.len() as i64;
+    let shape: Vec<i64> = if dim == 4 { vec![1, c, 1, 1] } else { vec![c, 1, 1] };
+    Tensor::from_slice(&aff.iter().map(f).collect::<Vec<f32>>()).view(shape.as_slice()).to_device(device)
 }
 
 /// Mean and population std in f64, one pass (Welford).
@@ -234,7 +242,7 @@ mod tests {
         assert!(nb.data[[1, 0, 0]].abs() < 1e-6);
         // tensor path equals the array path
         let aff = n.resolve(b.data.view()).unwrap();
-        let t = apply_affine(&b.to_tensor(Device::Cpu), &aff, Device::Cpu);
+        let t = apply_affine_owned(b.to_tensor(Device::Cpu), &aff, Device::Cpu);
         let back = crate::image::tensor_to_array3(&t).unwrap();
         assert!(back.iter().zip(nb.data.iter()).all(|(x, y)| (x - y).abs() < 1e-5));
         // wrong channel count is a clear error

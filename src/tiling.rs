@@ -71,15 +71,24 @@ pub fn gaussian_importance(th: usize, tw: usize, device: Device) -> Tensor {
     g.maximum(&min_nz).to_device(device)
 }
 
-/// On a CUDA device, frames up to this size (float32 bytes) are predicted by
-/// [`sliding_window`] in one piece (one copy in, tiles batched across rows, one result
-/// transfer: fewer transfers and synchronizations); larger ones, and every frame on the CPU,
-/// band by band, with memory bounded by a band of tile rows whatever the frame's size.
-pub const WHOLE_FRAME_BYTES: usize = 256 << 20;
+/// On a CUDA device, a frame whose whole-frame working set fits in this many bytes is
+/// predicted by [`sliding_window`] in one piece (one copy in, tiles batched across rows, one
+/// result transfer: fewer transfers and synchronizations). The working set counts the raw
+/// and the prepared frame (2 C), the accumulator and the blended result (2 K), the weight
+/// sum and the int64 argmax (3 planes of float32 size). Larger frames, and every frame on
+/// the CPU, go band by band, with memory bounded by a band of tile rows whatever the
+/// frame's size. The two paths group tiles into batches differently, so a stochastic
+/// predictor (PG-DiffSeg, which draws per batch) draws differently on each.
+pub const WHOLE_FRAME_BYTES: usize = 1 << 30;
 
-/// Rows `y0..y1` of a `(C, H, W)` frame as a `(1, C, y1 - y0, W)` float tensor on `device`,
-/// read from the array's memory in place (no intermediate host copy) unless its strides
-/// are negative.
+/// Bytes of the whole-frame path's working set (see [`WHOLE_FRAME_BYTES`]).
+fn whole_frame_bytes(c: usize, k: usize, h: usize, w: usize) -> usize {
+    (2 * c + 2 * k + 3).saturating_mul(h).saturating_mul(w).saturating_mul(4)
+}
+
+/// Rows `y0..y1` of a `(C, H, W)` frame as a new `(1, C, y1 - y0, W)` float tensor on
+/// `device` that owns its memory: one strided copy from the array's memory (straight to
+/// the device on a GPU), no element-by-element gathering, unless the strides are negative.
 fn rows_to_device(frame: ArrayView3<f32>, y0: usize, y1: usize, device: Device) -> Tensor {
     let v = frame.slice(s![.., y0..y1, ..]);
     if v.strides().iter().any(|&st| st < 0) || v.is_empty() {
@@ -87,17 +96,25 @@ fn rows_to_device(frame: ArrayView3<f32>, y0: usize, y1: usize, device: Device) 
     }
     let dims: Vec<i64> = std::iter::once(1).chain(v.shape().iter().map(|&d| d as i64)).collect();
     let strides: Vec<i64> = std::iter::once(v.len() as i64).chain(v.strides().iter().map(|&st| st as i64)).collect();
-    // SAFETY: the pointer and strides describe the view's elements, all inside the array;
-    // the tensor borrows them only inside `sliding_window`, whose `frame` outlives it
-    // (to_device and `prepare` copy; an identity `prepare` keeps the borrow in the scope).
-    let t = unsafe { Tensor::from_blob(v.as_ptr() as *const u8, &dims, &strides, Kind::Float, Device::Cpu) };
-    t.to_device(device)
+    // SAFETY: the pointer and strides describe the view's elements, all inside the array,
+    // which outlives this function; the borrowing tensor is dropped here, after the copy
+    // (to another device, or into new host memory), so nothing aliases the caller's frame.
+    let borrowed = unsafe { Tensor::from_blob(v.as_ptr() as *const u8, &dims, &strides, Kind::Float, Device::Cpu) };
+    match device {
+        Device::Cpu => {
+            let mut owned = Tensor::empty(dims.as_slice(), (Kind::Float, Device::Cpu));
+            owned.copy_(&borrowed);
+            owned
+        }
+        _ => borrowed.to_device(device),
+    }
 }
 
 /// Predicts a `(C, H, W)` frame tile by tile.
 ///
-/// - `prepare` maps raw pixels `(1, C, h, w)` (a band of the frame's rows, already on
-///   `device`) to network input, pixel by pixel: it is where normalization happens.
+/// - `prepare` maps raw pixels `(1, C, h, w)` (a copy of a band of the frame's rows, or of
+///   the whole frame, on `device`, which `prepare` owns and may overwrite) to network
+///   input, pixel by pixel: it is where normalization happens.
 /// - `predict` maps a batch `(N, C, th, tw)` to `(N, K, th, tw)` values to blend
 ///   (probabilities, or any per-pixel output).
 /// - `sink(row0, rows)` receives finished rows `(K, n, W)` on `device`, top to bottom: all
@@ -111,12 +128,13 @@ pub fn sliding_window(
     sw: &SlidingWindow,
     out_channels: usize,
     device: Device,
-    prepare: &dyn Fn(&Tensor) -> Tensor,
+    prepare: &dyn Fn(Tensor) -> Tensor,
     predict: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
     sink: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
     monitor: &mut Monitor,
 ) -> Result<()> {
-    let whole = device.is_cuda() && frame.len() * 4 <= WHOLE_FRAME_BYTES;
+    let (c, h, w) = frame.dim();
+    let whole = device.is_cuda() && whole_frame_bytes(c, out_channels, h, w) <= WHOLE_FRAME_BYTES;
     sliding_window_with(frame, sw, out_channels, device, prepare, predict, sink, monitor, whole)
 }
 
@@ -126,7 +144,7 @@ fn sliding_window_with(
     sw: &SlidingWindow,
     out_channels: usize,
     device: Device,
-    prepare: &dyn Fn(&Tensor) -> Tensor,
+    prepare: &dyn Fn(Tensor) -> Tensor,
     predict: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
     sink: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
     monitor: &mut Monitor,
@@ -165,7 +183,7 @@ fn sliding_window_with(
         // the band of rows [y, y + th) across the frame on the device, prepared, zero-padded
         // to th x wp (one host-to-device copy per band)
         let y1 = (y + th).min(h);
-        let band = prepare(&rows_to_device(frame, y, y1, device));
+        let band = prepare(rows_to_device(frame, y, y1, device));
         let (ph, pw) = ((th - (y1 - y)) as i64, (wp - w) as i64);
         let band = if ph > 0 || pw > 0 { band.constant_pad_nd([0, pw, 0, ph]) } else { band };
         for chunk in xs.chunks(sw.batch_size) {
@@ -237,7 +255,7 @@ fn whole_frame(
     sw: &SlidingWindow,
     out_channels: usize,
     device: Device,
-    prepare: &dyn Fn(&Tensor) -> Tensor,
+    prepare: &dyn Fn(Tensor) -> Tensor,
     predict: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
     sink: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
     monitor: &mut Monitor,
@@ -248,7 +266,7 @@ fn whole_frame(
     let k = out_channels as i64;
     let gauss = gaussian_importance(th, tw, device);
     let opts = (Kind::Float, device);
-    let input = prepare(&rows_to_device(frame, 0, h, device));
+    let input = prepare(rows_to_device(frame, 0, h, device));
     let (ph, pw) = ((hp - h) as i64, (wp - w) as i64);
     let input = if ph > 0 || pw > 0 { input.constant_pad_nd([0, pw, 0, ph]) } else { input };
     let acc = Tensor::zeros([k, hp as i64, wp as i64], opts);
@@ -433,7 +451,7 @@ mod tests {
         let token = crate::progress::CancelToken::new();
         token.cancel();
         let mut m = Monitor { progress: None, cancel: Some(token) };
-        let r = sliding_window(frame.view(), &sw, 1, Device::Cpu, &|t| t.shallow_clone(), &mut |b| Ok(b.shallow_clone()), &mut |_, _| Ok(()), &mut m);
+        let r = sliding_window(frame.view(), &sw, 1, Device::Cpu, &|t| t, &mut |b| Ok(b.shallow_clone()), &mut |_, _| Ok(()), &mut m);
         assert!(matches!(r, Err(Error::Cancelled)));
     }
 

@@ -127,13 +127,14 @@ def spread(r) -> float:
     return (max(t) - min(t)) / r["median_s"]
 
 
-def gpu_peak(samples, r, baseline):
+def gpu_peak(samples, r):
+    """Device memory in use during the measurement, above its run's idle baseline."""
     if not samples or r.get("t_start") is None:
         return None
     vals = [mib for (ts, mib) in samples if r["t_start"] - 0.5 <= ts <= r["t_end"] + 0.5]
     if not vals:
         return None
-    return max(vals) - baseline
+    return max(vals) - r.get("_gpu_base", 0.0)
 
 
 def main():
@@ -155,16 +156,30 @@ def main():
     vers = res.get("versions", {})
     rows = []
     gsamples = []
+    # engine and peer rows are paired within each run; a later run's pair replaces an earlier
+    # one (a side measured alone in a later run never meets the other side of an earlier run)
+    eng, peer = {}, {}
     for r in runs:
-        rows.extend(r.get("measurements", []))
+        base = r.get("run", {}).get("gpu_memory_baseline_mib") or 0.0
+        ms = [dict(m, _gpu_base=base) for m in r.get("measurements", [])]
+        rows.extend(ms)
         gsamples.extend(r.get("gpu_memory") or [])
+        e = {key(m): m for m in ms if m.get("side") == "engine"}
+        p = {key(m): m for m in ms if m.get("side") == "peer"}
+        for k in set(e) | set(p):
+            if k in e and k in p:
+                eng[k], peer[k] = e[k], p[k]
+            elif k not in eng and k not in peer:
+                if k in e:
+                    eng[k] = e[k]
+                else:
+                    peer[k] = p[k]
     if len(runs) > 1:
         # one device, several calls: name each run; later measurements replace earlier ones
         run["command"] = " ; then ".join(r["run"].get("command", "?") for r in runs)
         run["date"] = " ; ".join(r["run"].get("date", "?") for r in runs)
         run["elapsed_s"] = sum(r["run"].get("elapsed_s") or 0 for r in runs)
-        done = {(m["model"], m["mode"], m["batch"], m.get("frame") or 0, tuple(m.get("steps") or ()),
-                 m.get("precision") or "float32") for m in rows}
+        done = {(k[0], k[1], k[2], k[3] or 0, k[4], k[5]) for k in eng if k in peer}
         fails = {}
         for r in runs:
             for f in r["run"].get("failures") or []:
@@ -172,9 +187,6 @@ def main():
                 if k not in done:
                     fails[k or f] = f
         run["failures"] = list(fails.values())
-    gbase = run.get("gpu_memory_baseline_mib") or 0.0
-    eng = {key(r): r for r in rows if r.get("side") == "engine"}
-    peer = {key(r): r for r in rows if r.get("side") == "peer"}
     quick = run.get("profile") == "quick"
     cuda = str(run.get("device", "cpu")).startswith("cuda")
     # the machine that ran the benchmark (recorded by bench.sh), else this one
@@ -291,7 +303,7 @@ def main():
                 goal += " †"
             ge = gp = None
             if cuda:
-                me, mp = gpu_peak(gsamples, e, gbase), gpu_peak(gsamples, p, gbase)
+                me, mp = gpu_peak(gsamples, e), gpu_peak(gsamples, p)
                 extra_alloc = p.get("cuda_max_allocated_mib")
                 mem = f"{fmt(me)} / {fmt(mp)}" + (f" (torch allocated {fmt(extra_alloc)})" if extra_alloc else "")
             else:

@@ -78,10 +78,11 @@ impl Precision {
     }
 }
 
-fn device_type(device: Device) -> c_int {
+fn device_type(device: Device) -> Result<c_int> {
     match device {
-        Device::Cuda(_) => DT_CUDA,
-        _ => DT_CPU,
+        Device::Cuda(_) => Ok(DT_CUDA),
+        Device::Cpu => Ok(DT_CPU),
+        other => Err(Error::Device(format!("bfloat16 inference runs on the CPU or a CUDA GPU, not on {other:?}"))),
     }
 }
 
@@ -97,7 +98,7 @@ fn call(what: &str, f: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<()> {
 /// Whether autocast is on for `device`'s type on this thread.
 pub fn autocast_enabled(device: Device) -> bool {
     // SAFETY: reads thread-local dispatch state.
-    unsafe { lumos_autocast_enabled(device_type(device)) != 0 }
+    device_type(device).is_ok_and(|dt| unsafe { lumos_autocast_enabled(dt) != 0 })
 }
 
 /// Restores the autocast state saved by `enter` when dropped (also on unwinding).
@@ -122,7 +123,7 @@ pub fn with_precision<R>(precision: Precision, device: Device, f: impl FnOnce() 
     if precision == Precision::Float32 {
         return Ok(f());
     }
-    let dt = device_type(device);
+    let dt = device_type(device)?;
     let (mut prev_enabled, mut prev_dtype) = (0, 0);
     // SAFETY: valid out-pointers; the state is restored by Guard's drop.
     call("autocast", |err, len| unsafe { lumos_autocast_enter(dt, ST_BF16, &mut prev_enabled, &mut prev_dtype, err, len) })?;
