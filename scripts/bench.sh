@@ -9,7 +9,9 @@
 # whether the 0.9x goal is met).
 #
 #   ./scripts/bench.sh                 the benchmark on the CPU, at the papers' network sizes
-#   ./scripts/bench.sh --device cuda   the benchmark on a CUDA GPU (the papers' batch sizes)
+#   ./scripts/bench.sh --device cuda   the benchmark on a CUDA GPU (the papers' batch sizes);
+#                                      on a GPU machine without cargo: benches/gpu/prepare.sh
+#                                      here, benches/gpu/run.sh there
 #   ./scripts/bench.sh --quick         a tiny smoke configuration (tiny networks, 1-2 minutes):
 #                                      proves the harness end to end; NOT a benchmark
 #
