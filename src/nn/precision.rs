@@ -19,6 +19,7 @@ use std::os::raw::{c_char, c_int};
 use tch::{Device, Tensor};
 
 use crate::error::{Error, Result};
+use crate::optim::call;
 
 unsafe extern "C" {
     fn lumos_autocast_enter(device_type: c_int, dtype: c_int, prev_enabled: *mut c_int, prev_dtype: *mut c_int, err: *mut c_char, err_len: usize) -> c_int;
@@ -84,15 +85,6 @@ fn device_type(device: Device) -> Result<c_int> {
         Device::Cpu => Ok(DT_CPU),
         other => Err(Error::Device(format!("bfloat16 inference runs on the CPU or a CUDA GPU, not on {other:?}"))),
     }
-}
-
-fn call(what: &str, f: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<()> {
-    let mut buf = vec![0u8; 1024];
-    if f(buf.as_mut_ptr() as *mut c_char, buf.len()) == 0 {
-        return Ok(());
-    }
-    let end = buf.iter().position(|&c| c == 0).unwrap_or(buf.len());
-    Err(Error::Torch(tch::TchError::Torch(format!("{what}: {}", String::from_utf8_lossy(&buf[..end])))))
 }
 
 /// Whether autocast is on for `device`'s type on this thread.

@@ -73,7 +73,8 @@ fn ptrs(ts: &[Tensor]) -> Vec<T> {
 }
 
 /// Runs one shim call with an error buffer; a non-zero status becomes `Error::Torch`.
-fn call(what: &str, f: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<()> {
+/// (Also used by `nn::precision` for the shim's autocast entry points.)
+pub(crate) fn call(what: &str, f: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<()> {
     let mut buf = vec![0u8; 1024];
     let rc = f(buf.as_mut_ptr() as *mut c_char, buf.len());
     if rc == 0 {
