@@ -260,15 +260,14 @@ impl Net {
     /// Inference forward (call inside `tch::no_grad`): the full-resolution output only,
     /// `(N, K, H, W)` logits for `unet` / `dmqpm`, the predicted structures `(N, 2, T, T)`
     /// for `musplit`, as a contiguous tensor. The convolutional segmentation networks and
-    /// the LC U-Net run channels-last here (NHWC strides; oneDNN's native layout, so no per-conv reorders,
+    /// the muSplit networks run channels-last here (NHWC strides; oneDNN's native layout, so no per-conv reorders,
     /// and the GroupNorm kernel keeps it): the same function as [`Net::forward`], faster
     /// on the CPU (docs/benchmarks.md). Training keeps NCHW, where channels-last
     /// backward passes measured slower.
     pub fn infer(&self, x: &Tensor) -> Result<Tensor> {
-        // not the HVAE: its latent draws (randn_like) would follow the memory layout
+        // the HVAE too: its latent draws are made in NCHW order whatever the layout
         let nhwc = match self {
-            Net::Unet(_) | Net::Dmqpm(_) => true,
-            Net::Musplit(m) => m.cfg.variant == crate::nn::musplit::SplitVariant::Unet,
+            Net::Unet(_) | Net::Dmqpm(_) | Net::Musplit(_) => true,
             Net::Pgdiff(_) => false,
         };
         if nhwc {

@@ -256,15 +256,18 @@ impl Model {
             Ok(Tensor::stack(&chunk.iter().map(|&cx| band.crop(cx)).collect::<Vec<_>>(), 0))
         };
         let samples = if stochastic { opts.samples } else { 1 };
+        // channels-last (NHWC strides), as in `Net::infer`: oneDNN's native layout, the
+        // same function (latent draws are made in NCHW order whatever the layout)
         let mut one = |x: &Tensor| -> Result<Tensor> {
+            let x = crate::model::channels_last(x);
             if opts.posterior_mean {
-                return Ok(net.forward_posterior_mean(x));
+                return Ok(net.forward_posterior_mean(&x).contiguous());
             }
-            let mut acc = to_float(net.forward_t(x, false).mean);
+            let mut acc = to_float(net.forward_t(&x, false).mean);
             for _ in 1..samples {
-                acc += to_float(net.forward_t(x, false).mean);
+                acc += to_float(net.forward_t(&x, false).mean);
             }
-            Ok(acc / samples as f64)
+            Ok((acc / samples as f64).contiguous())
         };
         let mut predict = |x: &Tensor| -> Result<Tensor> {
             let p = with_precision(precision, device, || tch::no_grad(|| if opts.mirror { mirrored(x, &mut one) } else { one(x) }))??;

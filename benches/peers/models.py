@@ -645,8 +645,9 @@ class MuSplitNet(nn.Module):
                 mu_p, lv_p = p_params.chunk(2, 1)
                 kl = gaussian_kl(mu_q, lv_q, mu_p, soft_bound(lv_p))
                 kls.append((kl.sum(dim=(1, 2, 3)) / (kl.shape[1] * kl.shape[2] * kl.shape[3])).mean())
-                # libtorch's generator: same seed and draw order as the engine, same samples
-                z = mu_q + (lv_q * 0.5).exp() * torch.randn_like(mu_q)
+                # libtorch's generator: same seed and draw order as the engine (NCHW order, whatever
+                # the memory layout), same samples
+                z = mu_q + (lv_q * 0.5).exp() * torch.randn(mu_q.shape, dtype=mu_q.dtype, device=mu_q.device)
             else:
                 z = mu_q
             zf = layer.z_proj(z)
