@@ -253,7 +253,7 @@ impl Net {
         match self {
             Net::Unet(u) => Ok(u.forward(x, deep_supervision)),
             Net::Dmqpm(d) => Ok(d.forward(x, deep_supervision)),
-            Net::Musplit(m) => Ok(vec![m.forward_t(x, false).mean]),
+            Net::Musplit(m) => Ok(vec![m.predict(x)]),
             Net::Pgdiff(_) => Err(Error::Unsupported("a pgdiff model has no single forward pass; it segments by diffusion sampling".into())),
         }
     }

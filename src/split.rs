@@ -263,9 +263,9 @@ impl Model {
             if opts.posterior_mean {
                 return Ok(net.forward_posterior_mean(&x).contiguous());
             }
-            let mut acc = to_float(net.forward_t(&x, false).mean);
+            let mut acc = to_float(net.predict(&x));
             for _ in 1..samples {
-                acc += to_float(net.forward_t(&x, false).mean);
+                acc += to_float(net.predict(&x));
             }
             Ok((acc / samples as f64).contiguous())
         };

@@ -203,11 +203,17 @@ impl ResGated {
         }
     }
     fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        let y = self.conv1.forward(&self.bn1.forward_t(x, train).elu());
-        let y = y.dropout(self.dropout, train);
-        let y = self.conv2.forward(&self.bn2.forward_t(&y, train).elu());
-        let g = self.gate.forward(&y).chunk(2, 1);
-        x + &g[0] * g[1].sigmoid()
+        // ELU and dropout in place: neither BatchNorm's nor a conv's backward needs its
+        // output, and ELU's backward works from its own result
+        let mut y = self.conv1.forward(&self.bn1.forward_t(x, train).elu_());
+        if train && self.dropout > 0.0 {
+            y = y.dropout_(self.dropout, true);
+        }
+        let y = self.conv2.forward(&self.bn2.forward_t(&y, train).elu_());
+        // a * sigmoid(b) over the two halves of the gate's channels: libtorch's fused GLU
+        // (one pass, no chunk / sigmoid / product intermediates; its backward writes the
+        // gate's gradient directly instead of concatenating two halves)
+        self.gate.forward(&y).glu(1) + x
     }
 }
 
@@ -246,7 +252,7 @@ impl Stem {
     }
     fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
         match &self.conv {
-            Some(c) => self.unit.forward_t(&c.forward(x).elu(), train),
+            Some(c) => self.unit.forward_t(&c.forward(x).elu_(), train),
             None => self.unit.forward_t(x, train),
         }
     }
@@ -308,7 +314,7 @@ impl LcEncoder {
         for (k, (conv, unit)) in self.down.iter().enumerate() {
             let k = k + 1;
             y = match conv {
-                Some(c) => unit.forward_t(&c.forward(&y).elu(), train),
+                Some(c) => unit.forward_t(&c.forward(&y).elu_(), train),
                 None => unit.forward_t(&y, train),
             };
             if let Some(m) = self.merges.get(k - 1) {
@@ -452,17 +458,24 @@ impl MuSplitNet {
 
     /// `(N, 1 + lc_levels, T, T)` -> the two structures of the primary patch.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> SplitOutput {
-        self.forward_opts(x, train, true)
+        self.forward_opts(x, train, true, true)
+    }
+
+    /// Inference: the predicted structures `(N, 2, T, T)` (normalized units) of one
+    /// posterior sample, as `forward_t(x, false).mean` (the same draws), without the KL
+    /// term that only the loss needs.
+    pub fn predict(&self, x: &Tensor) -> Tensor {
+        self.forward_opts(x, false, true, false).mean
     }
 
     /// Inference with every latent at its posterior mean (no sampling, no KL): the
     /// deterministic prediction of a hierarchical VAE; the same as `forward_t` for the
     /// U-Net and non-stochastic ladders. Normalized units, `(N, 2, T, T)`.
     pub fn forward_posterior_mean(&self, x: &Tensor) -> Tensor {
-        self.forward_opts(x, false, false).mean
+        self.forward_opts(x, false, false, false).mean
     }
 
-    fn forward_opts(&self, x: &Tensor, train: bool, sample: bool) -> SplitOutput {
+    fn forward_opts(&self, x: &Tensor, train: bool, sample: bool, with_kl: bool) -> SplitOutput {
         let feats = self.encoder.forward_t(x, train);
         match &self.decoder {
             Decoder::Unet(d) => {
@@ -481,21 +494,26 @@ impl MuSplitNet {
                 for (i, layer) in d.layers.iter().enumerate() {
                     let level = n - 1 - i;
                     let bu = &feats[level];
-                    let (q_in, p_params) = match &h {
-                        None => (bu.shallow_clone(), d.top_prior.shallow_clone()),
-                        Some(td) => {
-                            let pr = layer.prior.as_ref().expect("lower layers have priors").forward(td);
-                            (Tensor::cat(&[td.shallow_clone(), bu.shallow_clone()], 1), pr)
-                        }
+                    let q_in = match &h {
+                        None => bu.shallow_clone(),
+                        Some(td) => Tensor::cat(&[td.shallow_clone(), bu.shallow_clone()], 1),
                     };
                     let q = layer.posterior.forward(&q_in).chunk(2, 1);
-                    let (mu_q, lv_q) = (&q[0], soft_bound(&q[1]));
+                    let mu_q = &q[0];
                     let z = if d.stochastic && sample {
-                        let pp = p_params.chunk(2, 1);
-                        let (mu_p, lv_p) = (&pp[0], soft_bound(&pp[1]));
-                        let kl = gaussian_kl(mu_q, &lv_q, mu_p, &lv_p);
-                        let per = kl.sum_dim_intlist(&[1i64, 2, 3][..], false, Kind::Float) / (kl.size()[1] * kl.size()[2] * kl.size()[3]) as f64;
-                        kls.push(per.mean(Kind::Float));
+                        let lv_q = soft_bound(&q[1]);
+                        if with_kl {
+                            // the prior only enters the KL term: inference skips its conv
+                            let p_params = match &h {
+                                None => d.top_prior.shallow_clone(),
+                                Some(td) => layer.prior.as_ref().expect("lower layers have priors").forward(td),
+                            };
+                            let pp = p_params.chunk(2, 1);
+                            let (mu_p, lv_p) = (&pp[0], soft_bound(&pp[1]));
+                            let kl = gaussian_kl(mu_q, &lv_q, mu_p, &lv_p);
+                            let per = kl.sum_dim_intlist(&[1i64, 2, 3][..], false, Kind::Float) / (kl.size()[1] * kl.size()[2] * kl.size()[3]) as f64;
+                            kls.push(per.mean(Kind::Float));
+                        }
                         // drawn in NCHW order whatever mu_q's memory layout: the same seed
                         // gives the same sample in a channels-last inference pass
                         let eps = Tensor::randn(mu_q.size(), (mu_q.kind(), mu_q.device()));
