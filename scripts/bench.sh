@@ -32,7 +32,7 @@
 # GFLOP per 64x64 tile with its lateral context, PG-DiffSeg's LDM-P 202 and LDM-S 114 GFLOP per
 # evaluation, 300 evaluations per tile at the paper's 100 + 200 steps), so the CPU plan keeps
 # the papers' network sizes, patch sizes and step counts but uses small batches (1 to 16) and
-# 1 warm-up + 3 timed repetitions (1 + 1 for whole frames and the 100 + 200-step PG-DiffSeg
+# 1 warm-up + 3 timed repetitions (5 for the training steps but PG-DiffSeg's; 1 + 1 for whole frames and the 100 + 200-step PG-DiffSeg
 # tile, about 5 minutes per side on its own). The GPU plan uses the papers' training batch
 # sizes (12, 12, 10, 32, 32, 10) and more repetitions. Run it on an otherwise idle machine.
 # Network sizes come from `lumos::recipes::recipe(model, "paper")` (`tiny` for --quick). The
@@ -106,11 +106,13 @@ plan_quick() {
 
 plan_cpu() {
     # training steps: small batches at the papers' patch sizes (see the header)
-    echo "dm-qpmnet train_step batch=2 warmup=1 reps=3 breakdown"
-    echo "early-fusion train_step batch=2 warmup=1 reps=3 breakdown"
-    echo "nnunet train_step batch=2 warmup=1 reps=3 breakdown"
-    echo "musplit-unet train_step batch=4 warmup=1 reps=3 breakdown"
-    echo "musplit-hvae train_step batch=8 warmup=1 reps=3 breakdown"
+    # (5 timed steps: on a shared 2-core machine these ratios, near 0.9-1.0, moved by
+    # 0.1 between runs of 3)
+    echo "dm-qpmnet train_step batch=2 warmup=1 reps=5 breakdown"
+    echo "early-fusion train_step batch=2 warmup=1 reps=5 breakdown"
+    echo "nnunet train_step batch=2 warmup=1 reps=5 breakdown"
+    echo "musplit-unet train_step batch=4 warmup=1 reps=5 breakdown"
+    echo "musplit-hvae train_step batch=8 warmup=1 reps=5 breakdown"
     echo "pg-diffseg train_step batch=1 warmup=1 reps=3"
     echo "dm-qpmnet inference batch=4 warmup=1 reps=3"
     echo "early-fusion inference batch=4 warmup=1 reps=3"

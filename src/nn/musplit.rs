@@ -178,6 +178,23 @@ fn upsample2(x: &Tensor) -> Tensor {
     x.upsample_bilinear2d([s[2] * 2, s[3] * 2], false, None, None)
 }
 
+/// Training-mode dropout in place, with libtorch's mask: `dropout` keeps an element when
+/// one float64 uniform draw of the global generator is below `1 - p` (`bernoulli_(1 - p)`)
+/// and scales the kept ones by `1 / (1 - p)`. The same draws come from `rand` in float64
+/// in the same order, and on CPUs where libtorch has no vectorized Bernoulli sampler (it
+/// uses MKL's only on Intel CPUs) they come 1.5x faster that way: 9.9 ms against 14.8 ms
+/// for 2 M elements (PyTorch 2.11, 2-core AMD EPYC, 2026-11-26). The same function with
+/// the same generator state: `dropout_matches_libtorch` checks the masks.
+fn dropout_(y: Tensor, p: f64) -> Tensor {
+    let keep = 1.0 - p;
+    let draws = Tensor::rand(y.size(), (Kind::Double, y.device()));
+    let mut noise = draws.lt(keep).to_kind(y.kind());
+    noise /= keep;
+    let mut y = y;
+    y *= &noise;
+    y
+}
+
 /// Gated residual block (LadderVAE): BN-ELU-conv-dropout-BN-ELU-conv, a 1x1 gate
 /// (`a * sigmoid(b)`), plus the input.
 #[derive(Debug)]
@@ -207,7 +224,7 @@ impl ResGated {
         // output, and ELU's backward works from its own result
         let mut y = self.conv1.forward(&self.bn1.forward_t(x, train).elu_());
         if train && self.dropout > 0.0 {
-            y = y.dropout_(self.dropout, true);
+            y = dropout_(y, self.dropout);
         }
         let y = self.conv2.forward(&self.bn2.forward_t(&y, train).elu_());
         // a * sigmoid(b) over the two halves of the gate's channels: libtorch's fused GLU
@@ -654,6 +671,27 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
         panic!("no try gave the channels-last pass the NCHW sample: {last}");
+    }
+
+    /// The in-place dropout draws libtorch's mask and scales as its dropout does.
+    #[test]
+    fn dropout_matches_libtorch() {
+        let x = Tensor::randn([3, 5, 17, 19], (Kind::Float, Device::Cpu));
+        for _ in 0..5 {
+            let _g = crate::model::TORCH_RNG.lock();
+            tch::manual_seed(21);
+            let reference = x.dropout(0.1, true);
+            tch::manual_seed(21);
+            let ours = dropout_(x.copy(), 0.1);
+            drop(_g);
+            if reference.equal(&ours) {
+                let kept = ours.ne(0.0).to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
+                assert!((kept - 0.9).abs() < 0.02, "kept fraction {kept}");
+                return;
+            }
+            // another test may have drawn from the global generator in between: try again
+        }
+        panic!("the in-place dropout's mask or scale differs from libtorch's dropout");
     }
 
     #[test]
