@@ -646,8 +646,8 @@ class MuSplitNet(nn.Module):
                 kl = gaussian_kl(mu_q, lv_q, mu_p, soft_bound(lv_p))
                 kls.append((kl.sum(dim=(1, 2, 3)) / (kl.shape[1] * kl.shape[2] * kl.shape[3])).mean())
                 # libtorch's generator: same seed and draw order as the engine (NCHW order, whatever
-                # the memory layout), same samples
-                z = mu_q + (lv_q * 0.5).exp() * torch.randn(mu_q.shape, dtype=mu_q.dtype, device=mu_q.device)
+                # the memory layout; float32, whatever the precision), same samples
+                z = mu_q + (lv_q * 0.5).exp() * torch.randn(mu_q.shape, dtype=torch.float32, device=mu_q.device)
             else:
                 z = mu_q
             zf = layer.z_proj(z)
