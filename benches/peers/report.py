@@ -406,7 +406,8 @@ def main():
       "`scaled_dot_product_attention` serves with its unfused path (bmm, safe softmax, bmm). At T = 4096 (LDM-S's attention on the "
       "64 x 64 latent) that is 410 ms against 65 ms per call, 2.6x for forward + backward.")
     w("- **LC HVAE** (`nn::musplit`): inference skips the KL term and the prior convs that only the loss needs; "
-      "the gate `a * sigmoid(b)` is libtorch's fused `glu`; ELU and dropout run in place; dropout draws "
+      "the gate `a * sigmoid(b)` is libtorch's fused `glu`; ELU and dropout run in place; dropout (`nn::dropout`, "
+      "shared with the diffusion U-Nets) draws "
       "libtorch's own mask (one float64 uniform per element below 1 - p) with `rand` instead of `bernoulli_`, "
       "1.5x faster on CPUs where libtorch samples element by element (all but Intel CPUs with MKL, where it "
       "keeps libtorch's dropout); the masks are equal, a unit test checks it.")

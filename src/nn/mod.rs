@@ -1,6 +1,7 @@
 //! Network building blocks and architectures.
 pub mod blocks;
 pub mod dmqpm;
+pub mod dropout;
 pub mod ldm;
 pub mod loss;
 pub mod unet;

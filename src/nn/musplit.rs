@@ -30,7 +30,6 @@
 //! layers). With `stochastic = false` (the HAE) the posterior mean is used, there is no
 //! KL, and the loss is the MSE.
 
-use once_cell::sync::Lazy;
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module, ModuleT};
 use tch::{Kind, Tensor};
@@ -179,52 +178,6 @@ fn upsample2(x: &Tensor) -> Tensor {
     x.upsample_bilinear2d([s[2] * 2, s[3] * 2], false, None, None)
 }
 
-/// Whether libtorch's CPU `bernoulli_(p)` draws one float64 uniform per element from the
-/// global generator, in order (its default sampler). Built with MKL and running on an Intel
-/// CPU it uses MKL's vectorized sampler instead (seeded by one draw), and that one is fast.
-static PER_ELEMENT_BERNOULLI: Lazy<bool> = Lazy::new(|| !cpu_is_intel());
-
-fn cpu_is_intel() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        // CPUID leaf 0 exists on every x86-64 CPU (a safe function since Rust 1.87,
-        // `unsafe` before)
-        #[allow(unused_unsafe)]
-        let r = unsafe { std::arch::x86_64::__cpuid(0) };
-        let mut v = Vec::with_capacity(12);
-        for w in [r.ebx, r.edx, r.ecx] {
-            v.extend_from_slice(&w.to_le_bytes());
-        }
-        v == b"GenuineIntel"
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// Training-mode dropout in place, with libtorch's mask and scale. Where libtorch samples
-/// the mask element by element (the CPU, unless it is an Intel CPU and libtorch has MKL:
-/// [`PER_ELEMENT_BERNOULLI`]), it keeps an element when one float64 uniform draw of the
-/// global generator is below `1 - p`; `rand` in float64 makes the same draws in the same
-/// order 1.5x faster (9.9 ms against 14.8 ms for 2 M elements; PyTorch 2.11, 2-core AMD
-/// EPYC, 2026-11-26), so the mask, the generator's state afterwards and the result are
-/// libtorch's (`dropout_matches_libtorch` checks it). Elsewhere (CUDA, Intel + MKL) this
-/// is libtorch's own in-place dropout.
-fn dropout_(y: Tensor, p: f64) -> Tensor {
-    let mut y = y;
-    if y.device() != tch::Device::Cpu || !*PER_ELEMENT_BERNOULLI {
-        let _ = y.dropout_(p, true);
-        return y;
-    }
-    let keep = 1.0 - p;
-    let draws = Tensor::rand(y.size(), (Kind::Double, y.device()));
-    let mut noise = draws.lt(keep).to_kind(y.kind());
-    noise /= keep;
-    y *= &noise;
-    y
-}
-
 /// Gated residual block (LadderVAE): BN-ELU-conv-dropout-BN-ELU-conv, a 1x1 gate
 /// (`a * sigmoid(b)`), plus the input.
 #[derive(Debug)]
@@ -253,9 +206,7 @@ impl ResGated {
         // ELU and dropout in place: neither BatchNorm's nor a conv's backward needs its
         // output, and ELU's backward works from its own result
         let mut y = self.conv1.forward(&self.bn1.forward_t(x, train).elu_());
-        if train && self.dropout > 0.0 {
-            y = dropout_(y, self.dropout);
-        }
+        y = super::dropout::dropout_(y, self.dropout, train);
         let y = self.conv2.forward(&self.bn2.forward_t(&y, train).elu_());
         // a * sigmoid(b) over the two halves of the gate's channels: libtorch's fused GLU
         // (one pass, no chunk / sigmoid / product intermediates; its backward writes the
@@ -665,16 +616,12 @@ mod tests {
         }
     }
 
-    /// Latent draws follow the NCHW element order whatever the input's memory layout:
-    /// with the same seed, a channels-last pass (inference and decompose run that way)
-    /// gives the sample of the NCHW pass.
-    #[test]
-    fn hvae_samples_do_not_depend_on_the_memory_layout() {
-        tch::manual_seed(5);
-        let cfg = tiny(SplitVariant::Hvae, 2, LcMerge::Regular);
+    /// A tiny stochastic LC HVAE whose prior and posterior convs have non-zero weights
+    /// (they start at zero), so that its samples matter.
+    fn sampling_hvae(seed: i64) -> (VarStore, MuSplitNet) {
+        tch::manual_seed(seed);
         let vs = VarStore::new(Device::Cpu);
-        let net = MuSplitNet::new(&vs.root(), &cfg, 2).unwrap();
-        // non-zero prior / posterior weights, so that the samples matter
+        let net = MuSplitNet::new(&vs.root(), &tiny(SplitVariant::Hvae, 2, LcMerge::Regular), 2).unwrap();
         tch::no_grad(|| {
             for (name, mut t) in vs.variables() {
                 if name.contains("posterior") || name.contains("prior") {
@@ -682,18 +629,32 @@ mod tests {
                 }
             }
         });
+        (vs, net)
+    }
+
+    /// Latent draws follow the NCHW element order whatever the input's memory layout:
+    /// with the same seed, a channels-last pass (inference and decompose run that way)
+    /// gives the sample of the NCHW pass.
+    #[test]
+    fn hvae_samples_do_not_depend_on_the_memory_layout() {
+        let (_vs, net) = sampling_hvae(5);
         let x = Tensor::randn([2, 3, 16, 16], (Kind::Float, Device::Cpu));
         let run = |x: &Tensor| {
+            let _rng = crate::model::TORCH_RNG.lock();
             tch::manual_seed(11);
             tch::no_grad(|| net.forward_t(x, false).mean.contiguous())
         };
-        tch::manual_seed(12);
-        let other = tch::no_grad(|| net.forward_t(&x, false).mean);
+        let other = {
+            let _rng = crate::model::TORCH_RNG.lock();
+            tch::manual_seed(12);
+            tch::no_grad(|| net.forward_t(&x, false).mean)
+        };
         let close = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]) <= 1e-5 * a.abs().max().double_value(&[]).max(1.0);
         assert!(!close(&run(&x), &other), "the samples matter");
-        // other tests of this binary draw from the same global generator in parallel: a
-        // try counts when two NCHW passes around the channels-last one agree (nothing drew
-        // in between); a layout-dependent draw fails every such try
+        // seeded passes hold the library's generator lock, but other tests of this binary
+        // draw from the same global generator without it: a try counts when two NCHW
+        // passes around the channels-last one agree (nothing drew in between); a
+        // layout-dependent draw fails every such try
         let mut last = String::new();
         for _ in 0..20 {
             let (a, b, c) = (run(&x), run(&crate::model::channels_last(&x)), run(&x));
@@ -710,20 +671,11 @@ mod tests {
     /// seed gives the float32 sample, up to bfloat16 rounding.
     #[test]
     fn hvae_bfloat16_draws_the_float32_sample() {
-        tch::manual_seed(6);
-        let cfg = tiny(SplitVariant::Hvae, 2, LcMerge::Regular);
-        let vs = VarStore::new(Device::Cpu);
-        let net = MuSplitNet::new(&vs.root(), &cfg, 2).unwrap();
-        tch::no_grad(|| {
-            for (name, mut t) in vs.variables() {
-                if name.contains("posterior") {
-                    let _ = t.copy_(&(Tensor::randn(t.size(), (Kind::Float, Device::Cpu)) * 0.3));
-                }
-            }
-        });
+        let (_vs, net) = sampling_hvae(6);
         let x = Tensor::randn([2, 3, 16, 16], (Kind::Float, Device::Cpu));
         let run = |p: Precision| {
-            tch::manual_seed(11);
+            let _rng = crate::model::TORCH_RNG.lock();
+            tch::manual_seed(13);
             crate::nn::precision::with_precision(p, Device::Cpu, || tch::no_grad(|| to_float(net.predict(&x)))).unwrap()
         };
         let mut last = String::new();
@@ -732,8 +684,9 @@ mod tests {
             let m = a.abs().max().double_value(&[]);
             let (dc, db) = ((&a - &c).abs().max().double_value(&[]), (&a - &b).abs().max().double_value(&[]));
             // bfloat16 keeps 8 significant bits: a few percent of the largest value. Other
-            // tests draw from the global generator in parallel, so a try counts only when
-            // nothing interfered; another sample fails every try.
+            // tests draw from the global generator in parallel (not all under the lock the
+            // seeded passes hold), so a try counts only when nothing interfered; another
+            // sample fails every try.
             if dc <= 1e-6 * m.max(1.0) && db <= 0.05 * m.max(1.0) {
                 return;
             }
@@ -741,31 +694,6 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
         panic!("bfloat16 inference did not give the float32 sample in any try: {last}");
-    }
-
-    /// The in-place dropout draws libtorch's mask and scales as its dropout does, on this
-    /// machine's CPU whichever sampler libtorch uses there.
-    #[test]
-    fn dropout_matches_libtorch() {
-        let x = Tensor::randn([3, 5, 17, 19], (Kind::Float, Device::Cpu));
-        for _ in 0..5 {
-            let _g = crate::model::TORCH_RNG.lock();
-            tch::manual_seed(21);
-            let reference = x.dropout(0.1, true);
-            tch::manual_seed(21);
-            let ours = dropout_(x.copy(), 0.1);
-            drop(_g);
-            let kept = ours.ne(0.0).to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
-            assert!((kept - 0.9).abs() < 0.02, "kept fraction {kept}");
-            // kept elements are scaled by 1 / 0.9, as libtorch's are
-            let scaled = (&ours - &x / 0.9).abs().where_self(&ours.ne(0.0), &Tensor::zeros_like(&ours)).max().double_value(&[]);
-            assert!(scaled < 1e-5, "kept elements scaled wrongly: {scaled}");
-            if reference.equal(&ours) {
-                return;
-            }
-            // another test may have drawn from the global generator in between: try again
-        }
-        panic!("the in-place dropout's mask differs from libtorch's dropout (per-element sampler: {})", *PER_ELEMENT_BERNOULLI);
     }
 
     #[test]
