@@ -24,7 +24,7 @@
 #          relative paths given to --engine, --plan and --out start at the repository root),
 #          --deadline SECONDS (start no new plan line after this long; the report covers
 #          what ran), --plan FILE (plan lines "model mode key=value ..." from FILE instead
-#          of the profile's plan; see plan_cuda below for the keys).
+#          of the profile's plan; see plan_cuda below for the keys, and rounds=R above).
 #
 # Duration of the CPU benchmark on 2 cores (Xeon, ~150 GFLOP/s fp32 through oneDNN): about
 # 35 minutes, both sides together, plus the release build when it is stale. The papers'
@@ -32,8 +32,10 @@
 # GFLOP per 64x64 tile with its lateral context, PG-DiffSeg's LDM-P 202 and LDM-S 114 GFLOP per
 # evaluation, 300 evaluations per tile at the paper's 100 + 200 steps), so the CPU plan keeps
 # the papers' network sizes, patch sizes and step counts but uses small batches (1 to 16) and
-# 1 warm-up + 3 timed repetitions (5 for the training steps but PG-DiffSeg's; 1 + 1 for whole frames and the 100 + 200-step PG-DiffSeg
-# tile, about 5 minutes per side on its own). The GPU plan uses the papers' training batch
+# 1 warm-up + 3 timed repetitions (1 + 1 for whole frames and the 100 + 200-step PG-DiffSeg
+# tile, about 5 minutes per side on its own); the training steps but PG-DiffSeg's run in 3
+# alternating engine/peer rounds of 1 + 4 (plan key rounds=R: the pair of processes runs R
+# times, engine first each time, and the report pools each side's timed repetitions). The GPU plan uses the papers' training batch
 # sizes (12, 12, 10, 32, 32, 10) and more repetitions. Run it on an otherwise idle machine.
 # Network sizes come from `lumos::recipes::recipe(model, "paper")` (`tiny` for --quick). The
 # PG-DiffSeg processes need about 7 GB of RAM at paper size and the run writes its 1.7 GB model
@@ -105,14 +107,14 @@ plan_quick() {
 }
 
 plan_cpu() {
-    # training steps: small batches at the papers' patch sizes (see the header)
-    # (5 timed steps: on a shared 2-core machine these ratios, near 0.9-1.0, moved by
-    # 0.1 between runs of 3)
-    echo "dm-qpmnet train_step batch=2 warmup=1 reps=5 breakdown"
-    echo "early-fusion train_step batch=2 warmup=1 reps=5 breakdown"
-    echo "nnunet train_step batch=2 warmup=1 reps=5 breakdown"
-    echo "musplit-unet train_step batch=4 warmup=1 reps=5 breakdown"
-    echo "musplit-hvae train_step batch=8 warmup=1 reps=5 breakdown"
+    # training steps: small batches at the papers' patch sizes (see the header), in 3
+    # alternating rounds (engine, peer, engine, peer, engine, peer) of 4 timed steps each:
+    # on a shared 2-core VM single engine-then-peer pairs of these rows moved by up to 0.15
+    echo "dm-qpmnet train_step batch=2 warmup=1 reps=4 rounds=3 breakdown"
+    echo "early-fusion train_step batch=2 warmup=1 reps=4 rounds=3 breakdown"
+    echo "nnunet train_step batch=2 warmup=1 reps=4 rounds=3 breakdown"
+    echo "musplit-unet train_step batch=4 warmup=1 reps=4 rounds=3 breakdown"
+    echo "musplit-hvae train_step batch=8 warmup=1 reps=4 rounds=3 breakdown"
     echo "pg-diffseg train_step batch=1 warmup=1 reps=3"
     echo "dm-qpmnet inference batch=4 warmup=1 reps=3"
     echo "early-fusion inference batch=4 warmup=1 reps=3"
@@ -265,7 +267,7 @@ while read -r model mode rest; do
         echo "bench.sh: [$i/$n] $model $mode: skipped, --deadline $deadline s reached"
         continue
     fi
-    batch=2; warmup=1; reps=3; frame=0; steps=100,200; bd=(); precision=float32
+    batch=2; warmup=1; reps=3; frame=0; steps=100,200; bd=(); precision=float32; rounds=1
     for kv in $rest; do
         case "$kv" in
             batch=*) batch=${kv#batch=} ;;
@@ -274,13 +276,18 @@ while read -r model mode rest; do
             frame=*) frame=${kv#frame=} ;;
             steps=*) steps=${kv#steps=} ;;
             precision=*) precision=${kv#precision=} ;;
+            rounds=*) rounds=${kv#rounds=} ;;
             breakdown) bd=(--breakdown) ;;
         esac
     done
+    case "$rounds" in ''|*[!0-9]*|0) echo "bench.sh: plan line '$model $mode $rest': rounds= takes a whole number >= 1, not '$rounds'" >&2; exit 2 ;; esac
     args=(--model "$model" --mode "$mode" --size "$size" --device "$device" --threads "$threads"
           --batch "$batch" --warmup "$warmup" --reps "$reps" --frame "$frame" --steps "$steps"
           --precision "$precision" --work "$work" "${bd[@]}")
-    tag="$model-$mode-b$batch-f$frame-s${steps/,/-}-$precision"
+    tag0="$model-$mode-b$batch-f$frame-s${steps/,/-}-$precision"
+    for round in $(seq "$rounds"); do
+    tag=$tag0; rlabel=""
+    [ "$rounds" = 1 ] || { tag="$tag0.r$round"; rlabel=" round $round/$rounds"; }
     for side in engine peer; do
         t0=$SECONDS
         if [ "$side" = engine ]; then
@@ -291,14 +298,15 @@ while read -r model mode rest; do
         if "${cmd[@]}" < /dev/null > "$BENCH/logs/$tag.$side.out" 2> "$BENCH/logs/$tag.$side.err"; then
             grep '^{' "$BENCH/logs/$tag.$side.out" >> "$lines" || failures+=("$model $mode $rest: $side printed no JSON line")
             med=$(grep '^{' "$BENCH/logs/$tag.$side.out" | tail -1 | "$PY" -c 'import json,sys; print("%.4g" % json.load(sys.stdin)["median_s"])' 2>/dev/null || echo "?")
-            printf 'bench.sh: [%d/%d] %-13s %-13s %-6s median %8s s  (%d s)\n' "$i" "$n" "$model" "$mode" "$side" "$med" $((SECONDS - t0))
+            printf 'bench.sh: [%d/%d] %-13s %-13s %-6s median %8s s  (%d s)%s\n' "$i" "$n" "$model" "$mode" "$side" "$med" $((SECONDS - t0)) "$rlabel"
         else
             rc=$?
             failures+=("$model $mode $rest: $side exit $rc (see $BENCH/logs/$tag.$side.err)")
             printf 'bench.sh: [%d/%d] %-13s %-13s %-6s FAILED (exit %d), see %s\n' "$i" "$n" "$model" "$mode" "$side" "$rc" "$BENCH/logs/$tag.$side.err"
             # the peer needs the engine's model file and inputs
-            [ "$side" = engine ] && { failures+=("$model $mode $rest: peer skipped (engine failed)"); break; }
+            [ "$side" = engine ] && { failures+=("$model $mode $rest: peer skipped (engine failed)"); break 2; }
         fi
+    done
     done
 done <<< "$plan"
 elapsed=$((SECONDS - start))

@@ -127,8 +127,79 @@ def spread(r) -> float:
     return (max(t) - min(t)) / r["median_s"]
 
 
+def _median(v):
+    s = sorted(v)
+    n = len(s)
+    if n == 0:
+        return float("nan")
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+def pool_rounds(rs):
+    """One record from the rounds of one measurement (same model, mode, batch, frame, steps,
+    precision and side, one run of bench.sh; plan key rounds=R): the timed repetitions of all
+    rounds pooled and their median as ``median_s``, throughputs rescaled to it, the medians of
+    the breakdown timings, the largest peak memory, the first round's check value, and the
+    per-round medians in ``round_medians_s``."""
+    if len(rs) == 1:
+        return rs[0]
+    out = dict(rs[0])
+    times = [t for r in rs for t in (r.get("times_s") or [])]
+    med = _median(times)
+    out["times_s"] = times
+    out["reps"] = len(times)
+    out["median_s"] = med
+    out["rounds"] = len(rs)
+    out["round_medians_s"] = [r.get("median_s") for r in rs]
+    for k in ("mp_per_s", "tiles_per_s"):
+        if rs[0].get(k) and rs[0].get("median_s") and med:
+            out[k] = rs[0][k] * rs[0]["median_s"] / med
+    for k in ("forward_loss_s", "forward_backward_s"):
+        v = [r[k] for r in rs if r.get(k) is not None]
+        if v:
+            out[k] = _median(v)
+    for k in ("peak_rss_mib", "cuda_max_allocated_mib", "cuda_max_reserved_mib"):
+        v = [r[k] for r in rs if r.get(k) is not None]
+        if v:
+            out[k] = max(v)
+            if k == "peak_rss_mib":
+                # the growth column pairs the peak with its own round's resident size at the reset
+                top = max((r for r in rs if r.get(k) is not None), key=lambda r: r[k])
+                out["base_rss_mib"] = top.get("base_rss_mib")
+    # device memory is sampled per round: the other side's process runs between the rounds
+    out["_rounds"] = rs
+    return out
+
+
+def round_ratios(e, p):
+    """Engine / peer ratio of each round (paired in order), when both sides ran in rounds."""
+    a, b = e.get("round_medians_s") or [], p.get("round_medians_s") or []
+    if len(a) < 2 or len(a) != len(b):
+        return []
+    return [x / y for x, y in zip(a, b) if x and y]
+
+
+def rounds_summary(rounded) -> str:
+    """[(model, mode, rounds)] -> "train_step rows in 3", one entry per mode when its
+    models agree, else one per model."""
+    by_mode = {}
+    for m, md, n in rounded:
+        by_mode.setdefault(md, set()).add(n)
+    parts = []
+    for md, ns in sorted(by_mode.items()):
+        if len(ns) == 1:
+            parts.append(f"{md} rows in {next(iter(ns))}")
+        else:
+            parts.extend(f"{m} {md} in {n}" for m, md2, n in rounded if md2 == md)
+    return "; ".join(parts)
+
+
 def gpu_peak(samples, r):
-    """Device memory in use during the measurement, above its run's idle baseline."""
+    """Device memory in use during the measurement, above its run's idle baseline (the
+    largest of its rounds' when it ran in rounds)."""
+    if r.get("_rounds"):
+        v = [g for g in (gpu_peak(samples, x) for x in r["_rounds"]) if g is not None]
+        return max(v) if v else None
     if not samples or r.get("t_start") is None:
         return None
     vals = [mib for (ts, mib) in samples if r["t_start"] - 0.5 <= ts <= r["t_end"] + 0.5]
@@ -164,8 +235,13 @@ def main():
         ms = [dict(m, _gpu_base=base) for m in r.get("measurements", [])]
         rows.extend(ms)
         gsamples.extend(r.get("gpu_memory") or [])
-        e = {key(m): m for m in ms if m.get("side") == "engine"}
-        p = {key(m): m for m in ms if m.get("side") == "peer"}
+        # a measurement run in rounds (plan key rounds=R) has R records per side: pooled
+        ge, gp = {}, {}
+        for m in ms:
+            if m.get("side") in ("engine", "peer"):
+                (ge if m["side"] == "engine" else gp).setdefault(key(m), []).append(m)
+        e = {k: pool_rounds(v) for k, v in ge.items()}
+        p = {k: pool_rounds(v) for k, v in gp.items()}
         for k in set(e) | set(p):
             if k in e and k in p:
                 eng[k], peer[k] = e[k], p[k]
@@ -237,6 +313,13 @@ def main():
       + ". **Statistic: the median of the timed repetitions** (all times are in results.json). "
       "Every repetition ends with a device synchronization on CUDA; training steps end with `loss.item()` "
       "on both sides. PG-DiffSeg's warm-up runs 1 inversion + 1 sampling step.")
+    rounded = sorted({(k[0], k[1], v["rounds"]) for k, v in eng.items() if v.get("rounds")})
+    if rounded:
+        w("- Rounds: " + rounds_summary(rounded) + " alternating "
+          "rounds (engine, peer, engine, peer, ...; each round a fresh pair of processes, the same arguments), "
+          "so that a drift of the machine's speed during the run (a shared VM) weighs on both sides alike. "
+          "Each side's timed repetitions of all rounds are pooled and the median is taken over the pool; "
+          "the ratio cell adds the range of the per-round ratios (engine median / peer median of the same round).")
     w(f"- Ratio = engine time / peer time (for throughputs: peer throughput / engine throughput). The goal "
       f"is a ratio at or below {GOAL} on every row; *met* / **not met** below says which rows reach it.")
     w("- Peak memory (CPU): the process's resident high-water mark, reset (`/proc/self/clear_refs`) once the "
@@ -320,8 +403,10 @@ def main():
                 params = f"{params} (peer {p.get('params')})"
             bt = f"{e['batch']} x {e['tile']}x{e['tile']}"
             chk = check_cell(e, p)
+            rr = round_ratios(e, p)
+            rcell = f"{ratio:.2f}" + (f" (rounds {min(rr):.2f}-{max(rr):.2f})" if rr else "")
             if mode == "train_step":
-                S.append(f"| {label(e)} | {params} | {bt} | {fmt(e['median_s'])} | {fmt(p['median_s'])} | {ratio:.2f} | {goal} | {mem} | {mratio} | {chk} |")
+                S.append(f"| {label(e)} | {params} | {bt} | {fmt(e['median_s'])} | {fmt(p['median_s'])} | {rcell} | {goal} | {mem} | {mratio} | {chk} |")
             elif mode == "inference":
                 S.append(f"| {label(e)} | {params} | {bt} | {fmt(e['mp_per_s'])} | {fmt(p['mp_per_s'])} | {ratio:.2f} | {goal} | {mem} | {mratio} | {chk} |")
             elif mode in ("segment_2048", "decompose"):
