@@ -214,21 +214,25 @@ typedef struct LumosModelInfo {
 } LumosModelInfo;
 
 /**
- * Tiling and test-time options for segment and decompose.
- * Fill with `lumos_tile_options_default` first, then change fields.
+ * Tiling and test-time options of the segmentation calls (`lumos_segment`,
+ * `lumos_segment_probabilities`, `lumos_segment_region`, `lumos_segment_diffusion`;
+ * decomposition has `LumosDecomposeOptions`). Fill with `lumos_tile_options_default`
+ * first, then change fields.
  */
 typedef struct LumosTileOptions {
   /**
    * Tile height in pixels; 0 = the model's training patch height. Must be a multiple of
-   * the network's downsampling factor.
+   * the network's downsampling factor, at most 16384, and the tile at most 8192 x 8192
+   * pixels in area (INVALID_ARGUMENT otherwise).
    */
   size_t tile_height;
   /**
-   * Tile width in pixels; 0 = the model's training patch width.
+   * Tile width in pixels; 0 = the model's training patch width (same limits).
    */
   size_t tile_width;
   /**
-   * Step between tiles as a fraction of the tile, in (0, 1]; 0.5 by default.
+   * Step between tiles as a fraction of the tile, in (0, 1] and at least one pixel
+   * (>= 1 / the smaller tile side); 0.5 by default.
    */
   double step_fraction;
   /**
@@ -360,7 +364,9 @@ typedef struct LumosProgress {
 /**
  * Progress callback: called on the thread that runs the operation, with a pointer valid
  * only during the call, and the `user_data` given to the operation. It must not call
- * `lumos_model_free` on a model in use; to stop, cancel the token instead.
+ * `lumos_model_free` on a model in use; to stop, cancel the token instead. It must
+ * return normally: no C++ exception may propagate out of it and it must not `longjmp`
+ * past the library's frames (catch everything inside; to stop, cancel the token).
  */
 typedef void (*LumosProgressCallback)(const struct LumosProgress *progress,
                                       void *user_data);
@@ -375,8 +381,17 @@ typedef struct LumosImage {
    * Owned by the library: release with `lumos_image_free`.
    */
   float *data;
+  /**
+   * Number of channels C (TIFF pages or ImageJ channels; >= 1).
+   */
   size_t channels;
+  /**
+   * Image height H in pixels (rows).
+   */
   size_t height;
+  /**
+   * Image width W in pixels (columns).
+   */
   size_t width;
 } LumosImage;
 
@@ -397,8 +412,10 @@ uint32_t lumos_abi_version(void);
 
 /**
  * The message of the last failed lumos call on the calling thread, or "" if the last
- * call succeeded. The string is owned by the library and valid until the next lumos call
- * on this thread; copy it to keep it. Never NULL. Thread-safe (per-thread storage).
+ * call that returns a `LumosStatus` succeeded (calls without a status, such as the
+ * `*_free` functions, `lumos_version` or `lumos_cuda_available`, leave it unchanged).
+ * The string is owned by the library and valid until the next lumos call on this thread;
+ * copy it to keep it. Never NULL. Thread-safe (per-thread storage).
  */
 const char *lumos_last_error_message(void);
 
@@ -415,8 +432,10 @@ bool lumos_cuda_available(void);
 
 /**
  * Sets libtorch's intra-op CPU threads for threads that have not yet run any tensor
- * operation (call it first). `n_threads` >= 1.
- * Errors: INVALID_ARGUMENT for 0.
+ * operation (call it first). `n_threads` in 1..=4096.
+ * Errors: INVALID_ARGUMENT for 0 or more than 4096. The setting is process-wide (all
+ * models and threads share libtorch's thread pool); calling it while other threads run
+ * lumos operations is allowed but changes their thread count too.
  */
 LumosStatus lumos_set_num_threads(uint32_t n_threads);
 
@@ -779,7 +798,9 @@ LumosStatus lumos_train_recipe(const char *method,
  *
  * Blocks until done. Errors: NULL_POINTER, INVALID_ARGUMENT, INVALID_CONFIG, IO, TIFF,
  * SHAPE_MISMATCH, INVALID_INPUT, DEVICE, CANCELLED, TORCH. Thread-safe (separate
- * trainings may run in separate threads).
+ * trainings may run in separate threads; they share libtorch's process-wide thread pool,
+ * and a config with `threads` > 0 sets that pool's size for the whole process, as
+ * `lumos_set_num_threads` does).
  */
 LumosStatus lumos_train(const char *config_json,
                         const char *data_dir,

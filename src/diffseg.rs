@@ -684,6 +684,7 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
     let pc = &cfg.pgdiff;
     let record_path = sibling(output, "train.json");
     let ckpt_path = cfg.checkpoint.clone().unwrap_or_else(|| sibling(output, "ckpt"));
+    crate::train::check_output_paths(output, &ckpt_path)?;
     let device = parse_device(&cfg.device)?;
     if cfg.threads > 0 {
         tch::set_num_threads(cfg.threads as i32);
@@ -724,6 +725,8 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
     let mut history: Vec<EpochRecord> = Vec::new();
     if cfg.resume && ckpt_path.is_file() {
         let (file, st, ck) = crate::train::read_checkpoint::<DiffCheckpoint>(&ckpt_path, &model)?;
+        crate::train::check_resume_config(&ckpt_path, &st.config, cfg)?;
+        crate::train::check_resume_data(&ckpt_path, "image", &ck.normalization, &normalizer)?;
         stepper.opt_ae.load_state(&file.tensors, device);
         stepper.opt_dm.load_state(&file.tensors, device);
         model.meta.normalization = ck.normalization;
@@ -771,9 +774,12 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
                 val_psnr = Some(reconstruction_psnr(&model, &val_s.iter().map(|s| &s.image).collect::<Vec<_>>())?);
             } else {
                 let opts = SegmentOptions { step_fraction: 1.0, diffusion: Some(validation_options(cfg.seed)), ..Default::default() };
+                // sampling takes long: a cancel stops it tile by tile and ends the run (the
+                // last checkpoint, the previous epoch's, stays)
+                let mut cancel_only = Monitor { progress: None, cancel: monitor.cancel.clone() };
                 let scores = val_s
                     .iter()
-                    .map(|s| metrics::score(&model.segment_labels(s.image.data.view(), &opts)?, &s.mask, model.n_classes()))
+                    .map(|s| metrics::score(&model.segment_labels_with(s.image.data.view(), &opts, &mut cancel_only)?, &s.mask, model.n_classes()))
                     .collect::<Result<Vec<_>>>()?;
                 val_dice = metrics::summarize(&scores).mean_fg_dice.mean;
             }

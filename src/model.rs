@@ -539,9 +539,14 @@ impl Model {
 
     /// Convenience: labels of a `(C, H, W)` frame.
     pub fn segment_labels(&self, frame: ArrayView3<f32>, opts: &SegmentOptions) -> Result<crate::image::Mask> {
+        self.segment_labels_with(frame, opts, &mut Monitor::none())
+    }
+
+    /// Labels of a `(C, H, W)` frame, reporting to and cancelled through `monitor`.
+    pub fn segment_labels_with(&self, frame: ArrayView3<f32>, opts: &SegmentOptions, monitor: &mut Monitor) -> Result<crate::image::Mask> {
         let (_, h, w) = frame.dim();
         let mut m = crate::image::Mask::zeros((h, w));
-        self.segment(frame, opts, SegmentOutput::Labels(m.view_mut()), &mut Monitor::none())?;
+        self.segment(frame, opts, SegmentOutput::Labels(m.view_mut()), monitor)?;
         Ok(m)
     }
 

@@ -466,6 +466,7 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
     let mc = &cfg.musplit;
     let record_path = sibling(output, "train.json");
     let ckpt_path = cfg.checkpoint.clone().unwrap_or_else(|| sibling(output, "ckpt"));
+    crate::train::check_output_paths(output, &ckpt_path)?;
     let device = parse_device(&cfg.device)?;
     if cfg.threads > 0 {
         tch::set_num_threads(cfg.threads as i32);
@@ -509,6 +510,11 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
     let (mut lr, mut best, mut bad) = (mc.learning_rate, None::<f64>, 0usize);
     if cfg.resume && ckpt_path.is_file() {
         let (file, st, ck) = crate::train::read_checkpoint::<SplitCheckpoint>(&ckpt_path, &model)?;
+        crate::train::check_resume_config(&ckpt_path, &st.config, cfg)?;
+        crate::train::check_resume_data(&ckpt_path, "input", &ck.normalization, &in_norm)?;
+        if let Some(t) = &ck.target_normalization {
+            crate::train::check_resume_data(&ckpt_path, "target", t, &tg_norm)?;
+        }
         stepper.opt.load_state(&file.tensors, device);
         model.meta.normalization = ck.normalization;
         model.meta.target_normalization = ck.target_normalization;

@@ -15,6 +15,14 @@ use crate::error::{Error, Result};
 use crate::image::array3_to_tensor;
 use crate::progress::{Monitor, Progress, Stage};
 
+/// The largest tile side the tiling engines accept, in pixels (16384: a float32 tile of
+/// one channel is then at most 1 GiB). Sizes come from callers (C API, CLI, plugins); an
+/// absurd one must be refused with a message, not reach an allocation that aborts.
+pub const MAX_TILE_SIDE: usize = 16384;
+
+/// The largest tile area the sliding window accepts, in pixels (8192 x 8192).
+pub const MAX_TILE_PIXELS: usize = 1 << 26;
+
 /// Sliding-window settings.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SlidingWindow {
@@ -41,6 +49,29 @@ impl SlidingWindow {
                     self.tile
                 )));
             }
+            if t > MAX_TILE_SIDE {
+                return Err(Error::InvalidArgument(format!(
+                    "tile size (tile_height, tile_width) = {:?}; each side must be at most {MAX_TILE_SIDE} pixels",
+                    self.tile
+                )));
+            }
+        }
+        if self.tile[0] * self.tile[1] > MAX_TILE_PIXELS {
+            return Err(Error::InvalidArgument(format!(
+                "tile size (tile_height, tile_width) = {:?} is {} pixels; a tile may have at most {MAX_TILE_PIXELS} (8192 x 8192)",
+                self.tile,
+                self.tile[0] * self.tile[1]
+            )));
+        }
+        // the step must be at least one pixel, or the tile count grows without bound
+        let min_side = self.tile[0].min(self.tile[1]);
+        if self.step_fraction * (min_side as f64) < 1.0 {
+            return Err(Error::InvalidArgument(format!(
+                "step_fraction = {}; with a {min_side}-pixel tile side the step between tiles would be under one pixel: \
+                 expected at least {:.3e} (1 / tile side)",
+                self.step_fraction,
+                1.0 / min_side as f64
+            )));
         }
         Ok(())
     }
@@ -298,9 +329,9 @@ pub struct CentreTiles {
 
 impl CentreTiles {
     pub fn validate(&self, divisor: usize) -> Result<()> {
-        if self.tile == 0 || self.tile % divisor != 0 {
+        if self.tile == 0 || self.tile % divisor != 0 || self.tile > MAX_TILE_SIDE {
             return Err(Error::InvalidArgument(format!(
-                "tile {} must be a positive multiple of {divisor} (the network's downsampling factor)",
+                "tile {} must be a positive multiple of {divisor} (the network's downsampling factor), at most {MAX_TILE_SIDE}",
                 self.tile
             )));
         }
@@ -400,6 +431,23 @@ mod tests {
         let s = tile_starts(1000, 256, 0.5);
         assert_eq!(*s.last().unwrap(), 1000 - 256);
         assert!(s.windows(2).all(|w| w[1] - w[0] <= 128));
+    }
+
+    /// Sizes from callers are bounded: an absurd tile or a sub-pixel step is an error that
+    /// names the setting, never an allocation that aborts the process.
+    #[test]
+    fn absurd_tiles_and_steps_are_refused() {
+        let ok = SlidingWindow { tile: [256, 256], step_fraction: 0.5, batch_size: 4 };
+        assert!(ok.validate(32).is_ok());
+        let msg = |sw: SlidingWindow| sw.validate(32).unwrap_err().to_string();
+        assert!(msg(SlidingWindow { tile: [1 << 40, 1 << 40], ..ok }).contains("at most 16384"));
+        assert!(msg(SlidingWindow { tile: [16384, 16384], ..ok }).contains("at most 67108864"));
+        assert!(SlidingWindow { tile: [16384, 4096], ..ok }.validate(32).is_ok());
+        assert!(msg(SlidingWindow { step_fraction: 1e-12, ..ok }).contains("under one pixel"));
+        assert!(SlidingWindow { step_fraction: 1.0 / 256.0, ..ok }.validate(32).is_ok());
+        let ct = CentreTiles { tile: 64, keep: 32, batch_size: 4 };
+        assert!(ct.validate(32).is_ok());
+        assert!(CentreTiles { tile: 1 << 40, ..ct }.validate(32).unwrap_err().to_string().contains("at most 16384"));
     }
 
     /// An identity "network" must give back the input exactly, whatever the tiling, with

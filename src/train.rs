@@ -182,6 +182,32 @@ impl TrainConfig {
     }
 }
 
+/// Where a run writes (the model, its checkpoint) must be writable file paths before any
+/// work starts: a directory at the model path or a checkpoint in a missing folder would
+/// otherwise fail only after the first epoch or at the very end.
+pub(crate) fn check_output_paths(output: &Path, checkpoint: &Path) -> Result<()> {
+    for (what, p) in [("output model", output), ("checkpoint", checkpoint)] {
+        if p.is_dir() {
+            return Err(Error::InvalidArgument(format!("the {what} path '{}' is a directory; expected a file path", p.display())));
+        }
+        if p.file_name().is_none() {
+            return Err(Error::InvalidArgument(format!("the {what} path '{}' names no file", p.display())));
+        }
+        let dir = match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        if !dir.is_dir() {
+            return Err(Error::InvalidArgument(format!(
+                "the {what} path '{}' is in a folder that does not exist ('{}'); create it first",
+                p.display(),
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// `model.lumos` -> `model.lumos.EXT`.
 pub fn sibling(p: &Path, ext: &str) -> PathBuf {
     let mut s = p.as_os_str().to_owned();
@@ -359,10 +385,17 @@ impl SegmentationStep {
 
 /// Mean foreground Dice of `model` on raw (unnormalized) samples.
 pub fn evaluate_samples(model: &Model, samples: &[&Sample]) -> Result<Vec<metrics::ImageScores>> {
+    evaluate_samples_with(model, samples, &Monitor::none())
+}
+
+/// [`evaluate_samples`], stopped by `monitor`'s cancel token (checked tile by tile; its
+/// progress callback is not called): a cancelled training does not wait for validation.
+pub fn evaluate_samples_with(model: &Model, samples: &[&Sample], monitor: &Monitor) -> Result<Vec<metrics::ImageScores>> {
+    let mut cancel_only = Monitor { progress: None, cancel: monitor.cancel.clone() };
     samples
         .iter()
         .map(|s| {
-            let pred = model.segment_labels(s.image.data.view(), &SegmentOptions::default())?;
+            let pred = model.segment_labels_with(s.image.data.view(), &SegmentOptions::default(), &mut cancel_only)?;
             metrics::score(&pred, &s.mask, model.n_classes())
         })
         .collect()
@@ -388,6 +421,7 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
     }
     let record_path = sibling(output, "train.json");
     let ckpt_path = cfg.checkpoint_path(output);
+    check_output_paths(output, &ckpt_path)?;
     let device = parse_device(&cfg.device)?;
     if cfg.threads > 0 {
         tch::set_num_threads(cfg.threads as i32);
@@ -437,7 +471,9 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
             })?,
         )
         .map_err(|e| Error::ModelFormat(format!("'{}': corrupt checkpoint state ({e})", ckpt_path.display())))?;
+        check_resume_config(&ckpt_path, &st.config, cfg)?;
         let ck_meta = ModelMeta::from_metadata(&ckpt_path, &file.metadata)?;
+        check_resume_data(&ckpt_path, "image", &ck_meta.normalization, &normalizer)?;
         if ck_meta.architecture != model.meta.architecture || ck_meta.classes != model.meta.classes || ck_meta.input_channels != model.meta.input_channels {
             return Err(Error::Config(format!(
                 "checkpoint '{}' was written for another architecture, channels or classes; delete it or set resume = false",
@@ -483,7 +519,9 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
         let val_dice = if val_s.is_empty() {
             f64::NAN
         } else {
-            metrics::mean(&evaluate_samples(&model, &val_s)?.iter().map(|s| s.mean_fg_dice()).collect::<Vec<_>>())
+            // a cancel during validation ends the run at once; the last checkpoint (the previous
+            // epoch's) stays
+            metrics::mean(&evaluate_samples_with(&model, &val_s, monitor)?.iter().map(|s| s.mean_fg_dice()).collect::<Vec<_>>())
         };
         let rec = EpochRecord {
             epoch,
@@ -565,6 +603,68 @@ impl RunInfo<'_> {
 /// model (optimizer tensors skipped); returns the file (for optimizer state), the
 /// loop's state from the `lumos.checkpoint` entry and the checkpoint's metadata.
 /// Refuses a checkpoint written for another kind, architecture or classes.
+/// Resuming continues the run that wrote the checkpoint: its settings must be this run's,
+/// except where the run happens (`device`, `threads`), where its checkpoint goes
+/// (`checkpoint`, `resume`) and how long it lasts (`epochs`: to train longer or stop
+/// sooner; the learning-rate schedule follows the new total from the next epoch on).
+/// Another seed would draw another train / validation split (images trained on would be
+/// validated on) and other batches, another learning rate or architecture would make a
+/// different run under the old one's name, so a difference is an error that names the
+/// settings.
+pub(crate) fn check_resume_config(path: &Path, saved: &TrainConfig, now: &TrainConfig) -> Result<()> {
+    const MAY_CHANGE: [&str; 5] = ["resume", "device", "threads", "checkpoint", "epochs"];
+    let fields = |c: &TrainConfig| -> serde_json::Map<String, serde_json::Value> {
+        let mut m = match serde_json::to_value(c) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => serde_json::Map::new(),
+        };
+        for k in MAY_CHANGE {
+            m.remove(k);
+        }
+        m
+    };
+    let (a, b) = (fields(saved), fields(now));
+    if a == b {
+        return Ok(());
+    }
+    let short = |v: Option<&serde_json::Value>| -> String {
+        let s = v.map_or_else(|| "absent".to_string(), |v| v.to_string());
+        if s.chars().count() > 80 {
+            format!("{}...", s.chars().take(77).collect::<String>())
+        } else {
+            s
+        }
+    };
+    let mut keys: Vec<&String> = a.keys().chain(b.keys().filter(|k| !a.contains_key(*k))).collect();
+    keys.sort();
+    let diffs: Vec<String> = keys
+        .into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| format!("{k}: {} in the checkpoint, {} now", short(a.get(k)), short(b.get(k))))
+        .collect();
+    Err(Error::Config(format!(
+        "checkpoint '{}' belongs to a run with other settings ({}); resuming continues that run, where only {} may change: \
+         restore its settings, or delete the checkpoint or set resume = false to start over",
+        path.display(),
+        diffs.join("; "),
+        MAY_CHANGE.join(", ")
+    )))
+}
+
+/// Resuming needs the data the checkpoint was trained on: the normalization fitted on this
+/// run's training images must be the checkpoint's (the images are normalized with it).
+pub(crate) fn check_resume_data(path: &Path, what: &str, saved: &Normalizer, now: &Normalizer) -> Result<()> {
+    if saved == now {
+        return Ok(());
+    }
+    Err(Error::Config(format!(
+        "checkpoint '{}': the {what} normalization fitted on this run's training images differs from the checkpoint's \
+         (the training data changed since it was written); resume with the same data, or delete the checkpoint or \
+         set resume = false to start over",
+        path.display()
+    )))
+}
+
 pub(crate) fn read_checkpoint<T: serde::de::DeserializeOwned>(
     path: &Path,
     model: &Model,
@@ -577,9 +677,13 @@ pub(crate) fn read_checkpoint<T: serde::de::DeserializeOwned>(
     )
     .map_err(|e| Error::ModelFormat(format!("'{}': corrupt checkpoint state ({e})", path.display())))?;
     let ck = ModelMeta::from_metadata(path, &file.metadata)?;
-    if ck.kind != model.meta.kind || ck.architecture != model.meta.architecture || ck.classes != model.meta.classes {
+    if ck.kind != model.meta.kind
+        || ck.architecture != model.meta.architecture
+        || ck.classes != model.meta.classes
+        || ck.input_channels != model.meta.input_channels
+    {
         return Err(Error::Config(format!(
-            "checkpoint '{}' was written for another architecture or classes; delete it or set resume = false",
+            "checkpoint '{}' was written for another architecture, channels or classes; delete it or set resume = false",
             path.display()
         )));
     }

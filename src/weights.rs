@@ -21,13 +21,25 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     if path.file_name().is_none() {
         return Err(Error::InvalidArgument(format!("'{}' is not a file path", path.display())));
     }
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".lumos-tmp-")
-        .tempfile_in(dir)
-        .map_err(|e| Error::io(dir, e))?;
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".lumos-tmp-");
+    // a temporary file is created 0600; a model, checkpoint or record is shared like any file
+    // the user creates (0666 minus the umask): another user's Fiji must be able to read it
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        builder.permissions(std::fs::Permissions::from_mode(0o666));
+    }
+    let mut tmp = builder.tempfile_in(dir).map_err(|e| Error::io(dir, e))?;
     tmp.write_all(bytes).map_err(|e| Error::io(path, e))?;
     tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    // the rename itself survives a power cut once the folder is synced (best effort: some
+    // filesystems refuse to sync a directory handle)
+    #[cfg(unix)]
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
     Ok(())
 }
 
@@ -108,4 +120,32 @@ pub fn copy_into(vs: &tch::nn::VarStore, tensors: &BTreeMap<String, Tensor>, ign
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Model files are written like any file the user creates: 0666 minus the umask (not
+    /// the temporary file's 0600), also when they replace an existing file.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn written_files_get_ordinary_permissions() {
+        use std::os::unix::fs::PermissionsExt;
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let umask = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Umask:"))
+            .map(|v| u32::from_str_radix(v.trim(), 8).unwrap())
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.lumos");
+        for round in 0..2 {
+            write_atomic(&p, b"bytes").unwrap();
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o666 & !umask, "round {round}: mode {mode:o}, umask {umask:o}");
+        }
+        // nothing else is left in the folder
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
 }

@@ -93,6 +93,49 @@ fn same_seed_same_model_and_resume_equals_uninterrupted() {
     assert_eq!(a, r, "resumed run equals the uninterrupted run");
 }
 
+/// Resuming continues the checkpoint's run: another seed (another split, other batches),
+/// learning rate or data is refused with a message that names what differs; device,
+/// threads and epochs may change.
+#[test]
+fn resume_refuses_other_settings_and_other_data() {
+    let dir = tempfile::tempdir().unwrap();
+    write_dataset(dir.path(), 4, 0, &SsqpmConfig { size: 48, ..Default::default() }, 2).unwrap();
+    let data = dir.path().join("train");
+    let ckpt = dir.path().join("r.ckpt");
+    let out = dir.path().join("r.lumos");
+    let first = TrainConfig { checkpoint: Some(ckpt.clone()), ..tiny(9, 1, 2) };
+    train(&first, &data, &out, &mut Monitor::none()).unwrap();
+    let resume = |cfg: TrainConfig, data: &Path| {
+        let cfg = TrainConfig { resume: true, checkpoint: Some(ckpt.clone()), ..cfg };
+        train(&cfg, data, &out, &mut Monitor::none()).map(|_| ()).map_err(|e| e.to_string())
+    };
+    let e = resume(tiny(10, 2, 2), &data).unwrap_err();
+    assert!(e.contains("seed: 9 in the checkpoint, 10 now"), "{e}");
+    let e = resume(TrainConfig { learning_rate: 0.5, ..tiny(9, 2, 2) }, &data).unwrap_err();
+    assert!(e.contains("learning_rate"), "{e}");
+    // the same settings on other images: another fitted normalization
+    let other = tempfile::tempdir().unwrap();
+    write_dataset(other.path(), 4, 0, &SsqpmConfig { size: 48, ..Default::default() }, 77).unwrap();
+    let e = resume(tiny(9, 2, 2), &other.path().join("train")).unwrap_err();
+    assert!(e.contains("training data changed"), "{e}");
+    // more epochs and another thread count: allowed
+    resume(TrainConfig { threads: 2, ..tiny(9, 2, 2) }, &data).unwrap();
+}
+
+/// Unwritable destinations are refused before any work, not after the first epoch.
+#[test]
+fn output_and_checkpoint_paths_are_checked_up_front() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = |cfg: &TrainConfig, out: &Path| train(cfg, dir.path(), out, &mut Monitor::none()).map(|_| ()).unwrap_err().to_string();
+    let e = err(&tiny(1, 1, 1), dir.path());
+    assert!(e.contains("is a directory"), "{e}");
+    let e = err(&tiny(1, 1, 1), &dir.path().join("missing").join("m.lumos"));
+    assert!(e.contains("does not exist"), "{e}");
+    let cfg = TrainConfig { checkpoint: Some(dir.path().join("nowhere").join("c.ckpt")), ..tiny(1, 1, 1) };
+    let e = err(&cfg, &dir.path().join("m.lumos"));
+    assert!(e.contains("checkpoint path") && e.contains("does not exist"), "{e}");
+}
+
 #[test]
 fn cancelled_training_keeps_its_last_checkpoint() {
     let dir = tempfile::tempdir().unwrap();

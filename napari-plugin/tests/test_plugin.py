@@ -254,3 +254,32 @@ def test_train_from_layers_then_stop_and_resume(make_napari_viewer, qtbot, tmp_p
     wait_done(qtbot, widget)
     assert "stopped; last checkpoint kept" in widget.status.value, widget.status.value
     assert not out2.exists() and pathlib.Path(str(out2) + ".ckpt").is_file()
+
+
+def test_model_inputs_are_locked_while_a_job_runs(make_napari_viewer, qtbot, models, tmp_path):
+    """The running job uses the loaded model: the model file, device and precision cannot
+    change under it (swapping the model freed it under the running call); a path that is
+    not a file drops the loaded model and says so; RGB layers are refused with a message."""
+    viewer = make_napari_viewer(show=True)
+    stack = np.stack([lumos.simulate("qpi", seed=s, size=256)[0][0] for s in range(4)])
+    viewer.add_image(stack, name="phase")
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    widget.load(models["pgdiff"], "cpu")
+    widget.sampling_steps.value = 30
+    widget.run_button.clicked()
+    assert widget.running
+    assert not (widget.model_file.enabled or widget.device.enabled or widget.bf16.enabled)
+    widget.stop()
+    wait_done(qtbot, widget)
+    assert widget.model_file.enabled and widget.device.enabled and widget.bf16.enabled
+
+    widget.model_file.value = str(tmp_path / "missing.lumos")
+    assert widget.model is None and "no such file" in widget.model_info.value
+    widget.run_button.clicked()
+    assert not widget.running and "choose a model file" in widget.status.value
+
+    viewer.add_image(np.zeros((64, 64, 3), np.uint8), name="rgb", rgb=True)
+    widget.load(models["pgdiff"], "cpu")
+    widget.channels[0].value = "rgb"
+    widget.run_button.clicked()
+    assert not widget.running and "RGB" in widget.status.value, widget.status.value

@@ -88,17 +88,21 @@ pub struct LumosModelInfo {
     pub can_decompose: bool,
 }
 
-/// Tiling and test-time options for segment and decompose.
-/// Fill with `lumos_tile_options_default` first, then change fields.
+/// Tiling and test-time options of the segmentation calls (`lumos_segment`,
+/// `lumos_segment_probabilities`, `lumos_segment_region`, `lumos_segment_diffusion`;
+/// decomposition has `LumosDecomposeOptions`). Fill with `lumos_tile_options_default`
+/// first, then change fields.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct LumosTileOptions {
     /// Tile height in pixels; 0 = the model's training patch height. Must be a multiple of
-    /// the network's downsampling factor.
+    /// the network's downsampling factor, at most 16384, and the tile at most 8192 x 8192
+    /// pixels in area (INVALID_ARGUMENT otherwise).
     pub tile_height: usize,
-    /// Tile width in pixels; 0 = the model's training patch width.
+    /// Tile width in pixels; 0 = the model's training patch width (same limits).
     pub tile_width: usize,
-    /// Step between tiles as a fraction of the tile, in (0, 1]; 0.5 by default.
+    /// Step between tiles as a fraction of the tile, in (0, 1] and at least one pixel
+    /// (>= 1 / the smaller tile side); 0.5 by default.
     pub step_fraction: f64,
     /// Tiles per forward pass (>= 1); 4 by default.
     pub batch_size: usize,
@@ -276,7 +280,9 @@ impl From<&Progress> for LumosProgress {
 
 /// Progress callback: called on the thread that runs the operation, with a pointer valid
 /// only during the call, and the `user_data` given to the operation. It must not call
-/// `lumos_model_free` on a model in use; to stop, cancel the token instead.
+/// `lumos_model_free` on a model in use; to stop, cancel the token instead. It must
+/// return normally: no C++ exception may propagate out of it and it must not `longjmp`
+/// past the library's frames (catch everything inside; to stop, cancel the token).
 pub type LumosProgressCallback = Option<unsafe extern "C" fn(progress: *const LumosProgress, user_data: *mut c_void)>;
 
 /// Largest number of elements accepted in one input buffer (guards against overflowed
@@ -336,8 +342,10 @@ pub extern "C" fn lumos_abi_version() -> u32 {
 }
 
 /// The message of the last failed lumos call on the calling thread, or "" if the last
-/// call succeeded. The string is owned by the library and valid until the next lumos call
-/// on this thread; copy it to keep it. Never NULL. Thread-safe (per-thread storage).
+/// call that returns a `LumosStatus` succeeded (calls without a status, such as the
+/// `*_free` functions, `lumos_version` or `lumos_cuda_available`, leave it unchanged).
+/// The string is owned by the library and valid until the next lumos call on this thread;
+/// copy it to keep it. Never NULL. Thread-safe (per-thread storage).
 #[unsafe(no_mangle)]
 pub extern "C" fn lumos_last_error_message() -> *const c_char {
     last_error_ptr()
@@ -379,8 +387,10 @@ fn catch_bool(f: impl FnOnce() -> bool) -> bool {
 }
 
 /// Sets libtorch's intra-op CPU threads for threads that have not yet run any tensor
-/// operation (call it first). `n_threads` >= 1.
-/// Errors: INVALID_ARGUMENT for 0.
+/// operation (call it first). `n_threads` in 1..=4096.
+/// Errors: INVALID_ARGUMENT for 0 or more than 4096. The setting is process-wide (all
+/// models and threads share libtorch's thread pool); calling it while other threads run
+/// lumos operations is allowed but changes their thread count too.
 #[unsafe(no_mangle)]
 pub extern "C" fn lumos_set_num_threads(n_threads: u32) -> LumosStatus {
     guard(|| {
@@ -1098,7 +1108,9 @@ pub unsafe extern "C" fn lumos_train_recipe(method: *const c_char, size: *const 
 ///
 /// Blocks until done. Errors: NULL_POINTER, INVALID_ARGUMENT, INVALID_CONFIG, IO, TIFF,
 /// SHAPE_MISMATCH, INVALID_INPUT, DEVICE, CANCELLED, TORCH. Thread-safe (separate
-/// trainings may run in separate threads).
+/// trainings may run in separate threads; they share libtorch's process-wide thread pool,
+/// and a config with `threads` > 0 sets that pool's size for the whole process, as
+/// `lumos_set_num_threads` does).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn lumos_train(
     config_json: *const c_char,
@@ -1141,8 +1153,11 @@ pub struct LumosImage {
     /// `channels * height * width` floats, channel-major, row-major within a channel.
     /// Owned by the library: release with `lumos_image_free`.
     pub data: *mut f32,
+    /// Number of channels C (TIFF pages or ImageJ channels; >= 1).
     pub channels: usize,
+    /// Image height H in pixels (rows).
     pub height: usize,
+    /// Image width W in pixels (columns).
     pub width: usize,
 }
 

@@ -11,8 +11,10 @@ this package, else in the repository's ``target/release`` or ``target/debug``.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes as C
 import json
+import operator
 import os
 import pathlib
 import threading
@@ -202,16 +204,38 @@ class CancelToken:
         self.close()
 
 
+def _size(name: str, v, minimum: int = 0) -> int:
+    """A non-negative integer argument (Python or NumPy integer) for a size_t field: ctypes
+    would wrap a negative number to a huge one silently."""
+    try:
+        i = operator.index(v)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(v).__name__} {v!r}") from None
+    if i < minimum:
+        raise ValueError(f"{name} = {i}; expected an integer >= {minimum}")
+    return i
+
+
 def _options(tile=None, step_fraction=0.5, batch_size=4, mirror=False) -> _TileOptions:
     o = _TileOptions()
     _check(_load().lumos_tile_options_default(C.byref(o)))
     if tile is not None:
-        o.tile_height, o.tile_width = (tile, tile) if isinstance(tile, int) else tile
-    o.step_fraction, o.batch_size, o.mirror = step_fraction, batch_size, mirror
+        try:
+            th, tw = (tile, tile) if np.ndim(tile) == 0 else tile
+        except (TypeError, ValueError):
+            raise ValueError(f"tile must be an integer or a (height, width) pair, got {tile!r}") from None
+        o.tile_height, o.tile_width = _size("tile height", th, 1), _size("tile width", tw, 1)
+    o.step_fraction, o.batch_size, o.mirror = float(step_fraction), _size("batch_size", batch_size, 1), bool(mirror)
     return o
 
 
 def _as_input(image: np.ndarray, ndim: int) -> np.ndarray:
+    if isinstance(image, np.ma.MaskedArray):
+        raise TypeError("a masked array: the engine has no notion of masked pixels; pass image.filled(value) "
+                        "or the data without the mask")
+    if np.iscomplexobj(image):
+        raise TypeError("a complex array: the engine expects real intensities or phases (float32); pass "
+                        "np.abs(x), np.angle(x) or x.real explicitly")
     a = np.ascontiguousarray(image, dtype=np.float32)  # zero-copy when already float32 C-order
     if a.ndim != ndim:
         raise ValueError(f"expected a {ndim}-D array, got shape {a.shape}")
@@ -222,10 +246,14 @@ _PRECISIONS = {0: "float32", 1: "bfloat16"}
 
 
 class Model:
-    """A loaded model. Thread-safe: calls on one model are serialized by the library."""
+    """A loaded model. Thread-safe: calls on one model are serialized by the library, and
+    ``close()`` waits for calls in progress on other threads to return before it frees the
+    model (a call after ``close()`` raises ``ValueError``)."""
 
     def __init__(self, path, device: str = "auto", _handle: Optional[C.c_void_p] = None):
         lib = _load()
+        self._cv = threading.Condition()
+        self._busy = 0
         if _handle is None:
             h = C.c_void_p()
             _check(lib.lumos_model_load(os.fsencode(str(path)), device.encode(), C.byref(h)))
@@ -252,9 +280,34 @@ class Model:
         _check(lib.lumos_model_metadata_json(self._h, C.byref(s)))
         self.metadata = json.loads(s.value.decode())
 
+    @contextlib.contextmanager
+    def _use(self):
+        """The handle, held open for the duration of one call (``close()`` waits for it)."""
+        with self._cv:
+            if not self._h:
+                raise ValueError("this model is closed")
+            self._busy += 1
+        try:
+            yield self._h
+        finally:
+            with self._cv:
+                self._busy -= 1
+                self._cv.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        return not getattr(self, "_h", None)
+
     def close(self) -> None:
-        if getattr(self, "_h", None):
-            _load().lumos_model_free(self._h)
+        """Frees the model; waits first for calls running on other threads (a segmentation
+        in a worker thread, say) to return."""
+        cv = getattr(self, "_cv", None)
+        if cv is None:
+            return
+        with cv:
+            cv.wait_for(lambda: self._busy == 0)
+            if getattr(self, "_h", None):  # absent when loading failed
+                _load().lumos_model_free(self._h)
             self._h = None
 
     def __enter__(self):
@@ -267,14 +320,16 @@ class Model:
         self.close()
 
     def save(self, path) -> None:
-        _check(_load().lumos_model_save(self._h, os.fsencode(str(path))))
+        with self._use() as h:
+            _check(_load().lumos_model_save(h, os.fsencode(str(path))))
 
     @property
     def precision(self) -> str:
         """Inference arithmetic: ``"float32"`` (default) or ``"bfloat16"`` (autocast; the fast
         path on a CUDA GPU with tensor cores; probabilities change at bfloat16 rounding)."""
         v = C.c_uint32()
-        _check(_load().lumos_model_precision(self._h, C.byref(v)))
+        with self._use() as h:
+            _check(_load().lumos_model_precision(h, C.byref(v)))
         return _PRECISIONS[v.value]
 
     @precision.setter
@@ -282,12 +337,14 @@ class Model:
         codes = {v: k for k, v in _PRECISIONS.items()}
         if value not in codes:
             raise ValueError(f"precision {value!r}; expected one of {sorted(codes)}")
-        _check(_load().lumos_model_set_precision(self._h, codes[value]))
+        with self._use() as h:
+            _check(_load().lumos_model_set_precision(h, codes[value]))
 
     def diffusion_options(self) -> dict:
         """The sampling a PG-DiffSeg model was saved with (what ``segment`` uses by default)."""
         d = _DiffusionOptions()
-        _check(_load().lumos_model_diffusion_options(self._h, C.byref(d)))
+        with self._use() as h:
+            _check(_load().lumos_model_diffusion_options(h, C.byref(d)))
         start = {v: k for k, v in _STARTS.items()}[d.start]
         return {"start": start, "inversion_steps": d.inversion_steps, "sampling_steps": d.sampling_steps,
                 "eta": d.eta, "samples": d.samples, "forward_t": d.forward_t, "seed": d.seed,
@@ -310,16 +367,20 @@ class Model:
                 raise ValueError("diffusion options apply to label output; drop probabilities=True")
             d = self._diffusion(diffusion)
             out = np.empty((h, w), dtype=np.uint8)
-            _check(_load().lumos_segment_diffusion(self._h, x.ctypes.data, c, h, w, C.byref(opts), C.byref(d), tok,
-                                                   out.ctypes.data, out.size))
+            with self._use() as m:
+                _check(_load().lumos_segment_diffusion(m, x.ctypes.data, c, h, w, C.byref(opts), C.byref(d), tok,
+                                                       out.ctypes.data, out.size))
             return out
         if probabilities:
             out = np.empty((self.n_classes, h, w), dtype=np.float32)
-            _check(_load().lumos_segment_probabilities(self._h, x.ctypes.data, c, h, w, C.byref(opts), tok,
-                                                       out.ctypes.data, out.size))
+            with self._use() as m:
+                _check(_load().lumos_segment_probabilities(m, x.ctypes.data, c, h, w, C.byref(opts), tok,
+                                                           out.ctypes.data, out.size))
         else:
             out = np.empty((h, w), dtype=np.uint8)
-            _check(_load().lumos_segment(self._h, x.ctypes.data, c, h, w, C.byref(opts), tok, out.ctypes.data, out.size))
+            with self._use() as m:
+                _check(_load().lumos_segment(m, x.ctypes.data, c, h, w, C.byref(opts), tok, out.ctypes.data,
+                                             out.size))
         return out
 
     def _diffusion(self, diffusion: dict) -> _DiffusionOptions:
@@ -351,12 +412,14 @@ class Model:
             stats = [np.ascontiguousarray(np.broadcast_to(np.asarray(v, dtype=np.float32).reshape(-1), (c,)))
                      for v in (frame_mean, frame_std)]
         opts = _options(tile, step_fraction, batch_size, mirror)
-        d = C.byref(self._diffusion(diffusion)) if diffusion is not None else None
+        # as in the C API, diffusion options are ignored by models that do not sample
+        d = C.byref(self._diffusion(diffusion)) if diffusion is not None and self.kind == "pgdiff" else None
         tok = cancel._h if cancel is not None else None
         out = np.empty((self.n_classes, h, w), dtype=np.float32)
         mu, sd = (stats[0].ctypes.data, stats[1].ctypes.data) if stats else (None, None)
-        _check(_load().lumos_segment_region(self._h, x.ctypes.data, c, h, w, mu, sd, C.byref(opts), d, tok,
-                                            out.ctypes.data, out.size))
+        with self._use() as m:
+            _check(_load().lumos_segment_region(m, x.ctypes.data, c, h, w, mu, sd, C.byref(opts), d, tok,
+                                                out.ctypes.data, out.size))
         return out
 
     def decompose(self, image: np.ndarray, *, tile: int = 0, keep: int = 0, batch_size: int = 16,
@@ -372,10 +435,12 @@ class Model:
         out = np.empty((2, h, w), dtype=np.float32)
         opts = _DecomposeOptions()
         _check(_load().lumos_decompose_options_default(C.byref(opts)))
-        opts.tile, opts.keep, opts.batch_size, opts.mirror = tile, keep, batch_size, mirror
-        opts.samples, opts.seed = samples, seed
+        opts.tile, opts.keep = _size("tile", tile), _size("keep", keep)
+        opts.batch_size, opts.mirror = _size("batch_size", batch_size, 1), bool(mirror)
+        opts.samples, opts.seed = _size("samples", samples, 1), _size("seed", seed)
         tok = cancel._h if cancel is not None else None
-        _check(_load().lumos_decompose(self._h, x.ctypes.data, h, w, C.byref(opts), tok, out.ctypes.data, out.size))
+        with self._use() as m:
+            _check(_load().lumos_decompose(m, x.ctypes.data, h, w, C.byref(opts), tok, out.ctypes.data, out.size))
         return out
 
 
@@ -476,26 +541,38 @@ RECIPES = ("dm-qpmnet", "early-fusion", "angles-only", "phase-only", "nnunet", "
 
 def train(data_dir, output, config: Optional[dict] = None,
           progress: Optional[Callable[[dict], None]] = None, cancel: Optional[CancelToken] = None) -> Model:
-    """Trains a model (blocking); ``progress`` receives dicts with stage, epoch, loss, val_metric..."""
+    """Trains a model (blocking); ``progress`` receives dicts with stage, epoch, loss, val_metric...
+
+    An exception raised by ``progress`` (KeyboardInterrupt included) cancels the training at
+    its next progress report, which keeps the last checkpoint, and is raised here."""
     lib = _load()
     errors = []
+    # the library polls one token: the caller's, else one of our own, so that an exception in
+    # the callback can always stop the run
+    own = CancelToken() if cancel is None else None
+    token = cancel if cancel is not None else own
 
     def cb(p, _user):
-        if progress is None:
-            return
         try:
-            q = p.contents
-            progress({f: getattr(q, f) for f, _ in _Progress._fields_})
+            if progress is not None:
+                q = p.contents
+                progress({f: getattr(q, f) for f, _ in _Progress._fields_})
         except BaseException as e:  # an exception must not unwind into the library
             errors.append(e)
-            if cancel is not None:
-                cancel.cancel()
+            try:
+                token.cancel()
+            except BaseException:
+                pass
 
     c_cb = _PROGRESS_CB(cb)
     h = C.c_void_p()
     cfg = json.dumps(config or {}).encode()
-    tok = cancel._h if cancel is not None else None
-    status = lib.lumos_train(cfg, os.fsencode(str(data_dir)), os.fsencode(str(output)), c_cb, None, tok, C.byref(h))
+    try:
+        status = lib.lumos_train(cfg, os.fsencode(str(data_dir)), os.fsencode(str(output)), c_cb, None, token._h,
+                                 C.byref(h))
+    finally:
+        if own is not None:
+            own.close()
     if errors:
         if h:
             lib.lumos_model_free(h)

@@ -250,3 +250,75 @@ def test_train_recipes():
     assert lumos.train_recipe("pg-diffseg", "paper")["kind"] == "pgdiff"
     with pytest.raises(lumos.LumosError, match="INVALID_ARGUMENT.*unknown method 'sam'"):
         lumos.train_recipe("sam", "cpu")
+
+
+def test_close_during_segment_is_safe(model, tmp_path):
+    """close() from another thread while a segmentation runs frees the model only after the
+    call has returned (freeing it under the running call crashed the process)."""
+    path = tmp_path / "copy.lumos"
+    model.save(path)
+    m = lumos.Model(path, device="cpu")
+    big = np.random.default_rng(0).normal(1000, 100, size=(5, 512, 512)).astype(np.float32)
+    result = {}
+
+    def work():
+        try:
+            result["labels"] = m.segment(big)
+        except BaseException as e:  # noqa: BLE001 - recorded for the assertion
+            result["error"] = e
+
+    t = threading.Thread(target=work)
+    t.start()
+    while m._busy == 0 and t.is_alive():
+        pass
+    m.close()  # waits for the segmentation
+    t.join()
+    assert "error" not in result, result.get("error")
+    assert result["labels"].shape == (512, 512)
+    assert m.closed
+    with pytest.raises(ValueError, match="closed"):
+        m.segment(big)
+
+
+def test_sizes_are_checked_before_the_library(model):
+    x = np.zeros((5, 64, 64), np.float32)
+    with pytest.raises(ValueError, match="tile height = -64"):
+        model.segment(x, tile=-64)
+    with pytest.raises(ValueError, match="batch_size = 0"):
+        model.segment(x, batch_size=0)
+    with pytest.raises(TypeError, match="integer"):
+        model.segment(x, tile=32.5)
+    # NumPy integers are integers
+    assert model.segment(x, tile=np.int64(32)).shape == (64, 64)
+    # absurd sizes get the library's message, not an abort
+    with pytest.raises(lumos.LumosError, match="at most 16384"):
+        model.segment(x, tile=1 << 40)
+    with pytest.raises(lumos.LumosError, match="under one pixel"):
+        model.segment(x, step_fraction=1e-12)
+
+
+def test_complex_and_masked_input_are_refused(model):
+    x = np.zeros((5, 32, 32), np.complex64)
+    with pytest.raises(TypeError, match="complex"):
+        model.segment(x)
+    with pytest.raises(TypeError, match="masked"):
+        model.segment(np.ma.masked_array(np.zeros((5, 32, 32), np.float32)))
+
+
+def test_an_exception_in_the_progress_callback_stops_training(data, tmp_path):
+    """Without a cancel token of the caller's, a failing callback still stops the run at its
+    first progress report (not after all epochs)."""
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def progress(ev):
+        seen.append(ev)
+        raise Stop  # KeyboardInterrupt takes the same path (the callback catches BaseException)
+
+    cfg = dict(TINY, epochs=50)
+    with pytest.raises(Stop):
+        lumos.train(data / "train", tmp_path / "stopped.lumos", cfg, progress=progress)
+    assert len(seen) < 5
+    assert not (tmp_path / "stopped.lumos").exists()

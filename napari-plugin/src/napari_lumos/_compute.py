@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pathlib
 import queue
+import shutil
 import tempfile
 import threading
 from typing import Optional, Sequence
@@ -109,36 +110,50 @@ def write_training_folder(folder: pathlib.Path, images: np.ndarray, masks: Optio
     return folder
 
 
-def train(data_dir, output, config: dict, *, cancel: Optional[lumos.CancelToken] = None):
+def train(data_dir, output, config: dict, *, cancel: Optional[lumos.CancelToken] = None,
+          remove_data: bool = False):
     """Trains through the engine; yields ``(message, done, total, event)`` for every progress
     event (``event`` is the engine's progress dict) and returns the trained ``lumos.Model``.
 
     The engine's blocking ``lumos_train`` runs on a helper thread; its progress callback
     feeds a queue this generator drains, so a napari worker can stream the events to the
     GUI. Cancelling ``cancel`` stops training at the next iteration; the engine keeps the
-    last checkpoint (``OUTPUT.ckpt``) and this generator raises the CANCELLED error."""
+    last checkpoint (``OUTPUT.ckpt``) and this generator raises the CANCELLED error. A
+    generator closed before the end (its napari worker quit) cancels the training too.
+    ``remove_data``: delete ``data_dir`` when the training has ended (a temporary folder
+    written from layers)."""
     events: queue.Queue = queue.Queue()
     result: dict = {}
+    token = cancel if cancel is not None else lumos.CancelToken()
 
     def work():
         try:
-            result["model"] = lumos.train(data_dir, output, config, progress=events.put, cancel=cancel)
+            result["model"] = lumos.train(data_dir, output, config, progress=events.put, cancel=token)
         except BaseException as e:  # re-raised in the generator's thread
             result["error"] = e
         finally:
+            if remove_data:
+                shutil.rmtree(data_dir, ignore_errors=True)
             events.put(None)
 
     thread = threading.Thread(target=work, name="lumos-train", daemon=True)
     thread.start()
     done, total = 0, 0
-    while True:
-        ev = events.get()
-        if ev is None:
-            break
-        if ev["stage"] == 1:  # the trainer's own count (PG-DiffSeg reports its autoencoder epochs too)
-            total = ev["epochs"] * ev["iterations"]
-            done = min(total, ev["epoch"] * ev["iterations"] + ev["iteration"] + 1)
-        yield describe(ev), done, total, ev
+    finished = False
+    try:
+        while True:
+            ev = events.get()
+            if ev is None:
+                finished = True
+                break
+            if ev["stage"] == 1:  # the trainer's own count (PG-DiffSeg reports its autoencoder epochs too)
+                total = ev["epochs"] * ev["iterations"]
+                done = min(total, ev["epoch"] * ev["iterations"] + ev["iteration"] + 1)
+            yield describe(ev), done, total, ev
+    finally:
+        if not finished:
+            # closed early: nobody will read the result, so stop the run (the checkpoint stays)
+            token.cancel()
     thread.join()
     if "error" in result:
         raise result["error"]

@@ -9,6 +9,7 @@ napari's activity dock, and can be stopped: Stop cancels the engine's work throu
 from __future__ import annotations
 
 import pathlib
+import shutil
 from typing import TYPE_CHECKING, Optional
 
 import numpy as np
@@ -30,6 +31,29 @@ def _image_names(viewer) -> list:
     from napari.layers import Image
 
     return [layer.name for layer in viewer.layers if isinstance(layer, Image)]
+
+
+def _check_layer(layer) -> None:
+    """Rejects image layers whose data is not a plain array of intensities."""
+    if getattr(layer, "rgb", False):
+        raise ValueError(f"layer '{layer.name}' is an RGB(A) image; the models take grey-value channels: split it "
+                         "(napari: right-click > Split RGB) and choose the channels")
+    if getattr(layer, "multiscale", False):
+        raise ValueError(f"layer '{layer.name}' is a multiscale image; open its full-resolution level as a layer")
+
+
+def _placement(layer, ndim: int) -> dict:
+    """The source layer's scale and translate for a result of ``ndim`` dimensions, so that
+    it lands on the source: the same axes, or the source's axes without its channel axis
+    (third from last) when the source holds the channels ((C, H, W) or (T, C, H, W))."""
+    if layer is None:
+        return {}
+    scale, translate = list(layer.scale), list(layer.translate)
+    if len(scale) == ndim + 1:
+        del scale[-3], translate[-3]
+    if len(scale) != ndim:
+        return {}
+    return {"scale": scale, "translate": translate}
 
 
 def _labels_names(viewer) -> list:
@@ -93,6 +117,8 @@ class _Job(Container):
         self.progress.value = 0
         self.run_button.enabled = False
         self.stop_button.enabled = True
+        self._set_inputs_enabled(False)
+
         def job():
             try:
                 return (yield from gen)
@@ -142,6 +168,7 @@ class _Job(Container):
             self._pbar = None
         self.run_button.enabled = True
         self.stop_button.enabled = False
+        self._set_inputs_enabled(True)
         if self._token is not None:
             self._token.close()
             self._token = None
@@ -156,6 +183,9 @@ class _Job(Container):
     # the two hooks below are optional.
     def on_event(self, update):
         pass
+
+    def _set_inputs_enabled(self, enabled: bool):
+        """Inputs that must not change while a job runs (a job holds on to them)."""
 
     def cancelled_message(self) -> str:
         return "stopped"
@@ -174,6 +204,7 @@ class _ModelJob(_Job):
         self.model_info = Label(value="no model loaded")
         self.model: Optional[lumos.Model] = None
         self._model_key = None
+        self._job_model: Optional[lumos.Model] = None  # the model the running job uses
         self.model_file.changed.connect(self._load_model)
         self.device.changed.connect(self._load_model)
         self.bf16.changed.connect(self._set_precision)
@@ -182,9 +213,22 @@ class _ModelJob(_Job):
         if self.model is not None:
             self.model.precision = "bfloat16" if self.bf16.value else "float32"
 
+    def _set_inputs_enabled(self, enabled: bool):
+        # the running job uses the loaded model: no other model, device or precision until it ends
+        for w in (self.model_file, self.device, self.bf16):
+            w.enabled = enabled
+
     def _load_model(self, *_):
-        path = pathlib.Path(str(self.model_file.value))
+        raw = str(self.model_file.value or "")
+        path = pathlib.Path(raw)
+        if raw in ("", ".") or path.is_dir():
+            return  # nothing chosen yet
         if not path.is_file():
+            # say so, and do not run the next job with the previously loaded model
+            self.model_info.value = f"cannot load: no such file {path}"
+            if self.model is not None:
+                self.model.close()
+            self.model, self._model_key = None, None
             return
         key = (str(path), self.device.value)
         if key == self._model_key:
@@ -195,7 +239,7 @@ class _ModelJob(_Job):
             self.model_info.value = f"cannot load: {e}"
             return
         if self.model is not None:
-            self.model.close()
+            self.model.close()  # waits for calls in progress (none: inputs are locked during jobs)
         self.model, self._model_key = model, key
         self._set_precision()
         self.model_info.value = (f"{model.kind}: {', '.join(model.channel_names)} -> "
@@ -214,6 +258,7 @@ class _ModelJob(_Job):
     def _require_model(self) -> lumos.Model:
         if self.model is None:
             raise ValueError("choose a model file first")
+        self._job_model = self.model
         return self.model
 
 
@@ -231,8 +276,9 @@ class SegmentWidget(_ModelJob):
         # PG-DiffSeg sampling
         self.start = ComboBox(label="starting noise", choices=["prior", "random", "forward"], value="prior",
                               visible=False)
-        self.inversion_steps = SpinBox(label="inversion steps", min=1, max=1000, value=100, visible=False)
-        self.sampling_steps = SpinBox(label="sampling steps", min=1, max=1000, value=200, visible=False)
+        # the engine's DDIM schedules take 1 to 999 steps
+        self.inversion_steps = SpinBox(label="inversion steps", min=1, max=999, value=100, visible=False)
+        self.sampling_steps = SpinBox(label="sampling steps", min=1, max=999, value=200, visible=False)
         self.samples = SpinBox(label="samples (voting)", min=1, max=50, value=1, visible=False)
         self.eta = FloatSpinBox(label="eta", min=0.0, max=1.0, step=0.1, value=0.0, visible=False)
         self.seed = SpinBox(label="seed", min=0, max=2**31 - 1, value=0, visible=False)
@@ -264,7 +310,11 @@ class SegmentWidget(_ModelJob):
             self.sampling_steps.value = d["sampling_steps"]
             self.samples.value = d["samples"]
             self.eta.value = d["eta"]
-            self.seed.value = d["seed"]
+            if d["seed"] <= self.seed.max:
+                self.seed.value = d["seed"]
+            else:  # a seed saved by the library (64-bit) beyond the spin box's range
+                self.seed.value = 0
+                self.model_info.value += f" (saved seed {d['seed']} is beyond this widget's range; seed set to 0)"
         self._show_inputs()
 
     def _show_inputs(self, *_):
@@ -284,6 +334,8 @@ class SegmentWidget(_ModelJob):
             names = [c.value for c in self.channels[:m.n_input_channels]]
         if any(n is None for n in names):
             raise ValueError("choose an image layer for every channel")
+        for n in names:
+            _check_layer(self._viewer.layers[n])
         frames, has_t = _compute.frames_from_arrays([self._viewer.layers[n].data for n in names], m.n_input_channels)
         self._source = names[-1]
         self._has_t = has_t
@@ -295,10 +347,12 @@ class SegmentWidget(_ModelJob):
         return _compute.segment(m, frames, cancel=self._new_token(), diffusion=diffusion)
 
     def _on_result(self, labels):
+        m = self._job_model
         data = labels if self._has_t else labels[0]
-        layer = self._viewer.add_labels(data, name=f"{self._source} {self.model.kind} labels",
-                                        metadata={"class_names": self.model.class_names}, opacity=0.5)
-        classes = ", ".join(f"{i} {n}" for i, n in enumerate(self.model.class_names))
+        src = self._viewer.layers[self._source] if self._source in self._viewer.layers else None
+        layer = self._viewer.add_labels(data, name=f"{self._source} {m.kind} labels",
+                                        metadata={"class_names": m.class_names}, opacity=0.5, **_placement(src, data.ndim))
+        classes = ", ".join(f"{i} {n}" for i, n in enumerate(m.class_names))
         self.status.value = f"done: {layer.name} ({classes})"
 
 
@@ -323,6 +377,7 @@ class DecomposeWidget(_ModelJob):
             raise ValueError(f"a {m.kind} model does not decompose; use the Segment widget")
         if self.image.value is None:
             raise ValueError("choose an image layer")
+        _check_layer(self._viewer.layers[self.image.value])
         data = np.asarray(self._viewer.layers[self.image.value].data)
         if data.ndim not in (2, 3):
             raise ValueError(f"the image must be (H, W) or (T, H, W); got shape {data.shape}")
@@ -332,12 +387,13 @@ class DecomposeWidget(_ModelJob):
                                   samples=self.samples.value, seed=self.seed.value)
 
     def _on_result(self, parts):
-        names = self.model.class_names if len(self.model.class_names) == 2 else ["structure 1", "structure 2"]
+        m = self._job_model
+        names = m.class_names if len(m.class_names) == 2 else ["structure 1", "structure 2"]
         src = self._viewer.layers[self._source] if self._source in self._viewer.layers else None
-        scale = src.scale if src is not None else None
         for part, name, cmap in zip(parts, names, ("magenta", "green")):
-            self._viewer.add_image(part if self._has_t else part[0], name=f"{self._source} {name}", colormap=cmap,
-                                   blending="additive", scale=scale)
+            data = part if self._has_t else part[0]
+            self._viewer.add_image(data, name=f"{self._source} {name}", colormap=cmap, blending="additive",
+                                   **_placement(src, data.ndim))
         self.status.value = f"done: {self._source} -> {names[0]} + {names[1]}"
 
 
@@ -443,29 +499,37 @@ class TrainWidget(_Job):
         names = [n for n in _image_names(self._viewer) if n in (self.images.value or [])]  # layer-list order
         if not names:
             raise ValueError("select the image layers to train on")
+        for n in names:
+            _check_layer(self._viewer.layers[n])
         arrays = [np.asarray(self._viewer.layers[n].data) for n in names]
         folder = _compute.temporary_folder()
-        if self.method.value.startswith("musplit"):
-            if len(arrays) != 2:
-                raise ValueError(f"muSplit trains on the two structures: select two layers, not {len(arrays)}")
-            targets, _ = _compute.frames_from_arrays(arrays, 2)
-            return _compute.write_training_folder(folder, targets, targets=targets, channel_names=names)
-        if self.labels.value is None:
-            raise ValueError("choose the labels layer with the classes to learn")
-        frames, has_t = _compute.frames_from_arrays(arrays, len(arrays))
-        masks = np.asarray(self._viewer.layers[self.labels.value].data)
-        masks = masks if has_t else masks[None]
-        return _compute.write_training_folder(folder, frames, masks=masks, channel_names=names)
+        try:
+            if self.method.value.startswith("musplit"):
+                if len(arrays) != 2:
+                    raise ValueError(f"muSplit trains on the two structures: select two layers, not {len(arrays)}")
+                targets, _ = _compute.frames_from_arrays(arrays, 2)
+                return _compute.write_training_folder(folder, targets, targets=targets, channel_names=names)
+            if self.labels.value is None:
+                raise ValueError("choose the labels layer with the classes to learn")
+            frames, has_t = _compute.frames_from_arrays(arrays, len(arrays))
+            masks = np.asarray(self._viewer.layers[self.labels.value].data)
+            masks = masks if has_t else masks[None]
+            return _compute.write_training_folder(folder, frames, masks=masks, channel_names=names)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
 
     def prepare(self):
         cfg = self.config()
         out = pathlib.Path(str(self.output.value))
         if out.suffix != ".lumos":
             raise ValueError(f"the model file should end in .lumos: {out}")
-        data = self._data_from_layers() if self.source.value == "layers" else pathlib.Path(str(self.folder.value))
+        from_layers = self.source.value == "layers"
+        data = self._data_from_layers() if from_layers else pathlib.Path(str(self.folder.value))
         self.losses, self.events = [], []
         self._output = out
-        return _compute.train(data, out, cfg, cancel=self._new_token())
+        # a folder written from layers is temporary: removed when the training ends
+        return _compute.train(data, out, cfg, cancel=self._new_token(), remove_data=from_layers)
 
     def on_event(self, update):
         ev = update[3]

@@ -124,6 +124,11 @@ public final class Lumos {
 
     /** Writes (H, W) labels as an 8-bit TIFF, atomically. */
     public static void writeMaskTiff(String path, byte[] labels, int height, int width) {
+        if (labels == null || height <= 0 || width <= 0 || (long) height * width != labels.length) {
+            // the library reads height * width labels: a shorter array would be read past its end
+            throw new IllegalArgumentException("labels has " + (labels == null ? "no" : Integer.toString(labels.length))
+                    + " values; a " + height + " x " + width + " mask needs height * width = " + ((long) height * width));
+        }
         check(lib().lumos_mask_write_tiff(path, labels, height, width));
     }
 
@@ -181,12 +186,16 @@ public final class Lumos {
      * Trains a model (blocking) from {@code dataDir} and writes it to {@code output}.
      * {@code listener} and {@code cancel} may be null. A cancelled training throws a
      * {@link LumosException} with {@link LumosException#isCancelled()} and keeps the last
-     * checkpoint ({@code output + ".ckpt"}).
+     * checkpoint ({@code output + ".ckpt"}). An exception thrown by the listener stops the
+     * training at its next progress report (the last checkpoint is kept) and is rethrown here.
      */
     public static Model train(String configJson, String dataDir, String output, final ProgressListener listener,
                               CancelToken cancel) {
         final RuntimeException[] failure = new RuntimeException[1];
-        final CancelToken token = cancel;
+        // the library polls one token: the caller's, else one of our own, so that a failing
+        // listener can always stop the run
+        final CancelToken own = cancel == null && listener != null ? new CancelToken() : null;
+        final CancelToken token = cancel != null ? cancel : own;
         LumosLibrary.ProgressCallback cb = listener == null ? null : new LumosLibrary.ProgressCallback() {
             @Override
             public void invoke(Pointer progress, Pointer userData) {
@@ -194,14 +203,19 @@ public final class Lumos {
                     listener.progress(new LumosLibrary.Progress(progress));
                 } catch (RuntimeException e) { // must not unwind into the library
                     failure[0] = e;
-                    if (token != null) {
-                        token.cancel();
-                    }
+                    token.cancel();
                 }
             }
         };
         PointerByReference out = new PointerByReference();
-        int status = lib().lumos_train(configJson, dataDir, output, cb, null, cancel == null ? null : cancel.handle(), out);
+        int status;
+        try {
+            status = lib().lumos_train(configJson, dataDir, output, cb, null, token == null ? null : token.handle(), out);
+        } finally {
+            if (own != null) {
+                own.close();
+            }
+        }
         if (failure[0] != null) {
             if (out.getValue() != null) {
                 lib().lumos_model_free(out.getValue());

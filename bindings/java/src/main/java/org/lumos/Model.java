@@ -4,12 +4,18 @@ import com.sun.jna.Pointer;
 import com.sun.jna.ptr.IntByReference;
 import com.sun.jna.ptr.PointerByReference;
 
+import java.util.concurrent.locks.ReentrantReadWriteLock;
+
 /**
- * A loaded model. Thread-safe: the library serializes calls on one model. Close it (or
- * use try-with-resources) to free it deterministically.
+ * A loaded model. Thread-safe: the library serializes calls on one model, and
+ * {@link #close()} waits for calls in progress on other threads to return before it frees
+ * the model (a call after {@code close()} throws {@link IllegalStateException}). Close it
+ * (or use try-with-resources) to free it deterministically.
  */
 public final class Model implements AutoCloseable {
     private Pointer handle;
+    /** Native calls hold the read lock, {@link #close()} the write lock. */
+    private final ReentrantReadWriteLock lock = new ReentrantReadWriteLock();
     /** "unet", "dmqpm", "musplit" or "pgdiff". */
     public final String kind;
     public final int inputChannels;
@@ -23,27 +29,34 @@ public final class Model implements AutoCloseable {
 
     Model(Pointer handle) {
         this.handle = handle;
-        LumosLibrary l = Lumos.lib();
-        LumosLibrary.ModelInfo info = new LumosLibrary.ModelInfo();
-        Lumos.check(l.lumos_model_info(handle, info));
-        inputChannels = (int) info.n_input_channels;
-        classes = (int) info.n_classes;
-        patchHeight = (int) info.patch_height;
-        patchWidth = (int) info.patch_width;
-        canSegment = info.can_segment != 0;
-        canDecompose = info.can_decompose != 0;
-        PointerByReference s = new PointerByReference();
-        Lumos.check(l.lumos_model_kind_name(handle, s));
-        kind = s.getValue().getString(0, "UTF-8");
-        channelNames = new String[inputChannels];
-        for (int i = 0; i < inputChannels; i++) {
-            Lumos.check(l.lumos_model_channel_name(handle, i, s));
-            channelNames[i] = s.getValue().getString(0, "UTF-8");
-        }
-        classNames = new String[classes];
-        for (int i = 0; i < classes; i++) {
-            Lumos.check(l.lumos_model_class_name(handle, i, s));
-            classNames[i] = s.getValue().getString(0, "UTF-8");
+        try {
+            LumosLibrary l = Lumos.lib();
+            LumosLibrary.ModelInfo info = new LumosLibrary.ModelInfo();
+            Lumos.check(l.lumos_model_info(handle, info));
+            inputChannels = (int) info.n_input_channels;
+            classes = (int) info.n_classes;
+            patchHeight = (int) info.patch_height;
+            patchWidth = (int) info.patch_width;
+            canSegment = info.can_segment != 0;
+            canDecompose = info.can_decompose != 0;
+            PointerByReference s = new PointerByReference();
+            Lumos.check(l.lumos_model_kind_name(handle, s));
+            kind = s.getValue().getString(0, "UTF-8");
+            channelNames = new String[inputChannels];
+            for (int i = 0; i < inputChannels; i++) {
+                Lumos.check(l.lumos_model_channel_name(handle, i, s));
+                channelNames[i] = s.getValue().getString(0, "UTF-8");
+            }
+            classNames = new String[classes];
+            for (int i = 0; i < classes; i++) {
+                Lumos.check(l.lumos_model_class_name(handle, i, s));
+                classNames[i] = s.getValue().getString(0, "UTF-8");
+            }
+        } catch (RuntimeException | Error e) {
+            // nothing else owns the handle yet
+            Lumos.lib().lumos_model_free(handle);
+            this.handle = null;
+            throw e;
         }
     }
 
@@ -54,11 +67,18 @@ public final class Model implements AutoCloseable {
         return new Model(out.getValue());
     }
 
-    private synchronized Pointer h() {
+    /** The handle, with the read lock held: release it with {@link #done()} in a finally block. */
+    private Pointer h() {
+        lock.readLock().lock();
         if (handle == null) {
+            lock.readLock().unlock();
             throw new IllegalStateException("the model was closed");
         }
         return handle;
+    }
+
+    private void done() {
+        lock.readLock().unlock();
     }
 
     private static Pointer tok(CancelToken c) {
@@ -67,7 +87,12 @@ public final class Model implements AutoCloseable {
 
     /** Saves the model (atomically). */
     public void save(String path) {
-        Lumos.check(Lumos.lib().lumos_model_save(h(), path));
+        Pointer m = h();
+        try {
+            Lumos.check(Lumos.lib().lumos_model_save(m, path));
+        } finally {
+            done();
+        }
     }
 
     /**
@@ -76,21 +101,36 @@ public final class Model implements AutoCloseable {
      * change at bfloat16 rounding). Training is unaffected.
      */
     public void setBfloat16(boolean bf16) {
-        Lumos.check(Lumos.lib().lumos_model_set_precision(h(), bf16 ? 1 : 0));
+        Pointer m = h();
+        try {
+            Lumos.check(Lumos.lib().lumos_model_set_precision(m, bf16 ? 1 : 0));
+        } finally {
+            done();
+        }
     }
 
     /** Whether inference runs in bfloat16 (see {@link #setBfloat16}). */
     public boolean isBfloat16() {
         IntByReference p = new IntByReference();
-        Lumos.check(Lumos.lib().lumos_model_precision(h(), p));
+        Pointer m = h();
+        try {
+            Lumos.check(Lumos.lib().lumos_model_precision(m, p));
+        } finally {
+            done();
+        }
         return p.getValue() == 1;
     }
 
     /** The model's metadata as JSON (config, provenance, normalization). */
     public String metadataJson() {
         PointerByReference s = new PointerByReference();
-        Lumos.check(Lumos.lib().lumos_model_metadata_json(h(), s));
-        return s.getValue().getString(0, "UTF-8");
+        Pointer m = h();
+        try {
+            Lumos.check(Lumos.lib().lumos_model_metadata_json(m, s));
+            return s.getValue().getString(0, "UTF-8");
+        } finally {
+            done();
+        }
     }
 
     /** Default tiling: the model's patch, half overlap, batch 4, no mirroring. */
@@ -103,7 +143,12 @@ public final class Model implements AutoCloseable {
     /** The sampling a PG-DiffSeg model was saved with. */
     public LumosLibrary.DiffusionOptions diffusionOptions() {
         LumosLibrary.DiffusionOptions o = new LumosLibrary.DiffusionOptions();
-        Lumos.check(Lumos.lib().lumos_model_diffusion_options(h(), o));
+        Pointer m = h();
+        try {
+            Lumos.check(Lumos.lib().lumos_model_diffusion_options(m, o));
+        } finally {
+            done();
+        }
         return o;
     }
 
@@ -124,8 +169,14 @@ public final class Model implements AutoCloseable {
     public byte[] segment(Lumos.Image image, LumosLibrary.TileOptions tiling, CancelToken cancel) {
         checkImage(image);
         byte[] out = new byte[image.height * image.width];
-        Lumos.check(Lumos.lib().lumos_segment(h(), image.data, image.channels, image.height, image.width,
-                tiling == null ? defaultTiling() : tiling, tok(cancel), out, out.length));
+        LumosLibrary.TileOptions t = tiling == null ? defaultTiling() : tiling;
+        Pointer m = h();
+        try {
+            Lumos.check(Lumos.lib().lumos_segment(m, image.data, image.channels, image.height, image.width,
+                    t, tok(cancel), out, out.length));
+        } finally {
+            done();
+        }
         return out;
     }
 
@@ -133,25 +184,53 @@ public final class Model implements AutoCloseable {
     public byte[] segmentDiffusion(Lumos.Image image, LumosLibrary.DiffusionOptions diffusion, CancelToken cancel) {
         checkImage(image);
         byte[] out = new byte[image.height * image.width];
-        Lumos.check(Lumos.lib().lumos_segment_diffusion(h(), image.data, image.channels, image.height, image.width,
-                defaultTiling(), diffusion, tok(cancel), out, out.length));
+        LumosLibrary.TileOptions t = defaultTiling();
+        Pointer m = h();
+        try {
+            Lumos.check(Lumos.lib().lumos_segment_diffusion(m, image.data, image.channels, image.height, image.width,
+                    t, diffusion, tok(cancel), out, out.length));
+        } finally {
+            done();
+        }
         return out;
     }
 
     /** Splits an (H, W) image of two superimposed structures; returns 2*H*W floats (structure-major). */
     public float[] decompose(float[] image, int height, int width, LumosLibrary.DecomposeOptions options,
                              CancelToken cancel) {
+        if (image == null) {
+            throw new IllegalArgumentException("image is null");
+        }
+        if (height <= 0 || width <= 0 || (long) height * width != image.length) {
+            // the library reads height * width values: a shorter array would be read past its end
+            throw new IllegalArgumentException("image has " + image.length + " values; a " + height + " x " + width
+                    + " image needs height * width = " + ((long) height * width) + " (row-major)");
+        }
+        if (2L * height * width > Integer.MAX_VALUE) {
+            throw new IllegalArgumentException(height + " x " + width + " is too large for one Java array of results");
+        }
         float[] out = new float[2 * height * width];
-        Lumos.check(Lumos.lib().lumos_decompose(h(), image, height, width,
-                options == null ? defaultDecomposition() : options, tok(cancel), out, out.length));
+        LumosLibrary.DecomposeOptions o = options == null ? defaultDecomposition() : options;
+        Pointer m = h();
+        try {
+            Lumos.check(Lumos.lib().lumos_decompose(m, image, height, width, o, tok(cancel), out, out.length));
+        } finally {
+            done();
+        }
         return out;
     }
 
+    /** Frees the model; waits first for calls running on other threads to return. */
     @Override
-    public synchronized void close() {
-        if (handle != null) {
-            Lumos.lib().lumos_model_free(handle);
-            handle = null;
+    public void close() {
+        lock.writeLock().lock();
+        try {
+            if (handle != null) {
+                Lumos.lib().lumos_model_free(handle);
+                handle = null;
+            }
+        } finally {
+            lock.writeLock().unlock();
         }
     }
 }

@@ -7,7 +7,6 @@ import ij.ImageStack;
 import ij.gui.GenericDialog;
 import ij.plugin.PlugIn;
 import ij.process.FloatProcessor;
-import ij.process.ImageProcessor;
 import org.lumos.CancelToken;
 import org.lumos.Lumos;
 import org.lumos.LumosException;
@@ -31,7 +30,7 @@ public class Lumos_Decompose implements PlugIn {
     @Override
     public void run(String arg) {
         lastResult = null;
-        ImagePlus imp = IJ.getImage();
+        ImagePlus imp = Plugins.currentImage("decompose");
         if (imp == null) {
             return;
         }
@@ -81,6 +80,8 @@ public class Lumos_Decompose implements PlugIn {
             }
         } catch (RuntimeException e) {
             Plugins.fail(e);
+        } catch (LinkageError e) {
+            Plugins.fail(e);
         }
     }
 
@@ -95,6 +96,11 @@ public class Lumos_Decompose implements PlugIn {
                                       int tile, int keep, int samples, int seed) {
         if (modelPath == null || modelPath.isEmpty()) {
             throw new IllegalArgumentException("choose a model file (.lumos)");
+        }
+        if (Plugins.isRgb(imp)) {
+            throw new IllegalArgumentException("'" + imp.getTitle() + "' is an RGB image; decomposition takes one grey"
+                    + " channel holding both structures: convert it first (Image > Type > 32-bit, or Image > Color >"
+                    + " Split Channels and pick one)");
         }
         if (imp.getNChannels() != 1) {
             throw new IllegalArgumentException("'" + imp.getTitle() + "' has " + imp.getNChannels()
@@ -119,11 +125,7 @@ public class Lumos_Decompose implements PlugIn {
                 for (int i = 1; i <= n; i++) {
                     IJ.showStatus("lumos: decomposing " + i + "/" + n);
                     IJ.showProgress(i - 1, n);
-                    ImageProcessor ip = imp.getStack().getProcessor(i);
-                    float[] x = new float[w * h];
-                    for (int k = 0; k < w * h; k++) {
-                        x[k] = ip.getf(k);
-                    }
+                    float[] x = Plugins.pixels(imp, imp.getStack().getProcessor(i), 0);
                     float[] y = model.decompose(x, h, w, o, token);
                     for (int c = 0; c < 2; c++) {
                         float[] part = new float[w * h];

@@ -63,6 +63,8 @@ public class Lumos_Export implements PlugIn {
             Plugins.fail(e);
         } catch (RuntimeException e) {
             Plugins.fail(e);
+        } catch (LinkageError e) {
+            Plugins.fail(e);
         }
     }
 

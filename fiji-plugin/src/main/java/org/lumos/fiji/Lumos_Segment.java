@@ -30,7 +30,7 @@ public class Lumos_Segment implements PlugIn {
     @Override
     public void run(String arg) {
         lastResult = null;
-        ImagePlus imp = IJ.getImage();
+        ImagePlus imp = Plugins.currentImage("segment");
         if (imp == null) {
             return;
         }
@@ -80,6 +80,8 @@ public class Lumos_Segment implements PlugIn {
                 Plugins.fail(e);
             }
         } catch (RuntimeException e) {
+            Plugins.fail(e);
+        } catch (LinkageError e) {
             Plugins.fail(e);
         }
     }

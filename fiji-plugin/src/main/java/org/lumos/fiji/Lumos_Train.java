@@ -70,19 +70,24 @@ public class Lumos_Train implements PlugIn {
             output = gd.getNextString();
             resume = gd.getNextBoolean();
         }
+        File ckpt = new File(output + ".ckpt");
+        long before = ckpt.isFile() ? ckpt.lastModified() : -1;
         try {
             train(method, size, data, epochs, device, seed, output, resume);
             lastResult = output;
         } catch (LumosException e) {
             if (e.isCancelled()) {
-                File ckpt = new File(output + ".ckpt");
-                String kept = ckpt.isFile() ? "; last checkpoint kept: " + ckpt + " (tick resume to continue)" : "";
+                // only a checkpoint this run wrote (or the one it resumed from) belongs to it
+                boolean ours = ckpt.isFile() && (resume || ckpt.lastModified() != before);
+                String kept = ours ? "; last checkpoint kept: " + ckpt + " (tick resume to continue)" : "";
                 IJ.log("lumos: training stopped" + kept);
                 IJ.showStatus("lumos: training stopped" + kept);
             } else {
                 Plugins.fail(e);
             }
         } catch (RuntimeException e) {
+            Plugins.fail(e);
+        } catch (LinkageError e) {
             Plugins.fail(e);
         }
     }

@@ -4,6 +4,7 @@ import ij.IJ;
 import ij.ImagePlus;
 import ij.ImageStack;
 import ij.Macro;
+import ij.WindowManager;
 import ij.gui.GenericDialog;
 import ij.process.ImageProcessor;
 import org.lumos.CancelToken;
@@ -81,32 +82,78 @@ final class Plugins {
     }
 
     /**
+     * The current image, or null after telling the user that none is open. (Not
+     * {@code IJ.getImage()}: without an image and a window it ends the Java process, which
+     * headless, in a batch macro or with ImageJ used as a library means exit code 0.)
+     */
+    static ImagePlus currentImage(String what) {
+        ImagePlus imp = WindowManager.getCurrentImage();
+        if (imp == null) {
+            fail(new IllegalStateException("no image is open: open the image to " + what + " first"));
+        }
+        return imp;
+    }
+
+    static boolean isRgb(ImagePlus imp) {
+        return imp.getType() == ImagePlus.COLOR_RGB;
+    }
+
+    /**
+     * The values of one plane as the engine reads them from the same TIFF: a signed 16-bit
+     * image (stored by ImageJ with 32768 added and a calibration that removes it) gives its
+     * signed values; {@code rgb} 1, 2, 3 picks the red, green or blue channel of an RGB
+     * plane (0 for any other type).
+     */
+    static float[] pixels(ImagePlus imp, ImageProcessor ip, int rgb) {
+        int n = ip.getWidth() * ip.getHeight();
+        float[] out = new float[n];
+        if (rgb > 0) {
+            int[] px = (int[]) ip.getPixels();
+            int shift = 8 * (3 - rgb);
+            for (int i = 0; i < n; i++) {
+                out[i] = (px[i] >> shift) & 0xff;
+            }
+            return out;
+        }
+        float offset = imp.getCalibration().isSigned16Bit() ? 32768f : 0f;
+        for (int i = 0; i < n; i++) {
+            out[i] = ip.getf(i) - offset;
+        }
+        return out;
+    }
+
+    /**
      * The (C, H, W) float input of one (z, t) position of an image whose channels are the
      * model's input channels. A plain stack with as many slices as the model has channels
-     * (a multi-page TIFF opened without hyperstack metadata) counts as channels.
+     * (a multi-page TIFF opened without hyperstack metadata) counts as channels; an RGB
+     * image has three channels (red, green, blue), as when the engine reads its TIFF.
      */
     static Lumos.Image frame(ImagePlus imp, int channels, int z, int t) {
         int w = imp.getWidth(), h = imp.getHeight();
-        boolean slicesAreChannels = imp.getNChannels() == 1 && channels > 1 && imp.getStackSize() == channels;
-        if (!slicesAreChannels && imp.getNChannels() != channels) {
+        boolean rgb = isRgb(imp);
+        if (rgb && channels != 3) {
+            throw new IllegalArgumentException("'" + imp.getTitle() + "' is an RGB image (3 colour channels) but the model takes "
+                    + channels + " channel" + (channels == 1 ? "" : "s")
+                    + ": convert it first (Image > Type > 32-bit for a grey image, or Image > Color > Split Channels)");
+        }
+        boolean slicesAreChannels = !rgb && imp.getNChannels() == 1 && channels > 1 && imp.getStackSize() == channels;
+        if (!rgb && !slicesAreChannels && imp.getNChannels() != channels) {
             throw new IllegalArgumentException("the model takes " + channels + " channels but '" + imp.getTitle()
                     + "' has " + imp.getNChannels() + " (and " + imp.getStackSize() + " planes)");
         }
         float[] data = new float[channels * w * h];
         ImageStack stack = imp.getStack();
         for (int c = 0; c < channels; c++) {
-            int index = slicesAreChannels ? c + 1 : imp.getStackIndex(c + 1, z, t);
-            ImageProcessor ip = stack.getProcessor(index);
-            for (int i = 0; i < w * h; i++) {
-                data[c * w * h + i] = ip.getf(i);
-            }
+            int index = rgb ? imp.getStackIndex(1, z, t) : slicesAreChannels ? c + 1 : imp.getStackIndex(c + 1, z, t);
+            float[] plane = pixels(imp, stack.getProcessor(index), rgb ? c + 1 : 0);
+            System.arraycopy(plane, 0, data, c * w * h, w * h);
         }
         return new Lumos.Image(data, channels, h, w);
     }
 
     /** Number of (z, t) positions to process, given how the channels are laid out. */
     static int positions(ImagePlus imp, int channels) {
-        boolean slicesAreChannels = imp.getNChannels() == 1 && channels > 1 && imp.getStackSize() == channels;
+        boolean slicesAreChannels = !isRgb(imp) && imp.getNChannels() == 1 && channels > 1 && imp.getStackSize() == channels;
         return slicesAreChannels ? 1 : imp.getNSlices() * imp.getNFrames();
     }
 
@@ -119,6 +166,13 @@ final class Plugins {
 
     static GenericDialog dialog(String title) {
         return new GenericDialog(title);
+    }
+
+    /** A missing or mismatched native library (UnsatisfiedLinkError) reported like any failure. */
+    static String fail(LinkageError e) {
+        return fail(new IllegalStateException("the lumos native library cannot be used: " + e.getMessage()
+                + " (set the system property lumos.library or the environment variable LUMOS_LIBRARY to the path"
+                + " of liblumos, or put it on jna.library.path; see the plugin's README)", e));
     }
 
     static String fail(Exception e) {

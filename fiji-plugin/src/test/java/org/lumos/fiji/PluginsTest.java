@@ -153,6 +153,67 @@ public class PluginsTest {
     }
 
     @Test
+    public void withoutAnImageThePluginsReturnInsteadOfEndingJava() {
+        // IJ.getImage() would call System.exit(0) here (no image, no ImageJ window)
+        new Lumos_Segment().run("model=[" + dmqpm + "] device=cpu");
+        assertNull(Lumos_Segment.lastResult);
+        new Lumos_Decompose().run("model=[" + musplit + "] device=cpu");
+        assertNull(Lumos_Decompose.lastResult);
+    }
+
+    @Test
+    public void pixelsAreReadAsTheEngineReadsTheTiff() {
+        // signed 16-bit: ImageJ stores value + 32768 with a calibration that removes it
+        ij.process.ShortProcessor sp = new ij.process.ShortProcessor(4, 1);
+        sp.set(0, 0, 0);
+        sp.set(1, 0, 32768);
+        sp.set(2, 0, 40000);
+        ImagePlus signed = new ImagePlus("signed", sp);
+        Calibration cal = signed.getCalibration();
+        cal.setSigned16BitCalibration();
+        assertArrayEquals(new float[]{-32768f, 0f, 7232f, -32768f}, Plugins.pixels(signed, sp, 0), 0f);
+        // RGB: three channels, red, green, blue
+        ij.process.ColorProcessor cp = new ij.process.ColorProcessor(2, 1);
+        cp.set(0, 0, 0x102030);
+        cp.set(1, 0, 0xff0001);
+        ImagePlus rgb = new ImagePlus("rgb", cp);
+        Lumos.Image x = Plugins.frame(rgb, 3, 1, 1);
+        assertArrayEquals(new float[]{16, 255, 32, 0, 48, 1}, x.data, 0f);
+        try {
+            Plugins.frame(rgb, 5, 1, 1);
+            fail("an RGB image for a 5-channel model");
+        } catch (IllegalArgumentException e) {
+            assertTrue(e.getMessage(), e.getMessage().contains("RGB"));
+        }
+    }
+
+    @Test
+    public void javaArraysMustMatchTheSizesGivenToTheLibrary() {
+        try (Model m = Model.load(musplit, "cpu")) {
+            try {
+                m.decompose(new float[10], 64, 64, null, null);
+                fail("a 10-value array for a 64 x 64 image");
+            } catch (IllegalArgumentException e) {
+                assertTrue(e.getMessage(), e.getMessage().contains("4096"));
+            }
+        }
+        try {
+            Lumos.writeMaskTiff(new File(dir, "short.tif").getPath(), new byte[3], 2, 2);
+            fail("a 3-value mask for 2 x 2");
+        } catch (IllegalArgumentException e) {
+            assertFalse(new File(dir, "short.tif").exists());
+        }
+        Model closed = Model.load(musplit, "cpu");
+        closed.close();
+        try {
+            closed.metadataJson();
+            fail("a closed model");
+        } catch (IllegalStateException e) {
+            assertTrue(e.getMessage().contains("closed"));
+        }
+    }
+
+    @Test
     public void pgdiffSegmentationIsSeeded() {
         Lumos.Image x = Lumos.simulate("qpi", "{\"size\": 64}", 9)[0];
         ImagePlus imp = new ImagePlus("phase", new FloatProcessor(64, 64, x.channel(0)));
