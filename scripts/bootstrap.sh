@@ -4,14 +4,25 @@
 #   (git-ignored), as tch 0.24 expects; .cargo/config.toml points torch-sys at it.
 # - a C and C++ compiler for the C API tests.
 # - the host applications and Python packages of the plugin tests (see below).
+#
+#   scripts/bootstrap.sh             everything the tests need (host packages as root with apt)
+#   scripts/bootstrap.sh --minimal   only what building and running the engine needs (cargo,
+#                                    compilers, libtorch): what scripts/demo.sh uses
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+minimal=0
+case "${1:-}" in
+    --minimal) minimal=1 ;;
+    "") ;;
+    *) echo "bootstrap: unknown option '$1' (--minimal or nothing)" >&2; exit 2 ;;
+esac
 
 TORCH_VERSION=2.11.0
 MARKER=.libtorch/.lumos-torch-$TORCH_VERSION
 
 if ! command -v cargo >/dev/null 2>&1; then
-    if [ -x "$HOME/.cargo/bin/cargo" ]; then
+    if [ -n "${HOME:-}" ] && [ -x "$HOME/.cargo/bin/cargo" ]; then
         export PATH="$HOME/.cargo/bin:$PATH"
     else
         echo "bootstrap: cargo (Rust >= 1.85) is required; install it with rustup" >&2
@@ -22,7 +33,13 @@ fi
 missing_pkgs=()
 command -v gcc >/dev/null 2>&1 || missing_pkgs+=(gcc)
 command -v g++ >/dev/null 2>&1 || missing_pkgs+=(g++)
-command -v python3 >/dev/null 2>&1 || missing_pkgs+=(python3 python3-pip)
+if ! command -v python3 >/dev/null 2>&1; then
+    missing_pkgs+=(python3 python3-pip python3-venv)
+else
+    # Debian and Ubuntu ship python3 without pip and without venv's ensurepip
+    python3 -m pip --version >/dev/null 2>&1 || missing_pkgs+=(python3-pip)
+    [ "$minimal" = 1 ] || python3 -c "import ensurepip" >/dev/null 2>&1 || missing_pkgs+=(python3-venv)
+fi
 if [ ${#missing_pkgs[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "bootstrap: installing ${missing_pkgs[*]}"
@@ -46,7 +63,12 @@ if [ ! -f "$MARKER" ] || [ ! -f .libtorch/torch/lib/libtorch_cpu.so ]; then
     echo "bootstrap: libtorch ready in .libtorch"
 fi
 
-# Host applications for the plugin tests (apt, as root; skipped with a note otherwise):
+if [ "$minimal" = 1 ]; then
+    exit 0
+fi
+
+# Host applications for the plugin tests (apt, as root; otherwise the script stops and
+# names them, since the test command needs them; the engine alone needs --minimal only):
 # Xvfb + Mesa + the X client libraries Qt needs (napari), ImageJ 1 + JNA + JUnit 4 and a
 # JDK (the Fiji plugin), gcc's AddressSanitizer comes with gcc.
 host_pkgs=(xvfb xauth libgl1 libegl1 libgl1-mesa-dri libxkbcommon-x11-0 libxcb-icccm4 libxcb-image0
@@ -70,9 +92,18 @@ fi
 # Python environment in .venv (git-ignored): numpy + pytest for the binding; napari with
 # PyQt5, pytest-qt, pytest-xvfb and npe2 for the plugin (about 900 MB); the binding and
 # the plugin installed editable, so napari discovers the plugin through its entry point.
-if [ ! -x .venv/bin/python ]; then
+if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
+    # absent, or left broken by an earlier failed creation (a venv without pip)
     echo "bootstrap: creating .venv ..."
-    python3 -m venv .venv 2>/dev/null || { python3 -m pip install --quiet virtualenv && python3 -m virtualenv -q .venv; }
+    rm -rf .venv
+    if ! python3 -m venv .venv; then
+        rm -rf .venv
+        if ! { python3 -m pip install --quiet virtualenv && python3 -m virtualenv -q .venv; }; then
+            rm -rf .venv
+            echo "bootstrap: cannot create .venv: install python3-venv (Debian/Ubuntu) or virtualenv" >&2
+            exit 1
+        fi
+    fi
 fi
 if ! .venv/bin/python -c "import numpy, pytest, napari, npe2, pytestqt, pytest_xvfb" >/dev/null 2>&1; then
     echo "bootstrap: installing numpy, pytest, napari[pyqt5], pytest-qt, pytest-xvfb, npe2 into .venv ..."

@@ -11,7 +11,12 @@ SECONDS_PER_TARGET=${1:-60}
 REPORT=""
 if [ "${2:-}" = "--report" ]; then REPORT=${3:?--report needs a file}; fi
 ./scripts/bootstrap.sh >/dev/null
-export PATH="$HOME/.cargo/bin:$PATH"
+[ -z "${HOME:-}" ] || export PATH="$HOME/.cargo/bin:$PATH"
+if ! command -v rustup >/dev/null 2>&1; then
+    echo "fuzz: rustup is needed (cargo fuzz runs on the nightly toolchain); install Rust with rustup," \
+        "or skip fuzzing in scripts/test.sh with LUMOS_SKIP_FUZZ=1" >&2
+    exit 1
+fi
 if ! rustup toolchain list | grep -q '^nightly'; then
     echo "fuzz: installing the nightly toolchain (cargo fuzz needs -Zsanitizer)"
     rustup toolchain install nightly --profile minimal >/dev/null

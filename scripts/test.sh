@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/bootstrap.sh
-export PATH="$HOME/.cargo/bin:$PATH"
+[ -z "${HOME:-}" ] || export PATH="$HOME/.cargo/bin:$PATH"
 # the C tests link target/<profile>/deps/liblumos.so: build the cdylib first so that it
 # is current even when only sources changed since the last build
 cargo build --quiet --lib --bin lumos

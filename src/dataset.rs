@@ -50,12 +50,23 @@ pub fn list_pairs(dir: &Path) -> Result<Vec<(String, PathBuf, PathBuf)>> {
             continue;
         }
         let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
-        let mask = ["tif", "tiff"].iter().map(|e| mask_dir.join(format!("{stem}.{e}"))).find(|m| m.is_file()).ok_or_else(|| {
-            Error::InvalidArgument(format!("image '{}' has no mask '{}/{stem}.tif'", p.display(), mask_dir.display()))
-        })?;
+        // the mask of the same name, with any TIFF extension in any case (a.TIF, a.tiff)
+        let mask = ["tif", "tiff", "TIF", "TIFF", "Tif", "Tiff"]
+            .iter()
+            .map(|e| mask_dir.join(format!("{stem}.{e}")))
+            .find(|m| m.is_file())
+            .ok_or_else(|| Error::InvalidArgument(format!("image '{}' has no mask '{}/{stem}.tif'", p.display(), mask_dir.display())))?;
         out.push((stem, p, mask));
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
+    // a.tif and a.tiff would be two samples sharing one mask
+    if let Some(w) = out.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(Error::InvalidArgument(format!(
+            "'{}' and '{}' have the same name; keep one image per name",
+            w[0].1.display(),
+            w[1].1.display()
+        )));
+    }
     if out.is_empty() {
         return Err(Error::InvalidArgument(format!("'{}' holds no .tif images", img_dir.display())));
     }
@@ -79,6 +90,17 @@ pub fn load_folder(dir: &Path) -> Result<Vec<Sample>> {
             )));
         }
         if let Some(first) = out.first() {
+            // names read from the files (ImageJ labels) must agree: the model records them, and
+            // a different order means different inputs per channel
+            let generated = |names: &[String]| names.iter().enumerate().all(|(i, n)| *n == format!("ch{i}"));
+            let (a, b) = (&first.image.channel_names, &image.channel_names);
+            if a.len() == b.len() && a != b && !generated(a) && !generated(b) {
+                return Err(Error::InvalidInput(format!(
+                    "image '{}' has channels {b:?} but '{}' has {a:?}; all images must have the same channels in the same order",
+                    ip.display(),
+                    first.name
+                )));
+            }
             if first.image.channels() != image.channels() {
                 return Err(Error::Shape(format!(
                     "image '{}' has {} channels but '{}' has {}; all images must have the same channels",
@@ -92,7 +114,28 @@ pub fn load_folder(dir: &Path) -> Result<Vec<Sample>> {
         image.check_finite().map_err(|e| Error::InvalidInput(format!("'{}': {e}", ip.display())))?;
         out.push(Sample { name, image, mask });
     }
+    binary_255_to_1(&mut out);
     Ok(out)
+}
+
+/// Masks that hold only 0 and 255 are ImageJ binary masks (Process > Binary > Convert to
+/// Mask writes 0 / 255): read as background 0 and class 1, not as 256 classes of which 254
+/// never occur. Returns whether they were converted.
+pub fn binary_255_to_1(samples: &mut [Sample]) -> bool {
+    let mut used = [false; 256];
+    for s in samples.iter() {
+        for &v in s.mask.iter() {
+            used[v as usize] = true;
+        }
+    }
+    let only_0_255 = used[255] && used[1..255].iter().all(|&u| !u);
+    if only_0_255 {
+        log::warn!("the masks hold only 0 and 255 (ImageJ binary masks): reading 255 as class 1");
+        for s in samples.iter_mut() {
+            s.mask.mapv_inplace(|v| if v == 255 { 1 } else { v });
+        }
+    }
+    only_0_255
 }
 
 /// Splits `0..n` into (train, validation) indices, reproducibly from `seed`: a shuffled
@@ -109,4 +152,27 @@ pub fn split_indices(n: usize, val_fraction: f64, seed: u64) -> (Vec<usize>, Vec
     train.sort();
     val.sort();
     (train, val)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{Array2, Array3};
+
+    fn sample(labels: &[u8]) -> Sample {
+        let mask = Array2::from_shape_vec((1, labels.len()), labels.to_vec()).unwrap();
+        Sample { name: "s".into(), image: Image::new(Array3::zeros((1, 1, labels.len()))), mask }
+    }
+
+    #[test]
+    fn imagej_binary_masks_become_class_1() {
+        let mut s = vec![sample(&[0, 255, 255]), sample(&[0, 0, 255])];
+        assert!(binary_255_to_1(&mut s));
+        assert_eq!(s[0].mask.as_slice().unwrap(), &[0, 1, 1]);
+        assert_eq!(s[1].mask.as_slice().unwrap(), &[0, 0, 1]);
+        // anything else is left alone
+        let mut t = vec![sample(&[0, 1, 255])];
+        assert!(!binary_255_to_1(&mut t));
+        assert_eq!(t[0].mask.as_slice().unwrap(), &[0, 1, 255]);
+    }
 }

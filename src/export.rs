@@ -73,6 +73,10 @@ impl Person {
             return Err(Error::InvalidArgument(format!("person '{s}': expected \"Name\" or \"Name; affiliation; ORCID\"")));
         }
         let opt = |i: usize| parts.get(i).filter(|p| !p.is_empty()).map(|p| p.to_string());
+        // "Name; ORCID" (no affiliation): an ORCID-shaped second part is the ORCID
+        if parts.len() == 2 && orcid_shaped(parts[1]) {
+            return Ok(Person { name: parts[0].to_string(), orcid: opt(1), ..Default::default() });
+        }
         Ok(Person { name: parts[0].to_string(), affiliation: opt(1), orcid: opt(2), ..Default::default() })
     }
 }
@@ -580,6 +584,29 @@ fn name_char_ok(c: char) -> bool {
 }
 
 /// Checks what bioimage.io requires of user-given texts.
+/// `dddd-dddd-dddd-dddX`: four groups of four, the last character a digit or X.
+fn orcid_shaped(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 19
+        && b.iter().enumerate().all(|(i, &c)| match i {
+            4 | 9 | 14 => c == b'-',
+            18 => c.is_ascii_digit() || c == b'X',
+            _ => c.is_ascii_digit(),
+        })
+}
+
+/// An ORCID iD with a valid ISO 7064 11,2 check character (what bioimage.io validates).
+fn orcid_valid(s: &str) -> bool {
+    if !orcid_shaped(s) {
+        return false;
+    }
+    let digits: Vec<u8> = s.bytes().filter(|c| *c != b'-').collect();
+    let total = digits[..15].iter().fold(0u32, |t, &d| (t + (d - b'0') as u32) * 2);
+    let check = (12 - total % 11) % 11;
+    let want = if check == 10 { b'X' } else { b'0' + check as u8 };
+    digits[15] == want
+}
+
 fn check_options(opts: &ExportOptions) -> Result<()> {
     if let Some(n) = &opts.name {
         if n.trim().len() < 5 || n.len() > 128 || !n.chars().all(name_char_ok) {
@@ -590,6 +617,31 @@ fn check_options(opts: &ExportOptions) -> Result<()> {
     }
     if opts.license.trim().is_empty() {
         return Err(Error::InvalidArgument("license is empty; give an SPDX identifier such as CC-BY-4.0 or MIT".into()));
+    }
+    // an SPDX identifier is one token of letters, digits, '.', '-' and '+' ("MIT", not "MIT License")
+    if !opts.license.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '+')) {
+        return Err(Error::InvalidArgument(format!(
+            "license '{}' is not an SPDX identifier; give one such as CC-BY-4.0, MIT or Apache-2.0",
+            opts.license
+        )));
+    }
+    if let Some(d) = &opts.description {
+        if d.chars().count() > 1024 {
+            return Err(Error::InvalidArgument(format!(
+                "the description has {} characters; bioimage.io takes at most 1024 (put longer text in the documentation)",
+                d.chars().count()
+            )));
+        }
+    }
+    for p in opts.authors.iter().chain(&opts.maintainers) {
+        if let Some(o) = &p.orcid {
+            if !orcid_valid(o) {
+                return Err(Error::InvalidArgument(format!(
+                    "ORCID '{o}' of {} is not a valid ORCID iD (dddd-dddd-dddd-dddX with its check character)",
+                    p.name
+                )));
+            }
+        }
     }
     if opts.maintainers.iter().any(|m| m.github_user.as_deref().is_none_or(str::is_empty)) {
         return Err(Error::InvalidArgument("every maintainer needs a GitHub user name (bioimage.io contacts maintainers there)".into()));

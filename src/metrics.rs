@@ -23,9 +23,16 @@ pub struct ImageScores {
     pub classes: Vec<ClassScores>,
 }
 
-/// Convention for a class absent from both prediction and truth: a perfect score (1.0).
-fn ratio(num: f64, den: f64) -> f64 {
-    if den == 0.0 { 1.0 } else { num / den }
+/// `num / den`; an empty denominator scores 1.0 only for a class absent from both
+/// prediction and truth (nothing to get wrong), else 0.0 (precision of a class never
+/// predicted though present, recall of a class predicted though absent: scikit-learn's
+/// zero_division = 0).
+fn ratio(num: f64, den: f64, absent: bool) -> f64 {
+    if den == 0.0 {
+        if absent { 1.0 } else { 0.0 }
+    } else {
+        num / den
+    }
 }
 
 /// Scores of `pred` against `truth` for classes `0..n_classes`.
@@ -51,12 +58,13 @@ pub fn score(pred: &Mask, truth: &Mask, n_classes: usize) -> Result<ImageScores>
     let classes = (0..n_classes)
         .map(|k| {
             let (tp, fp, fneg) = (tp[k] as f64, fp[k] as f64, fneg[k] as f64);
-            let dice = ratio(2.0 * tp, 2.0 * tp + fp + fneg);
+            let absent = tp + fp + fneg == 0.0;
+            let dice = ratio(2.0 * tp, 2.0 * tp + fp + fneg, absent);
             ClassScores {
                 dice,
-                iou: ratio(tp, tp + fp + fneg),
-                precision: ratio(tp, tp + fp),
-                recall: ratio(tp, tp + fneg),
+                iou: ratio(tp, tp + fp + fneg, absent),
+                precision: ratio(tp, tp + fp, absent),
+                recall: ratio(tp, tp + fneg, absent),
                 f1: dice,
             }
         })
@@ -140,9 +148,14 @@ pub fn summarize(images: &[ImageScores]) -> Summary {
 // ---------------------------------------------------------------------------------
 // Image-restoration metrics (decomposition), as the muSplit evaluation computes them.
 
-/// PSNR (dB) of `pred` against `truth` with the data range `max - min` of the truth.
+/// PSNR (dB) of `pred` against `truth` with the data range `max - min` of the truth; NaN
+/// when the prediction holds a non-finite value (a broken output must not score as
+/// near-perfect through a clamped error).
 pub fn psnr(truth: ndarray::ArrayView2<f32>, pred: ndarray::ArrayView2<f32>) -> Result<f64> {
     same_dim(truth, pred)?;
+    if pred.iter().any(|v| !v.is_finite()) {
+        return Ok(f64::NAN);
+    }
     let (lo, hi) = truth.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v as f64), b.max(v as f64)));
     let mse = truth.iter().zip(pred.iter()).map(|(&t, &p)| (t as f64 - p as f64).powi(2)).sum::<f64>() / truth.len() as f64;
     Ok(20.0 * (hi - lo).max(1e-12).log10() - 10.0 * mse.max(1e-20).log10())
@@ -153,6 +166,9 @@ pub fn psnr(truth: ndarray::ArrayView2<f32>, pred: ndarray::ArrayView2<f32>) -> 
 /// truth's range. Invariant to an affine change of the prediction's intensities.
 pub fn range_invariant_psnr(truth: ndarray::ArrayView2<f32>, pred: ndarray::ArrayView2<f32>) -> Result<f64> {
     same_dim(truth, pred)?;
+    if pred.iter().any(|v| !v.is_finite()) {
+        return Ok(f64::NAN);
+    }
     let n = truth.len() as f64;
     let mt = truth.iter().map(|&v| v as f64).sum::<f64>() / n;
     let st = (truth.iter().map(|&v| (v as f64 - mt).powi(2)).sum::<f64>() / n).sqrt().max(1e-12);
@@ -279,6 +295,27 @@ pub fn split_scores(truth: ndarray::ArrayView3<f32>, pred: ndarray::ArrayView3<f
 
 #[cfg(test)]
 mod tests {
+    /// Precision of a class present but never predicted, and recall of a class predicted but
+    /// absent, are 0 (not the 1.0 of a class absent from both); a NaN prediction has no PSNR.
+    #[test]
+    fn empty_denominators_and_broken_predictions() {
+        use ndarray::array;
+        let truth = array![[0u8, 1, 1, 0]];
+        let s = super::score(&array![[0u8, 0, 0, 0]], &truth, 3).unwrap();
+        assert_eq!(s.classes[1].precision, 0.0);
+        assert_eq!(s.classes[1].recall, 0.0);
+        assert_eq!(s.classes[1].dice, 0.0);
+        assert_eq!(s.classes[2].dice, 1.0); // absent from both
+        assert_eq!(s.classes[2].precision, 1.0);
+        let s = super::score(&array![[0u8, 1, 1, 2]], &truth, 3).unwrap();
+        assert_eq!(s.classes[2].recall, 0.0); // predicted, absent from the truth
+        let t = array![[0.0f32, 1.0], [2.0, 3.0]];
+        let p = array![[0.0f32, f32::NAN], [2.0, 3.0]];
+        assert!(super::psnr(t.view(), p.view()).unwrap().is_nan());
+        assert!(super::range_invariant_psnr(t.view(), p.view()).unwrap().is_nan());
+        assert!(super::psnr(t.view(), t.view()).unwrap() > 100.0);
+    }
+
     #[test]
     fn kde_kl_known_cases() {
         use rand::SeedableRng;

@@ -555,7 +555,8 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
         monitor.check()?;
         let val_psnr = if val_s.is_empty() { None } else { Some(mean_psnr(&evaluate_split(&model, &val_s, &eval_opts)?)) };
         if let Some(v) = val_psnr {
-            if best.is_none_or(|b| v > b + 1e-4) {
+            // a NaN PSNR (a broken prediction) is never the best: it counts as a bad epoch
+            if v.is_finite() && best.is_none_or(|b| v > b + 1e-4) {
                 best = Some(v);
                 bad = 0;
             } else {

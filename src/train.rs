@@ -694,7 +694,26 @@ pub(crate) fn read_checkpoint<T: serde::de::DeserializeOwned>(
 /// Class names: the config's (at least one per mask label), or "background" and "cell"
 /// for binary masks, or "background", "class1", ... otherwise.
 pub(crate) fn class_names(cfg: &TrainConfig, samples: &[Sample]) -> Result<Vec<String>> {
-    let max_label = samples.iter().flat_map(|s| s.mask.iter()).copied().max().unwrap_or(0) as usize;
+    let mut used = [false; 256];
+    for s in samples {
+        for &v in s.mask.iter() {
+            used[v as usize] = true;
+        }
+    }
+    let max_label = (0..256).rev().find(|&v| used[v]).unwrap_or(0);
+    // class masks use few, dense labels; instance masks (one label per cell) or 8-bit
+    // intensities would silently become a network of up to 256 classes
+    if cfg.classes.is_empty() && max_label > 1 {
+        let n_used = (1..=max_label).filter(|&v| used[v]).count();
+        if max_label > 32 || 2 * n_used < max_label {
+            return Err(Error::InvalidInput(format!(
+                "the masks use {n_used} different labels between 1 and {max_label}: they look like instance IDs (one label \
+                 per cell) or intensities, not classes. lumos learns classes: background 0, then 1, 2, ... Convert the \
+                 masks (e.g. every cell to 1), or list {} class names in the config's `classes` to confirm that many classes",
+                max_label + 1
+            )));
+        }
+    }
     Ok(if !cfg.classes.is_empty() {
         if cfg.classes.len() <= max_label {
             return Err(Error::Config(format!(
@@ -726,4 +745,30 @@ pub(crate) fn reuse_trained(path: &Path, tc: &TrainConfig) -> Option<(Model, f64
         log::info!("reusing '{}' (same configuration, trained in {secs:.0} s)", path.display());
         (m, secs)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{Array2, Array3};
+
+    fn sample(labels: Vec<u8>) -> Sample {
+        let n = labels.len();
+        Sample { name: "s".into(), image: Image::new(Array3::zeros((1, 1, n))), mask: Array2::from_shape_vec((1, n), labels).unwrap() }
+    }
+
+    /// Instance masks (a label per cell) and sparse labels are refused unless the classes
+    /// are named; dense class labels pass.
+    #[test]
+    fn instance_like_masks_are_refused_unless_the_classes_are_named() {
+        let cfg = TrainConfig::default();
+        assert_eq!(class_names(&cfg, &[sample(vec![0, 1, 2])]).unwrap(), vec!["background", "class1", "class2"]);
+        let instances = sample((0..=40).collect());
+        let e = class_names(&cfg, std::slice::from_ref(&instances)).unwrap_err().to_string();
+        assert!(e.contains("instance IDs"), "{e}");
+        let sparse = sample(vec![0, 3, 9]);
+        assert!(class_names(&cfg, std::slice::from_ref(&sparse)).is_err());
+        let named = TrainConfig { classes: (0..=40).map(|k| format!("c{k}")).collect(), ..TrainConfig::default() };
+        assert_eq!(class_names(&named, &[instances]).unwrap().len(), 41);
+    }
 }

@@ -254,6 +254,34 @@ fn acquisition_examples_run_clean_under_address_sanitizer() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("ERROR: LeakSanitizer") && stderr.contains("lumos_model_load"), "the leak went unseen:\n{stderr}");
 
+    // C++: the wrapper checks an Image's size before the library reads C * H * W floats
+    let short_src = dir.path().join("short_image.cpp");
+    std::fs::write(
+        &short_src,
+        r#"#include "lumos.hpp"
+#include <cstdio>
+int main(int argc, char **argv) {
+    if (argc < 2) return 2;
+    lumos::Model model(argv[1], "cpu");
+    lumos::Image x;
+    x.channels = 5;
+    x.height = 64;
+    x.width = 64;
+    x.data.assign(10, 0.0f);
+    try {
+        model.segment(x);
+    } catch (const std::invalid_argument &e) {
+        std::printf("refused: %s\n", e.what());
+        return 0;
+    }
+    return 1;
+}
+"#,
+    )
+    .unwrap();
+    let out = run_under_asan("g++", &["-std=c++17", "-x", "c++"], short_src.to_str().unwrap(), &dir.path().join("short_image"), &[model.as_os_str()]);
+    assert!(out.contains("refused") && out.contains("channels * height * width = 20480"), "{out}");
+
     // C++: segmentation, then decomposition with a muSplit model
     let cpp = run_under_asan(
         "g++",

@@ -197,6 +197,18 @@ fn refusals_write_nothing() {
     // names bioimage.io would reject, tiles the network cannot take, a sample too small
     let bad_name = ExportOptions { name: Some("a:b".into()), ..Default::default() };
     assert!(export_bioimageio(&models().dmqpm, &out.path().join("x"), &bad_name).unwrap_err().to_string().contains("model name"));
+    // what the bioimage.io validator rejects is refused before the trace
+    let x = out.path().join("x");
+    let refuse = |o: ExportOptions, what: &str| {
+        let e = export_bioimageio(&models().dmqpm, &x, &o).unwrap_err().to_string();
+        assert!(e.contains(what), "{e}");
+    };
+    refuse(ExportOptions { license: "MIT License".into(), ..Default::default() }, "not an SPDX identifier");
+    refuse(ExportOptions { description: Some("x".repeat(1025)), ..Default::default() }, "at most 1024");
+    refuse(ExportOptions { authors: vec![Person::parse("Ada; Lab; 0000-0002-1825-0098").unwrap()], ..Default::default() }, "not a valid ORCID");
+    // "Name; ORCID" puts the ORCID where it belongs
+    let p = Person::parse("Ada Tester; 0000-0002-1825-0097").unwrap();
+    assert_eq!((p.affiliation, p.orcid.as_deref()), (None, Some("0000-0002-1825-0097")));
     let bad_tile = ExportOptions { tile: Some([30, 32]), ..Default::default() };
     assert!(export_bioimageio(&models().dmqpm, &out.path().join("x"), &bad_tile).unwrap_err().to_string().contains("multiples of"));
     let small = out.path().join("small.tif");

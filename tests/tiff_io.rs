@@ -644,3 +644,18 @@ fn a_header_claiming_more_pixels_than_the_file_holds_is_refused_before_allocatin
         assert!(m.contains("more than a 372-byte file can hold"), "{m}");
     }
 }
+
+/// ImageJ stores a signed 16-bit image as unsigned + 32768 with the calibration
+/// `cf=0 c0=-32768 c1=1`; the reader gives the signed values ImageJ shows (and hands the
+/// Fiji plugin), and names the type i16.
+#[test]
+fn imagej_signed_16_bit_reads_signed_values() {
+    let img = read_image(&fx("imagej_signed16.tif")).unwrap();
+    for ((_, y, x), &v) in img.data.indexed_iter() {
+        assert_eq!(v, (base(0, y, x) - 125) as f32, "pixel (row {y}, col {x})");
+    }
+    assert_eq!(read_stack(&fx("imagej_signed16.tif")).unwrap().source_dtype, "i16");
+    // a plain unsigned 16-bit file is untouched
+    let u = read_stack(&fx("u16_lzw.tif")).unwrap();
+    assert_eq!(u.source_dtype, "u16");
+}

@@ -42,7 +42,16 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: %s MODEL.lumos simulate MODALITY N [OUT_DIR]\n", argv[0]);
         return 2;
     }
-    int n_frames = simulate ? atoi(argv[4]) : argc - 2;
+    int n_frames = argc - 2;
+    if (simulate) {
+        char *end = NULL;
+        long n = strtol(argv[4], &end, 10);
+        if (end == argv[4] || *end != '\0' || n < 1 || n > 100000) {
+            fprintf(stderr, "N = '%s': expected a whole number of frames from 1 to 100000\n", argv[4]);
+            return 2;
+        }
+        n_frames = (int)n;
+    }
     const char *out_dir = simulate && argc > 5 ? argv[5] : NULL;
 
     int rc = 1;

@@ -25,7 +25,19 @@ int main(int argc, char **argv) {
         const lumos::CancelToken cancel;  // acquisition software would cancel it on "stop"
         const std::string first = argv[2];
         const bool simulated = first == "ssqpm" || first == "qpi" || first == "fluo";
-        const int n = simulated ? (argc > 3 ? std::atoi(argv[3]) : 3) : argc - 2;
+        int n = argc - 2;
+        if (simulated) {
+            n = 3;
+            if (argc > 3) {
+                char *end = nullptr;
+                const long v = std::strtol(argv[3], &end, 10);
+                if (end == argv[3] || *end != '\0' || v < 1 || v > 100000) {
+                    std::fprintf(stderr, "N = '%s': expected a whole number of frames from 1 to 100000\n", argv[3]);
+                    return 2;
+                }
+                n = static_cast<int>(v);
+            }
+        }
         std::printf("model %s, %zu input channel(s)\n", model.kind().c_str(), model.info().n_input_channels);
         for (int i = 0; i < n; i++) {
             lumos::Image frame = simulated ? lumos::simulate(first, "{\"size\": 128}", i).first

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstddef>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -42,15 +43,35 @@ struct Image {
 };
 
 namespace detail {
+/// Frees a library-owned LumosImage when it goes out of scope, also when an exception
+/// (std::bad_alloc while copying) leaves the scope first.
+struct ImageGuard {
+    LumosImage &im;
+    ~ImageGuard() { lumos_image_free(&im); }
+};
+
 /// Moves a library-owned LumosImage into an Image and frees the library's copy.
 inline Image take(LumosImage &im) {
+    ImageGuard guard{im};
     Image out;
     out.channels = im.channels;
     out.height = im.height;
     out.width = im.width;
     out.data.assign(im.data, im.data + im.channels * im.height * im.width);
-    lumos_image_free(&im);
     return out;
+}
+
+/// The library reads C * H * W floats from the image's data without a length: an Image
+/// whose vector is shorter would be read past its end.
+inline void check_size(const Image &x, size_t channels, const char *what) {
+    size_t n = channels;
+    for (size_t d : {x.height, x.width}) {
+        if (d != 0 && n > SIZE_MAX / d) throw std::invalid_argument(std::string(what) + ": image size overflows");
+        n *= d;
+    }
+    if (x.data.size() != n)
+        throw std::invalid_argument(std::string(what) + ": the image holds " + std::to_string(x.data.size()) +
+                                    " floats; channels * height * width = " + std::to_string(n));
 }
 }  // namespace detail
 
@@ -64,6 +85,7 @@ inline Image read_tiff(const std::string &path) {
 inline std::pair<Image, Image> simulate(const std::string &modality, const std::string &config_json, uint64_t seed) {
     LumosImage im{}, tr{};
     check(lumos_simulate(modality.c_str(), config_json.c_str(), seed, &im, &tr), "simulating a frame");
+    detail::ImageGuard truth_guard{tr};  // freed even if copying the image throws
     Image image = detail::take(im);
     return {std::move(image), detail::take(tr)};
 }
@@ -97,6 +119,14 @@ public:
     Model(const Model &) = delete;
     Model &operator=(const Model &) = delete;
     Model(Model &&o) noexcept : m_(std::exchange(o.m_, nullptr)), info_(o.info_) {}
+    Model &operator=(Model &&o) noexcept {
+        if (this != &o) {
+            lumos_model_free(m_);
+            m_ = std::exchange(o.m_, nullptr);
+            info_ = o.info_;
+        }
+        return *this;
+    }
 
     const LumosModelInfo &info() const { return info_; }
     std::string kind() const {
@@ -122,6 +152,7 @@ public:
 
     /// (H * W) class labels of a (C, H, W) image.
     std::vector<uint8_t> segment(const Image &x, const CancelToken *cancel = nullptr) const {
+        detail::check_size(x, x.channels, "segment");
         LumosTileOptions o;
         check(lumos_tile_options_default(&o), "tile options");
         std::vector<uint8_t> out(x.height * x.width);
@@ -135,6 +166,7 @@ public:
     std::vector<float> decompose(const Image &x, size_t samples = 1, uint64_t seed = 0,
                                  const CancelToken *cancel = nullptr) const {
         if (x.channels != 1) throw std::invalid_argument("decompose takes a one-channel image");
+        detail::check_size(x, 1, "decompose");
         LumosDecomposeOptions o;
         check(lumos_decompose_options_default(&o), "decompose options");
         o.samples = samples;

@@ -283,19 +283,24 @@ struct SimulateArgs {
     train: usize,
     #[arg(long, default_value_t = 6)]
     test: usize,
-    /// Image edge in pixels.
-    #[arg(long, default_value_t = 256)]
-    size: usize,
-    #[arg(long, value_enum, default_value = "mixed")]
-    confluence: ConfluenceArg,
-    /// Fluorescence: which two structures.
-    #[arg(long, value_enum, default_value = "actin-tubulin")]
-    pair: PairArg,
+    /// Image edge in pixels [default: 256, or the --config file's].
+    #[arg(long)]
+    size: Option<usize>,
+    /// ssQPM cell density [default: mixed, or the --config file's].
+    #[arg(long, value_enum)]
+    confluence: Option<ConfluenceArg>,
+    /// Fluorescence: which two structures [default: actin-tubulin, or the --config file's].
+    #[arg(long, value_enum)]
+    pair: Option<PairArg>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// JSON file with simulator settings (overrides the defaults; flags override it).
+    /// JSON file with simulator settings (overrides the defaults; flags given override it).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Replace the train/ and test/ folders of an earlier simulation in OUT (without it, a
+    /// non-empty train/ or test/ is an error: files of the earlier run would mix in).
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args)]
@@ -411,7 +416,27 @@ impl TileArgs {
                 d.clip_denoised &= !self.no_clip;
                 Some(d)
             }
-            Err(_) => None,
+            Err(_) => {
+                // sampling flags for a model that does not sample: say so rather than ignore them
+                let given = [
+                    self.start.is_some(),
+                    self.inversion_steps.is_some(),
+                    self.sampling_steps.is_some(),
+                    self.eta.is_some(),
+                    self.samples.is_some(),
+                    self.forward_t.is_some(),
+                    self.diffusion_seed.is_some(),
+                    self.no_clip,
+                ];
+                if given.iter().any(|&g| g) {
+                    return Err(Error::InvalidArgument(format!(
+                        "PG-DiffSeg sampling flags (--start, --inversion-steps, --sampling-steps, --eta, --samples, --forward-t, \
+                         --diffusion-seed, --no-clip) were given, but this is a '{}' model, which does not sample",
+                        model.meta.kind.name()
+                    )));
+                }
+                None
+            }
         };
         Ok(SegmentOptions { tile: self.tile.map(|t| [t, t]), step_fraction: self.step, batch_size: self.batch, mirror: self.mirror, diffusion })
     }
@@ -498,14 +523,44 @@ fn main() {
     }
 }
 
+/// The split folders `OUT/train` and `OUT/test` must be empty or absent (a simulation
+/// writes a fixed number of files; older ones would stay and mix in), unless `force`, which
+/// removes them and the manifest first.
+fn prepare_simulation_folder(out: &Path, force: bool) -> Result<()> {
+    for split in ["train", "test"] {
+        let d = out.join(split);
+        let used = std::fs::read_dir(&d).map(|mut r| r.next().is_some()).unwrap_or(false);
+        if !used {
+            continue;
+        }
+        if !force {
+            return Err(Error::InvalidArgument(format!(
+                "'{}' already holds files of an earlier simulation; choose another --out, or pass --force to replace them",
+                d.display()
+            )));
+        }
+        std::fs::remove_dir_all(&d).map_err(|e| Error::io(&d, e))?;
+    }
+    if force {
+        let manifest = out.join("simulation.json");
+        if manifest.is_file() {
+            std::fs::remove_file(&manifest).map_err(|e| Error::io(&manifest, e))?;
+        }
+    }
+    Ok(())
+}
+
 fn simulate(a: SimulateArgs) -> Result<()> {
+    prepare_simulation_folder(&a.out, a.force)?;
+    // a flag given wins; without one, the config file's value, else the CLI's default
+    let size = |config_size: usize| a.size.unwrap_or(if a.config.is_some() { config_size } else { 256 });
     if let Modality::Qpi = a.modality {
         let mut cfg: lumos::sim::qpi::QpiConfig = match &a.config {
             Some(p) => serde_json::from_str(&std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?)
                 .map_err(|e| Error::Config(format!("{}: {e}", p.display())))?,
             None => lumos::sim::qpi::QpiConfig::default(),
         };
-        cfg.size = a.size;
+        cfg.size = size(cfg.size);
         let t = Instant::now();
         let [tr, te] = lumos::sim::qpi::write_dataset(&a.out, a.train, a.test, &cfg, a.seed)?;
         println!(
@@ -525,8 +580,12 @@ fn simulate(a: SimulateArgs) -> Result<()> {
                 .map_err(|e| Error::Config(format!("{}: {e}", p.display())))?,
             None => FluoConfig::default(),
         };
-        cfg.size = a.size;
-        cfg.pair = a.pair.pair();
+        cfg.size = size(cfg.size);
+        match (a.pair, a.config.is_some()) {
+            (Some(p), _) => cfg.pair = p.pair(),
+            (None, false) => cfg.pair = PairArg::ActinTubulin.pair(),
+            (None, true) => {}
+        }
         let t = Instant::now();
         let [tr, te] = lumos::sim::fluo::write_dataset(&a.out, a.train, a.test, &cfg, a.seed)?;
         println!(
@@ -547,13 +606,20 @@ fn simulate(a: SimulateArgs) -> Result<()> {
             .map_err(|e| Error::Config(format!("{}: {e}", p.display())))?,
         None => SsqpmConfig::default(),
     };
-    cfg.size = a.size;
-    cfg.confluence = match a.confluence {
-        ConfluenceArg::Low => Confluence::Low,
-        ConfluenceArg::Medium => Confluence::Medium,
-        ConfluenceArg::High => Confluence::High,
-        ConfluenceArg::Mixed => Confluence::Mixed,
+    cfg.size = size(cfg.size);
+    let confluence = match (a.confluence, a.config.is_some()) {
+        (Some(c), _) => Some(c),
+        (None, false) => Some(ConfluenceArg::Mixed),
+        (None, true) => None,
     };
+    if let Some(c) = confluence {
+        cfg.confluence = match c {
+            ConfluenceArg::Low => Confluence::Low,
+            ConfluenceArg::Medium => Confluence::Medium,
+            ConfluenceArg::High => Confluence::High,
+            ConfluenceArg::Mixed => Confluence::Mixed,
+        };
+    }
     let t = Instant::now();
     let s = ssqpm::write_dataset(&a.out, a.train, a.test, &cfg, a.seed)?;
     println!(
@@ -580,7 +646,11 @@ fn say(bar: &ProgressBar, line: String) {
 
 /// A progress bar for training, driven by the engine's progress events.
 fn train_progress(cfg: &TrainConfig) -> (ProgressBar, impl FnMut(&Progress)) {
-    let total = (cfg.epochs * cfg.iterations_per_epoch) as u64;
+    // PG-DiffSeg runs its autoencoder epochs first; its events count them in `epochs`
+    let epochs = if cfg.kind.eq_ignore_ascii_case("pgdiff") { cfg.epochs.saturating_add(cfg.pgdiff.ae_epochs) } else { cfg.epochs };
+    let total = (epochs as u64).saturating_mul(cfg.iterations_per_epoch as u64);
+    // muSplit validates by PSNR (dB), the segmentation kinds by Dice
+    let metric = if cfg.kind.eq_ignore_ascii_case("musplit") { "val PSNR" } else { "val Dice" };
     let bar = ProgressBar::new(total);
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} it  {msg}")
@@ -592,12 +662,12 @@ fn train_progress(cfg: &TrainConfig) -> (ProgressBar, impl FnMut(&Progress)) {
     let f = move |p: &Progress| match p.stage {
         Stage::Training => {
             b.set_position((p.epoch * p.iterations + p.iteration + 1) as u64);
-            b.set_message(format!("epoch {}/{} loss {:.3} val Dice {:.3}", p.epoch + 1, p.epochs, p.loss, last_val));
+            b.set_message(format!("epoch {}/{} loss {:.3} {metric} {:.3}", p.epoch + 1, p.epochs, p.loss, last_val));
         }
         Stage::Validation => {
             last_val = p.val_metric;
             say(&b, format!(
-                "epoch {:>3}/{}  train loss {:.4}  val Dice {:.4}",
+                "epoch {:>3}/{}  train loss {:.4}  {metric} {:.4}",
                 p.epoch + 1,
                 p.epochs,
                 p.loss,
@@ -654,6 +724,7 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         cfg.validate()?;
     }
     cfg.resume |= a.resume;
+    cfg.validate()?;
     let (bar, mut f) = train_progress(&cfg);
     let mut mon = Monitor { progress: Some(&mut f), cancel: None };
     let out = train(&cfg, &a.data, &a.out, &mut mon)?;
@@ -699,9 +770,18 @@ fn segment(a: SegmentArgs) -> Result<()> {
     let model = Model::load(&a.model, parse_device(&a.tiles.device)?)?;
     model.set_precision(precision);
     let files = tiff_files(&a.input)?;
+    // NAME_mask.tif per input: a.tif and a.tiff would overwrite each other's results
+    let mut stems: Vec<&str> = files.iter().filter_map(|f| f.file_stem().and_then(|s| s.to_str())).collect();
+    stems.sort_unstable();
+    if let Some(w) = stems.windows(2).find(|w| w[0] == w[1]) {
+        return Err(Error::InvalidArgument(format!(
+            "two inputs are named '{}' (different extensions); their outputs would overwrite each other: rename one",
+            w[0]
+        )));
+    }
+    let opts = a.tiles.options(&model)?;
     std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
     let bar = tile_bar(files.len());
-    let opts = a.tiles.options(&model)?;
     let mut table = Table::new();
     table.load_preset(UTF8_FULL_CONDENSED).set_header(["image", "size", "foreground %", "seconds"]);
     for f in &files {
@@ -711,11 +791,33 @@ fn segment(a: SegmentArgs) -> Result<()> {
         bar.set_message(stem.to_string());
         let (h, w) = (img.height(), img.width());
         let mut labels = lumos::Mask::zeros((h, w));
-        model.segment(img.data.view(), &opts, SegmentOutput::Labels(labels.view_mut()), &mut Monitor::none())?;
-        tiff::write_mask_u8(&a.out.join(format!("{stem}_mask.tif")), &labels)?;
-        if a.probabilities {
+        let sampled = model.meta.kind == lumos::model::ModelKind::Pgdiff;
+        let probabilities = if a.probabilities {
             let mut p = ndarray::Array3::<f32>::zeros((model.n_classes(), h, w));
             model.segment(img.data.view(), &opts, SegmentOutput::Probabilities(p.view_mut()), &mut Monitor::none())?;
+            Some(p)
+        } else {
+            None
+        };
+        match &probabilities {
+            // one pass: the labels are the probabilities' argmax (first maximum on ties), as
+            // the labels output computes them; a diffusion model samples its labels instead
+            Some(p) if !sampled => {
+                for ((y, x), l) in labels.indexed_iter_mut() {
+                    let mut best = 0;
+                    for k in 1..p.shape()[0] {
+                        if p[[k, y, x]] > p[[best, y, x]] {
+                            best = k;
+                        }
+                    }
+                    *l = best as u8;
+                }
+            }
+            _ => model.segment(img.data.view(), &opts, SegmentOutput::Labels(labels.view_mut()), &mut Monitor::none())?,
+        }
+        // both outputs computed before either is written
+        tiff::write_mask_u8(&a.out.join(format!("{stem}_mask.tif")), &labels)?;
+        if let Some(p) = probabilities {
             let im = lumos::Image::with_names(p, model.meta.classes.clone())?;
             tiff::write_image_f32(&a.out.join(format!("{stem}_prob.tif")), &im)?;
         }
@@ -872,11 +974,6 @@ fn demo(a: DemoArgs) -> Result<()> {
     let device = parse_device(&a.device)?;
     std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
     let data = a.out.join("data");
-    println!("1/4 simulating ssQPM data (24 training + 6 test images, 256x256, low/medium/high confluence) ...");
-    let sim_cfg = SsqpmConfig { size: 256, confluence: Confluence::Mixed, ..Default::default() };
-    ssqpm::write_dataset(&data, 24, 6, &sim_cfg, a.seed)?;
-
-    println!("2/4 training a 5-channel nnU-Net (early fusion) on {} ...", device_name(device));
     let cfg = TrainConfig {
         unet: lumos::nn::unet::UnetConfig { n_stages: 5, base_features: 16, max_features: 256, convs_per_stage: 2 },
         epochs: a.epochs,
@@ -887,6 +984,17 @@ fn demo(a: DemoArgs) -> Result<()> {
         device: device_name(device),
         ..Default::default()
     };
+    // bad settings fail before minutes of simulation
+    cfg.validate()?;
+    println!("1/4 simulating ssQPM data (24 training + 6 test images, 256x256, low/medium/high confluence) ...");
+    let sim_cfg = SsqpmConfig { size: 256, confluence: Confluence::Mixed, ..Default::default() };
+    // the demo owns OUT/data: an earlier run's files are replaced, never mixed in
+    if data.exists() {
+        std::fs::remove_dir_all(&data).map_err(|e| Error::io(&data, e))?;
+    }
+    ssqpm::write_dataset(&data, 24, 6, &sim_cfg, a.seed)?;
+
+    println!("2/4 training a 5-channel nnU-Net (early fusion) on {} ...", device_name(device));
     let model_path = a.out.join("ssqpm_unet.lumos");
     let (bar, mut f) = train_progress(&cfg);
     let mut mon = Monitor { progress: Some(&mut f), cancel: None };

@@ -71,7 +71,7 @@ pub fn read_stack(path: &Path) -> Result<TiffStack> {
             channel_names: plan.labels,
             pixel_size: plan.pixel_size,
             unit: plan.unit,
-            source_dtype: plan.dtype.name().to_string(),
+            source_dtype: if plan.signed16 { "i16".to_string() } else { plan.dtype.name().to_string() },
         })
     })
 }
@@ -623,6 +623,8 @@ struct Plan {
     labels: Option<Vec<String>>,
     pixel_size: Option<(f64, f64)>,
     unit: Option<String>,
+    /// An ImageJ signed 16-bit image (unsigned + 32768 on disk): values are shifted back.
+    signed16: bool,
 }
 
 /// Opens the file, checks the header by hand (for a clear "not a TIFF" message) and
@@ -867,6 +869,15 @@ fn page_info(path: &Path, dec: &mut Dec, ifd: usize, file_len: u64) -> Result<Op
 
     let (w, h) = dec.dimensions().map_err(terr)?;
     let (width, height) = (w as usize, h as usize);
+    // FillOrder 2 (least significant bit first within a byte) is not undone by the decoder:
+    // bit-packed data would come out bit-reversed, so refuse it
+    let fill_order = dec.find_tag_unsigned::<u16>(Tag::FillOrder).ok().flatten().unwrap_or(1);
+    if fill_order != 1 {
+        return Err(Error::tiff(
+            path,
+            format!("{ctx} has FillOrder {fill_order} (bits stored least significant first); only FillOrder 1 is supported: re-save the file (e.g. with Fiji)"),
+        ));
+    }
     let spp = dec
         .find_tag_unsigned::<u16>(Tag::SamplesPerPixel)
         .map_err(terr)?
@@ -1121,6 +1132,10 @@ fn parse_imagej(desc: &str) -> Option<(ImageJRaw, Option<String>)> {
             "channels" => raw.channels = n,
             "slices" => raw.slices = n,
             "frames" => raw.frames = n,
+            // ImageJ's density calibration: function (0 = straight line) and coefficients
+            "cf" => raw.cf = v.parse::<i32>().ok(),
+            "c0" => raw.c0 = v.parse::<f64>().ok(),
+            "c1" => raw.c1 = v.parse::<f64>().ok(),
             "unit" if !v.is_empty() => {
                 unit = Some(v.replace("\\u00B5", "\u{b5}").replace("\\u00b5", "\u{b5}"))
             }
@@ -1137,6 +1152,17 @@ struct ImageJRaw {
     channels: Option<usize>,
     slices: Option<usize>,
     frames: Option<usize>,
+    cf: Option<i32>,
+    c0: Option<f64>,
+    c1: Option<f64>,
+}
+
+impl ImageJRaw {
+    /// ImageJ stores a signed 16-bit image as unsigned values + 32768 with the calibration
+    /// `cf=0 c0=-32768 c1=1` that removes the offset again.
+    fn signed16(&self) -> bool {
+        self.cf == Some(0) && self.c0 == Some(-32768.0) && self.c1 == Some(1.0)
+    }
 }
 
 /// Extracts the slice labels ('labl' entries) from ImageJ's IJMetadata blob. Returns
@@ -1326,6 +1352,7 @@ fn open_and_plan(path: &Path) -> Result<(Dec, Plan)> {
         }
     }
     let s = first.samples;
+    let signed16 = first.dtype == Dtype::U16 && ij.as_ref().is_some_and(|(raw, _)| raw.signed16());
 
     let (t, c, imagej, unit_ij) = match ij {
         Some((raw, unit)) => {
@@ -1469,6 +1496,7 @@ fn open_and_plan(path: &Path) -> Result<(Dec, Plan)> {
         labels,
         pixel_size,
         unit,
+        signed16,
     };
     Ok((dec, plan))
 }
@@ -1611,6 +1639,10 @@ fn decode_all(path: &Path, dec: &mut Dec, plan: &Plan) -> Result<Vec<f32>> {
     for (i, chunk) in out.chunks_exact_mut(page_len).enumerate() {
         let samples = decode_page(path, dec, plan, i)?;
         samples.write_f32(chunk, plan.samples, plan.pages[i].interleaved);
+    }
+    if plan.signed16 {
+        // the signed values ImageJ shows (and Fiji hands to the plugins)
+        out.iter_mut().for_each(|v| *v -= 32768.0);
     }
     Ok(out)
 }
