@@ -6,6 +6,8 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+mod common;
+
 const CLI: &str = env!("CARGO_BIN_EXE_lumos");
 
 fn run(args: &[&str]) -> Output {
@@ -39,17 +41,7 @@ fn simulate_honours_the_config_and_never_mixes_runs() {
 #[test]
 fn probabilities_and_labels_agree_and_wrong_flags_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let sim = lumos::sim::ssqpm::SsqpmConfig { size: 48, ..Default::default() };
-    lumos::sim::ssqpm::write_dataset(&data, 2, 1, &sim, 3).unwrap();
-    let model = dir.path().join("m.lumos");
-    let mut cfg = lumos::recipes::recipe("nnunet", "tiny").unwrap();
-    cfg.device = "cpu".into();
-    cfg.val_fraction = 0.0;
-    cfg.epochs = 1;
-    cfg.iterations_per_epoch = 2;
-    lumos::train::train(&cfg, &data.join("train"), &model, &mut lumos::progress::Monitor::none()).unwrap();
-    let input = data.join("test/images");
+    let (model, input) = common::tiny_nnunet(dir.path(), 48, 2, 1, 3);
     let seg = |out: &Path, extra: &[&str]| {
         let mut a = vec!["segment", "--device", "cpu", "-m", model.to_str().unwrap(), "-i", input.to_str().unwrap(), "-o", out.to_str().unwrap()];
         a.extend_from_slice(extra);

@@ -5,6 +5,8 @@
 use std::path::Path;
 use std::process::Command;
 
+mod common;
+
 const CLI: &str = env!("CARGO_BIN_EXE_lumos");
 
 fn segment(model: &Path, input: &Path, out: &Path, precision: &str) -> std::process::Output {
@@ -22,17 +24,7 @@ fn segment(model: &Path, input: &Path, out: &Path, precision: &str) -> std::proc
 #[test]
 fn segment_precision_flag() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let sim = lumos::sim::ssqpm::SsqpmConfig { size: 64, ..Default::default() };
-    lumos::sim::ssqpm::write_dataset(&data, 2, 1, &sim, 5).unwrap();
-    let model = dir.path().join("m.lumos");
-    let mut cfg = lumos::recipes::recipe("nnunet", "tiny").unwrap();
-    cfg.device = "cpu".into();
-    cfg.val_fraction = 0.0;
-    cfg.epochs = 1;
-    cfg.iterations_per_epoch = 2;
-    lumos::train::train(&cfg, &data.join("train"), &model, &mut lumos::progress::Monitor::none()).unwrap();
-    let input = data.join("test").join("images");
+    let (model, input) = common::tiny_nnunet(dir.path(), 64, 2, 1, 5);
 
     let (o32, o16) = (dir.path().join("fp32"), dir.path().join("bf16"));
     for (out, p) in [(&o32, "float32"), (&o16, "bf16")] {
