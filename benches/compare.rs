@@ -84,6 +84,8 @@ struct Opts {
     reps: usize,
     frame: usize,
     steps: (usize, usize),
+    /// Sliding-window step as a fraction of the tile (segment_2048; nnU-Net's 0.5).
+    step_fraction: f64,
     breakdown: bool,
     precision: Precision,
     work: PathBuf,
@@ -126,6 +128,7 @@ fn parse_args(args: &[String]) -> Res<Opts> {
         reps: num("reps", 3)?,
         frame: num("frame", 2048)?,
         steps: (a.trim().parse().map_err(err)?, b.trim().parse().map_err(err)?),
+        step_fraction: get("step-fraction", "0.5").parse().map_err(|e| format!("--step-fraction: {e}"))?,
         breakdown: flags.iter().any(|f| f == "breakdown"),
         precision: Precision::parse(&get("precision", "float32")).map_err(err)?,
         work: PathBuf::from(kv.get("work").cloned().ok_or("--work is required")?),
@@ -514,7 +517,7 @@ fn run(o: &Opts) -> Res<Value> {
             let f = sim("ssqpm", n, 7)?;
             save_tensors(&inputs, cfg, &[("frame", &lumos::image::array3_to_tensor(f.image.data.view(), Device::Cpu))])?;
             let data: Array3<f32> = f.image.data;
-            let opts = SegmentOptions { batch_size: o.batch, ..SegmentOptions::default() };
+            let opts = SegmentOptions { batch_size: o.batch, step_fraction: o.step_fraction, ..SegmentOptions::default() };
             let sw_tiles = lumos::tiling::tile_starts(n, t, opts.step_fraction).len().pow(2);
             tiles_per_rep = sw_tiles as f64;
             extra.insert("sliding_window".into(), json!({"step_fraction": opts.step_fraction, "batch": opts.batch_size, "tiles": sw_tiles, "mirror": false}));

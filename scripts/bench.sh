@@ -24,7 +24,8 @@
 #          relative paths given to --engine, --plan and --out start at the repository root),
 #          --deadline SECONDS (start no new plan line after this long; the report covers
 #          what ran), --plan FILE (plan lines "model mode key=value ..." from FILE instead
-#          of the profile's plan; see plan_cuda below for the keys, and rounds=R above).
+#          of the profile's plan; see plan_cuda below for the keys, rounds=R above, and step=F:
+#          segment_2048's sliding-window step as a fraction of the tile, default 0.5).
 #
 # Duration of the CPU benchmark on 2 cores (Xeon, ~150 GFLOP/s fp32 through oneDNN): about
 # 35 minutes, both sides together, plus the release build when it is stale. The papers'
@@ -267,7 +268,7 @@ while read -r model mode rest; do
         echo "bench.sh: [$i/$n] $model $mode: skipped, --deadline $deadline s reached"
         continue
     fi
-    batch=2; warmup=1; reps=3; frame=0; steps=100,200; bd=(); precision=float32; rounds=1
+    batch=2; warmup=1; reps=3; frame=0; steps=100,200; bd=(); precision=float32; rounds=1; step=0.5
     for kv in $rest; do
         case "$kv" in
             batch=*) batch=${kv#batch=} ;;
@@ -277,14 +278,16 @@ while read -r model mode rest; do
             steps=*) steps=${kv#steps=} ;;
             precision=*) precision=${kv#precision=} ;;
             rounds=*) rounds=${kv#rounds=} ;;
+            step=*) step=${kv#step=} ;;
             breakdown) bd=(--breakdown) ;;
         esac
     done
     case "$rounds" in ''|*[!0-9]*|0) echo "bench.sh: plan line '$model $mode $rest': rounds= takes a whole number >= 1, not '$rounds'" >&2; exit 2 ;; esac
     args=(--model "$model" --mode "$mode" --size "$size" --device "$device" --threads "$threads"
           --batch "$batch" --warmup "$warmup" --reps "$reps" --frame "$frame" --steps "$steps"
-          --precision "$precision" --work "$work" "${bd[@]}")
+          --precision "$precision" --step-fraction "$step" --work "$work" "${bd[@]}")
     tag0="$model-$mode-b$batch-f$frame-s${steps/,/-}-$precision"
+    [ "$step" = 0.5 ] || tag0="$tag0-step$step"
     for round in $(seq "$rounds"); do
     tag=$tag0; rlabel=""
     [ "$rounds" = 1 ] || { tag="$tag0.r$round"; rlabel=" round $round/$rounds"; }

@@ -89,6 +89,8 @@ def parse_args(argv):
     p.add_argument("--frame", type=int, default=2048)
     p.add_argument("--steps", default="100,200")
     p.add_argument("--breakdown", action="store_true")
+    p.add_argument("--step-fraction", type=float, default=0.5,
+                   help="segment_2048: sliding-window step as a fraction of the tile (nnU-Net's 0.5)")
     p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
                    help="inference modes: bfloat16 = torch.autocast(dtype=torch.bfloat16) with a channels-last "
                         "network and inputs (training steps stay float32)")
@@ -513,7 +515,7 @@ def main(argv=None):
         frame = inp["frame"].numpy()
         net = for_inference(build_net(a.model, meta, sd, False).to(dev))
         del sd
-        step_fraction, bs = 0.5, a.batch
+        step_fraction, bs = a.step_fraction, a.batch
 
         def starts(size, tile):
             if size <= tile:

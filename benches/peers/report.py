@@ -72,18 +72,21 @@ def libtorch_version(root: str) -> str:
 
 def key(r: dict):
     steps = tuple(r.get("steps") or ())
-    return (r["model"], r["mode"], r["batch"], r.get("frame"), steps, r.get("precision") or "float32")
+    # whole-frame rows at another sliding-window step are other measurements
+    step = float((r.get("sliding_window") or {}).get("step_fraction", 0.5)) if r["mode"] == "segment_2048" else None
+    return (r["model"], r["mode"], r["batch"], r.get("frame"), steps, r.get("precision") or "float32", step)
 
 
 def failure_key(f: str):
-    """(model, mode, batch, frame, steps, precision) of a bench.sh failure line
+    """(model, mode, batch, frame, steps, precision, step) of a bench.sh failure line
     ("MODEL MODE key=value ...: why")."""
     words = f.split(":", 1)[0].split()
     kv = dict(w.split("=", 1) for w in words[2:] if "=" in w)
     try:
         steps = tuple(int(v) for v in kv["steps"].split(",")) if "steps" in kv else ()
+        step = float(kv.get("step", 0.5)) if words[1] == "segment_2048" else None
         return (words[0], words[1], int(kv.get("batch", 2)), int(kv.get("frame", 0)), steps,
-                kv.get("precision", "float32"))
+                kv.get("precision", "float32"), step)
     except (IndexError, ValueError):
         return None
 
@@ -255,7 +258,7 @@ def main():
         run["command"] = " ; then ".join(r["run"].get("command", "?") for r in runs)
         run["date"] = " ; ".join(r["run"].get("date", "?") for r in runs)
         run["elapsed_s"] = sum(r["run"].get("elapsed_s") or 0 for r in runs)
-        done = {(k[0], k[1], k[2], k[3] or 0, k[4], k[5]) for k in eng if k in peer}
+        done = {(k[0], k[1], k[2], k[3] or 0, k[4], k[5], k[6]) for k in eng if k in peer}
         fails = {}
         for r in runs:
             for f in r["run"].get("failures") or []:
@@ -365,7 +368,7 @@ def main():
         else:
             S.append(f"| model | steps (inversion + sampling) | tiles x tile | engine tiles/s | peer tiles/s | engine MP/s | peer MP/s | engine/peer (time) | goal <= {GOAL} | {mem_hdr} | {mem_ratio_hdr} | check engine / peer |")
             S.append("|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|")
-        for k in sorted(keys, key=lambda k: (k[0], k[4], k[5], k[3] or 0, k[2])):
+        for k in sorted(keys, key=lambda k: (k[0], k[4], k[5], k[3] or 0, k[2], k[6] or 0)):
             e = eng[k]
             p = peer.get(k)
             if p is None:
@@ -411,7 +414,9 @@ def main():
                 S.append(f"| {label(e)} | {params} | {bt} | {fmt(e['mp_per_s'])} | {fmt(p['mp_per_s'])} | {ratio:.2f} | {goal} | {mem} | {mratio} | {chk} |")
             elif mode in ("segment_2048", "decompose"):
                 info = e.get("sliding_window") or e.get("tiling") or {}
-                fr = f"{e['frame']} x {e['frame']} ({fmt(info.get('tiles'))} of {e['tile']}x{e['tile']}, {info.get('batch', e['batch'])} per pass)"
+                stepinfo = (f", step {info['step_fraction']:g}" if info.get("step_fraction") not in (None, 0.5) else "")
+                fr = (f"{e['frame']} x {e['frame']} ({fmt(info.get('tiles'))} of {e['tile']}x{e['tile']}, "
+                      f"{info.get('batch', e['batch'])} per pass{stepinfo})")
                 S.append(f"| {label(e)} | {params} | {fr} | {fmt(e['median_s'])} | {fmt(p['median_s'])} | {fmt(e['mp_per_s'])} | {fmt(p['mp_per_s'])} | {ratio:.2f} | {goal} | {mem} | {mratio} | {chk} |")
             else:
                 st = e.get("steps") or [0, 0]

@@ -9,7 +9,7 @@
  * Prints one line per frame (class fractions, milliseconds) and exits 0 only when every
  * call succeeded.
  *
- * Build: cc -I include bindings/c/acquire.c -L target/release -llumos -Wl,-rpath,target/release
+ * Build: cc -I include bindings/c/acquire.c -L target/release -llumos -Wl,-rpath,$PWD/target/release
  */
 #define _POSIX_C_SOURCE 199309L /* clock_gettime */
 #include <stdio.h>

@@ -6,7 +6,7 @@
 //   acquire_cpp MODEL.lumos FRAME.tif...    (frames read from TIFF files)
 //
 // Build (one line): c++ -std=c++17 -I include -I bindings/cpp bindings/cpp/acquire.cpp
-//                    -L target/release -llumos -Wl,-rpath,target/release
+//                    -L target/release -llumos -Wl,-rpath,$PWD/target/release
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
