@@ -118,16 +118,22 @@ pub fn load_folder(dir: &Path) -> Result<Vec<Sample>> {
     Ok(out)
 }
 
-/// Masks that hold only 0 and 255 are ImageJ binary masks (Process > Binary > Convert to
-/// Mask writes 0 / 255): read as background 0 and class 1, not as 256 classes of which 254
-/// never occur. Returns whether they were converted.
-pub fn binary_255_to_1(samples: &mut [Sample]) -> bool {
+/// Which of the labels 0..=255 occur in the samples' masks.
+pub fn labels_used(samples: &[Sample]) -> [bool; 256] {
     let mut used = [false; 256];
-    for s in samples.iter() {
+    for s in samples {
         for &v in s.mask.iter() {
             used[v as usize] = true;
         }
     }
+    used
+}
+
+/// Masks that hold only 0 and 255 are ImageJ binary masks (Process > Binary > Convert to
+/// Mask writes 0 / 255): read as background 0 and class 1, not as 256 classes of which 254
+/// never occur. Returns whether they were converted.
+pub fn binary_255_to_1(samples: &mut [Sample]) -> bool {
+    let used = labels_used(samples);
     let only_0_255 = used[255] && used[1..255].iter().all(|&u| !u);
     if only_0_255 {
         log::warn!("the masks hold only 0 and 255 (ImageJ binary masks): reading 255 as class 1");

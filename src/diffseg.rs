@@ -776,7 +776,7 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
                 let opts = SegmentOptions { step_fraction: 1.0, diffusion: Some(validation_options(cfg.seed)), ..Default::default() };
                 // sampling takes long: a cancel stops it tile by tile and ends the run (the
                 // last checkpoint, the previous epoch's, stays)
-                let mut cancel_only = Monitor { progress: None, cancel: monitor.cancel.clone() };
+                let mut cancel_only = monitor.cancel_only();
                 let scores = val_s
                     .iter()
                     .map(|s| metrics::score(&model.segment_labels_with(s.image.data.view(), &opts, &mut cancel_only)?, &s.mask, model.n_classes()))

@@ -496,7 +496,7 @@ impl Model {
             _ => None,
         };
         // the sampler checks for cancellation between its steps
-        let inner_monitor = Monitor { progress: None, cancel: monitor.cancel.clone() };
+        let inner_monitor = monitor.cancel_only();
         let mut batch_no = 0u64;
         let prepare = |t: Tensor| apply_affine_owned(t, &aff, device);
         let mut net_probs = |x: &Tensor| -> Result<Tensor> {

@@ -79,6 +79,11 @@ impl<'a> Monitor<'a> {
     pub fn none() -> Self {
         Monitor { progress: None, cancel: None }
     }
+    /// A monitor that shares this one's cancel token and reports nothing (for work inside
+    /// an operation whose own progress the caller does not follow, such as validation).
+    pub fn cancel_only(&self) -> Monitor<'static> {
+        Monitor { progress: None, cancel: self.cancel.clone() }
+    }
     pub fn emit(&mut self, p: Progress) {
         if let Some(f) = self.progress.as_mut() {
             f(&p);

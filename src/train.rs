@@ -391,7 +391,7 @@ pub fn evaluate_samples(model: &Model, samples: &[&Sample]) -> Result<Vec<metric
 /// [`evaluate_samples`], stopped by `monitor`'s cancel token (checked tile by tile; its
 /// progress callback is not called): a cancelled training does not wait for validation.
 pub fn evaluate_samples_with(model: &Model, samples: &[&Sample], monitor: &Monitor) -> Result<Vec<metrics::ImageScores>> {
-    let mut cancel_only = Monitor { progress: None, cancel: monitor.cancel.clone() };
+    let mut cancel_only = monitor.cancel_only();
     samples
         .iter()
         .map(|s| {
@@ -694,12 +694,7 @@ pub(crate) fn read_checkpoint<T: serde::de::DeserializeOwned>(
 /// Class names: the config's (at least one per mask label), or "background" and "cell"
 /// for binary masks, or "background", "class1", ... otherwise.
 pub(crate) fn class_names(cfg: &TrainConfig, samples: &[Sample]) -> Result<Vec<String>> {
-    let mut used = [false; 256];
-    for s in samples {
-        for &v in s.mask.iter() {
-            used[v as usize] = true;
-        }
-    }
+    let used = crate::dataset::labels_used(samples);
     let max_label = (0..256).rev().find(|&v| used[v]).unwrap_or(0);
     // class masks use few, dense labels; instance masks (one label per cell) or 8-bit
     // intensities would silently become a network of up to 256 classes

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 
 GOAL = 0.9
@@ -130,14 +131,6 @@ def spread(r) -> float:
     return (max(t) - min(t)) / r["median_s"]
 
 
-def _median(v):
-    s = sorted(v)
-    n = len(s)
-    if n == 0:
-        return float("nan")
-    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
-
-
 def pool_rounds(rs):
     """One record from the rounds of one measurement (same model, mode, batch, frame, steps,
     precision and side, one run of bench.sh; plan key rounds=R): the timed repetitions of all
@@ -148,7 +141,7 @@ def pool_rounds(rs):
         return rs[0]
     out = dict(rs[0])
     times = [t for r in rs for t in (r.get("times_s") or [])]
-    med = _median(times)
+    med = statistics.median(times) if times else float("nan")
     out["times_s"] = times
     out["reps"] = len(times)
     out["median_s"] = med
@@ -160,7 +153,7 @@ def pool_rounds(rs):
     for k in ("forward_loss_s", "forward_backward_s"):
         v = [r[k] for r in rs if r.get(k) is not None]
         if v:
-            out[k] = _median(v)
+            out[k] = statistics.median(v)
     for k in ("peak_rss_mib", "cuda_max_allocated_mib", "cuda_max_reserved_mib"):
         v = [r[k] for r in rs if r.get(k) is not None]
         if v:

@@ -153,14 +153,21 @@ def test_segment_pgdiff_one_phase_layer(make_napari_viewer, qtbot, models, scree
     screenshot(viewer, screenshot_dir / "napari-segment-pgdiff.png")
 
 
-def test_segment_stops_on_request(make_napari_viewer, qtbot, models):
+def long_pgdiff_job(make_napari_viewer, models, frames: int, sampling_steps: int):
+    """A Segment widget started on a PG-DiffSeg job long enough to act on while it runs:
+    ``frames`` simulated 256 x 256 phase frames, ``sampling_steps`` DDIM steps each."""
     viewer = make_napari_viewer(show=True)
-    stack = np.stack([lumos.simulate("qpi", seed=s, size=256)[0][0] for s in range(6)])
+    stack = np.stack([lumos.simulate("qpi", seed=s, size=256)[0][0] for s in range(frames)])
     viewer.add_image(stack, name="phase")
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
     widget.load(models["pgdiff"], "cpu")
-    widget.sampling_steps.value = 50
+    widget.sampling_steps.value = sampling_steps
     widget.run_button.clicked()
+    return viewer, widget
+
+
+def test_segment_stops_on_request(make_napari_viewer, qtbot, models):
+    viewer, widget = long_pgdiff_job(make_napari_viewer, models, 6, 50)
     qtbot.waitUntil(lambda: widget.progress.max == 6, timeout=60_000)
     widget.stop()
     wait_done(qtbot, widget)
@@ -260,13 +267,7 @@ def test_model_inputs_are_locked_while_a_job_runs(make_napari_viewer, qtbot, mod
     """The running job uses the loaded model: the model file, device and precision cannot
     change under it (swapping the model freed it under the running call); a path that is
     not a file drops the loaded model and says so; RGB layers are refused with a message."""
-    viewer = make_napari_viewer(show=True)
-    stack = np.stack([lumos.simulate("qpi", seed=s, size=256)[0][0] for s in range(4)])
-    viewer.add_image(stack, name="phase")
-    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
-    widget.load(models["pgdiff"], "cpu")
-    widget.sampling_steps.value = 30
-    widget.run_button.clicked()
+    viewer, widget = long_pgdiff_job(make_napari_viewer, models, 4, 30)
     assert widget.running
     assert not (widget.model_file.enabled or widget.device.enabled or widget.bf16.enabled)
     widget.stop()
