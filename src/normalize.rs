@@ -65,9 +65,13 @@ pub struct Normalizer {
 /// Largest number of pixels per channel sampled for quantiles (memory bound).
 const MAX_QUANTILE_SAMPLES: usize = 4_000_000;
 
-/// Guards against division by ~0 for constant channels.
-fn safe_std(s: f64) -> f32 {
-    if s.is_finite() && s > 1e-8 { s as f32 } else { 1.0 }
+/// The std to divide by, or 1 for a constant channel: one whose std is not finite, is
+/// not a normal f32, or is below 1e-6 of its mean's magnitude (rounding, since f32 data
+/// hold about 7 significant digits). The test is relative, so data in small physical
+/// units (optical path lengths of 1e-7 m, say) keep their contrast: an absolute 1e-8
+/// threshold made such channels constant.
+fn safe_std(mean: f64, s: f64) -> f32 {
+    if s.is_finite() && s >= f32::MIN_POSITIVE as f64 && s <= f32::MAX as f64 && s > 1e-6 * mean.abs() { s as f32 } else { 1.0 }
 }
 
 impl Normalizer {
@@ -89,7 +93,7 @@ impl Normalizer {
                 NormMethod::PerImageZscore => ChannelNorm::PerImageZscore,
                 NormMethod::DatasetZscore => {
                     let (mean, std) = mean_std(values());
-                    ChannelNorm::DatasetZscore { mean: mean as f32, std: safe_std(std) }
+                    ChannelNorm::DatasetZscore { mean: mean as f32, std: safe_std(mean, std) }
                 }
                 NormMethod::RobustQuantile { q_low, q_high } => {
                     if !(0.0..=1.0).contains(&q_low) || !(0.0..=1.0).contains(&q_high) || q_low >= q_high {
@@ -104,7 +108,7 @@ impl Normalizer {
                     let q = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
                     let (lo, hi) = (q(q_low), q(q_high));
                     let (mean, std) = mean_std(values().map(|x| x.clamp(lo, hi)));
-                    ChannelNorm::RobustQuantile { q_low, q_high, lo, hi, mean: mean as f32, std: safe_std(std) }
+                    ChannelNorm::RobustQuantile { q_low, q_high, lo, hi, mean: mean as f32, std: safe_std(mean, std) }
                 }
             });
         }
@@ -157,7 +161,7 @@ impl Normalizer {
                         Some(st) => (st[ch].0 as f64, st[ch].1 as f64),
                         None => mean_std(frame.index_axis(Axis(0), ch).iter().copied()),
                     };
-                    ChannelAffine { lo: f32::NEG_INFINITY, hi: f32::INFINITY, mean: m as f32, std: safe_std(s) }
+                    ChannelAffine { lo: f32::NEG_INFINITY, hi: f32::INFINITY, mean: m as f32, std: safe_std(m, s) }
                 }
                 ChannelNorm::DatasetZscore { mean, std } => {
                     ChannelAffine { lo: f32::NEG_INFINITY, hi: f32::INFINITY, mean, std }
@@ -220,6 +224,27 @@ mod tests {
 
     fn img(f: impl Fn(usize, usize, usize) -> f32) -> Image {
         Image::new(Array3::from_shape_fn((2, 20, 20), |(c, y, x)| f(c, y, x)))
+    }
+
+    #[test]
+    fn small_physical_units_keep_their_contrast_and_constant_channels_stay_constant() {
+        // optical path lengths in metres: values ~3e-7, variations ~1e-9 (std below the
+        // old absolute 1e-8 threshold)
+        let a = img(|c, y, x| if c == 0 { 3e-7 + 1e-9 * ((y * 20 + x) % 7) as f32 } else { 5.0 });
+        for m in [NormMethod::DatasetZscore, NormMethod::PerImageZscore] {
+            let n = Normalizer::fit(&[m], &[&a]).unwrap();
+            let na = n.apply_image(&a).unwrap();
+            let ch0 = na.data.index_axis(Axis(0), 0);
+            let (mn, sd) = mean_std(ch0.iter().copied());
+            assert!(mn.abs() < 1e-3 && (sd - 1.0).abs() < 1e-3, "{m:?}: normalized mean {mn}, std {sd}");
+            // the constant channel maps to 0, not to noise blown up by a tiny std
+            assert!(na.data.index_axis(Axis(0), 1).iter().all(|v| v.abs() < 1e-6), "{m:?}");
+        }
+        assert_eq!(safe_std(5.0, 0.0), 1.0);
+        assert_eq!(safe_std(5.0, 1e-7), 1.0); // below rounding of a value of 5 in f32
+        assert_eq!(safe_std(0.0, 1e-40), 1.0); // not a normal f32
+        assert_eq!(safe_std(1.0, f64::NAN), 1.0);
+        assert_eq!(safe_std(3e-7, 1e-9), 1e-9);
     }
 
     #[test]

@@ -24,7 +24,10 @@ fn to_u8(gray: ArrayView2<f32>) -> Vec<u8> {
     }
     v.sort_by(|a, b| a.total_cmp(b));
     let lo = v[v.len() / 100];
-    let hi = v[(v.len() * 99) / 100].max(lo + 1e-6);
+    // a flat image maps to black; otherwise the 1-99 % range, however small its units
+    // (an absolute floor here turned images in metres into black)
+    let hi = v[(v.len() * 99) / 100];
+    let hi = if hi > lo { hi } else { lo + 1.0 };
     gray.iter().map(|&x| (((x - lo) / (hi - lo)).clamp(0.0, 1.0) * 255.0) as u8).collect()
 }
 
@@ -85,4 +88,21 @@ pub fn write_png(path: &Path, pic: &Rgb) -> Result<()> {
         wr.write_image_data(&pic.data).map_err(|e| Error::InvalidArgument(format!("PNG: {e}")))?;
     }
     crate::weights::write_atomic(path, &buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::Array2;
+
+    #[test]
+    fn contrast_does_not_depend_on_the_units() {
+        let ramp = Array2::from_shape_fn((10, 10), |(y, x)| (y * 10 + x) as f32);
+        let metres = ramp.mapv(|v| 3e-7 + 1e-10 * v);
+        let a = to_u8(ramp.view());
+        let b = to_u8(metres.view());
+        assert_eq!(*a.iter().max().unwrap(), 255);
+        assert!(a.iter().zip(&b).all(|(x, y)| x.abs_diff(*y) <= 1), "an image in metres keeps its contrast");
+        assert!(to_u8(Array2::from_elem((4, 4), 5.0f32).view()).iter().all(|&v| v == 0), "a flat image is black");
+    }
 }

@@ -138,6 +138,19 @@ fn rgb_samples_become_channels() {
 }
 
 #[test]
+fn rgb_with_extra_samples_reads_the_colour_samples_in_both_layouts() {
+    // the decoder gives R, G, B and not the unspecified extra samples: chunky and planar
+    // files read alike (planar was refused as "decoded fewer samples than expected")
+    for name in ["rgb_extra_u8.tif", "rgb_extra_planar_u8.tif"] {
+        let img = read_image(&fx(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(img.data.dim(), (3, 12, 16), "{name}");
+        for s in 0..3 {
+            check_plane(name, img.data.index_axis(ndarray::Axis(0), s), "u8", s);
+        }
+    }
+}
+
+#[test]
 fn bilevel_one_bit_unpacks_to_zero_and_one() {
     let stack = read_stack(&fx("bilevel_1bit.tif")).unwrap();
     assert_eq!(stack.source_dtype, "u1");
@@ -658,4 +671,18 @@ fn imagej_signed_16_bit_reads_signed_values() {
     // a plain unsigned 16-bit file is untouched
     let u = read_stack(&fx("u16_lzw.tif")).unwrap();
     assert_eq!(u.source_dtype, "u16");
+}
+
+/// A blank bilevel mask in CCITT Group 4 codes each row in one bit: 637 bytes hold
+/// 4096 x 8192 pixels (4 MB of 1-bit data, 6500x), more than the expansion guard's
+/// general bound (4096x). Fax codes get a bound of their row width, so the file reads.
+#[test]
+fn a_blank_fax_g4_mask_is_not_mistaken_for_a_corrupt_header() {
+    let p = fx("blank_g4_mask.tif");
+    assert!(std::fs::metadata(&p).unwrap().len() < 1024);
+    let stack = read_stack(&p).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(stack.data.dim(), (1, 1, 4096, 8192));
+    assert_eq!(stack.source_dtype, "u1");
+    // WhiteIsZero: the stored values are kept (white = 0), as ImageJ shows them
+    assert!(stack.data.iter().all(|&v| v == 0.0));
 }

@@ -4,7 +4,9 @@
 //! Deflate, PackBits, JPEG, fax) and both strip and tile layouts work. Pixels are grayscale
 //! 1/2/4/8/16/32/64-bit unsigned, 8/16/32/64-bit signed, or 16/32/64-bit float. Pixels with
 //! several samples (RGB, RGBA, multi-band), chunky or planar, are split into one channel
-//! per sample, because a microscopy "RGB" file is usually three stains. Palette (indexed)
+//! per sample, because a microscopy "RGB" file is usually three stains (RGB with further,
+//! unspecified ExtraSamples: the three colour samples; the extras are not decoded, and a
+//! warning says so). Palette (indexed)
 //! images yield their index values, as ImageJ does, so label masks that Fiji saved with a
 //! colour LUT load as labels. Reduced-resolution pages (thumbnails, NewSubfileType bit 0)
 //! are skipped.
@@ -247,6 +249,8 @@ pub fn write_mask_u16(path: &Path, mask: &Array2<u16>) -> Result<()> {
 const MAX_TOTAL_SAMPLES: u64 = 1 << 31;
 /// Largest ratio of decoded to stored pixel bytes a real file can have (see open_and_plan).
 const MAX_EXPANSION: u64 = 4096;
+/// Widest row whose full expansion the guard allows for fax-compressed (bilevel) pages.
+const MAX_FAX_ROW: u64 = 1 << 16;
 /// Upper bound on pages, so a hostile directory chain cannot exhaust memory.
 const MAX_PAGES: usize = 1 << 20;
 /// ImageJ's private tags: byte counts of the entries in, and the blob of, IJMetadata.
@@ -598,6 +602,8 @@ struct PageInfo {
     /// Strip offsets and byte counts, kept for the raw paths.
     strips: Vec<(u64, u64)>,
     rows_per_strip: usize,
+    /// Largest ratio of decoded to stored pixel bytes this page's compression allows.
+    max_expansion: u64,
 }
 
 /// The parsed ImageJ dimensions of a hyperstack.
@@ -964,11 +970,19 @@ fn page_info(path: &Path, dec: &mut Dec, ifd: usize, file_len: u64) -> Result<Op
     let samples = match dec.colortype() {
         Ok(ColorType::Gray(_)) => 1,
         Ok(ColorType::Multiband { num_samples, .. }) => usize::from(num_samples),
-        Ok(ColorType::RGB(_)) | Ok(ColorType::RGBA(_)) | Ok(ColorType::GrayA(_)) if planar => {
-            usize::from(spp)
-        }
         Ok(c @ (ColorType::RGB(_) | ColorType::RGBA(_) | ColorType::GrayA(_))) => {
-            usize::from(c.num_samples())
+            // The decoder hands over the colour samples (and alpha) only, chunky or planar
+            // alike: further ExtraSamples are not decoded, so they are not channels here.
+            let n = usize::from(c.num_samples());
+            if usize::from(spp) > n {
+                log::warn!(
+                    "{}: {ctx}: {} extra sample(s) per pixel beyond {c:?} are not read; the \
+                     image has {n} channels",
+                    path.display(),
+                    usize::from(spp) - n
+                );
+            }
+            n
         }
         Ok(other) => {
             return Err(Error::tiff(
@@ -1068,6 +1082,14 @@ fn page_info(path: &Path, dec: &mut Dec, ifd: usize, file_len: u64) -> Result<Op
         undo_invert,
         strips: offsets.into_iter().zip(counts).collect(),
         rows_per_strip,
+        // CCITT fax codes (RLE, T.4, T.6) spend as little as one bit on a blank row of
+        // bilevel pixels, so a blank mask expands up to its width in pixels per stored bit
+        // (bounded by 65536 px rows, so a corrupt header still cannot ask for gigabytes)
+        max_expansion: if matches!(compression, 2..=4) {
+            MAX_EXPANSION.max((width as u64).min(MAX_FAX_ROW))
+        } else {
+            MAX_EXPANSION
+        },
     }))
 }
 
@@ -1427,16 +1449,17 @@ fn open_and_plan(path: &Path) -> Result<(Dec, Plan)> {
     }
 
     // Compressed pixel data expands at most about 2730x (LZW with 12-bit codes; Deflate
-    // about 1032x, PackBits 64x). A header that claims more pixels than the file's bytes
-    // could hold is corrupt: refuse it before allocating (a 400-byte file once asked for
-    // 8 GB here, found by fuzzing).
+    // about 1032x, PackBits 64x; fax codes: see max_expansion). A header that claims more
+    // pixels than the file's bytes could hold is corrupt: refuse it before allocating (a
+    // 400-byte file once asked for 8 GB here, found by fuzzing).
     let stored_bits = total.saturating_mul(first.dtype.bits() as u64);
-    if stored_bits / 8 > file_len.saturating_mul(MAX_EXPANSION).saturating_add(1 << 20) {
+    let max_expansion = pages.iter().map(|p| p.max_expansion).max().unwrap_or(MAX_EXPANSION);
+    if stored_bits / 8 > file_len.saturating_mul(max_expansion).saturating_add(1 << 20) {
         return Err(Error::tiff(
             path,
             format!(
                 "the header describes {t} x {c} x {} x {} samples of {} bits, more than a \
-                 {file_len}-byte file can hold even compressed (at most {MAX_EXPANSION}x); the \
+                 {file_len}-byte file can hold even compressed (at most {max_expansion}x); the \
                  file is corrupt or truncated",
                 first.height,
                 first.width,
