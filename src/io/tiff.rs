@@ -249,8 +249,9 @@ pub fn write_mask_u16(path: &Path, mask: &Array2<u16>) -> Result<()> {
 const MAX_TOTAL_SAMPLES: u64 = 1 << 31;
 /// Largest ratio of decoded to stored pixel bytes a real file can have (see open_and_plan).
 const MAX_EXPANSION: u64 = 4096;
-/// Widest row whose full expansion the guard allows for fax-compressed (bilevel) pages.
-const MAX_FAX_ROW: u64 = 1 << 16;
+/// Widest row whose full expansion the guard allows for fax-compressed (bilevel) pages:
+/// then a 4 kB file can still ask for at most 1 GB of f32 samples (the fuzzer's inputs).
+const MAX_FAX_ROW: u64 = 8192;
 /// Upper bound on pages, so a hostile directory chain cannot exhaust memory.
 const MAX_PAGES: usize = 1 << 20;
 /// ImageJ's private tags: byte counts of the entries in, and the blob of, IJMetadata.
@@ -1084,7 +1085,7 @@ fn page_info(path: &Path, dec: &mut Dec, ifd: usize, file_len: u64) -> Result<Op
         rows_per_strip,
         // CCITT fax codes (RLE, T.4, T.6) spend as little as one bit on a blank row of
         // bilevel pixels, so a blank mask expands up to its width in pixels per stored bit
-        // (bounded by 65536 px rows, so a corrupt header still cannot ask for gigabytes)
+        // (up to MAX_FAX_ROW, so a corrupt header still cannot ask for many gigabytes)
         max_expansion: if matches!(compression, 2..=4) {
             MAX_EXPANSION.max((width as u64).min(MAX_FAX_ROW))
         } else {
