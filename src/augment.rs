@@ -61,6 +61,16 @@ fn uniform(rng: &mut impl Rng, r: [f64; 2]) -> f64 {
     if r[1] > r[0] { rng.random_range(r[0]..r[1]) } else { r[0] }
 }
 
+/// A factor from `r` that is below 1 half the time when `r` spans 1, as nnU-Net draws
+/// contrast and gamma: uniform in `[r0, 1)` or in `[1, r1)`, so that a range like 0.7-1.5
+/// weakens as often as it strengthens.
+fn below_or_above_one(rng: &mut impl Rng, r: [f64; 2]) -> f64 {
+    if !(r[0] < 1.0 && r[1] > 1.0) {
+        return uniform(rng, r);
+    }
+    if rng.random_bool(0.5) { uniform(rng, [r[0], 1.0]) } else { uniform(rng, [1.0, r[1]]) }
+}
+
 /// Separable Gaussian blur of a `(1, C, H, W)` tensor, per channel.
 fn gaussian_blur(x: &Tensor, sigma: f64) -> Tensor {
     let radius = (3.0 * sigma).ceil() as i64;
@@ -99,14 +109,19 @@ pub fn augment_batch(images: &Tensor, masks: &Tensor, cfg: &AugmentConfig, rng: 
             let (c, s) = (a.cos() / z, a.sin() / z);
             let theta = Tensor::from_slice(&[c as f32, -s as f32, 0.0, s as f32, c as f32, 0.0]).view([1, 2, 3]).to_device(dev);
             let grid = Tensor::affine_grid_generator(&theta, [1, 1, h, w], false);
-            // interpolation 0 = bilinear, 1 = nearest; padding 0 = zeros, 2 = reflection
-            x = x.grid_sampler(&grid, 0, 2, false);
+            // interpolation 0 = bilinear, 1 = nearest; padding 0 = zeros, 2 = reflection.
+            // Image and mask are padded alike, as nnU-Net does (image 0, the normalized
+            // mean; mask 0, background): a mirrored image beside a background mask taught
+            // the network to call mirrored cells background.
+            x = x.grid_sampler(&grid, 0, 0, false);
             m = m.grid_sampler(&grid, 1, 0, false);
         }
         if rng.random_bool(cfg.p_noise) {
-            let var = uniform(rng, cfg.noise_variance);
+            // the drawn "variance" is the noise's standard deviation, as in nnU-Net
+            // (batchgenerators hands it to np.random.normal as the scale)
+            let sigma = uniform(rng, cfg.noise_variance);
             let noise: Vec<f32> = (0..x.numel()).map(|_| rng.sample::<f32, _>(rand_distr::StandardNormal)).collect();
-            x = &x + Tensor::from_slice(&noise).view(x.size().as_slice()).to_device(x.device()) * var.sqrt();
+            x = &x + Tensor::from_slice(&noise).view(x.size().as_slice()).to_device(x.device()) * sigma;
         }
         if rng.random_bool(cfg.p_blur) {
             x = gaussian_blur(&x, uniform(rng, cfg.blur_sigma));
@@ -115,7 +130,7 @@ pub fn augment_batch(images: &Tensor, masks: &Tensor, cfg: &AugmentConfig, rng: 
             x = &x * uniform(rng, cfg.brightness_range);
         }
         if rng.random_bool(cfg.p_contrast) {
-            let f = uniform(rng, cfg.contrast_range);
+            let f = below_or_above_one(rng, cfg.contrast_range);
             let dims: &[i64] = &[2, 3];
             let mean = x.mean_dim(dims, true, Kind::Float);
             let (lo, hi) = (x.amin(dims, true), x.amax(dims, true));
@@ -132,7 +147,7 @@ pub fn augment_batch(images: &Tensor, masks: &Tensor, cfg: &AugmentConfig, rng: 
             if !apply {
                 continue;
             }
-            let g = uniform(rng, cfg.gamma_range);
+            let g = below_or_above_one(rng, cfg.gamma_range);
             let y = if invert { -&x } else { x.shallow_clone() };
             let dims: &[i64] = &[2, 3];
             let (mn, mx) = (y.amin(dims, true), y.amax(dims, true));
@@ -186,5 +201,57 @@ mod tests {
         // masks stay labels in the original set
         assert!(am.min().int64_value(&[]) >= 0 && am.max().int64_value(&[]) <= 2);
         assert_eq!(i64::try_from(a.isfinite().logical_not().sum(Kind::Int64)).unwrap(), 0);
+    }
+
+    fn only(cfg: AugmentConfig) -> AugmentConfig {
+        AugmentConfig {
+            p_rotation: 0.0, p_scale: 0.0, p_noise: 0.0, p_blur: 0.0, p_brightness: 0.0, p_contrast: 0.0,
+            p_low_resolution: 0.0, p_gamma: 0.0, p_gamma_inverted: 0.0, mirror: false, ..cfg
+        }
+    }
+
+    /// Where a rotation or zoom-out samples outside the patch, the image is padded with 0
+    /// and the mask with background, as nnU-Net pads them; the image used to be mirrored
+    /// there while the mask said background.
+    #[test]
+    fn rotation_pads_image_and_mask_alike() {
+        let opts = (Kind::Float, tch::Device::Cpu);
+        let x = Tensor::ones([1, 1, 32, 32], opts) * 5.0;
+        let m = Tensor::ones([1, 32, 32], (Kind::Int64, tch::Device::Cpu));
+        let cfg = AugmentConfig { p_scale: 1.0, scale_range: [0.7, 0.7], ..only(AugmentConfig::default()) };
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        let (a, am) = augment_batch(&x, &m, &cfg, &mut rng);
+        // a corner lies outside the zoomed-out content: image 0 and mask background there
+        assert_eq!(am.int64_value(&[0, 0, 0]), 0);
+        assert!(a.double_value(&[0, 0, 0, 0]).abs() < 1e-6, "image corner {}", a.double_value(&[0, 0, 0, 0]));
+        // and wherever the mask is background, the image holds no copy of the cell value
+        let bg = am.eq(0).unsqueeze(1);
+        let leaked = a.masked_select(&bg).gt(4.0).sum(Kind::Int64).int64_value(&[]);
+        assert_eq!(leaked, 0, "mirrored content under a background mask");
+    }
+
+    /// Gaussian noise: the drawn value is the standard deviation (nnU-Net's reading).
+    #[test]
+    fn noise_std_is_the_drawn_value() {
+        let x = Tensor::zeros([1, 1, 256, 256], (Kind::Float, tch::Device::Cpu));
+        let m = Tensor::zeros([1, 256, 256], (Kind::Int64, tch::Device::Cpu));
+        let cfg = AugmentConfig { p_noise: 1.0, noise_variance: [0.1, 0.1], ..only(AugmentConfig::default()) };
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
+        let (a, _) = augment_batch(&x, &m, &cfg, &mut rng);
+        let sd = a.std(true).double_value(&[]);
+        assert!((sd - 0.1).abs() < 0.005, "noise std {sd}");
+    }
+
+    /// Contrast and gamma factors fall below 1 about half the time for ranges around 1.
+    #[test]
+    fn contrast_and_gamma_factors_weaken_as_often_as_they_strengthen() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let draws: Vec<f64> = (0..4000).map(|_| below_or_above_one(&mut rng, [0.7, 1.5])).collect();
+        let below = draws.iter().filter(|&&g| g < 1.0).count() as f64 / draws.len() as f64;
+        assert!((below - 0.5).abs() < 0.03, "share below 1: {below}");
+        assert!(draws.iter().all(|&g| (0.7..1.5).contains(&g)));
+        // ranges that do not span 1 are drawn plainly
+        assert!((0..100).all(|_| (0.5..0.9).contains(&below_or_above_one(&mut rng, [0.5, 0.9]))));
+        assert!((0..100).all(|_| (1.1..1.3).contains(&below_or_above_one(&mut rng, [1.1, 1.3]))));
     }
 }

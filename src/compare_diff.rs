@@ -112,7 +112,10 @@ impl DiffPreset {
             unet: match self {
                 // nnU-Net's planning stops halving at a 4 x 4 bottleneck; tiny runs in seconds
                 DiffPreset::Tiny => crate::nn::unet::UnetConfig { n_stages: 4, base_features: 8, max_features: 64, convs_per_stage: 2 },
-                _ => Default::default(),
+                // 256-pixel tiles: 7 stages down to 4 x 4
+                DiffPreset::Paper => crate::nn::unet::UnetConfig { n_stages: 7, ..Default::default() },
+                // 128-pixel tiles: the default 6 stages end at 4 x 4
+                DiffPreset::Cpu => Default::default(),
             },
             ..Default::default()
         }

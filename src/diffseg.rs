@@ -382,8 +382,17 @@ impl PgDiffNet {
             let mut votes: Option<Tensor> = None;
             let mut soft: Option<Tensor> = None;
             let mut first_noise = None;
+            // the prior start is deterministic: invert once, whatever the number of samples
+            // (as evaluations() counts it)
+            let prior = match opts.start {
+                StartNoise::Prior => Some(self.start_noise(&z, opts, &mut rng, monitor)?),
+                _ => None,
+            };
             for _ in 0..opts.samples {
-                let noise = self.start_noise(&z, opts, &mut rng, monitor)?;
+                let noise = match &prior {
+                    Some(p) => p.shallow_clone(),
+                    None => self.start_noise(&z, opts, &mut rng, monitor)?,
+                };
                 if first_noise.is_none() {
                     first_noise = Some(noise.select(1, 0));
                 }

@@ -224,7 +224,7 @@ impl Net {
                 Ok(Net::Dmqpm(DmQpmNet::new(p, &cfg, meta.classes.len() as i64)?))
             }
             ModelKind::Musplit => {
-                let cfg: MuSplitConfig = serde_json::from_value(meta.architecture.clone())
+                let cfg = MuSplitConfig::from_model_architecture(&meta.architecture)
                     .map_err(|e| Error::ModelFormat(format!("invalid musplit architecture: {e}")))?;
                 if meta.input_channels.len() != 1 {
                     return Err(Error::Shape(format!(
@@ -281,7 +281,7 @@ impl Net {
         match meta.kind {
             ModelKind::Unet => serde_json::from_value::<UnetConfig>(meta.architecture.clone()).map(|c| c.divisor()).unwrap_or(1),
             ModelKind::Dmqpm => serde_json::from_value::<DmQpmConfig>(meta.architecture.clone()).map(|c| c.divisor()).unwrap_or(1),
-            ModelKind::Musplit => serde_json::from_value::<MuSplitConfig>(meta.architecture.clone()).map(|c| c.divisor()).unwrap_or(1),
+            ModelKind::Musplit => MuSplitConfig::from_model_architecture(&meta.architecture).map(|c| c.divisor()).unwrap_or(1),
             ModelKind::Pgdiff => serde_json::from_value::<PgDiffConfig>(meta.architecture.clone()).map(|c| c.divisor()).unwrap_or(1),
         }
     }

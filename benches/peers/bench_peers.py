@@ -179,7 +179,7 @@ def deep_supervision_loss(outputs, target):
         if tuple(o.shape[2:]) == tuple(target.shape[1:]):
             t = target
         else:
-            t = F.interpolate(tf, size=tuple(o.shape[2:]), mode="nearest").squeeze(1).long()
+            t = F.interpolate(tf, size=tuple(o.shape[2:]), mode="nearest-exact").squeeze(1).long()
         term = ce_dice_loss(o, t) * wi
         total = term if total is None else total + term
     return total

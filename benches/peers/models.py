@@ -164,10 +164,12 @@ class ConvNormAct(nn.Module):
 
 
 class StackedConvs(nn.Module):
-    def __init__(self, cin: int, cout: int, n: int, stride: int):
+    """``n`` blocks (ConvNormAct, or ``block``), the first with the stride."""
+
+    def __init__(self, cin: int, cout: int, n: int, stride: int, block=None):
         super().__init__()
-        self.convs = nn.ModuleList(
-            [ConvNormAct(cin if i == 0 else cout, cout, stride if i == 0 else 1) for i in range(n)])
+        block = block or ConvNormAct
+        self.convs = nn.ModuleList([block(cin if i == 0 else cout, cout, stride if i == 0 else 1) for i in range(n)])
 
     def forward(self, x):
         for c in self.convs:
@@ -420,6 +422,9 @@ def load_engine_into_dna(dna: nn.Module, engine_sd: Dict[str, torch.Tensor]) -> 
 MUSPLIT_DEFAULTS = {
     "variant": "unet", "levels": 5, "lc_levels": 4, "lc_merge": "regular", "base_channels": 32,
     "max_channels": 256, "z_dim": 128, "stochastic": True, "dropout": 0.1,
+    # model files written before the key existed hold InstanceNorm U-Nets
+    # (MuSplitConfig::from_model_architecture)
+    "unet_norm": "instance",
 }
 
 
@@ -436,6 +441,23 @@ class BatchNorm(nn.Module):
 
     def forward(self, x):
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training, 0.1, 1e-5)
+
+
+class ConvBnAct(nn.Module):
+    """conv 3x3 without bias -> BatchNorm -> LeakyReLU(0.01) (the LC U-Net's block)."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.norm = BatchNorm(cout)
+
+    def forward(self, x):
+        return F.leaky_relu(self.norm(self.conv(x)), 0.01, inplace=True)
+
+
+def conv_stack(cfg: dict, cin: int, cout: int, n: int, stride: int) -> nn.Module:
+    """The LC U-Net's conv blocks with its configured normalization (musplit.rs Unit::conv_stack)."""
+    return StackedConvs(cin, cout, n, stride, ConvBnAct if cfg["unet_norm"] == "batch" else None)
 
 
 class ResGated(nn.Module):
@@ -463,7 +485,7 @@ class _Stem(nn.Module):
         super().__init__()
         if cfg["variant"] == "unet":
             self.conv = None
-            self.block = StackedConvs(1, c, 2, 1)
+            self.block = conv_stack(cfg, 1, c, 2, 1)
         else:
             self.conv = nn.Conv2d(1, c, 5, padding=2)
             self.block = ResGated(c, cfg["dropout"])
@@ -489,7 +511,7 @@ class _Merge(nn.Module):
         super().__init__()
         self.stem = _Stem(cfg, c)
         self.proj = nn.Conv2d(2 * c, c, 1)
-        self.block = StackedConvs(c, c, 1, 1) if cfg["variant"] == "unet" else ResGated(c, cfg["dropout"])
+        self.block = conv_stack(cfg, c, c, 1, 1) if cfg["variant"] == "unet" else ResGated(c, cfg["dropout"])
 
 
 def centre_crop(x, size: int):
@@ -518,7 +540,7 @@ class LcEncoder(nn.Module):
         down, lc = [], []
         for k in range(1, cfg["levels"]):
             cin, c = chans(k - 1), chans(k)
-            down.append(StackedConvs(cin, c, 2, 2) if cfg["variant"] == "unet" else _Down(cin, c, cfg["dropout"]))
+            down.append(conv_stack(cfg, cin, c, 2, 2) if cfg["variant"] == "unet" else _Down(cin, c, cfg["dropout"]))
             if k <= cfg["lc_levels"]:
                 lc.append(_Merge(cfg, c))
         self.down = nn.ModuleList(down)
@@ -548,7 +570,7 @@ class _UnetDecoder(nn.Module):
         super().__init__()
         l = cfg["levels"]
         self.stages = nn.ModuleList(
-            [StackedConvs(chans(l - 1 - i) + chans(l - 2 - i), chans(l - 2 - i), 2, 1) for i in range(l - 1)])
+            [conv_stack(cfg, chans(l - 1 - i) + chans(l - 2 - i), chans(l - 2 - i), 2, 1) for i in range(l - 1)])
         self.head = nn.Conv2d(chans(0), n_out, 1)
 
 

@@ -49,7 +49,9 @@ pub fn deep_supervision_loss(outputs: &[Tensor], target: &Tensor) -> Tensor {
         let t = if s[2] == target.size()[1] && s[3] == target.size()[2] {
             target.shallow_clone()
         } else {
-            tf.upsample_nearest2d([s[2], s[3]], None, None).squeeze_dim(1).to_kind(Kind::Int64)
+            // nearest-exact (pixel centres), as nnU-Net v2 downsamples its targets; plain
+            // nearest picks each block's top-left pixel and shifts the labels
+            tf.internal_upsample_nearest_exact2d([s[2], s[3]], None, None).squeeze_dim(1).to_kind(Kind::Int64)
         };
         total = total + ce_dice_loss(o, &t) * wi;
     }
