@@ -246,20 +246,73 @@ impl ResGated {
 }
 
 /// conv 3x3 (no bias: BatchNorm's shift replaces it) -> BatchNorm -> LeakyReLU(0.01).
+///
+/// In inference (`train == false`, no autograd) the BatchNorm is folded into the
+/// convolution: with `s = gamma / sqrt(running_var + eps)` per output channel, the block
+/// is `leaky_relu(conv(x, w * s) + beta - running_mean * s)`, one convolution with a bias
+/// and no normalization pass (as `torch.jit.freeze` or torch.compile's CPU backend fold
+/// it). The folded weight is computed once and again only when one of the five tensors
+/// it comes from changes (storage or version counter: an optimizer step, `copy_`, a
+/// reload); on the CPU in float32 it then takes the packed-weight path like any conv.
 #[derive(Debug)]
 struct ConvBnAct {
     conv: Conv2d,
     norm: nn::BatchNorm,
+    folded: parking_lot::Mutex<Option<Folded>>,
 }
+
+/// A BatchNorm folded into the preceding conv's weight and a bias, and what it came from.
+#[derive(Debug)]
+struct Folded {
+    key: [(usize, i64); 5],
+    weight: Tensor,
+    bias: Tensor,
+}
+
+/// BatchNorm2d's `eps` (tch's default, which these blocks use).
+const BN_EPS: f64 = 1e-5;
 
 impl ConvBnAct {
     fn new(p: &nn::Path, cin: i64, cout: i64, stride: i64) -> Self {
         let cfg = nn::ConvConfig { stride, padding: 1, bias: false, ..Default::default() };
-        ConvBnAct { conv: Conv2d::new(p / "conv", cin, cout, 3, cfg), norm: nn::batch_norm2d(p / "norm", cout, Default::default()) }
+        ConvBnAct {
+            conv: Conv2d::new(p / "conv", cin, cout, 3, cfg),
+            norm: nn::batch_norm2d(p / "norm", cout, nn::BatchNormConfig { eps: BN_EPS, ..Default::default() }),
+            folded: parking_lot::Mutex::new(None),
+        }
     }
     fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        // not inside packed::plain (a TorchScript trace records the BatchNorm as it is)
+        if !train && !super::packed::grad_enabled() && !super::packed::plain_ops() {
+            if let (Some(g), Some(b)) = (&self.norm.ws, &self.norm.bs) {
+                return self.forward_folded(x, g, b);
+            }
+        }
         // in place: BatchNorm's backward needs its input, LeakyReLU's works from its result
         self.norm.forward_t(&self.conv.forward(x), train).leaky_relu_()
+    }
+    /// Inference with the BatchNorm folded into the conv (see the type's documentation).
+    fn forward_folded(&self, x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Tensor {
+        let id = |t: &Tensor| (t.data_ptr() as usize, t.internal_version());
+        let (w, rm, rv) = (&self.conv.conv.ws, &self.norm.running_mean, &self.norm.running_var);
+        let key = [id(w), id(gamma), id(beta), id(rm), id(rv)];
+        let mut slot = self.folded.lock();
+        if slot.as_ref().is_none_or(|f| f.key != key) {
+            let s = (rv + BN_EPS).rsqrt() * gamma;
+            let weight = w * s.view([-1, 1, 1, 1]);
+            let bias = beta - rm * &s;
+            match slot.as_mut() {
+                // updated in place, so that the packed copy of the weight follows it
+                Some(f) if f.weight.size() == weight.size() && f.weight.kind() == weight.kind() && f.weight.device() == weight.device() => {
+                    f.weight.copy_(&weight);
+                    f.bias.copy_(&bias);
+                    f.key = key;
+                }
+                _ => *slot = Some(Folded { key, weight, bias }),
+            }
+        }
+        let f = slot.as_ref().expect("folded above");
+        self.conv.forward_with(x, &f.weight, Some(&f.bias)).leaky_relu_()
     }
 }
 
@@ -344,6 +397,11 @@ struct Merge {
     unit: Unit,
 }
 
+thread_local! {
+    /// Set by tests to run the full inference forward for comparison.
+    static PRUNE_OFF: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// Encoder shared by both variants. Returns per level the features cropped to the
 /// primary patch's field of view.
 #[derive(Debug)]
@@ -352,6 +410,25 @@ struct LcEncoder {
     down: Vec<(Option<nn::Conv2D>, Unit)>,
     merges: Vec<Merge>,
     mode: LcMerge,
+    /// Whether inference may compute only the centre regions the output depends on
+    /// ([`LcEncoder::forward_pruned`]): the LC U-Net with BatchNorm blocks (pointwise in
+    /// inference) and the regular merge.
+    prunable: bool,
+}
+
+/// The centred regions of the encoder's maps that the decoder's input depends on, per
+/// level `k >= 1` (see [`LcEncoder::forward_pruned`]); all sizes even.
+#[derive(Debug, Clone, PartialEq)]
+struct PrunePlan {
+    /// Side of the centre crop of level `k - 1`'s map that down block `k` reads.
+    down_in: Vec<i64>,
+    /// Side of the centre of down block `k`'s output that is needed.
+    down_out: Vec<i64>,
+    /// At a merge level: the side on which the LC stem, the 1x1 projection and the merge
+    /// block run (the needed side of the level's map plus the block's 1-pixel ring).
+    merge: Vec<Option<i64>>,
+    /// Side of the centre of level `k`'s map that is needed (its skip and down block `k+1`).
+    need: Vec<i64>,
 }
 
 impl LcEncoder {
@@ -382,10 +459,110 @@ impl LcEncoder {
                 });
             }
         }
-        LcEncoder { stem, down, merges, mode: cfg.lc_merge }
+        let prunable = cfg.variant == SplitVariant::Unet && cfg.unet_norm == UnetNorm::Batch && cfg.lc_merge == LcMerge::Regular;
+        LcEncoder { stem, down, merges, mode: cfg.lc_merge, prunable }
+    }
+
+    /// The regions inference needs for a `t x t` input (None: nothing to prune, or sizes
+    /// whose centre crops would not align, where the full forward runs).
+    ///
+    /// Working back from the last level: level `k` is needed on its skip's side `t >> k`
+    /// and on what down block `k + 1` reads; a merge block (one 3x3 conv) needs one more
+    /// pixel around its output, the 1x1 projection none, the LC stem (two 3x3 convs) two
+    /// more around the merge side, and a down block (a stride-2 3x3 conv and a 3x3 conv)
+    /// whose output is needed on a centred side `m` reads a centred side `2 (m + 4)` of the
+    /// level below: of its `m + 4` outputs the first row and column are wrong (zero padding
+    /// at the crop's edge), the second conv spoils one more ring, and the rest covers `m`.
+    /// Crop offsets stay even (the stride-2 grid of the crop is the full map's), and a
+    /// region that reaches the map's size is taken whole.
+    fn prune_plan(&self, t: i64) -> Option<PrunePlan> {
+        let levels = self.down.len() + 1;
+        // map sides: level 0 is t; down block k halves level k - 1; a merge keeps the LC
+        // crop's side t (regular merge)
+        let mut side = vec![t; levels];
+        for k in 1..levels {
+            side[k] = if k <= self.merges.len() { t.max(side[k - 1] / 2) } else { side[k - 1] / 2 };
+        }
+        let even = |v: i64| v + (v & 1);
+        let (mut down_in, mut down_out, mut merge) = (vec![0; levels], vec![0; levels], vec![None; levels]);
+        let mut need = vec![0; levels];
+        need[levels - 1] = even(t >> (levels - 1));
+        for k in (1..levels).rev() {
+            let d = side[k - 1] / 2; // down block k's output side
+            let out = if k <= self.merges.len() {
+                let r = (need[k] + 2).min(side[k]);
+                merge[k] = Some(r);
+                // the merge reads the down output centre-padded to the map's side
+                r.min(d)
+            } else {
+                need[k].min(d)
+            };
+            down_out[k] = out;
+            down_in[k] = if out == d { side[k - 1] } else { (2 * (out + 4)).min(side[k - 1]) };
+            need[k - 1] = even((t >> (k - 1)).max(down_in[k])).min(side[k - 1]);
+        }
+        // alignment: every centre crop an even difference, every crop a down block reads
+        // at an even offset
+        for k in 1..levels {
+            let d = side[k - 1] / 2;
+            let ok = (side[k - 1] - down_in[k]) % 4 == 0
+                && (down_in[k] / 2 - down_out[k]) % 2 == 0
+                && (d - down_out[k]) % 2 == 0
+                && (need[k - 1] - down_in[k]) % 2 == 0
+                && (side[k - 1] - need[k - 1]) % 2 == 0
+                && (side[k] - need[k]) % 2 == 0
+                && merge[k].is_none_or(|r| {
+                    let lc = (r + 4).min(t);
+                    (side[k] - r) % 2 == 0 && (r - need[k]) % 2 == 0 && (r - down_out[k]) % 2 == 0 && (t - lc) % 2 == 0 && (lc - r) % 2 == 0
+                });
+            if !ok {
+                return None;
+            }
+        }
+        let pruned = (1..levels).any(|k| down_in[k] < side[k - 1] || merge[k].is_some_and(|r| r < side[k]));
+        pruned.then_some(PrunePlan { down_in, down_out, merge, need })
+    }
+
+    /// Inference on the regions the decoder depends on only: equal to [`Self::forward_t`]
+    /// with `train == false` (tested), computed on centre crops.
+    ///
+    /// With the regular merge every level from 1 on is a map of the LC crop's side `t`
+    /// (its field of view `2^k` times the primary patch's), but the decoder reads level `k`
+    /// only through its `t >> k` skip and the next down block, and the receptive field of
+    /// those is a small centre of the map: at the paper's size (`t = 64`, five levels, 512
+    /// channels at the last) the full forward spends 50 of its 68 GFLOP per tile on the last
+    /// level's 64 x 64 map, of which the output depends on the centre 6 x 6. In training the
+    /// BatchNorm statistics are taken over the whole maps, so training runs the full
+    /// forward.
+    fn forward_pruned(&self, x: &Tensor, plan: &PrunePlan) -> Vec<Tensor> {
+        let t = x.size()[2];
+        let mut y = self.stem.forward_t(&x.narrow(1, 0, 1), false);
+        let mut out = vec![y.shallow_clone()];
+        for (k, (_, unit)) in self.down.iter().enumerate() {
+            let k = k + 1;
+            let d = unit.forward_t(&centre_crop(&y, plan.down_in[k]), false);
+            let d = centre_crop(&d, plan.down_out[k]);
+            y = match (self.merges.get(k - 1), plan.merge[k]) {
+                (Some(m), Some(r)) => {
+                    let lc_side = (r + 4).min(t);
+                    let lc = centre_crop(&m.stem.forward_t(&centre_crop(&x.narrow(1, k as i64, 1), lc_side), false), r);
+                    let a = if r <= d.size()[2] { centre_crop(&d, r) } else { centre_pad(&d, r) };
+                    let z = m.unit.forward_t(&m.proj.forward(&Tensor::cat(&[a, lc], 1)), false);
+                    centre_crop(&z, plan.need[k])
+                }
+                _ => d,
+            };
+            out.push(centre_crop(&y, t >> k));
+        }
+        out
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Vec<Tensor> {
+        if !train && self.prunable && !PRUNE_OFF.with(|p| p.get()) {
+            if let Some(plan) = self.prune_plan(x.size()[2]) {
+                return self.forward_pruned(x, &plan);
+            }
+        }
         let t = x.size()[2];
         let mut y = self.stem.forward_t(&x.narrow(1, 0, 1), train);
         let mut out = vec![y.shallow_clone()];
@@ -651,6 +828,112 @@ mod tests {
 
     fn tiny(variant: SplitVariant, lc: usize, merge: LcMerge) -> MuSplitConfig {
         MuSplitConfig { variant, levels: 3, lc_levels: lc, lc_merge: merge, base_channels: 4, max_channels: 8, z_dim: 2, ..Default::default() }
+    }
+
+    fn max_diff_t(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).abs().max().double_value(&[])
+    }
+
+    #[test]
+    fn folded_batch_norm_inference_equals_conv_then_batch_norm_and_follows_updates() {
+        let _rng = crate::model::TORCH_RNG.lock();
+        tch::manual_seed(3);
+        let vs = VarStore::new(Device::Cpu);
+        let block = ConvBnAct::new(&(vs.root() / "b"), 3, 5, 2);
+        let x = Tensor::randn([2, 3, 12, 10], (Kind::Float, Device::Cpu));
+        // running statistics and affine parameters away from their initial values
+        tch::no_grad(|| {
+            block.norm.running_mean.shallow_clone().copy_(&Tensor::randn([5], (Kind::Float, Device::Cpu)));
+            block.norm.running_var.shallow_clone().copy_(&(Tensor::rand([5], (Kind::Float, Device::Cpu)) + 0.5));
+            block.norm.ws.as_ref().unwrap().shallow_clone().copy_(&Tensor::randn([5], (Kind::Float, Device::Cpu)));
+            block.norm.bs.as_ref().unwrap().shallow_clone().copy_(&Tensor::randn([5], (Kind::Float, Device::Cpu)));
+        });
+        let reference = |b: &ConvBnAct| {
+            let y = x.conv2d(&b.conv.conv.ws, None::<&Tensor>, [2], [1], [1], 1);
+            let n = &b.norm;
+            y.batch_norm(n.ws.as_ref(), n.bs.as_ref(), Some(&n.running_mean), Some(&n.running_var), false, 0.1, BN_EPS, false)
+                .leaky_relu()
+        };
+        let y = tch::no_grad(|| block.forward_t(&x, false));
+        assert!(format!("{:?}", block.folded.lock()).contains("Folded"), "inference took the folded path");
+        let d = (&y - tch::no_grad(|| reference(&block))).abs().max().double_value(&[]);
+        assert!(d < 1e-4, "folded block differs from conv + BatchNorm by {d}");
+        // a training step moves the running statistics: the next inference refolds
+        let _ = block.forward_t(&x, true);
+        let _ = tch::no_grad(|| block.conv.conv.ws.shallow_clone().g_mul_scalar_(1.5));
+        let y2 = tch::no_grad(|| block.forward_t(&x, false));
+        let d2 = (&y2 - tch::no_grad(|| reference(&block))).abs().max().double_value(&[]);
+        assert!(d2 < 1e-4, "after an update the folded block differs by {d2}");
+        assert!((&y2 - &y).abs().max().double_value(&[]) > 1e-2, "the update changed the output");
+        // inside packed::plain (TorchScript export) the BatchNorm runs as it is
+        *block.folded.lock() = None;
+        let y4 = crate::nn::packed::plain(|| tch::no_grad(|| block.forward_t(&x, false)));
+        assert!(block.folded.lock().is_none(), "no folding inside packed::plain");
+        assert!(max_diff_t(&y4, &y2) < 1e-4);
+        // with autograd on, eval mode runs the BatchNorm itself (gradients reach its parameters)
+        let y3 = block.forward_t(&x, false);
+        y3.sum(Kind::Float).backward();
+        assert!(block.norm.ws.as_ref().unwrap().grad().defined(), "BatchNorm weight got a gradient");
+    }
+
+    /// Pruned inference equals the full forward (eval mode) for the LC U-Net with the
+    /// regular merge, over tile sizes and depths, with running statistics and affine
+    /// parameters away from their initial values; and the plan at the paper's size.
+    #[test]
+    fn pruned_lc_unet_inference_equals_the_full_forward() {
+        let _rng = crate::model::TORCH_RNG.lock();
+        for (i, &(levels, lc, t)) in [(3usize, 2usize, 16i64), (4, 3, 32), (5, 4, 64), (4, 2, 32), (3, 2, 8), (5, 4, 128)].iter().enumerate() {
+            tch::manual_seed(20 + i as i64);
+            let cfg = MuSplitConfig { levels, lc_levels: lc, base_channels: 4, max_channels: 16, ..tiny(SplitVariant::Unet, lc, LcMerge::Regular) };
+            let vs = VarStore::new(Device::Cpu);
+            let net = MuSplitNet::new(&vs.root(), &cfg, 2).unwrap();
+            // BatchNorm statistics and affine parameters away from 0 / 1
+            tch::no_grad(|| {
+                for (name, mut v) in vs.variables() {
+                    if name.contains("norm") {
+                        let r = Tensor::rand(v.size(), (Kind::Float, Device::Cpu));
+                        let _ = if name.ends_with("running_var") || name.ends_with("weight") { v.copy_(&(r + 0.5)) } else { v.copy_(&(r - 0.5)) };
+                    }
+                }
+            });
+            let x = Tensor::randn([2, 1 + lc as i64, t, t], (Kind::Float, Device::Cpu));
+            let plan = net.encoder.prune_plan(t);
+            assert!(plan.is_some(), "levels {levels}, lc {lc}, tile {t}: a plan");
+            let pruned = tch::no_grad(|| net.forward_t(&x, false).mean);
+            PRUNE_OFF.with(|p| p.set(true));
+            let full = tch::no_grad(|| net.forward_t(&x, false).mean);
+            PRUNE_OFF.with(|p| p.set(false));
+            let scale = full.abs().max().double_value(&[]);
+            let d = max_diff_t(&pruned, &full);
+            assert!(d < 1e-5 * scale.max(1.0), "levels {levels}, lc {lc}, tile {t}: pruned differs by {d} (outputs up to {scale})");
+            // and each skip of the encoder
+            let fp = tch::no_grad(|| net.encoder.forward_t(&x, false));
+            PRUNE_OFF.with(|p| p.set(true));
+            let ff = tch::no_grad(|| net.encoder.forward_t(&x, false));
+            PRUNE_OFF.with(|p| p.set(false));
+            for (k, (a, b)) in fp.iter().zip(&ff).enumerate() {
+                assert_eq!(a.size(), b.size(), "skip {k}");
+                assert!(max_diff_t(a, b) < 1e-5 * b.abs().max().double_value(&[]).max(1.0), "skip {k} differs");
+            }
+        }
+        // the paper's LC U-Net at 64 px: the last level's merge on 6 x 6, its down block
+        // reading 20 x 20 of level 3
+        let paper = MuSplitConfig { variant: SplitVariant::Unet, levels: 5, lc_levels: 4, ..Default::default() };
+        let vs = VarStore::new(Device::Cpu);
+        let net = MuSplitNet::new(&vs.root(), &MuSplitConfig { base_channels: 2, max_channels: 4, ..paper }, 2).unwrap();
+        let plan = net.encoder.prune_plan(64).expect("a plan at 64 px");
+        assert_eq!(plan.merge[4], Some(6));
+        assert_eq!((plan.down_in[4], plan.down_out[4]), (20, 6));
+        assert_eq!(plan.need[4], 4);
+        // training and the InstanceNorm / lean-merge / HVAE encoders run the full forward
+        for cfg in [
+            MuSplitConfig { unet_norm: UnetNorm::Instance, ..tiny(SplitVariant::Unet, 2, LcMerge::Regular) },
+            tiny(SplitVariant::Unet, 2, LcMerge::Lean),
+            tiny(SplitVariant::Hvae, 2, LcMerge::Regular),
+        ] {
+            let vs = VarStore::new(Device::Cpu);
+            assert!(!MuSplitNet::new(&vs.root(), &cfg, 2).unwrap().encoder.prunable, "{cfg:?}");
+        }
     }
 
     #[test]

@@ -25,6 +25,7 @@ unsafe extern "C" {
     fn lumos_autocast_enter(device_type: c_int, dtype: c_int, prev_enabled: *mut c_int, prev_dtype: *mut c_int, err: *mut c_char, err_len: usize) -> c_int;
     fn lumos_autocast_exit(device_type: c_int, prev_enabled: c_int, prev_dtype: c_int, err: *mut c_char, err_len: usize) -> c_int;
     fn lumos_autocast_enabled(device_type: c_int) -> c_int;
+    fn lumos_autocast_dtype(device_type: c_int) -> c_int;
 }
 
 /// c10::DeviceType codes.
@@ -91,6 +92,12 @@ fn device_type(device: Device) -> Result<c_int> {
 pub fn autocast_enabled(device: Device) -> bool {
     // SAFETY: reads thread-local dispatch state.
     device_type(device).is_ok_and(|dt| unsafe { lumos_autocast_enabled(dt) != 0 })
+}
+
+/// Whether bfloat16 autocast is on for `device`'s type on this thread.
+pub fn autocast_bf16(device: Device) -> bool {
+    // SAFETY: read thread-local dispatch state.
+    device_type(device).is_ok_and(|dt| unsafe { lumos_autocast_enabled(dt) != 0 && lumos_autocast_dtype(dt) == ST_BF16 })
 }
 
 /// Restores the autocast state saved by `enter` when dropped (also on unwinding).

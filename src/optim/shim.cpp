@@ -211,4 +211,9 @@ int lumos_autocast_enabled(int device_type) {
     return at::autocast::is_autocast_enabled(static_cast<at::DeviceType>(device_type)) ? 1 : 0;
 }
 
+// The dtype autocast casts to for this device type on this thread (c10::ScalarType code).
+int lumos_autocast_dtype(int device_type) {
+    return static_cast<int>(at::autocast::get_autocast_dtype(static_cast<at::DeviceType>(device_type)));
+}
+
 }  // extern "C"
