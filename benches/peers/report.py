@@ -488,6 +488,15 @@ def main():
       "transcription keeps openaimodel's legacy QKV shapes, (N x heads, T, d) transposed views, which "
       "`scaled_dot_product_attention` serves with its unfused path (bmm, safe softmax, bmm). At T = 4096 (LDM-S's attention on the "
       "64 x 64 latent) that is 410 ms against 65 ms per call, 2.6x for forward + backward.")
+    w("- **LC U-Net inference on the regions the output depends on** (`nn::musplit::LcEncoder::forward_pruned`): "
+      "with the regular merge every level from 1 on is a map of the LC crop's side (64 x 64 at paper size, a field "
+      "of view 2^k times the patch's), but the decoder reads level k only through its 8 x 8 ... 4 x 4 skip and the "
+      "next down block, so the engine works out the centred region each layer's output is needed on (a 3x3 conv "
+      "adds a 1-pixel ring, a stride-2 down block doubles it; crops at even offsets) and runs inference on those "
+      "crops: the last level's 512-channel merge on 6 x 6 instead of 64 x 64, which was 50 of the 68 GFLOP per tile. "
+      "The same function (a unit test compares every skip with the full forward; the check column agrees); "
+      "training runs the full maps (BatchNorm takes batch statistics over them). Its BatchNorms are folded into "
+      "the convs' weights in inference, and under bfloat16 autocast the packed weights are cast once.")
     w("- **LC HVAE** (`nn::musplit`): inference skips the KL term and the prior convs that only the loss needs; "
       "the gate `a * sigmoid(b)` is libtorch's fused `glu`; ELU and dropout run in place; dropout (`nn::dropout`, "
       "shared with the diffusion U-Nets) draws "

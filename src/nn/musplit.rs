@@ -32,7 +32,10 @@
 //! log-variances are bounded smoothly to (-6, 6). Loss: per-channel
 //! Gaussian NLL + `kl_weight` x KL (per layer divided by the latent size, averaged over
 //! layers). With `stochastic = false` (the HAE) the posterior mean is used, there is no
-//! KL, and the loss is the MSE.
+//! KL, and the loss is the MSE. An LC crop goes through its own stem (5x5 conv + gated
+//! block) and then, as in uSplit's LadderVAE, through the level's same-size gated block,
+//! whose weights the primary path uses after its strided conv (`lc_shared_block`; models
+//! saved before it existed skip that block).
 
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module, ModuleT};
@@ -102,6 +105,11 @@ pub struct MuSplitConfig {
     pub lr_patience: usize,
     /// U-Net: the conv blocks' normalization.
     pub unet_norm: UnetNorm,
+    /// HVAE: LC features pass the level's same-size gated block (shared weights with the
+    /// primary path, after the down-sampling conv) between their stem and the merge, as
+    /// in uSplit's LadderVAE (`lowres_separate_branch = False`). Models saved before the
+    /// key existed did not (their files read as `false`).
+    pub lc_shared_block: bool,
 }
 
 impl Default for MuSplitConfig {
@@ -121,6 +129,7 @@ impl Default for MuSplitConfig {
             grad_clip_value: 0.5,
             lr_patience: 15,
             unet_norm: UnetNorm::Batch,
+            lc_shared_block: true,
         }
     }
 }
@@ -128,11 +137,14 @@ impl Default for MuSplitConfig {
 impl MuSplitConfig {
     /// The architecture stored in a model file. Files written before `unet_norm` existed
     /// hold U-Nets with InstanceNorm blocks, so a missing `unet_norm` reads as `instance`
-    /// there (whereas a training config without it gets the default, BatchNorm).
+    /// there (whereas a training config without it gets the default, BatchNorm); likewise
+    /// a missing `lc_shared_block` reads as `false` (HVAEs whose LC features went from
+    /// their stem straight to the merge).
     pub fn from_model_architecture(v: &serde_json::Value) -> std::result::Result<Self, serde_json::Error> {
         let mut v = v.clone();
         if let Some(o) = v.as_object_mut() {
             o.entry("unet_norm").or_insert_with(|| serde_json::Value::String("instance".into()));
+            o.entry("lc_shared_block").or_insert(serde_json::Value::Bool(false));
         }
         serde_json::from_value(v)
     }
@@ -410,6 +422,9 @@ struct LcEncoder {
     down: Vec<(Option<nn::Conv2D>, Unit)>,
     merges: Vec<Merge>,
     mode: LcMerge,
+    /// LC features pass the level's same-size block (`down[k - 1].1`) before the merge
+    /// (HVAE, [`MuSplitConfig::lc_shared_block`]).
+    lc_shared: bool,
     /// Whether inference may compute only the centre regions the output depends on
     /// ([`LcEncoder::forward_pruned`]): the LC U-Net with BatchNorm blocks (pointwise in
     /// inference) and the regular merge.
@@ -460,7 +475,8 @@ impl LcEncoder {
             }
         }
         let prunable = cfg.variant == SplitVariant::Unet && cfg.unet_norm == UnetNorm::Batch && cfg.lc_merge == LcMerge::Regular;
-        LcEncoder { stem, down, merges, mode: cfg.lc_merge, prunable }
+        let lc_shared = cfg.variant == SplitVariant::Hvae && cfg.lc_shared_block;
+        LcEncoder { stem, down, merges, mode: cfg.lc_merge, lc_shared, prunable }
     }
 
     /// The regions inference needs for a `t x t` input (None: nothing to prune, or sizes
@@ -573,7 +589,10 @@ impl LcEncoder {
                 None => unit.forward_t(&y, train),
             };
             if let Some(m) = self.merges.get(k - 1) {
-                let lc = m.stem.forward_t(&x.narrow(1, k as i64, 1), train);
+                let mut lc = m.stem.forward_t(&x.narrow(1, k as i64, 1), train);
+                if self.lc_shared {
+                    lc = unit.forward_t(&lc, train);
+                }
                 let (a, b) = match self.mode {
                     LcMerge::Regular => (centre_pad(&y, lc.size()[2]), lc),
                     LcMerge::Lean => {
@@ -1020,6 +1039,49 @@ mod tests {
         let (b, i) = (names(UnetNorm::Batch), names(UnetNorm::Instance));
         assert!(b.iter().any(|k| k.ends_with("norm.running_mean")) && !i.iter().any(|k| k.ends_with("running_mean")));
         assert!(!b.iter().any(|k| k.ends_with("conv.bias")) && i.iter().any(|k| k.ends_with("conv.bias")));
+    }
+
+    /// uSplit's shared low-resolution branch: with `lc_shared_block` the LC features pass
+    /// the level's same-size gated block (same parameters, a different function); model
+    /// files without the key read as `false`, training configs get `true`.
+    #[test]
+    fn hvae_lc_features_pass_the_levels_shared_block() {
+        let old = serde_json::json!({"variant": "hvae", "levels": 3, "lc_levels": 2});
+        assert!(!MuSplitConfig::from_model_architecture(&old).unwrap().lc_shared_block);
+        let cfg: MuSplitConfig = serde_json::from_value(old).unwrap();
+        assert!(cfg.lc_shared_block, "a training config gets the shared block");
+        let _rng = crate::model::TORCH_RNG.lock();
+        let x = Tensor::randn([2, 3, 16, 16], (Kind::Float, Device::Cpu));
+        let run = |shared: bool| {
+            tch::manual_seed(4);
+            let vs = VarStore::new(Device::Cpu);
+            let cfg = MuSplitConfig { lc_shared_block: shared, stochastic: false, dropout: 0.0, ..tiny(SplitVariant::Hvae, 2, LcMerge::Regular) };
+            let net = MuSplitNet::new(&vs.root(), &cfg, 2).unwrap();
+            // the posterior convs start at zero (the output ignores the encoder then): every
+            // parameter moved by the same seeded noise in both nets
+            tch::manual_seed(5);
+            let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+            vars.sort_by(|a, b| a.0.cmp(&b.0));
+            tch::no_grad(|| {
+                for (_, mut v) in vars {
+                    let _ = v.g_add_(&(Tensor::randn(v.size(), (Kind::Float, Device::Cpu)) * 0.1));
+                }
+            });
+            let y = tch::no_grad(|| net.forward_t(&x, false).mean);
+            (vs.variables().len(), y)
+        };
+        let ((n1, y1), (n0, y0)) = (run(true), run(false));
+        assert_eq!(n1, n0, "the block is shared: no new parameters");
+        assert!(max_diff_t(&y1, &y0) > 1e-4, "the shared block changes the output");
+        // the same flag on a U-Net changes nothing (uSplit's U-Net has no such block)
+        let unet = |shared: bool| {
+            tch::manual_seed(4);
+            let vs = VarStore::new(Device::Cpu);
+            let cfg = MuSplitConfig { lc_shared_block: shared, ..tiny(SplitVariant::Unet, 2, LcMerge::Regular) };
+            let net = MuSplitNet::new(&vs.root(), &cfg, 2).unwrap();
+            tch::no_grad(|| net.forward_t(&x, false).mean)
+        };
+        assert!(max_diff_t(&unet(true), &unet(false)) == 0.0);
     }
 
     /// With regular merging, a change far outside the primary patch (visible only in
