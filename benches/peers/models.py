@@ -425,8 +425,6 @@ MUSPLIT_DEFAULTS = {
     # model files written before the key existed hold InstanceNorm U-Nets
     # (MuSplitConfig::from_model_architecture)
     "unet_norm": "instance",
-    # and HVAEs whose LC features skip the level's shared same-size block
-    "lc_shared_block": False,
 }
 
 
@@ -547,9 +545,6 @@ class LcEncoder(nn.Module):
                 lc.append(_Merge(cfg, c))
         self.down = nn.ModuleList(down)
         self.lc = nn.ModuleList(lc)
-        # uSplit's lowres_separate_branch = False: the LC features pass the level's same-size
-        # block (the HVAE down-block's gated block, shared weights) before the merge
-        self.lc_shared = cfg["variant"] == "hvae" and bool(cfg["lc_shared_block"])
 
     def forward(self, x) -> List[torch.Tensor]:
         t = x.shape[2]
@@ -561,8 +556,6 @@ class LcEncoder(nn.Module):
             if k - 1 < len(self.lc):
                 m = self.lc[k - 1]
                 lc = m.stem(x.narrow(1, k, 1))
-                if self.lc_shared:
-                    lc = d.block(lc)
                 if self.mode == "regular":
                     a, b = centre_pad(y, lc.shape[2]), lc
                 else:

@@ -201,6 +201,12 @@ impl Conv2d {
     pub fn forward_with(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
         self.cache.conv2d(x, w, b, self.stride, self.padding)
     }
+
+    /// Drops the packed copy of the weight (before the tensor it was made from is freed:
+    /// a later allocation at the same address must not be taken for it).
+    pub fn clear_packed(&self) {
+        *self.cache.slot.lock() = None;
+    }
 }
 
 impl Module for Conv2d {
