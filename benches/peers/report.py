@@ -493,7 +493,7 @@ def main():
       "of view 2^k times the patch's), but the decoder reads level k only through its 8 x 8 ... 4 x 4 skip and the "
       "next down block, so the engine works out the centred region each layer's output is needed on (a 3x3 conv "
       "adds a 1-pixel ring, a stride-2 down block doubles it; crops at even offsets) and runs inference on those "
-      "crops: the last level's 512-channel merge on 6 x 6 instead of 64 x 64, which was 50 of the 68 GFLOP per tile. "
+      "crops: the last level's 512-channel layers on 6 x 6 to 20 x 20 instead of 64 x 64 (that level was 50 of the 68 GFLOP per tile). "
       "The same function (a unit test compares every skip with the full forward; the check column agrees); "
       "training runs the full maps (BatchNorm takes batch statistics over them). Its BatchNorms are folded into "
       "the convs' weights in inference, and under bfloat16 autocast the packed weights are cast once.")
