@@ -38,4 +38,29 @@ fn main() {
         .flag_if_supported("-Wno-unused-parameter")
         .warnings(false)
         .compile("lumos_optim");
+
+    // src/nn/onednn.cpp: blocked-layout training convolutions through a oneDNN library of
+    // its own (dlopen'ed at run time, so nothing here links it) and the norm kernels, which
+    // are loops the compiler vectorizes: optimized in every profile
+    println!("cargo:rerun-if-changed=src/nn/onednn.cpp");
+    cc::Build::new()
+        .cpp(true)
+        .file("src/nn/onednn.cpp")
+        .opt_level(3)
+        // lets GCC turn the kernels' selects on a comparison into vector blends (no FP
+        // exception flags are read anywhere in the engine)
+        .flag_if_supported("-fno-trapping-math")
+        .include(libtorch.join("include"))
+        .include(libtorch.join("include/torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .flag_if_supported("-Wno-unused-parameter")
+        .warnings(false)
+        .compile("lumos_onednn");
+    println!("cargo:rustc-link-lib=dl");
+    // where scripts/bootstrap.sh puts that oneDNN (libdnnl.so.3): dlopen searches the
+    // binary's RUNPATH
+    let onednn = root.join(".onednn/lib");
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", onednn.canonicalize().unwrap_or(onednn).display());
 }

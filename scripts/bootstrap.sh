@@ -2,6 +2,9 @@
 # Installs what lumos needs to build and test, when missing; a no-op when present.
 # - libtorch 2.11.0 (CPU + CUDA libraries) from the PyPI torch wheel into .libtorch/
 #   (git-ignored), as tch 0.24 expects; .cargo/config.toml points torch-sys at it.
+# - oneDNN 3.2 (libdnnl.so.3, GNU OpenMP build) from the PyPI wheel onednn-cpu-gomp into
+#   .onednn/lib (git-ignored): the blocked-layout training convolutions (src/nn/onednn.rs)
+#   load it at run time; without it training runs libtorch's convolutions (slower on CPU).
 # - a C and C++ compiler for the C API tests.
 # - the host applications and Python packages of the plugin tests (see below).
 #
@@ -61,6 +64,37 @@ if [ ! -f "$MARKER" ] || [ ! -f .libtorch/torch/lib/libtorch_cpu.so ]; then
     trap - EXIT
     touch "$MARKER"
     echo "bootstrap: libtorch ready in .libtorch"
+fi
+
+ONEDNN_WHEEL=onednn-cpu-gomp==2023.2.0
+if [ ! -f .onednn/lib/libdnnl.so.3 ]; then
+    echo "bootstrap: installing oneDNN 3.2 ($ONEDNN_WHEEL from PyPI) into .onednn (about 55 MB) ..."
+    tmp=$(mktemp -d .onednn-partial.XXXXXX)
+    trap 'rm -rf "$tmp"' EXIT
+    # only the library: its headers are the ones libtorch ships (the same oneDNN 3.x C API)
+    if python3 -m pip download --quiet --disable-pip-version-check --no-deps --dest "$tmp" "$ONEDNN_WHEEL" &&
+        python3 - "$tmp" <<'PY'
+import glob, os, sys, zipfile
+d = sys.argv[1]
+(whl,) = glob.glob(os.path.join(d, "*.whl"))
+with zipfile.ZipFile(whl) as z:
+    (name,) = [n for n in z.namelist() if n.endswith("/lib/libdnnl.so.3.2")]
+    os.makedirs(os.path.join(d, "lib"))
+    out = os.path.join(d, "lib", "libdnnl.so.3")
+    with z.open(name) as src, open(out, "wb") as dst:
+        dst.write(src.read())
+    os.chmod(out, 0o755)
+PY
+    then
+        rm -rf .onednn
+        mkdir .onednn
+        mv "$tmp/lib" .onednn/lib
+        echo "bootstrap: oneDNN ready in .onednn"
+    else
+        echo "bootstrap: WARNING: could not install oneDNN; training will use libtorch's convolutions" >&2
+    fi
+    rm -rf "$tmp"
+    trap - EXIT
 fi
 
 if [ "$minimal" = 1 ]; then

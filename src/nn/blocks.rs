@@ -6,6 +6,9 @@
 use tch::nn::{self, Module};
 use tch::Tensor;
 
+use super::onednn;
+use crate::error::Result;
+
 /// InstanceNorm2d with affine parameters, no running statistics.
 #[derive(Debug)]
 pub struct InstanceNorm {
@@ -70,6 +73,15 @@ impl ConvNormAct {
         let y = self.packed.conv2d(x, &self.conv.ws, None, self.stride, self.padding);
         self.norm.forward(&y).leaky_relu_() // negative slope 0.01
     }
+
+    /// The training path of [`Self::forward`] on oneDNN's blocked layout
+    /// ([`super::onednn`]): `x` blocked `(N, cin/16, H, W, 16)`, or plain `(N, cin, H, W)`
+    /// for a network's first layer; the result is blocked. `cout` must be a multiple of 16.
+    pub fn forward_blocked(&self, x: &Tensor) -> Result<Tensor> {
+        let (x, w) = onednn::first_layer(x, &self.conv.ws);
+        let y = onednn::conv2d(&x, &w, None, self.stride, self.padding)?;
+        onednn::norm_act(&y, &self.norm.weight, &self.norm.bias, 1e-5, 0.01)
+    }
 }
 
 /// Two (or more) ConvNormAct; the first may be strided.
@@ -93,6 +105,15 @@ impl StackedConvs {
             y = c.forward(&y);
         }
         y
+    }
+
+    /// [`Self::forward`] on blocked tensors ([`ConvNormAct::forward_blocked`]).
+    pub fn forward_blocked(&self, x: &Tensor) -> Result<Tensor> {
+        let mut y = self.convs[0].forward_blocked(x)?;
+        for c in &self.convs[1..] {
+            y = c.forward_blocked(&y)?;
+        }
+        Ok(y)
     }
 }
 
@@ -131,6 +152,23 @@ impl Encoder {
             skips.push(y.shallow_clone());
         }
         skips
+    }
+
+    /// [`Self::forward`] with blocked skips ([`super::onednn`]); `x` plain (first stage of
+    /// a network) or blocked.
+    pub fn forward_blocked(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        let mut skips = Vec::with_capacity(self.stages.len());
+        let mut y = x.shallow_clone();
+        for s in &self.stages {
+            y = s.forward_blocked(&y)?;
+            skips.push(y.shallow_clone());
+        }
+        Ok(skips)
+    }
+
+    /// Whether every stage can run blocked: all convolutions have a multiple of 16 outputs.
+    pub fn blockable(&self) -> bool {
+        self.features.iter().all(|f| f % onednn::BLOCK == 0)
     }
 }
 
@@ -178,5 +216,22 @@ impl Decoder {
         }
         outs.reverse();
         outs
+    }
+
+    /// [`Self::forward`] with blocked skips ([`super::onednn`]); the logits are plain.
+    pub fn forward_blocked(&self, skips: &[Tensor], deep_supervision: bool) -> Result<Vec<Tensor>> {
+        let n = skips.len();
+        let mut x = skips[n - 1].shallow_clone();
+        let mut outs = Vec::new();
+        for i in 0..self.stages.len() {
+            let tc = &self.transpconvs[i];
+            let up = onednn::conv_transpose2d(&x, &tc.ws, tc.bs.as_ref(), 2)?;
+            x = self.stages[i].forward_blocked(&Tensor::cat(&[up, skips[n - 2 - i].shallow_clone()], 1))?;
+            if deep_supervision || i == self.stages.len() - 1 {
+                outs.push(onednn::head(&x, &self.seg_layers[i].ws, self.seg_layers[i].bs.as_ref())?);
+            }
+        }
+        outs.reverse();
+        Ok(outs)
     }
 }

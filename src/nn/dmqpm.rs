@@ -26,6 +26,7 @@ use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
 use super::blocks::{stage_features, ConvNormAct, Decoder, Encoder};
+use super::onednn;
 use crate::error::{Error, Result};
 
 /// The names of the five ssQPM input channels, in order.
@@ -284,12 +285,35 @@ impl Fusion {
     pub fn forward(&self, a: &Tensor, ph: &Tensor) -> Tensor {
         match self {
             Fusion::Concat(c) => c.forward(&Tensor::cat(&[a, ph], 1)),
-            Fusion::Attention { proj_a, proj_p, norm_q, norm_kv, attn, reverse, norm_mlp, fc1, fc2, proj_out } => {
-                let (n, _, h, w) = a.size4().expect("(N, C, h, w)");
+            Fusion::Attention { proj_a, proj_p, .. } => self.attend(&proj_a.forward(a), &proj_p.forward(ph)),
+        }
+    }
+
+    /// [`Self::forward`] on blocked maps ([`super::onednn`]); the result is blocked. The
+    /// attention runs on plain token sequences: the 1x1 projections read the blocked maps
+    /// and write plain ones.
+    pub fn forward_blocked(&self, a: &Tensor, ph: &Tensor) -> Result<Tensor> {
+        match self {
+            Fusion::Concat(c) => c.forward_blocked(&Tensor::cat(&[a, ph], 1)),
+            Fusion::Attention { proj_a, proj_p, .. } => {
+                let pa = onednn::head(a, &proj_a.ws, proj_a.bs.as_ref())?;
+                let pp = onednn::head(ph, &proj_p.ws, proj_p.bs.as_ref())?;
+                Ok(onednn::to_blocked(&self.attend(&pa, &pp)))
+            }
+        }
+    }
+
+    /// The attention fusion after the input projections: `pa`, `pp` both `(N, D, h, w)`
+    /// -> `(N, F, h, w)`.
+    fn attend(&self, pa: &Tensor, pp: &Tensor) -> Tensor {
+        match self {
+            Fusion::Concat(_) => unreachable!("attend() is the attention fusion's"),
+            Fusion::Attention { norm_q, norm_kv, attn, reverse, norm_mlp, fc1, fc2, proj_out, .. } => {
+                let (n, _, h, w) = pa.size4().expect("(N, D, h, w)");
                 // (N, D, h, w) -> (N, h*w, D)
-                let tokens = |t: Tensor| t.flatten(2, 3).transpose(1, 2);
-                let ta = tokens(proj_a.forward(a));
-                let tp = tokens(proj_p.forward(ph));
+                let tokens = |t: &Tensor| t.flatten(2, 3).transpose(1, 2);
+                let ta = tokens(pa);
+                let tp = tokens(pp);
                 let qa = norm_q.forward(&ta);
                 let kp = norm_kv.forward(&tp);
                 let mut t = &ta + attn.forward(&qa, &kp);
@@ -366,7 +390,16 @@ impl DmQpmNet {
     }
 
     /// `(N, 5, H, W)` -> logits per decoder stage, full resolution first.
+    ///
+    /// In training on the CPU the convolutional parts keep their activations in oneDNN's
+    /// blocked layout when every stage has a multiple of 16 features ([`super::onednn`]).
     pub fn forward(&self, x: &Tensor, deep_supervision: bool) -> Vec<Tensor> {
+        if self.blockable() && onednn::applies(x) {
+            match self.forward_blocked(x, deep_supervision) {
+                Ok(outs) => return outs,
+                Err(e) => onednn::disable(&e),
+            }
+        }
         match self {
             DmQpmNet::EarlyFusion { select, encoder, decoder } => {
                 let skips = match select {
@@ -385,6 +418,38 @@ impl DmQpmNet {
                 skips.extend(tail.forward(&fused));
                 skips.insert(k, fused);
                 decoder.forward(&skips, deep_supervision)
+            }
+        }
+    }
+
+    fn blockable(&self) -> bool {
+        match self {
+            DmQpmNet::EarlyFusion { encoder, .. } => encoder.blockable(),
+            DmQpmNet::Dual { enc_angles, tail, .. } => enc_angles.blockable() && tail.blockable(),
+        }
+    }
+
+    /// [`Self::forward`] with blocked activations (the same function and parameters).
+    fn forward_blocked(&self, x: &Tensor, deep_supervision: bool) -> Result<Vec<Tensor>> {
+        match self {
+            DmQpmNet::EarlyFusion { select, encoder, decoder } => {
+                let skips = match select {
+                    Some(idx) => encoder.forward_blocked(&x.index_select(1, idx))?,
+                    None => encoder.forward_blocked(x)?,
+                };
+                decoder.forward_blocked(&skips, deep_supervision)
+            }
+            DmQpmNet::Dual { enc_angles, enc_phase, skip_compress, fusion, tail, decoder } => {
+                let a = enc_angles.forward_blocked(&x.narrow(1, 0, 4))?;
+                let p = enc_phase.forward_blocked(&x.narrow(1, 4, 1))?;
+                let k = skip_compress.len();
+                let mut skips = (0..k)
+                    .map(|s| skip_compress[s].forward_blocked(&Tensor::cat(&[&a[s], &p[s]], 1)))
+                    .collect::<Result<Vec<_>>>()?;
+                let fused = fusion.forward_blocked(&a[k], &p[k])?;
+                skips.extend(tail.forward_blocked(&fused)?);
+                skips.insert(k, fused);
+                decoder.forward_blocked(&skips, deep_supervision)
             }
         }
     }

@@ -6,5 +6,6 @@ pub mod ldm;
 pub mod loss;
 pub mod unet;
 pub mod musplit;
+pub mod onednn;
 pub mod packed;
 pub mod precision;

@@ -43,6 +43,7 @@ use tch::nn::{self, Module, ModuleT};
 use tch::{Kind, Tensor};
 
 use super::blocks::StackedConvs;
+use super::onednn;
 use super::packed::Conv2d;
 use crate::error::{Error, Result};
 
@@ -303,6 +304,19 @@ impl ConvBnAct {
         // in place: BatchNorm's backward needs its input, LeakyReLU's works from its result
         self.norm.forward_t(&self.conv.forward(x), train).leaky_relu_()
     }
+    /// Training ([`Self::forward_t`] with `train`) on oneDNN's blocked layout
+    /// ([`super::onednn`]): `x` blocked, or plain for a network's first layer.
+    fn forward_blocked(&self, x: &Tensor) -> Result<Tensor> {
+        let (w, g, b) = match (&self.norm.ws, &self.norm.bs) {
+            (Some(g), Some(b)) => (&self.conv.conv.ws, g, b),
+            _ => return Err(Error::Config("blocked batch norm needs affine parameters".into())),
+        };
+        let (x, w) = onednn::first_layer(x, w);
+        let y = onednn::conv2d(&x, &w, None, self.conv.stride(), self.conv.padding())?;
+        self.stale.store(true, std::sync::atomic::Ordering::Release);
+        let momentum = nn::BatchNormConfig::default().momentum;
+        onednn::batch_norm_act(&y, g, b, &self.norm.running_mean, &self.norm.running_var, momentum, BN_EPS, 0.01)
+    }
     /// Inference with the BatchNorm folded into the conv (see the type's documentation).
     fn forward_folded(&self, x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Tensor {
         let id = |t: &Tensor| (t.data_ptr() as usize, t.internal_version());
@@ -355,6 +369,13 @@ impl StackedBn {
         }
         y
     }
+    fn forward_blocked(&self, x: &Tensor) -> Result<Tensor> {
+        let mut y = self.convs[0].forward_blocked(x)?;
+        for c in &self.convs[1..] {
+            y = c.forward_blocked(&y)?;
+        }
+        Ok(y)
+    }
 }
 
 /// A processing unit of either variant.
@@ -378,6 +399,14 @@ impl Unit {
             Unit::Conv(s) => s.forward(x),
             Unit::Bn(s) => s.forward_t(x, train),
             Unit::Res(r) => r.forward_t(x, train),
+        }
+    }
+    /// Training on blocked tensors (the U-Net's units only).
+    fn forward_blocked(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Unit::Conv(s) => s.forward_blocked(x),
+            Unit::Bn(s) => s.forward_blocked(x),
+            Unit::Res(_) => Err(Error::Config("the HVAE's residual blocks have no blocked path".into())),
         }
     }
 }
@@ -577,6 +606,36 @@ impl LcEncoder {
         out
     }
 
+    /// Training forward of the U-Net variant with blocked activations ([`super::onednn`]):
+    /// the same function as [`Self::forward_t`] with `train`; the skips are blocked.
+    fn forward_blocked(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        let t = x.size()[2];
+        if self.stem.conv.is_some() || self.down.iter().any(|(c, _)| c.is_some()) {
+            return Err(Error::Config("only the LC U-Net has a blocked path".into()));
+        }
+        let mut y = self.stem.unit.forward_blocked(&x.narrow(1, 0, 1))?;
+        let mut out = vec![y.shallow_clone()];
+        for (k, (_, unit)) in self.down.iter().enumerate() {
+            let k = k + 1;
+            y = unit.forward_blocked(&y)?;
+            if let Some(m) = self.merges.get(k - 1) {
+                let lc = m.stem.unit.forward_blocked(&x.narrow(1, k as i64, 1))?;
+                let (a, b) = match self.mode {
+                    LcMerge::Regular => (onednn::centre_pad(&y, lc.size()[2]), lc),
+                    LcMerge::Lean => {
+                        let s = y.size()[2];
+                        (y.shallow_clone(), centre_crop(&lc, s))
+                    }
+                };
+                let merged = onednn::conv2d(&Tensor::cat(&[a, b], 1), &m.proj.ws, m.proj.bs.as_ref(), 1, 0)?;
+                y = m.unit.forward_blocked(&merged)?;
+            }
+            // the spatial dimensions of a blocked tensor are 2 and 3, as in NCHW
+            out.push(centre_crop(&y, t >> k));
+        }
+        Ok(out)
+    }
+
     fn forward_t(&self, x: &Tensor, train: bool) -> Vec<Tensor> {
         if !train && self.prunable && !PRUNE_OFF.with(|p| p.get()) {
             if let Some(plan) = self.prune_plan(x.size()[2]) {
@@ -750,7 +809,35 @@ impl MuSplitNet {
         self.forward_opts(x, false, false, false).mean
     }
 
+    /// Whether training can keep the activations in oneDNN's blocked layout: the LC U-Net
+    /// with a multiple of 16 channels at every level.
+    fn blockable(&self) -> bool {
+        self.cfg.variant == SplitVariant::Unet
+            && (0..self.cfg.levels).all(|k| self.cfg.channels(k) % onednn::BLOCK == 0)
+    }
+
+    /// The LC U-Net's training forward with blocked activations: the mean prediction.
+    fn forward_unet_blocked(&self, x: &Tensor) -> Result<Tensor> {
+        let Decoder::Unet(d) = &self.decoder else {
+            return Err(Error::Config("only the LC U-Net has a blocked path".into()));
+        };
+        let feats = self.encoder.forward_blocked(x)?;
+        let n = feats.len();
+        let mut g = feats[n - 1].shallow_clone();
+        for (i, st) in d.stages.iter().enumerate() {
+            let k = n - 2 - i;
+            g = st.forward_blocked(&Tensor::cat(&[onednn::upsample2_bilinear(&g), feats[k].shallow_clone()], 1))?;
+        }
+        onednn::head(&g, &d.head.ws, d.head.bs.as_ref())
+    }
+
     fn forward_opts(&self, x: &Tensor, train: bool, sample: bool, with_kl: bool) -> SplitOutput {
+        if train && self.blockable() && onednn::applies(x) {
+            match self.forward_unet_blocked(x) {
+                Ok(mean) => return SplitOutput { mean, logvar: None, kl: None },
+                Err(e) => onednn::disable(&e),
+            }
+        }
         let feats = self.encoder.forward_t(x, train);
         match &self.decoder {
             Decoder::Unet(d) => {

@@ -193,6 +193,14 @@ pub struct Conv2d {
 }
 
 impl Conv2d {
+    /// The convolution's (square) stride.
+    pub fn stride(&self) -> i64 {
+        self.stride
+    }
+    /// The convolution's (square) zero padding.
+    pub fn padding(&self) -> i64 {
+        self.padding
+    }
     pub fn new(p: nn::Path, cin: i64, cout: i64, k: i64, cfg: nn::ConvConfig) -> Self {
         let (stride, padding) = (cfg.stride, cfg.padding);
         assert!(cfg.dilation == 1 && cfg.groups == 1, "packed::Conv2d supports dilation 1 and groups 1");

@@ -63,7 +63,16 @@ impl Unet {
     }
 
     /// `(N, C, H, W)` -> logits per decoder stage, full resolution first: `[(N, K, H, W), ...]`.
+    ///
+    /// In training on the CPU the activations stay in oneDNN's blocked layout between
+    /// layers when every stage has a multiple of 16 features ([`super::onednn`]).
     pub fn forward(&self, x: &Tensor, deep_supervision: bool) -> Vec<Tensor> {
+        if self.encoder.blockable() && super::onednn::applies(x) {
+            match self.encoder.forward_blocked(x).and_then(|s| self.decoder.forward_blocked(&s, deep_supervision)) {
+                Ok(outs) => return outs,
+                Err(e) => super::onednn::disable(&e),
+            }
+        }
         let skips = self.encoder.forward(x);
         self.decoder.forward(&skips, deep_supervision)
     }
