@@ -52,6 +52,26 @@ pub fn dropout_(y: Tensor, p: f64, train: bool) -> Tensor {
     y
 }
 
+/// [`dropout_`] of a blocked tensor (`super::onednn`): the mask is drawn in the plain
+/// `(N, C, H, W)` order and blocked, so that a seed gives the same mask on either path.
+pub fn dropout_blocked_(y: Tensor, p: f64, train: bool) -> Tensor {
+    let mut y = y;
+    if !train || p == 0.0 {
+        return y;
+    }
+    if y.device() != tch::Device::Cpu || !*PER_ELEMENT_BERNOULLI {
+        let _ = y.dropout_(p, true);
+        return y;
+    }
+    let s = y.size();
+    let keep = 1.0 - p;
+    let draws = Tensor::rand([s[0], s[1] * super::onednn::BLOCK, s[2], s[3]], (Kind::Double, y.device()));
+    let mut noise = super::onednn::to_blocked(&draws.lt(keep).to_kind(y.kind()));
+    noise /= keep;
+    y *= &noise;
+    y
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

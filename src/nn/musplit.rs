@@ -248,6 +248,32 @@ impl ResGated {
         // gate's gradient directly instead of concatenating two halves)
         self.gate.forward(&y).glu(1) + x
     }
+    /// Training on blocked tensors ([`super::onednn`]): the same function, the gate's
+    /// halves being the first and last halves of the channel blocks.
+    fn forward_blocked(&self, x: &Tensor) -> Result<Tensor> {
+        let y = bn_blocked(&self.bn1, x)?.elu_();
+        let y = conv_blocked(&self.conv1, &y, 1, 1)?;
+        let y = super::dropout::dropout_blocked_(y, self.dropout, true);
+        let y = bn_blocked(&self.bn2, &y)?.elu_();
+        let y = conv_blocked(&self.conv2, &y, 1, 1)?;
+        Ok(conv_blocked(&self.gate, &y, 1, 0)?.glu(1) + x)
+    }
+}
+
+/// A training-mode BatchNorm (tch's defaults: eps 1e-5, momentum 0.1) of a blocked tensor.
+fn bn_blocked(bn: &nn::BatchNorm, x: &Tensor) -> Result<Tensor> {
+    let (Some(g), Some(b)) = (&bn.ws, &bn.bs) else {
+        return Err(Error::Config("blocked batch norm needs affine parameters".into()));
+    };
+    let cfg = nn::BatchNormConfig::default();
+    // slope 1: the identity after the normalization
+    onednn::batch_norm_act(x, g, b, &bn.running_mean, &bn.running_var, cfg.momentum, cfg.eps, 1.0)
+}
+
+/// A tch conv (weights and bias) on a blocked tensor, or on a plain first-layer input.
+fn conv_blocked(c: &nn::Conv2D, x: &Tensor, stride: i64, padding: i64) -> Result<Tensor> {
+    let (x, w) = onednn::first_layer(x, &c.ws);
+    onednn::conv2d(&x, &w, c.bs.as_ref(), stride, padding)
 }
 
 /// conv 3x3 (no bias: BatchNorm's shift replaces it) -> BatchNorm -> LeakyReLU(0.01).
@@ -406,7 +432,7 @@ impl Unit {
         match self {
             Unit::Conv(s) => s.forward_blocked(x),
             Unit::Bn(s) => s.forward_blocked(x),
-            Unit::Res(_) => Err(Error::Config("the HVAE's residual blocks have no blocked path".into())),
+            Unit::Res(r) => r.forward_blocked(x),
         }
     }
 }
@@ -432,6 +458,12 @@ impl Stem {
         match &self.conv {
             Some(c) => self.unit.forward_t(&c.forward(x).elu_(), train),
             None => self.unit.forward_t(x, train),
+        }
+    }
+    fn forward_blocked(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.conv {
+            Some(c) => self.unit.forward_blocked(&conv_blocked(c, x, 1, c.ws.size()[2] / 2)?.elu_()),
+            None => self.unit.forward_blocked(x),
         }
     }
 }
@@ -606,20 +638,20 @@ impl LcEncoder {
         out
     }
 
-    /// Training forward of the U-Net variant with blocked activations ([`super::onednn`]):
-    /// the same function as [`Self::forward_t`] with `train`; the skips are blocked.
+    /// Training forward with blocked activations ([`super::onednn`]): the same function
+    /// as [`Self::forward_t`] with `train`; the features are blocked.
     fn forward_blocked(&self, x: &Tensor) -> Result<Vec<Tensor>> {
         let t = x.size()[2];
-        if self.stem.conv.is_some() || self.down.iter().any(|(c, _)| c.is_some()) {
-            return Err(Error::Config("only the LC U-Net has a blocked path".into()));
-        }
-        let mut y = self.stem.unit.forward_blocked(&x.narrow(1, 0, 1))?;
+        let mut y = self.stem.forward_blocked(&x.narrow(1, 0, 1))?;
         let mut out = vec![y.shallow_clone()];
-        for (k, (_, unit)) in self.down.iter().enumerate() {
+        for (k, (conv, unit)) in self.down.iter().enumerate() {
             let k = k + 1;
-            y = unit.forward_blocked(&y)?;
+            y = match conv {
+                Some(c) => unit.forward_blocked(&conv_blocked(c, &y, 2, 1)?.elu_())?,
+                None => unit.forward_blocked(&y)?,
+            };
             if let Some(m) = self.merges.get(k - 1) {
-                let lc = m.stem.unit.forward_blocked(&x.narrow(1, k as i64, 1))?;
+                let lc = m.stem.forward_blocked(&x.narrow(1, k as i64, 1))?;
                 let (a, b) = match self.mode {
                     LcMerge::Regular => (onednn::centre_pad(&y, lc.size()[2]), lc),
                     LcMerge::Lean => {
@@ -809,32 +841,81 @@ impl MuSplitNet {
         self.forward_opts(x, false, false, false).mean
     }
 
-    /// Whether training can keep the activations in oneDNN's blocked layout: the LC U-Net
-    /// with a multiple of 16 channels at every level.
+    /// Whether training can keep the activations in oneDNN's blocked layout: a multiple
+    /// of 16 channels at every level (and latent channels, for the HVAE).
     fn blockable(&self) -> bool {
-        self.cfg.variant == SplitVariant::Unet
-            && (0..self.cfg.levels).all(|k| self.cfg.channels(k) % onednn::BLOCK == 0)
+        (0..self.cfg.levels).all(|k| self.cfg.channels(k) % onednn::BLOCK == 0)
+            && (self.cfg.variant == SplitVariant::Unet || self.cfg.z_dim % onednn::BLOCK == 0)
     }
 
-    /// The LC U-Net's training forward with blocked activations: the mean prediction.
-    fn forward_unet_blocked(&self, x: &Tensor) -> Result<Tensor> {
-        let Decoder::Unet(d) = &self.decoder else {
-            return Err(Error::Config("only the LC U-Net has a blocked path".into()));
-        };
+    /// The training forward (`forward_opts(x, true, true, true)`) with blocked activations
+    /// ([`super::onednn`]); the outputs are plain. Random draws (dropout masks, latent
+    /// samples) are made in the plain order, so a seed gives the same draws on either path.
+    fn forward_train_blocked(&self, x: &Tensor) -> Result<SplitOutput> {
         let feats = self.encoder.forward_blocked(x)?;
         let n = feats.len();
-        let mut g = feats[n - 1].shallow_clone();
-        for (i, st) in d.stages.iter().enumerate() {
-            let k = n - 2 - i;
-            g = st.forward_blocked(&Tensor::cat(&[onednn::upsample2_bilinear(&g), feats[k].shallow_clone()], 1))?;
+        match &self.decoder {
+            Decoder::Unet(d) => {
+                let mut g = feats[n - 1].shallow_clone();
+                for (i, st) in d.stages.iter().enumerate() {
+                    let k = n - 2 - i;
+                    let up = onednn::upsample2_bilinear(&g);
+                    g = st.forward_blocked(&Tensor::cat(&[up, feats[k].shallow_clone()], 1))?;
+                }
+                Ok(SplitOutput { mean: onednn::head(&g, &d.head.ws, d.head.bs.as_ref())?, logvar: None, kl: None })
+            }
+            Decoder::Ladder(d) => {
+                let mut h: Option<Tensor> = None;
+                let mut kls = Vec::new();
+                for (i, layer) in d.layers.iter().enumerate() {
+                    let bu = &feats[n - 1 - i];
+                    let q_in = match &h {
+                        None => bu.shallow_clone(),
+                        Some(td) => Tensor::cat(&[td.shallow_clone(), bu.shallow_clone()], 1),
+                    };
+                    let q = conv_blocked(&layer.posterior, &q_in, 1, 1)?.chunk(2, 1);
+                    let mu_q = &q[0];
+                    let z = if d.stochastic {
+                        let lv_q = soft_bound(&q[1]);
+                        let p_params = match &h {
+                            None => onednn::to_blocked(&d.top_prior),
+                            Some(td) => {
+                                let prior = layer.prior.as_ref().expect("lower layers have priors");
+                                conv_blocked(prior, td, 1, 1)?
+                            }
+                        };
+                        let pp = p_params.chunk(2, 1);
+                        let (mu_p, lv_p) = (&pp[0], soft_bound(&pp[1]));
+                        let kl = gaussian_kl(mu_q, &lv_q, mu_p, &lv_p);
+                        let count = onednn::channels(&kl) * kl.size()[2] * kl.size()[3];
+                        let per = kl.sum_dim_intlist(&[1i64, 2, 3, 4][..], false, Kind::Float) / count as f64;
+                        kls.push(per.mean(Kind::Float));
+                        let s = mu_q.size();
+                        let eps = Tensor::randn([s[0], s[1] * onednn::BLOCK, s[2], s[3]], (Kind::Float, mu_q.device()));
+                        mu_q + (&lv_q * 0.5).exp() * onednn::to_blocked(&eps)
+                    } else {
+                        mu_q.shallow_clone()
+                    };
+                    let zf = conv_blocked(&layer.z_proj, &z, 1, 0)?;
+                    let mixed = match &h {
+                        None => conv_blocked(&layer.mix, &zf, 1, 0)?,
+                        Some(td) => conv_blocked(&layer.mix, &Tensor::cat(&[td.shallow_clone(), zf], 1), 1, 0)?,
+                    };
+                    let out = layer.unit.forward_blocked(&mixed)?;
+                    h = Some(d.up_units[i].forward_blocked(&onednn::upsample2_bilinear(&out))?);
+                }
+                let y = d.final_unit.forward_blocked(h.as_ref().expect("at least one layer"))?;
+                let o = onednn::head(&y, &d.head.ws, d.head.bs.as_ref())?.chunk(2, 1);
+                let kl = if kls.is_empty() { None } else { Some(Tensor::stack(&kls, 0).mean(Kind::Float)) };
+                Ok(SplitOutput { mean: o[0].shallow_clone(), logvar: Some(soft_floor(&o[1])), kl })
+            }
         }
-        onednn::head(&g, &d.head.ws, d.head.bs.as_ref())
     }
 
     fn forward_opts(&self, x: &Tensor, train: bool, sample: bool, with_kl: bool) -> SplitOutput {
-        if train && self.blockable() && onednn::applies(x) {
-            match self.forward_unet_blocked(x) {
-                Ok(mean) => return SplitOutput { mean, logvar: None, kl: None },
+        if train && sample && with_kl && self.blockable() && onednn::applies(x) {
+            match self.forward_train_blocked(x) {
+                Ok(out) => return out,
                 Err(e) => onednn::disable(&e),
             }
         }

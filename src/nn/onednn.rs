@@ -548,26 +548,38 @@ mod tests {
     }
 
     #[test]
-    fn lc_unet_trains_the_same_blocked_and_plain() {
+    fn musplit_networks_train_the_same_blocked_and_plain() {
         if library().is_err() {
             eprintln!("skipped: oneDNN not loadable here");
             return;
         }
         use crate::nn::musplit::{MuSplitConfig, MuSplitNet, SplitVariant};
         let _g = crate::model::TORCH_RNG.lock();
-        for lc_levels in [2, 0] {
+        for (variant, lc_levels) in [(SplitVariant::Unet, 2), (SplitVariant::Unet, 0), (SplitVariant::Hvae, 2)] {
             tch::manual_seed(4);
             let vs = tch::nn::VarStore::new(Device::Cpu);
             let cfg = MuSplitConfig {
-                variant: SplitVariant::Unet,
+                variant,
                 levels: 3,
                 lc_levels,
                 base_channels: 16,
                 max_channels: 32,
+                z_dim: 16,
                 ..Default::default()
             };
+            let name = format!("{variant:?}, {lc_levels} LC levels");
             let net = MuSplitNet::new(&vs.root(), &cfg, 2).unwrap();
             let x = Tensor::randn([3, 1 + lc_levels as i64, 16, 16], (Kind::Float, Device::Cpu));
+            // every output (the HVAE's log-variance and KL term too), with the same dropout
+            // masks and latent draws on both paths
+            let run = || {
+                tch::manual_seed(21);
+                let o = net.forward_t(&x, true);
+                let mut v = vec![o.mean];
+                v.extend(o.logvar);
+                v.extend(o.kl);
+                v
+            };
             // the running statistics after one training forward, each path from the same start
             let stats = || -> Vec<Tensor> {
                 let mut v: Vec<(String, Tensor)> =
@@ -584,16 +596,16 @@ mod tests {
                     }
                 })
             };
-            let _ = crate::nn::packed::plain(|| net.forward_t(&x, true));
+            let _ = crate::nn::packed::plain(run);
             let after_plain: Vec<Tensor> = stats().iter().map(|t| t.copy()).collect();
             restore();
-            let _ = net.forward_t(&x, true);
-            assert!(!broken(), "the blocked LC U-Net fell back");
+            let _ = run();
+            assert!(!broken(), "{name}: the blocked path fell back");
             for (a, b) in stats().iter().zip(&after_plain) {
-                assert!(maxdiff(a, b) < 1e-5, "running statistics differ by {}", maxdiff(a, b));
+                assert!(maxdiff(a, b) < 1e-5, "{name}: running statistics differ by {}", maxdiff(a, b));
             }
             restore();
-            nets_agree(&format!("LC U-Net, {lc_levels} LC levels"), &vs, &|| vec![net.forward_t(&x, true).mean]);
+            nets_agree(&name, &vs, &run);
         }
     }
 
