@@ -372,7 +372,17 @@ fn run(o: &Opts) -> Res<Value> {
     let dir = o.work.join(&o.model);
     std::fs::create_dir_all(&dir).map_err(err)?;
     let model_file = dir.join("model.lumos");
-    if !model_file.is_file() {
+    // the peer loads this file: one left by an earlier recipe (`--keep-work` across a
+    // recipe change) would give the two sides different networks, so it is replaced
+    // unless it holds the same architecture
+    let stale = model_file.is_file()
+        && Model::load(&model_file, Device::Cpu)
+            .map(|m| m.n_parameters() != model.n_parameters() || m.meta.architecture != model.meta.architecture)
+            .unwrap_or(true);
+    if stale {
+        eprintln!("compare: {} was written by another recipe; replacing it", model_file.display());
+    }
+    if stale || !model_file.is_file() {
         model.save(&model_file).map_err(err)?;
     }
     let inputs = dir.join(format!("{}-b{}-f{}.safetensors", o.mode, o.batch, o.frame));

@@ -652,14 +652,27 @@ impl LcEncoder {
             };
             if let Some(m) = self.merges.get(k - 1) {
                 let lc = m.stem.forward_blocked(&x.narrow(1, k as i64, 1))?;
-                let (a, b) = match self.mode {
-                    LcMerge::Regular => (onednn::centre_pad(&y, lc.size()[2]), lc),
+                let merged = match self.mode {
+                    LcMerge::Regular => {
+                        // proj(cat(centre_pad(y), lc)) without the products with the padding's
+                        // zeros: the 1x1 conv's half for lc over the LC map, plus its half for
+                        // y on the centre where y is (the same function; at paper size it
+                        // halves the merge's work, 4 x 4 of y in a 64 x 64 map at level 4)
+                        let c = onednn::channels(&y);
+                        let (w, (s, big)) = (&m.proj.ws, (y.size()[2], lc.size()[2]));
+                        let out = onednn::conv2d(&lc, &w.narrow(1, c, c), m.proj.bs.as_ref(), 1, 0)?;
+                        let from_y = onednn::conv2d(&y, &w.narrow(1, 0, c), None, 1, 0)?;
+                        let o = (big - s) / 2;
+                        let mut centre = out.narrow(2, o, s).narrow(3, o, s);
+                        centre += from_y;
+                        out
+                    }
                     LcMerge::Lean => {
                         let s = y.size()[2];
-                        (y.shallow_clone(), centre_crop(&lc, s))
+                        let cat = Tensor::cat(&[y.shallow_clone(), centre_crop(&lc, s)], 1);
+                        onednn::conv2d(&cat, &m.proj.ws, m.proj.bs.as_ref(), 1, 0)?
                     }
                 };
-                let merged = onednn::conv2d(&Tensor::cat(&[a, b], 1), &m.proj.ws, m.proj.bs.as_ref(), 1, 0)?;
                 y = m.unit.forward_blocked(&merged)?;
             }
             // the spatial dimensions of a blocked tensor are 2 and 3, as in NCHW
