@@ -382,26 +382,30 @@ impl DecompositionStep {
     /// trainer passes a seed derived from (seed, epoch, iteration)); the U-Net draws
     /// nothing. Returns the loss before the update (reading it waits for the device).
     pub fn step(&mut self, model: &Model, x: &Tensor, y: &Tensor, lr: f64, seed: u64) -> Result<f64> {
-        let _rng = (self.variant == SplitVariant::Hvae).then(|| {
-            let g = TORCH_RNG.lock();
-            tch::manual_seed(seed as i64);
-            g
-        });
-        let loss = {
-            let inner = model.lock();
-            let Net::Musplit(net) = &inner.net else {
-                return Err(Error::Unsupported(format!("a '{}' model is not trained by the decomposition trainer", model.meta.kind.name())));
-            };
-            let out = net.forward_t(x, true);
-            if log::log_enabled!(log::Level::Debug) {
-                let kl = out.kl.as_ref().map(|k| k.double_value(&[])).unwrap_or(f64::NAN);
-                let mean_abs = out.mean.abs().max().double_value(&[]);
-                log::debug!("training step: KL {kl:.4}, max |mean| {mean_abs:.3}");
+        let hvae = self.variant == SplitVariant::Hvae;
+        let _rng = hvae.then(|| TORCH_RNG.lock());
+        // a retry on libtorch's operators (nn::onednn::train_step) draws the same samples
+        let loss = crate::nn::onednn::train_step(|| {
+            if hvae {
+                tch::manual_seed(seed as i64);
             }
-            net.loss(&out, y)
-        };
-        self.opt.zero_grad()?;
-        loss.f_backward()?;
+            let loss = {
+                let inner = model.lock();
+                let Net::Musplit(net) = &inner.net else {
+                    return Err(Error::Unsupported(format!("a '{}' model is not trained by the decomposition trainer", model.meta.kind.name())));
+                };
+                let out = net.forward_t(x, true);
+                if log::log_enabled!(log::Level::Debug) {
+                    let kl = out.kl.as_ref().map(|k| k.double_value(&[])).unwrap_or(f64::NAN);
+                    let mean_abs = out.mean.abs().max().double_value(&[]);
+                    log::debug!("training step: KL {kl:.4}, max |mean| {mean_abs:.3}");
+                }
+                net.loss(&out, y)
+            };
+            self.opt.zero_grad()?;
+            loss.f_backward()?;
+            Ok(loss)
+        })?;
         self.opt.clip_and_update(self.grad_clip_value, lr)?;
         Ok(loss.double_value(&[]))
     }

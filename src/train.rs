@@ -371,13 +371,16 @@ impl SegmentationStep {
     /// (int64), on the model's device, at learning rate `lr`. Returns the loss before the
     /// update (reading it waits for the device).
     pub fn step(&mut self, model: &Model, x: &Tensor, y: &Tensor, lr: f64) -> Result<f64> {
-        let loss = {
-            let inner = model.lock();
-            let outs = inner.net.forward(x, self.deep_supervision)?;
-            deep_supervision_loss(&outs, y)
-        };
-        self.sgd.zero_grad()?;
-        loss.f_backward()?;
+        let loss = crate::nn::onednn::train_step(|| {
+            let loss = {
+                let inner = model.lock();
+                let outs = inner.net.forward(x, self.deep_supervision)?;
+                deep_supervision_loss(&outs, y)
+            };
+            self.sgd.zero_grad()?;
+            loss.f_backward()?;
+            Ok(loss)
+        })?;
         self.sgd.clip_and_step(self.grad_clip, lr)?;
         Ok(loss.double_value(&[]))
     }

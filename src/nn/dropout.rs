@@ -59,14 +59,16 @@ pub fn dropout_blocked_(y: Tensor, p: f64, train: bool) -> Tensor {
     if !train || p == 0.0 {
         return y;
     }
-    if y.device() != tch::Device::Cpu || !*PER_ELEMENT_BERNOULLI {
-        let _ = y.dropout_(p, true);
-        return y;
-    }
     let s = y.size();
+    let plain = [s[0], s[1] * super::onednn::BLOCK, s[2], s[3]];
     let keep = 1.0 - p;
-    let draws = Tensor::rand([s[0], s[1] * super::onednn::BLOCK, s[2], s[3]], (Kind::Double, y.device()));
-    let mut noise = super::onednn::to_blocked(&draws.lt(keep).to_kind(y.kind()));
+    let mask = if *PER_ELEMENT_BERNOULLI {
+        Tensor::rand(plain, (Kind::Double, y.device())).lt(keep).to_kind(y.kind())
+    } else {
+        // libtorch's own dropout mask on an NCHW tensor (its sampler fills memory in order)
+        Tensor::empty(plain, (y.kind(), y.device())).bernoulli_float_(keep)
+    };
+    let mut noise = super::onednn::to_blocked(&mask);
     noise /= keep;
     y *= &noise;
     y

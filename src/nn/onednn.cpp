@@ -262,10 +262,12 @@ struct ConvPrims {
 
 ConvPrims &conv_prims(const ConvKey &key) {
     static std::mutex mu;
-    static std::map<ConvKey, std::unique_ptr<ConvPrims>> cache;
+    // never destroyed: its primitives must not be released at exit after the oneDNN
+    // library's own statics (nor under a thread still running); one entry per layer shape
+    static auto *cache = new std::map<ConvKey, std::unique_ptr<ConvPrims>>();
     std::lock_guard<std::mutex> lock(mu);
-    auto it = cache.find(key);
-    if (it != cache.end()) return *it->second;
+    auto it = cache->find(key);
+    if (it != cache->end()) return *it->second;
     const Api &a = need_api();
     auto cp = std::make_unique<ConvPrims>();
     const int64_t k = key.k, s = key.stride, p = key.pad;
@@ -348,7 +350,7 @@ ConvPrims &conv_prims(const ConvKey &key) {
                      long(k), long(s), cp->fwd.impl().c_str(), cp->bwd_data.pd ? cp->bwd_data.impl().c_str() : "none",
                      cp->bwd_w.impl().c_str());
     auto &ref = *cp;
-    cache.emplace(key, std::move(cp));
+    cache->emplace(key, std::move(cp));
     return ref;
 }
 

@@ -102,7 +102,9 @@ static BROKEN: AtomicBool = AtomicBool::new(false);
 
 
 /// Switches the blocked path off for the rest of the process after a failure (logged
-/// once): the callers go on with libtorch's operators.
+/// once): the callers go on with libtorch's operators. A blocked forward that fails part of
+/// the way has already updated the running statistics of the BatchNorms it passed and drawn
+/// its dropout masks; the plain forward that follows does both again (once per process).
 pub fn disable(e: &Error) {
     #[cfg(test)]
     FALLBACKS.with(|c| c.set(c.get() + 1));
@@ -111,12 +113,32 @@ pub fn disable(e: &Error) {
     }
 }
 
+thread_local! {
+    /// Blocked convolutions run on this thread (whether a training step used the path).
+    static CONVS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
 #[cfg(test)]
 thread_local! {
-    /// Blocked convolutions run on this thread (tests check that a forward took the path).
-    static CONVS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
     /// Failures of the blocked path on this thread (each followed by the plain path).
     static FALLBACKS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Runs one training step's forward and backward (`f`, which must clear the gradients
+/// before its backward pass). If `f` fails after using the blocked path (a oneDNN error in a
+/// backward pass, which the forward's fallback cannot catch), the path is switched off
+/// (logged) and `f` runs once more on libtorch's operators. A failed forward or backward may
+/// already have updated BatchNorm running statistics and drawn random numbers: that step's
+/// retry then sees them advanced (once per process; the path stays off afterwards).
+pub fn train_step<T>(mut f: impl FnMut() -> Result<T>) -> Result<T> {
+    let before = CONVS.with(|c| c.get());
+    match f() {
+        Err(e) if CONVS.with(|c| c.get()) != before => {
+            disable(&e);
+            f()
+        }
+        r => r,
+    }
 }
 
 /// Runs `f` and says whether it took the blocked path without falling back (tests).
@@ -218,7 +240,6 @@ fn conv_any(x: &Tensor, w: &Tensor, b: Option<&Tensor>, deconv: bool, stride: i6
         )
     };
     let y = wrap(rc, out, &err, if deconv { "blocked transposed convolution" } else { "blocked convolution" })?;
-    #[cfg(test)]
     CONVS.with(|c| c.set(c.get() + 1));
     Ok(y)
 }
@@ -308,16 +329,6 @@ pub fn batch_norm_act(
         )
     };
     wrap(rc, out, &err, "blocked batch norm + leaky ReLU")
-}
-
-/// Zero-pads the spatial dimensions of a blocked tensor to `(size, size)`, centred.
-pub fn centre_pad(x: &Tensor, size: i64) -> Tensor {
-    let (h, w) = (x.size()[2], x.size()[3]);
-    let (ph, pw) = (size - h, size - w);
-    if ph == 0 && pw == 0 {
-        return x.shallow_clone();
-    }
-    x.constant_pad_nd([0, 0, pw / 2, pw - pw / 2, ph / 2, ph - ph / 2])
 }
 
 /// Bilinear 2x upsampling (`align_corners = false`) of a blocked tensor. Each block is a
@@ -461,6 +472,7 @@ mod tests {
             (outs, grads)
         };
         let (op, gp) = run(true);
+
         let ((ob, gb), blocked) = took_blocked_path(|| run(false));
         assert!(blocked, "{name}: the forward did not take the blocked path");
         assert_eq!(op.len(), ob.len());
@@ -565,7 +577,7 @@ mod tests {
     }
 
     #[test]
-    fn blocked_upsampling_and_padding_equal_plain() {
+    fn blocked_upsampling_equals_plain() {
         let opts = (Kind::Float, Device::Cpu);
         let x0 = Tensor::randn([2, 32, 5, 6], opts);
         let x1 = x0.copy().set_requires_grad(true);
@@ -577,10 +589,6 @@ mod tests {
         let g1 = Tensor::run_backward(&[(&y1 * &gy).sum(Kind::Float)], &[&x1], false, false);
         let g2 = Tensor::run_backward(&[(&y2 * &gy).sum(Kind::Float)], &[&x2], false, false);
         assert!(maxdiff(&g1[0], &g2[0]) < 1e-5);
-        let p1 = from_blocked(&centre_pad(&to_blocked(&x0), 9));
-        let p2 = x0.constant_pad_nd([1, 2, 2, 2]);
-        assert_eq!(p1.size(), p2.size());
-        assert_eq!(maxdiff(&p1, &p2), 0.0);
     }
 
     #[test]
@@ -590,20 +598,42 @@ mod tests {
         }
         use crate::nn::musplit::{MuSplitConfig, MuSplitNet, SplitVariant};
         let _g = crate::model::TORCH_RNG.lock();
-        for (variant, lc_levels) in [(SplitVariant::Unet, 2), (SplitVariant::Unet, 0), (SplitVariant::Hvae, 2)] {
+        use crate::nn::musplit::{LcMerge, UnetNorm};
+        let cases = [
+            (SplitVariant::Unet, 2, LcMerge::Regular, UnetNorm::Batch, true),
+            (SplitVariant::Unet, 0, LcMerge::Regular, UnetNorm::Batch, true),
+            (SplitVariant::Unet, 2, LcMerge::Lean, UnetNorm::Batch, true),
+            (SplitVariant::Unet, 2, LcMerge::Regular, UnetNorm::Instance, true),
+            (SplitVariant::Hvae, 2, LcMerge::Regular, UnetNorm::Batch, true),
+            (SplitVariant::Hvae, 2, LcMerge::Regular, UnetNorm::Batch, false),
+        ];
+        for (variant, lc_levels, lc_merge, unet_norm, stochastic) in cases {
             tch::manual_seed(4);
             let vs = tch::nn::VarStore::new(Device::Cpu);
             let cfg = MuSplitConfig {
                 variant,
                 levels: 3,
                 lc_levels,
+                lc_merge,
+                unet_norm,
+                stochastic,
                 base_channels: 16,
                 max_channels: 32,
                 z_dim: 16,
                 ..Default::default()
             };
-            let name = format!("{variant:?}, {lc_levels} LC levels");
+            let name = format!("{variant:?}, {lc_levels} LC levels, {lc_merge:?}, {unet_norm:?}, stochastic {stochastic}");
             let net = MuSplitNet::new(&vs.root(), &cfg, 2).unwrap();
+            // the ladder's prior and posterior convs start at zero: the deterministic
+            // HAE's maps would then be constant and its BatchNorms' gradients huge (the
+            // variance 0) and ill-conditioned on either path; perturbed, it is a fair test
+            tch::no_grad(|| {
+                for (k, mut v) in vs.variables() {
+                    if k.contains("posterior") || k.contains("prior") {
+                        v.copy_(&(v.randn_like() * 0.1));
+                    }
+                }
+            });
             let x = Tensor::randn([3, 1 + lc_levels as i64, 16, 16], (Kind::Float, Device::Cpu));
             // every output (the HVAE's log-variance and KL term too), with the same dropout
             // masks and latent draws on both paths
@@ -623,7 +653,8 @@ mod tests {
                 v.into_iter().map(|(_, t)| t).collect()
             };
             let start: Vec<Tensor> = stats().iter().map(|t| t.copy()).collect();
-            assert!(!start.is_empty());
+            let has_bn = variant == SplitVariant::Hvae || unet_norm == UnetNorm::Batch;
+            assert_eq!(!start.is_empty(), has_bn, "{name}: running statistics");
             let restore = || {
                 tch::no_grad(|| {
                     for (t, s) in stats().iter_mut().zip(&start) {
@@ -637,7 +668,8 @@ mod tests {
             let (_, blocked) = took_blocked_path(run);
             assert!(blocked, "{name}: the forward did not take the blocked path");
             for (a, b) in stats().iter().zip(&after_plain) {
-                assert!(maxdiff(a, b) < 1e-5, "{name}: running statistics differ by {}", maxdiff(a, b));
+                let tol = 1e-5 * b.abs().max().double_value(&[]).max(1.0);
+                assert!(maxdiff(a, b) < tol, "{name}: running statistics differ by {}", maxdiff(a, b));
             }
             restore();
             nets_agree(&name, &vs, &run);
