@@ -27,36 +27,31 @@ fn main() {
         Err(_) => root.join(".libtorch/torch"),
     };
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
-    cc::Build::new()
-        .cpp(true)
-        .file("src/optim/shim.cpp")
-        .include(libtorch.join("include"))
-        .include(libtorch.join("include/torch/csrc/api/include"))
-        .flag("-std=c++17")
-        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
-        .flag("-DGLOG_USE_GLOG_EXPORT")
-        .flag_if_supported("-Wno-unused-parameter")
-        .warnings(false)
-        .compile("lumos_optim");
+    // C++ against libtorch's headers, with torch-sys's flags
+    let torch_cpp = || {
+        let mut b = cc::Build::new();
+        b.cpp(true)
+            .include(libtorch.join("include"))
+            .include(libtorch.join("include/torch/csrc/api/include"))
+            .flag("-std=c++17")
+            .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+            .flag("-DGLOG_USE_GLOG_EXPORT")
+            .flag_if_supported("-Wno-unused-parameter")
+            .warnings(false);
+        b
+    };
+    torch_cpp().file("src/optim/shim.cpp").compile("lumos_optim");
 
     // src/nn/onednn.cpp: blocked-layout training convolutions through a oneDNN library of
     // its own (dlopen'ed at run time, so nothing here links it) and the norm kernels, which
     // are loops the compiler vectorizes: optimized in every profile
     println!("cargo:rerun-if-changed=src/nn/onednn.cpp");
-    cc::Build::new()
-        .cpp(true)
+    torch_cpp()
         .file("src/nn/onednn.cpp")
         .opt_level(3)
         // lets GCC turn the kernels' selects on a comparison into vector blends (no FP
         // exception flags are read anywhere in the engine)
         .flag_if_supported("-fno-trapping-math")
-        .include(libtorch.join("include"))
-        .include(libtorch.join("include/torch/csrc/api/include"))
-        .flag("-std=c++17")
-        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
-        .flag("-DGLOG_USE_GLOG_EXPORT")
-        .flag_if_supported("-Wno-unused-parameter")
-        .warnings(false)
         .compile("lumos_onednn");
     println!("cargo:rustc-link-lib=dl");
     // where scripts/bootstrap.sh puts that oneDNN (libdnnl.so.3): dlopen searches the

@@ -736,22 +736,13 @@ extern "C" {
 // Whether oneDNN could be loaded; on failure the reason goes to `err`. On success `err`
 // holds the loaded oneDNN's version.
 int lumos_onednn_available(char *err, size_t err_len) {
-    try {
+    bool ok = false;
+    const int rc = guarded(err, err_len, [&] {
         const Api &a = api();
-        if (!a.error.empty()) {
-            fail(err, err_len, a.error.c_str());
-            return 0;
-        }
-        fail(err, err_len, a.version.c_str());
-        return 1;
-    } catch (const c10::Error &e) {
-        fail(err, err_len, e.what_without_backtrace());
-    } catch (const std::exception &e) {
-        fail(err, err_len, e.what());
-    } catch (...) {
-        fail(err, err_len, "unknown C++ exception");
-    }
-    return 0;
+        ok = a.error.empty();
+        fail(err, err_len, ok ? a.version.c_str() : a.error.c_str());
+    });
+    return rc == 0 && ok;
 }
 
 // A convolution (deconv == 0; torch weights (O, C, k, k), padding `pad`) or transposed

@@ -84,7 +84,7 @@ fn message(err: &[u8]) -> String {
 }
 
 /// `Ok(version)` when the oneDNN library could be loaded, else why not.
-pub fn library() -> std::result::Result<String, String> {
+pub fn library() -> &'static std::result::Result<String, String> {
     static LOADED: Lazy<std::result::Result<String, String>> = Lazy::new(|| {
         let mut err = vec![0u8; 1024];
         // SAFETY: writes at most err.len() bytes into err.
@@ -95,7 +95,7 @@ pub fn library() -> std::result::Result<String, String> {
             Err(message(&err))
         }
     });
-    LOADED.clone()
+    &LOADED
 }
 
 static BROKEN: AtomicBool = AtomicBool::new(false);
