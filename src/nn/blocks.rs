@@ -3,8 +3,9 @@
 //! encoder stage carries the stride; decoders upsample with transposed convs.
 //! Parameter names mirror a PyTorch state_dict so weights can be compared 1:1.
 
+use once_cell::sync::Lazy;
 use tch::nn::{self, Module};
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use super::onednn;
 use crate::error::Result;
@@ -30,10 +31,64 @@ impl InstanceNorm {
     /// the same libtorch 2.11 (2-core AMD EPYC, 2026-11-26, PlainConvUNet 7 stages,
     /// 4 x 5 x 256 x 256, no grad): forward 0.87 s against 0.96 s with `instance_norm`;
     /// training steps gained less, within that machine's timing noise.
+    ///
+    /// On a CUDA device a channels-last input stays channels-last ([`Self::forward_nhwc`]):
+    /// libtorch's CUDA `group_norm` copies it to NCHW first, so every later convolution
+    /// of the network would run on NCHW maps.
     pub fn forward(&self, x: &Tensor) -> Tensor {
+        if (x.device().is_cuda() || force_nhwc()) && nhwc_norm_enabled() && is_channels_last(x) {
+            return self.forward_nhwc(x);
+        }
         let c = x.size()[1];
         x.group_norm(c, Some(&self.weight), Some(&self.bias), 1e-5, true)
     }
+
+    /// [`Self::forward`] of a channels-last `(N, C, H, W)` map (NHWC strides, as
+    /// [`is_channels_last`] checks), with a channels-last result: the map viewed as
+    /// `(N, H*W, C)`, per-(sample, channel) biased variance and mean in one pass
+    /// (`var_mean`, accumulated in float32 whatever the input type; the statistics are
+    /// returned in the input's type), then `shift + x * scale` in one pass with
+    /// `scale = weight / sqrt(var + eps)`, `shift = bias - mean * scale` (computed in
+    /// float32, applied in the input's type). In bfloat16 the mean's bfloat16 rounding
+    /// (relative 2^-9) adds an error of at most 2^-9 |mean| / std to each normalized value,
+    /// the size of the bfloat16 rounding of the values themselves for |mean| <= std.
+    pub fn forward_nhwc(&self, x: &Tensor) -> Tensor {
+        let (n, c, h, w) = x.size4().expect("(N, C, H, W)");
+        let t = x.permute([0, 2, 3, 1]).reshape([n, h * w, c]);
+        let (var, mean) = t.var_mean_correction(&[1i64][..], 0, true);
+        let scale = (var.to_kind(Kind::Float) + 1e-5).rsqrt() * self.weight.to_kind(Kind::Float);
+        let shift = self.bias.to_kind(Kind::Float) - mean.to_kind(Kind::Float) * &scale;
+        let y = shift.to_kind(x.kind()).addcmul(&t, &scale.to_kind(x.kind()));
+        y.view([n, h, w, c]).permute([0, 3, 1, 2])
+    }
+}
+
+/// Whether `x` is an `(N, C, H, W)` map with channels-last (NHWC) strides.
+pub fn is_channels_last(x: &Tensor) -> bool {
+    x.dim() == 4 && x.permute([0, 2, 3, 1]).is_contiguous()
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests: take the CUDA channels-last InstanceNorm path on the CPU too.
+    pub(crate) static FORCE_NHWC: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+#[cfg(test)]
+fn force_nhwc() -> bool {
+    FORCE_NHWC.with(|f| f.get())
+}
+
+#[cfg(not(test))]
+fn force_nhwc() -> bool {
+    false
+}
+
+/// The CUDA channels-last InstanceNorm ([`InstanceNorm::forward_nhwc`]) unless
+/// `LUMOS_CUDA_NHWC_NORM=0` (which restores libtorch's `group_norm`, for comparisons).
+fn nhwc_norm_enabled() -> bool {
+    static ON: Lazy<bool> = Lazy::new(|| !std::env::var("LUMOS_CUDA_NHWC_NORM").is_ok_and(|v| v.trim() == "0"));
+    *ON
 }
 
 /// conv 3x3 -> InstanceNorm -> LeakyReLU(0.01).
@@ -233,5 +288,48 @@ impl Decoder {
         }
         outs.reverse();
         Ok(outs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+        (a.to_kind(Kind::Float) - b.to_kind(Kind::Float)).abs().max().double_value(&[])
+    }
+
+    #[test]
+    fn nhwc_instance_norm_matches_group_norm_and_stays_channels_last() {
+        let _g = crate::model::TORCH_RNG.lock();
+        tch::manual_seed(3);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let norm = InstanceNorm::new(&vs.root(), 24);
+        tch::no_grad(|| {
+            let _ = norm.weight.shallow_clone().uniform_(0.5, 1.5);
+            let _ = norm.bias.shallow_clone().uniform_(-0.5, 0.5);
+        });
+        // a per-channel offset (conv outputs carry one: the bias is not added)
+        let x = Tensor::randn([3, 24, 11, 7], (Kind::Float, Device::Cpu)) * 2.0 + Tensor::randn([1, 24, 1, 1], (Kind::Float, Device::Cpu));
+        let reference = x.group_norm(24, Some(&norm.weight), Some(&norm.bias), 1e-5, true);
+        let xl = crate::model::channels_last(&x);
+        assert!(is_channels_last(&xl) && !is_channels_last(&x));
+        let y = tch::no_grad(|| norm.forward_nhwc(&xl));
+        assert!(is_channels_last(&y), "the result keeps NHWC strides: {:?}", y.stride());
+        assert_eq!(y.size(), x.size());
+        let e = max_abs(&y, &reference);
+        assert!(e < 1e-4, "float32: max |nhwc - group_norm| = {e}");
+        // bfloat16: within a few bfloat16 roundings of the float32 result (values ~ N(0, 1) * weight)
+        let yb = tch::no_grad(|| norm.forward_nhwc(&xl.to_kind(Kind::BFloat16)));
+        assert_eq!(yb.kind(), Kind::BFloat16);
+        assert!(is_channels_last(&yb));
+        let eb = max_abs(&yb, &reference);
+        assert!(eb < 0.06, "bfloat16: max |nhwc - group_norm| = {eb}");
+        let mb = (yb.to_kind(Kind::Float) - &reference).abs().mean(Kind::Float).double_value(&[]);
+        assert!(mb < 6e-3, "bfloat16: mean |nhwc - group_norm| = {mb}");
+        // an NCHW input still gives the right values (a copy, then NHWC)
+        let yc = tch::no_grad(|| norm.forward_nhwc(&x));
+        assert!(max_abs(&yc, &reference) < 1e-4);
     }
 }

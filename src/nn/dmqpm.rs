@@ -501,6 +501,23 @@ mod tests {
         }
     }
 
+    /// The CUDA inference path's channels-last InstanceNorm (blocks::InstanceNorm::forward_nhwc),
+    /// forced on the CPU: the whole network computes the same logits, channels-last throughout.
+    #[test]
+    fn channels_last_instance_norm_path_gives_the_same_logits() {
+        let x = crate::model::channels_last(&Tensor::randn([2, 5, 32, 48], (Kind::Float, Device::Cpu)));
+        for cfg in [tiny(), DmQpmConfig { variant: Variant::EarlyFusion, ..tiny() }] {
+            let (_vs, net) = build(&cfg);
+            let plain = tch::no_grad(|| net.forward(&x, false).swap_remove(0));
+            super::super::blocks::FORCE_NHWC.with(|f| f.set(true));
+            let nhwc = tch::no_grad(|| net.forward(&x, false).swap_remove(0));
+            super::super::blocks::FORCE_NHWC.with(|f| f.set(false));
+            assert!(super::super::blocks::is_channels_last(&nhwc), "{}: {:?}", cfg.label(), nhwc.stride());
+            let e = max_abs_diff(&plain, &nhwc);
+            assert!(e < 1e-4, "{}: max |plain - nhwc| = {e}", cfg.label());
+        }
+    }
+
     #[test]
     fn fused_attention_matches_explicit_softmax_attention() {
         let (_vs, net) = build(&tiny());
