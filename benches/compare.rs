@@ -544,8 +544,12 @@ fn run(o: &Opts) -> Res<Value> {
                     return Ok(f64::NAN);
                 }
                 model.segment(data.view(), &opts, SegmentOutput::Labels(labels.view_mut()), &mut Monitor::none()).map_err(err)?;
-                Ok(labels.iter().map(|&v| v as f64).sum::<f64>() / (n * n) as f64)
+                Ok(labels.iter().map(|&v| v as u64).sum::<u64>() as f64 / (n * n) as f64)
             })?;
+            if o.breakdown {
+                let b = segment_breakdown(o, model, &data, t, &opts)?;
+                extra.insert("segment_breakdown".into(), b);
+            }
             (r.0, r.1, t0)
         }
         "decompose" => {
@@ -647,6 +651,53 @@ fn run(o: &Opts) -> Res<Value> {
 
 /// Forward + loss, and forward + loss + backward, without the optimizer (medians over
 /// `reps`), for reading the optimizer's share of a training step.
+/// `segment_2048 --breakdown`: medians (seconds) of the parts of one frame's segmentation,
+/// each timed on its own and ended by a device synchronization: the host's finiteness check
+/// of the frame (what a band-by-band segmentation runs), the frame's copy to the device,
+/// the network on one full batch of tiles (and the host time to enqueue it, before the
+/// synchronization: a GPU that waits for its launches shows it close to the total).
+fn segment_breakdown(o: &Opts, model: &Model, data: &Array3<f32>, t: usize, opts: &SegmentOptions) -> Res<Value> {
+    let dev = o.device;
+    let reps = o.reps.max(3);
+    let time = |f: &mut dyn FnMut() -> Res<()>| -> Res<f64> {
+        f()?;
+        sync(dev);
+        let mut v = Vec::with_capacity(reps);
+        for _ in 0..reps {
+            let t0 = Instant::now();
+            f()?;
+            sync(dev);
+            v.push(t0.elapsed().as_secs_f64());
+        }
+        Ok(median(&v))
+    };
+    let check = time(&mut || lumos::image::check_finite(data.view()).map_err(err))?;
+    let h2d = time(&mut || {
+        let _ = lumos::image::array3_to_tensor(data.view(), dev);
+        Ok(())
+    })?;
+    let c = data.dim().0 as i64;
+    let (n, k) = (data.dim().1, t);
+    let b = opts.batch_size.min(lumos::tiling::tile_starts(n, k, opts.step_fraction).len().pow(2)) as i64;
+    let x = Tensor::randn([b, c, t as i64, t as i64], (Kind::Float, dev));
+    let prec = model.precision();
+    let mut enqueue = Vec::new();
+    let network = time(&mut || {
+        let t0 = Instant::now();
+        let y = with_precision(prec, dev, || tch::no_grad(|| model.with_net(|n| n.infer(&x)))).map_err(err)?.map_err(err)?;
+        enqueue.push(t0.elapsed().as_secs_f64());
+        drop(y);
+        Ok(())
+    })?;
+    Ok(json!({
+        "host_check_finite_s": check,
+        "frame_to_device_s": h2d,
+        "network_batch": b,
+        "network_s": network,
+        "network_enqueue_s": median(&enqueue),
+    }))
+}
+
 fn breakdown(o: &Opts, built: &Built, x: &Tensor, y: &Tensor, extra: &mut serde_json::Map<String, Value>) -> Res<()> {
     let model = &built.model;
     let cfg = &built.cfg;

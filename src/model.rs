@@ -427,8 +427,14 @@ impl Model {
         self.meta.classes.len()
     }
 
-    /// Checks a `(C, H, W)` input against the model.
+    /// Checks a `(C, H, W)` input against the model: channels, size, finite pixels.
     pub fn check_input(&self, frame: ArrayView3<f32>) -> Result<()> {
+        self.check_input_shape(frame)?;
+        check_finite(frame)
+    }
+
+    /// [`Self::check_input`] without the finiteness check.
+    fn check_input_shape(&self, frame: ArrayView3<f32>) -> Result<()> {
         let (c, h, w) = frame.dim();
         if c != self.meta.input_channels.len() {
             return Err(Error::Shape(format!(
@@ -441,7 +447,7 @@ impl Model {
         if h == 0 || w == 0 {
             return Err(Error::Shape(format!("the input is {h} x {w} pixels; expected at least 1 x 1")));
         }
-        check_finite(frame)
+        Ok(())
     }
 
     /// Segments a `(C, H, W)` frame of any size into `out`, tile by tile.
@@ -466,7 +472,8 @@ impl Model {
                 self.meta.kind.name()
             )));
         }
-        self.check_input(frame)?;
+        // finite pixels: sliding_window checks (on the device for a whole frame on a GPU)
+        self.check_input_shape(frame)?;
         let (_, h, w) = frame.dim();
         let k = self.n_classes();
         match &out {
@@ -520,11 +527,18 @@ impl Model {
             match &mut out {
                 SegmentOutput::Labels(l) => {
                     // the argmax on the device: only the labels cross to the host
-                    let am = rows.argmax(0, false).to_kind(Kind::Uint8).to_device(Device::Cpu).contiguous();
-                    let v = Vec::<u8>::try_from(am.view([-1]))?;
+                    let am = rows.argmax(0, false).to_kind(Kind::Uint8);
                     let mut dst = l.slice_mut(ndarray::s![row0..row0 + n, ..]);
-                    for (d, s) in dst.iter_mut().zip(v) {
-                        *d = s;
+                    let numel = am.numel();
+                    match dst.as_slice_mut() {
+                        // straight into the caller's buffer
+                        Some(d) => am.f_copy_data(d, numel)?,
+                        None => {
+                            let v = Vec::<u8>::try_from(am.to_device(Device::Cpu).contiguous().view([-1]))?;
+                            for (d, s) in dst.iter_mut().zip(v) {
+                                *d = s;
+                            }
+                        }
                     }
                 }
                 SegmentOutput::Probabilities(p) => {

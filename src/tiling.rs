@@ -12,7 +12,7 @@ use ndarray::{s, ArrayView3};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
-use crate::image::array3_to_tensor;
+use crate::image::{array3_to_tensor, check_finite};
 use crate::progress::{Monitor, Progress, Stage};
 
 /// The largest tile side the tiling engines accept, in pixels (16384: a float32 tile of
@@ -143,6 +143,8 @@ fn rows_to_device(frame: ArrayView3<f32>, y0: usize, y1: usize, device: Device) 
 
 /// Predicts a `(C, H, W)` frame tile by tile.
 ///
+/// Fails with `InvalidInput` naming the first NaN or infinite pixel before any prediction
+/// (checked on the device after the whole frame's copy there, else on the host up front).
 /// - `prepare` maps raw pixels `(1, C, h, w)` (a copy of a band of the frame's rows, or of
 ///   the whole frame, on `device`, which `prepare` owns and may overwrite) to network
 ///   input, pixel by pixel: it is where normalization happens.
@@ -188,6 +190,7 @@ fn sliding_window_with(
     if whole {
         return whole_frame(frame, sw, out_channels, device, prepare, predict, sink, monitor);
     }
+    check_finite(frame)?;
     let [th, tw] = sw.tile;
     let ys = tile_starts(h, th, sw.step_fraction);
     let xs = tile_starts(w, tw, sw.step_fraction);
@@ -297,7 +300,14 @@ fn whole_frame(
     let k = out_channels as i64;
     let gauss = gaussian_importance(th, tw, device);
     let opts = (Kind::Float, device);
-    let input = prepare(rows_to_device(frame, 0, h, device));
+    let raw = rows_to_device(frame, 0, h, device);
+    // the finiteness check on the device (one reduction) instead of a host pass over the
+    // frame; the host search runs only to name the offending pixel
+    if !bool::try_from(raw.isfinite().all())? {
+        check_finite(frame)?;
+        return Err(Error::InvalidInput("the frame has a NaN or infinite pixel; all pixels must be finite numbers".into()));
+    }
+    let input = prepare(raw);
     let (ph, pw) = ((hp - h) as i64, (wp - w) as i64);
     let input = if ph > 0 || pw > 0 { input.constant_pad_nd([0, pw, 0, ph]) } else { input };
     let acc = Tensor::zeros([k, hp as i64, wp as i64], opts);

@@ -3,9 +3,10 @@
 # on a GPU machine prepared by benches/gpu/prepare.sh:
 #   1. engine vs peer, benches/gpu/plan-frame.txt (scripts/bench.sh; benchmarks-cuda.md,
 #      results.json, bench.log)
-#   2. the engine alone with LUMOS_CUDA_NHWC_NORM=0 (libtorch's group_norm, which turns
-#      channels-last maps into NCHW: the engine before session 13) on the same model and
-#      frame (ab.jsonl)
+#   2. the engine alone on the same model and frame (ab.jsonl): the step-1.0 frame with
+#      --breakdown (host check, copy to the device, network, enqueue time), then with
+#      LUMOS_CUDA_NHWC_NORM=0 (libtorch's group_norm, which turns channels-last maps into
+#      NCHW: the engine before session 13)
 #   3. benches/gpu/probe_dmqpm.py on the same model file: the peer's forward in variants
 #      (NHWC InstanceNorm, CUDA graph, float32), kernel tables, the frame's host-side costs
 #      (probe.txt)
@@ -21,13 +22,17 @@ bash scripts/bench.sh --device cuda --engine target/gpu/compare --python python3
 rc=${PIPESTATUS[0]}
 cp target/bench/results.json "$out/" 2>/dev/null
 work=target/bench/work-full-cuda
-for args in "--mode segment_2048 --frame 1024 --batch 16 --warmup 3 --reps 10 --precision bfloat16 --step-fraction 1.0" \
-            "--mode segment_2048 --frame 1024 --batch 16 --warmup 3 --reps 10 --precision bfloat16 --step-fraction 0.5" \
-            "--mode inference --batch 16 --warmup 3 --reps 20 --precision bfloat16"; do
-    # shellcheck disable=SC2086
-    LUMOS_CUDA_NHWC_NORM=0 timeout 60 target/gpu/compare --bench --model dm-qpmnet --device cuda $args --work "$work" \
-        2>> "$out/ab.err" | tail -1 >> "$out/ab.jsonl"
-done
+engine() {  # the engine alone on the bench's model and frame, one JSON line to ab.jsonl
+    timeout 60 target/gpu/compare --bench --model dm-qpmnet --device cuda "$@" --work "$work" 2>> "$out/ab.err" | tail -1 >> "$out/ab.jsonl"
+}
+frame1="--mode segment_2048 --frame 1024 --batch 16 --warmup 3 --reps 10 --precision bfloat16"
+# shellcheck disable=SC2086
+{
+    engine $frame1 --step-fraction 1.0 --breakdown
+    LUMOS_CUDA_NHWC_NORM=0 engine $frame1 --step-fraction 1.0
+    LUMOS_CUDA_NHWC_NORM=0 engine $frame1 --step-fraction 0.5
+    LUMOS_CUDA_NHWC_NORM=0 engine --mode inference --batch 16 --warmup 3 --reps 20 --precision bfloat16
+}
 timeout 120 python3 benches/gpu/probe_dmqpm.py "$work/dm-qpmnet/model.lumos" > "$out/probe.txt" 2>&1
 tar czf "$out/logs.tgz" target/bench/logs target/bench/measurements.jsonl target/bench/gpumem.log "$out/ab.err" 2>/dev/null
 rm -f "$out/ab.err"

@@ -12,7 +12,9 @@ the timed repetitions, CUDA events) and a kernel table of one of them:
   fp32_nhwc       float32 (TF32 convolutions), channels-last, NHWC InstanceNorm
   autocast_nchw   bfloat16 autocast on NCHW maps (no channels-last)
 
-and, first, the host side of a 1024 x 1024 frame (copy to the device, finiteness check).
+and, first, the host side of a 1024 x 1024 frame (copy to the device, finiteness check),
+the InstanceNorm's parts per stage (statistics three ways, the affine map, LeakyReLU) and
+the fusion's attention on each SDPA backend.
 
   python3 benches/gpu/probe_dmqpm.py MODEL.lumos [--reps 20] > probe.jsonl
 """
@@ -24,6 +26,7 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "peers"))
 import models  # noqa: E402
@@ -63,6 +66,57 @@ def time_it(fn, warmup, reps):
     return times[len(times) // 2], times
 
 
+def split_var_mean(t):
+    """blocks::nhwc_var_mean: (N, L, C) -> float32 (var, mean) over L, L split in k parts."""
+    n, l, c = t.shape
+    k = 1
+    while 2 * k * c <= 1024 and l % (2 * k) == 0 and l // (2 * k) >= 64:
+        k *= 2
+    var, mean = torch.var_mean(t.view(n, l // k, k * c), dim=1, correction=0)
+    var, mean = var.float().view(n, k, c), mean.float().view(n, k, c)
+    mv, mm = torch.var_mean(mean, dim=1, correction=0, keepdim=True)
+    return var.mean(1, keepdim=True) + mv, mm
+
+
+def micro(dev, reps):
+    """The InstanceNorm's parts on channels-last bfloat16 maps of a 16-tile batch, per stage,
+    and the fusion's attention (16 x 4096 tokens, 8 heads of 16) on each SDPA backend."""
+    for c, hw in [(32, 256), (64, 128), (128, 64), (256, 32)]:
+        x = torch.randn(16, hw * hw, c, device=dev, dtype=torch.bfloat16)
+        scale = torch.randn(16, 1, c, device=dev, dtype=torch.bfloat16)
+        ones = torch.ones(16, 1, hw * hw, device=dev, dtype=torch.bfloat16)
+        row = {"micro": "norm", "shape": [16, c, hw, hw]}
+        row["var_mean_ms"] = round(time_it(lambda: torch.var_mean(x, dim=1, correction=0), 3, reps)[0], 4)
+        row["split_var_mean_ms"] = round(time_it(lambda: split_var_mean(x), 3, reps)[0], 4)
+        try:
+            row["bmm_sums_ms"] = round(time_it(lambda: (torch.bmm(ones, x, out_dtype=torch.float32),
+                                                        torch.bmm(x.transpose(1, 2), x, out_dtype=torch.float32)), 3, reps)[0], 4)
+        except Exception as e:
+            row["bmm_sums_error"] = str(e)[:120]
+        row["sum_f32_ms"] = round(time_it(lambda: x.sum(1, dtype=torch.float32), 3, reps)[0], 4)
+        row["addcmul_ms"] = round(time_it(lambda: torch.addcmul(scale, x, scale), 3, reps)[0], 4)
+        k = max(1, min(1024 // c, hw * hw // 64))
+        xs, ss = x.view(16, hw * hw // k, k * c), scale.repeat(1, 1, k)
+        row["addcmul_split_ms"] = round(time_it(lambda: torch.addcmul(ss, xs, ss), 3, reps)[0], 4)
+        row["leaky_relu_ms"] = round(time_it(lambda: F.leaky_relu(x, 0.01, inplace=True), 3, reps)[0], 4)
+        row["copy_ms"] = round(time_it(lambda: x.clone(), 3, reps)[0], 4)
+        print(json.dumps(row), flush=True)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    q = torch.randn(16, 8, 4096, 16, device=dev, dtype=torch.bfloat16)
+    row = {"micro": "sdpa", "shape": [16, 8, 4096, 16]}
+    for name, be in [("default", None), ("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+                     ("cudnn", SDPBackend.CUDNN_ATTENTION)]:
+        try:
+            if be is None:
+                row[name + "_ms"] = round(time_it(lambda: F.scaled_dot_product_attention(q, q, q), 3, reps)[0], 4)
+            else:
+                with sdpa_kernel(be):
+                    row[name + "_ms"] = round(time_it(lambda: F.scaled_dot_product_attention(q, q, q), 3, reps)[0], 4)
+        except Exception as e:
+            row[name + "_error"] = str(e)[:120]
+    print(json.dumps(row), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
@@ -82,12 +136,23 @@ def main():
     # the host side of a 1024 x 1024 frame: its copy to the device from pageable memory
     # (the engine copies the caller's buffer as it is) and a finiteness check on the host
     frame = np.random.default_rng(0).random((5, 1024, 1024), dtype=np.float32)
+    pinned = None
     if dev.type == "cuda":
         h2d, _ = time_it(lambda: torch.from_numpy(frame).to(dev), 2, 10)
+        pinned = torch.empty(frame.shape, dtype=torch.float32, pin_memory=True)
+
+        def staged():  # host copy into a page-locked buffer (libtorch's parallel copy), then DMA
+            pinned.copy_(torch.from_numpy(frame))
+            return pinned.to(dev, non_blocking=True)
+        h2d_staged, _ = time_it(staged, 2, 10)
+        h2d_pinned, _ = time_it(lambda: pinned.to(dev, non_blocking=True), 2, 10)
     else:
-        h2d = float("nan")
+        h2d = h2d_staged = h2d_pinned = float("nan")
     fin, _ = time_it(lambda: bool(np.isfinite(frame).all()), 2, 10)
-    print(json.dumps({"frame": [5, 1024, 1024], "h2d_pageable_ms": round(h2d, 3), "host_isfinite_ms": round(fin, 3)}), flush=True)
+    print(json.dumps({"frame": [5, 1024, 1024], "h2d_pageable_ms": round(h2d, 3), "h2d_staged_ms": round(h2d_staged, 3),
+                      "h2d_from_pinned_ms": round(h2d_pinned, 3), "threads": torch.get_num_threads(), "host_isfinite_ms": round(fin, 3)}), flush=True)
+    if dev.type == "cuda":
+        micro(dev, a.reps)
     for batch in [int(b) for b in a.batches.split(",")]:
         x = torch.randn(batch, 5, th, tw, device=dev)
         xcl = x.contiguous(memory_format=torch.channels_last)
