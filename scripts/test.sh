@@ -12,6 +12,10 @@ cd "$(dirname "$0")/.."
 cargo build --quiet --lib --bin lumos
 # the blocked-layout training tests must not pass as skipped where bootstrap installed oneDNN
 [ -f .onednn/lib/libdnnl.so.3 ] && export LUMOS_REQUIRE_ONEDNN=1
+# the fused CUDA kernels' source must compile (NVRTC, no GPU needed) where the Python
+# environment's torch wheel carries NVRTC (the build's libtorch has no nvrtc package)
+nvrtc=$(ls .venv/lib/python3*/site-packages/nvidia/*/lib/libnvrtc.so.* 2>/dev/null | head -1 || true)
+if [ -n "$nvrtc" ]; then export LUMOS_NVRTC="$PWD/$nvrtc" LUMOS_REQUIRE_NVRTC=1; fi
 cargo test --all-targets "$@"
 export LUMOS_LIBRARY="$PWD/target/debug/liblumos.so"
 # bootstrap installed torch + bioimageio.core: the bioimage.io export tests must run, not skip

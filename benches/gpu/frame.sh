@@ -3,11 +3,13 @@
 # on a GPU machine prepared by benches/gpu/prepare.sh:
 #   1. engine vs peer, benches/gpu/plan-frame.txt (scripts/bench.sh; benchmarks-cuda.md,
 #      results.json, bench.log)
+#   0. the library's CUDA unit tests (nn::cuda_norm; unit.txt)
 #   2. the engine alone on the same model and frame (ab.jsonl): the step-1.0 frame with
 #      --breakdown (host check, copy to the device, network, enqueue time), then with
+#      LUMOS_CUDA_FUSED_NORM=0 (libtorch's operators on channels-last maps) and with
 #      LUMOS_CUDA_NHWC_NORM=0 (libtorch's group_norm, which turns channels-last maps into
 #      NCHW: the engine before session 13)
-#   3. benches/gpu/probe_dmqpm.py on the same model file: the peer's forward in variants
+#   3. with PROBE=1: benches/gpu/probe_dmqpm.py on the same model file: the peer's forward in variants
 #      (NHWC InstanceNorm, CUDA graph, float32), kernel tables, the frame's host-side costs
 #      (probe.txt)
 #   benches/gpu/frame.sh [DEADLINE_S for step 1 (default 150)]
@@ -17,6 +19,9 @@ out=${OUT:-target/gpu/out}
 mkdir -p "$out"
 deadline=${1:-150}
 source benches/gpu/env.sh || exit 1
+# the fused kernels against libtorch first (a failure is reported, the benchmark still runs)
+timeout 120 target/gpu/lumos-tests cuda_norm --nocapture > "$out/unit.txt" 2>&1
+tail -3 "$out/unit.txt"
 bash scripts/bench.sh --device cuda --engine target/gpu/compare --python python3 --deadline "$deadline" \
     --out "$out/benchmarks-cuda.md" --plan benches/gpu/plan-frame.txt 2>&1 | tee "$out/bench.log"
 rc=${PIPESTATUS[0]}
@@ -29,11 +34,11 @@ frame1="--mode segment_2048 --frame 1024 --batch 16 --warmup 3 --reps 10 --preci
 # shellcheck disable=SC2086
 {
     engine $frame1 --step-fraction 1.0 --breakdown
+    LUMOS_CUDA_FUSED_NORM=0 engine $frame1 --step-fraction 1.0
+    LUMOS_CUDA_FUSED_NORM=0 engine --mode inference --batch 16 --warmup 3 --reps 20 --precision bfloat16
     LUMOS_CUDA_NHWC_NORM=0 engine $frame1 --step-fraction 1.0
-    LUMOS_CUDA_NHWC_NORM=0 engine $frame1 --step-fraction 0.5
-    LUMOS_CUDA_NHWC_NORM=0 engine --mode inference --batch 16 --warmup 3 --reps 20 --precision bfloat16
 }
-timeout 120 python3 benches/gpu/probe_dmqpm.py "$work/dm-qpmnet/model.lumos" > "$out/probe.txt" 2>&1
-tar czf "$out/logs.tgz" target/bench/logs target/bench/measurements.jsonl target/bench/gpumem.log "$out/ab.err" 2>/dev/null
-rm -f "$out/ab.err"
+[ "${PROBE:-0}" = 1 ] && timeout 120 python3 benches/gpu/probe_dmqpm.py "$work/dm-qpmnet/model.lumos" > "$out/probe.txt" 2>&1
+tar czf "$out/logs.tgz" target/bench/logs target/bench/measurements.jsonl target/bench/gpumem.log "$out/ab.err" "$out/smoke.txt" 2>/dev/null
+rm -f "$out/ab.err" "$out/smoke.txt"
 exit "$rc"

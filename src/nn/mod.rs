@@ -1,5 +1,6 @@
 //! Network building blocks and architectures.
 pub mod blocks;
+pub mod cuda_norm;
 pub mod dmqpm;
 pub mod dropout;
 pub mod ldm;
