@@ -25,7 +25,10 @@
 #          --deadline SECONDS (start no new plan line after this long; the report covers
 #          what ran), --plan FILE (plan lines "model mode key=value ..." from FILE instead
 #          of the profile's plan; see plan_cuda below for the keys, rounds=R above, and step=F:
-#          segment_2048's sliding-window step as a fraction of the tile, default 0.5).
+#          segment_2048's sliding-window step as a fraction of the tile, default 0.5),
+#          --gpumem-interval S (on a GPU, nvidia-smi samples the device memory every S
+#          seconds, default 0.1; 0 samples nothing: each sample is an nvidia-smi process
+#          querying the driver, which may perturb millisecond timings).
 #
 # Duration of the CPU benchmark on 2 cores (Xeon, ~150 GFLOP/s fp32 through oneDNN): about
 # 35 minutes, both sides together, plus the release build when it is stale. The papers'
@@ -61,6 +64,7 @@ engine=""
 python=""
 deadline=0
 planfile=""
+gpumem_interval=0.1
 cmdline="scripts/bench.sh${*:+ $*}"
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -74,6 +78,7 @@ while [ $# -gt 0 ]; do
         --python) python="$2"; shift ;;
         --deadline) deadline="$2"; shift ;;
         --plan) planfile="$2"; shift ;;
+        --gpumem-interval) gpumem_interval="$2"; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
         *) echo "bench.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
     esac
@@ -236,13 +241,13 @@ gpumem="$BENCH/gpumem.log"
 : > "$gpumem"
 sampler=""
 gpu_base=0
-if [ "$devclass" = cuda ] && command -v nvidia-smi >/dev/null 2>&1; then
+if [ "$devclass" = cuda ] && [ "$gpumem_interval" != 0 ] && command -v nvidia-smi >/dev/null 2>&1; then
     gidx=${device#cuda}; gidx=${gidx#:}; gidx=${gidx:-0}
     gpu_base=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i "$gidx" | head -1 | tr -d ' ')
     ( while :; do
           v=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i "$gidx" 2>/dev/null | head -1 | tr -d ' ')
           echo "$(date +%s.%N) $v"
-          sleep 0.1
+          sleep "$gpumem_interval"
       done ) >> "$gpumem" &
     sampler=$!
 fi

@@ -347,7 +347,7 @@ mod tests {
     /// operators on the shapes of the networks' stages and on odd spatial sizes.
     #[test]
     fn fused_norm_matches_libtorch_on_cuda() {
-        if !tch::Cuda::is_available() {
+        if !crate::device::cuda_available() {
             eprintln!("skipped: no CUDA device");
             return;
         }
