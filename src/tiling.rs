@@ -137,13 +137,6 @@ fn rows_to_device(frame: ArrayView3<f32>, y0: usize, y1: usize, device: Device) 
             owned.copy_(&borrowed);
             owned
         }
-        // a page-locked staging copy (libtorch's multi-threaded host copy), then the DMA:
-        // on an H200 0.84 ms against 1.60 ms from pageable memory for 5 x 1024 x 1024
-        // float32 (benches/gpu/probe_dmqpm.py); pageable where pinning fails
-        _ if borrowed.is_contiguous() => match borrowed.f_pin_memory(device) {
-            Ok(pinned) => pinned.to_device_(device, Kind::Float, true, false),
-            Err(_) => borrowed.to_device(device),
-        },
         _ => borrowed.to_device(device),
     }
 }
