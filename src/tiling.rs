@@ -120,7 +120,7 @@ fn whole_frame_bytes(c: usize, k: usize, h: usize, w: usize) -> usize {
 /// Rows `y0..y1` of a `(C, H, W)` frame as a new `(1, C, y1 - y0, W)` float tensor on
 /// `device` that owns its memory: one strided copy from the array's memory (straight to
 /// the device on a GPU), no element-by-element gathering, unless the strides are negative.
-fn rows_to_device(frame: ArrayView3<f32>, y0: usize, y1: usize, device: Device) -> Tensor {
+pub fn rows_to_device(frame: ArrayView3<f32>, y0: usize, y1: usize, device: Device) -> Tensor {
     let v = frame.slice(s![.., y0..y1, ..]);
     if v.strides().iter().any(|&st| st < 0) || v.is_empty() {
         return array3_to_tensor(v, device).unsqueeze(0);

@@ -63,38 +63,48 @@ impl InstanceNorm {
 
     /// [`Self::forward`] of a channels-last `(N, C, H, W)` map (NHWC strides, as
     /// [`is_channels_last`] checks), with a channels-last result: the map viewed as
-    /// `(N, H*W, C)`, per-(sample, channel) biased variance and mean in one pass
-    /// ([`nhwc_var_mean`]: `var_mean`, accumulated in float32 whatever the input type), then `shift + x * scale` in one pass with
-    /// `scale = weight / sqrt(var + eps)`, `shift = bias - mean * scale` (computed in
-    /// float32, applied in the input's type). In bfloat16 the mean's bfloat16 rounding
-    /// (relative 2^-9) adds an error of at most 2^-9 |mean| / std to each normalized value,
-    /// the size of the bfloat16 rounding of the values themselves for |mean| <= std.
+    /// `(N, H*W, C)`, per-(sample, channel) biased variance and mean ([`nhwc_var_mean`], in
+    /// float32 whatever the input type), then `shift + x * scale` in one pass with
+    /// `scale = weight / sqrt(var + eps)`, `shift = bias - mean * scale`, in float32 (a
+    /// bfloat16 map is promoted inside the pass and the result rounded once to bfloat16:
+    /// rounding `mean`, `scale` or `shift` to bfloat16 would cancel badly in `x * scale +
+    /// shift` on channels whose mean is large against their spread).
     pub fn forward_nhwc(&self, x: &Tensor) -> Tensor {
         let (n, c, h, w) = x.size4().expect("(N, C, H, W)");
         let t = x.permute([0, 2, 3, 1]).reshape([n, h * w, c]);
         let (var, mean) = nhwc_var_mean(&t);
         let scale = (var + 1e-5).rsqrt() * self.weight.to_kind(Kind::Float);
         let shift = self.bias.to_kind(Kind::Float) - mean * &scale;
-        let y = shift.to_kind(x.kind()).addcmul(&t, &scale.to_kind(x.kind()));
+        let y = shift.addcmul(&t, &scale);
+        let y = if y.kind() == x.kind() { y } else { y.to_kind(x.kind()) };
         y.view([n, h, w, c]).permute([0, 3, 1, 2])
     }
 }
 
 /// Biased variance and mean over dimension 1 of a contiguous `(N, L, C)` tensor, as float32
-/// `(N, 1, C)`. With few channels a reduction over `L` keeps few outputs along the
-/// contiguous dimension, which libtorch's CUDA reduction reads poorly. So for up to 32
-/// channels `L` is split into `k` interleaved parts, `(N, L/k, k*C)` reduced over dimension
-/// 1 (k*C contiguous outputs per sample), and the parts' statistics combined exactly (equal
-/// counts: the mean of the means, and the mean of the variances plus the variance of the
-/// means). Measured on an H200 (bfloat16, 16 x 256 x 256 x 32): 0.125 ms against 0.165 ms;
-/// no gain at 64 channels and a loss from 128 (the extra small kernels), hence the limit.
+/// `(N, 1, C)`. The mean comes from a float32 sum (exact to float32 rounding also for a
+/// bfloat16 tensor); the variance from `var` (accumulated in float32, returned in the
+/// tensor's type: for bfloat16 a relative error of 2^-9, 2^-10 on the scale). With few
+/// channels a reduction over `L` keeps few outputs along the contiguous dimension, which
+/// libtorch's CUDA reduction reads poorly. So for up to 32 channels `L` is split into `k`
+/// interleaved parts, `(N, L/k, k*C)` reduced over dimension 1 (k*C contiguous outputs per
+/// sample), and the parts' statistics combined exactly (equal counts: the mean of the
+/// means, and the mean of the variances plus the variance of the means). Measured on an
+/// H200 (bfloat16, 16 x 256 x 256 x 32, `var_mean`): 0.125 ms against 0.165 ms; no gain at
+/// 64 channels and a loss from 128 (the extra small kernels), hence the limit.
 pub fn nhwc_var_mean(t: &Tensor) -> (Tensor, Tensor) {
     let (n, l, c) = t.size3().expect("(N, L, C)");
     let mut k = 1;
     while c <= 32 && (2 * k * c) <= 1024 && l % (2 * k) == 0 && l / (2 * k) >= 64 {
         k *= 2;
     }
-    let (var, mean) = t.view([n, l / k, k * c]).var_mean_correction(&[1i64][..], 0, false);
+    let parts = t.view([n, l / k, k * c]);
+    let (var, mean) = if t.kind() == Kind::Float {
+        parts.var_mean_correction(&[1i64][..], 0, false)
+    } else {
+        let mean = parts.sum_dim_intlist(&[1i64][..], false, Kind::Float) / (l / k) as f64;
+        (parts.var_correction(&[1i64][..], 0, false), mean)
+    };
     let (var, mean) = (var.to_kind(Kind::Float).view([n, k, c]), mean.to_kind(Kind::Float).view([n, k, c]));
     if k == 1 {
         return (var, mean);
@@ -379,6 +389,17 @@ mod tests {
             assert_eq!(vb.kind(), Kind::Float);
             assert!(max_abs(&mb, &m0) < 0.03 && max_abs(&vb, &v0) < 0.1, "bfloat16, {c} channels: {} {}", max_abs(&mb, &m0), max_abs(&vb, &v0));
         }
+        // bfloat16 channels whose mean is large against their spread, and a 1 x 1 map (the
+        // result is the bias): the statistics and the affine map stay float32
+        let xc = (Tensor::randn([2, 24, 9, 5], (Kind::Float, Device::Cpu)) * 0.01 + 1.3).to_kind(Kind::BFloat16);
+        let refc = xc.to_kind(Kind::Float).group_norm(24, Some(&norm.weight), Some(&norm.bias), 1e-5, true);
+        let yc = tch::no_grad(|| norm.forward_nhwc(&crate::model::channels_last(&xc)));
+        let ec = max_abs(&yc, &refc);
+        assert!(ec < 0.05, "bfloat16 near-constant channels: max error {ec}");
+        let x1 = (Tensor::randn([3, 24, 1, 1], (Kind::Float, Device::Cpu)) + 1.3).to_kind(Kind::BFloat16);
+        let y1 = tch::no_grad(|| norm.forward_nhwc(&x1));
+        let e1 = max_abs(&y1, &norm.bias.view([1, 24, 1, 1]).expand([3, 24, 1, 1], false));
+        assert!(e1 < 1e-2, "1 x 1 maps give the bias: max error {e1}");
         // an NCHW input still gives the right values (a copy, then NHWC)
         let yc = tch::no_grad(|| norm.forward_nhwc(&x));
         assert!(max_abs(&yc, &reference) < 1e-4);

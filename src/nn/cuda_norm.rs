@@ -26,7 +26,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
-use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
+use cudarc::nvrtc::Ptx;
 use once_cell::sync::Lazy;
 use parking_lot::Mutex;
 use tch::{Device, Kind, Tensor};
@@ -124,8 +124,11 @@ struct Kernels {
     apply_bf16: CudaFunction,
 }
 
-/// Per device ordinal: the kernels, or `None` once they are known to be unavailable.
+/// Per device ordinal: the kernels, or `None` where they could not be built. Kernels that
+/// failed at launch stay here (their module stays loaded: a kernel of it may be queued) and
+/// their ordinal goes into [`DISABLED`].
 static KERNELS: Lazy<Mutex<HashMap<usize, Option<Arc<Kernels>>>>> = Lazy::new(|| Mutex::new(HashMap::new()));
+static DISABLED: Lazy<Mutex<std::collections::HashSet<usize>>> = Lazy::new(|| Mutex::new(Default::default()));
 
 fn enabled() -> bool {
     static ON: Lazy<bool> = Lazy::new(|| !std::env::var("LUMOS_CUDA_FUSED_NORM").is_ok_and(|v| v.trim() == "0"));
@@ -165,13 +168,15 @@ fn nvrtc_candidates() -> Vec<std::path::PathBuf> {
     out
 }
 
-/// Makes NVRTC loadable by name: where it is not on the library path, the first of
-/// [`nvrtc_candidates`] that opens is loaded globally, so that the dynamic loader returns
-/// it for its soname (`libnvrtc.so.<major>`). Returns whether NVRTC can be loaded.
+/// Makes NVRTC loadable by name: the file `LUMOS_NVRTC` names, else, where NVRTC is not on
+/// the library path, the first of [`nvrtc_candidates`] that opens, is loaded globally, so
+/// that the dynamic loader returns it for its soname (`libnvrtc.so.<major>`). cudarc asks
+/// for `libnvrtc.so` first, so an unversioned `libnvrtc.so` on the library path still wins
+/// over `LUMOS_NVRTC`. Returns whether NVRTC can be loaded.
 pub(crate) fn ensure_nvrtc() -> bool {
     static OK: Lazy<bool> = Lazy::new(|| {
         // SAFETY: only probes whether the shared library can be opened.
-        if unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        if std::env::var_os("LUMOS_NVRTC").is_none() && unsafe { cudarc::nvrtc::sys::is_culib_present() } {
             return true;
         }
         let open = |f: &std::path::Path| -> bool {
@@ -210,13 +215,8 @@ fn build(ordinal: usize) -> Result<Kernels, String> {
     }
     let ctx = CudaContext::new(ordinal).map_err(|e| format!("CUDA context of device {ordinal}: {e}"))?;
     let (major, minor) = ctx.compute_capability().map_err(|e| format!("compute capability: {e}"))?;
-    let opts = CompileOptions {
-        options: vec![format!("--gpu-architecture=compute_{major}{minor}"), "--std=c++17".into()],
-        name: Some("lumos_instance_norm.cu".into()),
-        ..Default::default()
-    };
-    let ptx = compile_ptx_with_opts(SOURCE, opts).map_err(|e| format!("NVRTC: {e}"))?;
-    let module = ctx.load_module(ptx).map_err(|e| format!("loading the compiled kernels: {e}"))?;
+    let cubin = compile_cubin(&format!("sm_{major}{minor}"))?;
+    let module = ctx.load_module(Ptx::from_binary(cubin)).map_err(|e| format!("loading the compiled kernels: {e}"))?;
     let f = |name: &str| module.load_function(name).map_err(|e| format!("kernel {name}: {e}"));
     Ok(Kernels {
         stream: ctx.default_stream(),
@@ -227,14 +227,78 @@ fn build(ordinal: usize) -> Result<Kernels, String> {
     })
 }
 
+/// [`SOURCE`] compiled by NVRTC to machine code (a CUBIN) for `arch` (`sm_90`, ...): machine
+/// code rather than PTX, so that the driver has nothing to compile (it could not JIT the PTX
+/// of an NVRTC newer than itself).
+fn compile_cubin(arch: &str) -> Result<Vec<u8>, String> {
+    use cudarc::nvrtc::{result, sys};
+    let src = std::ffi::CString::new(SOURCE).map_err(|e| e.to_string())?;
+    let name = std::ffi::CString::new("lumos_instance_norm.cu").map_err(|e| e.to_string())?;
+    let prog = result::create_program(&src, Some(&name)).map_err(|e| format!("NVRTC: {e:?}"))?;
+    let opts = [format!("--gpu-architecture={arch}"), "--std=c++17".to_string()];
+    // SAFETY: `prog` is a live program until destroyed below; the buffers are sized by NVRTC.
+    let out = unsafe {
+        let compiled = result::compile_program(prog, &opts).map_err(|e| {
+            let log = result::get_program_log(prog).map(|l| std::ffi::CStr::from_ptr(l.as_ptr()).to_string_lossy().into_owned()).unwrap_or_default();
+            format!("NVRTC ({arch}): {e:?}: {log}")
+        });
+        let cubin = compiled.and_then(|_| {
+            let mut size = 0usize;
+            sys::nvrtcGetCUBINSize(prog, &mut size).result().map_err(|e| format!("NVRTC CUBIN size: {e:?}"))?;
+            let mut buf = vec![0u8; size];
+            sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr() as *mut std::ffi::c_char).result().map_err(|e| format!("NVRTC CUBIN: {e:?}"))?;
+            Ok(buf)
+        });
+        let _ = result::destroy_program(prog);
+        cubin
+    };
+    match out {
+        Ok(b) if b.starts_with(b"\x7fELF") => Ok(b),
+        Ok(_) => Err(format!("NVRTC ({arch}) returned no CUBIN")),
+        Err(e) => Err(e),
+    }
+}
+
+/// Restores the calling thread's current CUDA context when dropped: cudarc binds the
+/// device's primary context to the thread for its calls, which would otherwise leave a
+/// host application that uses the CUDA runtime on this thread on another device.
+struct ContextGuard(Option<Option<cudarc::driver::sys::CUcontext>>);
+
+impl ContextGuard {
+    fn save() -> Self {
+        ContextGuard(cudarc::driver::result::ctx::get_current().ok())
+    }
+}
+
+impl Drop for ContextGuard {
+    fn drop(&mut self) {
+        if let Some(prev) = self.0 {
+            // SAFETY: restores the context that was current on this thread (or none).
+            let _ = unsafe { cudarc::driver::result::ctx::set_current(prev.unwrap_or(std::ptr::null_mut())) };
+        }
+    }
+}
+
 /// The kernels of device `ordinal`, compiled on first use; `None` (logged once per
 /// device) where they cannot be had.
 fn kernels(ordinal: usize) -> Option<Arc<Kernels>> {
+    if DISABLED.lock().contains(&ordinal) {
+        return None;
+    }
     let mut map = KERNELS.lock();
     map.entry(ordinal)
         .or_insert_with(|| {
             // cudarc panics where a library symbol is missing: keep that inside
-            let built = std::panic::catch_unwind(|| build(ordinal)).unwrap_or_else(|_| Err("the CUDA libraries failed to load".into()));
+            let built = std::panic::catch_unwind(|| {
+                // the driver library first: the guard reads the thread's context through it
+                // SAFETY: only probes whether the shared library can be opened.
+                if !unsafe { cudarc::driver::sys::is_culib_present() } {
+                    return Err("the CUDA driver library (libcuda.so) is not on the library path".to_string());
+                }
+                let _ctx = ContextGuard::save();
+                build(ordinal)
+            })
+            .unwrap_or_else(|_| Err("the CUDA libraries failed to load".into()));
             match built {
                 Ok(k) => {
                     log::info!("fused CUDA InstanceNorm kernels compiled for device {ordinal}");
@@ -252,20 +316,33 @@ fn kernels(ordinal: usize) -> Option<Arc<Kernels>> {
 /// Marks the kernels of `ordinal` unavailable after a failed launch (logged once).
 fn disable(ordinal: usize, e: &str) {
     log::warn!("fused CUDA InstanceNorm failed on device {ordinal}, using libtorch's operators from now on: {e}");
-    KERNELS.lock().insert(ordinal, None);
+    DISABLED.lock().insert(ordinal);
 }
 
-/// Whether [`norm_act`] takes `x` (before any library is loaded).
-fn applies(x: &Tensor) -> bool {
+/// Whether [`norm_act`] takes `x` with these parameters (before any library is loaded):
+/// nothing that autograd would have to follow, a non-empty channels-last map of a supported
+/// type and channel count, at most 65535 samples (the statistics grid's second dimension),
+/// element addresses aligned for the kernels' two-element accesses.
+fn applies(x: &Tensor, weight: &Tensor, bias: &Tensor) -> bool {
     let Device::Cuda(_) = x.device() else { return false };
     if !enabled() || x.dim() != 4 || !matches!(x.kind(), Kind::Float | Kind::BFloat16) {
         return false;
     }
-    if x.requires_grad() && super::packed::grad_enabled() {
+    if super::packed::grad_enabled() && (x.requires_grad() || weight.requires_grad() || bias.requires_grad()) {
         return false;
     }
-    let c = x.size()[1];
-    (2..=512).contains(&c) && (c & (c - 1)) == 0 && x.numel() < (1usize << 31) && super::blocks::is_channels_last(x)
+    let size = x.size();
+    let (n, c) = (size[0], size[1]);
+    let align = 2 * x.kind().elt_size_in_bytes();
+    x.numel() > 0
+        && x.numel() < (1usize << 31)
+        && n <= 65535
+        && (2..=512).contains(&c)
+        && (c & (c - 1)) == 0
+        && weight.numel() == c as usize
+        && bias.numel() == c as usize
+        && super::blocks::is_channels_last(x)
+        && (x.data_ptr() as usize).is_multiple_of(align)
 }
 
 /// `leaky_relu(instance_norm(x) * weight + bias, slope)` of a channels-last `(N, C, H, W)`
@@ -273,11 +350,12 @@ fn applies(x: &Tensor) -> bool {
 /// and of `x`'s type, by the fused kernels; `None` where they do not apply or are
 /// unavailable (the caller computes it with libtorch's operators).
 pub fn norm_act(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64, slope: f64) -> Option<Tensor> {
-    if !applies(x) {
+    if !applies(x, weight, bias) {
         return None;
     }
     let Device::Cuda(ordinal) = x.device() else { return None };
     let k = kernels(ordinal)?;
+    let _ctx = ContextGuard::save();
     match launch(&k, x, weight, bias, eps, slope) {
         Ok(y) => Some(y),
         Err(e) => {
@@ -324,7 +402,7 @@ mod tests {
 
     /// Wherever NVRTC can be loaded (no GPU needed: the CUDA wheel of torch that bootstrap
     /// installs carries it; scripts/test.sh sets LUMOS_REQUIRE_NVRTC there): the kernels'
-    /// source compiles for the Hopper and Ampere compute capabilities, with all four entry
+    /// source compiles to machine code for Hopper and Ampere GPUs, with all four entry
     /// points.
     #[test]
     fn kernel_source_compiles_with_nvrtc() {
@@ -333,12 +411,11 @@ mod tests {
             eprintln!("skipped: NVRTC cannot be loaded");
             return;
         }
-        for arch in ["compute_90", "compute_80"] {
-            let opts = CompileOptions { options: vec![format!("--gpu-architecture={arch}"), "--std=c++17".into()], ..Default::default() };
-            let ptx = compile_ptx_with_opts(SOURCE, opts).unwrap_or_else(|e| panic!("{arch}: {e}"));
-            let text = ptx.to_src();
+        for arch in ["sm_90", "sm_80"] {
+            let cubin = compile_cubin(arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
+            // the four entry points are in the machine code's symbol table
             for f in ["lumos_in_stats_f32", "lumos_in_stats_bf16", "lumos_in_apply_f32", "lumos_in_apply_bf16"] {
-                assert!(text.contains(&format!(".entry {f}")), "{arch}: {f} missing from the PTX");
+                assert!(cubin.windows(f.len()).any(|w| w == f.as_bytes()), "{arch}: {f} missing from the CUBIN");
             }
         }
     }
