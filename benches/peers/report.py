@@ -495,7 +495,8 @@ def main():
       "InstanceNorm + LeakyReLU is two fused kernels of the engine's own (CUDA C++ compiled by NVRTC at first "
       "use: per-(sample, channel) sums in one pass, normalize + affine + LeakyReLU in the other) instead of "
       "a reduction, about ten small kernels and two elementwise passes (H200, DM-QPMNet on 16 tiles, "
-      "bfloat16: 12.6 ms with NCHW norms, 8.7 ms channels-last through libtorch, 6.7 ms fused). "
+      "bfloat16: 12.6 ms with NCHW norms, 8.7 ms channels-last through libtorch before its bfloat16 "
+      "precision fix, 6.7 ms fused). "
       "`LUMOS_CUDA_FUSED_NORM=0` / `LUMOS_CUDA_NHWC_NORM=0` switch them off.")
     w("- **Channels-last inference** (`Net::infer`, `Model::decompose`): nnU-Net-style networks and both muSplit "
       "networks run NHWC without gradients (oneDNN's native layout; the HVAE's latent draws are made in NCHW "

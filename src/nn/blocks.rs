@@ -65,18 +65,18 @@ impl InstanceNorm {
     /// [`is_channels_last`] checks), with a channels-last result: the map viewed as
     /// `(N, H*W, C)`, per-(sample, channel) biased variance and mean ([`nhwc_var_mean`], in
     /// float32 whatever the input type), then `shift + x * scale` in one pass with
-    /// `scale = weight / sqrt(var + eps)`, `shift = bias - mean * scale`, in float32 (a
-    /// bfloat16 map is promoted inside the pass and the result rounded once to bfloat16:
-    /// rounding `mean`, `scale` or `shift` to bfloat16 would cancel badly in `x * scale +
-    /// shift` on channels whose mean is large against their spread).
+    /// `scale = weight / sqrt(var + eps)`, `shift = bias - mean * scale`, computed in float32
+    /// and stored in the map's type (rounding `mean`, `scale` or `shift` to bfloat16 would
+    /// cancel badly in `x * scale + shift` on channels whose mean is large against their
+    /// spread). For bfloat16 the statistics read the map twice (a float32 sum, `var`).
     pub fn forward_nhwc(&self, x: &Tensor) -> Tensor {
         let (n, c, h, w) = x.size4().expect("(N, C, H, W)");
         let t = x.permute([0, 2, 3, 1]).reshape([n, h * w, c]);
         let (var, mean) = nhwc_var_mean(&t);
         let scale = (var + 1e-5).rsqrt() * self.weight.to_kind(Kind::Float);
         let shift = self.bias.to_kind(Kind::Float) - mean * &scale;
-        let y = shift.addcmul(&t, &scale);
-        let y = if y.kind() == x.kind() { y } else { y.to_kind(x.kind()) };
+        // computed in float32, stored in x's type (one pass)
+        let y = shift.addcmul_out(&t.empty_like(), &t, &scale);
         y.view([n, h, w, c]).permute([0, 3, 1, 2])
     }
 }

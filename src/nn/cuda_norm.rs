@@ -18,9 +18,11 @@
 //! path or beside a PyTorch wheel's libtorch, see [`ensure_nvrtc`]) or anything fails,
 //! [`norm_act`] returns `None` (logged once) and the caller runs libtorch's operators. `LUMOS_CUDA_FUSED_NORM=0` switches the kernels off.
 //!
-//! Scope: inference (no autograd: a map that requires gradients is left to libtorch),
-//! float32 or bfloat16 maps with NHWC strides, channel counts that are powers of two from 2
-//! to 512 (every nnU-Net / DM-QPMNet stage width), fewer than 2^31 elements.
+//! Scope: inference (no autograd: with gradients on, a map, weight or bias that requires
+//! them is left to libtorch), non-empty float32 or bfloat16 maps with NHWC strides and
+//! aligned data, channel counts that are powers of two from 2 to 512 (every nnU-Net /
+//! DM-QPMNet stage width), at most 65535 samples, fewer than 2^31 elements, weight and bias
+//! on the map's device.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -171,8 +173,9 @@ fn nvrtc_candidates() -> Vec<std::path::PathBuf> {
 /// Makes NVRTC loadable by name: the file `LUMOS_NVRTC` names, else, where NVRTC is not on
 /// the library path, the first of [`nvrtc_candidates`] that opens, is loaded globally, so
 /// that the dynamic loader returns it for its soname (`libnvrtc.so.<major>`). cudarc asks
-/// for `libnvrtc.so` first, so an unversioned `libnvrtc.so` on the library path still wins
-/// over `LUMOS_NVRTC`. Returns whether NVRTC can be loaded.
+/// for a list of names in order (`libnvrtc.so`, then `libnvrtc.so.13`, `.12`, ...), so a
+/// library on the library path under an earlier name of that list still wins over
+/// `LUMOS_NVRTC`. Returns whether NVRTC can be loaded.
 pub(crate) fn ensure_nvrtc() -> bool {
     static OK: Lazy<bool> = Lazy::new(|| {
         // SAFETY: only probes whether the shared library can be opened.
@@ -200,7 +203,11 @@ pub(crate) fn ensure_nvrtc() -> bool {
                 return true;
             }
         }
-        false
+        if let Some(p) = std::env::var_os("LUMOS_NVRTC") {
+            log::warn!("LUMOS_NVRTC={} could not be loaded", std::path::Path::new(&p).display());
+        }
+        // SAFETY: only probes whether the shared library can be opened.
+        unsafe { cudarc::nvrtc::sys::is_culib_present() }
     });
     *OK
 }
@@ -217,13 +224,21 @@ fn build(ordinal: usize) -> Result<Kernels, String> {
     let (major, minor) = ctx.compute_capability().map_err(|e| format!("compute capability: {e}"))?;
     // machine code for the device; PTX for the driver to compile where that fails (the path
     // session 13's GPU runs took)
-    let module = match compile_cubin(&format!("sm_{major}{minor}")).and_then(|c| ctx.load_module(Ptx::from_binary(c)).map_err(|e| e.to_string())) {
-        Ok(m) => m,
-        Err(e) => {
-            log::debug!("fused CUDA InstanceNorm: no machine code for sm_{major}{minor} ({e}); trying PTX");
+    let arch = format!("sm_{major}{minor}");
+    // cudarc panics where an NVRTC symbol is missing (an NVRTC without CUBIN output): keep
+    // that to this attempt, so that PTX is still tried
+    let cubin = std::panic::catch_unwind(|| compile_cubin(&arch)).unwrap_or_else(|_| Err("NVRTC has no CUBIN output".into()));
+    let module = match cubin.and_then(|c| ctx.load_module(Ptx::from_binary(c)).map_err(|e| e.to_string())) {
+        Ok(m) => {
+            log::info!("fused CUDA InstanceNorm: machine code for {arch} loaded on device {ordinal}");
+            m
+        }
+        Err(cubin_err) => {
             let opts = CompileOptions { options: vec![format!("--gpu-architecture=compute_{major}{minor}"), "--std=c++17".into()], ..Default::default() };
-            let ptx = compile_ptx_with_opts(SOURCE, opts).map_err(|e| format!("NVRTC: {e}"))?;
-            ctx.load_module(ptx).map_err(|e| format!("loading the compiled kernels: {e}"))?
+            let ptx = compile_ptx_with_opts(SOURCE, opts).map_err(|e| format!("machine code: {cubin_err}; PTX: NVRTC: {e}"))?;
+            let m = ctx.load_module(ptx).map_err(|e| format!("machine code: {cubin_err}; PTX: loading the compiled kernels: {e}"))?;
+            log::info!("fused CUDA InstanceNorm: PTX for compute_{major}{minor} loaded on device {ordinal} (no machine code: {cubin_err})");
+            m
         }
     };
     let f = |name: &str| module.load_function(name).map_err(|e| format!("kernel {name}: {e}"));
@@ -248,12 +263,20 @@ fn compile_cubin(arch: &str) -> Result<Vec<u8>, String> {
     // SAFETY: `prog` is a live program until destroyed below; the buffers are sized by NVRTC.
     let out = unsafe {
         let compiled = result::compile_program(prog, &opts).map_err(|e| {
-            let log = result::get_program_log(prog).map(|l| std::ffi::CStr::from_ptr(l.as_ptr()).to_string_lossy().into_owned()).unwrap_or_default();
+            let log = result::get_program_log(prog)
+                .map(|l| {
+                    let bytes: Vec<u8> = l.iter().map(|&c| c as u8).collect();
+                    std::ffi::CStr::from_bytes_until_nul(&bytes).map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
+                })
+                .unwrap_or_default();
             format!("NVRTC ({arch}): {e:?}: {log}")
         });
         let cubin = compiled.and_then(|_| {
             let mut size = 0usize;
             sys::nvrtcGetCUBINSize(prog, &mut size).result().map_err(|e| format!("NVRTC CUBIN size: {e:?}"))?;
+            if size == 0 {
+                return Err(format!("NVRTC ({arch}) returned no CUBIN"));
+            }
             let mut buf = vec![0u8; size];
             sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr() as *mut std::ffi::c_char).result().map_err(|e| format!("NVRTC CUBIN: {e:?}"))?;
             Ok(buf)
@@ -350,6 +373,8 @@ fn applies(x: &Tensor, weight: &Tensor, bias: &Tensor) -> bool {
         && (c & (c - 1)) == 0
         && weight.numel() == c as usize
         && bias.numel() == c as usize
+        && weight.device() == x.device()
+        && bias.device() == x.device()
         && super::blocks::is_channels_last(x)
         && (x.data_ptr() as usize).is_multiple_of(align)
 }
