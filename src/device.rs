@@ -25,7 +25,7 @@ static ALLOCATOR_TUNED: OnceCell<bool> = OnceCell::new();
 /// alone. Returns whether the settings were applied. A no-op outside glibc.
 pub fn tune_allocator() -> bool {
     *ALLOCATOR_TUNED.get_or_init(|| {
-        if std::env::var("LUMOS_MALLOC_TUNING").is_ok_and(|v| v.trim() == "0") {
+        if switched_off("LUMOS_MALLOC_TUNING") {
             return false;
         }
         apply_malloc_settings()
@@ -45,6 +45,13 @@ fn apply_malloc_settings() -> bool {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn apply_malloc_settings() -> bool {
     false
+}
+
+/// Whether the environment switches a tuning off (`NAME=0`): the engine's switches
+/// (`LUMOS_MALLOC_TUNING`, `LUMOS_CUDNN_BENCHMARK`, `LUMOS_PACKED_CONV`,
+/// `LUMOS_CUDA_NHWC_NORM`, `LUMOS_CUDA_FUSED_NORM`) are on unless set to 0.
+pub(crate) fn switched_off(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| v.trim() == "0")
 }
 
 /// Loads libtorch_cuda.so once (RTLD_GLOBAL so its kernels register with libtorch).
@@ -83,7 +90,7 @@ pub fn cuda_available() -> bool {
 fn tune_cudnn() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        if !std::env::var("LUMOS_CUDNN_BENCHMARK").is_ok_and(|v| v.trim() == "0") {
+        if !switched_off("LUMOS_CUDNN_BENCHMARK") {
             tch::Cuda::cudnn_set_benchmark(true);
         }
     });

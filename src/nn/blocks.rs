@@ -137,7 +137,7 @@ fn force_nhwc() -> bool {
 /// The CUDA channels-last InstanceNorm ([`InstanceNorm::forward_nhwc`]) unless
 /// `LUMOS_CUDA_NHWC_NORM=0` (which restores libtorch's `group_norm`, for comparisons).
 fn nhwc_norm_enabled() -> bool {
-    static ON: Lazy<bool> = Lazy::new(|| !std::env::var("LUMOS_CUDA_NHWC_NORM").is_ok_and(|v| v.trim() == "0"));
+    static ON: Lazy<bool> = Lazy::new(|| !crate::device::switched_off("LUMOS_CUDA_NHWC_NORM"));
     *ON
 }
 

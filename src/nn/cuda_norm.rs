@@ -133,7 +133,7 @@ static KERNELS: Lazy<Mutex<HashMap<usize, Option<Arc<Kernels>>>>> = Lazy::new(||
 static DISABLED: Lazy<Mutex<std::collections::HashSet<usize>>> = Lazy::new(|| Mutex::new(Default::default()));
 
 fn enabled() -> bool {
-    static ON: Lazy<bool> = Lazy::new(|| !std::env::var("LUMOS_CUDA_FUSED_NORM").is_ok_and(|v| v.trim() == "0"));
+    static ON: Lazy<bool> = Lazy::new(|| !crate::device::switched_off("LUMOS_CUDA_FUSED_NORM"));
     *ON
 }
 
@@ -212,11 +212,9 @@ pub(crate) fn ensure_nvrtc() -> bool {
     *OK
 }
 
+/// Compiles and loads the kernels on device `ordinal` ([`kernels`] has checked that the
+/// driver library loads).
 fn build(ordinal: usize) -> Result<Kernels, String> {
-    // SAFETY: only probes whether the shared library can be opened.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        return Err("the CUDA driver library (libcuda.so) is not on the library path".into());
-    }
     if !ensure_nvrtc() {
         return Err("NVRTC (libnvrtc.so.*) is neither on the library path nor beside libtorch's nvidia packages (LUMOS_NVRTC names it)".into());
     }

@@ -58,7 +58,7 @@ pub fn grad_enabled() -> bool {
 static ENABLED: Lazy<bool> = Lazy::new(|| {
     // SAFETY: reads a build-time property of libtorch.
     let mkldnn = unsafe { lumos_mkldnn_available() != 0 };
-    mkldnn && !std::env::var("LUMOS_PACKED_CONV").is_ok_and(|v| v.trim() == "0")
+    mkldnn && !crate::device::switched_off("LUMOS_PACKED_CONV")
 });
 static BROKEN: AtomicBool = AtomicBool::new(false);
 /// Set when bfloat16 packing fails (oneDNN's bfloat16 convolutions need AVX-512 BW / VL /
