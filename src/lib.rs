@@ -27,6 +27,7 @@ pub mod progress;
 pub mod recipes;
 pub mod sim;
 pub mod split;
+pub mod staging;
 pub mod tiling;
 pub mod train;
 pub mod weights;

@@ -23,7 +23,7 @@ use crate::nn::musplit::{MuSplitConfig, MuSplitNet};
 use crate::nn::precision::{to_float, with_precision};
 pub use crate::nn::precision::Precision;
 use crate::nn::unet::{Unet, UnetConfig};
-use crate::normalize::{apply_affine_owned, Normalizer};
+use crate::normalize::{DeviceAffine, Normalizer};
 use crate::progress::Monitor;
 use crate::tiling::{mirrored, sliding_window, SlidingWindow};
 use crate::weights;
@@ -505,7 +505,9 @@ impl Model {
         // the sampler checks for cancellation between its steps
         let inner_monitor = monitor.cancel_only();
         let mut batch_no = 0u64;
-        let prepare = |t: Tensor| apply_affine_owned(t, &aff, device);
+        // the affine maps' parameters go to the device now, before the frame's copy
+        let dev_aff = DeviceAffine::new(&aff, 4, device);
+        let prepare = |t: Tensor| dev_aff.apply_owned(t);
         let mut net_probs = |x: &Tensor| -> Result<Tensor> {
             match (&inner.net, diff_opts) {
                 (Net::Pgdiff(d), Some(o)) => {

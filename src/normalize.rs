@@ -186,16 +186,40 @@ impl Normalizer {
 /// `(N, C, H, W)` or `(C, H, W)` tensor the caller gives up: computed in place in it, no new
 /// memory (a non-float tensor is converted first).
 pub fn apply_affine_owned(x: Tensor, aff: &[ChannelAffine], device: Device) -> Tensor {
-    let mut y = if x.kind() == Kind::Float { x } else { x.to_kind(Kind::Float) };
-    let _ = y.clamp_tensor_(Some(&affine_column(aff, y.dim(), device, |a| a.lo)), Some(&affine_column(aff, y.dim(), device, |a| a.hi)));
-    normalize_in_place(y, aff, device)
+    DeviceAffine::new(aff, x.dim(), device).apply_owned(x)
 }
 
-/// `(x - mean) / std` per channel, in place.
-fn normalize_in_place(mut y: Tensor, aff: &[ChannelAffine], device: Device) -> Tensor {
-    y -= &affine_column(aff, y.dim(), device, |a| a.mean);
-    y /= &affine_column(aff, y.dim(), device, |a| a.std);
-    y
+/// Per-channel affine maps with their parameters already on the device, for applying to
+/// many tensors: a parameter's copy to a CUDA device waits for the device's queued work
+/// (libtorch synchronizes a copy from pageable memory), so a frame's normalization made
+/// after its asynchronous copy would stall the host until that copy had finished.
+pub struct DeviceAffine {
+    lo: Tensor,
+    hi: Tensor,
+    mean: Tensor,
+    std: Tensor,
+}
+
+impl DeviceAffine {
+    /// The maps of `aff` shaped to broadcast over `dim`-D tensors (4: `(N, C, H, W)`, else
+    /// `(C, H, W)`) on `device`.
+    pub fn new(aff: &[ChannelAffine], dim: usize, device: Device) -> Self {
+        DeviceAffine {
+            lo: affine_column(aff, dim, device, |a| a.lo),
+            hi: affine_column(aff, dim, device, |a| a.hi),
+            mean: affine_column(aff, dim, device, |a| a.mean),
+            std: affine_column(aff, dim, device, |a| a.std),
+        }
+    }
+
+    /// As [`apply_affine_owned`].
+    pub fn apply_owned(&self, x: Tensor) -> Tensor {
+        let mut y = if x.kind() == Kind::Float { x } else { x.to_kind(Kind::Float) };
+        let _ = y.clamp_tensor_(Some(&self.lo), Some(&self.hi));
+        y -= &self.mean;
+        y /= &self.std;
+        y
+    }
 }
 
 /// One field of the channels' affine maps, shaped to broadcast over a `dim`-D tensor.

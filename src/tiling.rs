@@ -137,14 +137,30 @@ pub fn rows_to_device(frame: ArrayView3<f32>, y0: usize, y1: usize, device: Devi
             owned.copy_(&borrowed);
             owned
         }
+        Device::Cuda(_) if v.len() * 4 >= crate::staging::SLOT_BYTES => {
+            // through page-locked memory, without waiting for the transfer (crate::staging):
+            // one piece of rows per channel (the whole frame: one piece)
+            let (c, rows, w) = v.dim();
+            let pieces: Option<Vec<&[f32]>> = if rows == frame.dim().1 {
+                frame.to_slice().map(|s| vec![s])
+            } else {
+                (0..c).map(|ch| frame.slice(s![ch, y0..y1, ..]).to_slice()).collect()
+            };
+            let dst = Tensor::empty(dims.as_slice(), (Kind::Float, device));
+            match pieces {
+                Some(p) if p.iter().map(|s| s.len()).sum::<usize>() == c * rows * w && crate::staging::copy_to_device(&p, &dst) => dst,
+                _ => borrowed.to_device(device),
+            }
+        }
         _ => borrowed.to_device(device),
     }
 }
 
 /// Predicts a `(C, H, W)` frame tile by tile.
 ///
-/// Fails with `InvalidInput` naming the first NaN or infinite pixel before any prediction
-/// (checked on the device after the whole frame's copy there, else on the host up front).
+/// Fails with `InvalidInput` naming the first NaN or infinite pixel before `sink` sees any
+/// row (a frame predicted in one piece on the device: checked there, the result read after
+/// the predictions; band by band: on the host, before any prediction).
 /// - `prepare` maps raw pixels `(1, C, h, w)` (a copy of a band of the frame's rows, or of
 ///   the whole frame, on `device`, which `prepare` owns and may overwrite) to network
 ///   input, pixel by pixel: it is where normalization happens.
@@ -248,27 +264,49 @@ fn predict_and_blend(
     gauss: &Tensor,
     predict: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
     (acc, wsum): (&Tensor, &Tensor),
-    (done, total): (&mut usize, usize),
+    progress: (&mut usize, usize),
     monitor: &mut Monitor,
 ) -> Result<()> {
-    monitor.check()?;
-    let (th_, tw_) = (th as i64, tw as i64);
-    let batch = Tensor::cat(&at.iter().map(|&(y, x)| input.narrow(2, y, th_).narrow(3, x, tw_)).collect::<Vec<_>>(), 0);
-    let pred = predict(&batch)?;
-    check_prediction(&pred, at.len(), k, th, tw)?;
+    let pred = predict_tiles(input, at, [th, tw], k, predict, progress, monitor)?;
     let weighted = pred.to_kind(Kind::Float) * gauss;
+    let (th_, tw_) = (th as i64, tw as i64);
     for (i, &(y, x)) in at.iter().enumerate() {
         let mut a = acc.narrow(1, y, th_).narrow(2, x, tw_);
         a += weighted.get(i as i64);
         let mut ws = wsum.narrow(1, y, th_).narrow(2, x, tw_);
         ws += gauss;
     }
+    Ok(())
+}
+
+/// Predicts one batch of tiles cut from `input` at `at` (`(N, K, th, tw)`, checked) and
+/// reports progress (`done` of `total` tiles).
+fn predict_tiles(
+    input: &Tensor,
+    at: &[(i64, i64)],
+    [th, tw]: [usize; 2],
+    k: i64,
+    predict: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
+    (done, total): (&mut usize, usize),
+    monitor: &mut Monitor,
+) -> Result<Tensor> {
+    monitor.check()?;
+    let (th_, tw_) = (th as i64, tw as i64);
+    let batch = Tensor::cat(&at.iter().map(|&(y, x)| input.narrow(2, y, th_).narrow(3, x, tw_)).collect::<Vec<_>>(), 0);
+    let pred = predict(&batch)?;
+    check_prediction(&pred, at.len(), k, th, tw)?;
     *done += at.len();
     let mut pr = Progress::new(Stage::Inference);
     pr.iteration = *done;
     pr.iterations = total;
     monitor.emit(pr);
-    Ok(())
+    Ok(pred)
+}
+
+/// Whether tiles of `tile` pixels at `starts` cover `0..size` edge to edge without
+/// overlapping (sliding-window step 1.0 on a multiple of the tile).
+fn edge_to_edge(starts: &[usize], tile: usize, size: usize) -> bool {
+    starts.len() * tile == size && starts.iter().enumerate().all(|(i, &s)| s == i * tile)
 }
 
 fn check_prediction(pred: &Tensor, n: usize, k: i64, th: usize, tw: usize) -> Result<()> {
@@ -283,6 +321,8 @@ fn check_prediction(pred: &Tensor, n: usize, k: i64, th: usize, tw: usize) -> Re
 /// `prepare` of the whole frame, batches of `batch_size` tiles taken in reading order across
 /// rows of tiles (full batches however the tiles fall into rows), one accumulator for the
 /// frame, and one `sink` call with every row at the end (one device-to-host transfer).
+/// Tiles that cover the frame edge to edge (step 1.0 on a multiple of the tile) are put in
+/// place without blending: every pixel has one prediction, which the blend would give back.
 #[allow(clippy::too_many_arguments)]
 fn whole_frame(
     frame: ArrayView3<f32>,
@@ -298,29 +338,42 @@ fn whole_frame(
     let [th, tw] = sw.tile;
     let (hp, wp) = (h.max(th), w.max(tw));
     let k = out_channels as i64;
-    let gauss = gaussian_importance(th, tw, device);
-    let opts = (Kind::Float, device);
     let raw = rows_to_device(frame, 0, h, device);
-    // the finiteness check on the device (one reduction) instead of a host pass over the
-    // frame; the host search runs only to name the offending pixel
-    if !bool::try_from(raw.isfinite().all())? {
-        check_finite(frame)?;
-        return Err(Error::InvalidInput("the frame has a NaN or infinite pixel; all pixels must be finite numbers".into()));
-    }
+    // the finiteness check: one reduction on the device, read after the predictions (read
+    // now, it would hold the host until the frame's copy had finished); the host search
+    // runs only to name the offending pixel
+    let finite = raw.isfinite().all();
     let input = prepare(raw);
     let (ph, pw) = ((hp - h) as i64, (wp - w) as i64);
     let input = if ph > 0 || pw > 0 { input.constant_pad_nd([0, pw, 0, ph]) } else { input };
-    let acc = Tensor::zeros([k, hp as i64, wp as i64], opts);
-    let wsum = Tensor::zeros([1, hp as i64, wp as i64], opts);
     let ys = tile_starts(h, th, sw.step_fraction);
     let xs = tile_starts(w, tw, sw.step_fraction);
     let tiles: Vec<(i64, i64)> = ys.iter().flat_map(|&y| xs.iter().map(move |&x| (y as i64, x as i64))).collect();
     let mut done = 0usize;
-    for chunk in tiles.chunks(sw.batch_size) {
-        predict_and_blend(&input, chunk, sw.tile, k, &gauss, predict, (&acc, &wsum), (&mut done, tiles.len()), monitor)?;
+    let rows = if edge_to_edge(&ys, th, hp) && edge_to_edge(&xs, tw, wp) {
+        let mut preds = Vec::with_capacity(tiles.len().div_ceil(sw.batch_size));
+        for chunk in tiles.chunks(sw.batch_size) {
+            preds.push(predict_tiles(&input, chunk, sw.tile, k, predict, (&mut done, tiles.len()), monitor)?.to_kind(Kind::Float));
+        }
+        // (ny * nx, K, th, tw) in reading order -> (K, ny * th, nx * tw)
+        let (ny, nx) = (ys.len() as i64, xs.len() as i64);
+        let (th_, tw_) = (th as i64, tw as i64);
+        Tensor::cat(&preds, 0).view([ny, nx, k, th_, tw_]).permute([2, 0, 3, 1, 4]).reshape([k, ny * th_, nx * tw_])
+    } else {
+        let gauss = gaussian_importance(th, tw, device);
+        let opts = (Kind::Float, device);
+        let acc = Tensor::zeros([k, hp as i64, wp as i64], opts);
+        let wsum = Tensor::zeros([1, hp as i64, wp as i64], opts);
+        for chunk in tiles.chunks(sw.batch_size) {
+            predict_and_blend(&input, chunk, sw.tile, k, &gauss, predict, (&acc, &wsum), (&mut done, tiles.len()), monitor)?;
+        }
+        acc / wsum
+    };
+    if !bool::try_from(&finite)? {
+        check_finite(frame)?;
+        return Err(Error::InvalidInput("the frame has a NaN or infinite pixel; all pixels must be finite numbers".into()));
     }
-    let rows = acc.narrow(1, 0, h as i64).narrow(2, 0, w as i64) / wsum.narrow(1, 0, h as i64).narrow(2, 0, w as i64);
-    sink(0, &rows)
+    sink(0, &rows.narrow(1, 0, h as i64).narrow(2, 0, w as i64))
 }
 
 /// Inner-padding tiling (muSplit): the frame is cut into a grid of `keep x keep` cells;
@@ -461,21 +514,25 @@ mod tests {
     }
 
     /// An identity "network" must give back the input exactly, whatever the tiling, with
-    /// the frame predicted in one piece (the CUDA path, run here on the CPU) or band by band; a non-identity `prepare`
+    /// the frame predicted in one piece (the CUDA path, run here on the CPU; tiles edge to
+    /// edge are put in place without blending) or band by band; a non-identity `prepare`
     /// (an affine map) is applied exactly once to every pixel.
     #[test]
     fn identity_is_reconstructed() {
-        for (h, w, t, whole) in [
-            (37usize, 53usize, 16usize, true),
-            (64, 64, 64, true),
-            (10, 70, 32, true),
-            (100, 33, 32, true),
-            (37, 53, 16, false),
-            (10, 70, 32, false),
-            (100, 33, 32, false),
+        for (h, w, t, step, whole) in [
+            (37usize, 53usize, 16usize, 0.5, true),
+            (64, 64, 64, 0.5, true),
+            (10, 70, 32, 0.5, true),
+            (100, 33, 32, 0.5, true),
+            (64, 96, 32, 1.0, true),
+            (20, 96, 32, 1.0, true),
+            (37, 53, 16, 0.5, false),
+            (10, 70, 32, 0.5, false),
+            (100, 33, 32, 0.5, false),
+            (64, 96, 32, 1.0, false),
         ] {
             let frame = Array3::from_shape_fn((2, h, w), |(c, y, x)| (c * 1000 + y * 7 + x) as f32);
-            let sw = SlidingWindow { tile: [t, t], step_fraction: 0.5, batch_size: 3 };
+            let sw = SlidingWindow { tile: [t, t], step_fraction: step, batch_size: 3 };
             let mut out = Array3::<f32>::zeros((2, h, w));
             let mut next_row = 0;
             sliding_window_with(
@@ -498,7 +555,36 @@ mod tests {
             .unwrap();
             assert_eq!(next_row, h);
             let err = out.iter().zip(frame.iter()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            assert!(err < 1e-2, "{h}x{w} tile {t}, whole frame {whole}: max error {err}");
+            assert!(err < 1e-2, "{h}x{w} tile {t} step {step}, whole frame {whole}: max error {err}");
+        }
+    }
+
+    /// A NaN or infinite pixel fails the frame, naming the pixel, before the sink sees a
+    /// row, in one piece (checked on the device, read after the predictions) or band by band.
+    #[test]
+    fn non_finite_pixels_fail_before_any_row() {
+        for (bad, whole) in [(f32::NAN, true), (f32::INFINITY, true), (f32::NAN, false)] {
+            let mut frame = Array3::<f32>::zeros((2, 40, 40));
+            frame[[1, 33, 7]] = bad;
+            let sw = SlidingWindow { tile: [16, 16], step_fraction: 0.5, batch_size: 4 };
+            let mut rows_seen = 0;
+            let r = sliding_window_with(
+                frame.view(),
+                &sw,
+                1,
+                Device::Cpu,
+                &|t| t,
+                &mut |b| Ok(b.narrow(1, 0, 1)),
+                &mut |_, _| {
+                    rows_seen += 1;
+                    Ok(())
+                },
+                &mut Monitor::none(),
+                whole,
+            );
+            let msg = r.unwrap_err().to_string();
+            assert!(msg.contains("33") && msg.contains('7'), "{bad}, whole frame {whole}: {msg}");
+            assert_eq!(rows_seen, 0, "{bad}, whole frame {whole}: rows reached the sink");
         }
     }
 

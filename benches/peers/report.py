@@ -22,7 +22,7 @@ GOAL = 0.9
 MODE_TITLES = {
     "train_step": "Training step (forward, backward, optimizer)",
     "inference": "Inference throughput (network forward without gradients, a batch of tiles)",
-    "segment_2048": "Time to segment a {frame} ssQPM frame (sliding window, Gaussian blending)",
+    "segment_2048": "Time to segment a {frame} ssQPM frame (sliding window, Gaussian blending of overlapping tiles)",
     "decompose": "muSplit: decompose a fluorescence frame (inner-padding tiling)",
     "pgdiff_tiles": "PG-DiffSeg: tiles per second (encode, DDIM inversion, DDIM sampling)",
 }

@@ -292,10 +292,10 @@ fn compile_cubin(arch: &str) -> Result<Vec<u8>, String> {
 /// Restores the calling thread's current CUDA context when dropped: cudarc binds the
 /// device's primary context to the thread for its calls, which would otherwise leave a
 /// host application that uses the CUDA runtime on this thread on another device.
-struct ContextGuard(Option<Option<cudarc::driver::sys::CUcontext>>);
+pub(crate) struct ContextGuard(Option<Option<cudarc::driver::sys::CUcontext>>);
 
 impl ContextGuard {
-    fn save() -> Self {
+    pub(crate) fn save() -> Self {
         ContextGuard(cudarc::driver::result::ctx::get_current().ok())
     }
 }
