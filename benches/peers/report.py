@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 
@@ -324,8 +325,15 @@ def main():
       "interpreter and torch's modules, about 0.5 GB). In parentheses: the growth over the resident size at the "
       "reset, i.e. the memory the measured work itself added (activations, gradients, optimizer state, buffers).")
     if cuda:
-        w("- Peak memory (GPU): device memory in use while the process measured (nvidia-smi, sampled every "
-          "~0.1 s by scripts/bench.sh, minus the idle baseline): the CUDA context plus what each caching "
+        # the sampling interval of each run (bench.sh --gpumem-interval, default 0.1 s; 0: none)
+        ivs = []
+        for r in runs:
+            m = re.search(r"--gpumem-interval[ =](\S+)", r.get("run", {}).get("command", ""))
+            ivs.append(m.group(1) if m else "0.1")
+        every = (f"every ~{ivs[0]} s" if len(set(ivs)) == 1
+                 else "every S s, S per run in the order of the commands above: " + ", ".join(ivs))
+        w("- Peak memory (GPU): device memory in use while the process measured (nvidia-smi, sampled by "
+          f"scripts/bench.sh {every}; 0: not sampled, n/a; minus the idle baseline): the CUDA context plus what each caching "
           "allocator reserved, the same method for both sides (tch exposes no allocator statistics). The "
           "peer's `torch.cuda.max_memory_allocated` is listed as well.")
     w("- † after the goal: one side's timed repetitions spread by more than 10 % of their median "
