@@ -45,39 +45,48 @@ struct Ring {
     slots: Vec<Slot>,
 }
 
-// SAFETY: the slots' memory is owned by the ring and only touched under the RINGS lock.
-unsafe impl Send for Ring {}
+/// A device's ring, freed when dropped (staging failed) with the calling thread's CUDA
+/// context restored afterwards.
+struct Owned(Option<Ring>);
 
-impl Drop for Ring {
+// SAFETY: the slots' memory is owned by the ring and only touched under the RINGS lock.
+unsafe impl Send for Owned {}
+
+impl Drop for Owned {
     fn drop(&mut self) {
+        // declared first, dropped last: after the ring's events and context handles
         let _g = ContextGuard::save();
-        for s in &self.slots {
-            // the slot's transfers must have finished before its memory goes back
-            let _ = s.event.synchronize();
-            // SAFETY: allocated by malloc_host in Ring::new, freed once, no transfer pending.
-            let _ = unsafe { cudarc::driver::result::free_host(s.ptr as *mut std::ffi::c_void) };
+        if let Some(ring) = self.0.take() {
+            // every transfer queued from the slots must have finished before their memory
+            // goes back, a transfer whose event was not recorded included
+            let _ = ring.stream.synchronize();
+            for s in &ring.slots {
+                let _ = s.event.synchronize();
+                // SAFETY: allocated by malloc_host in Ring::allocate, freed once, nothing pending.
+                let _ = unsafe { cudarc::driver::result::free_host(s.ptr as *mut std::ffi::c_void) };
+            }
+            drop(ring);
         }
     }
 }
 
 impl Ring {
-    fn new(ordinal: usize) -> Result<Ring, String> {
-        // SAFETY: only probes whether the shared library can be opened.
-        if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            return Err("the CUDA driver library (libcuda.so) is not on the library path".into());
-        }
+    /// The ring of device `ordinal` (the caller has checked that the driver library loads
+    /// and holds a [`ContextGuard`]); a partly built ring frees its slots when dropped.
+    fn allocate(ordinal: usize) -> Result<Owned, String> {
         let ctx = CudaContext::new(ordinal).map_err(|e| format!("CUDA context of device {ordinal}: {e}"))?;
-        let mut ring = Ring { stream: ctx.default_stream(), ctx, slots: Vec::with_capacity(SLOTS) };
+        let mut owned = Owned(Some(Ring { stream: ctx.default_stream(), ctx, slots: Vec::with_capacity(SLOTS) }));
+        let ring = owned.0.as_mut().expect("just built");
         for _ in 0..SLOTS {
             let event = ring.ctx.new_event(None).map_err(|e| format!("event: {e}"))?;
             ring.ctx.bind_to_thread().map_err(|e| e.to_string())?;
             // SAFETY: a plain page-locked allocation in the device's primary context (the
-            // context libtorch uses), freed in Drop.
+            // context libtorch uses), freed when the ring is dropped.
             let ptr = unsafe { cudarc::driver::result::malloc_host(SLOT_BYTES, 0) }
                 .map_err(|e| format!("page-locked allocation of {SLOT_BYTES} bytes: {e}"))?;
             ring.slots.push(Slot { ptr: ptr as *mut f32, event });
         }
-        Ok(ring)
+        Ok(owned)
     }
 
     /// Copies `pieces` into consecutive elements of the device memory at `dst`.
@@ -112,46 +121,60 @@ impl Ring {
 }
 
 /// Per device ordinal: the ring, or `None` where staging failed (logged once).
-static RINGS: Lazy<Mutex<HashMap<usize, Option<Ring>>>> = Lazy::new(|| Mutex::new(HashMap::new()));
+static RINGS: Lazy<Mutex<HashMap<usize, Owned>>> = Lazy::new(|| Mutex::new(HashMap::new()));
+
+/// Staged copies made by this process (for tests).
+static STAGED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 fn enabled() -> bool {
     static ON: Lazy<bool> = Lazy::new(|| !crate::device::switched_off("LUMOS_CUDA_STAGED_COPY"));
     *ON
 }
 
-/// Copies the host slices `pieces`, in order, into the float32 CUDA tensor `dst`
-/// (contiguous, with exactly as many elements as the pieces together) through the device's
-/// page-locked ring; the transfers are queued on the legacy default stream and may still be
-/// running on return (work queued after them on that stream waits for them; the pieces'
-/// memory is no longer read). `false` where staging is switched off, does not apply or
-/// failed: the caller copies another way (`dst` may then hold part of the pieces).
-pub fn copy_to_device(pieces: &[&[f32]], dst: &Tensor) -> bool {
-    let Device::Cuda(ordinal) = dst.device() else { return false };
+/// A new float32 tensor of shape `dims` on the CUDA `device` holding the host slices
+/// `pieces` one after the other (as many elements as `dims` counts), copied through the
+/// device's page-locked ring; the transfers are queued on the legacy default stream and may
+/// still be running on return (work queued after them on that stream waits for them; the
+/// pieces' memory is no longer read). `None`, before any device allocation, where staging is
+/// switched off or does not apply (not CUDA, fewer than one slot of data), and where it
+/// failed: the caller copies another way.
+pub fn to_device(pieces: &[&[f32]], dims: &[i64], device: Device) -> Option<Tensor> {
+    let Device::Cuda(ordinal) = device else { return None };
     let total: usize = pieces.iter().map(|p| p.len()).sum();
-    if !enabled() || dst.kind() != Kind::Float || !dst.is_contiguous() || dst.numel() != total || total == 0 {
-        return false;
+    if !enabled() || total * 4 < SLOT_BYTES || dims.iter().product::<i64>() != total as i64 {
+        return None;
     }
     let mut rings = RINGS.lock();
     let entry = rings.entry(ordinal).or_insert_with(|| {
-        // cudarc panics where a library symbol is missing: keep that inside
-        let _g = ContextGuard::save();
-        match std::panic::catch_unwind(|| Ring::new(ordinal)).unwrap_or_else(|_| Err("the CUDA driver library failed to load".into())) {
-            Ok(r) => Some(r),
-            Err(e) => {
-                log::warn!("staged frame copies unavailable on device {ordinal}, libtorch copies the frames: {e}");
-                None
+        // cudarc panics where a library symbol is missing: keep that inside, the driver
+        // library checked before the guard reads the thread's context through it
+        let built = std::panic::catch_unwind(|| {
+            // SAFETY: only probes whether the shared library can be opened.
+            if !unsafe { cudarc::driver::sys::is_culib_present() } {
+                return Err("the CUDA driver library (libcuda.so) is not on the library path".to_string());
             }
-        }
+            let _g = ContextGuard::save();
+            Ring::allocate(ordinal)
+        })
+        .unwrap_or_else(|_| Err("the CUDA driver library failed to load".into()));
+        built.unwrap_or_else(|e| {
+            log::warn!("staged frame copies unavailable on device {ordinal}, libtorch copies the frames: {e}");
+            Owned(None)
+        })
     });
-    let Some(ring) = entry.as_mut() else { return false };
+    let ring = entry.0.as_mut()?;
+    let dst = Tensor::empty(dims, (Kind::Float, device));
     let _g = ContextGuard::save();
     match ring.copy(pieces, dst.data_ptr() as u64) {
-        Ok(()) => true,
+        Ok(()) => {
+            STAGED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Some(dst)
+        }
         Err(e) => {
-            log::warn!("a staged frame copy failed on device {ordinal}, libtorch copies the frames from now on: {e}");
-            // dropping the ring waits for its pending transfers before freeing its memory
-            *entry = None;
-            false
+            log::warn!("a staged frame copy failed on device {ordinal} (or an earlier CUDA error surfaced there), libtorch copies the frames from now on: {e}");
+            // dropping the ring waits for the stream before freeing its memory
+            *entry = Owned(None);
+            None
         }
     }
 }
@@ -159,11 +182,12 @@ pub fn copy_to_device(pieces: &[&[f32]], dst: &Tensor) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ndarray::{s, Array3};
 
     /// On a CUDA device (skipped without one): staged copies equal libtorch's, for one piece
-    /// and several, shorter than a slot, not a multiple of one, and longer than the ring
-    /// (slots reused while earlier transfers may still run); the host memory may be reused
-    /// as soon as the call returns.
+    /// and several, one slot and a little more, not a multiple of a slot, and longer than
+    /// the ring (slots reused while earlier transfers may still run); the host memory may
+    /// be reused as soon as the call returns. Less than a slot is left to libtorch.
     #[test]
     fn staged_copies_equal_libtorchs() {
         if !crate::device::cuda_available() {
@@ -171,23 +195,45 @@ mod tests {
             return;
         }
         let dev = Device::Cuda(0);
-        for lens in [vec![1000usize], vec![SLOT_ELEMS + 7], vec![SLOTS * SLOT_ELEMS * 2 + 12345], vec![300_000, 5, SLOT_ELEMS * 3]] {
+        assert!(to_device(&[&[1.0f32; 1000]], &[1000], dev).is_none(), "less than a slot is staged");
+        for lens in [vec![SLOT_ELEMS], vec![SLOT_ELEMS + 7], vec![SLOTS * SLOT_ELEMS * 2 + 12345], vec![300_000, 5, SLOT_ELEMS * 3]] {
             let mut pieces: Vec<Vec<f32>> = lens
                 .iter()
                 .enumerate()
                 .map(|(p, &n)| (0..n).map(|i| (i as f32) * 0.5 + p as f32 * 1e6).collect())
                 .collect();
-            let total: usize = lens.iter().sum();
-            let dst = Tensor::empty([total as i64], (Kind::Float, dev));
+            let total = lens.iter().sum::<usize>() as i64;
             let refs: Vec<&[f32]> = pieces.iter().map(|p| p.as_slice()).collect();
-            assert!(copy_to_device(&refs, &dst), "{lens:?}: staging refused");
-            let want = Tensor::cat(&pieces.iter().map(|p| Tensor::from_slice(p)).collect::<Vec<_>>(), 0);
+            let dst = to_device(&refs, &[1, total], dev).unwrap_or_else(|| panic!("{lens:?}: staging refused"));
+            assert_eq!(dst.size(), [1, total]);
+            let want = Tensor::cat(&pieces.iter().map(|p| Tensor::from_slice(p)).collect::<Vec<_>>(), 0).view([1, total]);
             // the caller's memory is free to change once the call has returned
             for p in pieces.iter_mut() {
                 p.iter_mut().for_each(|v| *v = f32::NAN);
             }
-            let got = dst.to_device(Device::Cpu);
-            assert!(got.equal(&want), "{lens:?}: the staged copy differs");
+            assert!(dst.to_device(Device::Cpu).equal(&want), "{lens:?}: the staged copy differs");
         }
+    }
+
+    /// On a CUDA device: `tiling::rows_to_device` through the ring (one piece for the whole
+    /// frame, one per channel for a band of rows) gives the frame's rows as the CPU copy does.
+    #[test]
+    fn frames_and_bands_reach_the_device_intact() {
+        if !crate::device::cuda_available() {
+            eprintln!("skipped: no CUDA device");
+            return;
+        }
+        let frame = Array3::from_shape_fn((3, 700, 640), |(c, y, x)| (c * 1_000_000 + y * 1000 + x) as f32);
+        let before = STAGED.load(std::sync::atomic::Ordering::Relaxed);
+        for (y0, y1) in [(0usize, 700usize), (123, 700), (5, 650)] {
+            assert!(3 * (y1 - y0) * 640 * 4 >= SLOT_BYTES, "the case must be staged");
+            let got = crate::tiling::rows_to_device(frame.view(), y0, y1, Device::Cuda(0)).to_device(Device::Cpu);
+            let want = crate::tiling::rows_to_device(frame.view(), y0, y1, Device::Cpu);
+            assert!(got.equal(&want), "rows {y0}..{y1} differ");
+            let band = frame.slice(s![.., y0..y1, ..]);
+            assert_eq!(got.size(), [1, 3, band.dim().1 as i64, 640]);
+        }
+        // the three copies went through the ring (other tests may add theirs)
+        assert!(STAGED.load(std::sync::atomic::Ordering::Relaxed) >= before + 3, "rows_to_device did not stage");
     }
 }

@@ -146,11 +146,8 @@ pub fn rows_to_device(frame: ArrayView3<f32>, y0: usize, y1: usize, device: Devi
             } else {
                 (0..c).map(|ch| frame.slice(s![ch, y0..y1, ..]).to_slice()).collect()
             };
-            let dst = Tensor::empty(dims.as_slice(), (Kind::Float, device));
-            match pieces {
-                Some(p) if p.iter().map(|s| s.len()).sum::<usize>() == c * rows * w && crate::staging::copy_to_device(&p, &dst) => dst,
-                _ => borrowed.to_device(device),
-            }
+            let staged = pieces.filter(|p| p.iter().map(|s| s.len()).sum::<usize>() == c * rows * w).and_then(|p| crate::staging::to_device(&p, &dims, device));
+            staged.unwrap_or_else(|| borrowed.to_device(device))
         }
         _ => borrowed.to_device(device),
     }
@@ -159,8 +156,10 @@ pub fn rows_to_device(frame: ArrayView3<f32>, y0: usize, y1: usize, device: Devi
 /// Predicts a `(C, H, W)` frame tile by tile.
 ///
 /// Fails with `InvalidInput` naming the first NaN or infinite pixel before `sink` sees any
-/// row (a frame predicted in one piece on the device: checked there, the result read after
-/// the predictions; band by band: on the host, before any prediction).
+/// row: band by band, checked on the host before any prediction; a frame predicted in one
+/// piece on the device, checked there and the result read after the first batch of tiles
+/// (so that the host queues that batch while the frame is still being copied: a bad frame
+/// costs one batch of predictions, and an error or cancellation of that batch comes first).
 /// - `prepare` maps raw pixels `(1, C, h, w)` (a copy of a band of the frame's rows, or of
 ///   the whole frame, on `device`, which `prepare` owns and may overwrite) to network
 ///   input, pixel by pixel: it is where normalization happens.
@@ -338,41 +337,58 @@ fn whole_frame(
     let [th, tw] = sw.tile;
     let (hp, wp) = (h.max(th), w.max(tw));
     let k = out_channels as i64;
-    let raw = rows_to_device(frame, 0, h, device);
-    // the finiteness check: one reduction on the device, read after the predictions (read
-    // now, it would hold the host until the frame's copy had finished); the host search
-    // runs only to name the offending pixel
-    let finite = raw.isfinite().all();
-    let input = prepare(raw);
-    let (ph, pw) = ((hp - h) as i64, (wp - w) as i64);
-    let input = if ph > 0 || pw > 0 { input.constant_pad_nd([0, pw, 0, ph]) } else { input };
     let ys = tile_starts(h, th, sw.step_fraction);
     let xs = tile_starts(w, tw, sw.step_fraction);
     let tiles: Vec<(i64, i64)> = ys.iter().flat_map(|&y| xs.iter().map(move |&x| (y as i64, x as i64))).collect();
-    let mut done = 0usize;
-    let rows = if edge_to_edge(&ys, th, hp) && edge_to_edge(&xs, tw, wp) {
-        let mut preds = Vec::with_capacity(tiles.len().div_ceil(sw.batch_size));
-        for chunk in tiles.chunks(sw.batch_size) {
-            preds.push(predict_tiles(&input, chunk, sw.tile, k, predict, (&mut done, tiles.len()), monitor)?.to_kind(Kind::Float));
+    let grid = edge_to_edge(&ys, th, hp) && edge_to_edge(&xs, tw, wp);
+    // before the frame's copy: the weights' copy from host memory waits for the stream
+    let gauss = (!grid).then(|| gaussian_importance(th, tw, device));
+    let raw = rows_to_device(frame, 0, h, device);
+    // the finiteness check: one reduction on the device, read after the first batch of
+    // predictions (read now, it would hold the host until the frame's copy had finished;
+    // after the first batch, the copy has finished); the host search runs only to name the
+    // offending pixel
+    let finite = raw.isfinite().all();
+    let check = move || -> Result<()> {
+        if !bool::try_from(&finite)? {
+            check_finite(frame)?;
+            return Err(Error::InvalidInput("the frame has a NaN or infinite pixel; all pixels must be finite numbers".into()));
         }
-        // (ny * nx, K, th, tw) in reading order -> (K, ny * th, nx * tw)
-        let (ny, nx) = (ys.len() as i64, xs.len() as i64);
-        let (th_, tw_) = (th as i64, tw as i64);
-        Tensor::cat(&preds, 0).view([ny, nx, k, th_, tw_]).permute([2, 0, 3, 1, 4]).reshape([k, ny * th_, nx * tw_])
-    } else {
-        let gauss = gaussian_importance(th, tw, device);
-        let opts = (Kind::Float, device);
-        let acc = Tensor::zeros([k, hp as i64, wp as i64], opts);
-        let wsum = Tensor::zeros([1, hp as i64, wp as i64], opts);
-        for chunk in tiles.chunks(sw.batch_size) {
-            predict_and_blend(&input, chunk, sw.tile, k, &gauss, predict, (&acc, &wsum), (&mut done, tiles.len()), monitor)?;
-        }
-        acc / wsum
+        Ok(())
     };
-    if !bool::try_from(&finite)? {
-        check_finite(frame)?;
-        return Err(Error::InvalidInput("the frame has a NaN or infinite pixel; all pixels must be finite numbers".into()));
-    }
+    let input = prepare(raw);
+    let (ph, pw) = ((hp - h) as i64, (wp - w) as i64);
+    let input = if ph > 0 || pw > 0 { input.constant_pad_nd([0, pw, 0, ph]) } else { input };
+    let mut done = 0usize;
+    let rows = match &gauss {
+        None => {
+            let mut preds = Vec::with_capacity(tiles.len().div_ceil(sw.batch_size));
+            for (i, chunk) in tiles.chunks(sw.batch_size).enumerate() {
+                preds.push(predict_tiles(&input, chunk, sw.tile, k, predict, (&mut done, tiles.len()), monitor)?.to_kind(Kind::Float));
+                if i == 0 {
+                    check()?;
+                }
+            }
+            // (ny * nx, K, th, tw) in reading order -> (K, ny * th, nx * tw)
+            let (ny, nx) = (ys.len() as i64, xs.len() as i64);
+            let (th_, tw_) = (th as i64, tw as i64);
+            let all = Tensor::cat(&preds, 0);
+            drop(preds);
+            all.view([ny, nx, k, th_, tw_]).permute([2, 0, 3, 1, 4]).reshape([k, ny * th_, nx * tw_])
+        }
+        Some(gauss) => {
+            let opts = (Kind::Float, device);
+            let acc = Tensor::zeros([k, hp as i64, wp as i64], opts);
+            let wsum = Tensor::zeros([1, hp as i64, wp as i64], opts);
+            for (i, chunk) in tiles.chunks(sw.batch_size).enumerate() {
+                predict_and_blend(&input, chunk, sw.tile, k, gauss, predict, (&acc, &wsum), (&mut done, tiles.len()), monitor)?;
+                if i == 0 {
+                    check()?;
+                }
+            }
+            acc / wsum
+        }
+    };
     sink(0, &rows.narrow(1, 0, h as i64).narrow(2, 0, w as i64))
 }
 
@@ -563,10 +579,10 @@ mod tests {
     /// row, in one piece (checked on the device, read after the predictions) or band by band.
     #[test]
     fn non_finite_pixels_fail_before_any_row() {
-        for (bad, whole) in [(f32::NAN, true), (f32::INFINITY, true), (f32::NAN, false)] {
-            let mut frame = Array3::<f32>::zeros((2, 40, 40));
+        for (bad, whole, step) in [(f32::NAN, true, 0.5), (f32::INFINITY, true, 0.5), (f32::NAN, true, 1.0), (f32::NAN, false, 0.5)] {
+            let mut frame = Array3::<f32>::zeros((2, 48, 48));
             frame[[1, 33, 7]] = bad;
-            let sw = SlidingWindow { tile: [16, 16], step_fraction: 0.5, batch_size: 4 };
+            let sw = SlidingWindow { tile: [16, 16], step_fraction: step, batch_size: 4 };
             let mut rows_seen = 0;
             let r = sliding_window_with(
                 frame.view(),
@@ -583,9 +599,20 @@ mod tests {
                 whole,
             );
             let msg = r.unwrap_err().to_string();
-            assert!(msg.contains("33") && msg.contains('7'), "{bad}, whole frame {whole}: {msg}");
-            assert_eq!(rows_seen, 0, "{bad}, whole frame {whole}: rows reached the sink");
+            assert!(msg.contains("channel 1, row 33, column 7"), "{bad}, whole frame {whole}, step {step}: {msg}");
+            assert_eq!(rows_seen, 0, "{bad}, whole frame {whole}, step {step}: rows reached the sink");
         }
+    }
+
+    /// Tiles are put in place without blending only where they cover the axis edge to edge.
+    #[test]
+    fn edge_to_edge_tiles_are_recognized() {
+        assert!(edge_to_edge(&tile_starts(1024, 256, 1.0), 256, 1024));
+        assert!(edge_to_edge(&tile_starts(100, 256, 1.0), 256, 256), "one padded tile");
+        assert!(!edge_to_edge(&tile_starts(1024, 256, 0.5), 256, 1024));
+        assert!(!edge_to_edge(&tile_starts(1000, 256, 1.0), 256, 1000), "the last tile overlaps");
+        assert!(!edge_to_edge(&[0, 250, 512, 768], 256, 1024));
+        assert!(!edge_to_edge(&[0, 256], 256, 1024), "short of the end");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 7's GPU target (a 1024 x 1024 DM-QPMNet frame in under 10 ms) in one device call,
 # on a GPU machine prepared by benches/gpu/prepare.sh:
-#   0. the library's CUDA unit tests (nn::cuda_norm, staging, tiling; unit.txt)
+#   0. the library's unit tests of the CUDA paths (on the GPU: nn::cuda_norm, staging; the
+#      tiling tests run on the CPU; unit.txt)
 #   1. engine vs peer, benches/gpu/plan-frame.txt (scripts/bench.sh without the memory
 #      sampler; benchmarks-cuda.md, results.json, bench.log)
 #   2. the engine alone on the same model and frame (ab.jsonl), the bfloat16 step-1.0
