@@ -13,8 +13,9 @@
 //!
 //! The ring is [`SLOTS`] x [`SLOT_BYTES`] (16 MiB) of page-locked memory per device,
 //! allocated at the first staged copy and kept for the life of the process. Where anything
-//! fails (no driver library, an allocation or a transfer refused) [`copy_to_device`]
-//! returns `false` (logged once per device) and the caller copies with libtorch.
+//! fails (no driver library, an allocation or a transfer refused) [`to_device`] returns
+//! `None` (logged once per device), the device's ring, if any, is freed once its stream has
+//! finished, staging stays off for that device, and the caller copies with libtorch.
 //! `LUMOS_CUDA_STAGED_COPY=0` switches staging off.
 
 use std::collections::HashMap;
@@ -54,9 +55,9 @@ unsafe impl Send for Owned {}
 
 impl Drop for Owned {
     fn drop(&mut self) {
-        // declared first, dropped last: after the ring's events and context handles
-        let _g = ContextGuard::save();
         if let Some(ring) = self.0.take() {
+            // declared first, dropped last: after the ring's events and context handles
+            let _g = ContextGuard::save();
             // every transfer queued from the slots must have finished before their memory
             // goes back, a transfer whose event was not recorded included
             let _ = ring.stream.synchronize();
@@ -123,8 +124,10 @@ impl Ring {
 /// Per device ordinal: the ring, or `None` where staging failed (logged once).
 static RINGS: Lazy<Mutex<HashMap<usize, Owned>>> = Lazy::new(|| Mutex::new(HashMap::new()));
 
-/// Staged copies made by this process (for tests).
-static STAGED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+thread_local! {
+    /// Staged copies made by this thread (for tests, which run on threads of their own).
+    static STAGED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
 
 fn enabled() -> bool {
     static ON: Lazy<bool> = Lazy::new(|| !crate::device::switched_off("LUMOS_CUDA_STAGED_COPY"));
@@ -167,7 +170,7 @@ pub fn to_device(pieces: &[&[f32]], dims: &[i64], device: Device) -> Option<Tens
     let _g = ContextGuard::save();
     match ring.copy(pieces, dst.data_ptr() as u64) {
         Ok(()) => {
-            STAGED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            STAGED.with(|n| n.set(n.get() + 1));
             Some(dst)
         }
         Err(e) => {
@@ -216,7 +219,8 @@ mod tests {
     }
 
     /// On a CUDA device: `tiling::rows_to_device` through the ring (one piece for the whole
-    /// frame, one per channel for a band of rows) gives the frame's rows as the CPU copy does.
+    /// frame, one per channel for a band of rows or a frame cropped in height) gives the
+    /// frame's rows as the CPU copy does.
     #[test]
     fn frames_and_bands_reach_the_device_intact() {
         if !crate::device::cuda_available() {
@@ -224,7 +228,11 @@ mod tests {
             return;
         }
         let frame = Array3::from_shape_fn((3, 700, 640), |(c, y, x)| (c * 1_000_000 + y * 1000 + x) as f32);
-        let before = STAGED.load(std::sync::atomic::Ordering::Relaxed);
+        let before = STAGED.with(|n| n.get());
+        // a frame cropped in height: not contiguous across channels, each channel is
+        let cropped = frame.slice(s![.., 100..600, ..]);
+        let got = crate::tiling::rows_to_device(cropped, 0, 500, Device::Cuda(0)).to_device(Device::Cpu);
+        assert!(got.equal(&crate::tiling::rows_to_device(cropped, 0, 500, Device::Cpu)), "the cropped frame differs");
         for (y0, y1) in [(0usize, 700usize), (123, 700), (5, 650)] {
             assert!(3 * (y1 - y0) * 640 * 4 >= SLOT_BYTES, "the case must be staged");
             let got = crate::tiling::rows_to_device(frame.view(), y0, y1, Device::Cuda(0)).to_device(Device::Cpu);
@@ -233,7 +241,7 @@ mod tests {
             let band = frame.slice(s![.., y0..y1, ..]);
             assert_eq!(got.size(), [1, 3, band.dim().1 as i64, 640]);
         }
-        // the three copies went through the ring (other tests may add theirs)
-        assert!(STAGED.load(std::sync::atomic::Ordering::Relaxed) >= before + 3, "rows_to_device did not stage");
+        // every copy went through the ring (this thread's count: tests run on threads of their own)
+        assert_eq!(STAGED.with(|n| n.get()), before + 4, "rows_to_device did not stage every copy");
     }
 }

@@ -8,7 +8,7 @@
 //! handed to the sink at once. Memory beyond the caller's input and output buffers is
 //! therefore bounded by the tile height x frame width x classes, not the frame area.
 
-use ndarray::{s, ArrayView3};
+use ndarray::{s, ArrayView3, Axis};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
@@ -118,8 +118,10 @@ fn whole_frame_bytes(c: usize, k: usize, h: usize, w: usize) -> usize {
 }
 
 /// Rows `y0..y1` of a `(C, H, W)` frame as a new `(1, C, y1 - y0, W)` float tensor on
-/// `device` that owns its memory: one strided copy from the array's memory (straight to
-/// the device on a GPU), no element-by-element gathering, unless the strides are negative.
+/// `device` that owns its memory, without element-by-element gathering unless the strides
+/// are negative: on the CPU one strided copy; on a CUDA device, 2 MiB or more whose rows are
+/// contiguous within each channel go through page-locked buffers without waiting for the
+/// transfer ([`crate::staging`]), anything else is copied by libtorch.
 pub fn rows_to_device(frame: ArrayView3<f32>, y0: usize, y1: usize, device: Device) -> Tensor {
     let v = frame.slice(s![.., y0..y1, ..]);
     if v.strides().iter().any(|&st| st < 0) || v.is_empty() {
@@ -139,14 +141,11 @@ pub fn rows_to_device(frame: ArrayView3<f32>, y0: usize, y1: usize, device: Devi
         }
         Device::Cuda(_) if v.len() * 4 >= crate::staging::SLOT_BYTES => {
             // through page-locked memory, without waiting for the transfer (crate::staging):
-            // one piece of rows per channel (the whole frame: one piece)
-            let (c, rows, w) = v.dim();
-            let pieces: Option<Vec<&[f32]>> = if rows == frame.dim().1 {
-                frame.to_slice().map(|s| vec![s])
-            } else {
-                (0..c).map(|ch| frame.slice(s![ch, y0..y1, ..]).to_slice()).collect()
-            };
-            let staged = pieces.filter(|p| p.iter().map(|s| s.len()).sum::<usize>() == c * rows * w).and_then(|p| crate::staging::to_device(&p, &dims, device));
+            // one piece where the rows are contiguous across channels (a whole frame), else
+            // one per channel (a band of rows, a frame cropped in height)
+            let pieces: Option<Vec<&[f32]>> =
+                v.to_slice().map(|s| vec![s]).or_else(|| (0..v.dim().0).map(|ch| v.index_axis(Axis(0), ch).to_slice()).collect());
+            let staged = pieces.and_then(|p| crate::staging::to_device(&p, &dims, device));
             staged.unwrap_or_else(|| borrowed.to_device(device))
         }
         _ => borrowed.to_device(device),
