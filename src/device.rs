@@ -83,6 +83,17 @@ pub fn cuda_available() -> bool {
     load_cuda().is_ok() && tch::Cuda::is_available()
 }
 
+/// For tests that need a GPU: the first CUDA device, or `None` (with a line saying the test
+/// is skipped) on a machine without one.
+#[cfg(test)]
+pub(crate) fn cuda_for_test() -> Option<Device> {
+    if cuda_available() {
+        return Some(Device::Cuda(0));
+    }
+    eprintln!("skipped: no CUDA device");
+    None
+}
+
 /// cuDNN's autotuner on (`torch.backends.cudnn.benchmark = True`, as nnU-Net sets it):
 /// the first convolution of each shape times cuDNN's algorithms and keeps the fastest.
 /// Tiles and training patches have fixed shapes, so the search is paid once.

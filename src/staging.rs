@@ -193,11 +193,7 @@ mod tests {
     /// be reused as soon as the call returns. Less than a slot is left to libtorch.
     #[test]
     fn staged_copies_equal_libtorchs() {
-        if !crate::device::cuda_available() {
-            eprintln!("skipped: no CUDA device");
-            return;
-        }
-        let dev = Device::Cuda(0);
+        let Some(dev) = crate::device::cuda_for_test() else { return };
         assert!(to_device(&[&[1.0f32; 1000]], &[1000], dev).is_none(), "less than a slot is staged");
         for lens in [vec![SLOT_ELEMS], vec![SLOT_ELEMS + 7], vec![SLOTS * SLOT_ELEMS * 2 + 12345], vec![300_000, 5, SLOT_ELEMS * 3]] {
             let mut pieces: Vec<Vec<f32>> = lens
@@ -223,19 +219,16 @@ mod tests {
     /// frame's rows as the CPU copy does.
     #[test]
     fn frames_and_bands_reach_the_device_intact() {
-        if !crate::device::cuda_available() {
-            eprintln!("skipped: no CUDA device");
-            return;
-        }
+        let Some(dev) = crate::device::cuda_for_test() else { return };
         let frame = Array3::from_shape_fn((3, 700, 640), |(c, y, x)| (c * 1_000_000 + y * 1000 + x) as f32);
         let before = STAGED.with(|n| n.get());
         // a frame cropped in height: not contiguous across channels, each channel is
         let cropped = frame.slice(s![.., 100..600, ..]);
-        let got = crate::tiling::rows_to_device(cropped, 0, 500, Device::Cuda(0)).to_device(Device::Cpu);
+        let got = crate::tiling::rows_to_device(cropped, 0, 500, dev).to_device(Device::Cpu);
         assert!(got.equal(&crate::tiling::rows_to_device(cropped, 0, 500, Device::Cpu)), "the cropped frame differs");
         for (y0, y1) in [(0usize, 700usize), (123, 700), (5, 650)] {
             assert!(3 * (y1 - y0) * 640 * 4 >= SLOT_BYTES, "the case must be staged");
-            let got = crate::tiling::rows_to_device(frame.view(), y0, y1, Device::Cuda(0)).to_device(Device::Cpu);
+            let got = crate::tiling::rows_to_device(frame.view(), y0, y1, dev).to_device(Device::Cpu);
             let want = crate::tiling::rows_to_device(frame.view(), y0, y1, Device::Cpu);
             assert!(got.equal(&want), "rows {y0}..{y1} differ");
             let band = frame.slice(s![.., y0..y1, ..]);

@@ -139,15 +139,17 @@ pub fn rows_to_device(frame: ArrayView3<f32>, y0: usize, y1: usize, device: Devi
             owned.copy_(&borrowed);
             owned
         }
-        Device::Cuda(_) if v.len() * 4 >= crate::staging::SLOT_BYTES => {
-            // through page-locked memory, without waiting for the transfer (crate::staging):
-            // one piece where the rows are contiguous across channels (a whole frame), else
-            // one per channel (a band of rows, a frame cropped in height)
+        Device::Cuda(_) => {
+            // through page-locked memory, without waiting for the transfer, where
+            // crate::staging takes it (2 MiB or more): one piece where the rows are contiguous
+            // across channels (a whole frame), else one per channel (a band of rows, a frame
+            // cropped in height)
             let pieces: Option<Vec<&[f32]>> =
                 v.to_slice().map(|s| vec![s]).or_else(|| (0..v.dim().0).map(|ch| v.index_axis(Axis(0), ch).to_slice()).collect());
             let staged = pieces.and_then(|p| crate::staging::to_device(&p, &dims, device));
             staged.unwrap_or_else(|| borrowed.to_device(device))
         }
+        // other devices (MPS, ...)
         _ => borrowed.to_device(device),
     }
 }
@@ -236,7 +238,8 @@ fn sliding_window_with(
         let band = if ph > 0 || pw > 0 { band.constant_pad_nd([0, pw, 0, ph]) } else { band };
         for chunk in xs.chunks(sw.batch_size) {
             let at: Vec<(i64, i64)> = chunk.iter().map(|&x| (0, x as i64)).collect();
-            predict_and_blend(&band, &at, sw.tile, k, &gauss, predict, (&acc, &wsum), (&mut done, total), monitor)?;
+            let pred = predict_tiles(&band, &at, sw.tile, k, predict, (&mut done, total), monitor)?;
+            blend(&pred, &at, sw.tile, &gauss, (&acc, &wsum));
         }
         // rows before the next band's start are final
         let next = if bi + 1 < ys.len() { ys[bi + 1] } else { h.max(th) };
@@ -250,22 +253,9 @@ fn sliding_window_with(
     Ok(())
 }
 
-/// Predicts one batch of tiles (cut from `input` at `at`, rows and columns within it) and
-/// adds the Gaussian-weighted predictions and weights into `acc` / `wsum` at `at`; reports
-/// progress (`done` of `total` tiles).
-#[allow(clippy::too_many_arguments)]
-fn predict_and_blend(
-    input: &Tensor,
-    at: &[(i64, i64)],
-    [th, tw]: [usize; 2],
-    k: i64,
-    gauss: &Tensor,
-    predict: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
-    (acc, wsum): (&Tensor, &Tensor),
-    progress: (&mut usize, usize),
-    monitor: &mut Monitor,
-) -> Result<()> {
-    let pred = predict_tiles(input, at, [th, tw], k, predict, progress, monitor)?;
+/// Adds the Gaussian-weighted predictions `pred` `(N, K, th, tw)` of the tiles at `at`
+/// (rows and columns within the accumulator) into `acc` and their weights into `wsum`.
+fn blend(pred: &Tensor, at: &[(i64, i64)], [th, tw]: [usize; 2], gauss: &Tensor, (acc, wsum): (&Tensor, &Tensor)) {
     let weighted = pred.to_kind(Kind::Float) * gauss;
     let (th_, tw_) = (th as i64, tw as i64);
     for (i, &(y, x)) in at.iter().enumerate() {
@@ -274,7 +264,6 @@ fn predict_and_blend(
         let mut ws = wsum.narrow(1, y, th_).narrow(2, x, tw_);
         ws += gauss;
     }
-    Ok(())
 }
 
 /// Predicts one batch of tiles cut from `input` at `at` (`(N, K, th, tw)`, checked) and
@@ -340,8 +329,12 @@ fn whole_frame(
     let xs = tile_starts(w, tw, sw.step_fraction);
     let tiles: Vec<(i64, i64)> = ys.iter().flat_map(|&y| xs.iter().map(move |&x| (y as i64, x as i64))).collect();
     let grid = edge_to_edge(&ys, th, hp) && edge_to_edge(&xs, tw, wp);
-    // before the frame's copy: the weights' copy from host memory waits for the stream
-    let gauss = (!grid).then(|| gaussian_importance(th, tw, device));
+    // edge to edge the predictions are put in place; else blended into accumulators, with
+    // weights made before the frame's copy (their copy from host memory waits for the stream)
+    let opts = (Kind::Float, device);
+    let blending = (!grid).then(|| {
+        (gaussian_importance(th, tw, device), Tensor::zeros([k, hp as i64, wp as i64], opts), Tensor::zeros([1, hp as i64, wp as i64], opts))
+    });
     let raw = rows_to_device(frame, 0, h, device);
     // the finiteness check: one reduction on the device, read after the first batch of
     // predictions (read now, it would hold the host until the frame's copy had finished;
@@ -358,34 +351,26 @@ fn whole_frame(
     let input = prepare(raw);
     let (ph, pw) = ((hp - h) as i64, (wp - w) as i64);
     let input = if ph > 0 || pw > 0 { input.constant_pad_nd([0, pw, 0, ph]) } else { input };
+    let mut preds = Vec::new();
     let mut done = 0usize;
-    let rows = match &gauss {
+    for (i, chunk) in tiles.chunks(sw.batch_size).enumerate() {
+        let pred = predict_tiles(&input, chunk, sw.tile, k, predict, (&mut done, tiles.len()), monitor)?;
+        match &blending {
+            Some((gauss, acc, wsum)) => blend(&pred, chunk, sw.tile, gauss, (acc, wsum)),
+            None => preds.push(pred.to_kind(Kind::Float)),
+        }
+        if i == 0 {
+            check()?;
+        }
+    }
+    let rows = match blending {
+        Some((_, acc, wsum)) => acc / wsum,
         None => {
-            let mut preds = Vec::with_capacity(tiles.len().div_ceil(sw.batch_size));
-            for (i, chunk) in tiles.chunks(sw.batch_size).enumerate() {
-                preds.push(predict_tiles(&input, chunk, sw.tile, k, predict, (&mut done, tiles.len()), monitor)?.to_kind(Kind::Float));
-                if i == 0 {
-                    check()?;
-                }
-            }
             // (ny * nx, K, th, tw) in reading order -> (K, ny * th, nx * tw)
-            let (ny, nx) = (ys.len() as i64, xs.len() as i64);
-            let (th_, tw_) = (th as i64, tw as i64);
+            let (ny, nx, th_, tw_) = (ys.len() as i64, xs.len() as i64, th as i64, tw as i64);
             let all = Tensor::cat(&preds, 0);
             drop(preds);
             all.view([ny, nx, k, th_, tw_]).permute([2, 0, 3, 1, 4]).reshape([k, ny * th_, nx * tw_])
-        }
-        Some(gauss) => {
-            let opts = (Kind::Float, device);
-            let acc = Tensor::zeros([k, hp as i64, wp as i64], opts);
-            let wsum = Tensor::zeros([1, hp as i64, wp as i64], opts);
-            for (i, chunk) in tiles.chunks(sw.batch_size).enumerate() {
-                predict_and_blend(&input, chunk, sw.tile, k, gauss, predict, (&acc, &wsum), (&mut done, tiles.len()), monitor)?;
-                if i == 0 {
-                    check()?;
-                }
-            }
-            acc / wsum
         }
     };
     sink(0, &rows.narrow(1, 0, h as i64).narrow(2, 0, w as i64))

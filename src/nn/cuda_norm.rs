@@ -462,11 +462,7 @@ mod tests {
     /// operators on the shapes of the networks' stages and on odd spatial sizes.
     #[test]
     fn fused_norm_matches_libtorch_on_cuda() {
-        if !crate::device::cuda_available() {
-            eprintln!("skipped: no CUDA device");
-            return;
-        }
-        let dev = Device::Cuda(0);
+        let Some(dev) = crate::device::cuda_for_test() else { return };
         let _g = crate::model::TORCH_RNG.lock();
         tch::manual_seed(5);
         assert!(kernels(0).is_some(), "the fused kernels did not build (see the log)");
