@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# Installs what lumos needs to build and test, when missing; a no-op when present.
-# - libtorch 2.11.0 (CPU + CUDA libraries) from the PyPI torch wheel into .libtorch/
-#   (git-ignored), as tch 0.24 expects; .cargo/config.toml points torch-sys at it.
+# Installs what lumos needs to build and test, when missing or not as locked; a no-op when
+# everything matches. Every Python package comes at the exact version and sha256 of a lock
+# file (requirements/README.md says how to update them):
+# - libtorch (CPU + CUDA libraries) from the PyPI torch wheel into .libtorch/ (git-ignored),
+#   as tch expects; .cargo/config.toml points torch-sys at it. Pins: requirements/build.lock.
 # - oneDNN 3.2 (libdnnl.so.3, GNU OpenMP build) from the PyPI wheel onednn-cpu-gomp into
 #   .onednn/lib (git-ignored): the blocked-layout training convolutions (src/nn/onednn.rs)
 #   load it at run time; without it training runs libtorch's convolutions (slower on CPU).
+#   Pin: requirements/build.lock.
 # - a C and C++ compiler for the C API tests.
-# - the host applications and Python packages of the plugin tests (see below).
+# - the host applications (Debian packages) and the Python environment .venv of the plugin
+#   tests; .venv is brought to requirements/test.lock exactly (see below).
 #
 #   scripts/bootstrap.sh             everything the tests need (host packages as root with apt)
 #   scripts/bootstrap.sh --minimal   only what building and running the engine needs (cargo,
@@ -21,8 +25,8 @@ case "${1:-}" in
     *) echo "bootstrap: unknown option '$1' (--minimal or nothing)" >&2; exit 2 ;;
 esac
 
-TORCH_VERSION=2.11.0
-MARKER=.libtorch/.lumos-torch-$TORCH_VERSION
+BUILD_LOCK=requirements/build.lock
+TEST_LOCK=requirements/test.lock
 
 if ! command -v cargo >/dev/null 2>&1; then
     if [ -n "${HOME:-}" ] && [ -x "$HOME/.cargo/bin/cargo" ]; then
@@ -53,26 +57,41 @@ if [ ${#missing_pkgs[@]} -gt 0 ]; then
     fi
 fi
 
-if [ ! -f "$MARKER" ] || [ ! -f .libtorch/torch/lib/libtorch_cpu.so ]; then
-    echo "bootstrap: installing libtorch $TORCH_VERSION from the PyPI torch wheel into .libtorch (about 1.2 GB) ..."
+# A requirements file with the locked entries (version + sha256) of the named packages.
+locked() {
+    local out=$1
+    shift
+    python3 scripts/pylock.py extract "$BUILD_LOCK" "$@" >"$out"
+}
+
+# libtorch: the marker holds the locked entries it was installed from, so a changed lock
+# (another torch, or another hash) installs it again
+want_libtorch=$(python3 scripts/pylock.py extract "$BUILD_LOCK" torch nvidia-cuda-runtime nvidia-cuda-cupti)
+MARKER=.libtorch/.lumos-lock
+if [ ! -f .libtorch/torch/lib/libtorch_cpu.so ] || [ "$(cat "$MARKER" 2>/dev/null)" != "$want_libtorch" ]; then
+    torch_version=$(python3 scripts/pylock.py version "$BUILD_LOCK" torch)
+    echo "bootstrap: installing libtorch $torch_version from the PyPI torch wheel into .libtorch (about 1.2 GB) ..."
     tmp=$(mktemp -d .libtorch-partial.XXXXXX)
-    trap 'rm -rf "$tmp"' EXIT
-    python3 -m pip install --quiet --disable-pip-version-check --no-deps --target "$tmp" \
-        "torch==$TORCH_VERSION" nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85
+    req=$(mktemp)
+    trap 'rm -rf "$tmp" "$req"' EXIT
+    printf '%s\n' "$want_libtorch" >"$req"
+    python3 -m pip install --quiet --disable-pip-version-check --no-deps --require-hashes --target "$tmp" -r "$req"
+    rm -f "$req"
     rm -rf .libtorch
     mv "$tmp" .libtorch
     trap - EXIT
-    touch "$MARKER"
+    printf '%s\n' "$want_libtorch" >"$MARKER"
     echo "bootstrap: libtorch ready in .libtorch"
 fi
 
-ONEDNN_WHEEL=onednn-cpu-gomp==2023.2.0
 if [ ! -f .onednn/lib/libdnnl.so.3 ]; then
-    echo "bootstrap: installing oneDNN 3.2 ($ONEDNN_WHEEL from PyPI) into .onednn (about 55 MB) ..."
+    echo "bootstrap: installing oneDNN 3.2 ($(grep -o '^onednn-cpu-gomp==[^ ]*' "$BUILD_LOCK") from PyPI) into .onednn (about 55 MB) ..."
     tmp=$(mktemp -d .onednn-partial.XXXXXX)
     trap 'rm -rf "$tmp"' EXIT
+    locked "$tmp/req.txt" onednn-cpu-gomp
     # only the library: its headers are the ones libtorch ships (the same oneDNN 3.x C API)
-    if python3 -m pip download --quiet --disable-pip-version-check --no-deps --dest "$tmp" "$ONEDNN_WHEEL" &&
+    if python3 -m pip download --quiet --disable-pip-version-check --no-deps --require-hashes --dest "$tmp" \
+        -r "$tmp/req.txt" &&
         python3 - "$tmp" <<'PY'
 import glob, os, sys, zipfile
 d = sys.argv[1]
@@ -101,13 +120,15 @@ if [ "$minimal" = 1 ]; then
     exit 0
 fi
 
-# Host applications for the plugin tests (apt, as root; otherwise the script stops and
-# names them, since the test command needs them; the engine alone needs --minimal only):
-# Xvfb + Mesa + the X client libraries Qt needs (napari), ImageJ 1 + JNA + JUnit 4 and a
-# JDK (the Fiji plugin), gcc's AddressSanitizer comes with gcc.
-host_pkgs=(xvfb xauth libgl1 libegl1 libgl1-mesa-dri libxkbcommon-x11-0 libxcb-icccm4 libxcb-image0
-    libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 libxcb-shape0 libxcb-xfixes0 libxcb-xinerama0
-    libxcb-xkb1 libfontconfig1 libdbus-1-3 imagej libjna-java junit4)
+# Host applications for the plugin tests, listed in requirements/debian.txt (apt, as root;
+# otherwise the script stops and names them, since the test command needs them; the engine
+# alone needs --minimal only): Xvfb + Mesa + the X client libraries Qt needs (napari),
+# ImageJ 1 + JNA + JUnit 4 (the Fiji plugin) and a JDK; gcc's AddressSanitizer comes with gcc.
+host_pkgs=()
+while read -r pkg _; do
+    # the JDK listed is the one tested; any JDK that provides javac will do
+    case "$pkg" in ''|'#'*|openjdk-*) ;; *) host_pkgs+=("$pkg") ;; esac
+done <requirements/debian.txt
 command -v javac >/dev/null 2>&1 || host_pkgs+=(default-jdk-headless)
 missing_host=()
 for p in "${host_pkgs[@]}"; do
@@ -123,39 +144,71 @@ if [ ${#missing_host[@]} -gt 0 ]; then
     fi
 fi
 
-# Python environment in .venv (git-ignored): numpy + pytest for the binding; napari with
-# PyQt5, pytest-qt, pytest-xvfb and npe2 for the plugin (about 900 MB); the binding and
-# the plugin installed editable, so napari discovers the plugin through its entry point.
-if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
-    # absent, or left broken by an earlier failed creation (a venv without pip)
-    echo "bootstrap: creating .venv ..."
+# The Python environment .venv (git-ignored) of the tests, the plugins and the benchmarks'
+# peers: exactly requirements/test.lock (numpy + pytest for the binding; napari with PyQt5,
+# pytest-qt, pytest-xvfb and npe2 for the plugin; torch, bioimageio.core and .spec for the
+# bioimage.io export; dask, distributed and zarr for the scale-out; about 5.5 GB), then
+# the binding and the plugin installed editable, so napari discovers the plugin through
+# its entry point. A .venv that does not match the lock is brought to it: packages at
+# another version are reinstalled at the locked one, packages missing are installed and
+# packages the lock does not name are removed.
+lock_python=$(python3 scripts/pylock.py python "$TEST_LOCK")
+python_for_venv=
+for candidate in "python$lock_python" python3; do
+    if command -v "$candidate" >/dev/null 2>&1 &&
+        [ "$("$candidate" -c 'import sys; print("%d.%d" % sys.version_info[:2])')" = "$lock_python" ]; then
+        python_for_venv=$candidate
+        break
+    fi
+done
+if [ -z "$python_for_venv" ]; then
+    echo "bootstrap: $TEST_LOCK is resolved for Python $lock_python, and neither python$lock_python nor python3" \
+        "is Python $lock_python (python3 is $(python3 --version 2>&1)): install Python $lock_python, or" \
+        "resolve the lock for this Python (PYTHON_VERSION in scripts/lock.sh)" >&2
+    exit 1
+fi
+venv_python=
+[ -x .venv/bin/python ] && venv_python=$(.venv/bin/python -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || true)
+if ! .venv/bin/python -m pip --version >/dev/null 2>&1 || [ "$venv_python" != "$lock_python" ]; then
+    # absent, left broken by an earlier failed creation (a venv without pip), or made by
+    # another Python than the lock's
+    echo "bootstrap: creating .venv with $python_for_venv ..."
     rm -rf .venv
-    if ! python3 -m venv .venv; then
+    if ! "$python_for_venv" -m venv .venv; then
         rm -rf .venv
-        if ! { python3 -m pip install --quiet virtualenv && python3 -m virtualenv -q .venv; }; then
+        if ! { "$python_for_venv" -m pip install --quiet virtualenv && "$python_for_venv" -m virtualenv -q .venv; }; then
             rm -rf .venv
             echo "bootstrap: cannot create .venv: install python3-venv (Debian/Ubuntu) or virtualenv" >&2
             exit 1
         fi
     fi
 fi
-if ! .venv/bin/python -c "import numpy, pytest, napari, npe2, pytestqt, pytest_xvfb" >/dev/null 2>&1; then
-    echo "bootstrap: installing numpy, pytest, napari[pyqt5], pytest-qt, pytest-xvfb, npe2 into .venv ..."
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check numpy pytest "napari[pyqt5]" pytest-qt \
-        pytest-xvfb npe2
-fi
-# bioimage.io (issue 9): PyTorch (the PyPI wheel of the engine's libtorch version, to run
-# exported TorchScript; about 4.6 GB with its CUDA libraries, CPU is enough), bioimageio.core
-# and .spec; pydantic < 2.13 because bioimageio.spec 0.5.12's serializers break on 2.14.
-# Dask scale-out: dask[array], distributed, zarr (OME-Zarr).
-if ! .venv/bin/python -c "import torch, bioimageio.core, dask.array, distributed, zarr" >/dev/null 2>&1; then
-    echo "bootstrap: installing torch $TORCH_VERSION, bioimageio.core, dask, distributed, zarr into .venv ..."
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==$TORCH_VERSION" bioimageio.core \
-        "pydantic<2.13" "setuptools<82" "dask[array]" distributed zarr
+# the editable installs of this checkout are not in the lock
+own=(--ignore lumos-bindings --ignore napari-lumos)
+if ! report=$(.venv/bin/python scripts/pylock.py check "$TEST_LOCK" "${own[@]}"); then
+    echo "bootstrap: .venv does not match $TEST_LOCK ($(printf '%s\n' "$report" | wc -l) differences); updating it:"
+    printf '%s\n' "$report" | head -20 | sed 's/^/  /'
+    # --no-deps: the lock names every dependency; the hashes make pip refuse any other file
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --require-hashes \
+        -r "$TEST_LOCK"
+    extra=$(printf '%s\n' "$report" | sed -n 's/^not in the lock: \([^=]*\)==.*/\1/p')
+    if [ -n "$extra" ]; then
+        # shellcheck disable=SC2086
+        .venv/bin/python -m pip uninstall --quiet --disable-pip-version-check -y $extra
+    fi
+    if ! report=$(.venv/bin/python scripts/pylock.py check "$TEST_LOCK" "${own[@]}"); then
+        echo "bootstrap: .venv still differs from $TEST_LOCK after the update:" >&2
+        printf '%s\n' "$report" >&2
+        exit 1
+    fi
+    .venv/bin/python -m pip check >/dev/null || {
+        echo "bootstrap: the locked packages conflict (pip check):" >&2
+        .venv/bin/python -m pip check >&2 || true
+        exit 1
+    }
+    echo "bootstrap: $report"
 fi
 if ! .venv/bin/python -c "import napari_lumos, lumos" >/dev/null 2>&1; then
-    # setuptools >= 70 builds editable wheels without the separate 'wheel' package
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check "setuptools>=70,<82"
     .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation \
         -e bindings/python -e napari-plugin
 fi

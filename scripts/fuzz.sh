@@ -21,10 +21,13 @@ if ! rustup toolchain list | grep -q '^nightly'; then
     echo "fuzz: installing the nightly toolchain (cargo fuzz needs -Zsanitizer)"
     rustup toolchain install nightly --profile minimal >/dev/null
 fi
-if ! cargo fuzz --version >/dev/null 2>&1; then
-    echo "fuzz: installing cargo-fuzz"
-    cargo install cargo-fuzz --locked --quiet
+# pinned like every other tool of the test run (requirements/README.md)
+CARGO_FUZZ_VERSION=0.13.2
+if [ "$(cargo fuzz --version 2>/dev/null)" != "cargo-fuzz $CARGO_FUZZ_VERSION" ]; then
+    echo "fuzz: installing cargo-fuzz $CARGO_FUZZ_VERSION"
+    cargo install cargo-fuzz --version "$CARGO_FUZZ_VERSION" --locked --quiet --force
 fi
+echo "fuzz: $(cargo +nightly --version), $(cargo fuzz --version)"
 # libtorch itself is not instrumented: its one-time allocations are not leaks of ours, and
 # its allocator pairs differ from ASan's expectations
 export ASAN_OPTIONS="detect_leaks=0:alloc_dealloc_mismatch=0"

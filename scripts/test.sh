@@ -6,20 +6,26 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/bootstrap.sh
+# what the tests run with, so that a failure on a new machine can be read from the log
+./scripts/versions.sh
 [ -z "${HOME:-}" ] || export PATH="$HOME/.cargo/bin:$PATH"
 # the C tests link target/<profile>/deps/liblumos.so: build the cdylib first so that it
 # is current even when only sources changed since the last build
 cargo build --quiet --lib --bin lumos
 # the blocked-layout training tests must not pass as skipped where bootstrap installed oneDNN
 [ -f .onednn/lib/libdnnl.so.3 ] && export LUMOS_REQUIRE_ONEDNN=1
-# the fused CUDA kernels' source must compile (NVRTC, no GPU needed) where the Python
-# environment's torch wheel carries NVRTC (the build's libtorch has no nvrtc package)
+# the fused CUDA kernels' source must compile (NVRTC, no GPU needed): NVRTC comes with the
+# locked .venv's torch (nvidia-cuda-nvrtc; the build's libtorch has no nvrtc package)
 nvrtc=$(ls .venv/lib/python3*/site-packages/nvidia/*/lib/libnvrtc.so.* 2>/dev/null | head -1 || true)
-if [ -n "$nvrtc" ]; then export LUMOS_NVRTC="$PWD/$nvrtc" LUMOS_REQUIRE_NVRTC=1; fi
+if [ -z "$nvrtc" ]; then
+    echo "test: .venv has no libnvrtc.so (requirements/test.lock installs nvidia-cuda-nvrtc with torch)" >&2
+    exit 1
+fi
+export LUMOS_NVRTC="$PWD/$nvrtc" LUMOS_REQUIRE_NVRTC=1
+# the cross-checks with tifffile (in the locked .venv) and ImageJ must run, not skip
+export LUMOS_TEST_PYTHON="$PWD/.venv/bin/python" LUMOS_REQUIRE_TEST_TOOLS=1
 cargo test --all-targets "$@"
 export LUMOS_LIBRARY="$PWD/target/debug/liblumos.so"
-# bootstrap installed torch + bioimageio.core: the bioimage.io export tests must run, not skip
-export LUMOS_REQUIRE_BIOIMAGEIO=1
 # the Python binding, then the napari plugin in real napari under Xvfb (pytest-xvfb)
 .venv/bin/python -m pytest -q -o xvfb_width=1600 -o xvfb_height=1000 bindings/python/tests napari-plugin/tests
 # the Java binding and the Fiji/ImageJ plugins: JUnit headless + a macro in ImageJ under Xvfb

@@ -473,18 +473,38 @@ fn write_errors_leave_no_file() {
 }
 
 // ---------------------------------------------------------------------------------------
-// Optional: tifffile reads what we write (skipped when Python/tifffile are missing)
+// Cross-checks with tifffile and ImageJ. Skipped when they are missing, unless
+// LUMOS_REQUIRE_TEST_TOOLS=1 (scripts/test.sh sets it: bootstrap installs both), which
+// makes their absence a failure.
 // ---------------------------------------------------------------------------------------
+
+/// The interpreter with tifffile: LUMOS_TEST_PYTHON (scripts/test.sh: the locked .venv),
+/// else python3 from PATH.
+fn test_python() -> String {
+    std::env::var("LUMOS_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+fn tool_missing(what: &str) {
+    if std::env::var("LUMOS_REQUIRE_TEST_TOOLS").as_deref() == Ok("1") {
+        panic!("{what} (LUMOS_REQUIRE_TEST_TOOLS=1: scripts/bootstrap.sh installs it)");
+    }
+    eprintln!("{what}; skipping the cross-check");
+}
 
 #[test]
 fn tifffile_reads_our_files_when_available() {
-    let ok = Command::new("python3")
+    let python = test_python();
+    match Command::new(&python)
         .args(["-c", "import tifffile"])
         .output()
-        .map(|o| o.status.success());
-    if !matches!(ok, Ok(true)) {
-        eprintln!("tifffile not importable; skipping cross-check");
-        return;
+    {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => {
+            let err = String::from_utf8_lossy(&o.stderr);
+            let last = err.lines().last().unwrap_or("").to_string();
+            return tool_missing(&format!("tifffile does not import in {python}: {last}"));
+        }
+        Err(e) => return tool_missing(&format!("cannot run {python}: {e}")),
     }
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("x.tif");
@@ -499,7 +519,7 @@ with tifffile.TiffFile(sys.argv[1]) as t:
         "labels": md.get("Labels"), "channels": md.get("channels"), "ranges": list(md.get("Ranges", [])),
         "data": [float(v) for v in a.ravel()]}))
 "#;
-    let out = Command::new("python3")
+    let out = Command::new(&python)
         .arg("-c")
         .arg(script)
         .arg(&p)
@@ -599,8 +619,9 @@ fn imagej_open(jar: &Path, dir: &Path, file: &Path) -> Vec<String> {
 #[test]
 fn imagej_opens_our_files_when_available() {
     let Some(jar) = imagej_jar() else {
-        eprintln!("java or ij.jar not found; skipping ImageJ cross-check");
-        return;
+        return tool_missing(
+            "java or ij.jar (LUMOS_IJ_JAR, default /usr/share/java/ij.jar) not found",
+        );
     };
     let dir = tempfile::tempdir().unwrap();
 

@@ -108,7 +108,11 @@ def load_counts() -> dict:
 
 try:  # distributed is optional: the local schedulers need only dask
     from distributed.diagnostics.plugin import WorkerPlugin as _WorkerPlugin
-except ImportError:  # pragma: no cover
+except ModuleNotFoundError as e:  # pragma: no cover
+    # only its absence is optional: a distributed that is installed but cannot be imported
+    # (a dask it does not match, a missing dependency) is an error the user must see
+    if e.name != "distributed":
+        raise
     _WorkerPlugin = object
 
 

@@ -20,7 +20,8 @@ def lumos_cli():
         p = ROOT / "target" / prof / "lumos"
         if p.is_file():
             return str(p)
-    pytest.skip("lumos CLI not built")
+    pytest.fail("the lumos CLI is not built in target/debug or target/release (cargo build --bin lumos)",
+                pytrace=False)
 
 
 @pytest.fixture(scope="module")

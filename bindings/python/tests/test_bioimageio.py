@@ -7,9 +7,9 @@ must not share a process), bioimageio.spec validates the package, bioimageio.cor
 input (another simulated frame, not the test tensor) whose result is compared with the
 engine's own ``segment`` / ``decompose`` of the same pixels in this process.
 
-Needs ``torch`` and ``bioimageio.core`` in this interpreter (scripts/bootstrap.sh installs
-them); skipped without them unless LUMOS_REQUIRE_BIOIMAGEIO=1 (set by scripts/test.sh),
-which turns their absence into a failure.
+Needs ``torch``, ``bioimageio.core`` and ``bioimageio.spec`` in this interpreter
+(scripts/bootstrap.sh installs them from requirements/test.lock): without them, or when
+one of them cannot be imported, the module fails at collection, naming the import error.
 """
 
 import json
@@ -42,13 +42,17 @@ print(json.dumps({"status": summary.status, "format_version": descr.format_versi
 """
 
 
-def _bioimageio_available():
-    r = subprocess.run([sys.executable, "-c", "import torch, bioimageio.core, bioimageio.spec"], capture_output=True)
-    return r.returncode == 0
+def _bioimageio_import_error():
+    """None when the packages import in a child interpreter, else what it printed."""
+    r = subprocess.run([sys.executable, "-c", "import torch, bioimageio.core, bioimageio.spec"],
+                       capture_output=True, text=True)
+    return None if r.returncode == 0 else (r.stderr.strip().splitlines() or ["exit %d" % r.returncode])[-1]
 
 
-if os.environ.get("LUMOS_REQUIRE_BIOIMAGEIO") != "1" and not _bioimageio_available():
-    pytest.skip("torch / bioimageio.core not installed (scripts/bootstrap.sh installs them)", allow_module_level=True)
+_IMPORT_ERROR = _bioimageio_import_error()
+if _IMPORT_ERROR is not None:
+    pytest.fail("torch / bioimageio.core / bioimageio.spec do not import in %s: %s (scripts/bootstrap.sh "
+                "installs them from requirements/test.lock)" % (sys.executable, _IMPORT_ERROR), pytrace=False)
 
 
 NAMES = {"ssqpm": ["I0", "I45", "I90", "I135", "phase"], "qpi": ["phase"], "fluo": ["mixed"]}
