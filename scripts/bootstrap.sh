@@ -84,7 +84,8 @@ if [ ! -f .libtorch/torch/lib/libtorch_cpu.so ] || [ "$(cat "$MARKER" 2>/dev/nul
     echo "bootstrap: libtorch ready in .libtorch"
 fi
 
-if [ ! -f .onednn/lib/libdnnl.so.3 ]; then
+want_onednn=$(python3 scripts/pylock.py extract "$BUILD_LOCK" onednn-cpu-gomp)
+if [ ! -f .onednn/lib/libdnnl.so.3 ] || [ "$(cat .onednn/.lumos-lock 2>/dev/null)" != "$want_onednn" ]; then
     echo "bootstrap: installing oneDNN 3.2 ($(grep -o '^onednn-cpu-gomp==[^ ]*' "$BUILD_LOCK") from PyPI) into .onednn (about 55 MB) ..."
     tmp=$(mktemp -d .onednn-partial.XXXXXX)
     trap 'rm -rf "$tmp"' EXIT
@@ -108,8 +109,15 @@ PY
         rm -rf .onednn
         mkdir .onednn
         mv "$tmp/lib" .onednn/lib
+        printf '%s\n' "$want_onednn" >.onednn/.lumos-lock
         echo "bootstrap: oneDNN ready in .onednn"
     else
+        if [ "$minimal" = 0 ]; then
+            # the tests require it (scripts/test.sh sets LUMOS_REQUIRE_ONEDNN)
+            rm -rf "$tmp"
+            echo "bootstrap: could not install oneDNN ($BUILD_LOCK) into .onednn; the tests need it" >&2
+            exit 1
+        fi
         echo "bootstrap: WARNING: could not install oneDNN; training will use libtorch's convolutions" >&2
     fi
     rm -rf "$tmp"
@@ -187,15 +195,18 @@ fi
 own=(--ignore lumos-bindings --ignore napari-lumos)
 if ! report=$(.venv/bin/python scripts/pylock.py check "$TEST_LOCK" "${own[@]}"); then
     echo "bootstrap: .venv does not match $TEST_LOCK ($(printf '%s\n' "$report" | wc -l) differences); updating it:"
-    printf '%s\n' "$report" | head -20 | sed 's/^/  /'
+    printf '%s\n' "$report" | sed -n '1,20s/^/  /p'
+    # first remove what the lock does not name and what is broken: an uninstall deletes
+    # every file of its record, so run after the install it could delete files that a
+    # locked package has just written to the same paths (nvidia-*-cu12 and -cu13 share them)
+    remove=$(printf '%s\n' "$report" | sed -n 's/^\(not in the lock\|broken\): \([^=]*\)==.*/\2/p')
+    if [ -n "$remove" ]; then
+        # shellcheck disable=SC2086
+        .venv/bin/python -m pip uninstall --quiet --disable-pip-version-check -y $remove
+    fi
     # --no-deps: the lock names every dependency; the hashes make pip refuse any other file
     .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --require-hashes \
         -r "$TEST_LOCK"
-    extra=$(printf '%s\n' "$report" | sed -n 's/^not in the lock: \([^=]*\)==.*/\1/p')
-    if [ -n "$extra" ]; then
-        # shellcheck disable=SC2086
-        .venv/bin/python -m pip uninstall --quiet --disable-pip-version-check -y $extra
-    fi
     if ! report=$(.venv/bin/python scripts/pylock.py check "$TEST_LOCK" "${own[@]}"); then
         echo "bootstrap: .venv still differs from $TEST_LOCK after the update:" >&2
         printf '%s\n' "$report" >&2

@@ -5,11 +5,12 @@
 # along, then runs there, one after the other:
 #   ./scripts/demo.sh      the demo
 #   ./scripts/test.sh      every test (what .ci/run calls)
-# Each has its own log; one summary line per command gives its exit status and time, and
-# the whole run is written to LOG. Download caches are reused (pip's in ~/.cache/pip,
-# cargo's registry in ~/.cargo), installed environments are not: bootstrap unpacks
-# libtorch, oneDNN and the locked .venv anew and cargo builds from nothing. On a 2-core
-# machine expect about 60 minutes, most of it the tests and the two Rust builds.
+# Each has its own log; one summary line per command gives its exit status and time. LOG
+# holds the summary, and each command's full log is copied beside it. Download caches are
+# reused (pip's in ~/.cache/pip, cargo's registry in ~/.cargo); the project's installed
+# environments are not: bootstrap unpacks libtorch, oneDNN and the locked .venv anew and
+# cargo builds from nothing. What the machine itself has stays: the Rust toolchains (the
+# nightly of the fuzzing step), cargo-fuzz once installed, the Debian packages.
 #
 #   scripts/fresh-check.sh [--ref REF] [--keep] [--log LOG]
 #     --ref REF   the commit to check (default HEAD); uncommitted changes are never included
@@ -40,6 +41,15 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/lumos-fresh.XXXXXX")
 clone=$work/lumos
 say() { echo "$*" | tee -a "$log"; }
 : >"$log"
+# interrupted or failed before the end: say so and keep what there is
+on_abort() {
+    local name
+    for name in demo test; do [ -f "$work/$name.log" ] && cp "$work/$name.log" "${log%.log}-$name.log"; done
+    say "fresh-check: ABORTED before the end ($1); the clone and the logs are kept in $work"
+    exit 1
+}
+trap 'on_abort interrupted' INT TERM
+trap 'on_abort "a step of the check itself failed"' ERR
 say "fresh-check: commit $commit ($(git -C "$ROOT" log -1 --format=%s "$commit" | cut -c1-80))"
 say "fresh-check: clone in $clone; started $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(uname -n) ($(nproc) cores)"
 git clone --quiet --no-local --no-checkout "$ROOT" "$clone"
@@ -47,10 +57,14 @@ git -C "$clone" checkout --quiet --detach "$commit"
 # the project's shared folder sits beside a checkout (as CI lays it out); link it if there is one
 [ -e "$ROOT/../shared" ] && ln -s "$(cd "$ROOT/../shared" && pwd)" "$work/shared"
 
-# an environment like a new shell's: nothing that points into this checkout's build
-clean_env=(env -u LIBTORCH -u LIBTORCH_CXX11_ABI -u LIBTORCH_USE_PYTORCH -u CARGO_TARGET_DIR -u VIRTUAL_ENV
-    -u PYTHONPATH -u LD_LIBRARY_PATH)
-while IFS= read -r name; do clean_env+=(-u "$name"); done < <(env | sed -n 's/^\(LUMOS_[A-Za-z0-9_]*\)=.*/\1/p')
+# an environment like a new shell's: nothing that points into this checkout's build or a
+# virtual environment, no build or install settings (torch-sys, cargo, rustc, pip, Python),
+# and a PATH without this checkout's folders or an activated venv
+clean_env=(env -u CARGO_TARGET_DIR -u VIRTUAL_ENV -u LD_LIBRARY_PATH -u LD_PRELOAD)
+while IFS= read -r name; do clean_env+=(-u "$name"); done < <(env | sed -n \
+    's/^\(\(LUMOS\|LIBTORCH\|TORCH\|PIP\|PYTHON\|CARGO_BUILD\|CARGO_PROFILE\|RUSTFLAGS\|RUSTDOCFLAGS\|UV\)[A-Za-z0-9_]*\)=.*/\1/p')
+clean_path=$(printf '%s' "$PATH" | tr ':' '\n' | grep -v -e "^$ROOT\(/\|$\)" ${VIRTUAL_ENV:+-e "^$VIRTUAL_ENV/"} | paste -sd: -)
+clean_env+=(PATH="$clean_path")
 
 status=0
 run() {
@@ -59,10 +73,8 @@ run() {
     local out=$work/$name.log t0 t1 rc
     say "fresh-check: $name: $* (log: $out)"
     t0=$(date +%s)
-    set +e
-    (cd "$clone" && "${clean_env[@]}" "$@") >"$out" 2>&1 </dev/null
-    rc=$?
-    set -e
+    rc=0
+    (cd "$clone" && "${clean_env[@]}" "$@") >"$out" 2>&1 </dev/null || rc=$?
     t1=$(date +%s)
     say "fresh-check: $name: exit $rc after $(( (t1 - t0) / 60 )) min $(( (t1 - t0) % 60 )) s"
     if [ "$rc" != 0 ]; then

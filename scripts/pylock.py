@@ -17,10 +17,11 @@ Only the standard library is used, so any Python 3.8+ can run it.
 """
 from __future__ import annotations
 
+import os
 import re
 import sys
 
-_ENTRY = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?==([^\s;\\]+)")
+_ENTRY = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?==([^\s;\\=]+)")
 _PYTHON = re.compile(r"--python-version[ =](\d+\.\d+)")
 
 
@@ -38,12 +39,21 @@ def read_lock(path: str) -> dict[str, tuple[str, list[str]]]:
             line = raw.rstrip("\n")
             m = _ENTRY.match(line)
             if m:
+                if ";" in line:
+                    sys.exit(f"pylock: {path}: '{line.strip()}' has an environment marker; the locks are "
+                             "resolved for one platform and have none (scripts/lock.sh)")
+                name = canonical(m.group(1))
+                if name in entries:
+                    sys.exit(f"pylock: {path} pins {name} twice")
                 current = [line]
-                entries[canonical(m.group(1))] = (m.group(3), current)
+                entries[name] = (m.group(3), current)
             elif current is not None and line.startswith("    --hash="):
                 current.append(line)
-            else:
+            elif line.strip() == "" or line.lstrip().startswith("#"):
                 current = None
+            else:
+                sys.exit(f"pylock: {path}: cannot read the line '{line.strip()}' (expected 'name==version', "
+                         "'--hash=' or a comment, as scripts/lock.sh writes)")
     if not entries:
         sys.exit(f"pylock: {path} pins no package (expected lines 'name==version', as scripts/lock.sh writes)")
     return entries
@@ -66,10 +76,12 @@ def check(path: str, ignore: list[str]) -> int:
     locked = read_lock(path)
     skip = {canonical(n) for n in ignore} | {"pip"}
     installed: dict[str, str] = {}
+    dists = {}
     for dist in metadata.distributions():
         name = dist.metadata["Name"]
         if name:
             installed[canonical(name)] = dist.version
+            dists[canonical(name)] = dist
     want_py = lock_python(path)
     have_py = "%d.%d" % sys.version_info[:2]
     problems = []
@@ -81,6 +93,12 @@ def check(path: str, ignore: list[str]) -> int:
             problems.append(f"missing: {name}=={version}")
         elif have != version:
             problems.append(f"version: {name} {have} installed, {version} locked")
+        else:
+            # a package whose files were removed (by another package's uninstall that
+            # shared its paths, or by hand) is broken even at the right version
+            lost = [f for f in (dists[name].files or []) if not os.path.exists(dists[name].locate_file(f))]
+            if lost:
+                problems.append(f"broken: {name}=={version} ({len(lost)} of its files missing, e.g. {lost[0]})")
     extra = sorted(n for n in installed if n not in locked and n not in skip)
     for name in extra:
         problems.append(f"not in the lock: {name}=={installed[name]}")
