@@ -3,7 +3,7 @@
 
   pylock.py check LOCK [--ignore NAME ...]
       Run by the environment's own interpreter: compares the installed distributions with
-      LOCK. Prints every package that is missing, at another version, or installed but not
+      LOCK (editable installs of local projects are left out; --ignore leaves out others). Prints every package that is missing, at another version, or installed but not
       in LOCK, and exits 1 if there is any; exits 0 when the environment matches.
   pylock.py extract LOCK NAME ...
       Writes the entries of LOCK for NAME ... (version and hashes) to standard output, as a
@@ -70,6 +70,18 @@ def lock_python(path: str) -> str:
     sys.exit(f"pylock: {path} does not say which Python it was resolved for (--python-version in its header)")
 
 
+def _editable(dist) -> bool:
+    """An editable install of a local project (PEP 660: direct_url.json says so), such as
+    this checkout's binding and plugin: never in a lock, never an extra."""
+    import json
+
+    try:
+        info = json.loads(dist.read_text("direct_url.json") or "{}")
+    except ValueError:
+        return False
+    return bool(info.get("dir_info", {}).get("editable"))
+
+
 def check(path: str, ignore: list[str]) -> int:
     from importlib import metadata
 
@@ -79,7 +91,7 @@ def check(path: str, ignore: list[str]) -> int:
     dists = {}
     for dist in metadata.distributions():
         name = dist.metadata["Name"]
-        if name:
+        if name and not _editable(dist):
             installed[canonical(name)] = dist.version
             dists[canonical(name)] = dist
     want_py = lock_python(path)

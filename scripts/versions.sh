@@ -34,8 +34,7 @@ if command -v dpkg-query >/dev/null 2>&1; then
     done
 fi
 if [ -x .venv/bin/python ]; then
-    echo "venv:    $(.venv/bin/python --version 2>&1); $(.venv/bin/python scripts/pylock.py check requirements/test.lock \
-        --ignore lumos-bindings --ignore napari-lumos 2>&1 | tail -1)"
+    echo "venv:    $(.venv/bin/python --version 2>&1); $(.venv/bin/python scripts/pylock.py check requirements/test.lock 2>&1 | tail -1)"
 fi
 if [ -f .libtorch/torch/version.py ]; then
     echo "libtorch: $(sed -n "s/^__version__ = '\(.*\)'/\1/p" .libtorch/torch/version.py) in .libtorch"
