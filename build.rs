@@ -1,5 +1,8 @@
 //! torch-sys puts no rpath into final binaries: add libtorch's lib folder so the
-//! CLI, the tests and the cdylib find libtorch without LD_LIBRARY_PATH.
+//! CLI, the tests and the cdylib find libtorch without LD_LIBRARY_PATH. These are the
+//! build tree's absolute paths; the release artefacts replace them with paths relative to
+//! the binary (scripts/release.py), and no shipped binary keeps one. Only ELF and Mach-O
+//! linkers take `-rpath`: Windows finds DLLs on PATH or beside the executable.
 //!
 //! Also compiles `src/optim/shim.cpp` (libtorch's multi-tensor optimizer kernels, which
 //! tch does not bind) against libtorch's headers, with the flags torch-sys uses for its
@@ -9,7 +12,11 @@ use std::path::PathBuf;
 fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-changed=build.rs");
-    if let Ok(lt) = std::env::var("LIBTORCH") {
+    let os = std::env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
+    let rpath = matches!(os.as_str(), "linux" | "macos" | "freebsd");
+    if let Ok(lt) = std::env::var("LIBTORCH")
+        && rpath
+    {
         let mut p = PathBuf::from(lt);
         if p.is_relative() {
             p = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap()).join(p);
@@ -33,7 +40,7 @@ fn main() {
         b.cpp(true)
             .include(libtorch.join("include"))
             .include(libtorch.join("include/torch/csrc/api/include"))
-            .flag("-std=c++17")
+            .std("c++17")
             .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
             .flag("-DGLOG_USE_GLOG_EXPORT")
             .flag_if_supported("-Wno-unused-parameter")
@@ -53,9 +60,14 @@ fn main() {
         // exception flags are read anywhere in the engine)
         .flag_if_supported("-fno-trapping-math")
         .compile("lumos_onednn");
-    println!("cargo:rustc-link-lib=dl");
-    // where scripts/bootstrap.sh puts that oneDNN (libdnnl.so.3): dlopen searches the
-    // binary's RUNPATH
-    let onednn = root.join(".onednn/lib");
-    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", onednn.canonicalize().unwrap_or(onednn).display());
+    if os == "linux" {
+        // dlopen lives in libdl before glibc 2.34 (in libc on macOS and since 2.34)
+        println!("cargo:rustc-link-lib=dl");
+    }
+    if rpath {
+        // where scripts/bootstrap.sh puts that oneDNN (libdnnl.so.3): dlopen searches the
+        // binary's RUNPATH
+        let onednn = root.join(".onednn/lib");
+        println!("cargo:rustc-link-arg=-Wl,-rpath,{}", onednn.canonicalize().unwrap_or(onednn).display());
+    }
 }

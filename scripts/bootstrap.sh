@@ -210,7 +210,13 @@ if ! report=$(.venv/bin/python scripts/pylock.py check "$TEST_LOCK"); then
     }
     echo "bootstrap: $report"
 fi
-if ! .venv/bin/python -c "import napari_lumos, lumos" >/dev/null 2>&1; then
+# (the binding's distribution was called lumos-bindings before 0.1.0 shipped as a wheel:
+# an editable install under that name is replaced)
+if .venv/bin/python -m pip show lumos-bindings >/dev/null 2>&1; then
+    .venv/bin/python -m pip uninstall --quiet --disable-pip-version-check -y lumos-bindings
+fi
+if ! .venv/bin/python -c "import importlib.metadata as m, napari_lumos, lumos; m.version('lumos')" >/dev/null 2>&1 ||
+    [ ! -x .venv/bin/lumos ]; then
     .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation \
         -e bindings/python -e napari-plugin
 fi

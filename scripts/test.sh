@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test: Rust unit and integration tests (including the C and C++ API programs,
 # the acquisition examples under AddressSanitizer and the header check), then the Python
-# binding and napari plugin tests, then the Java binding and Fiji plugin tests.
+# binding and napari plugin tests, then the Java binding and Fiji plugin tests, then the
+# release artefacts as installed (scripts/release.sh, scripts/test-installed.sh).
 # Bootstraps first (idempotent).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +33,11 @@ export LUMOS_LIBRARY="$PWD/target/debug/liblumos.so"
 .venv/bin/python -m pytest -q --continue-on-collection-errors -o xvfb_width=1600 -o xvfb_height=1000 bindings/python/tests napari-plugin/tests
 # the Java binding and the Fiji/ImageJ plugins: JUnit headless + a macro in ImageJ under Xvfb
 ./fiji-plugin/test.sh
+# the release artefacts, built as scripts/release.sh builds them and installed into pristine
+# places: a fresh venv, a fresh ImageJ folder, a CMake project in a temporary folder
+# (LUMOS_RELEASE_PROFILE=debug packages the test build instead of a release build)
+./scripts/release.sh --profile "${LUMOS_RELEASE_PROFILE:-release}" --out target/dist
+./scripts/test-installed.sh target/dist
 # a short fuzzing run of the TIFF reader, the model loader and the JSON configs (the long
 # run is reported in docs/reliability.md); LUMOS_SKIP_FUZZ=1 skips it
 if [ "${LUMOS_SKIP_FUZZ:-0}" != 1 ]; then

@@ -56,10 +56,12 @@ pub(crate) fn switched_off(name: &str) -> bool {
 
 /// Loads libtorch_cuda.so once (RTLD_GLOBAL so its kernels register with libtorch).
 /// Returns the loader's message when it cannot be loaded (no CUDA build or no driver).
+#[cfg(unix)]
 pub fn load_cuda() -> std::result::Result<(), String> {
     CUDA_LOAD
         .get_or_init(|| {
             let mut last = String::new();
+            // libtorch ships CUDA for Linux only (macOS has no CUDA builds)
             for name in ["libtorch_cuda.so"] {
                 let c = std::ffi::CString::new(name).expect("static name");
                 // SAFETY: dlopen with a valid C string; the handle is kept for the process lifetime.
@@ -75,6 +77,15 @@ pub fn load_cuda() -> std::result::Result<(), String> {
             }
             Err(last)
         })
+        .clone()
+}
+
+/// On Windows libtorch's torch_cuda.dll must be linked into the program (tch's
+/// `TORCH_CUDA_VERSION` build); loading it at run time is not implemented there (docs/platforms.md).
+#[cfg(not(unix))]
+pub fn load_cuda() -> std::result::Result<(), String> {
+    CUDA_LOAD
+        .get_or_init(|| Err("loading torch_cuda.dll at run time is implemented for Linux only".into()))
         .clone()
 }
 

@@ -3,6 +3,7 @@ on sample data, its output layers checked and a screenshot saved and checked not
 
 from __future__ import annotations
 
+import importlib.resources
 import pathlib
 import subprocess
 import sys
@@ -14,7 +15,9 @@ import lumos
 from napari_lumos import _compute
 
 PLUGIN = "napari-lumos"
-MANIFEST = pathlib.Path(__file__).resolve().parents[1] / "src" / "napari_lumos" / "napari.yaml"
+# the installed package's manifest (the source tree's in an editable install; the wheel's
+# when scripts/test-installed.sh runs these tests against the installed napari_lumos)
+MANIFEST = pathlib.Path(str(importlib.resources.files("napari_lumos") / "napari.yaml"))
 
 
 def wait_done(qtbot, widget, timeout=120_000):
@@ -26,8 +29,18 @@ def sized(viewer):
     canvas can otherwise be squeezed to nothing, and its screenshot is an empty image."""
     from qtpy.QtWidgets import QApplication
 
+    import time
+
     viewer.window._qt_window.resize(1400, 800)
-    QApplication.processEvents()
+    # the layout settles over several event-loop turns (more of them on a busy machine):
+    # wait until the canvas has a real size
+    native = viewer.window._qt_viewer.canvas._scene_canvas.native
+    deadline = time.monotonic() + 10
+    while True:
+        QApplication.processEvents()
+        if (native.width() > 100 and native.height() > 100) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     viewer.reset_view()
     QApplication.processEvents()
 

@@ -20,7 +20,11 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <oneapi/dnnl/dnnl.h>
 
+#ifdef _WIN32
+#include <windows.h>
+#else
 #include <dlfcn.h>
+#endif
 
 #include <algorithm>
 #include <array>
@@ -88,6 +92,15 @@ struct Api {
     std::string version;
 };
 
+// oneDNN 3.x under its platform's library name
+#if defined(_WIN32)
+constexpr const char *kDefaultName = "dnnl.dll";
+#elif defined(__APPLE__)
+constexpr const char *kDefaultName = "libdnnl.3.dylib";
+#else
+constexpr const char *kDefaultName = "libdnnl.so.3";
+#endif
+
 Api load_api() {
     Api a;
     const char *env = std::getenv("LUMOS_ONEDNN");
@@ -95,15 +108,25 @@ Api load_api() {
         a.error = "switched off by LUMOS_ONEDNN=0";
         return a;
     }
-    const char *name = (env && *env) ? env : "libdnnl.so.3";
+    const char *name = (env && *env) ? env : kDefaultName;
+#ifdef _WIN32
+    void *h = reinterpret_cast<void *>(LoadLibraryA(name));
+    if (!h) {
+        a.error = std::string("cannot load ") + name + ": LoadLibrary error " + std::to_string(GetLastError());
+        return a;
+    }
+#define LUMOS_SYM(h, f) reinterpret_cast<void *>(GetProcAddress(static_cast<HMODULE>(h), f))
+#else
     void *h = dlopen(name, RTLD_NOW | RTLD_LOCAL);
     if (!h) {
         const char *e = dlerror();
         a.error = std::string("cannot load ") + name + ": " + (e ? e : "unknown error");
         return a;
     }
+#define LUMOS_SYM(h, f) dlsym(h, f)
+#endif
 #define LUMOS_LOAD(f)                                                   \
-    a.f = reinterpret_cast<decltype(&::f)>(dlsym(h, #f));               \
+    a.f = reinterpret_cast<decltype(&::f)>(LUMOS_SYM(h, #f));           \
     if (!a.f) {                                                         \
         a.error = std::string(name) + " lacks the function " #f;        \
         return a;                                                       \

@@ -6,7 +6,10 @@ deterministically (``close()`` or a ``with`` block); arrays are passed zero-copy
 they are C-contiguous float32.
 
 The library is found through ``$LUMOS_LIBRARY`` (a path to liblumos.so), else next to
-this package, else in the repository's ``target/release`` or ``target/debug``.
+this package (the ``lumos`` wheel carries it there), else, in a source checkout, in the
+repository's ``target/release`` or ``target/debug``. The wheel's library takes libtorch
+from the installed ``torch`` package: its version is checked before the library is loaded,
+so a missing or mismatched torch gives a ``LumosLibraryError`` that says what to install.
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ import json
 import operator
 import os
 import pathlib
+import sys
 import threading
 from typing import Callable, Optional
 
 import numpy as np
 
-__all__ = ["LumosError", "Model", "CancelToken", "train", "simulate", "read_tiff", "write_image_tiff",
+__all__ = ["LumosError", "LumosLibraryError", "Model", "CancelToken", "train", "simulate", "read_tiff", "write_image_tiff",
            "write_mask_tiff", "train_recipe", "RECIPES", "version", "abi_version", "cuda_available",
            "set_num_threads", "export_bioimageio"]
 
@@ -85,18 +89,102 @@ _lib = None
 _lib_lock = threading.Lock()
 
 
+class LumosLibraryError(OSError):
+    """liblumos, or a library it needs (libtorch from the ``torch`` package), cannot be
+    found or loaded; the message names what is missing and how to install it."""
+
+
+_HERE = pathlib.Path(__file__).resolve().parent
+_LIBNAME = {"darwin": "liblumos.dylib", "win32": "lumos.dll"}.get(sys.platform, "liblumos.so")
+
+
+def _build_info() -> Optional[dict]:
+    """What the wheel was built against (``_build.json``, written by scripts/release.py);
+    None in a source checkout."""
+    try:
+        return json.loads((_HERE / "_build.json").read_text())
+    except FileNotFoundError:
+        return None
+
+
+def _installed_version(dist: str) -> Optional[str]:
+    from importlib import metadata
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _check_torch(build: dict) -> None:
+    """The wheel's liblumos.so finds libtorch in the installed torch package (its RUNPATH):
+    that package must be there, at the version the library was built against. Checked
+    without importing torch."""
+    want = build["torch"]
+    have = _installed_version("torch")
+    how = (f"install it with `pip install torch=={want}` (CUDA build from PyPI), or the CPU-only build with "
+           f"`pip install torch=={want} --index-url https://download.pytorch.org/whl/cpu`")
+    if have is None:
+        raise LumosLibraryError(f"lumos {build['version']} needs PyTorch {want} (libtorch), and the package torch "
+                                f"is not installed in {sys.prefix}: {how}")
+    if have.split("+")[0] != want:
+        raise LumosLibraryError(f"lumos {build['version']} was built against torch {want}, but torch {have} is "
+                                f"installed (libtorch's C++ interface changes between releases): {how}")
+    import importlib.util
+    spec = importlib.util.find_spec("torch")
+    lib = pathlib.Path(spec.origin).parent / "lib" if spec and spec.origin else None
+    if lib is None or not (lib / "libtorch_cpu.so").is_file() or not (_HERE.parent / "torch" / "lib").is_dir():
+        raise LumosLibraryError(f"torch {have} is installed but its libtorch (torch/lib/libtorch_cpu.so) is not in "
+                                f"{_HERE.parent / 'torch' / 'lib'}, where liblumos.so looks for it: install lumos "
+                                f"and torch into the same environment (reinstall with `pip install --force-reinstall "
+                                f"torch=={want}`)")
+
+
 def _find_library() -> str:
     env = os.environ.get("LUMOS_LIBRARY")
     if env:
+        if not os.path.isfile(env):
+            raise LumosLibraryError(f"LUMOS_LIBRARY={env}: no such file (it names the path of {_LIBNAME}; unset "
+                                    f"it to use the library of this installation)")
         return env
-    here = pathlib.Path(__file__).resolve().parent
-    candidates = [here / "liblumos.so"]
-    for up in here.parents:
-        candidates += [up / "target" / "release" / "liblumos.so", up / "target" / "debug" / "liblumos.so"]
+    packaged = _HERE / _LIBNAME
+    build = _build_info()
+    if build is not None:
+        if not packaged.is_file():
+            raise LumosLibraryError(f"{packaged} is missing from this lumos {build['version']} installation: "
+                                    f"reinstall it (`pip install --force-reinstall lumos-{build['version']}-*.whl`)")
+        _check_torch(build)
+        return str(packaged)
+    candidates = [packaged]
+    for up in _HERE.parents:
+        candidates += [up / "target" / "release" / _LIBNAME, up / "target" / "debug" / _LIBNAME]
     for c in candidates:
         if c.is_file():
             return str(c)
-    raise OSError("liblumos.so not found: build it (cargo build --release) or set LUMOS_LIBRARY")
+    raise LumosLibraryError(f"{_LIBNAME} not found: this lumos is a source checkout without a built engine "
+                            f"(build it with `cargo build --release`), or set LUMOS_LIBRARY to its path; users "
+                            f"install the lumos wheel instead")
+
+
+def _missing_dependency(message: str) -> Optional[str]:
+    """The library the dynamic loader could not find, from its message."""
+    import re
+    m = re.search(r"([\w.+-]+\.(?:so[\w.]*|dylib|dll)): cannot open shared object file", message)
+    return m.group(1) if m else None
+
+
+def _open(path: str):
+    try:
+        return C.CDLL(path)
+    except OSError as e:
+        build = _build_info()
+        dep = _missing_dependency(str(e))
+        if dep is not None and dep != os.path.basename(path):
+            fix = (f"it comes with torch=={build['torch']}: `pip install --force-reinstall torch=={build['torch']}`"
+                   if build else "libtorch's lib folder must be on the library path")
+            raise LumosLibraryError(f"cannot load {path}: it needs {dep}, which the loader does not find ({fix}); "
+                                    f"loader: {e}") from None
+        raise LumosLibraryError(f"cannot load {path}: {e} (a damaged or unreadable file: reinstall lumos, or point "
+                                f"LUMOS_LIBRARY at a working {_LIBNAME})") from None
 
 
 def _load():
@@ -104,7 +192,7 @@ def _load():
     with _lib_lock:
         if _lib is not None:
             return _lib
-        lib = C.CDLL(_find_library())
+        lib = _open(_find_library())
         P, S, st = C.c_void_p, C.c_size_t, C.c_uint32
         sig = {
             "lumos_version": ([], C.c_char_p),
@@ -151,7 +239,8 @@ def _load():
             f.argtypes = args
             f.restype = res
         if lib.lumos_abi_version() != ABI_VERSION:
-            raise OSError(f"liblumos ABI {lib.lumos_abi_version()} but this binding expects {ABI_VERSION}")
+            raise LumosLibraryError(f"liblumos ABI {lib.lumos_abi_version()} but this binding expects {ABI_VERSION}: "
+                                    f"the binding and the library come from different lumos releases")
         _lib = lib
         return lib
 
@@ -163,7 +252,17 @@ def _check(status: int) -> None:
 
 
 def version() -> str:
+    """The engine's version (``lumos_version()``), which is also ``lumos.__version__``."""
     return _load().lumos_version().decode()
+
+
+def __getattr__(name: str):
+    # lumos.__version__: the wheel's build record, without loading the library; in a source
+    # checkout the built library's own version
+    if name == "__version__":
+        build = _build_info()
+        return build["version"] if build is not None else version()
+    raise AttributeError(f"module 'lumos' has no attribute {name!r}")
 
 
 def abi_version() -> int:

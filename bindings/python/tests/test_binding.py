@@ -49,6 +49,39 @@ def test_library_facts():
     assert lumos.version().count(".") == 2
 
 
+def test_one_version_everywhere():
+    """Cargo.toml's version is the library's, the binding's and the CLI's."""
+    import importlib.metadata
+    import re
+    import sys
+
+    cargo = re.search(r'^version = "([^"]+)"', (ROOT / "Cargo.toml").read_text(), re.M).group(1)
+    assert lumos.version() == cargo
+    assert lumos.__version__ == cargo
+    assert importlib.metadata.version("lumos") == cargo  # the distribution (bindings/python)
+    # the console script `lumos` (lumos._cli) runs the built CLI of this checkout
+    cli = pathlib.Path(sys.executable).parent / "lumos"
+    out = subprocess.run([str(cli), "--version"], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["lumos", cargo]
+
+
+def test_missing_library_is_named(tmp_path):
+    """LUMOS_LIBRARY naming no file, or a file that is not a library: a LumosLibraryError
+    that names the file, never a bare loader error (in a new interpreter: the binding
+    loads the library once)."""
+    import sys
+
+    bogus = tmp_path / "liblumos.so"
+    bogus.write_bytes(b"not a library")
+    for path, expected in ((tmp_path / "absent.so", "no such file"), (bogus, "cannot load")):
+        code = ("import lumos\ntry:\n    lumos.version()\nexcept lumos.LumosLibraryError as e:\n    print(e)\n"
+                "else:\n    raise SystemExit('loaded')")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env=dict(os.environ, LUMOS_LIBRARY=str(path)))
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert expected in r.stdout and str(path) in r.stdout, r.stdout
+
+
 def test_info(model):
     assert model.kind == "unet"
     assert model.channel_names == ["I0", "I45", "I90", "I135", "phase"]

@@ -62,6 +62,19 @@ def _labels_names(viewer) -> list:
     return [layer.name for layer in viewer.layers if isinstance(layer, Labels)]
 
 
+def _message_label(value: str = "") -> Label:
+    """A label for messages of any length (file paths, errors): it wraps and never widens
+    the dock, which would squeeze the viewer's canvas; the full text is also its tooltip."""
+    from qtpy.QtWidgets import QSizePolicy
+
+    label = Label(value=value)
+    label.native.setWordWrap(True)
+    label.native.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Preferred)
+    label.native.setMinimumWidth(0)
+    label.changed.connect(lambda v: label.native.setToolTip(str(v)))
+    return label
+
+
 class JobFailed(Exception):
     """Carries a job's error (a ``lumos.LumosError`` or other RuntimeError) out of the worker."""
 
@@ -77,7 +90,9 @@ class _Job(Container):
     run_text = "Run"
 
     def __init__(self, viewer: napari.viewer.Viewer):
-        super().__init__()
+        # scrollable: a tall widget (Train) then scrolls in its dock instead of squeezing
+        # the canvas to nothing on a small screen
+        super().__init__(scrollable=True)
         self._viewer = viewer
         self._worker = None
         self._token: Optional[lumos.CancelToken] = None
@@ -85,7 +100,7 @@ class _Job(Container):
         self.run_button = PushButton(text=self.run_text)
         self.stop_button = PushButton(text="Stop", enabled=False)
         self.progress = ProgressBar(value=0, min=0, max=1, visible=False)
-        self.status = Label(value="")
+        self.status = _message_label()
         self.run_button.changed.connect(self._start)
         self.stop_button.changed.connect(self.stop)
         # layer choices follow the viewer
@@ -201,7 +216,7 @@ class _ModelJob(_Job):
         self.bf16 = CheckBox(text="bfloat16 (faster on recent GPUs)", value=False,
                              tooltip="inference under bfloat16 autocast: faster on GPUs with tensor cores and on "
                                      "CPUs with AVX-512 BF16; probabilities change at bfloat16 rounding")
-        self.model_info = Label(value="no model loaded")
+        self.model_info = _message_label("no model loaded")
         self.model: Optional[lumos.Model] = None
         self._model_key = None
         self._job_model: Optional[lumos.Model] = None  # the model the running job uses
@@ -235,7 +250,7 @@ class _ModelJob(_Job):
             return
         try:
             model = lumos.Model(path, device=self.device.value)
-        except lumos.LumosError as e:
+        except (lumos.LumosError, OSError) as e:  # OSError: LumosLibraryError, the library itself
             self.model_info.value = f"cannot load: {e}"
             return
         if self.model is not None:
