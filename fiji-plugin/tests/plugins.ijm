@@ -18,6 +18,13 @@ function fail(message) {
     failures = failures + 1;
 }
 
+// About: in a macro it logs the versions and the library file (the plugin jar finds the
+// binding and JNA through its Class-Path, ../jars/)
+run("About lumos");
+about = getInfo("log");
+if (indexOf(about, "lumos: plugin ") >= 0 && indexOf(about, ", library file ") > 0) pass("About lumos logged the versions");
+else fail("About lumos logged the versions: " + about);
+
 // Train: a tiny DM-QPMNet from the simulated folder, through the menu command
 model = work + "/dmqpm.lumos";
 run("Lumos Train", "method=dm-qpmnet size=tiny data=[" + ssqpm + "] epochs=2 device=cpu seed=0 model=[" + model + "]");

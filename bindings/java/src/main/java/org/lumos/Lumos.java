@@ -5,17 +5,34 @@ import com.sun.jna.Native;
 import com.sun.jna.Pointer;
 import com.sun.jna.ptr.PointerByReference;
 
+import java.io.BufferedReader;
+import java.io.File;
+import java.io.FileReader;
+import java.io.IOException;
+import java.security.CodeSource;
 import java.util.HashMap;
+import java.util.LinkedHashSet;
 import java.util.Map;
+import java.util.Set;
 
 /**
  * Entry point of the Java binding of the lumos C API (include/lumos.h). Nothing is
  * re-implemented: every call goes to liblumos. Failed calls throw {@link LumosException}
  * carrying the library's message.
  *
- * <p>The library is found through the system property {@code lumos.library} or the
- * environment variable {@code LUMOS_LIBRARY} (a full path to liblumos.so), else by name
- * ("lumos") on {@code jna.library.path} and the system's library path.
+ * <p>The library is looked for, in this order (see {@link #lib()}):
+ * <ol>
+ * <li>the system property {@code lumos.library} (a full path to liblumos.so);</li>
+ * <li>the environment variable {@code LUMOS_LIBRARY} (the same);</li>
+ * <li>the bundle's copy next to this binding's jar: for {@code Fiji.app/jars/lumos-java-VERSION.jar},
+ * {@code Fiji.app/lib/<platform>/liblumos.so} ({@code linux64}, {@code macosx} or {@code win64}, as
+ * Fiji names them; {@link System#mapLibraryName} gives the file name), used when that file exists;</li>
+ * <li>JNA by name ("lumos"): {@code jna.library.path}, then the system's library path.</li>
+ * </ol>
+ * A path that is set (1, 2) or a bundle file that exists (3) is the one used: when it
+ * cannot be loaded, loading fails rather than falling back to another copy. A failure
+ * throws an {@link UnsatisfiedLinkError} that names the file(s) tried, the loader's
+ * reason (such as a missing libc10.so) and how to fix it.
  */
 public final class Lumos {
     public static final int STATUS_CANCELLED = 9;
@@ -52,31 +69,197 @@ public final class Lumos {
     }
 
     private static LumosLibrary lib;
+    private static String libraryFile;
+
+    /** The start of every load failure's message (the plugins recognise it). */
+    public static final String LOAD_FAILURE = "the lumos native library cannot be loaded";
 
     private Lumos() {
     }
 
-    /** The loaded library (loads it on first use). */
+    /**
+     * The loaded library (loads it on first use, in the order the class comment gives, and
+     * checks its C ABI). Throws {@link UnsatisfiedLinkError} (message starting with
+     * {@link #LOAD_FAILURE}) when it cannot be loaded; a later call tries again.
+     */
     public static synchronized LumosLibrary lib() {
         if (lib == null) {
-            String path = System.getProperty("lumos.library");
-            if (path == null || path.isEmpty()) {
-                path = System.getenv("LUMOS_LIBRARY");
-            }
-            if (path == null || path.isEmpty()) {
-                path = "lumos";
-            }
             Map<String, Object> options = new HashMap<String, Object>();
             options.put(Library.OPTION_STRING_ENCODING, "UTF-8");
-            LumosLibrary l = Native.load(path, LumosLibrary.class, options);
-            int abi = l.lumos_abi_version();
+            String property = System.getProperty("lumos.library");
+            String env = System.getenv("LUMOS_LIBRARY");
+            File bundled = bundledLibrary();
+            String path, from;
+            if (property != null && !property.isEmpty()) {
+                path = property;
+                from = "the system property lumos.library";
+            } else if (env != null && !env.isEmpty()) {
+                path = env;
+                from = "the environment variable LUMOS_LIBRARY";
+            } else if (bundled != null && bundled.isFile()) {
+                path = bundled.getPath();
+                from = "the bundle, next to " + codeSourceName();
+            } else {
+                path = "lumos";
+                from = "JNA by name (jna.library.path, then the system's library path"
+                        + (bundled == null ? "" : "; no bundled copy at " + bundled) + ")";
+            }
+            LumosLibrary l;
+            try {
+                l = Native.load(path, LumosLibrary.class, options);
+            } catch (LinkageError e) {
+                throw loadFailure(path, from, reason(e), e);
+            }
+            String file = "lumos".equals(path) ? locate(options) : new File(path).getAbsolutePath();
+            int abi;
+            try {
+                abi = l.lumos_abi_version();
+            } catch (LinkageError e) { // a library too old to have lumos_abi_version, or not liblumos
+                throw loadFailure(file, from, reason(e), e);
+            }
             if (abi != LumosLibrary.ABI_VERSION) {
-                throw new UnsatisfiedLinkError("liblumos has ABI " + abi + " but this binding expects "
-                        + LumosLibrary.ABI_VERSION);
+                throw loadFailure(file, from, "it has C ABI " + abi + " but this binding"
+                        + (bindingVersion() == null ? "" : " (lumos-java " + bindingVersion() + ")")
+                        + " expects ABI " + LumosLibrary.ABI_VERSION + ": the library and the plugin come from"
+                        + " different lumos releases", null);
             }
             lib = l;
+            libraryFile = file;
         }
         return lib;
+    }
+
+    /** The library file that was loaded (loads it first); the bare name when JNA's search cannot tell. */
+    public static synchronized String libraryFile() {
+        lib();
+        return libraryFile;
+    }
+
+    /** The C ABI version the loaded library reports (it matches {@link LumosLibrary#ABI_VERSION}). */
+    public static int abiVersion() {
+        return lib().lumos_abi_version();
+    }
+
+    /** This binding's version (its jar manifest's Implementation-Version); null when run from classes. */
+    public static String bindingVersion() {
+        Package p = Lumos.class.getPackage();
+        return p == null ? null : p.getImplementationVersion();
+    }
+
+    /**
+     * Fiji's name of this platform's native library folder: linux64, macosx, win64 (or
+     * linux32, win32).
+     */
+    public static String platform() {
+        String os = System.getProperty("os.name", "").toLowerCase(java.util.Locale.ROOT);
+        boolean is64 = System.getProperty("os.arch", "").contains("64");
+        if (os.startsWith("mac") || os.startsWith("darwin")) {
+            return "macosx";
+        }
+        if (os.startsWith("windows")) {
+            return is64 ? "win64" : "win32";
+        }
+        return is64 ? "linux64" : "linux32";
+    }
+
+    /**
+     * Where a bundle puts the library for this binding's jar: the jar's folder's parent +
+     * {@code lib/<platform>/} + {@code System.mapLibraryName("lumos")}; null when the binding
+     * does not run from a jar file (e.g. from a classes folder).
+     */
+    public static File bundledLibrary() {
+        File jar = codeSource();
+        if (jar == null || !jar.isFile() || jar.getParentFile() == null || jar.getParentFile().getParentFile() == null) {
+            return null;
+        }
+        return new File(new File(new File(jar.getParentFile().getParentFile(), "lib"), platform()),
+                System.mapLibraryName("lumos"));
+    }
+
+    private static File codeSource() {
+        try {
+            CodeSource cs = Lumos.class.getProtectionDomain().getCodeSource();
+            return cs == null || cs.getLocation() == null ? null : new File(cs.getLocation().toURI());
+        } catch (Exception e) { // a non-file URL, or a security manager
+            return null;
+        }
+    }
+
+    private static String codeSourceName() {
+        File jar = codeSource();
+        return jar == null ? "the binding's jar" : jar.getPath();
+    }
+
+    /** The loader's reason, without JNA's repetitions and its resource-path search (the class path). */
+    private static String reason(Throwable e) {
+        String m = e.getMessage() == null ? e.toString() : e.getMessage();
+        Set<String> lines = new LinkedHashSet<String>();
+        for (String line : m.split("\\r?\\n")) {
+            line = line.trim();
+            if (line.isEmpty() || line.startsWith("Unable to load library '") && line.endsWith(":")) {
+                continue;
+            }
+            if (line.startsWith("Native library (") && line.contains("not found in resource path")) {
+                continue;
+            }
+            lines.add(line);
+        }
+        if (lines.isEmpty()) {
+            return m.trim();
+        }
+        StringBuilder b = new StringBuilder();
+        for (String line : lines) {
+            b.append(b.length() == 0 ? "" : "; ").append(line);
+        }
+        return b.toString();
+    }
+
+    private static UnsatisfiedLinkError loadFailure(String path, String from, String reason, Throwable cause) {
+        String version = bindingVersion() == null ? "VERSION" : bindingVersion();
+        String fix;
+        if (from.startsWith("the system property") || from.startsWith("the environment")) {
+            fix = "check that " + path + " is liblumos with libtorch beside it (or on LD_LIBRARY_PATH), or unset "
+                    + (from.startsWith("the system property") ? "lumos.library" : "LUMOS_LIBRARY")
+                    + " to use the bundled library";
+        } else {
+            fix = "unzip lumos-fiji-" + version + ".zip over the Fiji.app folder again (it puts liblumos and libtorch"
+                    + " into Fiji.app/lib/" + platform() + "/), or start Fiji with"
+                    + " -Dlumos.library=/path/to/" + System.mapLibraryName("lumos")
+                    + " (or the environment variable LUMOS_LIBRARY)";
+        }
+        UnsatisfiedLinkError e = new UnsatisfiedLinkError(LOAD_FAILURE + ": tried " + path + " (from " + from + "): "
+                + reason + ". To fix: " + fix + ".");
+        if (cause != null) {
+            e.initCause(cause);
+        }
+        return e;
+    }
+
+    /** The file JNA found for "lumos": its own record, else the process's memory map (Linux). */
+    private static String locate(Map<String, Object> options) {
+        try {
+            File f = com.sun.jna.NativeLibrary.getInstance("lumos", options).getFile();
+            if (f != null && f.isAbsolute()) {
+                return f.getPath();
+            }
+        } catch (LinkageError e) {
+            // fall through
+        }
+        String name = System.mapLibraryName("lumos");
+        File maps = new File("/proc/self/maps");
+        if (maps.isFile()) {
+            try (BufferedReader r = new BufferedReader(new FileReader(maps))) {
+                for (String line = r.readLine(); line != null; line = r.readLine()) {
+                    int slash = line.indexOf('/');
+                    if (slash >= 0 && line.endsWith("/" + name)) {
+                        return line.substring(slash);
+                    }
+                }
+            } catch (IOException e) {
+                // fall through
+            }
+        }
+        return name;
     }
 
     static void check(int status) {

@@ -6,13 +6,14 @@ import ij.ImageStack;
 import ij.Macro;
 import ij.WindowManager;
 import ij.gui.GenericDialog;
+import ij.macro.Interpreter;
 import ij.process.ImageProcessor;
 import org.lumos.CancelToken;
 import org.lumos.Lumos;
 
 import java.awt.GraphicsEnvironment;
 
-/** What the three plugins share: parameters from a dialog or a macro string, Esc to cancel, image conversion. */
+/** What the plugins share: parameters from a dialog or a macro string, Esc to cancel, image conversion. */
 final class Plugins {
     private Plugins() {
     }
@@ -157,9 +158,12 @@ final class Plugins {
         return slicesAreChannels ? 1 : imp.getNSlices() * imp.getNFrames();
     }
 
-    /** Shows a result; headless (no display) it stays available to the caller only. */
+    /**
+     * Shows a result. Headless (no display) it stays available to the caller only, except in
+     * a batch-mode macro, where show() opens no window but makes it the macro's current image.
+     */
     static void show(ImagePlus imp) {
-        if (!GraphicsEnvironment.isHeadless()) {
+        if (!GraphicsEnvironment.isHeadless() || Interpreter.isBatchMode()) {
             imp.show();
         }
     }
@@ -168,11 +172,26 @@ final class Plugins {
         return new GenericDialog(title);
     }
 
-    /** A missing or mismatched native library (UnsatisfiedLinkError) reported like any failure. */
+    /**
+     * A missing or mismatched native library (the binding's UnsatisfiedLinkError, whose
+     * message already names the file, the reason and the fix) or a missing jar (JNA, the
+     * binding: NoClassDefFoundError) reported like any failure.
+     */
     static String fail(LinkageError e) {
-        return fail(new IllegalStateException("the lumos native library cannot be used: " + e.getMessage()
-                + " (set the system property lumos.library or the environment variable LUMOS_LIBRARY to the path"
-                + " of liblumos, or put it on jna.library.path; see the plugin's README)", e));
+        String m = e.getMessage() == null ? e.toString() : e.getMessage();
+        if (m.startsWith(Lumos.LOAD_FAILURE)) {
+            return fail(new IllegalStateException(m, e));
+        }
+        if (e instanceof NoClassDefFoundError && (m.startsWith("com/sun/jna/") || m.startsWith("org/lumos/"))) {
+            String jar = m.startsWith("org/lumos/") ? "the lumos Java binding, Fiji.app/jars/lumos-java-*.jar"
+                    : "JNA, Fiji.app/jars/jna-*.jar";
+            return fail(new IllegalStateException("lumos cannot run: the class " + m + " is missing (" + jar
+                    + "): unzip the lumos-fiji zip over the Fiji.app folder again", e));
+        }
+        return fail(new IllegalStateException("the lumos native library cannot be used: " + m
+                + " (unzip the lumos-fiji zip over the Fiji.app folder again: it holds the plugins, the binding"
+                + " jars/lumos-java-*.jar, JNA and the native libraries in lib/; or set the system property"
+                + " lumos.library to the path of liblumos; see the plugin's README)", e));
     }
 
     static String fail(Exception e) {

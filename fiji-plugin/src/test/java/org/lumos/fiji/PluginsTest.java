@@ -328,4 +328,18 @@ public class PluginsTest {
         // the sampling seed inside pgdiff is left alone
         assertTrue(cfg.matches("(?s).*\\n {6}\"seed\": 0.*"));
     }
+
+    @Test
+    public void aboutReportsVersionsAndTheLoadedFile() {
+        IJ.runPlugIn(Lumos_About.class.getName(), "");
+        String report = Lumos_About.lastResult;
+        assertNotNull("About lumos made no report (see the log)", report);
+        // the jars' manifests carry the version; the library and ABI come from liblumos
+        assertEquals(Lumos.version(), Lumos_About.pluginVersion());
+        assertEquals(Lumos.version(), Lumos.bindingVersion());
+        assertTrue(report, report.startsWith("plugin " + Lumos.version() + ", binding " + Lumos.version()
+                + ", library " + Lumos.version() + ", C ABI 1, CUDA "));
+        assertTrue(report, report.endsWith(", library file " + Lumos.libraryFile()));
+        assertTrue(Lumos.libraryFile(), new File(Lumos.libraryFile()).isFile());
+    }
 }
