@@ -24,7 +24,8 @@ DIST=$(cd "${1:-dist}" && pwd)
 [ $# -gt 0 ] && shift
 parts=${*:-check python fiji sdk}
 part() { [[ " $parts " == *" $1 "* ]]; }
-PY=${LUMOS_INSTALL_PYTHON:-python3.11}
+# the fresh venvs are made with the interpreter .venv was made with (the lock's Python)
+PY=${LUMOS_INSTALL_PYTHON:-$(.venv/bin/python -c 'import sys; print(sys._base_executable)')}
 command -v "$PY" >/dev/null || { echo "test-installed: $PY not found (the lock's Python)" >&2; exit 1; }
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 mkdir -p target/installed

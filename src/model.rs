@@ -178,8 +178,15 @@ impl ModelMeta {
         }
         let ver = v.get("format_version").and_then(|f| f.as_u64()).unwrap_or(0);
         if ver > FORMAT_VERSION as u64 {
+            // the engine that wrote it, from its provenance (absent from hand-made files)
+            let writer = v.pointer("/provenance/lumos_version").and_then(|w| w.as_str()).filter(|w| !w.is_empty());
+            let (by, fix) = match writer {
+                Some(w) => (format!("lumos {w}"), format!("install lumos {w} or newer")),
+                None => ("a newer lumos".to_string(), "update lumos".to_string()),
+            };
             return Err(Error::ModelFormat(format!(
-                "'{}' has format version {ver}; this lumos ({}) reads versions up to {FORMAT_VERSION}: update lumos",
+                "'{}' was written by {by} in model format version {ver}; this lumos ({}) reads format versions up to \
+                 {FORMAT_VERSION}: {fix}",
                 path.display(),
                 env!("CARGO_PKG_VERSION")
             )));
