@@ -247,10 +247,8 @@ def lumos_wheel(manifest: dict, out: pathlib.Path, work: pathlib.Path) -> pathli
             dst = info / "licenses" / f.relative_to(STAGE / "licenses")
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(f, dst)
-    before = set(out.glob("lumos-*.whl"))
     run(sys.executable, "-m", "wheel", "pack", "--dest-dir", out, tree)
-    made = sorted(set(out.glob("lumos-*.whl")) - before) or sorted(out.glob(f"lumos-{ver}-*.whl"))
-    return made[-1]
+    return out / f"lumos-{ver}-{wheel_tag(manifest)}.whl"
 
 
 def auditwheel_report(whl: pathlib.Path) -> str:
@@ -293,26 +291,20 @@ def unpack(artefact: pathlib.Path, dest: pathlib.Path) -> None:
         shutil.unpack_archive(artefact, dest)
 
 
-def absolute_paths(artefact: pathlib.Path) -> list[str]:
-    """Every RUNPATH/RPATH entry of the artefact's ELF files that does not start at
-    $ORIGIN, and every NEEDED entry that is a path: what would tie it to this machine."""
-    bad = []
+def elf_scan(artefact: pathlib.Path) -> tuple[list[str], list[str]]:
+    """Unpacks the artefact once and reads every ELF file in it. Returns (bad, report):
+    bad lists each RUNPATH/RPATH entry that does not start at $ORIGIN and each NEEDED entry
+    that is a path (what would tie the artefact to this machine); report lists every
+    file's RUNPATH."""
+    bad, report = [], []
     with tempfile.TemporaryDirectory() as d:
         unpack(artefact, pathlib.Path(d))
         for f in elf_files(pathlib.Path(d)):
-            rel = f.relative_to(d)
-            bad += [f"{artefact.name}: {rel}: RUNPATH {e}" for e in runpath(f) if not e.startswith("$ORIGIN")]
+            rel, rp = f.relative_to(d), runpath(f)
+            bad += [f"{artefact.name}: {rel}: RUNPATH {e}" for e in rp if not e.startswith("$ORIGIN")]
             bad += [f"{artefact.name}: {rel}: NEEDED {n}" for n in needed(f) if "/" in n]
-    return bad
-
-
-def elf_report(artefact: pathlib.Path) -> list[str]:
-    lines = []
-    with tempfile.TemporaryDirectory() as d:
-        unpack(artefact, pathlib.Path(d))
-        for f in elf_files(pathlib.Path(d)):
-            lines.append(f"  {f.relative_to(d)}: RUNPATH {':'.join(runpath(f)) or '-'}")
-    return lines
+            report.append(f"  {rel}: RUNPATH {':'.join(rp) or '-'}")
+    return bad, report
 
 
 def human(n: int) -> str:
@@ -346,11 +338,13 @@ def build_all(profile: str, out: pathlib.Path) -> None:
     sdk = out / f"lumos-sdk-{ver}-linux-x86_64.tar.gz"
     subprocess.run([str(ROOT / "sdk/package.sh"), str(STAGE), str(sdk)], check=True)
     artefacts = [whl, napari, fiji, sdk]
-    bad = [b for a in artefacts for b in absolute_paths(a)]
+    bad = []
+    for a in artefacts:
+        a_bad, a_report = elf_scan(a)
+        bad += a_bad
+        report += [f"{a.name}:"] + a_report
     if bad:
         sys.exit("release.py: absolute paths in shipped binaries:\n" + "\n".join(bad))
-    for a in artefacts:
-        report += [f"{a.name}:"] + elf_report(a)
     sums = []
     for a in artefacts:
         h = hashlib.sha256(a.read_bytes()).hexdigest()
@@ -390,7 +384,7 @@ def check(out: pathlib.Path) -> None:
         h = hashlib.sha256(a.read_bytes()).hexdigest()
         if sums.get(a.name) != h:
             sys.exit(f"release.py check: {a.name}: sha256 {h}, SHA256SUMS says {sums.get(a.name)}")
-    bad = [b for a in artefacts for b in absolute_paths(a)]
+    bad = [b for a in artefacts for b in elf_scan(a)[0]]
     if bad:
         sys.exit("release.py check: absolute paths in shipped binaries:\n" + "\n".join(bad))
     with zipfile.ZipFile(artefacts[0]) as z:

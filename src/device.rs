@@ -85,7 +85,9 @@ pub fn load_cuda() -> std::result::Result<(), String> {
 #[cfg(not(unix))]
 pub fn load_cuda() -> std::result::Result<(), String> {
     CUDA_LOAD
-        .get_or_init(|| Err("loading torch_cuda.dll at run time is implemented for Linux only".into()))
+        .get_or_init(|| {
+            Err("loading torch_cuda.dll at run time is implemented for Linux only".into())
+        })
         .clone()
 }
 

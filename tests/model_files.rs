@@ -69,8 +69,15 @@ fn round_trip_and_rejections() {
     });
     let e = load_err(&newer);
     // both engines' versions and the format versions, and what to do
-    assert!(e.contains("written by lumos 7.2.0") && e.contains("format version 99"), "{e}");
-    assert!(e.contains(&format!("this lumos ({})", env!("CARGO_PKG_VERSION"))) && e.contains("install lumos 7.2.0"), "{e}");
+    assert!(
+        e.contains("written by lumos 7.2.0") && e.contains("format version 99"),
+        "{e}"
+    );
+    assert!(
+        e.contains(&format!("this lumos ({})", env!("CARGO_PKG_VERSION")))
+            && e.contains("install lumos 7.2.0"),
+        "{e}"
+    );
     let other = rewrite("other.lumos", &|v| v["kind"] = "transformer".into());
     assert!(load_err(&other).contains("kind 'transformer'"));
     // weights that do not fit the architecture

@@ -129,12 +129,11 @@ def _check_torch(build: dict) -> None:
     if have.split("+")[0] != want:
         raise LumosLibraryError(f"lumos {build['version']} was built against torch {want}, but torch {have} is "
                                 f"installed (libtorch's C++ interface changes between releases): {how}")
-    import importlib.util
-    spec = importlib.util.find_spec("torch")
-    lib = pathlib.Path(spec.origin).parent / "lib" if spec and spec.origin else None
-    if lib is None or not (lib / "libtorch_cpu.so").is_file() or not (_HERE.parent / "torch" / "lib").is_dir():
+    # where liblumos.so's RUNPATH looks ($ORIGIN/../torch/lib)
+    lib = _HERE.parent / "torch" / "lib"
+    if not (lib / "libtorch_cpu.so").is_file():
         raise LumosLibraryError(f"torch {have} is installed but its libtorch (torch/lib/libtorch_cpu.so) is not in "
-                                f"{_HERE.parent / 'torch' / 'lib'}, where liblumos.so looks for it: install lumos "
+                                f"{lib}, where liblumos.so looks for it: install lumos "
                                 f"and torch into the same environment (reinstall with `pip install --force-reinstall "
                                 f"torch=={want}`)")
 
