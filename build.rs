@@ -4,7 +4,7 @@
 //! the binary (scripts/release.py), and no shipped binary keeps one. Only ELF and Mach-O
 //! linkers take `-rpath`: Windows finds DLLs on PATH or beside the executable.
 //!
-//! Also compiles `src/optim/shim.cpp` (libtorch's multi-tensor optimizer kernels, which
+//! Also compiles `src/backend/optim_shim.cpp` (libtorch's multi-tensor optimizer kernels, which
 //! tch does not bind) against libtorch's headers, with the flags torch-sys uses for its
 //! own C++ wrapper (C++17, the C++11 ABI that `LIBTORCH_CXX11_ABI` names).
 use std::path::PathBuf;
@@ -25,7 +25,7 @@ fn main() {
         let lib = lib.canonicalize().unwrap_or(lib);
         println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
     }
-    println!("cargo:rerun-if-changed=src/optim/shim.cpp");
+    println!("cargo:rerun-if-changed=src/backend/optim_shim.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
     let libtorch = match std::env::var("LIBTORCH") {
@@ -47,14 +47,14 @@ fn main() {
             .warnings(false);
         b
     };
-    torch_cpp().file("src/optim/shim.cpp").compile("lumos_optim");
+    torch_cpp().file("src/backend/optim_shim.cpp").compile("lumos_optim");
 
-    // src/nn/onednn.cpp: blocked-layout training convolutions through a oneDNN library of
+    // src/backend/onednn.cpp: blocked-layout training convolutions through a oneDNN library of
     // its own (dlopen'ed at run time, so nothing here links it) and the norm kernels, which
     // are loops the compiler vectorizes: optimized in every profile
-    println!("cargo:rerun-if-changed=src/nn/onednn.cpp");
+    println!("cargo:rerun-if-changed=src/backend/onednn.cpp");
     torch_cpp()
-        .file("src/nn/onednn.cpp")
+        .file("src/backend/onednn.cpp")
         .opt_level(3)
         // lets GCC turn the kernels' selects on a comparison into vector blends (no FP
         // exception flags are read anywhere in the engine)

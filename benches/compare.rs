@@ -53,13 +53,13 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use lumos::diffseg::{DiffusionOptions, DiffusionStep};
-use lumos::model::{Model, ModelKind, ModelMeta, Net, Precision, SegmentOptions, SegmentOutput};
-use lumos::nn::precision::with_precision;
-use lumos::normalize::{NormMethod, Normalizer};
-use lumos::progress::Monitor;
-use lumos::split::{DecomposeOptions, DecompositionStep};
-use lumos::train::{SegmentationStep, TrainConfig};
+use lumos::pgdiff::{DiffusionOptions, DiffusionStep};
+use lumos::engine::model::{Model, ModelKind, ModelMeta, Net, Precision, SegmentOptions, SegmentOutput};
+use lumos::backend::precision::with_precision;
+use lumos::engine::normalize::{NormMethod, Normalizer};
+use lumos::engine::progress::Monitor;
+use lumos::musplit::{DecomposeOptions, DecompositionStep};
+use lumos::engine::train::{SegmentationStep, TrainConfig};
 use lumos::Image;
 use ndarray::{Array2, Array3, Axis};
 use rand::{Rng, SeedableRng};
@@ -112,7 +112,7 @@ fn parse_args(args: &[String]) -> Res<Opts> {
     let num = |k: &str, d: usize| -> Res<usize> { get(k, &d.to_string()).parse().map_err(|e| format!("--{k}: {e}")) };
     let steps = get("steps", "100,200");
     let (a, b) = steps.split_once(',').ok_or("--steps takes INVERSION,SAMPLING")?;
-    let device = lumos::device::parse_device(&get("device", "cpu")).map_err(err)?;
+    let device = lumos::engine::device::parse_device(&get("device", "cpu")).map_err(err)?;
     let threads = match num("threads", 0)? {
         0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         n => n,
@@ -310,8 +310,8 @@ fn musplit_batch(built: &Built, b: usize) -> (Tensor, Tensor) {
         let (h, w) = (x.size()[0], x.size()[1]);
         let cy = rng.random_range(t / 2..=h - t / 2);
         let cx = rng.random_range(t / 2..=w - t / 2);
-        xs.push(lumos::lc::crops(x, cy, cx, t, levels));
-        ys.push(Tensor::stack(&(0..2).map(|c| lumos::lc::gather(&y.get(c), cy - t / 2, t, cx - t / 2, t)).collect::<Vec<_>>(), 0));
+        xs.push(lumos::musplit::lc::crops(x, cy, cx, t, levels));
+        ys.push(Tensor::stack(&(0..2).map(|c| lumos::musplit::lc::gather(&y.get(c), cy - t / 2, t, cx - t / 2, t)).collect::<Vec<_>>(), 0));
     }
     (Tensor::stack(&xs, 0), Tensor::stack(&ys, 0))
 }
@@ -324,7 +324,7 @@ fn save_tensors(path: &Path, cfg: &TrainConfig, tensors: &[(&str, &Tensor)]) -> 
     }
     let v: Vec<(String, Tensor)> = tensors.iter().map(|(n, t)| (n.to_string(), t.shallow_clone())).collect();
     let md = HashMap::from([("train_config".to_string(), serde_json::to_string(cfg).map_err(err)?)]);
-    lumos::weights::save(path, &v, md).map_err(err)
+    lumos::engine::weights::save(path, &v, md).map_err(err)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -528,7 +528,7 @@ fn run(o: &Opts) -> Res<Value> {
             save_tensors(&inputs, cfg, &[("frame", &lumos::image::array3_to_tensor(f.image.data.view(), Device::Cpu))])?;
             let data: Array3<f32> = f.image.data;
             let opts = SegmentOptions { batch_size: o.batch, step_fraction: o.step_fraction, ..SegmentOptions::default() };
-            let sw_tiles = lumos::tiling::tile_starts(n, t, opts.step_fraction).len().pow(2);
+            let sw_tiles = lumos::engine::tiling::tile_starts(n, t, opts.step_fraction).len().pow(2);
             tiles_per_rep = sw_tiles as f64;
             extra.insert("sliding_window".into(), json!({"step_fraction": opts.step_fraction, "batch": opts.batch_size, "tiles": sw_tiles, "mirror": false}));
             let mut labels = Array2::<u8>::zeros((n, n));
@@ -629,7 +629,7 @@ fn run(o: &Opts) -> Res<Value> {
         "mode": o.mode,
         "size": o.size,
         "kind": kind.name(),
-        "device": lumos::device::device_name(dev),
+        "device": lumos::engine::device::device_name(dev),
         "threads": tch::get_num_threads(),
         "batch": o.batch,
         "precision": prec.name(),
@@ -681,12 +681,12 @@ fn segment_breakdown(o: &Opts, model: &Model, data: &Array3<f32>, t: usize, opts
     let check = time(&mut || lumos::image::check_finite(data.view()).map_err(err))?;
     // the copy `Model::segment` makes (the whole frame at once on a GPU)
     let h2d = time(&mut || {
-        let _ = lumos::tiling::rows_to_device(data.view(), 0, data.dim().1, dev);
+        let _ = lumos::engine::tiling::rows_to_device(data.view(), 0, data.dim().1, dev);
         Ok(())
     })?;
     let c = data.dim().0 as i64;
     let (n, k) = (data.dim().1, t);
-    let b = opts.batch_size.min(lumos::tiling::tile_starts(n, k, opts.step_fraction).len().pow(2)) as i64;
+    let b = opts.batch_size.min(lumos::engine::tiling::tile_starts(n, k, opts.step_fraction).len().pow(2)) as i64;
     let x = Tensor::randn([b, c, t as i64, t as i64], (Kind::Float, dev));
     let prec = model.precision();
     let mut enqueue = Vec::new();
@@ -719,7 +719,7 @@ fn breakdown(o: &Opts, built: &Built, x: &Tensor, y: &Tensor, extra: &mut serde_
                 tch::manual_seed(1);
                 Ok(m.loss(&m.forward_t(x, true), y))
             }
-            n => Ok(lumos::nn::loss::deep_supervision_loss(&n.forward(x, cfg.deep_supervision).map_err(err)?, y)),
+            n => Ok(lumos::nnunet::loss::deep_supervision_loss(&n.forward(x, cfg.deep_supervision).map_err(err)?, y)),
         })
     };
     let reps = o.reps.max(1);

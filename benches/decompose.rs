@@ -16,10 +16,10 @@
 use std::process::Command;
 use std::time::Instant;
 
-use lumos::model::{Model, ModelKind, ModelMeta};
-use lumos::nn::musplit::{LcMerge, MuSplitConfig, SplitVariant};
-use lumos::normalize::{ChannelNorm, Normalizer};
-use lumos::split::DecomposeOptions;
+use lumos::engine::model::{Model, ModelKind, ModelMeta};
+use lumos::musplit::net::{LcMerge, MuSplitConfig, SplitVariant};
+use lumos::engine::normalize::{ChannelNorm, Normalizer};
+use lumos::musplit::DecomposeOptions;
 use ndarray::{Array2, Array3};
 
 fn peak_rss_mib() -> f64 {
@@ -50,7 +50,7 @@ fn model(device: tch::Device) -> (Model, String) {
 }
 
 fn child(size: usize) {
-    let device = lumos::device::parse_device(&std::env::var("LUMOS_DEVICE").unwrap_or_else(|_| "cpu".into())).unwrap();
+    let device = lumos::engine::device::parse_device(&std::env::var("LUMOS_DEVICE").unwrap_or_else(|_| "cpu".into())).unwrap();
     // the caller's buffers, touched
     let input = Array2::from_shape_fn((size, size), |(y, x)| ((y * 31 + x * 17) % 97) as f32 + ((x as f32) * 0.01).sin() * 20.0);
     let mut out = Array3::<f32>::from_elem((2, size, size), 1.0);
@@ -60,7 +60,7 @@ fn child(size: usize) {
     m.decompose_array(warm.view(), &opts).unwrap();
     let before = peak_rss_mib();
     let t = Instant::now();
-    m.decompose(input.view(), &opts, out.view_mut(), &mut lumos::progress::Monitor::none()).unwrap();
+    m.decompose(input.view(), &opts, out.view_mut(), &mut lumos::engine::progress::Monitor::none()).unwrap();
     let secs = t.elapsed().as_secs_f64();
     let after = peak_rss_mib();
     assert!(out.iter().all(|v| v.is_finite()));
@@ -69,7 +69,7 @@ fn child(size: usize) {
         "RESULT {}",
         serde_json::json!({"size": size, "seconds": secs, "peak_before_mib": before, "peak_after_mib": after,
                            "extra_mib": after - before, "buffers_mib": buffers, "model": what,
-                           "tiles": (size / 32) * (size / 32), "device": lumos::device::device_name(device)})
+                           "tiles": (size / 32) * (size / 32), "device": lumos::engine::device::device_name(device)})
     );
 }
 
@@ -106,7 +106,7 @@ fn main() {
         println!("{row}");
         rows.push(row);
     }
-    let machine = lumos::compare::machine_description();
+    let machine = lumos::engine::device::machine_description();
     let md = format!(
         "# Decomposition: speed and memory against frame size\n\n\
          `cargo bench --bench decompose` on {machine}, device {device}, {date}.\n\n\

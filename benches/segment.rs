@@ -13,11 +13,11 @@
 
 use std::time::Instant;
 
-use lumos::model::{Model, ModelKind, ModelMeta, SegmentOptions, SegmentOutput};
-use lumos::nn::dmqpm::DmQpmConfig;
-use lumos::nn::unet::UnetConfig;
-use lumos::normalize::{NormMethod, Normalizer};
-use lumos::progress::Monitor;
+use lumos::engine::model::{Model, ModelKind, ModelMeta, SegmentOptions, SegmentOutput};
+use lumos::dmqpm::net::DmQpmConfig;
+use lumos::nnunet::net::UnetConfig;
+use lumos::engine::normalize::{NormMethod, Normalizer};
+use lumos::engine::progress::Monitor;
 use lumos::Image;
 use ndarray::{Array2, Array3};
 
@@ -37,7 +37,7 @@ fn main() {
         println!("segment bench: skipped outside `cargo bench`");
         return;
     }
-    let device = lumos::device::parse_device(&std::env::var("LUMOS_DEVICE").unwrap_or_else(|_| "cpu".into())).unwrap();
+    let device = lumos::engine::device::parse_device(&std::env::var("LUMOS_DEVICE").unwrap_or_else(|_| "cpu".into())).unwrap();
     let list = |var: &str, default: &str| -> Vec<String> {
         std::env::var(var).unwrap_or_else(|_| default.into()).split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
     };
@@ -84,7 +84,7 @@ fn main() {
             rows.push(row);
         }
     }
-    let machine = format!("{}; libtorch threads {}", lumos::compare::machine_description(), tch::get_num_threads());
+    let machine = format!("{}; libtorch threads {}", lumos::engine::device::machine_description(), tch::get_num_threads());
     let md = format!(
         "# Segmentation throughput through the tiling engine\n\n\
          Command: `cargo bench --bench segment` (LUMOS_DEVICE={}).\n\
@@ -93,7 +93,7 @@ fn main() {
          Peak RSS is the process high-water mark after that frame (cumulative over the run).\n\n\
          | model | parameters | tile | frame | seconds / frame | frames / s | megapixels / s | peak RSS (MiB) |\n\
          |---|---:|---:|---|---:|---:|---:|---:|\n{}\n",
-        lumos::device::device_name(device),
+        lumos::engine::device::device_name(device),
         lumos::VERSION,
         rows.join("\n")
     );

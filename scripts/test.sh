@@ -26,7 +26,7 @@ fi
 export LUMOS_NVRTC="$PWD/$nvrtc" LUMOS_REQUIRE_NVRTC=1
 # the cross-checks with tifffile (in the locked .venv) and ImageJ must run, not skip
 export LUMOS_TEST_PYTHON="$PWD/.venv/bin/python" LUMOS_REQUIRE_TEST_TOOLS=1
-cargo test --all-targets "$@"
+cargo test --workspace --all-targets "$@"
 export LUMOS_LIBRARY="$PWD/target/debug/liblumos.so"
 # the Python binding, then the napari plugin in real napari under Xvfb (pytest-xvfb)
 # (a module that cannot be collected fails the run; the others still run and report)

@@ -34,13 +34,13 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tch::{CModule, Device, IValue, Kind, Tensor};
 
-use crate::diffseg::StartNoise;
+use crate::pgdiff::StartNoise;
 use crate::error::{Error, Result};
 use crate::image::{array3_to_tensor, tensor_to_array3, Image, Mask};
-use crate::model::{Model, ModelKind, Net, SegmentOptions, SegmentOutput};
-use crate::normalize::{ChannelAffine, ChannelNorm};
-use crate::progress::Monitor;
-use crate::split::DecomposeOptions;
+use crate::engine::model::{Model, ModelKind, Net, SegmentOptions, SegmentOutput};
+use crate::engine::normalize::{ChannelAffine, ChannelNorm};
+use crate::engine::progress::Monitor;
+use crate::musplit::DecomposeOptions;
 
 /// bioimage.io `format_version` written.
 pub const FORMAT_VERSION: &str = "0.5.4";
@@ -262,7 +262,7 @@ fn sample_tile(model: &Model, opts: &ExportOptions, hw: [usize; 2]) -> Result<Ar
 
 fn simulator_for(model: &Model) -> Option<&'static str> {
     let ch = &model.meta.input_channels;
-    let ssqpm = crate::nn::dmqpm::SSQPM_CHANNELS;
+    let ssqpm = crate::dmqpm::net::SSQPM_CHANNELS;
     match model.meta.kind {
         ModelKind::Musplit => Some("fluo"),
         ModelKind::Pgdiff => Some("qpi"),
@@ -303,7 +303,7 @@ fn trace(model: &Model, plan: &Plan, example: &Tensor) -> Result<CModule> {
     let (lo, hi) = (col(&|a| a.lo.max(f32::MIN)), col(&|a| a.hi.min(f32::MAX)));
     let (mean, std) = (col(&|a| a.mean), col(&|a| a.std));
     let target = meta.target_normalization.as_ref().map(|tn| {
-        let (mu, sd): (Vec<f32>, Vec<f32>) = tn.channels.iter().map(crate::split::mean_std_of).unzip();
+        let (mu, sd): (Vec<f32>, Vec<f32>) = tn.channels.iter().map(crate::musplit::mean_std_of).unzip();
         let k = mu.len() as i64;
         (Tensor::from_slice(&mu).view([1, k, 1, 1]), Tensor::from_slice(&sd).view([1, k, 1, 1]))
     });
@@ -314,7 +314,7 @@ fn trace(model: &Model, plan: &Plan, example: &Tensor) -> Result<CModule> {
             Net::Unet(_) | Net::Dmqpm(_) => net.forward(&x, false).map(|mut v| v.swap_remove(0).softmax(1, Kind::Float)),
             Net::Pgdiff(d) => {
                 let o = d.cfg.sampling;
-                d.predict(&x, &o, crate::train::per_epoch_seed(o.seed, 0), &Monitor::none()).map(|r| r.probabilities)
+                d.predict(&x, &o, crate::engine::train::per_epoch_seed(o.seed, 0), &Monitor::none()).map(|r| r.probabilities)
             }
             Net::Musplit(m) => {
                 let levels = m.cfg.input_channels();
@@ -346,7 +346,7 @@ fn trace(model: &Model, plan: &Plan, example: &Tensor) -> Result<CModule> {
         }
     };
     // portable conv2d ops in the graph, not oneDNN-packed weights (nn::packed)
-    let module = crate::nn::packed::plain(|| tch::no_grad(|| CModule::create_by_tracing("LumosExport", "forward", &[example.shallow_clone()], &mut f)))?;
+    let module = crate::backend::packed::plain(|| tch::no_grad(|| CModule::create_by_tracing("LumosExport", "forward", &[example.shallow_clone()], &mut f)))?;
     if let Some(e) = failure {
         return Err(e);
     }

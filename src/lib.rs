@@ -1,40 +1,36 @@
 //! lumos: a deep-learning engine for microscopy with a stable C API.
 //!
 //! Four verbs (load a model, segment, decompose, train) over a tch (libtorch) core that
-//! runs on CPU and CUDA. The C API (`ffi`) is the only `unsafe` boundary.
+//! runs on CPU and CUDA.
+//!
+//! Layout: [`engine`] is what every method shares (the model file, tiling, normalization,
+//! metrics, progress, the training loop); each method has its own folder with its network,
+//! its training specifics, its data sampling and its recipes ([`nnunet`], [`dmqpm`],
+//! [`pgdiff`], [`musplit`]); [`nn`] holds the layers several networks share; [`backend`]
+//! holds the CPU and CUDA acceleration the architectures call into (oneDNN's blocked
+//! layout, NVRTC kernels, packed weights, staging, precision, fused optimizer kernels).
+//! The papers' comparisons are the `lumos-experiments` crate of the workspace
+//! (`experiments/`), outside the shipped library.
 
-pub mod augment;
-pub mod compare;
-pub mod compare_split;
-pub mod compare_diff;
-pub mod dataset;
-pub mod ddim;
-pub mod diffseg;
-pub mod device;
+pub mod backend;
+pub mod dmqpm;
+pub mod engine;
 pub mod error;
 pub mod export;
 pub mod ffi;
 pub mod image;
 pub mod io;
-pub mod lc;
-pub mod metrics;
-pub mod model;
+pub mod musplit;
 pub mod nn;
-pub mod optim;
-pub mod normalize;
+pub mod nnunet;
 pub mod overlay;
-pub mod progress;
+pub mod pgdiff;
 pub mod recipes;
 pub mod sim;
-pub mod split;
-pub mod staging;
-pub mod tiling;
-pub mod train;
-pub mod weights;
 
+pub use engine::model::{Model, SegmentOptions};
 pub use error::{Error, Result};
 pub use image::{Image, Mask};
-pub use model::{Model, SegmentOptions};
 
 /// The library version (semver).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

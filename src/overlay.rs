@@ -87,7 +87,7 @@ pub fn write_png(path: &Path, pic: &Rgb) -> Result<()> {
         let mut wr = enc.write_header().map_err(|e| Error::InvalidArgument(format!("PNG: {e}")))?;
         wr.write_image_data(&pic.data).map_err(|e| Error::InvalidArgument(format!("PNG: {e}")))?;
     }
-    crate::weights::write_atomic(path, &buf)
+    crate::engine::weights::write_atomic(path, &buf)
 }
 
 #[cfg(test)]

@@ -6,13 +6,13 @@
 //! Sizes: `tiny` (seconds on a laptop, for trying the pipeline), `cpu` (the recipe of the
 //! CPU comparisons in docs/results), `paper` (the papers' sizes; a GPU job).
 
-use crate::compare::Preset;
-use crate::compare_diff::DiffPreset;
-use crate::compare_split::SplitPreset;
+use crate::dmqpm::recipes::Preset;
+use crate::pgdiff::recipes::DiffPreset;
+use crate::musplit::recipes::SplitPreset;
 use crate::error::{Error, Result};
-use crate::nn::dmqpm::{DmQpmConfig, Variant};
-use crate::nn::musplit::SplitVariant;
-use crate::train::TrainConfig;
+use crate::dmqpm::net::{DmQpmConfig, Variant};
+use crate::musplit::net::SplitVariant;
+use crate::engine::train::TrainConfig;
 
 /// `(name, what it trains, input)`, in the order hosts list them.
 pub const METHODS: [(&str, &str, &str); 8] = [

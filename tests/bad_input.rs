@@ -54,7 +54,7 @@ fn models() -> &'static Models {
             cfg.val_fraction = 0.0;
             cfg.epochs = 1;
             cfg.iterations_per_epoch = 1;
-            lumos::train::train(&cfg, data, out, &mut lumos::progress::Monitor::none()).unwrap();
+            lumos::engine::train::train(&cfg, data, out, &mut lumos::engine::progress::Monitor::none()).unwrap();
         };
         let ss = root.join("ssqpm");
         lumos::sim::ssqpm::write_dataset(&ss, 2, 0, &lumos::sim::ssqpm::SsqpmConfig { size: 64, ..Default::default() }, 1).unwrap();
@@ -128,7 +128,7 @@ fn loading_bad_model_files() {
     // valid safetensors, but the metadata says nothing of lumos
     let plain = m.dir.join("plain.safetensors");
     let t = tch::Tensor::zeros([2, 2], (tch::Kind::Float, tch::Device::Cpu));
-    lumos::weights::save(&plain, &[("w".into(), t)], Default::default()).unwrap();
+    lumos::engine::weights::save(&plain, &[("w".into(), t)], Default::default()).unwrap();
     let st = unsafe { lumos_model_load(cpath(&plain).as_ptr(), ok.as_ptr(), &mut h) };
     expect(st, LumosStatus::ModelFormat, &["plain.safetensors"]);
 }

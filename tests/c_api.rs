@@ -118,7 +118,7 @@ fn dmqpm_trained_through_the_c_api_segments_identically_in_a_fresh_process() {
     assert_eq!(a, b, "the reloaded model segments differently");
     // the saved model says what it is
     let m = lumos::Model::load(&model, tch::Device::Cpu).unwrap();
-    assert_eq!(m.meta.kind, lumos::model::ModelKind::Dmqpm);
+    assert_eq!(m.meta.kind, lumos::engine::model::ModelKind::Dmqpm);
 }
 
 /// The decompose verb's "Done when": train a muSplit model through the C API, decompose,
@@ -146,7 +146,7 @@ fn musplit_train_then_decompose_in_a_fresh_process() {
     assert_eq!(a.len(), 2 * 40 * 40 * 4);
     assert!(a == b, "the reloaded model decomposes differently");
     let m = lumos::Model::load(&model, tch::Device::Cpu).unwrap();
-    assert_eq!(m.meta.kind, lumos::model::ModelKind::Musplit);
+    assert_eq!(m.meta.kind, lumos::engine::model::ModelKind::Musplit);
 }
 
 #[test]
@@ -172,14 +172,14 @@ fn pgdiff_train_save_reload_segment_in_a_fresh_process() {
     assert_eq!(a.len(), 2 * 48 * 48);
     assert!(a == b, "the reloaded model segments differently");
     let m = lumos::Model::load(&model, tch::Device::Cpu).unwrap();
-    assert_eq!(m.meta.kind, lumos::model::ModelKind::Pgdiff);
+    assert_eq!(m.meta.kind, lumos::engine::model::ModelKind::Pgdiff);
 }
 
 fn train_tiny(method: &str, data: &Path, out: &Path) {
     let mut cfg = lumos::recipes::recipe(method, "tiny").unwrap();
     cfg.device = "cpu".into();
     cfg.val_fraction = 0.0;
-    lumos::train::train(&cfg, data, out, &mut lumos::progress::Monitor::none()).unwrap();
+    lumos::engine::train::train(&cfg, data, out, &mut lumos::engine::progress::Monitor::none()).unwrap();
 }
 
 /// Builds a program (with AddressSanitizer, as every test program) and runs it: it must

@@ -18,10 +18,10 @@ use std::path::{Path, PathBuf};
 use ndarray::{Array3, Axis};
 use tch::Device;
 
-use lumos::model::{Model, ModelKind, SegmentOptions, SegmentOutput};
-use lumos::progress::Monitor;
-use lumos::split::DecomposeOptions;
-use lumos::train::{train, TrainConfig};
+use lumos::engine::model::{Model, ModelKind, SegmentOptions, SegmentOutput};
+use lumos::engine::progress::Monitor;
+use lumos::musplit::DecomposeOptions;
+use lumos::engine::train::{train, TrainConfig};
 
 const CASES: [&str; 5] = ["unet", "dmqpm", "musplit-unet", "musplit-hvae", "pgdiff"];
 
@@ -50,7 +50,7 @@ fn config(case: &str) -> TrainConfig {
             case.trim_start_matches("musplit-")
         ),
         "pgdiff" => {
-            let mut c = TrainConfig { kind: "pgdiff".into(), pgdiff: lumos::diffseg::PgDiffConfig::tiny(), ..Default::default() };
+            let mut c = TrainConfig { kind: "pgdiff".into(), pgdiff: lumos::pgdiff::PgDiffConfig::tiny(), ..Default::default() };
             c.pgdiff.ae_epochs = 1;
             c.epochs = 2;
             c.iterations_per_epoch = 2;
@@ -75,11 +75,11 @@ fn first_epoch(cfg: &TrainConfig) -> TrainConfig {
 
 fn output(model: &Model, data: &Path) -> Array3<f32> {
     if model.meta.kind == ModelKind::Musplit {
-        let s = lumos::split::load_split_folder(data).unwrap();
+        let s = lumos::musplit::load_split_folder(data).unwrap();
         let opts = DecomposeOptions { seed: 1, ..Default::default() };
         return model.decompose_array(s[0].input.data.index_axis(Axis(0), 0), &opts).unwrap();
     }
-    let s = lumos::dataset::load_folder(data).unwrap();
+    let s = lumos::engine::dataset::load_folder(data).unwrap();
     let img = &s[0].image.data;
     let mut out = Array3::<f32>::zeros((model.n_classes(), img.dim().1, img.dim().2));
     let opts = SegmentOptions { diffusion: model.meta.kind.eq(&ModelKind::Pgdiff).then(|| model.diffusion_defaults().unwrap()), ..Default::default() };

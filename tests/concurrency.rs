@@ -44,7 +44,7 @@ fn tiny_model(dir: &Path, steps: usize) -> std::path::PathBuf {
     cfg.epochs = 1;
     cfg.iterations_per_epoch = steps;
     let out = dir.join("m.lumos");
-    lumos::train::train(&cfg, &data.join("train"), &out, &mut lumos::progress::Monitor::none()).unwrap();
+    lumos::engine::train::train(&cfg, &data.join("train"), &out, &mut lumos::engine::progress::Monitor::none()).unwrap();
     out
 }
 

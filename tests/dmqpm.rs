@@ -2,13 +2,12 @@
 //! held-out images, its baselines run from the same code, the comparison runs end to end,
 //! and bad inputs get clear errors.
 
-use lumos::compare::{self, CompareOptions, Preset, VariantSet};
-use lumos::metrics;
-use lumos::model::{Model, ModelKind, SegmentOptions};
-use lumos::nn::dmqpm::{DmQpmConfig, FusionOp, Variant};
-use lumos::progress::Monitor;
+use lumos::engine::metrics;
+use lumos::engine::model::{Model, ModelKind, SegmentOptions};
+use lumos::dmqpm::net::{DmQpmConfig, FusionOp, Variant};
+use lumos::engine::progress::Monitor;
 use lumos::sim::ssqpm::{write_dataset, SsqpmConfig};
-use lumos::train::{evaluate_samples, train, TrainConfig};
+use lumos::engine::train::{evaluate_samples, train, TrainConfig};
 
 fn small(arch: DmQpmConfig, seed: u64) -> TrainConfig {
     TrainConfig {
@@ -41,7 +40,7 @@ fn dm_qpmnet_learns_to_segment_held_out_images() {
     let norm = serde_json::to_value(&model.meta.normalization).unwrap();
     let methods: Vec<&str> = norm["channels"].as_array().unwrap().iter().map(|c| c["method"].as_str().unwrap()).collect();
     assert_eq!(methods, ["dataset_zscore", "dataset_zscore", "dataset_zscore", "dataset_zscore", "robust_quantile"]);
-    let test = lumos::dataset::load_folder(&dir.path().join("test")).unwrap();
+    let test = lumos::engine::dataset::load_folder(&dir.path().join("test")).unwrap();
     let refs: Vec<_> = test.iter().collect();
     let s = metrics::summarize(&evaluate_samples(&model, &refs).unwrap());
     println!("DM-QPMNet held-out Dice {} IoU {}", s.mean_fg_dice, s.mean_fg_iou);
@@ -67,60 +66,10 @@ fn same_seed_gives_the_same_dm_qpmnet() {
     let w = |name: &str| {
         let out = dir.path().join(name);
         train(&cfg, &dir.path().join("train"), &out, &mut Monitor::none()).unwrap();
-        let f = lumos::weights::load(&out).unwrap();
+        let f = lumos::engine::weights::load(&out).unwrap();
         f.tensors.iter().map(|(n, t)| (n.clone(), Vec::<f32>::try_from(t.view([-1])).unwrap())).collect::<Vec<_>>()
     };
     assert_eq!(w("a.lumos"), w("b.lumos"));
-}
-
-#[test]
-fn the_comparison_runs_every_variant_and_writes_its_report() {
-    let dir = tempfile::tempdir().unwrap();
-    let opts = CompareOptions {
-        preset: Preset::Tiny,
-        set: VariantSet::All,
-        seeds: vec![0],
-        data: None,
-        data_seed: 1,
-        work: dir.path().join("work"),
-        device: "cpu".into(),
-        epochs: Some(1),
-        iterations: Some(1),
-    };
-    let mut seen = 0;
-    let report = compare::run(&opts, &mut Monitor::none(), |_| seen += 1).unwrap();
-    // stage 1 and 2 fit a 4-stage tiny network (stage 3 needs a tail), + concat,
-    // bidirectional, early fusion, angles, phase, 4 leave-one-out
-    let labels: Vec<&str> = report.summary.iter().map(|v| v.variant.as_str()).collect();
-    assert_eq!(seen, labels.len());
-    for want in [
-        "DM-QPMNet stage 2 MHA",
-        "DM-QPMNet stage 1 MHA",
-        "DM-QPMNet stage 2 concat",
-        "DM-QPMNet stage 2 MHA bidirectional",
-        "early fusion (5-ch nnU-Net)",
-        "angles only",
-        "phase only",
-        "early fusion [I45, I90, I135, phase]",
-    ] {
-        assert!(labels.contains(&want), "{want} missing from {labels:?}");
-    }
-    // dropping the phase is the angles-only baseline, which is not run twice
-    assert_eq!(labels.len(), 11);
-    for r in &report.runs {
-        assert_eq!(r.dice.len(), 2);
-        assert!(r.dice.iter().all(|d| (0.0..=1.0).contains(d)));
-    }
-    // parameter counts differ between the variants that should differ
-    let p = |l: &str| report.summary.iter().find(|v| v.variant == l).unwrap().parameters;
-    assert!(p("DM-QPMNet stage 2 MHA bidirectional") > p("DM-QPMNet stage 2 MHA"));
-    assert!(p("angles only") > p("phase only"));
-    let out = dir.path().join("report");
-    report.write(&out).unwrap();
-    let md = std::fs::read_to_string(out.join("README.md")).unwrap();
-    assert!(md.contains("| DM-QPMNet stage 2 MHA |") && md.contains("Machine:"));
-    let js: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
-    assert_eq!(js["runs"].as_array().unwrap().len(), 11);
 }
 
 #[test]

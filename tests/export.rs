@@ -15,7 +15,7 @@ fn train_tiny(method: &str, data: &Path, out: &Path) {
     cfg.device = "cpu".into();
     cfg.val_fraction = 0.0;
     cfg.epochs = 1;
-    lumos::train::train(&cfg, data, out, &mut lumos::progress::Monitor::none()).unwrap();
+    lumos::engine::train::train(&cfg, data, out, &mut lumos::engine::progress::Monitor::none()).unwrap();
 }
 
 /// Tiny models of every kind, trained once for the whole file.
@@ -174,12 +174,12 @@ fn pgdiff_and_musplit_export_and_zip() {
 fn refusals_write_nothing() {
     let out = tempfile::tempdir().unwrap();
     // random PG-DiffSeg sampling cannot be traced faithfully
-    let m = lumos::model::Model::load(&models().pgdiff, Device::Cpu).unwrap();
+    let m = lumos::engine::model::Model::load(&models().pgdiff, Device::Cpu).unwrap();
     let mut meta = m.meta.clone();
-    let mut arch: lumos::diffseg::PgDiffConfig = serde_json::from_value(meta.architecture.clone()).unwrap();
-    arch.sampling.start = lumos::diffseg::StartNoise::Random;
+    let mut arch: lumos::pgdiff::PgDiffConfig = serde_json::from_value(meta.architecture.clone()).unwrap();
+    arch.sampling.start = lumos::pgdiff::StartNoise::Random;
     meta.architecture = serde_json::to_value(&arch).unwrap();
-    let random = lumos::model::Model::new(meta, Device::Cpu).unwrap();
+    let random = lumos::engine::model::Model::new(meta, Device::Cpu).unwrap();
     let rp = out.path().join("random.lumos");
     random.save(&rp).unwrap();
     let e = export_bioimageio(&rp, &out.path().join("r"), &ExportOptions::default()).unwrap_err();

@@ -33,7 +33,7 @@ fn train_cmd(cfg: &Path, data: &Path, out: &Path) -> Command {
 }
 
 fn tensors(p: &Path) -> BTreeMap<String, Vec<f32>> {
-    let f = lumos::weights::load(p).unwrap();
+    let f = lumos::engine::weights::load(p).unwrap();
     f.tensors
         .into_iter()
         .filter(|(k, _)| !k.starts_with("optimizer."))

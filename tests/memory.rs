@@ -32,17 +32,17 @@ fn child_measurement() {
             let mut labels = ndarray::Array2::<u8>::zeros((size, size));
             model.segment_labels(frame.slice(ndarray::s![.., ..64, ..64]), &opts).unwrap(); // warm-up
             let before = vm_hwm_kib();
-            model.segment(frame.view(), &opts, lumos::model::SegmentOutput::Labels(labels.view_mut()), &mut lumos::progress::Monitor::none()).unwrap();
+            model.segment(frame.view(), &opts, lumos::engine::model::SegmentOutput::Labels(labels.view_mut()), &mut lumos::engine::progress::Monitor::none()).unwrap();
             vm_hwm_kib() - before
         }
         "decompose" => {
-            let opts = lumos::split::DecomposeOptions { tile: Some(128), ..Default::default() };
+            let opts = lumos::musplit::DecomposeOptions { tile: Some(128), ..Default::default() };
             let mut out = ndarray::Array3::<f32>::zeros((2, size, size));
             out.fill(1.0); // touch
             let mut warm = ndarray::Array3::<f32>::zeros((2, 64, 64));
-            model.decompose(frame.slice(ndarray::s![0, ..64, ..64]), &opts, warm.view_mut(), &mut lumos::progress::Monitor::none()).unwrap();
+            model.decompose(frame.slice(ndarray::s![0, ..64, ..64]), &opts, warm.view_mut(), &mut lumos::engine::progress::Monitor::none()).unwrap();
             let before = vm_hwm_kib();
-            model.decompose(frame.slice(ndarray::s![0, .., ..]), &opts, out.view_mut(), &mut lumos::progress::Monitor::none()).unwrap();
+            model.decompose(frame.slice(ndarray::s![0, .., ..]), &opts, out.view_mut(), &mut lumos::engine::progress::Monitor::none()).unwrap();
             vm_hwm_kib() - before
         }
         o => panic!("unknown measurement {o}"),
@@ -69,7 +69,7 @@ fn tiny(method: &str, data: &Path, out: &Path) {
     cfg.val_fraction = 0.0;
     cfg.epochs = 1;
     cfg.iterations_per_epoch = 1;
-    lumos::train::train(&cfg, data, out, &mut lumos::progress::Monitor::none()).unwrap();
+    lumos::engine::train::train(&cfg, data, out, &mut lumos::engine::progress::Monitor::none()).unwrap();
 }
 
 #[test]

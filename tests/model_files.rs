@@ -2,9 +2,9 @@
 
 use std::collections::HashMap;
 
-use lumos::model::{Model, ModelKind, ModelMeta, SegmentOptions};
-use lumos::nn::unet::UnetConfig;
-use lumos::normalize::{NormMethod, Normalizer};
+use lumos::engine::model::{Model, ModelKind, ModelMeta, SegmentOptions};
+use lumos::nnunet::net::UnetConfig;
+use lumos::engine::normalize::{NormMethod, Normalizer};
 use lumos::Image;
 use ndarray::Array3;
 use tch::Device;
@@ -51,16 +51,16 @@ fn round_trip_and_rejections() {
     // a plain safetensors file without lumos metadata
     let plain = dir.path().join("plain.safetensors");
     let t = tch::Tensor::zeros([2, 2], (tch::Kind::Float, Device::Cpu));
-    lumos::weights::save(&plain, &[("w".into(), t)], HashMap::new()).unwrap();
+    lumos::engine::weights::save(&plain, &[("w".into(), t)], HashMap::new()).unwrap();
     assert!(load_err(&plain).contains("without lumos metadata"));
     // a newer format, and another kind
-    let file = lumos::weights::load(&p).unwrap();
+    let file = lumos::engine::weights::load(&p).unwrap();
     let tensors: Vec<(String, tch::Tensor)> = file.tensors.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
     let rewrite = |name: &str, f: &dyn Fn(&mut serde_json::Value)| {
         let mut v: serde_json::Value = serde_json::from_str(&file.metadata["lumos"]).unwrap();
         f(&mut v);
         let q = dir.path().join(name);
-        lumos::weights::save(&q, &tensors, HashMap::from([("lumos".to_string(), v.to_string())])).unwrap();
+        lumos::engine::weights::save(&q, &tensors, HashMap::from([("lumos".to_string(), v.to_string())])).unwrap();
         q
     };
     let newer = rewrite("newer.lumos", &|v| {

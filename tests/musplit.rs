@@ -3,11 +3,11 @@
 
 use std::path::Path;
 
-use lumos::model::{ModelKind, SegmentOptions};
-use lumos::progress::Monitor;
+use lumos::engine::model::{ModelKind, SegmentOptions};
+use lumos::engine::progress::Monitor;
 use lumos::sim::fluo::{write_dataset, FluoConfig, StructurePair};
-use lumos::split::{evaluate_split, load_split_folder, DecomposeOptions};
-use lumos::train::{train, TrainConfig};
+use lumos::musplit::{evaluate_split, load_split_folder, DecomposeOptions};
+use lumos::engine::train::{train, TrainConfig};
 use lumos::Model;
 use ndarray::Axis;
 use tch::Device;
@@ -92,7 +92,7 @@ fn same_seed_same_model_and_resume_continues_exactly() {
     let p2_ckpt = dir.path().join("b.ckpt");
     train(&TrainConfig { checkpoint: Some(p2_ckpt.clone()), ..one }, &d, &p2, &mut Monitor::none()).unwrap();
     train(&TrainConfig { checkpoint: Some(p2_ckpt), resume: true, ..cfg.clone() }, &d, &p2, &mut Monitor::none()).unwrap();
-    let (a, b) = (lumos::weights::load(&p1).unwrap(), lumos::weights::load(&p2).unwrap());
+    let (a, b) = (lumos::engine::weights::load(&p1).unwrap(), lumos::engine::weights::load(&p2).unwrap());
     assert_eq!(a.tensors.len(), b.tensors.len());
     for (name, t) in &a.tensors {
         let d = (t - &b.tensors[name]).abs().max().double_value(&[]);

@@ -3,12 +3,12 @@
 
 use std::path::Path;
 
-use lumos::metrics;
-use lumos::model::{Model, SegmentOptions};
-use lumos::nn::unet::UnetConfig;
-use lumos::progress::Monitor;
+use lumos::engine::metrics;
+use lumos::engine::model::{Model, SegmentOptions};
+use lumos::nnunet::net::UnetConfig;
+use lumos::engine::progress::Monitor;
 use lumos::sim::ssqpm::{write_dataset, SsqpmConfig};
-use lumos::train::{evaluate_samples, train, TrainConfig};
+use lumos::engine::train::{evaluate_samples, train, TrainConfig};
 
 fn tiny(seed: u64, epochs: usize, iters: usize) -> TrainConfig {
     TrainConfig {
@@ -25,7 +25,7 @@ fn tiny(seed: u64, epochs: usize, iters: usize) -> TrainConfig {
 
 fn weights_of(m: &Model, path: &Path) -> Vec<(String, Vec<f32>)> {
     m.save(path).unwrap();
-    let f = lumos::weights::load(path).unwrap();
+    let f = lumos::engine::weights::load(path).unwrap();
     f.tensors.iter().map(|(n, t)| (n.clone(), Vec::<f32>::try_from(t.view([-1])).unwrap())).collect()
 }
 
@@ -48,7 +48,7 @@ fn tiny_model_learns_to_segment_held_out_images() {
     let res = train(&tc, &dir.path().join("train"), &out, &mut Monitor::none()).unwrap();
     assert_eq!(res.history.len(), 12);
     assert!(dir.path().join("m.lumos.train.json").is_file(), "the run is recorded");
-    let test = lumos::dataset::load_folder(&dir.path().join("test")).unwrap();
+    let test = lumos::engine::dataset::load_folder(&dir.path().join("test")).unwrap();
     let refs: Vec<_> = test.iter().collect();
     let model = Model::load(&out, tch::Device::Cpu).unwrap();
     let scores = evaluate_samples(&model, &refs).unwrap();
@@ -140,10 +140,10 @@ fn output_and_checkpoint_paths_are_checked_up_front() {
 fn cancelled_training_keeps_its_last_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     write_dataset(dir.path(), 3, 0, &SsqpmConfig { size: 48, ..Default::default() }, 4).unwrap();
-    let token = lumos::progress::CancelToken::new();
+    let token = lumos::engine::progress::CancelToken::new();
     let t2 = token.clone();
-    let mut cb = move |p: &lumos::progress::Progress| {
-        if p.stage == lumos::progress::Stage::Checkpoint && p.epoch == 1 {
+    let mut cb = move |p: &lumos::engine::progress::Progress| {
+        if p.stage == lumos::engine::progress::Stage::Checkpoint && p.epoch == 1 {
             t2.cancel();
         }
     };

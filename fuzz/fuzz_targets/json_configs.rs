@@ -5,7 +5,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(s) = std::str::from_utf8(data) else { return };
-    if let Ok(c) = lumos::train::TrainConfig::from_json(s) {
+    if let Ok(c) = lumos::engine::train::TrainConfig::from_json(s) {
         let _ = c.validate();
     }
     if let Ok(c) = serde_json::from_str::<lumos::sim::ssqpm::SsqpmConfig>(s) {
@@ -18,5 +18,5 @@ fuzz_target!(|data: &[u8]| {
         let _ = c.validate();
     }
     let md = std::collections::HashMap::from([("lumos".to_string(), s.to_string())]);
-    let _ = lumos::model::ModelMeta::from_metadata(std::path::Path::new("fuzz.lumos"), &md);
+    let _ = lumos::engine::model::ModelMeta::from_metadata(std::path::Path::new("fuzz.lumos"), &md);
 });

@@ -7,16 +7,16 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use lumos::dataset::list_pairs;
-use lumos::device::{device_name, parse_device};
+use lumos::engine::dataset::list_pairs;
+use lumos::engine::device::{device_name, parse_device};
 use lumos::io::tiff;
-use lumos::metrics::{self, ImageScores};
-use lumos::model::{Model, Precision, SegmentOptions, SegmentOutput};
-use lumos::progress::{Monitor, Progress, Stage};
+use lumos::engine::metrics::{self, ImageScores};
+use lumos::engine::model::{Model, Precision, SegmentOptions, SegmentOutput};
+use lumos::engine::progress::{Monitor, Progress, Stage};
 use lumos::sim::fluo::{FluoConfig, StructurePair};
 use lumos::sim::ssqpm::{self, Confluence, SsqpmConfig};
-use lumos::split::DecomposeOptions;
-use lumos::train::{train, TrainConfig};
+use lumos::musplit::DecomposeOptions;
+use lumos::engine::train::{train, TrainConfig};
 use lumos::{overlay, Error, Result};
 
 #[derive(Parser)]
@@ -45,17 +45,6 @@ enum Cmd {
     Demo(DemoArgs),
     /// Decompose single-channel fluorescence TIFFs into two structures with a muSplit model.
     Decompose(DecomposeArgs),
-    /// Re-run the muSplit paper's comparisons (U-Net and HVAE, without and with lateral
-    /// context; inner vs outer padding) on simulated two-structure fluorescence.
-    SplitCompare(SplitCompareArgs),
-    /// Re-run the PG-DiffSeg paper's Table 2 (random starts with majority voting vs the
-    /// prior start, nnU-Net) and Table 3 (starting-noise ablation), plus quality against
-    /// network evaluations, on simulated QPI; writes a report.
-    DiffCompare(DiffCompareArgs),
-    /// Re-run the DM-QPMNet paper's comparisons (fusion stage, attention vs concat,
-    /// directed vs bidirectional, early fusion, single modalities, leave-one-out) on
-    /// simulated ssQPM data, several seeds, one training budget; writes a report.
-    Compare(CompareArgs),
     /// Export a model to the bioimage.io model format (rdf.yaml 0.5, TorchScript weights,
     /// test tensors): a folder, or a .zip package when OUT ends in .zip.
     Export(ExportArgs),
@@ -101,42 +90,6 @@ struct ExportArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
-}
-
-#[derive(Args)]
-struct CompareArgs {
-    /// tiny (seconds, for tests), cpu (under an hour on 2 cores for --variants main
-    /// with 3 seeds) or paper (the paper's sizes; a GPU job).
-    #[arg(long, default_value = "cpu")]
-    preset: String,
-    /// baselines (DM-QPMNet vs early fusion, angles only, phase only), main (+ fusion
-    /// stage 1 / 3, concat, bidirectional) or all (+ leave-one-out modality).
-    #[arg(long, default_value = "main")]
-    variants: String,
-    /// Training seeds, comma-separated.
-    #[arg(long, default_value = "0,1,2", value_delimiter = ',')]
-    seeds: Vec<u64>,
-    /// Existing data folder (train/ and test/); default: simulate 24 + 6 images.
-    #[arg(long)]
-    data: Option<PathBuf>,
-    /// Seed of the simulated data.
-    #[arg(long, default_value_t = 1000)]
-    data_seed: u64,
-    /// Where the report goes (README.md with the tables, results.json).
-    #[arg(long, short, default_value = "docs/results/dmqpm")]
-    out: PathBuf,
-    /// Models, checkpoints and simulated data.
-    #[arg(long, default_value = "out/compare")]
-    work: PathBuf,
-    /// Override the preset's epochs.
-    #[arg(long)]
-    epochs: Option<usize>,
-    /// Override the preset's iterations per epoch.
-    #[arg(long)]
-    iterations: Option<usize>,
-    /// cpu, cuda, cuda:N or auto.
-    #[arg(long, default_value = "cpu")]
-    device: String,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -208,59 +161,6 @@ struct DecomposeArgs {
     /// Inference arithmetic: float32, or bfloat16 (autocast; the fast path on a CUDA GPU).
     #[arg(long, default_value = "float32")]
     precision: String,
-}
-
-#[derive(Args)]
-struct SplitCompareArgs {
-    /// tiny (seconds), cpu (about half an hour on 2 cores with 2 seeds) or paper (GPU).
-    #[arg(long, default_value = "cpu")]
-    preset: String,
-    #[arg(long, value_enum, default_value = "actin-tubulin")]
-    pair: PairArg,
-    /// Training seeds, comma-separated.
-    #[arg(long, default_value = "0,1", value_delimiter = ',')]
-    seeds: Vec<u64>,
-    /// Existing data folder (train/ and test/ with targets/); default: simulate.
-    #[arg(long)]
-    data: Option<PathBuf>,
-    #[arg(long, default_value_t = 2000)]
-    data_seed: u64,
-    #[arg(long, short, default_value = "docs/results/musplit")]
-    out: PathBuf,
-    #[arg(long, default_value = "out/split-compare")]
-    work: PathBuf,
-    #[arg(long)]
-    epochs: Option<usize>,
-    #[arg(long)]
-    iterations: Option<usize>,
-    #[arg(long, default_value = "cpu")]
-    device: String,
-}
-
-#[derive(Args)]
-struct DiffCompareArgs {
-    /// tiny (seconds, tests), cpu (small networks on 128-pixel tiles, 2-core CPU) or
-    /// paper (the paper's networks on 256-pixel tiles; a GPU job).
-    #[arg(long, default_value = "cpu")]
-    preset: String,
-    /// Training seeds, comma-separated.
-    #[arg(long, default_value = "0,1,2", value_delimiter = ',')]
-    seeds: Vec<u64>,
-    /// Existing data folder (train/ and test/ with images/ and masks/); default: simulate.
-    #[arg(long)]
-    data: Option<PathBuf>,
-    #[arg(long, default_value_t = 3000)]
-    data_seed: u64,
-    /// Seed of the random starting noise at evaluation.
-    #[arg(long, default_value_t = 0)]
-    eval_seed: u64,
-    #[arg(long, short, default_value = "docs/results/pgdiff")]
-    out: PathBuf,
-    /// Models and simulated data; a rerun reuses models trained with the same config.
-    #[arg(long, default_value = "out/diff-compare")]
-    work: PathBuf,
-    #[arg(long, default_value = "cpu")]
-    device: String,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -405,7 +305,7 @@ impl TileArgs {
         let diffusion = match model.diffusion_defaults() {
             Ok(mut d) => {
                 if let Some(v) = &self.start {
-                    d.start = lumos::diffseg::StartNoise::parse(v)?;
+                    d.start = lumos::pgdiff::StartNoise::parse(v)?;
                 }
                 d.inversion_steps = self.inversion_steps.unwrap_or(d.inversion_steps);
                 d.sampling_steps = self.sampling_steps.unwrap_or(d.sampling_steps);
@@ -508,10 +408,7 @@ fn main() {
         Cmd::Evaluate(a) => evaluate(a).map(|_| ()),
         Cmd::Info(a) => info(a),
         Cmd::Demo(a) => demo(a),
-        Cmd::Compare(a) => compare(a),
         Cmd::Decompose(a) => decompose(a),
-        Cmd::SplitCompare(a) => split_compare(a),
-        Cmd::DiffCompare(a) => diff_compare(a),
         Cmd::Export(a) => export_cmd(a),
     };
     if let Err(e) = r {
@@ -709,11 +606,11 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         if cfg.kind.eq_ignore_ascii_case("musplit") && a.config.is_none() && a.recipe.is_none() && a.patch.is_none() {
             cfg.patch_size = [64, 64];
         }
-        if lumos::model::ModelKind::parse(&cfg.kind)? == lumos::model::ModelKind::Pgdiff && a.config.is_none() && a.recipe.is_none() {
+        if lumos::engine::model::ModelKind::parse(&cfg.kind)? == lumos::engine::model::ModelKind::Pgdiff && a.config.is_none() && a.recipe.is_none() {
             let (pc, patch) = match a.pgdiff_preset.as_str() {
-                "paper" => (lumos::diffseg::PgDiffConfig::default(), 256),
-                "cpu" => (lumos::diffseg::PgDiffConfig::cpu(), 128),
-                "tiny" => (lumos::diffseg::PgDiffConfig::tiny(), 32),
+                "paper" => (lumos::pgdiff::PgDiffConfig::default(), 256),
+                "cpu" => (lumos::pgdiff::PgDiffConfig::cpu(), 128),
+                "tiny" => (lumos::pgdiff::PgDiffConfig::tiny(), 32),
                 o => return Err(Error::InvalidArgument(format!("--pgdiff-preset '{o}'; expected paper, cpu or tiny"))),
             };
             cfg.pgdiff = pc;
@@ -791,7 +688,7 @@ fn segment(a: SegmentArgs) -> Result<()> {
         bar.set_message(stem.to_string());
         let (h, w) = (img.height(), img.width());
         let mut labels = lumos::Mask::zeros((h, w));
-        let sampled = model.meta.kind == lumos::model::ModelKind::Pgdiff;
+        let sampled = model.meta.kind == lumos::engine::model::ModelKind::Pgdiff;
         let probabilities = if a.probabilities {
             let mut p = ndarray::Array3::<f32>::zeros((model.n_classes(), h, w));
             model.segment(img.data.view(), &opts, SegmentOutput::Probabilities(p.view_mut()), &mut Monitor::none())?;
@@ -895,7 +792,7 @@ fn evaluate(a: EvaluateArgs) -> Result<metrics::Summary> {
     println!("{table}");
     if let Some(j) = &a.json {
         let v = evaluation_json(&a.model, &a.data, &ev, &sum);
-        lumos::weights::write_atomic(j, serde_json::to_string_pretty(&v).expect("json").as_bytes())?;
+        lumos::engine::weights::write_atomic(j, serde_json::to_string_pretty(&v).expect("json").as_bytes())?;
     }
     Ok(sum)
 }
@@ -975,7 +872,7 @@ fn demo(a: DemoArgs) -> Result<()> {
     std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
     let data = a.out.join("data");
     let cfg = TrainConfig {
-        unet: lumos::nn::unet::UnetConfig { n_stages: 5, base_features: 16, max_features: 256, convs_per_stage: 2 },
+        unet: lumos::nnunet::net::UnetConfig { n_stages: 5, base_features: 16, max_features: 256, convs_per_stage: 2 },
         epochs: a.epochs,
         iterations_per_epoch: a.iterations,
         batch_size: 4,
@@ -1037,7 +934,7 @@ fn demo(a: DemoArgs) -> Result<()> {
         "mean_iou": sum.mean_fg_iou.mean,
     });
     let results_path = a.out.join("results.json");
-    lumos::weights::write_atomic(&results_path, serde_json::to_string_pretty(&results).expect("json").as_bytes())?;
+    lumos::engine::weights::write_atomic(&results_path, serde_json::to_string_pretty(&results).expect("json").as_bytes())?;
     println!(
         "mean Dice {}  mean IoU {}  (6 held-out simulated test images, seed {}, {:.0} s in all)",
         sum.mean_fg_dice,
@@ -1052,48 +949,6 @@ fn demo(a: DemoArgs) -> Result<()> {
         overlay_path.display(),
         results_path.display()
     );
-    Ok(())
-}
-
-fn compare(a: CompareArgs) -> Result<()> {
-    let opts = lumos::compare::CompareOptions {
-        preset: lumos::compare::Preset::parse(&a.preset)?,
-        set: lumos::compare::VariantSet::parse(&a.variants)?,
-        seeds: a.seeds.clone(),
-        data: a.data.clone(),
-        data_seed: a.data_seed,
-        work: a.work.clone(),
-        device: device_name(parse_device(&a.device)?),
-        epochs: a.epochs,
-        iterations: a.iterations,
-    };
-    let (_, base) = opts.preset.recipe();
-    let n_runs = lumos::compare::variants(opts.set, &base).len() * opts.seeds.len();
-    let bar = ProgressBar::new(n_runs as u64);
-    bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} runs  {msg}").expect("template"));
-    let b = bar.clone();
-    let mut on_progress = move |p: &Progress| {
-        if p.stage == Stage::Training {
-            b.set_message(format!("epoch {}/{} loss {:.3}", p.epoch + 1, p.epochs, p.loss));
-        }
-    };
-    let mut mon = Monitor { progress: Some(&mut on_progress), cancel: None };
-    let report = lumos::compare::run(&opts, &mut mon, |r| {
-        say(&bar, format!(
-            "{:<40} seed {}  Dice {:.4}  IoU {:.4}  ({} parameters, {:.0} s)",
-            r.variant, r.seed, r.mean_dice, r.mean_iou, r.parameters, r.train_seconds
-        ));
-        bar.inc(1);
-    })?;
-    bar.finish_and_clear();
-    let mut t = Table::new();
-    t.load_preset(UTF8_FULL_CONDENSED).set_header(["variant", "parameters", "Dice (pooled)", "IoU (pooled)", "Dice over seeds"]);
-    for v in &report.summary {
-        t.add_row([v.variant.clone(), v.parameters.to_string(), v.dice.to_string(), v.iou.to_string(), v.dice_seed_means.to_string()]);
-    }
-    println!("{t}");
-    report.write(&a.out)?;
-    println!("report written to {}/README.md and results.json ({:.0} s)", a.out.display(), report.wall_seconds);
     Ok(())
 }
 
@@ -1166,74 +1021,5 @@ fn decompose(a: DecomposeArgs) -> Result<()> {
         }
     }
     println!("decompositions written to {}", a.out.display());
-    Ok(())
-}
-
-/// This process's command line, quoted where needed (recorded in reports).
-fn command_line() -> String {
-    std::env::args().map(|s| if s.contains(' ') { format!("'{s}'") } else { s }).collect::<Vec<_>>().join(" ")
-}
-
-fn diff_compare(a: DiffCompareArgs) -> Result<()> {
-    let opts = lumos::compare_diff::DiffCompareOptions {
-        preset: lumos::compare_diff::DiffPreset::parse(&a.preset)?,
-        seeds: a.seeds.clone(),
-        data: a.data.clone(),
-        data_seed: a.data_seed,
-        work: a.work.clone(),
-        device: device_name(parse_device(&a.device)?),
-        eval_seed: a.eval_seed,
-    };
-    let command = command_line();
-    let bar = ProgressBar::new((19 * opts.seeds.len()) as u64);
-    bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} rows").expect("template"));
-    let report = lumos::compare_diff::run(&opts, &command, |r| {
-        say(&bar, format!(
-            "{:<26} seed {}  mIoU {:.3}  F1 {:.3}  noise SSIM {:.3}  KLD {:.4}  ({} evaluations, {:.3} s/tile)",
-            r.row,
-            r.seed,
-            metrics::mean(&r.miou),
-            metrics::mean(&r.f1),
-            metrics::mean(&r.noise_ssim),
-            metrics::mean(&r.noise_kld),
-            r.evaluations,
-            r.seconds_per_tile
-        ));
-        bar.inc(1);
-    })?;
-    bar.finish_and_clear();
-    report.write(&a.out)?;
-    println!("{}", report.markdown());
-    println!("report written to {}/README.md and results.json", a.out.display());
-    Ok(())
-}
-
-fn split_compare(a: SplitCompareArgs) -> Result<()> {
-    let opts = lumos::compare_split::SplitCompareOptions {
-        preset: lumos::compare_split::SplitPreset::parse(&a.preset)?,
-        pair: a.pair.pair(),
-        seeds: a.seeds.clone(),
-        data: a.data.clone(),
-        data_seed: a.data_seed,
-        work: a.work.clone(),
-        device: device_name(parse_device(&a.device)?),
-        epochs: a.epochs,
-        iterations: a.iterations,
-    };
-    let command = command_line();
-    let bar = ProgressBar::new((4 * 2 * opts.seeds.len()) as u64);
-    bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} evaluations").expect("template"));
-    let report = lumos::compare_split::run(&opts, &command, |r| {
-        let m = |v: &Vec<Vec<f64>>, c: usize| metrics::mean(&v.iter().map(|f| f[c]).collect::<Vec<_>>());
-        say(&bar, format!(
-            "{:<20} {:<6} seed {}  PSNR {:.2} / {:.2}  SSIM {:.3} / {:.3}  ({} parameters, trained in {:.0} s)",
-            r.model, r.tiling, r.seed, m(&r.psnr, 0), m(&r.psnr, 1), m(&r.ssim, 0), m(&r.ssim, 1), r.parameters, r.train_seconds
-        ));
-        bar.inc(1);
-    })?;
-    bar.finish_and_clear();
-    report.write(&a.out)?;
-    println!("{}", report.markdown());
-    println!("report written to {}/README.md and results.json", a.out.display());
     Ok(())
 }

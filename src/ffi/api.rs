@@ -6,12 +6,12 @@ use std::path::Path;
 use ndarray::{ArrayView3, ArrayViewMut2, ArrayViewMut3};
 
 use super::{arg_str, guard, last_error_ptr, null, Fail, LumosStatus};
-use crate::device::{cuda_available, parse_device};
-use crate::diffseg::{DiffusionOptions, StartNoise};
-use crate::model::{Model, ModelKind, Precision, SegmentOptions, SegmentOutput};
-use crate::progress::{CancelToken, Monitor, Progress};
-use crate::split::DecomposeOptions;
-use crate::train::{train, TrainConfig};
+use crate::engine::device::{cuda_available, parse_device};
+use crate::pgdiff::{DiffusionOptions, StartNoise};
+use crate::engine::model::{Model, ModelKind, Precision, SegmentOptions, SegmentOutput};
+use crate::engine::progress::{CancelToken, Monitor, Progress};
+use crate::musplit::DecomposeOptions;
+use crate::engine::train::{train, TrainConfig};
 
 /// The ABI version: bumped only when an existing function, struct or enum changes
 /// incompatibly. Compare with `LUMOS_ABI_VERSION` from the header you compiled against.

@@ -7,7 +7,7 @@ use once_cell::sync::Lazy;
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
-use super::onednn;
+use crate::backend::onednn;
 use crate::error::Result;
 
 /// InstanceNorm2d with affine parameters, no running statistics.
@@ -40,11 +40,11 @@ impl InstanceNorm {
     }
 
     /// [`Self::forward`], then LeakyReLU(0.01) if `leaky`. On a CUDA device a channels-last
-    /// map goes through the fused kernels of [`super::cuda_norm`] where they apply, else
+    /// map goes through the fused kernels of [`crate::backend::cuda_norm`] where they apply, else
     /// [`Self::forward_nhwc`].
     pub fn forward_act(&self, x: &Tensor, leaky: bool) -> Tensor {
         let y = if (x.device().is_cuda() || force_nhwc()) && nhwc_norm_enabled() && is_channels_last(x) {
-            if let Some(y) = super::cuda_norm::norm_act(x, &self.weight, &self.bias, 1e-5, if leaky { 0.01 } else { 1.0 }) {
+            if let Some(y) = crate::backend::cuda_norm::norm_act(x, &self.weight, &self.bias, 1e-5, if leaky { 0.01 } else { 1.0 }) {
                 return y;
             }
             self.forward_nhwc(x)
@@ -137,7 +137,7 @@ fn force_nhwc() -> bool {
 /// The CUDA channels-last InstanceNorm ([`InstanceNorm::forward_nhwc`]) unless
 /// `LUMOS_CUDA_NHWC_NORM=0` (which restores libtorch's `group_norm`, for comparisons).
 fn nhwc_norm_enabled() -> bool {
-    static ON: Lazy<bool> = Lazy::new(|| !crate::device::switched_off("LUMOS_CUDA_NHWC_NORM"));
+    static ON: Lazy<bool> = Lazy::new(|| !crate::engine::device::switched_off("LUMOS_CUDA_NHWC_NORM"));
     *ON
 }
 
@@ -148,7 +148,7 @@ pub struct ConvNormAct {
     pub norm: InstanceNorm,
     stride: i64,
     padding: i64,
-    packed: super::packed::PackCache,
+    packed: crate::backend::packed::PackCache,
 }
 
 impl ConvNormAct {
@@ -180,7 +180,7 @@ impl ConvNormAct {
     }
 
     /// The training path of [`Self::forward`] on oneDNN's blocked layout
-    /// ([`super::onednn`]): `x` blocked `(N, cin/16, H, W, 16)`, or plain `(N, cin, H, W)`
+    /// ([`crate::backend::onednn`]): `x` blocked `(N, cin/16, H, W, 16)`, or plain `(N, cin, H, W)`
     /// for a network's first layer; the result is blocked. `cout` must be a multiple of 16.
     pub fn forward_blocked(&self, x: &Tensor) -> Result<Tensor> {
         let (x, w) = onednn::first_layer(x, &self.conv.ws);
@@ -259,7 +259,7 @@ impl Encoder {
         skips
     }
 
-    /// [`Self::forward`] with blocked skips ([`super::onednn`]); `x` plain (first stage of
+    /// [`Self::forward`] with blocked skips ([`crate::backend::onednn`]); `x` plain (first stage of
     /// a network) or blocked.
     pub fn forward_blocked(&self, x: &Tensor) -> Result<Vec<Tensor>> {
         let mut skips = Vec::with_capacity(self.stages.len());
@@ -323,7 +323,7 @@ impl Decoder {
         outs
     }
 
-    /// [`Self::forward`] with blocked skips ([`super::onednn`]); the logits are plain.
+    /// [`Self::forward`] with blocked skips ([`crate::backend::onednn`]); the logits are plain.
     pub fn forward_blocked(&self, skips: &[Tensor], deep_supervision: bool) -> Result<Vec<Tensor>> {
         let n = skips.len();
         let mut x = skips[n - 1].shallow_clone();
@@ -352,7 +352,7 @@ mod tests {
 
     #[test]
     fn nhwc_instance_norm_matches_group_norm_and_stays_channels_last() {
-        let _g = crate::model::TORCH_RNG.lock();
+        let _g = crate::engine::model::TORCH_RNG.lock();
         tch::manual_seed(3);
         let vs = nn::VarStore::new(Device::Cpu);
         let norm = InstanceNorm::new(&vs.root(), 24);
@@ -363,7 +363,7 @@ mod tests {
         // a per-channel offset (conv outputs carry one: the bias is not added)
         let x = Tensor::randn([3, 24, 11, 7], (Kind::Float, Device::Cpu)) * 2.0 + Tensor::randn([1, 24, 1, 1], (Kind::Float, Device::Cpu));
         let reference = x.group_norm(24, Some(&norm.weight), Some(&norm.bias), 1e-5, true);
-        let xl = crate::model::channels_last(&x);
+        let xl = crate::engine::model::channels_last(&x);
         assert!(is_channels_last(&xl) && !is_channels_last(&x));
         let y = tch::no_grad(|| norm.forward_nhwc(&xl));
         assert!(is_channels_last(&y), "the result keeps NHWC strides: {:?}", y.stride());
@@ -393,7 +393,7 @@ mod tests {
         // result is the bias): the statistics and the affine map stay float32
         let xc = (Tensor::randn([2, 24, 9, 5], (Kind::Float, Device::Cpu)) * 0.01 + 1.3).to_kind(Kind::BFloat16);
         let refc = xc.to_kind(Kind::Float).group_norm(24, Some(&norm.weight), Some(&norm.bias), 1e-5, true);
-        let yc = tch::no_grad(|| norm.forward_nhwc(&crate::model::channels_last(&xc)));
+        let yc = tch::no_grad(|| norm.forward_nhwc(&crate::engine::model::channels_last(&xc)));
         let ec = max_abs(&yc, &refc);
         assert!(ec < 0.05, "bfloat16 near-constant channels: max error {ec}");
         let x1 = (Tensor::randn([3, 24, 1, 1], (Kind::Float, Device::Cpu)) + 1.3).to_kind(Kind::BFloat16);

@@ -52,7 +52,7 @@ pub fn dropout_(y: Tensor, p: f64, train: bool) -> Tensor {
     y
 }
 
-/// [`dropout_`] of a blocked tensor (`super::onednn`): the mask is drawn in the plain
+/// [`dropout_`] of a blocked tensor (`crate::backend::onednn`): the mask is drawn in the plain
 /// `(N, C, H, W)` order and blocked, so that a seed gives the same mask on either path.
 pub fn dropout_blocked_(y: Tensor, p: f64, train: bool) -> Tensor {
     let mut y = y;
@@ -60,7 +60,7 @@ pub fn dropout_blocked_(y: Tensor, p: f64, train: bool) -> Tensor {
         return y;
     }
     let s = y.size();
-    let plain = [s[0], s[1] * super::onednn::BLOCK, s[2], s[3]];
+    let plain = [s[0], s[1] * crate::backend::onednn::BLOCK, s[2], s[3]];
     let keep = 1.0 - p;
     let mask = if *PER_ELEMENT_BERNOULLI {
         Tensor::rand(plain, (Kind::Double, y.device())).lt(keep).to_kind(y.kind())
@@ -68,7 +68,7 @@ pub fn dropout_blocked_(y: Tensor, p: f64, train: bool) -> Tensor {
         // libtorch's own dropout mask on an NCHW tensor (its sampler fills memory in order)
         Tensor::empty(plain, (y.kind(), y.device())).bernoulli_float_(keep)
     };
-    let mut noise = super::onednn::to_blocked(&mask);
+    let mut noise = crate::backend::onednn::to_blocked(&mask);
     noise /= keep;
     y *= &noise;
     y
@@ -85,7 +85,7 @@ mod tests {
     fn dropout_matches_libtorch() {
         let x = Tensor::randn([3, 5, 17, 19], (Kind::Float, Device::Cpu));
         for _ in 0..5 {
-            let _g = crate::model::TORCH_RNG.lock();
+            let _g = crate::engine::model::TORCH_RNG.lock();
             tch::manual_seed(31);
             let reference = x.dropout(0.1, true);
             tch::manual_seed(31);

@@ -1,12 +1,4 @@
-//! Network building blocks and architectures.
+//! Layers that several networks share: nnU-Net's convolution blocks (used by the nnU-Net,
+//! DM-QPMNet and muSplit networks) and dropout in both activation layouts.
 pub mod blocks;
-pub mod cuda_norm;
-pub mod dmqpm;
 pub mod dropout;
-pub mod ldm;
-pub mod loss;
-pub mod unet;
-pub mod musplit;
-pub mod onednn;
-pub mod packed;
-pub mod precision;

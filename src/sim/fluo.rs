@@ -437,7 +437,7 @@ pub fn write_dataset(dir: &Path, n_train: usize, n_test: usize, cfg: &FluoConfig
         "test": records[1],
     });
     let path = dir.join("simulation.json");
-    crate::weights::write_atomic(&path, serde_json::to_string_pretty(&record).expect("json").as_bytes())?;
+    crate::engine::weights::write_atomic(&path, serde_json::to_string_pretty(&record).expect("json").as_bytes())?;
     Ok(names)
 }
 

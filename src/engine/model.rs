@@ -17,16 +17,16 @@ use tch::{nn, Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
 use crate::image::check_finite;
-use crate::diffseg::{DiffusionOptions, PgDiffConfig, PgDiffNet};
-use crate::nn::dmqpm::{DmQpmConfig, DmQpmNet};
-use crate::nn::musplit::{MuSplitConfig, MuSplitNet};
-use crate::nn::precision::{to_float, with_precision};
-pub use crate::nn::precision::Precision;
-use crate::nn::unet::{Unet, UnetConfig};
-use crate::normalize::{DeviceAffine, Normalizer};
-use crate::progress::Monitor;
-use crate::tiling::{mirrored, sliding_window, SlidingWindow};
-use crate::weights;
+use crate::pgdiff::{DiffusionOptions, PgDiffConfig, PgDiffNet};
+use crate::dmqpm::net::{DmQpmConfig, DmQpmNet};
+use crate::musplit::net::{MuSplitConfig, MuSplitNet};
+use crate::backend::precision::{to_float, with_precision};
+pub use crate::backend::precision::Precision;
+use crate::nnunet::net::{Unet, UnetConfig};
+use crate::engine::normalize::{DeviceAffine, Normalizer};
+use crate::engine::progress::Monitor;
+use crate::engine::tiling::{mirrored, sliding_window, SlidingWindow};
+use crate::engine::weights;
 
 pub const FORMAT: &str = "lumos-model";
 /// Bumped when a file written by this version cannot be read by older versions.
@@ -351,7 +351,7 @@ impl Model {
     /// one lock that every model construction takes: a model built in another thread at
     /// the same time cannot change a seeded model's weights.
     pub fn new_seeded(meta: ModelMeta, device: Device, seed: Option<u64>) -> Result<Self> {
-        crate::device::tune_allocator();
+        crate::engine::device::tune_allocator();
         if meta.input_channels.is_empty() {
             return Err(Error::Config("a model needs at least one input channel".into()));
         }
@@ -519,7 +519,7 @@ impl Model {
             match (&inner.net, diff_opts) {
                 (Net::Pgdiff(d), Some(o)) => {
                     // every batch of tiles draws from its own stream: (seed, batch index)
-                    let stream = crate::train::per_epoch_seed(o.seed, batch_no as usize);
+                    let stream = crate::engine::train::per_epoch_seed(o.seed, batch_no as usize);
                     batch_no += 1;
                     Ok(d.predict(x, &o, stream, &inner_monitor)?.probabilities)
                 }

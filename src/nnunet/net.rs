@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 use tch::{nn, Tensor};
 
-use super::blocks::{stage_features, Decoder, Encoder};
+use crate::nn::blocks::{stage_features, Decoder, Encoder};
 use crate::error::{Error, Result};
 
 /// Architecture of a plain 2D nnU-Net.
@@ -65,12 +65,12 @@ impl Unet {
     /// `(N, C, H, W)` -> logits per decoder stage, full resolution first: `[(N, K, H, W), ...]`.
     ///
     /// In training on the CPU the activations stay in oneDNN's blocked layout between
-    /// layers when every stage has a multiple of 16 features ([`super::onednn`]).
+    /// layers when every stage has a multiple of 16 features ([`crate::backend::onednn`]).
     pub fn forward(&self, x: &Tensor, deep_supervision: bool) -> Vec<Tensor> {
-        if self.encoder.blockable() && super::onednn::applies(x) {
+        if self.encoder.blockable() && crate::backend::onednn::applies(x) {
             match self.encoder.forward_blocked(x).and_then(|s| self.decoder.forward_blocked(&s, deep_supervision)) {
                 Ok(outs) => return outs,
-                Err(e) => super::onednn::disable(&e),
+                Err(e) => crate::backend::onednn::disable(&e),
             }
         }
         let skips = self.encoder.forward(x);

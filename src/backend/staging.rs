@@ -26,7 +26,7 @@ use once_cell::sync::Lazy;
 use parking_lot::Mutex;
 use tch::{Device, Kind, Tensor};
 
-use crate::nn::cuda_norm::ContextGuard;
+use crate::backend::cuda_norm::ContextGuard;
 
 /// Bytes per page-locked slot.
 pub const SLOT_BYTES: usize = 2 << 20;
@@ -130,7 +130,7 @@ thread_local! {
 }
 
 fn enabled() -> bool {
-    static ON: Lazy<bool> = Lazy::new(|| !crate::device::switched_off("LUMOS_CUDA_STAGED_COPY"));
+    static ON: Lazy<bool> = Lazy::new(|| !crate::engine::device::switched_off("LUMOS_CUDA_STAGED_COPY"));
     *ON
 }
 
@@ -193,7 +193,7 @@ mod tests {
     /// be reused as soon as the call returns. Less than a slot is left to libtorch.
     #[test]
     fn staged_copies_equal_libtorchs() {
-        let Some(dev) = crate::device::cuda_for_test() else { return };
+        let Some(dev) = crate::engine::device::cuda_for_test() else { return };
         assert!(to_device(&[&[1.0f32; 1000]], &[1000], dev).is_none(), "less than a slot is staged");
         for lens in [vec![SLOT_ELEMS], vec![SLOT_ELEMS + 7], vec![SLOTS * SLOT_ELEMS * 2 + 12345], vec![300_000, 5, SLOT_ELEMS * 3]] {
             let mut pieces: Vec<Vec<f32>> = lens
@@ -219,17 +219,17 @@ mod tests {
     /// frame's rows as the CPU copy does.
     #[test]
     fn frames_and_bands_reach_the_device_intact() {
-        let Some(dev) = crate::device::cuda_for_test() else { return };
+        let Some(dev) = crate::engine::device::cuda_for_test() else { return };
         let frame = Array3::from_shape_fn((3, 700, 640), |(c, y, x)| (c * 1_000_000 + y * 1000 + x) as f32);
         let before = STAGED.with(|n| n.get());
         // a frame cropped in height: not contiguous across channels, each channel is
         let cropped = frame.slice(s![.., 100..600, ..]);
-        let got = crate::tiling::rows_to_device(cropped, 0, 500, dev).to_device(Device::Cpu);
-        assert!(got.equal(&crate::tiling::rows_to_device(cropped, 0, 500, Device::Cpu)), "the cropped frame differs");
+        let got = crate::engine::tiling::rows_to_device(cropped, 0, 500, dev).to_device(Device::Cpu);
+        assert!(got.equal(&crate::engine::tiling::rows_to_device(cropped, 0, 500, Device::Cpu)), "the cropped frame differs");
         for (y0, y1) in [(0usize, 700usize), (123, 700), (5, 650)] {
             assert!(3 * (y1 - y0) * 640 * 4 >= SLOT_BYTES, "the case must be staged");
-            let got = crate::tiling::rows_to_device(frame.view(), y0, y1, dev).to_device(Device::Cpu);
-            let want = crate::tiling::rows_to_device(frame.view(), y0, y1, Device::Cpu);
+            let got = crate::engine::tiling::rows_to_device(frame.view(), y0, y1, dev).to_device(Device::Cpu);
+            let want = crate::engine::tiling::rows_to_device(frame.view(), y0, y1, Device::Cpu);
             assert!(got.equal(&want), "rows {y0}..{y1} differ");
             let band = frame.slice(s![.., y0..y1, ..]);
             assert_eq!(got.size(), [1, 3, band.dim().1 as i64, 640]);

@@ -2,7 +2,7 @@
 //!
 //! The input is `(N, 1 + lc_levels, T, T)`: channel 0 is the primary patch, channel `k`
 //! the lateral-context (LC) crop of level `k` (the frame downsampled by `2^k`, a `T x T`
-//! crop centred on the primary patch; see `crate::lc`). The output is the two
+//! crop centred on the primary patch; see `crate::musplit::lc`). The output is the two
 //! structures of the primary patch, `(N, 2, T, T)`, in normalized target units.
 //!
 //! **Encoder** (both variants): level 0 works on the primary patch; each later level
@@ -42,9 +42,9 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module, ModuleT};
 use tch::{Kind, Tensor};
 
-use super::blocks::StackedConvs;
-use super::onednn;
-use super::packed::Conv2d;
+use crate::nn::blocks::StackedConvs;
+use crate::backend::onednn;
+use crate::backend::packed::Conv2d;
 use crate::error::{Error, Result};
 
 /// Which network.
@@ -241,19 +241,19 @@ impl ResGated {
         // ELU and dropout in place: neither BatchNorm's nor a conv's backward needs its
         // output, and ELU's backward works from its own result
         let mut y = self.conv1.forward(&self.bn1.forward_t(x, train).elu_());
-        y = super::dropout::dropout_(y, self.dropout, train);
+        y = crate::nn::dropout::dropout_(y, self.dropout, train);
         let y = self.conv2.forward(&self.bn2.forward_t(&y, train).elu_());
         // a * sigmoid(b) over the two halves of the gate's channels: libtorch's fused GLU
         // (one pass, no chunk / sigmoid / product intermediates; its backward writes the
         // gate's gradient directly instead of concatenating two halves)
         self.gate.forward(&y).glu(1) + x
     }
-    /// Training on blocked tensors ([`super::onednn`]): the same function, the gate's
+    /// Training on blocked tensors ([`crate::backend::onednn`]): the same function, the gate's
     /// halves being the first and last halves of the channel blocks.
     fn forward_blocked(&self, x: &Tensor) -> Result<Tensor> {
         let y = bn_blocked(&self.bn1, x)?.elu_();
         let y = conv_blocked(&self.conv1, &y, 1, 1)?;
-        let y = super::dropout::dropout_blocked_(y, self.dropout, true);
+        let y = crate::nn::dropout::dropout_blocked_(y, self.dropout, true);
         let y = bn_blocked(&self.bn2, &y)?.elu_();
         let y = conv_blocked(&self.conv2, &y, 1, 1)?;
         Ok(conv_blocked(&self.gate, &y, 1, 0)?.glu(1) + x)
@@ -319,7 +319,7 @@ impl ConvBnAct {
     }
     fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
         // not inside packed::plain (a TorchScript trace records the BatchNorm as it is)
-        if !train && !super::packed::grad_enabled() && !super::packed::plain_ops() {
+        if !train && !crate::backend::packed::grad_enabled() && !crate::backend::packed::plain_ops() {
             if let (Some(g), Some(b)) = (&self.norm.ws, &self.norm.bs) {
                 return self.forward_folded(x, g, b);
             }
@@ -331,7 +331,7 @@ impl ConvBnAct {
         self.norm.forward_t(&self.conv.forward(x), train).leaky_relu_()
     }
     /// Training ([`Self::forward_t`] with `train`) on oneDNN's blocked layout
-    /// ([`super::onednn`]): `x` blocked, or plain for a network's first layer.
+    /// ([`crate::backend::onednn`]): `x` blocked, or plain for a network's first layer.
     fn forward_blocked(&self, x: &Tensor) -> Result<Tensor> {
         let (w, g, b) = match (&self.norm.ws, &self.norm.bs) {
             (Some(g), Some(b)) => (&self.conv.conv.ws, g, b),
@@ -638,7 +638,7 @@ impl LcEncoder {
         out
     }
 
-    /// Training forward with blocked activations ([`super::onednn`]): the same function
+    /// Training forward with blocked activations ([`crate::backend::onednn`]): the same function
     /// as [`Self::forward_t`] with `train`; the features are blocked.
     fn forward_blocked(&self, x: &Tensor) -> Result<Vec<Tensor>> {
         let t = x.size()[2];
@@ -862,7 +862,7 @@ impl MuSplitNet {
     }
 
     /// The training forward (`forward_opts(x, true, true, true)`) with blocked activations
-    /// ([`super::onednn`]); the outputs are plain. Random draws (dropout masks, latent
+    /// ([`crate::backend::onednn`]); the outputs are plain. Random draws (dropout masks, latent
     /// samples) are made in the plain order, so a seed gives the same draws on either path.
     fn forward_train_blocked(&self, x: &Tensor) -> Result<SplitOutput> {
         let feats = self.encoder.forward_blocked(x)?;
@@ -1024,7 +1024,7 @@ impl MuSplitNet {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::precision::{to_float, Precision};
+    use crate::backend::precision::{to_float, Precision};
     use tch::{nn::VarStore, Device};
 
     fn tiny(variant: SplitVariant, lc: usize, merge: LcMerge) -> MuSplitConfig {
@@ -1037,7 +1037,7 @@ mod tests {
 
     #[test]
     fn folded_batch_norm_inference_equals_conv_then_batch_norm_and_follows_updates() {
-        let _rng = crate::model::TORCH_RNG.lock();
+        let _rng = crate::engine::model::TORCH_RNG.lock();
         tch::manual_seed(3);
         let vs = VarStore::new(Device::Cpu);
         let block = ConvBnAct::new(&(vs.root() / "b"), 3, 5, 2);
@@ -1074,7 +1074,7 @@ mod tests {
         assert!((&y2 - &y1).abs().max().double_value(&[]) > 1e-2, "the update changed the output");
         // inside packed::plain (TorchScript export) the BatchNorm runs as it is
         *block.folded.lock() = None;
-        let y4 = crate::nn::packed::plain(|| tch::no_grad(|| block.forward_t(&x, false)));
+        let y4 = crate::backend::packed::plain(|| tch::no_grad(|| block.forward_t(&x, false)));
         assert!(block.folded.lock().is_none(), "no folding inside packed::plain");
         assert!(max_diff_t(&y4, &y2) < 1e-4);
         // with autograd on, eval mode runs the BatchNorm itself (gradients reach its parameters)
@@ -1088,7 +1088,7 @@ mod tests {
     /// parameters away from their initial values; and the plan at the paper's size.
     #[test]
     fn pruned_lc_unet_inference_equals_the_full_forward() {
-        let _rng = crate::model::TORCH_RNG.lock();
+        let _rng = crate::engine::model::TORCH_RNG.lock();
         let cases = [(3usize, 2usize, 16i64), (4, 3, 32), (5, 4, 64), (4, 2, 32), (3, 2, 8), (5, 4, 128), (4, 1, 32), (5, 1, 64), (4, 3, 48), (5, 4, 80)];
         for (i, &(levels, lc, t)) in cases.iter().enumerate() {
             tch::manual_seed(20 + i as i64);
@@ -1114,7 +1114,7 @@ mod tests {
             }
             let pruned = tch::no_grad(|| net.forward_t(&x, false).mean);
             // a channels-last input (Net::infer's layout) takes the same crops
-            let pruned_cl = tch::no_grad(|| net.forward_t(&crate::model::channels_last(&x), false).mean);
+            let pruned_cl = tch::no_grad(|| net.forward_t(&crate::engine::model::channels_last(&x), false).mean);
             assert!(max_diff_t(&pruned_cl, &pruned) < 1e-5 * pruned.abs().max().double_value(&[]).max(1.0), "channels-last");
             PRUNE_OFF.with(|p| p.set(true));
             let full = tch::no_grad(|| net.forward_t(&x, false).mean);
@@ -1133,10 +1133,10 @@ mod tests {
             }
             // bfloat16 autocast: pruned and full agree to bfloat16 rounding
             if i == 2 {
-                let prec = crate::nn::precision::Precision::Bfloat16;
+                let prec = crate::backend::precision::Precision::Bfloat16;
                 let run = |off: bool| {
                     PRUNE_OFF.with(|p| p.set(off));
-                    let y = crate::nn::precision::with_precision(prec, Device::Cpu, || tch::no_grad(|| net.forward_t(&x, false).mean)).unwrap();
+                    let y = crate::backend::precision::with_precision(prec, Device::Cpu, || tch::no_grad(|| net.forward_t(&x, false).mean)).unwrap();
                     PRUNE_OFF.with(|p| p.set(false));
                     y.to_kind(Kind::Float)
                 };
@@ -1193,7 +1193,7 @@ mod tests {
         let opts = (Kind::Float, Device::Cpu);
         let mut final_mse = Vec::new();
         for norm in [UnetNorm::Batch, UnetNorm::Instance] {
-            let _g = crate::model::TORCH_RNG.lock();
+            let _g = crate::engine::model::TORCH_RNG.lock();
             tch::manual_seed(3);
             let cfg = MuSplitConfig { unet_norm: norm, ..tiny(SplitVariant::Unet, 0, LcMerge::Regular) };
             let vs = VarStore::new(Device::Cpu);
@@ -1300,12 +1300,12 @@ mod tests {
         let (_vs, net) = sampling_hvae(5);
         let x = Tensor::randn([2, 3, 16, 16], (Kind::Float, Device::Cpu));
         let run = |x: &Tensor| {
-            let _rng = crate::model::TORCH_RNG.lock();
+            let _rng = crate::engine::model::TORCH_RNG.lock();
             tch::manual_seed(11);
             tch::no_grad(|| net.forward_t(x, false).mean.contiguous())
         };
         let other = {
-            let _rng = crate::model::TORCH_RNG.lock();
+            let _rng = crate::engine::model::TORCH_RNG.lock();
             tch::manual_seed(12);
             tch::no_grad(|| net.forward_t(&x, false).mean)
         };
@@ -1317,7 +1317,7 @@ mod tests {
         // layout-dependent draw fails every such try
         let mut last = String::new();
         for _ in 0..20 {
-            let (a, b, c) = (run(&x), run(&crate::model::channels_last(&x)), run(&x));
+            let (a, b, c) = (run(&x), run(&crate::engine::model::channels_last(&x)), run(&x));
             if close(&a, &c) && close(&a, &b) {
                 return;
             }
@@ -1334,9 +1334,9 @@ mod tests {
         let (_vs, net) = sampling_hvae(6);
         let x = Tensor::randn([2, 3, 16, 16], (Kind::Float, Device::Cpu));
         let run = |p: Precision| {
-            let _rng = crate::model::TORCH_RNG.lock();
+            let _rng = crate::engine::model::TORCH_RNG.lock();
             tch::manual_seed(13);
-            crate::nn::precision::with_precision(p, Device::Cpu, || tch::no_grad(|| to_float(net.predict(&x)))).unwrap()
+            crate::backend::precision::with_precision(p, Device::Cpu, || tch::no_grad(|| to_float(net.predict(&x)))).unwrap()
         };
         let mut last = String::new();
         for _ in 0..20 {

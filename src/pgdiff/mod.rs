@@ -21,6 +21,10 @@
 //! together (epsilon prediction, L2, uniform timesteps), with Adam, a checkpoint after
 //! every epoch and exact resume.
 
+pub mod ddim;
+pub mod ldm;
+pub mod recipes;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::Instant;
@@ -31,17 +35,17 @@ use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
-use crate::dataset::{load_folder, Sample};
-use crate::ddim::{self, Schedule};
-use crate::device::parse_device;
+use crate::engine::dataset::{load_folder, Sample};
+use crate::pgdiff::ddim::Schedule;
+use crate::engine::device::parse_device;
 use crate::error::{Error, Result};
 use crate::image::{array3_to_tensor, mask_to_tensor};
-use crate::metrics;
-use crate::model::{EpochRecord, Model, ModelKind, ModelMeta, Net, SegmentOptions, TORCH_RNG};
-use crate::nn::ldm::{Autoencoder, AutoencoderConfig, DiffusionUnet, DiffusionUnetConfig};
-use crate::normalize::{NormMethod, Normalizer};
-use crate::progress::{Monitor, Progress, Stage};
-use crate::train::{per_epoch_seed, sibling, RunInfo, TrainConfig, TrainOutcome};
+use crate::engine::metrics;
+use crate::engine::model::{EpochRecord, Model, ModelKind, ModelMeta, Net, SegmentOptions, TORCH_RNG};
+use crate::pgdiff::ldm::{Autoencoder, AutoencoderConfig, DiffusionUnet, DiffusionUnetConfig};
+use crate::engine::normalize::{NormMethod, Normalizer};
+use crate::engine::progress::{Monitor, Progress, Stage};
+use crate::engine::train::{per_epoch_seed, sibling, RunInfo, TrainConfig, TrainOutcome};
 
 /// Where the sampler starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -494,16 +498,16 @@ impl Adam {
     }
     /// Drops the gradients (the next backward pass writes fresh ones).
     fn zero_grad(&mut self) -> Result<()> {
-        crate::optim::drop_grads(self.params.iter().map(|(_, p)| p))
+        crate::backend::optim::drop_grads(self.params.iter().map(|(_, p)| p))
     }
     /// Clips the global gradient norm to `max_norm` (`<= 0`: no clipping), then one step
     /// of libtorch's fused Adam over the parameters with a gradient.
     fn clip_and_update(&mut self, max_norm: f64, lr: f64) -> Result<()> {
         let (b1, b2, eps) = (0.9, 0.999, 1e-8);
         self.step += 1;
-        let (ps, gs, st) = crate::optim::gather(&self.params, &mut [&mut self.m, &mut self.v]);
-        crate::optim::clip_grad_norm_(&gs, max_norm)?;
-        crate::optim::adam_(&ps, &gs, &st[0], &st[1], self.step, lr, b1, b2, eps)
+        let (ps, gs, st) = crate::backend::optim::gather(&self.params, &mut [&mut self.m, &mut self.v]);
+        crate::backend::optim::clip_grad_norm_(&gs, max_norm)?;
+        crate::backend::optim::adam_(&ps, &gs, &st[0], &st[1], self.step, lr, b1, b2, eps)
     }
     fn state(&self) -> Vec<(String, Tensor)> {
         let t = self.tag;
@@ -693,18 +697,18 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
     let pc = &cfg.pgdiff;
     let record_path = sibling(output, "train.json");
     let ckpt_path = cfg.checkpoint.clone().unwrap_or_else(|| sibling(output, "ckpt"));
-    crate::train::check_output_paths(output, &ckpt_path)?;
+    crate::engine::train::check_output_paths(output, &ckpt_path)?;
     let device = parse_device(&cfg.device)?;
     if cfg.threads > 0 {
         tch::set_num_threads(cfg.threads as i32);
     }
     monitor.emit(Progress::new(Stage::Preparing));
     let samples = load_folder(data_dir)?;
-    let (train_idx, val_idx) = crate::dataset::split_indices(samples.len(), cfg.val_fraction, cfg.seed);
+    let (train_idx, val_idx) = crate::engine::dataset::split_indices(samples.len(), cfg.val_fraction, cfg.seed);
     let train_s: Vec<&Sample> = train_idx.iter().map(|&i| &samples[i]).collect();
     let val_s: Vec<&Sample> = val_idx.iter().map(|&i| &samples[i]).collect();
     let names = |v: &[&Sample]| v.iter().map(|s| s.name.clone()).collect::<Vec<_>>();
-    let mut classes = crate::train::class_names(cfg, &samples)?;
+    let mut classes = crate::engine::train::class_names(cfg, &samples)?;
     if cfg.classes.is_empty() && classes.len() == 3 {
         // three labels are the live / dead setting of the paper and the simulator
         classes = crate::sim::qpi::CLASS_NAMES.iter().map(|s| s.to_string()).collect();
@@ -733,9 +737,9 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
     let mut start_epoch = 0;
     let mut history: Vec<EpochRecord> = Vec::new();
     if cfg.resume && ckpt_path.is_file() {
-        let (file, st, ck) = crate::train::read_checkpoint::<DiffCheckpoint>(&ckpt_path, &model)?;
-        crate::train::check_resume_config(&ckpt_path, &st.config, cfg)?;
-        crate::train::check_resume_data(&ckpt_path, "image", &ck.normalization, &normalizer)?;
+        let (file, st, ck) = crate::engine::train::read_checkpoint::<DiffCheckpoint>(&ckpt_path, &model)?;
+        crate::engine::train::check_resume_config(&ckpt_path, &st.config, cfg)?;
+        crate::engine::train::check_resume_data(&ckpt_path, "image", &ck.normalization, &normalizer)?;
         stepper.opt_ae.load_state(&file.tensors, device);
         stepper.opt_dm.load_state(&file.tensors, device);
         model.meta.normalization = ck.normalization;
@@ -822,7 +826,7 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
         history.push(rec);
         let st = DiffCheckpoint { epochs_completed: epoch + 1, config: cfg.clone(), history: history.clone() };
         let mut md = HashMap::new();
-        md.insert(crate::train::CHECKPOINT_KEY.to_string(), serde_json::to_string(&st).expect("json"));
+        md.insert(crate::engine::train::CHECKPOINT_KEY.to_string(), serde_json::to_string(&st).expect("json"));
         model.meta.provenance = run.provenance(epoch + 1, &history);
         let mut extra = stepper.opt_ae.state();
         extra.extend(stepper.opt_dm.state());

@@ -1,4 +1,4 @@
-//! The PG-DiffSeg paper's comparisons on simulated QPI (`lumos diff-compare`):
+//! The PG-DiffSeg paper's comparisons on simulated QPI (`lumos-experiments diff-compare`):
 //!
 //! - Table 2: diffusion segmentation from random starting noise with majority voting
 //!   over 1, 3 and 5 samples vs the prior-guided start (one sample), next to a
@@ -21,106 +21,15 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::dataset::{load_folder, Sample};
-use crate::diffseg::{evaluate_tiles, reconstruction_psnr, DiffusionOptions, PgDiffConfig, StartNoise};
-use crate::error::{Error, Result};
-use crate::metrics::{self, MeanStd};
-use crate::model::Model;
-use crate::progress::Monitor;
-use crate::sim::qpi::{write_dataset, QpiConfig};
-use crate::train::{train, TrainConfig};
-
-/// Sizes of the comparison.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DiffPreset {
-    /// Seconds: for tests (tiny networks, 32-pixel tiles).
-    Tiny,
-    /// A 2-core CPU: small networks on 128-pixel tiles (about 20 minutes per seed).
-    Cpu,
-    /// The paper's networks on 256-pixel tiles: a GPU job.
-    Paper,
-}
-
-impl DiffPreset {
-    pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "tiny" => Ok(DiffPreset::Tiny),
-            "cpu" => Ok(DiffPreset::Cpu),
-            "paper" => Ok(DiffPreset::Paper),
-            o => Err(Error::Config(format!("unknown preset '{o}'; expected tiny, cpu or paper"))),
-        }
-    }
-    /// (train frames, test frames, frame edge).
-    pub fn data_size(&self) -> (usize, usize, usize) {
-        match self {
-            DiffPreset::Tiny => (4, 1, 64),
-            DiffPreset::Cpu => (24, 6, 256),
-            DiffPreset::Paper => (120, 30, 512),
-        }
-    }
-    /// The PG-DiffSeg training recipe.
-    pub fn recipe(&self) -> TrainConfig {
-        // resume: an interrupted comparison continues from each model's last checkpoint
-        let base = TrainConfig { kind: "pgdiff".into(), val_fraction: 0.0, device: "cpu".into(), resume: true, ..Default::default() };
-        match self {
-            DiffPreset::Tiny => TrainConfig {
-                pgdiff: PgDiffConfig::tiny(),
-                epochs: 2,
-                iterations_per_epoch: 4,
-                batch_size: 4,
-                patch_size: [32, 32],
-                ..base
-            },
-            DiffPreset::Cpu => TrainConfig {
-                pgdiff: PgDiffConfig { ae_epochs: 2, ..PgDiffConfig::cpu() },
-                epochs: 8,
-                iterations_per_epoch: 150,
-                batch_size: 8,
-                patch_size: [128, 128],
-                ..base
-            },
-            DiffPreset::Paper => TrainConfig {
-                pgdiff: PgDiffConfig { ae_epochs: 20, learning_rate: 2e-5, ..PgDiffConfig::default() },
-                epochs: 100,
-                iterations_per_epoch: 250,
-                batch_size: 10,
-                patch_size: [256, 256],
-                device: "auto".into(),
-                ..base
-            },
-        }
-    }
-    /// The deterministic baseline: nnU-Net on the same tiles.
-    pub fn baseline_recipe(&self) -> TrainConfig {
-        let r = self.recipe();
-        let (epochs, its) = match self {
-            DiffPreset::Tiny => (1, 2),
-            DiffPreset::Cpu => (10, 50),
-            DiffPreset::Paper => (100, 250),
-        };
-        TrainConfig {
-            kind: "unet".into(),
-            epochs,
-            iterations_per_epoch: its,
-            batch_size: r.batch_size,
-            patch_size: r.patch_size,
-            val_fraction: 0.0,
-            device: r.device.clone(),
-            learning_rate: 0.01,
-            resume: true,
-            unet: match self {
-                // nnU-Net's planning stops halving at a 4 x 4 bottleneck; tiny runs in seconds
-                DiffPreset::Tiny => crate::nn::unet::UnetConfig { n_stages: 4, base_features: 8, max_features: 64, convs_per_stage: 2 },
-                // 256-pixel tiles: 7 stages down to 4 x 4
-                DiffPreset::Paper => crate::nn::unet::UnetConfig { n_stages: 7, ..Default::default() },
-                // 128-pixel tiles: the default 6 stages end at 4 x 4
-                DiffPreset::Cpu => Default::default(),
-            },
-            ..Default::default()
-        }
-    }
-}
+use lumos::engine::dataset::{load_folder, Sample};
+use lumos::pgdiff::{evaluate_tiles, reconstruction_psnr, DiffusionOptions, StartNoise};
+use lumos::pgdiff::recipes::DiffPreset;
+use lumos::error::{Error, Result};
+use lumos::engine::metrics::{self, MeanStd};
+use lumos::engine::model::Model;
+use lumos::engine::progress::Monitor;
+use lumos::sim::qpi::{write_dataset, QpiConfig};
+use lumos::engine::train::{train, TrainConfig};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -201,7 +110,7 @@ fn rows(eval_seed: u64) -> Vec<(String, Vec<&'static str>, DiffusionOptions)> {
 }
 
 fn train_or_reuse(tc: &TrainConfig, data: &Path, out: &Path) -> Result<(Model, f64)> {
-    if let Some(found) = crate::train::reuse_trained(out, tc) {
+    if let Some(found) = crate::reuse_trained(out, tc) {
         return Ok(found);
     }
     let t = Instant::now();
@@ -242,7 +151,7 @@ pub fn run(opts: &DiffCompareOptions, command: &str, mut on_run: impl FnMut(&Dif
         // deterministic baseline
         let (unet, _) = train_or_reuse(&bc, &data.join("train"), &opts.work.join(format!("unet_s{seed}.lumos")))?;
         let tu = Instant::now();
-        let seg = crate::model::SegmentOptions { step_fraction: 1.0, ..Default::default() };
+        let seg = lumos::engine::model::SegmentOptions { step_fraction: 1.0, ..Default::default() };
         let scores = test_refs
             .iter()
             .map(|s| metrics::score(&unet.segment_labels(s.image.data.view(), &seg)?, &s.mask, unet.n_classes()))
@@ -291,7 +200,7 @@ pub fn run(opts: &DiffCompareOptions, command: &str, mut on_run: impl FnMut(&Dif
         data: data.display().to_string(),
         test_frames: test.iter().map(|s| s.name.clone()).collect(),
         tiles_per_seed,
-        machine: crate::compare::machine_description(),
+        machine: lumos::engine::device::machine_description(),
         command: command.to_string(),
         train_config: tc,
         baseline_config: bc,
@@ -416,8 +325,8 @@ impl DiffReport {
 
     pub fn write(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        crate::weights::write_atomic(&dir.join("README.md"), self.markdown().as_bytes())?;
-        crate::weights::write_atomic(&dir.join("results.json"), serde_json::to_string_pretty(self).expect("json").as_bytes())
+        lumos::engine::weights::write_atomic(&dir.join("README.md"), self.markdown().as_bytes())?;
+        lumos::engine::weights::write_atomic(&dir.join("results.json"), serde_json::to_string_pretty(self).expect("json").as_bytes())
     }
 }
 

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::normalize::ChannelAffine;
+use crate::engine::normalize::ChannelAffine;
 
 /// Folds `i` into `0..n` by half-sample symmetric reflection (`-1 -> 0`, `n -> n-1`).
 pub fn reflect(i: i64, n: i64) -> i64 {

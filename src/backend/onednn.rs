@@ -1,5 +1,5 @@
 //! Training convolutions with the activations kept in oneDNN's blocked layout
-//! (`src/nn/onednn.cpp`).
+//! (`src/backend/onednn.cpp`).
 //!
 //! libtorch's CPU convolutions take and return plain NCHW tensors: every convolution of a
 //! training step reorders its input into oneDNN's blocked `nChw16c` layout and its output
@@ -21,7 +21,7 @@
 //! the binary's RUNPATH or from the file named by `LUMOS_ONEDNN`; where it is absent, or
 //! with `LUMOS_ONEDNN=0`, or after any failure (logged once), the networks run libtorch's
 //! operators on plain tensors as before. Used in training only (grad mode on), on the CPU,
-//! in float32, outside autocast and [`super::packed::plain`], for networks whose every
+//! in float32, outside autocast and [`crate::backend::packed::plain`], for networks whose every
 //! convolution has a multiple of 16 output channels.
 
 use std::os::raw::{c_char, c_int};
@@ -150,7 +150,7 @@ fn took_blocked_path<R>(f: impl FnOnce() -> R) -> (R, bool) {
 }
 
 /// Whether the blocked training path applies to input `x`: oneDNN loaded, no failure
-/// seen, grad mode on, CPU, float32, not under autocast or [`super::packed::plain`].
+/// seen, grad mode on, CPU, float32, not under autocast or [`crate::backend::packed::plain`].
 pub fn applies(x: &Tensor) -> bool {
     // in tests a failure elsewhere in the process must not hide this thread's path
     #[cfg(test)]
@@ -160,9 +160,9 @@ pub fn applies(x: &Tensor) -> bool {
     if broken
         || x.device() != Device::Cpu
         || x.kind() != Kind::Float
-        || !super::packed::grad_enabled()
-        || super::packed::plain_ops()
-        || super::precision::autocast_enabled(Device::Cpu)
+        || !crate::backend::packed::grad_enabled()
+        || crate::backend::packed::plain_ops()
+        || crate::backend::precision::autocast_enabled(Device::Cpu)
     {
         return false;
     }
@@ -380,7 +380,7 @@ mod tests {
 
     #[test]
     fn norm_act_equals_group_norm_and_leaky_relu_with_gradients() {
-        let _g = crate::model::TORCH_RNG.lock();
+        let _g = crate::engine::model::TORCH_RNG.lock();
         let opts = (Kind::Float, Device::Cpu);
         // a spatial size that is not a multiple of the kernel's chunk, an offset mean
         for (n, c, h, w) in [(2, 32, 17, 19), (1, 16, 40, 33), (3, 48, 1, 5)] {
@@ -428,7 +428,7 @@ mod tests {
         if !have_library() {
             return;
         }
-        let _g = crate::model::TORCH_RNG.lock();
+        let _g = crate::engine::model::TORCH_RNG.lock();
         let opts = (Kind::Float, Device::Cpu);
         tch::manual_seed(5);
         for k in [2, 3, 20] {
@@ -461,7 +461,7 @@ mod tests {
                     let _ = g.zero_();
                 }
             }
-            let outs = if plain { crate::nn::packed::plain(forward) } else { forward() };
+            let outs = if plain { crate::backend::packed::plain(forward) } else { forward() };
             tch::manual_seed(11);
             let loss = outs.iter().fold(Tensor::zeros([], (Kind::Float, Device::Cpu)), |acc, o| {
                 acc + (o * Tensor::randn(o.size(), (Kind::Float, Device::Cpu))).sum(Kind::Float)
@@ -508,9 +508,9 @@ mod tests {
         if !have_library() {
             return;
         }
-        use crate::nn::dmqpm::{DmQpmConfig, DmQpmNet, FusionOp, Variant};
-        use crate::nn::unet::{Unet, UnetConfig};
-        let _g = crate::model::TORCH_RNG.lock();
+        use crate::dmqpm::net::{DmQpmConfig, DmQpmNet, FusionOp, Variant};
+        use crate::nnunet::net::{Unet, UnetConfig};
+        let _g = crate::engine::model::TORCH_RNG.lock();
         let opts = (Kind::Float, Device::Cpu);
         tch::manual_seed(1);
         let vs = tch::nn::VarStore::new(Device::Cpu);
@@ -547,7 +547,7 @@ mod tests {
 
     #[test]
     fn batch_norm_act_equals_libtorch_with_gradients_and_running_stats() {
-        let _g = crate::model::TORCH_RNG.lock();
+        let _g = crate::engine::model::TORCH_RNG.lock();
         let opts = (Kind::Float, Device::Cpu);
         for (n, c, h, w) in [(4, 32, 9, 7), (1, 16, 20, 21)] {
             tch::manual_seed(9);
@@ -596,9 +596,9 @@ mod tests {
         if !have_library() {
             return;
         }
-        use crate::nn::musplit::{MuSplitConfig, MuSplitNet, SplitVariant};
-        let _g = crate::model::TORCH_RNG.lock();
-        use crate::nn::musplit::{LcMerge, UnetNorm};
+        use crate::musplit::net::{MuSplitConfig, MuSplitNet, SplitVariant};
+        let _g = crate::engine::model::TORCH_RNG.lock();
+        use crate::musplit::net::{LcMerge, UnetNorm};
         let cases = [
             (SplitVariant::Unet, 2, LcMerge::Regular, UnetNorm::Batch, true),
             (SplitVariant::Unet, 0, LcMerge::Regular, UnetNorm::Batch, true),
@@ -662,7 +662,7 @@ mod tests {
                     }
                 })
             };
-            let _ = crate::nn::packed::plain(run);
+            let _ = crate::backend::packed::plain(run);
             let after_plain: Vec<Tensor> = stats().iter().map(|t| t.copy()).collect();
             restore();
             let (_, blocked) = took_blocked_path(run);
@@ -683,7 +683,7 @@ mod tests {
         if !have_library() {
             return;
         }
-        let _g = crate::model::TORCH_RNG.lock();
+        let _g = crate::engine::model::TORCH_RNG.lock();
         let opts = (Kind::Float, Device::Cpu);
         tch::manual_seed(3);
         // (input channels, output channels, size, kernel, stride, pad, bias, plain input, transposed)

@@ -23,7 +23,7 @@
 use tch::Tensor;
 
 use crate::error::{Error, Result};
-use crate::progress::Monitor;
+use crate::engine::progress::Monitor;
 
 /// A discrete diffusion schedule of `T` steps.
 #[derive(Debug, Clone, PartialEq)]

@@ -13,71 +13,14 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
-use crate::metrics::{self, MeanStd};
-use crate::nn::musplit::{MuSplitConfig, SplitVariant};
-use crate::progress::Monitor;
-use crate::sim::fluo::{write_dataset, FluoConfig, StructurePair};
-use crate::split::{evaluate_split, load_split_folder, DecomposeOptions};
-use crate::train::{train, TrainConfig};
-
-/// Sizes of the comparison.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SplitPreset {
-    /// Seconds: for tests.
-    Tiny,
-    /// About half an hour on a 2-core CPU for 4 models x 2 seeds.
-    Cpu,
-    /// The paper's sizes (64 patches, 5 levels, 32 / 64 filters, batch 32): a GPU job.
-    Paper,
-}
-
-impl SplitPreset {
-    pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "tiny" => Ok(SplitPreset::Tiny),
-            "cpu" => Ok(SplitPreset::Cpu),
-            "paper" => Ok(SplitPreset::Paper),
-            o => Err(Error::Config(format!("unknown preset '{o}'; expected tiny, cpu or paper"))),
-        }
-    }
-    /// Training recipe and architecture per variant (`lc_levels` is set per model).
-    pub fn recipe(&self, variant: SplitVariant) -> (TrainConfig, MuSplitConfig) {
-        let t = |epochs, iterations_per_epoch, batch_size, patch| TrainConfig {
-            kind: "musplit".into(),
-            epochs,
-            iterations_per_epoch,
-            batch_size,
-            patch_size: [patch, patch],
-            val_fraction: 0.0,
-            device: "cpu".into(),
-            ..Default::default()
-        };
-        match self {
-            SplitPreset::Tiny => (
-                t(1, 2, 2, 16),
-                MuSplitConfig { variant, levels: 3, lc_levels: 2, base_channels: 4, max_channels: 8, z_dim: 2, ..Default::default() },
-            ),
-            SplitPreset::Cpu => (
-                t(8, 50, 8, 64),
-                match variant {
-                    SplitVariant::Unet => MuSplitConfig { variant, base_channels: 16, max_channels: 64, ..Default::default() },
-                    SplitVariant::Hvae => MuSplitConfig { variant, base_channels: 32, max_channels: 32, z_dim: 16, ..Default::default() },
-                },
-            ),
-            SplitPreset::Paper => (t(100, 250, 32, 64), MuSplitConfig::paper(variant)),
-        }
-    }
-    /// (train frames, test frames, frame edge).
-    pub fn data_size(&self) -> (usize, usize, usize) {
-        match self {
-            SplitPreset::Tiny => (2, 1, 48),
-            SplitPreset::Cpu => (12, 4, 512),
-            SplitPreset::Paper => (40, 10, 1024),
-        }
-    }
-}
+use lumos::musplit::recipes::SplitPreset;
+use lumos::error::{Error, Result};
+use lumos::engine::metrics::{self, MeanStd};
+use lumos::musplit::net::SplitVariant;
+use lumos::engine::progress::Monitor;
+use lumos::sim::fluo::{write_dataset, FluoConfig, StructurePair};
+use lumos::musplit::{evaluate_split, load_split_folder, DecomposeOptions};
+use lumos::engine::train::train;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -173,7 +116,7 @@ pub fn run(opts: &SplitCompareOptions, command: &str, mut on_run: impl FnMut(&Sp
                 (SplitVariant::Hvae, true) => "lc_hvae",
             };
             let out = opts.work.join(format!("{slug}_s{seed}.lumos"));
-            let (model, train_seconds) = match crate::train::reuse_trained(&out, &tc) {
+            let (model, train_seconds) = match crate::reuse_trained(&out, &tc) {
                 Some(found) => found,
                 None => {
                     let tt = Instant::now();
@@ -181,7 +124,7 @@ pub fn run(opts: &SplitCompareOptions, command: &str, mut on_run: impl FnMut(&Sp
                     (trained.model, tt.elapsed().as_secs_f64())
                 }
             };
-            let trained = crate::train::TrainOutcome { model, history: Vec::new() };
+            let trained = lumos::engine::train::TrainOutcome { model, history: Vec::new() };
             let patch = tc.patch_size[0];
             for (tiling, dopts) in [
                 ("inner", DecomposeOptions { seed, ..Default::default() }),
@@ -212,7 +155,7 @@ pub fn run(opts: &SplitCompareOptions, command: &str, mut on_run: impl FnMut(&Sp
         seeds: opts.seeds.clone(),
         data: data.display().to_string(),
         test_frames: test.iter().map(|s| s.name.clone()).collect(),
-        machine: crate::compare::machine_description(),
+        machine: lumos::engine::device::machine_description(),
         command: command.to_string(),
         train_configs: serde_json::Value::Object(configs),
         runs,
@@ -287,7 +230,7 @@ impl SplitReport {
 
     pub fn write(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        crate::weights::write_atomic(&dir.join("README.md"), self.markdown().as_bytes())?;
-        crate::weights::write_atomic(&dir.join("results.json"), serde_json::to_string_pretty(self).expect("json").as_bytes())
+        lumos::engine::weights::write_atomic(&dir.join("README.md"), self.markdown().as_bytes())?;
+        lumos::engine::weights::write_atomic(&dir.join("results.json"), serde_json::to_string_pretty(self).expect("json").as_bytes())
     }
 }

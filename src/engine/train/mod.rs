@@ -16,21 +16,21 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
-use crate::augment::{augment_batch, AugmentConfig};
-use crate::dataset::{load_folder, Sample};
-use crate::device::{device_name, parse_device};
+use crate::nnunet::augment::{augment_batch, AugmentConfig};
+use crate::engine::dataset::{load_folder, Sample};
+use crate::engine::device::{device_name, parse_device};
 use crate::error::{Error, Result};
 use crate::image::{array3_to_tensor, mask_to_tensor, Image};
-use crate::metrics;
-use crate::model::{EpochRecord, Model, ModelKind, ModelMeta, SegmentOptions};
-use crate::nn::loss::deep_supervision_loss;
-use crate::nn::dmqpm::DmQpmConfig;
-use crate::diffseg::PgDiffConfig;
-use crate::nn::musplit::MuSplitConfig;
-use crate::nn::unet::UnetConfig;
-use crate::normalize::{NormMethod, Normalizer};
-use crate::progress::{Monitor, Progress, Stage};
-use crate::weights;
+use crate::engine::metrics;
+use crate::engine::model::{EpochRecord, Model, ModelKind, ModelMeta, SegmentOptions};
+use crate::nnunet::loss::deep_supervision_loss;
+use crate::dmqpm::net::DmQpmConfig;
+use crate::pgdiff::PgDiffConfig;
+use crate::musplit::net::MuSplitConfig;
+use crate::nnunet::net::UnetConfig;
+use crate::engine::normalize::{NormMethod, Normalizer};
+use crate::engine::progress::{Monitor, Progress, Stage};
+use crate::engine::weights;
 
 /// Everything that defines a training run (JSON; unknown fields are rejected).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -239,7 +239,7 @@ pub(crate) fn per_epoch_seed(seed: u64, epoch: usize) -> u64 {
 /// DM-QPMNet's per-modality normalization for ssQPM data (any dmqpm model, or five
 /// channels named as the simulator names them); per-image z-score otherwise.
 fn default_normalization(kind: ModelKind, channel_names: &[String]) -> Vec<NormMethod> {
-    let ssqpm = crate::nn::dmqpm::SSQPM_CHANNELS;
+    let ssqpm = crate::dmqpm::net::SSQPM_CHANNELS;
     let named = channel_names.len() == 5 && channel_names.iter().zip(ssqpm).all(|(a, b)| a.eq_ignore_ascii_case(b));
     if named || (kind == ModelKind::Dmqpm && channel_names.len() == 5) {
         let mut v = vec![NormMethod::DatasetZscore; 4];
@@ -318,15 +318,15 @@ impl Sgd {
     }
     /// Drops the gradients (the next backward pass writes fresh ones).
     fn zero_grad(&mut self) -> Result<()> {
-        crate::optim::drop_grads(self.params.iter().map(|(_, p)| p))
+        crate::backend::optim::drop_grads(self.params.iter().map(|(_, p)| p))
     }
     /// Clips the global gradient norm to `max_norm` (`<= 0`: no clipping), then one step
     /// of libtorch's fused SGD over every parameter with a gradient. Returns the norm
     /// before clipping.
     fn clip_and_step(&mut self, max_norm: f64, lr: f64) -> Result<f64> {
-        let (ps, gs, bufs) = crate::optim::gather(&self.params, &mut [&mut self.momentum_buffers]);
-        let norm = crate::optim::clip_grad_norm_(&gs, max_norm)?;
-        crate::optim::sgd_(&ps, &gs, &bufs[0], lr, self.momentum, self.weight_decay, true)?;
+        let (ps, gs, bufs) = crate::backend::optim::gather(&self.params, &mut [&mut self.momentum_buffers]);
+        let norm = crate::backend::optim::clip_grad_norm_(&gs, max_norm)?;
+        crate::backend::optim::sgd_(&ps, &gs, &bufs[0], lr, self.momentum, self.weight_decay, true)?;
         Ok(norm)
     }
     fn state(&self) -> Vec<(String, Tensor)> {
@@ -371,7 +371,7 @@ impl SegmentationStep {
     /// (int64), on the model's device, at learning rate `lr`. Returns the loss before the
     /// update (reading it waits for the device).
     pub fn step(&mut self, model: &Model, x: &Tensor, y: &Tensor, lr: f64) -> Result<f64> {
-        let loss = crate::nn::onednn::train_step(|| {
+        let loss = crate::backend::onednn::train_step(|| {
             let loss = {
                 let inner = model.lock();
                 let outs = inner.net.forward(x, self.deep_supervision)?;
@@ -414,10 +414,10 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
     cfg.validate()?;
     let kind = ModelKind::parse(&cfg.kind)?;
     if kind == ModelKind::Musplit {
-        return crate::split::train(cfg, data_dir, output, monitor);
+        return crate::musplit::train(cfg, data_dir, output, monitor);
     }
     if kind == ModelKind::Pgdiff {
-        return crate::diffseg::train(cfg, data_dir, output, monitor);
+        return crate::pgdiff::train(cfg, data_dir, output, monitor);
     }
     if output.as_os_str().is_empty() {
         return Err(Error::InvalidArgument("the output model path is empty".into()));
@@ -433,7 +433,7 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
 
     // the data, split reproducibly by the seed
     let samples = load_folder(data_dir)?;
-    let (train_idx, val_idx) = crate::dataset::split_indices(samples.len(), cfg.val_fraction, cfg.seed);
+    let (train_idx, val_idx) = crate::engine::dataset::split_indices(samples.len(), cfg.val_fraction, cfg.seed);
     let train_s: Vec<&Sample> = train_idx.iter().map(|&i| &samples[i]).collect();
     let val_s: Vec<&Sample> = val_idx.iter().map(|&i| &samples[i]).collect();
 
@@ -584,8 +584,8 @@ impl RunInfo<'_> {
         weights::write_atomic(path, serde_json::to_string_pretty(&record).expect("json").as_bytes())
     }
 
-    pub fn provenance(&self, epochs_completed: usize, history: &[EpochRecord]) -> crate::model::Provenance {
-        crate::model::Provenance {
+    pub fn provenance(&self, epochs_completed: usize, history: &[EpochRecord]) -> crate::engine::model::Provenance {
+        crate::engine::model::Provenance {
             lumos_version: env!("CARGO_PKG_VERSION").into(),
             created_unix: now_unix(),
             seed: self.cfg.seed,
@@ -697,7 +697,7 @@ pub(crate) fn read_checkpoint<T: serde::de::DeserializeOwned>(
 /// Class names: the config's (at least one per mask label), or "background" and "cell"
 /// for binary masks, or "background", "class1", ... otherwise.
 pub(crate) fn class_names(cfg: &TrainConfig, samples: &[Sample]) -> Result<Vec<String>> {
-    let used = crate::dataset::labels_used(samples);
+    let used = crate::engine::dataset::labels_used(samples);
     let max_label = (0..256).rev().find(|&v| used[v]).unwrap_or(0);
     // class masks use few, dense labels; instance masks (one label per cell) or 8-bit
     // intensities would silently become a network of up to 256 classes
@@ -725,23 +725,6 @@ pub(crate) fn class_names(cfg: &TrainConfig, samples: &[Sample]) -> Result<Vec<S
         vec!["background".into(), "cell".into()]
     } else {
         std::iter::once("background".to_string()).chain((1..=max_label).map(|k| format!("class{k}"))).collect()
-    })
-}
-
-/// Reuses a model file left by an earlier run when it was trained by this lumos version
-/// with exactly `tc` (all epochs done): comparisons resume instead of retraining.
-/// Returns the model and its recorded training time.
-pub(crate) fn reuse_trained(path: &Path, tc: &TrainConfig) -> Option<(Model, f64)> {
-    if !path.is_file() {
-        return None;
-    }
-    let m = Model::load(path, parse_device(&tc.device).ok()?).ok()?;
-    let p = &m.meta.provenance;
-    let same = p.lumos_version == env!("CARGO_PKG_VERSION") && p.train_config == serde_json::to_value(tc).ok()? && !p.history.is_empty();
-    let secs = p.wall_seconds;
-    same.then(|| {
-        log::info!("reusing '{}' (same configuration, trained in {secs:.0} s)", path.display());
-        (m, secs)
     })
 }
 

@@ -2,7 +2,7 @@
 //!
 //! In eager libtorch an InstanceNorm of a channels-last map is a statistics reduction, a
 //! handful of small kernels for the per-(sample, channel) scale and shift, an affine pass
-//! and a LeakyReLU pass ([`super::blocks::InstanceNorm::forward_nhwc`]); on an H200 these took
+//! and a LeakyReLU pass ([`crate::nn::blocks::InstanceNorm::forward_nhwc`]); on an H200 these took
 //! about 3.8 ms of a 9.6 ms DM-QPMNet forward pass of 16 tiles of 256 x 256 (libtorch's
 //! reduction reads a map with few channels poorly). Here it is two kernels: one reads the
 //! map once and adds per-(sample, channel) sums of the values and of their squares (shifted
@@ -133,7 +133,7 @@ static KERNELS: Lazy<Mutex<HashMap<usize, Option<Arc<Kernels>>>>> = Lazy::new(||
 static DISABLED: Lazy<Mutex<std::collections::HashSet<usize>>> = Lazy::new(|| Mutex::new(Default::default()));
 
 fn enabled() -> bool {
-    static ON: Lazy<bool> = Lazy::new(|| !crate::device::switched_off("LUMOS_CUDA_FUSED_NORM"));
+    static ON: Lazy<bool> = Lazy::new(|| !crate::engine::device::switched_off("LUMOS_CUDA_FUSED_NORM"));
     *ON
 }
 
@@ -358,7 +358,7 @@ fn applies(x: &Tensor, weight: &Tensor, bias: &Tensor) -> bool {
     if !enabled() || x.dim() != 4 || !matches!(x.kind(), Kind::Float | Kind::BFloat16) {
         return false;
     }
-    if super::packed::grad_enabled() && (x.requires_grad() || weight.requires_grad() || bias.requires_grad()) {
+    if crate::backend::packed::grad_enabled() && (x.requires_grad() || weight.requires_grad() || bias.requires_grad()) {
         return false;
     }
     let size = x.size();
@@ -373,7 +373,7 @@ fn applies(x: &Tensor, weight: &Tensor, bias: &Tensor) -> bool {
         && bias.numel() == c as usize
         && weight.device() == x.device()
         && bias.device() == x.device()
-        && super::blocks::is_channels_last(x)
+        && crate::nn::blocks::is_channels_last(x)
         && (x.data_ptr() as usize).is_multiple_of(align)
 }
 
@@ -462,24 +462,24 @@ mod tests {
     /// operators on the shapes of the networks' stages and on odd spatial sizes.
     #[test]
     fn fused_norm_matches_libtorch_on_cuda() {
-        let Some(dev) = crate::device::cuda_for_test() else { return };
-        let _g = crate::model::TORCH_RNG.lock();
+        let Some(dev) = crate::engine::device::cuda_for_test() else { return };
+        let _g = crate::engine::model::TORCH_RNG.lock();
         tch::manual_seed(5);
         assert!(kernels(0).is_some(), "the fused kernels did not build (see the log)");
         for (n, c, h, w) in [(2i64, 32i64, 64i64, 64i64), (3, 64, 33, 17), (16, 32, 256, 256), (2, 512, 4, 4), (1, 2, 5, 3), (4, 128, 1, 1)] {
             let vs = nn::VarStore::new(dev);
-            let norm = super::super::blocks::InstanceNorm::new(&vs.root(), c);
+            let norm = crate::nn::blocks::InstanceNorm::new(&vs.root(), c);
             tch::no_grad(|| {
                 let _ = norm.weight.shallow_clone().uniform_(0.5, 1.5);
                 let _ = norm.bias.shallow_clone().uniform_(-0.5, 0.5);
             });
             let x = Tensor::randn([n, c, h, w], (Kind::Float, dev)) * 2.0 + Tensor::randn([1, c, 1, 1], (Kind::Float, dev)) * 3.0;
-            let xl = crate::model::channels_last(&x);
+            let xl = crate::engine::model::channels_last(&x);
             for slope in [0.01, 1.0] {
                 let reference = x.group_norm(c, Some(&norm.weight), Some(&norm.bias), 1e-5, true);
                 let reference = if slope == 1.0 { reference } else { reference.leaky_relu() };
                 let y = tch::no_grad(|| norm_act(&xl, &norm.weight, &norm.bias, 1e-5, slope)).expect("the kernels apply");
-                assert!(super::super::blocks::is_channels_last(&y) || h * w == 1);
+                assert!(crate::nn::blocks::is_channels_last(&y) || h * w == 1);
                 let e = (&y - &reference).abs().max().double_value(&[]);
                 assert!(e < 2e-4, "float32 {:?} slope {slope}: max error {e}", (n, c, h, w));
                 let yb = tch::no_grad(|| norm_act(&xl.to_kind(Kind::BFloat16), &norm.weight, &norm.bias, 1e-5, slope)).expect("bf16");
@@ -489,7 +489,7 @@ mod tests {
             }
         }
         // out of scope: a map that needs gradients, an odd channel count, NCHW strides
-        let x = crate::model::channels_last(&Tensor::randn([2, 24, 8, 8], (Kind::Float, dev)));
+        let x = crate::engine::model::channels_last(&Tensor::randn([2, 24, 8, 8], (Kind::Float, dev)));
         let (wt, bt) = (Tensor::ones([24], (Kind::Float, dev)), Tensor::zeros([24], (Kind::Float, dev)));
         assert!(norm_act(&x, &wt, &bt, 1e-5, 0.01).is_none(), "24 channels");
         let x = Tensor::randn([2, 32, 8, 8], (Kind::Float, dev));

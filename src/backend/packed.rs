@@ -58,7 +58,7 @@ pub fn grad_enabled() -> bool {
 static ENABLED: Lazy<bool> = Lazy::new(|| {
     // SAFETY: reads a build-time property of libtorch.
     let mkldnn = unsafe { lumos_mkldnn_available() != 0 };
-    mkldnn && !crate::device::switched_off("LUMOS_PACKED_CONV")
+    mkldnn && !crate::engine::device::switched_off("LUMOS_PACKED_CONV")
 });
 static BROKEN: AtomicBool = AtomicBool::new(false);
 /// Set when bfloat16 packing fails (oneDNN's bfloat16 convolutions need AVX-512 BW / VL /
@@ -121,10 +121,10 @@ impl PackCache {
         if packed_conv_enabled() && !PLAIN.with(|p| p.get()) && x.device() == Device::Cpu && w.kind() == Kind::Float && x.dim() == 4 && !grad_enabled() {
             // float32, or bfloat16 autocast (what autocast's conv2d would do: the input in
             // bfloat16, a bfloat16 result; here the weight is cast and packed once)
-            let kind = if !super::precision::autocast_enabled(Device::Cpu) {
+            let kind = if !crate::backend::precision::autocast_enabled(Device::Cpu) {
                 (x.kind() == Kind::Float).then_some(Kind::Float)
             } else {
-                (!BROKEN_BF16.load(Ordering::Relaxed) && super::precision::autocast_bf16(Device::Cpu) && matches!(x.kind(), Kind::Float | Kind::BFloat16))
+                (!BROKEN_BF16.load(Ordering::Relaxed) && crate::backend::precision::autocast_bf16(Device::Cpu) && matches!(x.kind(), Kind::Float | Kind::BFloat16))
                     .then_some(Kind::BFloat16)
             };
             if let Some(kind) = kind {
@@ -257,7 +257,7 @@ mod tests {
         let d2 = (&y2 - reference(&c)).abs().max().double_value(&[]);
         assert!(d2 < 1e-4, "after a weight update the packed conv differs by {d2}");
         // channels-last input, and with gradients the ordinary path (differentiable)
-        let ycl = tch::no_grad(|| c.forward(&crate::model::channels_last(&x)));
+        let ycl = tch::no_grad(|| c.forward(&crate::engine::model::channels_last(&x)));
         assert!((&ycl - &y2).abs().max().double_value(&[]) < 1e-4);
         let yg = c.forward(&x);
         assert!(yg.requires_grad(), "with grad mode on the conv stays differentiable");
@@ -270,8 +270,8 @@ mod tests {
         assert!(packed_conv_enabled() || !*ENABLED, "no fallback was needed");
         // bfloat16 autocast: the weight packed again in bfloat16, a bfloat16 result within
         // bfloat16 rounding of autocast's conv2d, and back to float32 afterwards
-        let prec = crate::nn::precision::Precision::Bfloat16;
-        let (yb, rb) = crate::nn::precision::with_precision(prec, Device::Cpu, || {
+        let prec = crate::backend::precision::Precision::Bfloat16;
+        let (yb, rb) = crate::backend::precision::with_precision(prec, Device::Cpu, || {
             tch::no_grad(|| (c.forward(&x), x.conv2d(&c.conv.ws, c.conv.bs.as_ref(), [2], [1], [1], 1)))
         })
         .unwrap();

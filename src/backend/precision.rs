@@ -19,7 +19,7 @@ use std::os::raw::{c_char, c_int};
 use tch::{Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::optim::call;
+use crate::backend::optim::call;
 
 unsafe extern "C" {
     fn lumos_autocast_enter(device_type: c_int, dtype: c_int, prev_enabled: *mut c_int, prev_dtype: *mut c_int, err: *mut c_char, err_len: usize) -> c_int;

@@ -1,6 +1,6 @@
 //! Multi-tensor optimizer kernels: libtorch's `_fused_sgd_`, `_fused_adam_` and
 //! `_foreach_*` ops (what `torch.optim` runs with `fused=True` / `foreach=True`), which
-//! tch does not bind, reached through a small C++ shim (`shim.cpp`, compiled by build.rs
+//! tch does not bind, reached through a small C++ shim (`optim_shim.cpp`, compiled by build.rs
 //! against libtorch's headers). One call updates every parameter: one kernel launch per
 //! op for the whole list instead of several per tensor, and no temporaries the size of
 //! the model. The trainers' optimizers (`train::Sgd`, `split::Adamax`, `diffseg::Adam`)

@@ -14,71 +14,14 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::dataset::load_folder;
-use crate::error::{Error, Result};
-use crate::metrics::{self, MeanStd};
-use crate::nn::dmqpm::{DmQpmConfig, FusionOp, Variant};
-use crate::progress::{Monitor, Progress, Stage};
-use crate::sim::ssqpm::{write_dataset, Confluence, SsqpmConfig};
-use crate::train::{evaluate_samples, train, TrainConfig};
-
-/// Sizes of the comparison.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Preset {
-    /// Seconds: for tests.
-    Tiny,
-    /// Under an hour on a 2-core CPU for the main variants x 3 seeds.
-    Cpu,
-    /// The paper's shape (5 stages, 32 base features, 256 patches, 300 epochs x 250
-    /// iterations): hours on a GPU.
-    Paper,
-}
-
-impl Preset {
-    pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "tiny" => Ok(Preset::Tiny),
-            "cpu" => Ok(Preset::Cpu),
-            "paper" => Ok(Preset::Paper),
-            o => Err(Error::Config(format!("unknown preset '{o}'; expected tiny, cpu or paper"))),
-        }
-    }
-
-    /// The training recipe shared by every variant (the architecture's size fields are
-    /// taken from `base`).
-    pub fn recipe(&self) -> (TrainConfig, DmQpmConfig) {
-        let base = |n_stages, base_features, max_features, heads| DmQpmConfig {
-            n_stages,
-            base_features,
-            max_features,
-            heads,
-            ..Default::default()
-        };
-        match self {
-            Preset::Tiny => (
-                TrainConfig { epochs: 2, iterations_per_epoch: 3, batch_size: 2, patch_size: [32, 32], ..Default::default() },
-                base(4, 4, 32, 2),
-            ),
-            Preset::Cpu => (
-                TrainConfig { epochs: 25, iterations_per_epoch: 16, batch_size: 4, patch_size: [128, 128], ..Default::default() },
-                base(5, 16, 128, 4),
-            ),
-            Preset::Paper => (
-                TrainConfig { epochs: 300, iterations_per_epoch: 250, batch_size: 12, patch_size: [256, 256], ..Default::default() },
-                base(5, 32, 512, 8),
-            ),
-        }
-    }
-
-    /// Default data: the paper's 24 training and 6 test images of 256x256.
-    pub fn data_size(&self) -> (usize, usize, usize) {
-        match self {
-            Preset::Tiny => (4, 2, 64),
-            _ => (24, 6, 256),
-        }
-    }
-}
+use lumos::engine::dataset::load_folder;
+use lumos::dmqpm::recipes::Preset;
+use lumos::error::{Error, Result};
+use lumos::engine::metrics::{self, MeanStd};
+use lumos::dmqpm::net::{DmQpmConfig, FusionOp, Variant};
+use lumos::engine::progress::{Monitor, Progress, Stage};
+use lumos::sim::ssqpm::{write_dataset, Confluence, SsqpmConfig};
+use lumos::engine::train::{evaluate_samples, train, TrainConfig};
 
 /// Which variants to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -206,15 +149,6 @@ pub struct Report {
     pub wall_seconds: f64,
 }
 
-/// A one-line description of this machine (CPU model and cores).
-pub fn machine_description() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_string()))
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    format!("{cpu}, {cores} cores available")
-}
 
 /// Runs the comparison; `on_run` is told about each finished run.
 pub fn run(opts: &CompareOptions, monitor: &mut Monitor, mut on_run: impl FnMut(&RunResult)) -> Result<Report> {
@@ -300,7 +234,7 @@ pub fn run(opts: &CompareOptions, monitor: &mut Monitor, mut on_run: impl FnMut(
     Ok(Report {
         preset: opts.preset,
         lumos_version: env!("CARGO_PKG_VERSION").into(),
-        machine: machine_description(),
+        machine: lumos::engine::device::machine_description(),
         device: tc.device.clone(),
         threads: tch::get_num_threads(),
         seeds: opts.seeds.clone(),
@@ -397,7 +331,7 @@ impl Report {
     /// Writes `results.json` and `README.md` (the tables) into `dir`, atomically.
     pub fn write(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        crate::weights::write_atomic(&dir.join("results.json"), serde_json::to_string_pretty(self).expect("json").as_bytes())?;
-        crate::weights::write_atomic(&dir.join("README.md"), self.markdown().as_bytes())
+        lumos::engine::weights::write_atomic(&dir.join("results.json"), serde_json::to_string_pretty(self).expect("json").as_bytes())?;
+        lumos::engine::weights::write_atomic(&dir.join("README.md"), self.markdown().as_bytes())
     }
 }

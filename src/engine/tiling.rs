@@ -13,7 +13,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
 use crate::image::{array3_to_tensor, check_finite};
-use crate::progress::{Monitor, Progress, Stage};
+use crate::engine::progress::{Monitor, Progress, Stage};
 
 /// The largest tile side the tiling engines accept, in pixels (16384: a float32 tile of
 /// one channel is then at most 1 GiB). Sizes come from callers (C API, CLI, plugins); an
@@ -121,7 +121,7 @@ fn whole_frame_bytes(c: usize, k: usize, h: usize, w: usize) -> usize {
 /// `device` that owns its memory, without element-by-element gathering unless the strides
 /// are negative: on the CPU one strided copy; on a CUDA device, 2 MiB or more whose rows are
 /// contiguous within each channel go through page-locked buffers without waiting for the
-/// transfer ([`crate::staging`]), anything else is copied by libtorch.
+/// transfer ([`crate::backend::staging`]), anything else is copied by libtorch.
 pub fn rows_to_device(frame: ArrayView3<f32>, y0: usize, y1: usize, device: Device) -> Tensor {
     let v = frame.slice(s![.., y0..y1, ..]);
     if v.strides().iter().any(|&st| st < 0) || v.is_empty() {
@@ -141,12 +141,12 @@ pub fn rows_to_device(frame: ArrayView3<f32>, y0: usize, y1: usize, device: Devi
         }
         Device::Cuda(_) => {
             // through page-locked memory, without waiting for the transfer, where
-            // crate::staging takes it (2 MiB or more): one piece where the rows are contiguous
+            // crate::backend::staging takes it (2 MiB or more): one piece where the rows are contiguous
             // across channels (a whole frame), else one per channel (a band of rows, a frame
             // cropped in height)
             let pieces: Option<Vec<&[f32]>> =
                 v.to_slice().map(|s| vec![s]).or_else(|| (0..v.dim().0).map(|ch| v.index_axis(Axis(0), ch).to_slice()).collect());
-            let staged = pieces.and_then(|p| crate::staging::to_device(&p, &dims, device));
+            let staged = pieces.and_then(|p| crate::backend::staging::to_device(&p, &dims, device));
             staged.unwrap_or_else(|| borrowed.to_device(device))
         }
         // other devices (MPS, ...)
@@ -603,7 +603,7 @@ mod tests {
     fn cancel_stops_work() {
         let frame = Array3::<f32>::zeros((1, 64, 64));
         let sw = SlidingWindow { tile: [16, 16], step_fraction: 0.5, batch_size: 1 };
-        let token = crate::progress::CancelToken::new();
+        let token = crate::engine::progress::CancelToken::new();
         token.cancel();
         let mut m = Monitor { progress: None, cancel: Some(token) };
         let r = sliding_window(frame.view(), &sw, 1, Device::Cpu, &|t| t, &mut |b| Ok(b.shallow_clone()), &mut |_, _| Ok(()), &mut m);
@@ -627,7 +627,7 @@ mod tests {
                 1,
                 &mut |cy, _, chunk| {
                     let v: Vec<Tensor> =
-                        chunk.iter().map(|&cx| crate::lc::crops(&frame, cy, cx, t as i64, 1).unsqueeze(0)).collect();
+                        chunk.iter().map(|&cx| crate::musplit::lc::crops(&frame, cy, cx, t as i64, 1).unsqueeze(0)).collect();
                     Ok(Tensor::cat(&v, 0))
                 },
                 &mut |b| Ok(b.shallow_clone()),

@@ -20,7 +20,7 @@
 //!
 //! # Training
 //!
-//! Random `T x T` patches (with their lateral-context crops, see `crate::lc`) and the
+//! Random `T x T` patches (with their lateral-context crops, see `crate::musplit::lc`) and the
 //! matching target patches, random flips and 90 degree rotations, Adamax with gradient
 //! clipping by value, and the learning rate halved when the validation PSNR has not
 //! improved for `lr_patience` epochs. A checkpoint after every epoch (atomic); resume
@@ -28,6 +28,10 @@
 //! process-wide generator: each iteration seeds it from (seed, epoch, iteration) and
 //! holds the engine's generator lock while it runs, so the same seed gives the same model
 //! even while other threads use the engine.
+
+pub mod lc;
+pub mod net;
+pub mod recipes;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -39,20 +43,20 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use crate::dataset::is_tiff;
-use crate::device::parse_device;
+use crate::engine::dataset::is_tiff;
+use crate::engine::device::parse_device;
 use crate::error::{Error, Result};
 use crate::image::{array3_to_tensor, Image};
 use crate::io::tiff;
-use crate::lc::{self, LcBand};
-use crate::metrics;
-use crate::nn::musplit::SplitVariant;
-use crate::nn::precision::{to_float, with_precision};
-use crate::model::{EpochRecord, Model, ModelKind, ModelMeta, Net, TORCH_RNG};
-use crate::normalize::{ChannelNorm, NormMethod, Normalizer};
-use crate::progress::{Monitor, Progress, Stage};
-use crate::tiling::{centre_tiles, mirrored, CentreTiles};
-use crate::train::{per_epoch_seed, sibling, RunInfo, TrainConfig, TrainOutcome};
+use crate::musplit::lc::LcBand;
+use crate::engine::metrics;
+use crate::musplit::net::SplitVariant;
+use crate::backend::precision::{to_float, with_precision};
+use crate::engine::model::{EpochRecord, Model, ModelKind, ModelMeta, Net, TORCH_RNG};
+use crate::engine::normalize::{ChannelNorm, NormMethod, Normalizer};
+use crate::engine::progress::{Monitor, Progress, Stage};
+use crate::engine::tiling::{centre_tiles, mirrored, CentreTiles};
+use crate::engine::train::{per_epoch_seed, sibling, RunInfo, TrainConfig, TrainOutcome};
 
 /// One training frame: the superimposed input and the two structures.
 #[derive(Debug, Clone)]
@@ -259,7 +263,7 @@ impl Model {
         // channels-last (NHWC strides), as in `Net::infer`: oneDNN's native layout, the
         // same function (latent draws are made in NCHW order whatever the layout)
         let mut one = |x: &Tensor| -> Result<Tensor> {
-            let x = crate::model::channels_last(x);
+            let x = crate::engine::model::channels_last(x);
             if opts.posterior_mean {
                 return Ok(net.forward_posterior_mean(&x).contiguous());
             }
@@ -318,7 +322,7 @@ impl Adamax {
     }
     /// Drops the gradients (the next backward pass writes fresh ones).
     fn zero_grad(&mut self) -> Result<()> {
-        crate::optim::drop_grads(self.params.iter().map(|(_, p)| p))
+        crate::backend::optim::drop_grads(self.params.iter().map(|(_, p)| p))
     }
     /// Clips every gradient element to `[-clip_value, clip_value]` (`<= 0`: no
     /// clipping), then one Adamax step (libtorch's multi-tensor ops) over the parameters
@@ -326,11 +330,11 @@ impl Adamax {
     fn clip_and_update(&mut self, clip_value: f64, lr: f64) -> Result<()> {
         let (b1, b2, eps) = (0.9, 0.999, 1e-8);
         self.step += 1;
-        let (ps, gs, st) = crate::optim::gather(&self.params, &mut [&mut self.m, &mut self.u]);
+        let (ps, gs, st) = crate::backend::optim::gather(&self.params, &mut [&mut self.m, &mut self.u]);
         if clip_value > 0.0 {
-            crate::optim::clamp_(&gs, -clip_value, clip_value)?;
+            crate::backend::optim::clamp_(&gs, -clip_value, clip_value)?;
         }
-        crate::optim::adamax_(&ps, &gs, &st[0], &st[1], self.step, lr, b1, b2, eps)
+        crate::backend::optim::adamax_(&ps, &gs, &st[0], &st[1], self.step, lr, b1, b2, eps)
     }
     fn state(&self) -> Vec<(String, Tensor)> {
         let mut v: Vec<_> = self
@@ -385,7 +389,7 @@ impl DecompositionStep {
         let hvae = self.variant == SplitVariant::Hvae;
         let _rng = hvae.then(|| TORCH_RNG.lock());
         // a retry on libtorch's operators (nn::onednn::train_step) draws the same samples
-        let loss = crate::nn::onednn::train_step(|| {
+        let loss = crate::backend::onednn::train_step(|| {
             if hvae {
                 tch::manual_seed(seed as i64);
             }
@@ -470,7 +474,7 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
     let mc = &cfg.musplit;
     let record_path = sibling(output, "train.json");
     let ckpt_path = cfg.checkpoint.clone().unwrap_or_else(|| sibling(output, "ckpt"));
-    crate::train::check_output_paths(output, &ckpt_path)?;
+    crate::engine::train::check_output_paths(output, &ckpt_path)?;
     let device = parse_device(&cfg.device)?;
     if cfg.threads > 0 {
         tch::set_num_threads(cfg.threads as i32);
@@ -478,7 +482,7 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
     monitor.emit(Progress::new(Stage::Preparing));
 
     let samples = load_split_folder(data_dir)?;
-    let (train_idx, val_idx) = crate::dataset::split_indices(samples.len(), cfg.val_fraction, cfg.seed);
+    let (train_idx, val_idx) = crate::engine::dataset::split_indices(samples.len(), cfg.val_fraction, cfg.seed);
     let train_s: Vec<&SplitSample> = train_idx.iter().map(|&i| &samples[i]).collect();
     let val_s: Vec<&SplitSample> = val_idx.iter().map(|&i| &samples[i]).collect();
     let names = |v: &[&SplitSample]| v.iter().map(|s| s.name.clone()).collect::<Vec<_>>();
@@ -513,11 +517,11 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
     let mut history: Vec<EpochRecord> = Vec::new();
     let (mut lr, mut best, mut bad) = (mc.learning_rate, None::<f64>, 0usize);
     if cfg.resume && ckpt_path.is_file() {
-        let (file, st, ck) = crate::train::read_checkpoint::<SplitCheckpoint>(&ckpt_path, &model)?;
-        crate::train::check_resume_config(&ckpt_path, &st.config, cfg)?;
-        crate::train::check_resume_data(&ckpt_path, "input", &ck.normalization, &in_norm)?;
+        let (file, st, ck) = crate::engine::train::read_checkpoint::<SplitCheckpoint>(&ckpt_path, &model)?;
+        crate::engine::train::check_resume_config(&ckpt_path, &st.config, cfg)?;
+        crate::engine::train::check_resume_data(&ckpt_path, "input", &ck.normalization, &in_norm)?;
         if let Some(t) = &ck.target_normalization {
-            crate::train::check_resume_data(&ckpt_path, "target", t, &tg_norm)?;
+            crate::engine::train::check_resume_data(&ckpt_path, "target", t, &tg_norm)?;
         }
         stepper.opt.load_state(&file.tensors, device);
         model.meta.normalization = ck.normalization;
@@ -598,7 +602,7 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
             bad_epochs: bad,
         };
         let mut md = HashMap::new();
-        md.insert(crate::train::CHECKPOINT_KEY.to_string(), serde_json::to_string(&st).expect("json"));
+        md.insert(crate::engine::train::CHECKPOINT_KEY.to_string(), serde_json::to_string(&st).expect("json"));
         model.meta.provenance = run.provenance(epoch + 1, &history);
         model.save_with(&ckpt_path, &stepper.opt.state(), md)?;
         monitor.emit(Progress { stage: Stage::Checkpoint, epoch, epochs: cfg.epochs, ..Progress::new(Stage::Checkpoint) });

@@ -98,6 +98,16 @@ pub fn cuda_available() -> bool {
 
 /// For tests that need a GPU: the first CUDA device, or `None` (with a line saying the test
 /// is skipped) on a machine without one.
+/// A one-line description of this machine (CPU model and cores).
+pub fn machine_description() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_string()))
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    format!("{cpu}, {cores} cores available")
+}
+
 #[cfg(test)]
 pub(crate) fn cuda_for_test() -> Option<Device> {
     if cuda_available() {

@@ -412,7 +412,7 @@ impl ResBlock {
     fn forward(&self, x: &Tensor, emb: &Tensor, train: bool) -> Tensor {
         let h = x.apply(&self.in_norm).silu().apply(&self.in_conv);
         let h = h + emb.silu().apply(&self.emb).unsqueeze(-1).unsqueeze(-1);
-        let h = super::dropout::dropout_(h.apply(&self.out_norm).silu(), self.dropout, train).apply(&self.out_conv);
+        let h = crate::nn::dropout::dropout_(h.apply(&self.out_norm).silu(), self.dropout, train).apply(&self.out_conv);
         match &self.skip {
             Some(s) => x.apply(s) + h,
             None => x + h,

@@ -25,8 +25,8 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
-use super::blocks::{stage_features, ConvNormAct, Decoder, Encoder};
-use super::onednn;
+use crate::nn::blocks::{stage_features, ConvNormAct, Decoder, Encoder};
+use crate::backend::onednn;
 use crate::error::{Error, Result};
 
 /// The names of the five ssQPM input channels, in order.
@@ -289,7 +289,7 @@ impl Fusion {
         }
     }
 
-    /// [`Self::forward`] on blocked maps ([`super::onednn`]); the result is blocked. The
+    /// [`Self::forward`] on blocked maps ([`crate::backend::onednn`]); the result is blocked. The
     /// attention runs on plain token sequences: the 1x1 projections read the blocked maps
     /// and write plain ones.
     pub fn forward_blocked(&self, a: &Tensor, ph: &Tensor) -> Result<Tensor> {
@@ -392,7 +392,7 @@ impl DmQpmNet {
     /// `(N, 5, H, W)` -> logits per decoder stage, full resolution first.
     ///
     /// In training on the CPU the convolutional parts keep their activations in oneDNN's
-    /// blocked layout when every stage has a multiple of 16 features ([`super::onednn`]).
+    /// blocked layout when every stage has a multiple of 16 features ([`crate::backend::onednn`]).
     pub fn forward(&self, x: &Tensor, deep_supervision: bool) -> Vec<Tensor> {
         if self.blockable() && onednn::applies(x) {
             match self.forward_blocked(x, deep_supervision) {
@@ -505,14 +505,14 @@ mod tests {
     /// forced on the CPU: the whole network computes the same logits, channels-last throughout.
     #[test]
     fn channels_last_instance_norm_path_gives_the_same_logits() {
-        let x = crate::model::channels_last(&Tensor::randn([2, 5, 32, 48], (Kind::Float, Device::Cpu)));
+        let x = crate::engine::model::channels_last(&Tensor::randn([2, 5, 32, 48], (Kind::Float, Device::Cpu)));
         for cfg in [tiny(), DmQpmConfig { variant: Variant::EarlyFusion, ..tiny() }] {
             let (_vs, net) = build(&cfg);
             let plain = tch::no_grad(|| net.forward(&x, false).swap_remove(0));
-            super::super::blocks::FORCE_NHWC.with(|f| f.set(true));
+            crate::nn::blocks::FORCE_NHWC.with(|f| f.set(true));
             let nhwc = tch::no_grad(|| net.forward(&x, false).swap_remove(0));
-            super::super::blocks::FORCE_NHWC.with(|f| f.set(false));
-            assert!(super::super::blocks::is_channels_last(&nhwc), "{}: {:?}", cfg.label(), nhwc.stride());
+            crate::nn::blocks::FORCE_NHWC.with(|f| f.set(false));
+            assert!(crate::nn::blocks::is_channels_last(&nhwc), "{}: {:?}", cfg.label(), nhwc.stride());
             let e = max_abs_diff(&plain, &nhwc);
             assert!(e < 1e-4, "{}: max |plain - nhwc| = {e}", cfg.label());
         }
