@@ -14,9 +14,9 @@
 //!   `paper` is the papers' sizes, `tiny` the smoke configuration.
 //! - modes:
 //!   - `train_step`: one optimization step of the engine's own trainer on a fixed batch
-//!     (`train::SegmentationStep`: forward with deep supervision, CE + Dice, backward,
-//!     gradient-norm clip, SGD Nesterov; `split::DecompositionStep`: Adamax, clip by value;
-//!     `diffseg::DiffusionStep`, diffusion phase: LDM-P + LDM-S, Adam). `--breakdown` also
+//!     (`nnunet::train::SegmentationStep`: forward with deep supervision, CE + Dice, backward,
+//!     gradient-norm clip, SGD Nesterov; `musplit::train::DecompositionStep`: Adamax, clip by value;
+//!     `pgdiff::train::DiffusionStep`, diffusion phase: LDM-P + LDM-S, Adam). `--breakdown` also
 //!     times the forward pass + loss and forward + loss + backward alone (segmentation and
 //!     muSplit kinds), so that the optimizer's share can be read off.
 //!   - `inference`: the network forward without gradients on a batch of tiles of the
@@ -53,17 +53,20 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use lumos::pgdiff::{DiffusionOptions, DiffusionStep};
-use lumos::engine::model::{Model, ModelKind, ModelMeta, Net, Precision, SegmentOptions, SegmentOutput};
+use lumos::Image;
 use lumos::backend::precision::with_precision;
+use lumos::engine::model::{Model, ModelKind, ModelMeta, Net, Precision, SegmentOptions, SegmentOutput};
 use lumos::engine::normalize::{NormMethod, Normalizer};
 use lumos::engine::progress::Monitor;
-use lumos::musplit::{DecomposeOptions, DecompositionStep};
-use lumos::engine::train::{SegmentationStep, TrainConfig};
-use lumos::Image;
+use lumos::engine::train::TrainConfig;
+use lumos::musplit::DecomposeOptions;
+use lumos::musplit::train::DecompositionStep;
+use lumos::nnunet::train::SegmentationStep;
+use lumos::pgdiff::DiffusionOptions;
+use lumos::pgdiff::train::DiffusionStep;
 use ndarray::{Array2, Array3, Axis};
 use rand::{Rng, SeedableRng};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use tch::{Device, Kind, Tensor};
 
 type Res<T> = std::result::Result<T, String>;
@@ -252,18 +255,28 @@ fn build(o: &Opts) -> Res<Built> {
     };
     let norm = Normalizer::fit(&methods, &images).map_err(err)?;
     let (architecture, classes) = match kind {
-        ModelKind::Dmqpm => (serde_json::to_value(&cfg.dmqpm).map_err(err)?, vec!["background".to_string(), "cell".to_string()]),
-        ModelKind::Unet => (serde_json::to_value(&cfg.unet).map_err(err)?, lumos::sim::qpi::CLASS_NAMES.iter().map(|s| s.to_string()).collect()),
-        ModelKind::Pgdiff => (serde_json::to_value(&cfg.pgdiff).map_err(err)?, lumos::sim::qpi::CLASS_NAMES.iter().map(|s| s.to_string()).collect()),
+        ModelKind::Dmqpm => {
+            (serde_json::to_value(&cfg.dmqpm).map_err(err)?, vec!["background".to_string(), "cell".to_string()])
+        }
+        ModelKind::Unet => (
+            serde_json::to_value(&cfg.unet).map_err(err)?,
+            lumos::sim::qpi::CLASS_NAMES.iter().map(|s| s.to_string()).collect(),
+        ),
+        ModelKind::Pgdiff => (
+            serde_json::to_value(&cfg.pgdiff).map_err(err)?,
+            lumos::sim::qpi::CLASS_NAMES.iter().map(|s| s.to_string()).collect(),
+        ),
         ModelKind::Musplit => (serde_json::to_value(&cfg.musplit).map_err(err)?, frames[0].truth.channel_names.clone()),
     };
-    let mut meta = ModelMeta::new(kind, architecture, frames[0].image.channel_names.clone(), classes, patch, norm.clone());
+    let mut meta =
+        ModelMeta::new(kind, architecture, frames[0].image.channel_names.clone(), classes, patch, norm.clone());
     let mut pool = Vec::new();
     if kind == ModelKind::Musplit {
         let truths: Vec<&Image> = frames.iter().map(|f| &f.truth).collect();
         let tg = Normalizer::fit(&[NormMethod::RobustQuantile { q_low: 0.0, q_high: 0.995 }], &truths).map_err(err)?;
         for f in &frames {
-            let x = lumos::image::array3_to_tensor(norm.apply_image(&f.image).map_err(err)?.data.view(), Device::Cpu).get(0);
+            let x = lumos::image::array3_to_tensor(norm.apply_image(&f.image).map_err(err)?.data.view(), Device::Cpu)
+                .get(0);
             let y = lumos::image::array3_to_tensor(tg.apply_image(&f.truth).map_err(err)?.data.view(), Device::Cpu);
             pool.push((x, y));
         }
@@ -311,7 +324,10 @@ fn musplit_batch(built: &Built, b: usize) -> (Tensor, Tensor) {
         let cy = rng.random_range(t / 2..=h - t / 2);
         let cx = rng.random_range(t / 2..=w - t / 2);
         xs.push(lumos::musplit::lc::crops(x, cy, cx, t, levels));
-        ys.push(Tensor::stack(&(0..2).map(|c| lumos::musplit::lc::gather(&y.get(c), cy - t / 2, t, cx - t / 2, t)).collect::<Vec<_>>(), 0));
+        ys.push(Tensor::stack(
+            &(0..2).map(|c| lumos::musplit::lc::gather(&y.get(c), cy - t / 2, t, cx - t / 2, t)).collect::<Vec<_>>(),
+            0,
+        ));
     }
     (Tensor::stack(&xs, 0), Tensor::stack(&ys, 0))
 }
@@ -426,8 +442,13 @@ fn run(o: &Opts) -> Res<Value> {
                     (r.0, r.1, t0)
                 }
                 ModelKind::Musplit => {
-                    extra.insert("optimizer".into(), json!(format!(
-                        "lumos Adamax (libtorch _foreach_ ops), lr {lr}, grad clip by value {}", cfg.musplit.grad_clip_value)));
+                    extra.insert(
+                        "optimizer".into(),
+                        json!(format!(
+                            "lumos Adamax (libtorch _foreach_ ops), lr {lr}, grad clip by value {}",
+                            cfg.musplit.grad_clip_value
+                        )),
+                    );
                     let mut step = DecompositionStep::new(model, cfg);
                     let (b, t0) = (reset_peak(), now_unix());
                     extra.insert("peak_reset".into(), json!(b));
@@ -472,14 +493,22 @@ fn run(o: &Opts) -> Res<Value> {
                         _ => 1,
                     }) as i64;
                     tch::manual_seed(7);
-                    let m = Tensor::randn([o.batch as i64, k, (t as i64) / factor, (t as i64) / factor], (Kind::Float, Device::Cpu));
+                    let m = Tensor::randn(
+                        [o.batch as i64, k, (t as i64) / factor, (t as i64) / factor],
+                        (Kind::Float, Device::Cpu),
+                    );
                     save_tensors(&inputs, cfg, &[("x", &x), ("m", &m)])?;
                     let (x, m) = (x.to_device(dev), m.to_device(dev));
-                    let z = tch::no_grad(|| model.with_net(|n| match n {
-                        Net::Pgdiff(d) => d.encode(&x),
-                        _ => unreachable!(),
-                    }));
-                    extra.insert("what".into(), json!("one LDM-P and one LDM-S evaluation on the tiles' latents (t = 500)"));
+                    let z = tch::no_grad(|| {
+                        model.with_net(|n| match n {
+                            Net::Pgdiff(d) => d.encode(&x),
+                            _ => unreachable!(),
+                        })
+                    });
+                    extra.insert(
+                        "what".into(),
+                        json!("one LDM-P and one LDM-S evaluation on the tiles' latents (t = 500)"),
+                    );
                     let (b, t0) = (reset_peak(), now_unix());
                     extra.insert("peak_reset".into(), json!(b));
                     extra.insert("base_rss_mib".into(), json!(status_kib("VmRSS:") / 1024.0));
@@ -489,7 +518,8 @@ fn run(o: &Opts) -> Res<Value> {
                                 Net::Pgdiff(d) => with_precision(prec, dev, || {
                                     let a = d.eps_p(&z, 500);
                                     let b = d.eps_s(&m, &z, 500);
-                                    a.abs().mean(Kind::Float).double_value(&[]) + b.abs().mean(Kind::Float).double_value(&[])
+                                    a.abs().mean(Kind::Float).double_value(&[])
+                                        + b.abs().mean(Kind::Float).double_value(&[])
                                 })
                                 .map_err(err),
                                 _ => unreachable!(),
@@ -512,7 +542,9 @@ fn run(o: &Opts) -> Res<Value> {
                         if kind == ModelKind::Musplit {
                             tch::manual_seed(7);
                         }
-                        let out = with_precision(prec, dev, || tch::no_grad(|| model.with_net(|n| n.infer(&x)))).map_err(err)?.map_err(err)?;
+                        let out = with_precision(prec, dev, || tch::no_grad(|| model.with_net(|n| n.infer(&x))))
+                            .map_err(err)?
+                            .map_err(err)?;
                         Ok(out.mean(Kind::Float).double_value(&[]))
                     })?;
                     (r.0, r.1, t0)
@@ -525,9 +557,14 @@ fn run(o: &Opts) -> Res<Value> {
             pixels_per_rep = (o.frame * o.frame) as f64;
             let n = o.frame;
             let f = sim("ssqpm", n, 7)?;
-            save_tensors(&inputs, cfg, &[("frame", &lumos::image::array3_to_tensor(f.image.data.view(), Device::Cpu))])?;
+            save_tensors(
+                &inputs,
+                cfg,
+                &[("frame", &lumos::image::array3_to_tensor(f.image.data.view(), Device::Cpu))],
+            )?;
             let data: Array3<f32> = f.image.data;
-            let opts = SegmentOptions { batch_size: o.batch, step_fraction: o.step_fraction, ..SegmentOptions::default() };
+            let opts =
+                SegmentOptions { batch_size: o.batch, step_fraction: o.step_fraction, ..SegmentOptions::default() };
             let sw_tiles = lumos::engine::tiling::tile_starts(n, t, opts.step_fraction).len().pow(2);
             tiles_per_rep = sw_tiles as f64;
             extra.insert("sliding_window".into(), json!({"step_fraction": opts.step_fraction, "batch": opts.batch_size, "tiles": sw_tiles, "mirror": false}));
@@ -541,17 +578,23 @@ fn run(o: &Opts) -> Res<Value> {
                     // fused kernels' compilation see the measured shapes before the timing
                     // (until session 13's runs it was one tile, as on the CPU: the first timed
                     // repetition then carried the tuning, the median did not)
-                    model.segment(data.view(), &opts, SegmentOutput::Labels(labels.view_mut()), &mut Monitor::none()).map_err(err)?;
+                    model
+                        .segment(data.view(), &opts, SegmentOutput::Labels(labels.view_mut()), &mut Monitor::none())
+                        .map_err(err)?;
                     return Ok(f64::NAN);
                 }
                 if warm {
                     // warm-up on one tile of the frame
                     let mut l = Array2::<u8>::zeros((t.min(n), t.min(n)));
                     let crop = data.slice(ndarray::s![.., ..t.min(n), ..t.min(n)]);
-                    model.segment(crop, &opts, SegmentOutput::Labels(l.view_mut()), &mut Monitor::none()).map_err(err)?;
+                    model
+                        .segment(crop, &opts, SegmentOutput::Labels(l.view_mut()), &mut Monitor::none())
+                        .map_err(err)?;
                     return Ok(f64::NAN);
                 }
-                model.segment(data.view(), &opts, SegmentOutput::Labels(labels.view_mut()), &mut Monitor::none()).map_err(err)?;
+                model
+                    .segment(data.view(), &opts, SegmentOutput::Labels(labels.view_mut()), &mut Monitor::none())
+                    .map_err(err)?;
                 Ok(labels.iter().map(|&v| v as u64).sum::<u64>() as f64 / (n * n) as f64)
             })?;
             if o.breakdown {
@@ -567,7 +610,11 @@ fn run(o: &Opts) -> Res<Value> {
             let n = o.frame;
             let f = sim("fluo", n, 7)?;
             let input: Array2<f32> = f.image.data.index_axis(Axis(0), 0).to_owned();
-            save_tensors(&inputs, cfg, &[("frame", &lumos::image::array3_to_tensor(f.image.data.view(), Device::Cpu).get(0))])?;
+            save_tensors(
+                &inputs,
+                cfg,
+                &[("frame", &lumos::image::array3_to_tensor(f.image.data.view(), Device::Cpu).get(0))],
+            )?;
             let opts = DecomposeOptions::default();
             let keep = t / 2;
             tiles_per_rep = (n.div_ceil(keep) * n.div_ceil(keep)) as f64;
@@ -605,16 +652,24 @@ fn run(o: &Opts) -> Res<Value> {
             extra.insert("base_rss_mib".into(), json!(status_kib("VmRSS:") / 1024.0));
             let r = timed(o.warmup, o.reps, dev, &mut |warm| {
                 let op = if warm { &warm_opts } else { &opts };
-                let p = model.with_net(|n| match n {
-                    Net::Pgdiff(d) => with_precision(prec, dev, || d.predict(&x, op, 0, &Monitor::none()).map(|r| r.probabilities))
+                let p = model
+                    .with_net(|n| match n {
+                        Net::Pgdiff(d) => with_precision(prec, dev, || {
+                            d.predict(&x, op, 0, &Monitor::none()).map(|r| r.probabilities)
+                        })
                         .and_then(|r| r),
-                    _ => unreachable!(),
-                }).map_err(err)?;
+                        _ => unreachable!(),
+                    })
+                    .map_err(err)?;
                 Ok(p.select(1, 1).mean(Kind::Float).double_value(&[]))
             })?;
             (r.0, r.1, t0)
         }
-        other => return Err(format!("unknown mode '{other}'; expected train_step, inference, segment_2048, decompose, pgdiff_tiles")),
+        other => {
+            return Err(format!(
+                "unknown mode '{other}'; expected train_step, inference, segment_2048, decompose, pgdiff_tiles"
+            ));
+        }
     };
     let t1 = now_unix();
     let peak_rss_mib = status_kib("VmHWM:") / 1024.0;
@@ -681,7 +736,7 @@ fn segment_breakdown(o: &Opts, model: &Model, data: &Array3<f32>, t: usize, opts
     let check = time(&mut || lumos::image::check_finite(data.view()).map_err(err))?;
     // the copy `Model::segment` makes (the whole frame at once on a GPU)
     let h2d = time(&mut || {
-        let _ = lumos::engine::tiling::rows_to_device(data.view(), 0, data.dim().1, dev);
+        let _ = lumos::backend::staging::rows_to_device(data.view(), 0, data.dim().1, dev);
         Ok(())
     })?;
     let c = data.dim().0 as i64;
@@ -692,7 +747,9 @@ fn segment_breakdown(o: &Opts, model: &Model, data: &Array3<f32>, t: usize, opts
     let mut enqueue = Vec::new();
     let network = time(&mut || {
         let t0 = Instant::now();
-        let y = with_precision(prec, dev, || tch::no_grad(|| model.with_net(|n| n.infer(&x)))).map_err(err)?.map_err(err)?;
+        let y = with_precision(prec, dev, || tch::no_grad(|| model.with_net(|n| n.infer(&x))))
+            .map_err(err)?
+            .map_err(err)?;
         enqueue.push(t0.elapsed().as_secs_f64());
         drop(y);
         Ok(())

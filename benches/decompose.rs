@@ -17,9 +17,9 @@ use std::process::Command;
 use std::time::Instant;
 
 use lumos::engine::model::{Model, ModelKind, ModelMeta};
-use lumos::musplit::net::{LcMerge, MuSplitConfig, SplitVariant};
 use lumos::engine::normalize::{ChannelNorm, Normalizer};
 use lumos::musplit::DecomposeOptions;
+use lumos::musplit::net::{LcMerge, MuSplitConfig, SplitVariant};
 use ndarray::{Array2, Array3};
 
 fn peak_rss_mib() -> f64 {
@@ -35,7 +35,13 @@ fn model(device: tch::Device) -> (Model, String) {
     if let Ok(p) = std::env::var("LUMOS_BENCH_MODEL") {
         return (Model::load(std::path::Path::new(&p), device).unwrap(), format!("model file {p}"));
     }
-    let cfg = MuSplitConfig { variant: SplitVariant::Unet, base_channels: 8, max_channels: 32, lc_merge: LcMerge::Lean, ..Default::default() };
+    let cfg = MuSplitConfig {
+        variant: SplitVariant::Unet,
+        base_channels: 8,
+        max_channels: 32,
+        lc_merge: LcMerge::Lean,
+        ..Default::default()
+    };
     let id = Normalizer { channels: vec![ChannelNorm::DatasetZscore { mean: 0.0, std: 1.0 }] };
     let mut meta = ModelMeta::new(
         ModelKind::Musplit,
@@ -45,14 +51,21 @@ fn model(device: tch::Device) -> (Model, String) {
         [64, 64],
         id,
     );
-    meta.target_normalization = Some(Normalizer { channels: vec![ChannelNorm::DatasetZscore { mean: 0.0, std: 1.0 }; 2] });
-    (Model::new_seeded(meta, device, Some(0)).unwrap(), "LC U-Net (lean LC merge), 5 levels, 4 LC levels, 8-32 channels, 64x64 tiles, random weights".into())
+    meta.target_normalization =
+        Some(Normalizer { channels: vec![ChannelNorm::DatasetZscore { mean: 0.0, std: 1.0 }; 2] });
+    (
+        Model::new_seeded(meta, device, Some(0)).unwrap(),
+        "LC U-Net (lean LC merge), 5 levels, 4 LC levels, 8-32 channels, 64x64 tiles, random weights".into(),
+    )
 }
 
 fn child(size: usize) {
-    let device = lumos::engine::device::parse_device(&std::env::var("LUMOS_DEVICE").unwrap_or_else(|_| "cpu".into())).unwrap();
+    let device =
+        lumos::engine::device::parse_device(&std::env::var("LUMOS_DEVICE").unwrap_or_else(|_| "cpu".into())).unwrap();
     // the caller's buffers, touched
-    let input = Array2::from_shape_fn((size, size), |(y, x)| ((y * 31 + x * 17) % 97) as f32 + ((x as f32) * 0.01).sin() * 20.0);
+    let input = Array2::from_shape_fn((size, size), |(y, x)| {
+        ((y * 31 + x * 17) % 97) as f32 + ((x as f32) * 0.01).sin() * 20.0
+    });
     let mut out = Array3::<f32>::from_elem((2, size, size), 1.0);
     let (m, what) = model(device);
     let opts = DecomposeOptions::default();
@@ -100,8 +113,12 @@ fn main() {
         device = v["device"].as_str().unwrap_or_default().to_string();
         let row = format!(
             "| {s} x {s} | {} | {:.1} | {:.2} | {:.0} | {:.0} | {:.0} |",
-            v["tiles"], v["seconds"].as_f64().unwrap(), (s * s) as f64 / 1e6 / v["seconds"].as_f64().unwrap(),
-            v["buffers_mib"].as_f64().unwrap(), v["peak_before_mib"].as_f64().unwrap(), v["extra_mib"].as_f64().unwrap()
+            v["tiles"],
+            v["seconds"].as_f64().unwrap(),
+            (s * s) as f64 / 1e6 / v["seconds"].as_f64().unwrap(),
+            v["buffers_mib"].as_f64().unwrap(),
+            v["peak_before_mib"].as_f64().unwrap(),
+            v["extra_mib"].as_f64().unwrap()
         );
         println!("{row}");
         rows.push(row);

@@ -13,12 +13,12 @@
 
 use std::time::Instant;
 
-use lumos::engine::model::{Model, ModelKind, ModelMeta, SegmentOptions, SegmentOutput};
+use lumos::Image;
 use lumos::dmqpm::net::DmQpmConfig;
-use lumos::nnunet::net::UnetConfig;
+use lumos::engine::model::{Model, ModelKind, ModelMeta, SegmentOptions, SegmentOutput};
 use lumos::engine::normalize::{NormMethod, Normalizer};
 use lumos::engine::progress::Monitor;
-use lumos::Image;
+use lumos::nnunet::net::UnetConfig;
 use ndarray::{Array2, Array3};
 
 fn peak_rss_mib() -> f64 {
@@ -37,9 +37,15 @@ fn main() {
         println!("segment bench: skipped outside `cargo bench`");
         return;
     }
-    let device = lumos::engine::device::parse_device(&std::env::var("LUMOS_DEVICE").unwrap_or_else(|_| "cpu".into())).unwrap();
+    let device =
+        lumos::engine::device::parse_device(&std::env::var("LUMOS_DEVICE").unwrap_or_else(|_| "cpu".into())).unwrap();
     let list = |var: &str, default: &str| -> Vec<String> {
-        std::env::var(var).unwrap_or_else(|_| default.into()).split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
+        std::env::var(var)
+            .unwrap_or_else(|_| default.into())
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect()
     };
     let sizes: Vec<usize> = list("LUMOS_BENCH_SIZES", "256,1024,2048").iter().filter_map(|v| v.parse().ok()).collect();
     let models = list("LUMOS_BENCH_MODELS", "unet,dmqpm,dmqpm-tile512");
@@ -49,12 +55,34 @@ fn main() {
     let mut rows = Vec::new();
     for name in &models {
         let (kind, arch, tile, what) = match name.as_str() {
-            "unet" => (ModelKind::Unet, serde_json::to_value(UnetConfig::default()).unwrap(), 256, "nnU-Net early fusion (6 stages, 32 base features)"),
-            "dmqpm" => (ModelKind::Dmqpm, serde_json::to_value(DmQpmConfig::default()).unwrap(), 256, "DM-QPMNet (5 stages, 32 base, MHA fusion at stage 2, 8 heads)"),
-            "dmqpm-tile512" => (ModelKind::Dmqpm, serde_json::to_value(DmQpmConfig::default()).unwrap(), 512, "DM-QPMNet, 512x512 tiles"),
+            "unet" => (
+                ModelKind::Unet,
+                serde_json::to_value(UnetConfig::default()).unwrap(),
+                256,
+                "nnU-Net early fusion (6 stages, 32 base features)",
+            ),
+            "dmqpm" => (
+                ModelKind::Dmqpm,
+                serde_json::to_value(DmQpmConfig::default()).unwrap(),
+                256,
+                "DM-QPMNet (5 stages, 32 base, MHA fusion at stage 2, 8 heads)",
+            ),
+            "dmqpm-tile512" => (
+                ModelKind::Dmqpm,
+                serde_json::to_value(DmQpmConfig::default()).unwrap(),
+                512,
+                "DM-QPMNet, 512x512 tiles",
+            ),
             other => panic!("unknown model '{other}' in LUMOS_BENCH_MODELS; expected unet, dmqpm, dmqpm-tile512"),
         };
-        let meta = ModelMeta::new(kind, arch, names.clone(), vec!["background".into(), "cell".into()], [256, 256], norm.clone());
+        let meta = ModelMeta::new(
+            kind,
+            arch,
+            names.clone(),
+            vec!["background".into(), "cell".into()],
+            [256, 256],
+            norm.clone(),
+        );
         let model = Model::new_seeded(meta, device, Some(0)).unwrap();
         let params = model.n_parameters();
         let opts = SegmentOptions { tile: Some([tile, tile]), ..Default::default() };
@@ -66,11 +94,20 @@ fn main() {
             let mut labels = Array2::<u8>::zeros((n, n));
             // warm-up on one tile
             let mut warm = Array2::<u8>::zeros((tile, tile));
-            model.segment(frame.slice(ndarray::s![.., ..tile, ..tile]), &opts, SegmentOutput::Labels(warm.view_mut()), &mut Monitor::none()).unwrap();
+            model
+                .segment(
+                    frame.slice(ndarray::s![.., ..tile, ..tile]),
+                    &opts,
+                    SegmentOutput::Labels(warm.view_mut()),
+                    &mut Monitor::none(),
+                )
+                .unwrap();
             let reps = if n <= 256 { 5 } else { 1 };
             let t = Instant::now();
             for _ in 0..reps {
-                model.segment(frame.view(), &opts, SegmentOutput::Labels(labels.view_mut()), &mut Monitor::none()).unwrap();
+                model
+                    .segment(frame.view(), &opts, SegmentOutput::Labels(labels.view_mut()), &mut Monitor::none())
+                    .unwrap();
             }
             let s = t.elapsed().as_secs_f64() / reps as f64;
             let row = format!(
@@ -84,7 +121,8 @@ fn main() {
             rows.push(row);
         }
     }
-    let machine = format!("{}; libtorch threads {}", lumos::engine::device::machine_description(), tch::get_num_threads());
+    let machine =
+        format!("{}; libtorch threads {}", lumos::engine::device::machine_description(), tch::get_num_threads());
     let md = format!(
         "# Segmentation throughput through the tiling engine\n\n\
          Command: `cargo bench --bench segment` (LUMOS_DEVICE={}).\n\

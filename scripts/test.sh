@@ -14,6 +14,9 @@ cd "$(dirname "$0")/.."
 # the C tests link target/<profile>/deps/liblumos.so: build the cdylib first so that it
 # is current even when only sources changed since the last build
 cargo build --quiet --lib --bin lumos
+# formatting (rustfmt.toml) and lints, before any test runs
+cargo fmt --all --check
+cargo clippy --quiet --workspace --all-targets -- -D warnings
 # the blocked-layout training tests must not pass as skipped: bootstrap installs oneDNN
 export LUMOS_REQUIRE_ONEDNN=1
 # the fused CUDA kernels' source must compile (NVRTC, no GPU needed): NVRTC comes with the

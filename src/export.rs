@@ -29,18 +29,18 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use ndarray::{s, Array2, Array3, Array4, Axis};
-use serde_json::{json, Value};
+use ndarray::{Array2, Array3, Array4, Axis, s};
+use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tch::{CModule, Device, IValue, Kind, Tensor};
 
-use crate::pgdiff::StartNoise;
-use crate::error::{Error, Result};
-use crate::image::{array3_to_tensor, tensor_to_array3, Image, Mask};
 use crate::engine::model::{Model, ModelKind, Net, SegmentOptions, SegmentOutput};
 use crate::engine::normalize::{ChannelAffine, ChannelNorm};
 use crate::engine::progress::Monitor;
+use crate::error::{Error, Result};
+use crate::image::{Image, Mask, array3_to_tensor, tensor_to_array3};
 use crate::musplit::DecomposeOptions;
+use crate::pgdiff::StartNoise;
 
 /// bioimage.io `format_version` written.
 pub const FORMAT_VERSION: &str = "0.5.4";
@@ -70,7 +70,9 @@ impl Person {
     pub fn parse(s: &str) -> Result<Self> {
         let parts: Vec<&str> = s.split(';').map(str::trim).collect();
         if parts[0].is_empty() {
-            return Err(Error::InvalidArgument(format!("person '{s}': expected \"Name\" or \"Name; affiliation; ORCID\"")));
+            return Err(Error::InvalidArgument(format!(
+                "person '{s}': expected \"Name\" or \"Name; affiliation; ORCID\""
+            )));
         }
         let opt = |i: usize| parts.get(i).filter(|p| !p.is_empty()).map(|p| p.to_string());
         // "Name; ORCID" (no affiliation): an ORCID-shaped second part is the ORCID
@@ -176,7 +178,9 @@ fn graph_normalization(model: &Model) -> Result<(Vec<ChannelAffine>, bool)> {
         .iter()
         .map(|c| match *c {
             ChannelNorm::PerImageZscore => identity(),
-            ChannelNorm::DatasetZscore { mean, std } => ChannelAffine { lo: f32::NEG_INFINITY, hi: f32::INFINITY, mean, std },
+            ChannelNorm::DatasetZscore { mean, std } => {
+                ChannelAffine { lo: f32::NEG_INFINITY, hi: f32::INFINITY, mean, std }
+            }
             ChannelNorm::RobustQuantile { lo, hi, mean, std, .. } => ChannelAffine { lo, hi, mean, std },
         })
         .collect();
@@ -197,7 +201,9 @@ fn plan(model: &Model, opts: &ExportOptions) -> Result<Plan> {
             }
             if meta.kind == ModelKind::Pgdiff {
                 let o = model.diffusion_defaults()?;
-                let random = o.start == StartNoise::Random || (o.start == StartNoise::Forward && o.forward_t > 0) || o.eta != 0.0;
+                let random = o.start == StartNoise::Random
+                    || (o.start == StartNoise::Forward && o.forward_t > 0)
+                    || o.eta != 0.0;
                 if random {
                     return Err(Error::Unsupported(format!(
                         "this PG-DiffSeg model samples with start {:?}, forward_t {}, eta {}: random draws cannot be exported \
@@ -251,9 +257,16 @@ fn sample_tile(model: &Model, opts: &ExportOptions, hw: [usize; 2]) -> Result<Ar
             model.meta.input_channels.join(", ")
         )));
     }
-    let need = if model.meta.kind == ModelKind::Musplit { [hw[0] + model.meta.patch_size[0], hw[1] + model.meta.patch_size[0]] } else { hw };
+    let need = if model.meta.kind == ModelKind::Musplit {
+        [hw[0] + model.meta.patch_size[0], hw[1] + model.meta.patch_size[0]]
+    } else {
+        hw
+    };
     if h < need[0] || w < need[1] {
-        return Err(Error::Shape(format!("the sample is {h} x {w} pixels; the export needs at least {} x {}", need[0], need[1])));
+        return Err(Error::Shape(format!(
+            "the sample is {h} x {w} pixels; the export needs at least {} x {}",
+            need[0], need[1]
+        )));
     }
     let (y0, x0) = ((h - need[0]) / 2, (w - need[1]) / 2);
     img.check_finite()?;
@@ -261,16 +274,7 @@ fn sample_tile(model: &Model, opts: &ExportOptions, hw: [usize; 2]) -> Result<Ar
 }
 
 fn simulator_for(model: &Model) -> Option<&'static str> {
-    let ch = &model.meta.input_channels;
-    let ssqpm = crate::dmqpm::net::SSQPM_CHANNELS;
-    match model.meta.kind {
-        ModelKind::Musplit => Some("fluo"),
-        ModelKind::Pgdiff => Some("qpi"),
-        _ if ch.len() == 5 && ch.iter().zip(ssqpm).all(|(a, b)| a.eq_ignore_ascii_case(b)) => Some("ssqpm"),
-        ModelKind::Dmqpm => Some("ssqpm"),
-        _ if ch.len() == 1 && ch[0].eq_ignore_ascii_case("phase") => Some("qpi"),
-        _ => None,
-    }
+    crate::methods::method(model.meta.kind).simulator(&model.meta)
 }
 
 /// bioimage.io's `zero_mean_unit_variance` over each channel of `(C, H, W)`.
@@ -311,10 +315,13 @@ fn trace(model: &Model, plan: &Plan, example: &Tensor) -> Result<CModule> {
     let mut f = |inputs: &[Tensor]| -> Vec<Tensor> {
         let x = (inputs[0].maximum(&lo).minimum(&hi) - &mean) / &std;
         let r: Result<Tensor> = match net {
-            Net::Unet(_) | Net::Dmqpm(_) => net.forward(&x, false).map(|mut v| v.swap_remove(0).softmax(1, Kind::Float)),
+            Net::Unet(_) | Net::Dmqpm(_) => {
+                net.forward(&x, false).map(|mut v| v.swap_remove(0).softmax(1, Kind::Float))
+            }
             Net::Pgdiff(d) => {
                 let o = d.cfg.sampling;
-                d.predict(&x, &o, crate::engine::train::per_epoch_seed(o.seed, 0), &Monitor::none()).map(|r| r.probabilities)
+                d.predict(&x, &o, crate::engine::train::per_epoch_seed(o.seed, 0), &Monitor::none())
+                    .map(|r| r.probabilities)
             }
             Net::Musplit(m) => {
                 let levels = m.cfg.input_channels();
@@ -346,7 +353,9 @@ fn trace(model: &Model, plan: &Plan, example: &Tensor) -> Result<CModule> {
         }
     };
     // portable conv2d ops in the graph, not oneDNN-packed weights (nn::packed)
-    let module = crate::backend::packed::plain(|| tch::no_grad(|| CModule::create_by_tracing("LumosExport", "forward", &[example.shallow_clone()], &mut f)))?;
+    let module = crate::backend::packed::plain(|| {
+        tch::no_grad(|| CModule::create_by_tracing("LumosExport", "forward", &[example.shallow_clone()], &mut f))
+    })?;
     if let Some(e) = failure {
         return Err(e);
     }
@@ -373,7 +382,15 @@ fn engine_output(model: &Model, plan: &Plan, tile: &Array3<f32>) -> Result<Tenso
             let c = j * t + t / 2;
             let s0 = c - w / 2;
             let frame = tile.index_axis(Axis(0), 0);
-            let opts = DecomposeOptions { tile: Some(t), keep: Some(t), batch_size: 4, mirror: false, samples: 1, seed: 0, posterior_mean: true };
+            let opts = DecomposeOptions {
+                tile: Some(t),
+                keep: Some(t),
+                batch_size: 4,
+                mirror: false,
+                samples: 1,
+                seed: 0,
+                posterior_mean: true,
+            };
             let out = model.decompose_array(frame, &opts)?;
             let cell = out.slice(s![.., j * t..(j + 1) * t, j * t..(j + 1) * t]).to_owned();
             debug_assert_eq!(s0 + w / 2, c);
@@ -382,7 +399,13 @@ fn engine_output(model: &Model, plan: &Plan, tile: &Array3<f32>) -> Result<Tenso
         _ => {
             let (k, h, w) = (model.n_classes(), tile.shape()[1], tile.shape()[2]);
             let mut p = Array3::<f32>::zeros((k, h, w));
-            let opts = SegmentOptions { tile: Some([h, w]), step_fraction: 1.0, batch_size: 1, mirror: false, diffusion: None };
+            let opts = SegmentOptions {
+                tile: Some([h, w]),
+                step_fraction: 1.0,
+                batch_size: 1,
+                mirror: false,
+                diffusion: None,
+            };
             model.segment(tile.view(), &opts, SegmentOutput::Probabilities(p.view_mut()), &mut Monitor::none())?;
             Ok(array3_to_tensor(p.view(), Device::Cpu).unsqueeze(0))
         }
@@ -411,31 +434,8 @@ fn write_npy(path: &Path, t: &Tensor) -> Result<()> {
 }
 
 fn method_info(model: &Model) -> (&'static str, Vec<&'static str>, Vec<Value>) {
-    let nnunet = json!({"text": "Isensee F, Jaeger PF, Kohl SAA, Petersen J, Maier-Hein KH. nnU-Net: a self-configuring method for deep learning-based biomedical image segmentation. Nature Methods 18, 203-211 (2021).", "doi": "10.1038/s41592-020-01008-z"});
-    match model.meta.kind {
-        ModelKind::Dmqpm => (
-            "DM-QPMNet",
-            vec!["segmentation", "quantitative-phase-imaging", "polarization", "cells", "2d", "pytorch", "nnu-net"],
-            vec![
-                json!({"text": "Chakraborty R, Espinosa-Momox A, Haskin R, Xu D, Porras-Aguilar R. DM-QPMNet: Dual-modality fusion network for cell segmentation in quantitative phase microscopy. arXiv:2511.00218 (2025).", "url": "https://arxiv.org/abs/2511.00218"}),
-                nnunet,
-            ],
-        ),
-        ModelKind::Unet => ("nnU-Net (2D)", vec!["segmentation", "2d", "pytorch", "nnu-net"], vec![nnunet]),
-        ModelKind::Pgdiff => (
-            "PG-DiffSeg",
-            vec!["segmentation", "quantitative-phase-imaging", "diffusion", "cells", "live-dead", "2d", "pytorch"],
-            vec![
-                json!({"text": "Shao Z, Anastasio MA, Li H. Prior-guided Diffusion Model for Cell Segmentation in Quantitative Phase Imaging (PG-DiffSeg); built on denoising diffusion implicit models (Song, Meng, Ermon, arXiv:2010.02502).", "url": "https://arxiv.org/abs/2010.02502"}),
-                json!({"text": "Rombach R, Blattmann A, Lorenz D, Esser P, Ommer B. High-Resolution Image Synthesis with Latent Diffusion Models. CVPR 2022.", "url": "https://arxiv.org/abs/2112.10752"}),
-            ],
-        ),
-        ModelKind::Musplit => (
-            "muSplit",
-            vec!["image-decomposition", "fluorescence-light-microscopy", "unmixing", "2d", "pytorch"],
-            vec![json!({"text": "Ashesh, Krull A, Di Sante M, Pasqualini FS, Jug F. muSplit: image decomposition for fluorescence microscopy. ICCV 2023.", "url": "https://arxiv.org/abs/2211.12872"})],
-        ),
-    }
+    let info = crate::methods::method(model.meta.kind).export_info();
+    (info.name, info.tags, info.cite)
 }
 
 fn axes(channel_names: &[String], hw: [usize; 2]) -> Value {
@@ -449,7 +449,8 @@ fn axes(channel_names: &[String], hw: [usize; 2]) -> Value {
 
 /// bioimage.io identifiers: letters, digits, '_' and '-', starting with a letter.
 fn sanitize_id(s: &str) -> String {
-    let mut out: String = s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' }).collect();
+    let mut out: String =
+        s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' }).collect();
     if !out.chars().next().is_some_and(|c| c.is_ascii_alphabetic()) {
         out.insert(0, 'c');
     }
@@ -476,9 +477,13 @@ pub fn export_bioimageio(model_path: &Path, out: &Path, opts: &ExportOptions) ->
         _ => PathBuf::from("."),
     };
     if !parent.is_dir() {
-        return Err(Error::io(&parent, std::io::Error::new(std::io::ErrorKind::NotFound, "the output's folder does not exist")));
+        return Err(Error::io(
+            &parent,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "the output's folder does not exist"),
+        ));
     }
-    let stage = tempfile::Builder::new().prefix(".lumos-export-").tempdir_in(&parent).map_err(|e| Error::io(&parent, e))?;
+    let stage =
+        tempfile::Builder::new().prefix(".lumos-export-").tempdir_in(&parent).map_err(|e| Error::io(&parent, e))?;
     let dir = stage.path();
 
     // test input: raw pixels; the graph's input: after the rdf preprocessing
@@ -502,8 +507,13 @@ pub fn export_bioimageio(model_path: &Path, out: &Path, opts: &ExportOptions) ->
     let engine = Model::load(model_path, Device::Cpu)?;
     let reference = engine_output(&engine, &plan, &frame)?;
     let diff = (&y - &reference).abs().max().double_value(&[]);
-    let self_check = if model.meta.kind == ModelKind::Musplit { diff / reference.std(true).double_value(&[]).max(1e-12) } else { diff };
-    if !(self_check <= SELF_CHECK_TOLERANCE) {
+    let self_check = if model.meta.kind == ModelKind::Musplit {
+        diff / reference.std(true).double_value(&[]).max(1e-12)
+    } else {
+        diff
+    };
+    // a NaN difference fails too
+    if self_check.is_nan() || self_check > SELF_CHECK_TOLERANCE {
         return Err(Error::InvalidInput(format!(
             "the exported graph disagrees with the engine on the test tile: max difference {self_check:.3e} (tolerance {SELF_CHECK_TOLERANCE:e}); nothing was written"
         )));
@@ -513,14 +523,33 @@ pub fn export_bioimageio(model_path: &Path, out: &Path, opts: &ExportOptions) ->
     write_npy(&dir.join("test_output.npy"), &y)?;
     let y_arr = tensor_to_array3(&y.get(0))?;
     write_cover(&dir.join("cover.png"), &model, &raw, &y_arr)?;
-    crate::io::tiff::write_image_f32(&dir.join("sample_input.tif"), &Image::with_names(raw.clone(), model.meta.input_channels.clone())?)?;
-    crate::io::tiff::write_image_f32(&dir.join("sample_output.tif"), &Image::with_names(y_arr, plan.out_channels.clone())?)?;
-    std::fs::write(dir.join("lumos_model.json"), serde_json::to_string_pretty(&model.meta).expect("metadata serializes"))
-        .map_err(|e| Error::io(dir.join("lumos_model.json"), e))?;
-    std::fs::write(dir.join("README.md"), documentation(&model, &plan, opts, self_check)).map_err(|e| Error::io(dir.join("README.md"), e))?;
+    crate::io::tiff::write_image_f32(
+        &dir.join("sample_input.tif"),
+        &Image::with_names(raw.clone(), model.meta.input_channels.clone())?,
+    )?;
+    crate::io::tiff::write_image_f32(
+        &dir.join("sample_output.tif"),
+        &Image::with_names(y_arr, plan.out_channels.clone())?,
+    )?;
+    std::fs::write(
+        dir.join("lumos_model.json"),
+        serde_json::to_string_pretty(&model.meta).expect("metadata serializes"),
+    )
+    .map_err(|e| Error::io(dir.join("lumos_model.json"), e))?;
+    std::fs::write(dir.join("README.md"), documentation(&model, &plan, opts, self_check))
+        .map_err(|e| Error::io(dir.join("README.md"), e))?;
 
     let mut files = BTreeMap::new();
-    for f in ["weights.pt", "test_input.npy", "test_output.npy", "sample_input.tif", "sample_output.tif", "cover.png", "README.md", "lumos_model.json"] {
+    for f in [
+        "weights.pt",
+        "test_input.npy",
+        "test_output.npy",
+        "sample_input.tif",
+        "sample_output.tif",
+        "cover.png",
+        "README.md",
+        "lumos_model.json",
+    ] {
         files.insert(f.to_string(), sha256_file(&dir.join(f))?);
     }
     let mut rdf = rdf(&model, &plan, opts, &files, x_raw.size(), y.size());
@@ -530,7 +559,11 @@ pub fn export_bioimageio(model_path: &Path, out: &Path, opts: &ExportOptions) ->
     files.insert("rdf.yaml".into(), sha256_file(&dir.join("rdf.yaml"))?);
 
     if to_zip {
-        let mut tmp = tempfile::Builder::new().prefix(".lumos-export-").suffix(".zip").tempfile_in(&parent).map_err(|e| Error::io(&parent, e))?;
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".lumos-export-")
+            .suffix(".zip")
+            .tempfile_in(&parent)
+            .map_err(|e| Error::io(&parent, e))?;
         {
             let mut z = zip::ZipWriter::new(tmp.as_file_mut());
             let o = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
@@ -576,7 +609,12 @@ fn default_name(model: &Model) -> String {
         _ => format!("lumos {method} {} segmentation", model.meta.classes[1..].join(" ")),
     };
     // bioimage.io names: letters, digits, space, '_', '-', '(', ')'
-    name.chars().map(|c| if name_char_ok(c) { c } else { ' ' }).collect::<String>().split_whitespace().collect::<Vec<_>>().join(" ")
+    name.chars()
+        .map(|c| if name_char_ok(c) { c } else { ' ' })
+        .collect::<String>()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn name_char_ok(c: char) -> bool {
@@ -608,15 +646,17 @@ fn orcid_valid(s: &str) -> bool {
 }
 
 fn check_options(opts: &ExportOptions) -> Result<()> {
-    if let Some(n) = &opts.name {
-        if n.trim().len() < 5 || n.len() > 128 || !n.chars().all(name_char_ok) {
-            return Err(Error::InvalidArgument(format!(
-                "model name '{n}': bioimage.io needs 5 to 128 characters from letters, digits, space, '_', '-', '(' and ')'"
-            )));
-        }
+    if let Some(n) = &opts.name
+        && (n.trim().len() < 5 || n.len() > 128 || !n.chars().all(name_char_ok))
+    {
+        return Err(Error::InvalidArgument(format!(
+            "model name '{n}': bioimage.io needs 5 to 128 characters from letters, digits, space, '_', '-', '(' and ')'"
+        )));
     }
     if opts.license.trim().is_empty() {
-        return Err(Error::InvalidArgument("license is empty; give an SPDX identifier such as CC-BY-4.0 or MIT".into()));
+        return Err(Error::InvalidArgument(
+            "license is empty; give an SPDX identifier such as CC-BY-4.0 or MIT".into(),
+        ));
     }
     // an SPDX identifier is one token of letters, digits, '.', '-' and '+' ("MIT", not "MIT License")
     if !opts.license.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '+')) {
@@ -625,26 +665,28 @@ fn check_options(opts: &ExportOptions) -> Result<()> {
             opts.license
         )));
     }
-    if let Some(d) = &opts.description {
-        if d.chars().count() > 1024 {
+    if let Some(d) = &opts.description
+        && d.chars().count() > 1024
+    {
+        return Err(Error::InvalidArgument(format!(
+            "the description has {} characters; bioimage.io takes at most 1024 (put longer text in the documentation)",
+            d.chars().count()
+        )));
+    }
+    for p in opts.authors.iter().chain(&opts.maintainers) {
+        if let Some(o) = &p.orcid
+            && !orcid_valid(o)
+        {
             return Err(Error::InvalidArgument(format!(
-                "the description has {} characters; bioimage.io takes at most 1024 (put longer text in the documentation)",
-                d.chars().count()
+                "ORCID '{o}' of {} is not a valid ORCID iD (dddd-dddd-dddd-dddX with its check character)",
+                p.name
             )));
         }
     }
-    for p in opts.authors.iter().chain(&opts.maintainers) {
-        if let Some(o) = &p.orcid {
-            if !orcid_valid(o) {
-                return Err(Error::InvalidArgument(format!(
-                    "ORCID '{o}' of {} is not a valid ORCID iD (dddd-dddd-dddd-dddX with its check character)",
-                    p.name
-                )));
-            }
-        }
-    }
     if opts.maintainers.iter().any(|m| m.github_user.as_deref().is_none_or(str::is_empty)) {
-        return Err(Error::InvalidArgument("every maintainer needs a GitHub user name (bioimage.io contacts maintainers there)".into()));
+        return Err(Error::InvalidArgument(
+            "every maintainer needs a GitHub user name (bioimage.io contacts maintainers there)".into(),
+        ));
     }
     Ok(())
 }
@@ -668,7 +710,13 @@ fn default_description(model: &Model, plan: &Plan) -> String {
         ModelKind::Musplit => format!(
             "{method} image decomposition trained with lumos {}: splits a fluorescence image of two superimposed structures into {} and {}. \
              Input: a {}x{} lateral-context window; output: the central {}x{} patch of each structure.",
-            m.provenance.lumos_version, m.classes[0], m.classes[1], plan.in_hw[0], plan.in_hw[1], plan.out_hw[0], plan.out_hw[1]
+            m.provenance.lumos_version,
+            m.classes[0],
+            m.classes[1],
+            plan.in_hw[0],
+            plan.in_hw[1],
+            plan.out_hw[0],
+            plan.out_hw[1]
         ),
         _ => format!(
             "{method} segmentation trained with lumos {}: {} input channels ({}) to class probabilities ({}) on {}x{} tiles.",
@@ -682,14 +730,25 @@ fn default_description(model: &Model, plan: &Plan) -> String {
     }
 }
 
-fn rdf(model: &Model, plan: &Plan, opts: &ExportOptions, files: &BTreeMap<String, String>, in_shape: Vec<i64>, out_shape: Vec<i64>) -> Value {
+fn rdf(
+    model: &Model,
+    plan: &Plan,
+    opts: &ExportOptions,
+    files: &BTreeMap<String, String>,
+    in_shape: Vec<i64>,
+    out_shape: Vec<i64>,
+) -> Value {
     let m = &model.meta;
     let (method, method_tags, cite) = method_info(model);
     let mut tags: Vec<String> = method_tags.iter().map(|s| s.to_string()).collect();
     tags.push("lumos".into());
     tags.extend(opts.tags.iter().cloned());
     tags.dedup();
-    let authors = if opts.authors.is_empty() { vec![Person { name: "lumos user".into(), ..Default::default() }] } else { opts.authors.clone() };
+    let authors = if opts.authors.is_empty() {
+        vec![Person { name: "lumos user".into(), ..Default::default() }]
+    } else {
+        opts.authors.clone()
+    };
     let mut preprocessing = vec![json!({"id": "ensure_dtype", "kwargs": {"dtype": "float32"}})];
     if plan.per_image {
         preprocessing.push(json!({"id": "zero_mean_unit_variance", "kwargs": {"axes": ["y", "x"], "eps": ZMUV_EPS}}));
@@ -697,9 +756,15 @@ fn rdf(model: &Model, plan: &Plan, opts: &ExportOptions, files: &BTreeMap<String
     let (in_id, in_desc, out_id, out_desc, out_range) = match m.kind {
         ModelKind::Musplit => (
             "mixed",
-            format!("{}x{} window of the mixed image (training units); outer pixels are lateral context", plan.in_hw[0], plan.in_hw[1]),
+            format!(
+                "{}x{} window of the mixed image (training units); outer pixels are lateral context",
+                plan.in_hw[0], plan.in_hw[1]
+            ),
             "structures",
-            format!("The two structures of the central {}x{} patch, in the targets' units", plan.out_hw[0], plan.out_hw[1]),
+            format!(
+                "The two structures of the central {}x{} patch, in the targets' units",
+                plan.out_hw[0], plan.out_hw[1]
+            ),
             json!([null, null]),
         ),
         _ => (
@@ -884,6 +949,8 @@ fn documentation(model: &Model, plan: &Plan, opts: &ExportOptions, self_check: f
     for c in cite {
         s.push_str(&format!("- {}\n", c["text"].as_str().unwrap_or_default()));
     }
-    s.push_str("\nLimitations: trained from scratch, by default on simulated data; check it on your own images before use.\n");
+    s.push_str(
+        "\nLimitations: trained from scratch, by default on simulated data; check it on your own images before use.\n",
+    );
     s
 }

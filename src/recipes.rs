@@ -6,13 +6,13 @@
 //! Sizes: `tiny` (seconds on a laptop, for trying the pipeline), `cpu` (the recipe of the
 //! CPU comparisons in docs/results), `paper` (the papers' sizes; a GPU job).
 
-use crate::dmqpm::recipes::Preset;
-use crate::pgdiff::recipes::DiffPreset;
-use crate::musplit::recipes::SplitPreset;
-use crate::error::{Error, Result};
 use crate::dmqpm::net::{DmQpmConfig, Variant};
-use crate::musplit::net::SplitVariant;
+use crate::dmqpm::recipes::Preset;
 use crate::engine::train::TrainConfig;
+use crate::error::{Error, Result};
+use crate::musplit::net::SplitVariant;
+use crate::musplit::recipes::SplitPreset;
+use crate::pgdiff::recipes::DiffPreset;
 
 /// `(name, what it trains, input)`, in the order hosts list them.
 pub const METHODS: [(&str, &str, &str); 8] = [
@@ -33,13 +33,18 @@ pub const SIZES: [&str; 3] = ["tiny", "cpu", "paper"];
 /// Device "auto"; seed 0. Callers adjust epochs, device, seed and so on.
 pub fn recipe(method: &str, size: &str) -> Result<TrainConfig> {
     if !SIZES.contains(&size) {
-        return Err(Error::InvalidArgument(format!("unknown recipe size '{size}'; expected one of {}", SIZES.join(", "))));
+        return Err(Error::InvalidArgument(format!(
+            "unknown recipe size '{size}'; expected one of {}",
+            SIZES.join(", ")
+        )));
     }
     let dmqpm = |f: &dyn Fn(DmQpmConfig) -> DmQpmConfig| -> Result<TrainConfig> {
         let (tc, base) = Preset::parse(size)?.recipe();
         Ok(TrainConfig { kind: "dmqpm".into(), dmqpm: f(base), ..tc })
     };
-    let early = |channels: Vec<usize>| move |b: DmQpmConfig| DmQpmConfig { variant: Variant::EarlyFusion, channels: channels.clone(), ..b };
+    let early = |channels: Vec<usize>| {
+        move |b: DmQpmConfig| DmQpmConfig { variant: Variant::EarlyFusion, channels: channels.clone(), ..b }
+    };
     let musplit = |variant| -> Result<TrainConfig> {
         let (tc, mc) = SplitPreset::parse(size)?.recipe(variant);
         Ok(TrainConfig { musplit: mc, ..tc })

@@ -57,15 +57,30 @@ fn models() -> &'static Models {
             lumos::engine::train::train(&cfg, data, out, &mut lumos::engine::progress::Monitor::none()).unwrap();
         };
         let ss = root.join("ssqpm");
-        lumos::sim::ssqpm::write_dataset(&ss, 2, 0, &lumos::sim::ssqpm::SsqpmConfig { size: 64, ..Default::default() }, 1).unwrap();
+        lumos::sim::ssqpm::write_dataset(
+            &ss,
+            2,
+            0,
+            &lumos::sim::ssqpm::SsqpmConfig { size: 64, ..Default::default() },
+            1,
+        )
+        .unwrap();
         train("dm-qpmnet", &ss.join("train"), &root.join("seg.lumos"));
         let fl = root.join("fluo");
-        lumos::sim::fluo::write_dataset(&fl, 2, 0, &lumos::sim::fluo::FluoConfig { size: 48, ..Default::default() }, 1).unwrap();
+        lumos::sim::fluo::write_dataset(&fl, 2, 0, &lumos::sim::fluo::FluoConfig { size: 48, ..Default::default() }, 1)
+            .unwrap();
         train("musplit-unet", &fl.join("train"), &root.join("split.lumos"));
         let q = root.join("qpi");
-        lumos::sim::qpi::write_dataset(&q, 2, 0, &lumos::sim::qpi::QpiConfig { size: 64, ..Default::default() }, 1).unwrap();
+        lumos::sim::qpi::write_dataset(&q, 2, 0, &lumos::sim::qpi::QpiConfig { size: 64, ..Default::default() }, 1)
+            .unwrap();
         train("pg-diffseg", &q.join("train"), &root.join("diff.lumos"));
-        Models { seg: root.join("seg.lumos"), split: root.join("split.lumos"), diff: root.join("diff.lumos"), dir: root, _dir: dir }
+        Models {
+            seg: root.join("seg.lumos"),
+            split: root.join("split.lumos"),
+            diff: root.join("diff.lumos"),
+            dir: root,
+            _dir: dir,
+        }
     })
 }
 
@@ -94,14 +109,30 @@ fn loading_bad_model_files() {
     let ok = c("cpu");
     unsafe {
         expect(lumos_model_load(null(), ok.as_ptr(), &mut h), LumosStatus::NullPointer, &["path"]);
-        expect(lumos_model_load(cpath(&m.seg).as_ptr(), ok.as_ptr(), null_mut()), LumosStatus::NullPointer, &["out_model"]);
+        expect(
+            lumos_model_load(cpath(&m.seg).as_ptr(), ok.as_ptr(), null_mut()),
+            LumosStatus::NullPointer,
+            &["out_model"],
+        );
         // invalid UTF-8 path
         let bad = CString::new(vec![b'/', b't', 0xff, 0xfe]).unwrap();
         expect(lumos_model_load(bad.as_ptr(), ok.as_ptr(), &mut h), LumosStatus::InvalidArgument, &["path", "UTF-8"]);
-        expect(lumos_model_load(cpath(&m.dir.join("missing.lumos")).as_ptr(), ok.as_ptr(), &mut h), LumosStatus::Io, &["missing.lumos"]);
+        expect(
+            lumos_model_load(cpath(&m.dir.join("missing.lumos")).as_ptr(), ok.as_ptr(), &mut h),
+            LumosStatus::Io,
+            &["missing.lumos"],
+        );
         // a folder is not readable as a file
-        expect(lumos_model_load(cpath(&m.dir).as_ptr(), ok.as_ptr(), &mut h), LumosStatus::Io, &[m.dir.to_str().unwrap()]);
-        expect(lumos_model_load(cpath(&m.seg).as_ptr(), c("tpu").as_ptr(), &mut h), LumosStatus::Device, &["tpu", "cuda:N"]);
+        expect(
+            lumos_model_load(cpath(&m.dir).as_ptr(), ok.as_ptr(), &mut h),
+            LumosStatus::Io,
+            &[m.dir.to_str().unwrap()],
+        );
+        expect(
+            lumos_model_load(cpath(&m.seg).as_ptr(), c("tpu").as_ptr(), &mut h),
+            LumosStatus::Device,
+            &["tpu", "cuda:N"],
+        );
     }
     let bytes = std::fs::read(&m.seg).unwrap();
     let cases: Vec<(&str, Vec<u8>)> = vec![
@@ -109,7 +140,11 @@ fn loading_bad_model_files() {
         ("truncated", bytes[..bytes.len() / 2].to_vec()),
         ("header only", bytes[..64].to_vec()),
         ("garbage", (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect()),
-        ("a TIFF", std::fs::read(std::fs::read_dir(m.dir.join("ssqpm/train/images")).unwrap().next().unwrap().unwrap().path()).unwrap()),
+        (
+            "a TIFF",
+            std::fs::read(std::fs::read_dir(m.dir.join("ssqpm/train/images")).unwrap().next().unwrap().unwrap().path())
+                .unwrap(),
+        ),
         ("flipped header length", {
             let mut b = bytes.clone();
             b[7] ^= 0x40;
@@ -161,11 +196,19 @@ fn segment_matrix() {
     let x = vec![1.0f32; cc * h * w];
     let mut out = vec![0u8; h * w];
     let mut probs = vec![0f32; 2 * h * w];
-    let seg = |input: *const f32, c: usize, hh: usize, ww: usize, opts: *const LumosTileOptions, o: *mut u8, len: usize| unsafe {
-        lumos_segment(m, input, c, hh, ww, opts, null(), o, len)
-    };
+    let seg = |input: *const f32,
+               c: usize,
+               hh: usize,
+               ww: usize,
+               opts: *const LumosTileOptions,
+               o: *mut u8,
+               len: usize| unsafe { lumos_segment(m, input, c, hh, ww, opts, null(), o, len) };
     let o = out.as_mut_ptr();
-    expect(unsafe { lumos_segment(null(), x.as_ptr(), cc, h, w, null(), null(), o, h * w) }, LumosStatus::NullPointer, &["model"]);
+    expect(
+        unsafe { lumos_segment(null(), x.as_ptr(), cc, h, w, null(), null(), o, h * w) },
+        LumosStatus::NullPointer,
+        &["model"],
+    );
     expect(seg(null(), cc, h, w, null(), o, h * w), LumosStatus::NullPointer, &["input"]);
     expect(seg(x.as_ptr(), cc, h, w, null(), null_mut(), h * w), LumosStatus::NullPointer, &["out_labels"]);
     expect(seg(x.as_ptr(), cc, 0, w, null(), o, h * w), LumosStatus::ShapeMismatch, &["zero"]);
@@ -178,7 +221,11 @@ fn segment_matrix() {
     for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
         let mut y = x.clone();
         y[3 * h * w + 7 * w + 9] = bad;
-        expect(seg(y.as_ptr(), cc, h, w, null(), o, h * w), LumosStatus::InvalidInput, &["channel 3, row 7, column 9", "finite"]);
+        expect(
+            seg(y.as_ptr(), cc, h, w, null(), o, h * w),
+            LumosStatus::InvalidInput,
+            &["channel 3, row 7, column 9", "finite"],
+        );
     }
     let mut opts = std::mem::MaybeUninit::<LumosTileOptions>::uninit();
     assert_eq!(unsafe { lumos_tile_options_default(opts.as_mut_ptr()) }, LumosStatus::Ok);
@@ -193,7 +240,9 @@ fn segment_matrix() {
     }
     expect(unsafe { lumos_tile_options_default(null_mut()) }, LumosStatus::NullPointer, &["out_options"]);
     expect(
-        unsafe { lumos_segment_probabilities(m, x.as_ptr(), cc, h, w, null(), null(), probs.as_mut_ptr(), 2 * h * w - 1) },
+        unsafe {
+            lumos_segment_probabilities(m, x.as_ptr(), cc, h, w, null(), null(), probs.as_mut_ptr(), 2 * h * w - 1)
+        },
         LumosStatus::BufferTooSmall,
         &["out_probabilities"],
     );
@@ -202,7 +251,11 @@ fn segment_matrix() {
     assert_eq!(last(), "");
     // a segmentation model does not decompose, nor take diffusion options
     let mut two = vec![0f32; 2 * h * w];
-    expect(unsafe { lumos_decompose(m, x.as_ptr(), h, w, null(), null(), two.as_mut_ptr(), 2 * h * w) }, LumosStatus::Unsupported, &["dmqpm"]);
+    expect(
+        unsafe { lumos_decompose(m, x.as_ptr(), h, w, null(), null(), two.as_mut_ptr(), 2 * h * w) },
+        LumosStatus::Unsupported,
+        &["dmqpm"],
+    );
     let mut d = std::mem::MaybeUninit::<LumosDiffusionOptions>::uninit();
     expect(unsafe { lumos_model_diffusion_options(m, d.as_mut_ptr()) }, LumosStatus::Unsupported, &["dmqpm"]);
     unsafe { lumos_model_free(m) };
@@ -222,15 +275,27 @@ fn decompose_matrix() {
         lumos_decompose(m, input, hh, ww, op, null(), o, len)
     };
     expect(dec(null(), h, w, null(), 2 * h * w), LumosStatus::NullPointer, &["input"]);
-    expect(unsafe { lumos_decompose(m, x.as_ptr(), h, w, null(), null(), null_mut(), 2 * h * w) }, LumosStatus::NullPointer, &["out"]);
+    expect(
+        unsafe { lumos_decompose(m, x.as_ptr(), h, w, null(), null(), null_mut(), 2 * h * w) },
+        LumosStatus::NullPointer,
+        &["out"],
+    );
     expect(dec(x.as_ptr(), 0, w, null(), 2 * h * w), LumosStatus::ShapeMismatch, &["zero"]);
     expect(dec(x.as_ptr(), usize::MAX / 2, 4, null(), usize::MAX), LumosStatus::ShapeMismatch, &["too large"]);
     expect(dec(x.as_ptr(), h, w, null(), 2 * h * w - 1), LumosStatus::BufferTooSmall, &["out"]);
     let mut y = x.clone();
     y[100] = f32::NAN;
     expect(dec(y.as_ptr(), h, w, null(), 2 * h * w), LumosStatus::InvalidInput, &["finite"]);
-    expect(dec(x.as_ptr(), h, w, &LumosDecomposeOptions { keep: 7, ..good }, 2 * h * w), LumosStatus::InvalidArgument, &["even"]);
-    expect(dec(x.as_ptr(), h, w, &LumosDecomposeOptions { samples: 0, ..good }, 2 * h * w), LumosStatus::InvalidArgument, &["samples"]);
+    expect(
+        dec(x.as_ptr(), h, w, &LumosDecomposeOptions { keep: 7, ..good }, 2 * h * w),
+        LumosStatus::InvalidArgument,
+        &["even"],
+    );
+    expect(
+        dec(x.as_ptr(), h, w, &LumosDecomposeOptions { samples: 0, ..good }, 2 * h * w),
+        LumosStatus::InvalidArgument,
+        &["samples"],
+    );
     expect(unsafe { lumos_decompose_options_default(null_mut()) }, LumosStatus::NullPointer, &["out_options"]);
     assert_eq!(dec(x.as_ptr(), h, w, null(), 2 * h * w), LumosStatus::Ok, "{}", last());
     // a decomposition model does not segment
@@ -257,7 +322,12 @@ fn diffusion_matrix() {
         lumos_segment_diffusion(m, x.as_ptr(), 1, h, w, null(), o2, null(), o, h * w)
     };
     // NULL options: the model's saved sampling, as documented
-    assert_eq!(unsafe { lumos_segment_diffusion(m, x.as_ptr(), 1, h, w, null(), null(), null(), o, h * w) }, LumosStatus::Ok, "{}", last());
+    assert_eq!(
+        unsafe { lumos_segment_diffusion(m, x.as_ptr(), 1, h, w, null(), null(), null(), o, h * w) },
+        LumosStatus::Ok,
+        "{}",
+        last()
+    );
     let with_null = out.clone();
     assert_eq!(run(&good), LumosStatus::Ok, "{}", last());
     assert_eq!(with_null, out, "NULL options and the model's own options differ");
@@ -290,16 +360,44 @@ fn train_tiff_simulate_recipe_and_token_matrix() {
     let out = cpath(&dir.path().join("m.lumos"));
     let data = cpath(&models().dir.join("ssqpm/train"));
     unsafe {
-        expect(lumos_train(null(), null(), out.as_ptr(), None, null_mut(), null(), &mut h), LumosStatus::NullPointer, &["data_dir"]);
-        expect(lumos_train(c("{").as_ptr(), data.as_ptr(), out.as_ptr(), None, null_mut(), null(), &mut h), LumosStatus::InvalidConfig, &[]);
         expect(
-            lumos_train(c(r#"{"epochs": 1, "learning_rat": 0.1}"#).as_ptr(), data.as_ptr(), out.as_ptr(), None, null_mut(), null(), &mut h),
+            lumos_train(null(), null(), out.as_ptr(), None, null_mut(), null(), &mut h),
+            LumosStatus::NullPointer,
+            &["data_dir"],
+        );
+        expect(
+            lumos_train(c("{").as_ptr(), data.as_ptr(), out.as_ptr(), None, null_mut(), null(), &mut h),
+            LumosStatus::InvalidConfig,
+            &[],
+        );
+        expect(
+            lumos_train(
+                c(r#"{"epochs": 1, "learning_rat": 0.1}"#).as_ptr(),
+                data.as_ptr(),
+                out.as_ptr(),
+                None,
+                null_mut(),
+                null(),
+                &mut h,
+            ),
             LumosStatus::InvalidConfig,
             &["learning_rat"],
         );
-        expect(lumos_train(c(r#"{"epochs": 0}"#).as_ptr(), data.as_ptr(), out.as_ptr(), None, null_mut(), null(), &mut h), LumosStatus::InvalidConfig, &["epochs"]);
         expect(
-            lumos_train(c("").as_ptr(), cpath(&dir.path().join("nothing")).as_ptr(), out.as_ptr(), None, null_mut(), null(), &mut h),
+            lumos_train(c(r#"{"epochs": 0}"#).as_ptr(), data.as_ptr(), out.as_ptr(), None, null_mut(), null(), &mut h),
+            LumosStatus::InvalidConfig,
+            &["epochs"],
+        );
+        expect(
+            lumos_train(
+                c("").as_ptr(),
+                cpath(&dir.path().join("nothing")).as_ptr(),
+                out.as_ptr(),
+                None,
+                null_mut(),
+                null(),
+                &mut h,
+            ),
             LumosStatus::InvalidArgument,
             &["nothing", "images"],
         );
@@ -313,22 +411,58 @@ fn train_tiff_simulate_recipe_and_token_matrix() {
         std::fs::write(&garbage, b"II*\0\x08\0\0\0\xff\xff").unwrap();
         expect(lumos_image_read_tiff(cpath(&garbage).as_ptr(), &mut im), LumosStatus::Tiff, &["garbage.tif"]);
         assert!(im.data.is_null());
-        expect(lumos_image_write_tiff(cpath(&garbage).as_ptr(), null(), 1, 2, 2, null()), LumosStatus::NullPointer, &["data"]);
+        expect(
+            lumos_image_write_tiff(cpath(&garbage).as_ptr(), null(), 1, 2, 2, null()),
+            LumosStatus::NullPointer,
+            &["data"],
+        );
         let px = [0f32; 4];
-        expect(lumos_image_write_tiff(cpath(&garbage).as_ptr(), px.as_ptr(), 1, 0, 2, null()), LumosStatus::ShapeMismatch, &["zero"]);
+        expect(
+            lumos_image_write_tiff(cpath(&garbage).as_ptr(), px.as_ptr(), 1, 0, 2, null()),
+            LumosStatus::ShapeMismatch,
+            &["zero"],
+        );
         let badname = [CString::new(vec![0xffu8]).unwrap()];
         let names = [badname[0].as_ptr()];
-        expect(lumos_image_write_tiff(cpath(&garbage).as_ptr(), px.as_ptr(), 1, 2, 2, names.as_ptr()), LumosStatus::InvalidArgument, &["channel_names[0]"]);
-        expect(lumos_mask_write_tiff(cpath(&dir.path().join("x/y.tif")).as_ptr(), [0u8; 4].as_ptr(), 2, 2), LumosStatus::Io, &["x/y.tif"]);
-        expect(lumos_simulate(c("sem").as_ptr(), null(), 0, &mut im, &mut tr), LumosStatus::InvalidArgument, &["sem", "ssqpm"]);
-        expect(lumos_simulate(c("qpi").as_ptr(), c(r#"{"size": 4}"#).as_ptr(), 0, &mut im, &mut tr), LumosStatus::InvalidConfig, &["size"]);
-        expect(lumos_simulate(c("qpi").as_ptr(), null(), 0, &mut im, null_mut()), LumosStatus::NullPointer, &["out_truth"]);
+        expect(
+            lumos_image_write_tiff(cpath(&garbage).as_ptr(), px.as_ptr(), 1, 2, 2, names.as_ptr()),
+            LumosStatus::InvalidArgument,
+            &["channel_names[0]"],
+        );
+        expect(
+            lumos_mask_write_tiff(cpath(&dir.path().join("x/y.tif")).as_ptr(), [0u8; 4].as_ptr(), 2, 2),
+            LumosStatus::Io,
+            &["x/y.tif"],
+        );
+        expect(
+            lumos_simulate(c("sem").as_ptr(), null(), 0, &mut im, &mut tr),
+            LumosStatus::InvalidArgument,
+            &["sem", "ssqpm"],
+        );
+        expect(
+            lumos_simulate(c("qpi").as_ptr(), c(r#"{"size": 4}"#).as_ptr(), 0, &mut im, &mut tr),
+            LumosStatus::InvalidConfig,
+            &["size"],
+        );
+        expect(
+            lumos_simulate(c("qpi").as_ptr(), null(), 0, &mut im, null_mut()),
+            LumosStatus::NullPointer,
+            &["out_truth"],
+        );
         lumos_image_free(null_mut());
         lumos_image_free(&mut im); // zeroed: harmless
 
         let mut j: *const std::os::raw::c_char = null();
-        expect(lumos_train_recipe(c("dm-qpmnet").as_ptr(), c("huge").as_ptr(), &mut j), LumosStatus::InvalidArgument, &["huge"]);
-        expect(lumos_train_recipe(c("dm-qpmnet").as_ptr(), c("cpu").as_ptr(), null_mut()), LumosStatus::NullPointer, &["out_json"]);
+        expect(
+            lumos_train_recipe(c("dm-qpmnet").as_ptr(), c("huge").as_ptr(), &mut j),
+            LumosStatus::InvalidArgument,
+            &["huge"],
+        );
+        expect(
+            lumos_train_recipe(c("dm-qpmnet").as_ptr(), c("cpu").as_ptr(), null_mut()),
+            LumosStatus::NullPointer,
+            &["out_json"],
+        );
 
         expect(lumos_cancel_token_new(null_mut()), LumosStatus::NullPointer, &["out_token"]);
         expect(lumos_cancel_token_cancel(null()), LumosStatus::NullPointer, &["token"]);

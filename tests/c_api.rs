@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use lumos::sim::ssqpm::{write_dataset, SsqpmConfig};
+use lumos::sim::ssqpm::{SsqpmConfig, write_dataset};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -125,7 +125,7 @@ fn dmqpm_trained_through_the_c_api_segments_identically_in_a_fresh_process() {
 /// then load the saved model in a fresh process: the output must be identical.
 #[test]
 fn musplit_train_then_decompose_in_a_fresh_process() {
-    use lumos::sim::fluo::{write_dataset, FluoConfig};
+    use lumos::sim::fluo::{FluoConfig, write_dataset};
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     write_dataset(&data, 2, 1, &FluoConfig { size: 40, ..Default::default() }, 5).unwrap();
@@ -151,7 +151,7 @@ fn musplit_train_then_decompose_in_a_fresh_process() {
 
 #[test]
 fn pgdiff_train_save_reload_segment_in_a_fresh_process() {
-    use lumos::sim::qpi::{write_dataset, QpiConfig};
+    use lumos::sim::qpi::{QpiConfig, write_dataset};
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     write_dataset(&data, 3, 1, &QpiConfig { size: 48, ..Default::default() }, 6).unwrap();
@@ -227,11 +227,13 @@ fn acquisition_examples_run_clean_under_address_sanitizer() {
     let tif = dir.path().join("frame.tif");
     let frame = lumos::sim::simulate_frame("ssqpm", r#"{"size": 64}"#, 1).unwrap();
     lumos::io::tiff::write_image_f32(&tif, &frame.image).unwrap();
-    run_under_asan("gcc", &["-std=c11", "-x", "c"], "bindings/c/acquire.c", &dir.path().join("acquire_c2"), &[
-        model.as_os_str(),
-        tif.as_os_str(),
-        tif.as_os_str(),
-    ]);
+    run_under_asan(
+        "gcc",
+        &["-std=c11", "-x", "c"],
+        "bindings/c/acquire.c",
+        &dir.path().join("acquire_c2"),
+        &[model.as_os_str(), tif.as_os_str(), tif.as_os_str()],
+    );
     let out = Command::new(dir.path().join("acquire_c2"))
         .args([model.as_os_str(), "simulate".as_ref(), "qpi".as_ref(), "1".as_ref()])
         .env("ASAN_OPTIONS", "detect_leaks=0")
@@ -252,7 +254,10 @@ fn acquisition_examples_run_clean_under_address_sanitizer() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("ERROR: LeakSanitizer") && stderr.contains("lumos_model_load"), "the leak went unseen:\n{stderr}");
+    assert!(
+        stderr.contains("ERROR: LeakSanitizer") && stderr.contains("lumos_model_load"),
+        "the leak went unseen:\n{stderr}"
+    );
 
     // C++: the wrapper checks an Image's size before the library reads C * H * W floats
     let short_src = dir.path().join("short_image.cpp");
@@ -279,7 +284,13 @@ int main(int argc, char **argv) {
 "#,
     )
     .unwrap();
-    let out = run_under_asan("g++", &["-std=c++17", "-x", "c++"], short_src.to_str().unwrap(), &dir.path().join("short_image"), &[model.as_os_str()]);
+    let out = run_under_asan(
+        "g++",
+        &["-std=c++17", "-x", "c++"],
+        short_src.to_str().unwrap(),
+        &dir.path().join("short_image"),
+        &[model.as_os_str()],
+    );
     assert!(out.contains("refused") && out.contains("channels * height * width = 20480"), "{out}");
 
     // C++: segmentation, then decomposition with a muSplit model
@@ -292,7 +303,8 @@ int main(int argc, char **argv) {
     );
     assert!(cpp.contains("processed 3 frames"), "{cpp}");
     let fluo = dir.path().join("fluo");
-    lumos::sim::fluo::write_dataset(&fluo, 2, 0, &lumos::sim::fluo::FluoConfig { size: 48, ..Default::default() }, 3).unwrap();
+    lumos::sim::fluo::write_dataset(&fluo, 2, 0, &lumos::sim::fluo::FluoConfig { size: 48, ..Default::default() }, 3)
+        .unwrap();
     let split = dir.path().join("split.lumos");
     train_tiny("musplit-hvae", &fluo.join("train"), &split);
     let cpp = run_under_asan(

@@ -32,7 +32,9 @@ fn simulate_honours_the_config_and_never_mixes_runs() {
     // a second run into the same folder would leave ssqpm_0001 of the first one behind
     let r = run(&["simulate", "ssqpm", "--out", o, "--train", "1", "--test", "0", "--size", "32", "--seed", "2"]);
     assert!(!r.status.success() && text(&r).contains("--force"), "{}", text(&r));
-    let r = run(&["simulate", "ssqpm", "--out", o, "--train", "1", "--test", "0", "--size", "32", "--seed", "2", "--force"]);
+    let r = run(&[
+        "simulate", "ssqpm", "--out", o, "--train", "1", "--test", "0", "--size", "32", "--seed", "2", "--force",
+    ]);
     assert!(r.status.success(), "{}", text(&r));
     let n = std::fs::read_dir(out.join("train/images")).unwrap().count();
     assert_eq!(n, 1, "--force replaced the earlier images");
@@ -43,7 +45,17 @@ fn probabilities_and_labels_agree_and_wrong_flags_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (model, input) = common::tiny_nnunet(dir.path(), 48, 2, 1, 3);
     let seg = |out: &Path, extra: &[&str]| {
-        let mut a = vec!["segment", "--device", "cpu", "-m", model.to_str().unwrap(), "-i", input.to_str().unwrap(), "-o", out.to_str().unwrap()];
+        let mut a = vec![
+            "segment",
+            "--device",
+            "cpu",
+            "-m",
+            model.to_str().unwrap(),
+            "-i",
+            input.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ];
         a.extend_from_slice(extra);
         run(&a)
     };
@@ -64,7 +76,17 @@ fn probabilities_and_labels_agree_and_wrong_flags_are_refused() {
 fn absurd_numbers_are_errors_not_panics() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("m.lumos");
-    let r = run(&["train", "--data", "/nonexistent", "--out", out.to_str().unwrap(), "--epochs", "18446744073709551615", "--iterations", "2"]);
+    let r = run(&[
+        "train",
+        "--data",
+        "/nonexistent",
+        "--out",
+        out.to_str().unwrap(),
+        "--epochs",
+        "18446744073709551615",
+        "--iterations",
+        "2",
+    ]);
     assert_eq!(r.status.code(), Some(1), "{}", text(&r));
     assert!(!text(&r).contains("panicked"), "{}", text(&r));
 }

@@ -20,8 +20,8 @@ use tch::Device;
 
 use lumos::engine::model::{Model, ModelKind, SegmentOptions, SegmentOutput};
 use lumos::engine::progress::Monitor;
+use lumos::engine::train::{TrainConfig, train};
 use lumos::musplit::DecomposeOptions;
-use lumos::engine::train::{train, TrainConfig};
 
 const CASES: [&str; 5] = ["unet", "dmqpm", "musplit-unet", "musplit-hvae", "pgdiff"];
 
@@ -32,7 +32,8 @@ fn fixtures() -> PathBuf {
 /// The run of `case`: tiny networks, two epochs, one thread (the outputs are compared
 /// across processes).
 fn config(case: &str) -> TrainConfig {
-    let common = r#""epochs": 2, "iterations_per_epoch": 2, "val_fraction": 0.34, "seed": 3, "device": "cpu", "threads": 1"#;
+    let common =
+        r#""epochs": 2, "iterations_per_epoch": 2, "val_fraction": 0.34, "seed": 3, "device": "cpu", "threads": 1"#;
     let json = match case {
         "unet" => format!(
             r#"{{"kind": "unet", "unet": {{"n_stages": 3, "base_features": 4, "max_features": 8, "convs_per_stage": 1}},
@@ -50,7 +51,11 @@ fn config(case: &str) -> TrainConfig {
             case.trim_start_matches("musplit-")
         ),
         "pgdiff" => {
-            let mut c = TrainConfig { kind: "pgdiff".into(), pgdiff: lumos::pgdiff::PgDiffConfig::tiny(), ..Default::default() };
+            let mut c = TrainConfig {
+                kind: "pgdiff".into(),
+                pgdiff: lumos::pgdiff::PgDiffConfig::tiny(),
+                ..Default::default()
+            };
             c.pgdiff.ae_epochs = 1;
             c.epochs = 2;
             c.iterations_per_epoch = 2;
@@ -82,7 +87,10 @@ fn output(model: &Model, data: &Path) -> Array3<f32> {
     let s = lumos::engine::dataset::load_folder(data).unwrap();
     let img = &s[0].image.data;
     let mut out = Array3::<f32>::zeros((model.n_classes(), img.dim().1, img.dim().2));
-    let opts = SegmentOptions { diffusion: model.meta.kind.eq(&ModelKind::Pgdiff).then(|| model.diffusion_defaults().unwrap()), ..Default::default() };
+    let opts = SegmentOptions {
+        diffusion: model.meta.kind.eq(&ModelKind::Pgdiff).then(|| model.diffusion_defaults().unwrap()),
+        ..Default::default()
+    };
     model.segment(img.view(), &opts, SegmentOutput::Probabilities(out.view_mut()), &mut Monitor::none()).unwrap();
     out
 }
@@ -117,7 +125,8 @@ fn checkpoints_of_the_earlier_engine_resume_to_the_same_model() {
         let tmp = tempfile::tempdir().unwrap();
         let ckpt = tmp.path().join("run.ckpt");
         std::fs::copy(dir.join("checkpoint.ckpt"), &ckpt).unwrap();
-        let saved: TrainConfig = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+        let saved: TrainConfig =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
         assert_eq!(saved, config(case), "{case}: the fixture's config is this test's");
         let cfg = TrainConfig { checkpoint: Some(ckpt), resume: true, ..saved };
         let out = tmp.path().join("m.lumos");
@@ -136,7 +145,10 @@ fn checkpoints_of_the_earlier_engine_resume_to_the_same_model() {
 #[test]
 #[ignore = "writes the fixtures; run by hand when the formats change on purpose"]
 fn write_fixtures() {
-    assert!(std::env::var_os("LUMOS_WRITE_COMPAT_FIXTURES").is_some(), "set LUMOS_WRITE_COMPAT_FIXTURES=1 to overwrite the fixtures");
+    assert!(
+        std::env::var_os("LUMOS_WRITE_COMPAT_FIXTURES").is_some(),
+        "set LUMOS_WRITE_COMPAT_FIXTURES=1 to overwrite the fixtures"
+    );
     for case in CASES {
         let dir = fixtures().join(case);
         let _ = std::fs::remove_dir_all(&dir);
@@ -162,11 +174,24 @@ fn write_fixtures() {
         std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
         let ckpt = dir.join("run.ckpt");
         let model = dir.join("model.lumos");
-        train(&TrainConfig { checkpoint: Some(ckpt.clone()), ..first_epoch(&cfg) }, &data, &model, &mut Monitor::none()).unwrap();
+        train(
+            &TrainConfig { checkpoint: Some(ckpt.clone()), ..first_epoch(&cfg) },
+            &data,
+            &model,
+            &mut Monitor::none(),
+        )
+        .unwrap();
         std::fs::copy(&ckpt, dir.join("checkpoint.ckpt")).unwrap();
-        train(&TrainConfig { checkpoint: Some(ckpt.clone()), resume: true, ..cfg }, &data, &model, &mut Monitor::none()).unwrap();
+        train(
+            &TrainConfig { checkpoint: Some(ckpt.clone()), resume: true, ..cfg },
+            &data,
+            &model,
+            &mut Monitor::none(),
+        )
+        .unwrap();
         std::fs::remove_file(&ckpt).unwrap();
-        for f in ["model.lumos.train.json"] {
+        {
+            let f = "model.lumos.train.json";
             let _ = std::fs::remove_file(dir.join(f));
         }
         let m = Model::load(&model, Device::Cpu).unwrap();

@@ -5,8 +5,8 @@
 use std::ffi::{CStr, CString};
 use std::path::Path;
 use std::ptr::{null, null_mut};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use lumos::ffi::*;
 
@@ -37,14 +37,22 @@ fn cpath(p: &Path) -> CString {
 
 fn tiny_model(dir: &Path, steps: usize) -> std::path::PathBuf {
     let data = dir.join("data");
-    lumos::sim::ssqpm::write_dataset(&data, 2, 0, &lumos::sim::ssqpm::SsqpmConfig { size: 64, ..Default::default() }, 3).unwrap();
+    lumos::sim::ssqpm::write_dataset(
+        &data,
+        2,
+        0,
+        &lumos::sim::ssqpm::SsqpmConfig { size: 64, ..Default::default() },
+        3,
+    )
+    .unwrap();
     let mut cfg = lumos::recipes::recipe("dm-qpmnet", "tiny").unwrap();
     cfg.device = "cpu".into();
     cfg.val_fraction = 0.0;
     cfg.epochs = 1;
     cfg.iterations_per_epoch = steps;
     let out = dir.join("m.lumos");
-    lumos::engine::train::train(&cfg, &data.join("train"), &out, &mut lumos::engine::progress::Monitor::none()).unwrap();
+    lumos::engine::train::train(&cfg, &data.join("train"), &out, &mut lumos::engine::progress::Monitor::none())
+        .unwrap();
     out
 }
 
@@ -64,7 +72,12 @@ fn threads_sharing_one_handle_match_one_thread() {
     let dir = tempfile::tempdir().unwrap();
     let path = tiny_model(dir.path(), 2);
     let mut m = null_mut();
-    assert_eq!(unsafe { lumos_model_load(cpath(&path).as_ptr(), c"cpu".as_ptr(), &mut m) }, LumosStatus::Ok, "{}", last());
+    assert_eq!(
+        unsafe { lumos_model_load(cpath(&path).as_ptr(), c"cpu".as_ptr(), &mut m) },
+        LumosStatus::Ok,
+        "{}",
+        last()
+    );
     let m = Shared(m);
     let frames: Vec<Vec<f32>> = (0..4).map(|s| frame(s, 64)).collect();
     let alone: Vec<Vec<u8>> = frames.iter().map(|x| segment(m, x, 64, null()).1).collect();
@@ -108,7 +121,8 @@ fn training_in_one_thread_while_another_segments() {
         let out = cpath(&dir.path().join("second.lumos"));
         std::thread::spawn(move || {
             let cfg = CString::new(r#"{"kind": "dmqpm", "dmqpm": {"n_stages": 3, "base_features": 4, "max_features": 16, "fusion_stage": 1, "heads": 2}, "epochs": 2, "iterations_per_epoch": 3, "batch_size": 2, "patch_size": [32, 32], "device": "cpu", "val_fraction": 0.0}"#).unwrap();
-            let st = unsafe { lumos_train(cfg.as_ptr(), data.as_ptr(), out.as_ptr(), None, null_mut(), null(), null_mut()) };
+            let st =
+                unsafe { lumos_train(cfg.as_ptr(), data.as_ptr(), out.as_ptr(), None, null_mut(), null(), null_mut()) };
             done.store(true, Ordering::SeqCst);
             assert_eq!(st, LumosStatus::Ok, "{}", last());
         })
@@ -172,7 +186,8 @@ fn cancelling_from_another_thread() {
             assert_eq!(unsafe { lumos_cancel_token_cancel(tok.get()) }, LumosStatus::Ok);
         })
     };
-    let st = unsafe { lumos_train(cfg.as_ptr(), data.as_ptr(), outc.as_ptr(), None, null_mut(), tok.get(), null_mut()) };
+    let st =
+        unsafe { lumos_train(cfg.as_ptr(), data.as_ptr(), outc.as_ptr(), None, null_mut(), tok.get(), null_mut()) };
     watcher.join().unwrap();
     assert_eq!(st, LumosStatus::Cancelled, "{}", last());
     assert!(!out.exists(), "a cancelled training wrote a model file");

@@ -2,12 +2,12 @@
 //! held-out images, its baselines run from the same code, the comparison runs end to end,
 //! and bad inputs get clear errors.
 
+use lumos::dmqpm::net::{DmQpmConfig, FusionOp, Variant};
 use lumos::engine::metrics;
 use lumos::engine::model::{Model, ModelKind, SegmentOptions};
-use lumos::dmqpm::net::{DmQpmConfig, FusionOp, Variant};
 use lumos::engine::progress::Monitor;
-use lumos::sim::ssqpm::{write_dataset, SsqpmConfig};
-use lumos::engine::train::{evaluate_samples, train, TrainConfig};
+use lumos::engine::train::{TrainConfig, evaluate_samples, train};
+use lumos::sim::ssqpm::{SsqpmConfig, write_dataset};
 
 fn small(arch: DmQpmConfig, seed: u64) -> TrainConfig {
     TrainConfig {
@@ -38,7 +38,8 @@ fn dm_qpmnet_learns_to_segment_held_out_images() {
     assert_eq!(model.meta.kind, ModelKind::Dmqpm);
     // per-modality normalization is stored: angles by training-set z-score, phase by quantiles
     let norm = serde_json::to_value(&model.meta.normalization).unwrap();
-    let methods: Vec<&str> = norm["channels"].as_array().unwrap().iter().map(|c| c["method"].as_str().unwrap()).collect();
+    let methods: Vec<&str> =
+        norm["channels"].as_array().unwrap().iter().map(|c| c["method"].as_str().unwrap()).collect();
     assert_eq!(methods, ["dataset_zscore", "dataset_zscore", "dataset_zscore", "dataset_zscore", "robust_quantile"]);
     let test = lumos::engine::dataset::load_folder(&dir.path().join("test")).unwrap();
     let refs: Vec<_> = test.iter().collect();
@@ -59,7 +60,8 @@ fn dm_qpmnet_learns_to_segment_held_out_images() {
 fn same_seed_gives_the_same_dm_qpmnet() {
     let dir = tempfile::tempdir().unwrap();
     write_dataset(dir.path(), 3, 0, &SsqpmConfig { size: 64, ..Default::default() }, 2).unwrap();
-    let mut cfg = small(DmQpmConfig { n_stages: 3, base_features: 4, max_features: 16, fusion_stage: 1, heads: 2, ..arch() }, 5);
+    let mut cfg =
+        small(DmQpmConfig { n_stages: 3, base_features: 4, max_features: 16, fusion_stage: 1, heads: 2, ..arch() }, 5);
     cfg.epochs = 2;
     cfg.iterations_per_epoch = 3;
     cfg.patch_size = [32, 32];
@@ -91,7 +93,10 @@ fn dmqpm_rejects_data_without_five_channels_and_bad_options() {
     // invalid architecture options are named
     let bad = TrainConfig { dmqpm: DmQpmConfig { fusion_stage: 3, n_stages: 4, ..arch() }, ..cfg.clone() };
     assert!(bad.validate().unwrap_err().to_string().contains("fusion_stage"));
-    let bad = TrainConfig { dmqpm: DmQpmConfig { variant: Variant::EarlyFusion, channels: vec![5], ..arch() }, ..cfg.clone() };
+    let bad = TrainConfig {
+        dmqpm: DmQpmConfig { variant: Variant::EarlyFusion, channels: vec![5], ..arch() },
+        ..cfg.clone()
+    };
     assert!(bad.validate().unwrap_err().to_string().contains("channels"));
     let ok = TrainConfig { dmqpm: DmQpmConfig { fusion: FusionOp::Concat, heads: 3, ..arch() }, ..cfg };
     ok.validate().unwrap(); // heads do not matter without attention

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use lumos::export::{export_bioimageio, ExportOptions, Person};
+use lumos::export::{ExportOptions, Person, export_bioimageio};
 use sha2::{Digest, Sha256};
 use tch::{CModule, Device, IValue, Tensor};
 
@@ -33,16 +33,44 @@ fn models() -> &'static Models {
     M.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        lumos::sim::ssqpm::write_dataset(&d.join("ss"), 2, 0, &lumos::sim::ssqpm::SsqpmConfig { size: 64, ..Default::default() }, 1).unwrap();
-        lumos::sim::qpi::write_dataset(&d.join("qpi"), 2, 0, &lumos::sim::qpi::QpiConfig { size: 64, ..Default::default() }, 2).unwrap();
-        lumos::sim::fluo::write_dataset(&d.join("fluo"), 2, 0, &lumos::sim::fluo::FluoConfig { size: 96, ..Default::default() }, 3).unwrap();
+        lumos::sim::ssqpm::write_dataset(
+            &d.join("ss"),
+            2,
+            0,
+            &lumos::sim::ssqpm::SsqpmConfig { size: 64, ..Default::default() },
+            1,
+        )
+        .unwrap();
+        lumos::sim::qpi::write_dataset(
+            &d.join("qpi"),
+            2,
+            0,
+            &lumos::sim::qpi::QpiConfig { size: 64, ..Default::default() },
+            2,
+        )
+        .unwrap();
+        lumos::sim::fluo::write_dataset(
+            &d.join("fluo"),
+            2,
+            0,
+            &lumos::sim::fluo::FluoConfig { size: 96, ..Default::default() },
+            3,
+        )
+        .unwrap();
         let m = |name: &str| d.join(format!("{name}.lumos"));
         train_tiny("dm-qpmnet", &d.join("ss/train"), &m("dmqpm"));
         train_tiny("nnunet", &d.join("qpi/train"), &m("nnunet"));
         train_tiny("pg-diffseg", &d.join("qpi/train"), &m("pgdiff"));
         train_tiny("musplit-unet", &d.join("fluo/train"), &m("musplit"));
         train_tiny("musplit-hvae", &d.join("fluo/train"), &m("hvae"));
-        Models { dmqpm: m("dmqpm"), nnunet_qpi: m("nnunet"), pgdiff: m("pgdiff"), musplit: m("musplit"), hvae: m("hvae"), _dir: dir }
+        Models {
+            dmqpm: m("dmqpm"),
+            nnunet_qpi: m("nnunet"),
+            pgdiff: m("pgdiff"),
+            musplit: m("musplit"),
+            hvae: m("hvae"),
+            _dir: dir,
+        }
     })
 }
 
@@ -60,10 +88,13 @@ fn npy(p: &Path) -> Tensor {
 /// and the TorchScript reproduces test_output from test_input (after the declared
 /// preprocessing).
 fn check_package(dir: &Path) -> serde_json::Value {
-    let rdf: serde_json::Value = serde_yaml_ng::from_str(&std::fs::read_to_string(dir.join("rdf.yaml")).unwrap()).unwrap();
+    let rdf: serde_json::Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(dir.join("rdf.yaml")).unwrap()).unwrap();
     assert_eq!(rdf["type"], "model");
     assert!(rdf["format_version"].as_str().unwrap().starts_with("0.5."));
-    for key in ["name", "description", "authors", "cite", "license", "tags", "documentation", "covers", "timestamp", "version"] {
+    for key in
+        ["name", "description", "authors", "cite", "license", "tags", "documentation", "covers", "timestamp", "version"]
+    {
         assert!(!rdf[key].is_null(), "rdf lacks {key}");
     }
     let mut named = vec![
@@ -86,7 +117,8 @@ fn check_package(dir: &Path) -> serde_json::Value {
     // the TorchScript reproduces the test output
     let module = CModule::load_on_device(dir.join("weights.pt"), Device::Cpu).unwrap();
     let x = npy(&dir.join("test_input.npy"));
-    let per_image = rdf["inputs"][0]["preprocessing"].as_array().unwrap().iter().any(|p| p["id"] == "zero_mean_unit_variance");
+    let per_image =
+        rdf["inputs"][0]["preprocessing"].as_array().unwrap().iter().any(|p| p["id"] == "zero_mean_unit_variance");
     let x = if per_image {
         let m = x.mean_dim(&[2i64, 3][..], true, tch::Kind::Double);
         let s = x.to_kind(tch::Kind::Double).std_correction(&[2i64, 3][..], 0, true);
@@ -122,7 +154,9 @@ fn dmqpm_export_is_complete_and_consistent() {
     assert_eq!(r.output_shape, vec![1, 2, 32, 32]);
     let rdf = check_package(&pkg);
     // ssQPM: fitted normalization inside the graph, no per-image preprocessing
-    assert!(!rdf["inputs"][0]["preprocessing"].as_array().unwrap().iter().any(|p| p["id"] == "zero_mean_unit_variance"));
+    assert!(
+        !rdf["inputs"][0]["preprocessing"].as_array().unwrap().iter().any(|p| p["id"] == "zero_mean_unit_variance")
+    );
     assert_eq!(rdf["inputs"][0]["axes"][1]["channel_names"], serde_json::json!(["I0", "I45", "I90", "I135", "phase"]));
     assert_eq!(rdf["authors"][0]["orcid"], "0000-0002-1825-0097");
     assert_eq!(rdf["maintainers"][0]["github_user"], "ada-tester");
@@ -160,7 +194,8 @@ fn pgdiff_and_musplit_export_and_zip() {
     let z = out.path().join("mu.zip");
     export(&models().musplit, &z);
     let mut archive = zip::ZipArchive::new(std::fs::File::open(&z).unwrap()).unwrap();
-    let names: Vec<String> = (0..archive.len()).map(|i| archive.by_index(i).unwrap().name().unwrap().to_string()).collect();
+    let names: Vec<String> =
+        (0..archive.len()).map(|i| archive.by_index(i).unwrap().name().unwrap().to_string()).collect();
     for f in ["rdf.yaml", "weights.pt", "test_input.npy", "test_output.npy", "README.md", "cover.png"] {
         assert!(names.iter().any(|n| n == f), "{f} missing from the zip: {names:?}");
     }
@@ -196,7 +231,12 @@ fn refusals_write_nothing() {
 
     // names bioimage.io would reject, tiles the network cannot take, a sample too small
     let bad_name = ExportOptions { name: Some("a:b".into()), ..Default::default() };
-    assert!(export_bioimageio(&models().dmqpm, &out.path().join("x"), &bad_name).unwrap_err().to_string().contains("model name"));
+    assert!(
+        export_bioimageio(&models().dmqpm, &out.path().join("x"), &bad_name)
+            .unwrap_err()
+            .to_string()
+            .contains("model name")
+    );
     // what the bioimage.io validator rejects is refused before the trace
     let x = out.path().join("x");
     let refuse = |o: ExportOptions, what: &str| {
@@ -205,19 +245,33 @@ fn refusals_write_nothing() {
     };
     refuse(ExportOptions { license: "MIT License".into(), ..Default::default() }, "not an SPDX identifier");
     refuse(ExportOptions { description: Some("x".repeat(1025)), ..Default::default() }, "at most 1024");
-    refuse(ExportOptions { authors: vec![Person::parse("Ada; Lab; 0000-0002-1825-0098").unwrap()], ..Default::default() }, "not a valid ORCID");
+    refuse(
+        ExportOptions { authors: vec![Person::parse("Ada; Lab; 0000-0002-1825-0098").unwrap()], ..Default::default() },
+        "not a valid ORCID",
+    );
     // "Name; ORCID" puts the ORCID where it belongs
     let p = Person::parse("Ada Tester; 0000-0002-1825-0097").unwrap();
     assert_eq!((p.affiliation, p.orcid.as_deref()), (None, Some("0000-0002-1825-0097")));
     let bad_tile = ExportOptions { tile: Some([30, 32]), ..Default::default() };
-    assert!(export_bioimageio(&models().dmqpm, &out.path().join("x"), &bad_tile).unwrap_err().to_string().contains("multiples of"));
+    assert!(
+        export_bioimageio(&models().dmqpm, &out.path().join("x"), &bad_tile)
+            .unwrap_err()
+            .to_string()
+            .contains("multiples of")
+    );
     let small = out.path().join("small.tif");
     let f = lumos::sim::simulate_frame("ssqpm", r#"{"size": 16}"#, 0).unwrap();
     lumos::io::tiff::write_image_f32(&small, &f.image).unwrap();
-    let e = export_bioimageio(&models().dmqpm, &out.path().join("x"), &ExportOptions { sample: Some(small), ..Default::default() }).unwrap_err();
+    let e = export_bioimageio(
+        &models().dmqpm,
+        &out.path().join("x"),
+        &ExportOptions { sample: Some(small), ..Default::default() },
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("at least 32 x 32"), "{e}");
     // no staging folder or temporary file is left behind
-    let left: Vec<_> = std::fs::read_dir(out.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+    let left: Vec<_> =
+        std::fs::read_dir(out.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
     assert!(!left.iter().any(|n| n.starts_with(".lumos-export")), "{left:?}");
     assert!(!out.path().join("x").exists());
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use lumos::sim::ssqpm::{write_dataset, SsqpmConfig};
+use lumos::sim::ssqpm::{SsqpmConfig, write_dataset};
 
 const CLI: &str = env!("CARGO_BIN_EXE_lumos");
 
@@ -108,7 +108,11 @@ fn killed_trainings_resume_to_the_uninterrupted_model() {
     if !out.exists() {
         assert!(train_cmd(&cfg, &data, &out).status().unwrap().success());
     }
-    assert_eq!(tensors(&out), tensors(&reference), "after {kills} kills, the resumed model differs from the uninterrupted one");
+    assert_eq!(
+        tensors(&out),
+        tensors(&reference),
+        "after {kills} kills, the resumed model differs from the uninterrupted one"
+    );
     println!("{kills} kills; last checkpoint seen at epoch {last_epochs}");
 }
 
@@ -135,16 +139,20 @@ fn full_disk_and_refused_writes_give_clear_errors_and_no_partial_files() {
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(stderr.contains("full.lumos") && stderr.contains("File too large"), "{stderr}");
-    let names: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let names: Vec<String> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     assert!(!names.iter().any(|n| n.starts_with(".lumos-tmp")), "temporary files left: {names:?}");
     assert!(!out.exists() && !dir.path().join("full.lumos.ckpt").exists(), "partial files left: {names:?}");
 
     // a folder that refuses writes (sysfs refuses new files, even to root)
-    let model = lumos::Model::load(&{
-        let m = dir.path().join("ok.lumos");
-        assert!(train_cmd(&cfg, &data, &m).status().unwrap().success());
-        m
-    }, tch::Device::Cpu)
+    let model = lumos::Model::load(
+        &{
+            let m = dir.path().join("ok.lumos");
+            assert!(train_cmd(&cfg, &data, &m).status().unwrap().success());
+            m
+        },
+        tch::Device::Cpu,
+    )
     .unwrap();
     let refused = Path::new("/sys/lumos-test.lumos");
     if Path::new("/sys").is_dir() {

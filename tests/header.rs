@@ -34,7 +34,8 @@ fn header_is_current() {
 fn header_compiles_as_c_and_cpp() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("h.c");
-    std::fs::write(&src, "#include \"lumos.h\"\n#include \"lumos.h\"\nint main(void) { return LUMOS_STATUS_OK; }\n").unwrap();
+    std::fs::write(&src, "#include \"lumos.h\"\n#include \"lumos.h\"\nint main(void) { return LUMOS_STATUS_OK; }\n")
+        .unwrap();
     let inc = root().join("include");
     for (cc, args) in [
         ("gcc", vec!["-std=c11", "-Wall", "-Wextra", "-Werror", "-pedantic"]),

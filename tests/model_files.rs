@@ -2,18 +2,26 @@
 
 use std::collections::HashMap;
 
-use lumos::engine::model::{Model, ModelKind, ModelMeta, SegmentOptions};
-use lumos::nnunet::net::UnetConfig;
-use lumos::engine::normalize::{NormMethod, Normalizer};
 use lumos::Image;
+use lumos::engine::model::{Model, ModelKind, ModelMeta, SegmentOptions};
+use lumos::engine::normalize::{NormMethod, Normalizer};
+use lumos::nnunet::net::UnetConfig;
 use ndarray::Array3;
 use tch::Device;
 
 fn small_model() -> Model {
     let img = Image::new(Array3::from_shape_fn((2, 16, 16), |(c, y, x)| (c + y * x) as f32));
     let norm = Normalizer::fit(&[NormMethod::DatasetZscore], &[&img]).unwrap();
-    let arch = serde_json::to_value(UnetConfig { n_stages: 3, base_features: 4, max_features: 8, convs_per_stage: 1 }).unwrap();
-    let meta = ModelMeta::new(ModelKind::Unet, arch, vec!["a".into(), "b".into()], vec!["bg".into(), "fg".into(), "x".into()], [16, 16], norm);
+    let arch = serde_json::to_value(UnetConfig { n_stages: 3, base_features: 4, max_features: 8, convs_per_stage: 1 })
+        .unwrap();
+    let meta = ModelMeta::new(
+        ModelKind::Unet,
+        arch,
+        vec!["a".into(), "b".into()],
+        vec!["bg".into(), "fg".into(), "x".into()],
+        [16, 16],
+        norm,
+    );
     tch::manual_seed(0);
     Model::new(meta, Device::Cpu).unwrap()
 }
@@ -55,7 +63,8 @@ fn round_trip_and_rejections() {
     assert!(load_err(&plain).contains("without lumos metadata"));
     // a newer format, and another kind
     let file = lumos::engine::weights::load(&p).unwrap();
-    let tensors: Vec<(String, tch::Tensor)> = file.tensors.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+    let tensors: Vec<(String, tch::Tensor)> =
+        file.tensors.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
     let rewrite = |name: &str, f: &dyn Fn(&mut serde_json::Value)| {
         let mut v: serde_json::Value = serde_json::from_str(&file.metadata["lumos"]).unwrap();
         f(&mut v);
@@ -69,13 +78,9 @@ fn round_trip_and_rejections() {
     });
     let e = load_err(&newer);
     // both engines' versions and the format versions, and what to do
+    assert!(e.contains("written by lumos 7.2.0") && e.contains("format version 99"), "{e}");
     assert!(
-        e.contains("written by lumos 7.2.0") && e.contains("format version 99"),
-        "{e}"
-    );
-    assert!(
-        e.contains(&format!("this lumos ({})", env!("CARGO_PKG_VERSION")))
-            && e.contains("install lumos 7.2.0"),
+        e.contains(&format!("this lumos ({})", env!("CARGO_PKG_VERSION"))) && e.contains("install lumos 7.2.0"),
         "{e}"
     );
     let other = rewrite("other.lumos", &|v| v["kind"] = "transformer".into());
@@ -86,7 +91,11 @@ fn round_trip_and_rejections() {
     // saving into a missing folder fails and leaves nothing
     assert!(m.save(&dir.path().join("no/such/dir/m.lumos")).is_err());
     // no temporary files left
-    assert!(std::fs::read_dir(dir.path()).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().starts_with(".lumos-tmp")));
+    assert!(
+        std::fs::read_dir(dir.path())
+            .unwrap()
+            .all(|e| { !e.unwrap().file_name().to_string_lossy().starts_with(".lumos-tmp") })
+    );
 }
 
 #[test]

@@ -3,12 +3,12 @@
 
 use std::path::Path;
 
+use lumos::Model;
 use lumos::engine::model::{ModelKind, SegmentOptions};
 use lumos::engine::progress::Monitor;
-use lumos::sim::fluo::{write_dataset, FluoConfig, StructurePair};
-use lumos::musplit::{evaluate_split, load_split_folder, DecomposeOptions};
-use lumos::engine::train::{train, TrainConfig};
-use lumos::Model;
+use lumos::engine::train::{TrainConfig, train};
+use lumos::musplit::{DecomposeOptions, evaluate_split, load_split_folder};
+use lumos::sim::fluo::{FluoConfig, StructurePair, write_dataset};
 use ndarray::Axis;
 use tch::Device;
 
@@ -60,7 +60,8 @@ fn train_save_load_decompose_unet_with_lc() {
     assert_eq!(m.decompose_array(odd, &DecomposeOptions::default()).unwrap().dim(), (2, 13, 29));
     let outer = m.decompose_array(frame, &DecomposeOptions::outer_padding(16, 2)).unwrap();
     assert!(outer.iter().all(|v| v.is_finite()));
-    let mirrored = m.decompose_array(frame, &DecomposeOptions { mirror: true, keep: Some(8), ..Default::default() }).unwrap();
+    let mirrored =
+        m.decompose_array(frame, &DecomposeOptions { mirror: true, keep: Some(8), ..Default::default() }).unwrap();
     assert!(mirrored.iter().all(|v| v.is_finite()));
     // scores exist for each channel
     let s = evaluate_split(&m, &test.iter().collect::<Vec<_>>(), &DecomposeOptions::default()).unwrap();
@@ -77,7 +78,12 @@ fn train_save_load_decompose_unet_with_lc() {
     assert!(e.to_string().contains("even"), "{e}");
     let mut nan = frame.to_owned();
     nan[[3, 4]] = f32::NAN;
-    assert!(m.decompose_array(nan.view(), &DecomposeOptions::default()).unwrap_err().to_string().contains("row 3, column 4"));
+    assert!(
+        m.decompose_array(nan.view(), &DecomposeOptions::default())
+            .unwrap_err()
+            .to_string()
+            .contains("row 3, column 4")
+    );
 }
 
 #[test]
@@ -91,7 +97,8 @@ fn same_seed_same_model_and_resume_continues_exactly() {
     let one = TrainConfig { epochs: 1, ..cfg.clone() };
     let p2_ckpt = dir.path().join("b.ckpt");
     train(&TrainConfig { checkpoint: Some(p2_ckpt.clone()), ..one }, &d, &p2, &mut Monitor::none()).unwrap();
-    train(&TrainConfig { checkpoint: Some(p2_ckpt), resume: true, ..cfg.clone() }, &d, &p2, &mut Monitor::none()).unwrap();
+    train(&TrainConfig { checkpoint: Some(p2_ckpt), resume: true, ..cfg.clone() }, &d, &p2, &mut Monitor::none())
+        .unwrap();
     let (a, b) = (lumos::engine::weights::load(&p1).unwrap(), lumos::engine::weights::load(&p2).unwrap());
     assert_eq!(a.tensors.len(), b.tensors.len());
     for (name, t) in &a.tensors {
@@ -119,7 +126,8 @@ fn user_data_as_two_structure_folders() {
         std::fs::create_dir_all(root.join(sub)).unwrap();
         for n in 0..2 {
             let a = ndarray::Array3::from_shape_fn((1, 20, 24), |(_, y, x)| ((y * 3 + x * (i + 1) + n) % 7) as f32);
-            lumos::io::tiff::write_image_f32(&root.join(sub).join(format!("im{n}.tif")), &lumos::image::Image::new(a)).unwrap();
+            lumos::io::tiff::write_image_f32(&root.join(sub).join(format!("im{n}.tif")), &lumos::image::Image::new(a))
+                .unwrap();
         }
     }
     let s = load_split_folder(&root).unwrap();

@@ -3,11 +3,11 @@
 
 use std::collections::VecDeque;
 
-use lumos::pgdiff::ddim::{self, Schedule};
-use lumos::pgdiff::{DiffusionOptions, PgDiffConfig, StartNoise};
 use lumos::engine::model::{ModelKind, Net};
 use lumos::engine::progress::{CancelToken, Monitor};
-use lumos::engine::train::{train, TrainConfig};
+use lumos::engine::train::{TrainConfig, train};
+use lumos::pgdiff::ddim::{self, Schedule};
+use lumos::pgdiff::{DiffusionOptions, PgDiffConfig, StartNoise};
 use lumos::{Model, SegmentOptions};
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
@@ -38,7 +38,8 @@ struct Fixture {
 /// values to float tolerance (diffusers keeps its schedule in float32).
 #[test]
 fn ddim_sampling_and_inversion_match_diffusers() {
-    let fx: Fixture = serde_json::from_str(&std::fs::read_to_string("tests/fixtures/ddim_diffusers.json").unwrap()).unwrap();
+    let fx: Fixture =
+        serde_json::from_str(&std::fs::read_to_string("tests/fixtures/ddim_diffusers.json").unwrap()).unwrap();
     assert!(!fx.diffusers_version.is_empty());
     let s = Schedule::ldm();
     assert_eq!(fx.alphas_cumprod.len(), s.len());
@@ -47,7 +48,8 @@ fn ddim_sampling_and_inversion_match_diffusers() {
     let t = |v: &[f64]| Tensor::from_slice(v).view(fx.shape.as_slice());
     assert_eq!(fx.cases.len(), 3);
     for case in &fx.cases {
-        let mut eps: VecDeque<(usize, Tensor)> = case.timesteps.iter().copied().zip(case.eps.iter().map(|e| t(e))).collect();
+        let mut eps: VecDeque<(usize, Tensor)> =
+            case.timesteps.iter().copied().zip(case.eps.iter().map(|e| t(e))).collect();
         let mut noise: VecDeque<Tensor> = case.noise.iter().map(|n| t(n)).collect();
         let mut eps_fn = |_x: &Tensor, step: usize| {
             let (expected_t, e) = eps.pop_front().expect("one epsilon per step");
@@ -88,7 +90,7 @@ fn tiny_config(seed: u64) -> TrainConfig {
 
 #[test]
 fn tiny_model_trains_saves_reloads_and_segments_deterministically() {
-    use lumos::sim::qpi::{write_dataset, QpiConfig};
+    use lumos::sim::qpi::{QpiConfig, write_dataset};
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     write_dataset(&data, 4, 1, &QpiConfig { size: 64, ..Default::default() }, 9).unwrap();
@@ -121,7 +123,14 @@ fn tiny_model_trains_saves_reloads_and_segments_deterministically() {
     assert!(a.iter().all(|&v| v < 3));
     assert_eq!(a, seg(&m2, prior), "the reloaded model segments identically");
     assert_eq!(a, seg(&m2, prior), "prior start with eta 0 is deterministic");
-    let random = DiffusionOptions { start: StartNoise::Random, samples: 3, eta: 0.5, sampling_steps: 6, seed: 4, ..Default::default() };
+    let random = DiffusionOptions {
+        start: StartNoise::Random,
+        samples: 3,
+        eta: 0.5,
+        sampling_steps: 6,
+        seed: 4,
+        ..Default::default()
+    };
     assert_eq!(seg(&m1, random), seg(&m2, random), "random starts are reproducible for a seed");
     let fwd = DiffusionOptions { start: StartNoise::Forward, forward_t: 300, sampling_steps: 6, ..Default::default() };
     assert_eq!(seg(&m1, fwd), seg(&m2, fwd));
@@ -132,10 +141,12 @@ fn tiny_model_trains_saves_reloads_and_segments_deterministically() {
 
     // bad options name the field
     let bad = DiffusionOptions { sampling_steps: 0, ..Default::default() };
-    let e = m2.segment_labels(img.data.view(), &SegmentOptions { diffusion: Some(bad), ..Default::default() }).unwrap_err();
+    let e =
+        m2.segment_labels(img.data.view(), &SegmentOptions { diffusion: Some(bad), ..Default::default() }).unwrap_err();
     assert!(e.to_string().contains("sampling_steps"), "{e}");
     let bad = DiffusionOptions { eta: 2.0, ..Default::default() };
-    let e = m2.segment_labels(img.data.view(), &SegmentOptions { diffusion: Some(bad), ..Default::default() }).unwrap_err();
+    let e =
+        m2.segment_labels(img.data.view(), &SegmentOptions { diffusion: Some(bad), ..Default::default() }).unwrap_err();
     assert!(e.to_string().contains("eta"), "{e}");
 
     // cancelling stops the sampler
@@ -143,7 +154,12 @@ fn tiny_model_trains_saves_reloads_and_segments_deterministically() {
     token.cancel();
     let mut mon = Monitor { progress: None, cancel: Some(token) };
     let mut labels = lumos::Mask::zeros((64, 64));
-    let r = m2.segment(img.data.view(), &SegmentOptions::default(), lumos::engine::model::SegmentOutput::Labels(labels.view_mut()), &mut mon);
+    let r = m2.segment(
+        img.data.view(),
+        &SegmentOptions::default(),
+        lumos::engine::model::SegmentOutput::Labels(labels.view_mut()),
+        &mut mon,
+    );
     assert!(matches!(r, Err(lumos::Error::Cancelled)), "{r:?}");
 
     // DDIM round trip through the trained LDM-P: inverting an image latent then sampling
@@ -157,7 +173,8 @@ fn tiny_model_trains_saves_reloads_and_segments_deterministically() {
             let z = net.encode(&x);
             let mut eps = |v: &Tensor, t: usize| Ok(net.eps_p(v, t));
             let n = ddim::invert(&net.schedule, steps, &z, &mut eps, &Monitor::none()).unwrap();
-            let back = ddim::sample(&net.schedule, steps, 0.0, &n, &mut eps, &mut || unreachable!(), &Monitor::none()).unwrap();
+            let back = ddim::sample(&net.schedule, steps, 0.0, &n, &mut eps, &mut || unreachable!(), &Monitor::none())
+                .unwrap();
             ((back - &z).square().sum(Kind::Double) / z.square().sum(Kind::Double)).sqrt().double_value(&[])
         })
     };
@@ -168,7 +185,7 @@ fn tiny_model_trains_saves_reloads_and_segments_deterministically() {
 
 #[test]
 fn resume_continues_to_the_same_model() {
-    use lumos::sim::qpi::{write_dataset, QpiConfig};
+    use lumos::sim::qpi::{QpiConfig, write_dataset};
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     write_dataset(&data, 3, 0, &QpiConfig { size: 48, ..Default::default() }, 2).unwrap();

@@ -4,19 +4,11 @@ use lumos::Error;
 use lumos::sim::ssqpm::*;
 
 fn cfg(size: usize) -> SsqpmConfig {
-    SsqpmConfig {
-        size,
-        ..SsqpmConfig::default()
-    }
+    SsqpmConfig { size, ..SsqpmConfig::default() }
 }
 
 fn plane(s: &SsqpmSample, c: usize) -> Vec<f32> {
-    s.image
-        .data
-        .index_axis(ndarray::Axis(0), c)
-        .iter()
-        .copied()
-        .collect()
+    s.image.data.index_axis(ndarray::Axis(0), c).iter().copied().collect()
 }
 
 fn median(mut v: Vec<f32>) -> f32 {
@@ -64,11 +56,7 @@ fn shapes_and_channel_names() {
     // Intensities are integral ADU within the 12-bit range.
     let max_adu = 4095.0;
     for c in 0..4 {
-        assert!(
-            plane(&s, c)
-                .iter()
-                .all(|&v| v.fract() == 0.0 && (0.0..=max_adu).contains(&v))
-        );
+        assert!(plane(&s, c).iter().all(|&v| v.fract() == 0.0 && (0.0..=max_adu).contains(&v)));
     }
 }
 
@@ -77,12 +65,7 @@ fn mask_is_binary_and_matches_instances() {
     for seed in 0..3 {
         let s = simulate(&cfg(128), seed).unwrap();
         assert!(s.mask.iter().all(|&m| m <= 1));
-        assert!(
-            s.mask
-                .iter()
-                .zip(s.instances.iter())
-                .all(|(&m, &i)| (m == 1) == (i > 0))
-        );
+        assert!(s.mask.iter().zip(s.instances.iter()).all(|(&m, &i)| (m == 1) == (i > 0)));
         // Instance ids are consecutive 1..=n.
         let n = s.n_cells();
         assert!(n > 0);
@@ -97,10 +80,7 @@ fn confluence_levels_are_ordered_and_within_their_bands() {
     let base = SsqpmConfig::default();
     let mut means = Vec::new();
     for conf in [Confluence::Low, Confluence::Medium, Confluence::High] {
-        let c = SsqpmConfig {
-            confluence: conf,
-            ..base.clone()
-        };
+        let c = SsqpmConfig { confluence: conf, ..base.clone() };
         let band = c.coverage_band(conf).unwrap();
         let mut sum = 0.0;
         for seed in 0..4 {
@@ -115,21 +95,13 @@ fn confluence_levels_are_ordered_and_within_their_bands() {
         }
         means.push(sum / 4.0);
     }
-    assert!(
-        means[0] < means[1] && means[1] < means[2],
-        "mean fractions {means:?}"
-    );
+    assert!(means[0] < means[1] && means[1] < means[2], "mean fractions {means:?}");
 }
 
 #[test]
 fn mixed_confluence_picks_a_concrete_level() {
-    let c = SsqpmConfig {
-        confluence: Confluence::Mixed,
-        ..cfg(96)
-    };
-    let mut levels: Vec<Confluence> = (0..12)
-        .map(|seed| simulate(&c, seed).unwrap().confluence)
-        .collect();
+    let c = SsqpmConfig { confluence: Confluence::Mixed, ..cfg(96) };
+    let mut levels: Vec<Confluence> = (0..12).map(|seed| simulate(&c, seed).unwrap().confluence).collect();
     assert!(levels.iter().all(|&l| l != Confluence::Mixed));
     levels.dedup();
     assert!(levels.len() > 1, "12 seeds gave a single confluence level");
@@ -141,38 +113,20 @@ fn phase_is_flat_in_background_and_positive_in_cells() {
         let s = simulate(&cfg(128), seed).unwrap();
         let phase = plane(&s, 4);
         let m: Vec<u8> = s.mask.iter().copied().collect();
-        let bg: Vec<f32> = phase
-            .iter()
-            .zip(&m)
-            .filter(|(_, m)| **m == 0)
-            .map(|(p, _)| *p)
-            .collect();
-        let fg: Vec<f32> = phase
-            .iter()
-            .zip(&m)
-            .filter(|(_, m)| **m != 0)
-            .map(|(p, _)| *p)
-            .collect();
+        let bg: Vec<f32> = phase.iter().zip(&m).filter(|(_, m)| **m == 0).map(|(p, _)| *p).collect();
+        let fg: Vec<f32> = phase.iter().zip(&m).filter(|(_, m)| **m != 0).map(|(p, _)| *p).collect();
         let (bg_med, fg_med) = (median(bg), median(fg.clone()));
         let peak = fg.iter().copied().fold(f32::MIN, f32::max);
         assert!(fg_med > 0.2, "seed {seed}: median cell phase {fg_med}");
-        assert!(
-            bg_med.abs() < 0.1 * fg_med,
-            "seed {seed}: background {bg_med} vs cells {fg_med}"
-        );
-        assert!(
-            (0.3..6.0).contains(&peak),
-            "seed {seed}: peak phase {peak} rad"
-        );
+        assert!(bg_med.abs() < 0.1 * fg_med, "seed {seed}: background {bg_med} vs cells {fg_med}");
+        assert!((0.3..6.0).contains(&peak), "seed {seed}: peak phase {peak} rad");
     }
 }
 
 /// Mean |(I0 - I90) / (I0 + I90)| + |(I45 - I135) / (I45 + I135)| and the standard
 /// deviation of the first term, over cells and over background.
 fn polarization_stats(s: &SsqpmSample, black: f32) -> ([f64; 2], [f64; 2]) {
-    let i: Vec<Vec<f32>> = (0..4)
-        .map(|c| plane(s, c).iter().map(|v| v - black).collect())
-        .collect();
+    let i: Vec<Vec<f32>> = (0..4).map(|c| plane(s, c).iter().map(|v| v - black).collect()).collect();
     let mut acc = [[0.0f64; 4]; 2]; // [cell, bg] x [sum |d|, sum d1, sum d1^2, count]
     for (p, &m) in s.mask.iter().enumerate() {
         let d1 = ((i[0][p] - i[2][p]) / (i[0][p] + i[2][p])) as f64;
@@ -192,68 +146,38 @@ fn polarization_stats(s: &SsqpmSample, black: f32) -> ([f64; 2], [f64; 2]) {
 fn analyser_channels_differ_inside_cells_by_retardance() {
     // Without noise and channel mismatch the background is unpolarized-looking
     // (circular light gives equal intensities) while birefringent cells are not.
-    let clean = SsqpmConfig {
-        analyser_gain_spread: 0.0,
-        ..cfg(128)
-    }
-    .without_noise();
+    let clean = SsqpmConfig { analyser_gain_spread: 0.0, ..cfg(128) }.without_noise();
     for seed in 0..3 {
         let s = simulate(&clean, seed).unwrap();
         let (mean_abs, _) = polarization_stats(&s, clean.black_level_adu as f32);
-        assert!(
-            mean_abs[1] < 0.002,
-            "seed {seed}: background channel difference {}",
-            mean_abs[1]
-        );
-        assert!(
-            mean_abs[0] > 0.015,
-            "seed {seed}: cell channel difference {}",
-            mean_abs[0]
-        );
+        assert!(mean_abs[1] < 0.002, "seed {seed}: background channel difference {}", mean_abs[1]);
+        assert!(mean_abs[0] > 0.015, "seed {seed}: cell channel difference {}", mean_abs[0]);
     }
     // With the default (noisy, mismatched) camera the cells still vary far more.
     let noisy = cfg(128);
     let (mut cell, mut bg) = (0.0, 0.0);
     for seed in 0..4 {
-        let (_, sd) = polarization_stats(
-            &simulate(&noisy, seed).unwrap(),
-            noisy.black_level_adu as f32,
-        );
+        let (_, sd) = polarization_stats(&simulate(&noisy, seed).unwrap(), noisy.black_level_adu as f32);
         cell += sd[0];
         bg += sd[1];
     }
-    assert!(
-        cell > 1.5 * bg,
-        "spread of I0/I90 contrast: cells {cell}, background {bg}"
-    );
+    assert!(cell > 1.5 * bg, "spread of I0/I90 contrast: cells {cell}, background {bg}");
 }
 
 #[test]
 fn stokes_identity_holds() {
     // I0 + I90 = I45 + I135 = S0 before noise: exact up to ADU rounding.
-    let clean = SsqpmConfig {
-        analyser_gain_spread: 0.0,
-        ..cfg(128)
-    }
-    .without_noise();
+    let clean = SsqpmConfig { analyser_gain_spread: 0.0, ..cfg(128) }.without_noise();
     for seed in 0..3 {
         let s = simulate(&clean, seed).unwrap();
         let i: Vec<Vec<f32>> = (0..4).map(|c| plane(&s, c)).collect();
-        let worst = (0..i[0].len())
-            .map(|p| ((i[0][p] + i[2][p]) - (i[1][p] + i[3][p])).abs())
-            .fold(0.0f32, f32::max);
-        assert!(
-            worst <= 2.0,
-            "seed {seed}: |I0 + I90 - I45 - I135| up to {worst} ADU"
-        );
+        let worst = (0..i[0].len()).map(|p| ((i[0][p] + i[2][p]) - (i[1][p] + i[3][p])).abs()).fold(0.0f32, f32::max);
+        assert!(worst <= 2.0, "seed {seed}: |I0 + I90 - I45 - I135| up to {worst} ADU");
         // ... and the cells do polarize: the channels are not all equal.
         assert!((0..i[0].len()).any(|p| (i[0][p] - i[2][p]).abs() > 20.0));
     }
     // With noise it holds on average.
-    let noisy = SsqpmConfig {
-        analyser_gain_spread: 0.0,
-        ..cfg(128)
-    };
+    let noisy = SsqpmConfig { analyser_gain_spread: 0.0, ..cfg(128) };
     let s = simulate(&noisy, 5).unwrap();
     let i: Vec<Vec<f32>> = (0..4).map(|c| plane(&s, c)).collect();
     let (mut diff, mut s0) = (0.0f64, 0.0f64);
@@ -261,11 +185,7 @@ fn stokes_identity_holds() {
         diff += ((a + c) - (b + d)) as f64;
         s0 += (a + c) as f64;
     }
-    assert!(
-        (diff / s0).abs() < 2e-3,
-        "relative mean Stokes mismatch {}",
-        diff / s0
-    );
+    assert!((diff / s0).abs() < 2e-3, "relative mean Stokes mismatch {}", diff / s0);
 }
 
 fn has_touching_instances(inst: &ndarray::Array2<u16>) -> bool {
@@ -322,22 +242,13 @@ fn pieces_per_instance(inst: &ndarray::Array2<u16>) -> Vec<usize> {
 
 #[test]
 fn high_confluence_has_touching_cells_and_connected_instances() {
-    let c = SsqpmConfig {
-        confluence: Confluence::High,
-        ..cfg(192)
-    };
+    let c = SsqpmConfig { confluence: Confluence::High, ..cfg(192) };
     for seed in 0..3 {
         let s = simulate(&c, seed).unwrap();
         assert!(s.n_cells() >= 5, "seed {seed}: only {} cells", s.n_cells());
-        assert!(
-            has_touching_instances(&s.instances),
-            "seed {seed}: no touching cells at high confluence"
-        );
+        assert!(has_touching_instances(&s.instances), "seed {seed}: no touching cells at high confluence");
         let pieces = pieces_per_instance(&s.instances);
-        assert!(
-            pieces.iter().all(|&p| p == 1),
-            "seed {seed}: pieces per instance {pieces:?}"
-        );
+        assert!(pieces.iter().all(|&p| p == 1), "seed {seed}: pieces per instance {pieces:?}");
     }
 }
 
@@ -359,13 +270,9 @@ fn write_dataset_layout_json_and_readback() {
     }
     // simulation.json: config, seed and names.
     let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("simulation.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.join("simulation.json")).unwrap()).unwrap();
     assert_eq!(json["seed"], 42);
-    assert_eq!(
-        json["train"],
-        serde_json::json!(["ssqpm_0000", "ssqpm_0001"])
-    );
+    assert_eq!(json["train"], serde_json::json!(["ssqpm_0000", "ssqpm_0001"]));
     assert_eq!(json["test"], serde_json::json!(["ssqpm_0000"]));
     let back: SsqpmConfig = serde_json::from_value(json["config"].clone()).unwrap();
     assert_eq!(back, c);
@@ -374,14 +281,8 @@ fn write_dataset_layout_json_and_readback() {
     assert_eq!(json["samples"]["train"][1]["confluence"], "medium");
 
     // The files hold what simulate() gives for the derived seed.
-    let expect = simulate(
-        &SsqpmConfig {
-            confluence: Confluence::Medium,
-            ..c.clone()
-        },
-        sample_seed(42, false, 1),
-    )
-    .unwrap();
+    let expect =
+        simulate(&SsqpmConfig { confluence: Confluence::Medium, ..c.clone() }, sample_seed(42, false, 1)).unwrap();
     let mask = lumos::io::tiff::read_mask(&dir.join("train/masks/ssqpm_0001.tif")).unwrap();
     assert_eq!(mask, expect.mask);
     let img = lumos::io::tiff::read_image(&dir.join("train/images/ssqpm_0001.tif")).unwrap();
@@ -410,120 +311,30 @@ fn config_error(c: &SsqpmConfig) -> String {
 fn invalid_configs_are_rejected_naming_the_field() {
     let d = SsqpmConfig::default();
     let cases: Vec<(SsqpmConfig, &str)> = vec![
-        (
-            SsqpmConfig {
-                size: 0,
-                ..d.clone()
-            },
-            "size",
-        ),
-        (
-            SsqpmConfig {
-                pixel_size_um: f64::NAN,
-                ..d.clone()
-            },
-            "pixel_size_um",
-        ),
-        (
-            SsqpmConfig {
-                pixel_size_um: -0.5,
-                ..d.clone()
-            },
-            "pixel_size_um",
-        ),
-        (
-            SsqpmConfig {
-                wavelength_um: 0.0,
-                ..d.clone()
-            },
-            "wavelength_um",
-        ),
-        (
-            SsqpmConfig {
-                n_medium: f64::NAN,
-                ..d.clone()
-            },
-            "n_medium",
-        ),
-        (
-            SsqpmConfig {
-                numerical_aperture: 2.0,
-                ..d.clone()
-            },
-            "numerical_aperture",
-        ),
-        (
-            SsqpmConfig {
-                cell_diameter_um: [30.0, 10.0],
-                ..d.clone()
-            },
-            "cell_diameter_um",
-        ),
-        (
-            SsqpmConfig {
-                cell_height_um: [-1.0, 3.0],
-                ..d.clone()
-            },
-            "cell_height_um",
-        ),
-        (
-            SsqpmConfig {
-                birefringence: [f64::NAN, 1e-3],
-                ..d.clone()
-            },
-            "birefringence",
-        ),
-        (
-            SsqpmConfig {
-                full_well_e: 0.0,
-                ..d.clone()
-            },
-            "full_well_e",
-        ),
-        (
-            SsqpmConfig {
-                read_noise_e: -1.0,
-                ..d.clone()
-            },
-            "read_noise_e",
-        ),
-        (
-            SsqpmConfig {
-                phase_noise_rad: f64::INFINITY,
-                ..d.clone()
-            },
-            "phase_noise_rad",
-        ),
-        (
-            SsqpmConfig {
-                bit_depth: 0,
-                ..d.clone()
-            },
-            "bit_depth",
-        ),
-        (
-            SsqpmConfig {
-                coverage_high: [0.7, 0.5],
-                ..d.clone()
-            },
-            "coverage_high",
-        ),
+        (SsqpmConfig { size: 0, ..d.clone() }, "size"),
+        (SsqpmConfig { pixel_size_um: f64::NAN, ..d.clone() }, "pixel_size_um"),
+        (SsqpmConfig { pixel_size_um: -0.5, ..d.clone() }, "pixel_size_um"),
+        (SsqpmConfig { wavelength_um: 0.0, ..d.clone() }, "wavelength_um"),
+        (SsqpmConfig { n_medium: f64::NAN, ..d.clone() }, "n_medium"),
+        (SsqpmConfig { numerical_aperture: 2.0, ..d.clone() }, "numerical_aperture"),
+        (SsqpmConfig { cell_diameter_um: [30.0, 10.0], ..d.clone() }, "cell_diameter_um"),
+        (SsqpmConfig { cell_height_um: [-1.0, 3.0], ..d.clone() }, "cell_height_um"),
+        (SsqpmConfig { birefringence: [f64::NAN, 1e-3], ..d.clone() }, "birefringence"),
+        (SsqpmConfig { full_well_e: 0.0, ..d.clone() }, "full_well_e"),
+        (SsqpmConfig { read_noise_e: -1.0, ..d.clone() }, "read_noise_e"),
+        (SsqpmConfig { phase_noise_rad: f64::INFINITY, ..d.clone() }, "phase_noise_rad"),
+        (SsqpmConfig { bit_depth: 0, ..d.clone() }, "bit_depth"),
+        (SsqpmConfig { coverage_high: [0.7, 0.5], ..d.clone() }, "coverage_high"),
     ];
     for (c, field) in cases {
         let msg = config_error(&c);
-        assert!(
-            msg.contains(field),
-            "error for {field} does not name it: {msg}"
-        );
+        assert!(msg.contains(field), "error for {field} does not name it: {msg}");
     }
     // write_dataset validates before touching the disk.
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("never");
     let bad = SsqpmConfig { size: 0, ..d };
-    assert!(matches!(
-        write_dataset(&dir, 1, 1, &bad, 0),
-        Err(Error::Config(_))
-    ));
+    assert!(matches!(write_dataset(&dir, 1, 1, &bad, 0), Err(Error::Config(_))));
     assert!(!dir.exists());
 }
 
@@ -539,8 +350,5 @@ fn config_json_defaults_and_roundtrip() {
     assert_eq!(back, d);
     // Typos are caught rather than silently ignored.
     assert!(serde_json::from_str::<SsqpmConfig>(r#"{"sise": 64}"#).is_err());
-    assert_eq!(
-        serde_json::to_string(&Confluence::Mixed).unwrap(),
-        "\"mixed\""
-    );
+    assert_eq!(serde_json::to_string(&Confluence::Mixed).unwrap(), "\"mixed\"");
 }

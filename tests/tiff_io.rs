@@ -10,9 +10,7 @@ use lumos::io::tiff::*;
 use ndarray::{Array2, Array3, ArrayView2};
 
 fn fx(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/tiff")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiff").join(name)
 }
 
 /// Same formula as `base` in make_tiff_fixtures.py; `p` is the page (plane) index.
@@ -92,10 +90,7 @@ fn single_page_fixtures_all_types_and_compressions() {
 
 #[test]
 fn tiled_fixtures_are_read_whole() {
-    for (name, h, w) in [
-        ("u16_tiled.tif", 32, 32),
-        ("u16_tiled_partial_deflate.tif", 24, 40),
-    ] {
+    for (name, h, w) in [("u16_tiled.tif", 32, 32), ("u16_tiled_partial_deflate.tif", 24, 40)] {
         let img = read_image(&fx(name)).unwrap();
         assert_eq!(img.data.dim(), (1, h, w), "{name}");
         check_plane(name, img.data.index_axis(ndarray::Axis(0), 0), "u16", 0);
@@ -108,12 +103,7 @@ fn plain_multipage_pages_become_channels() {
     assert_eq!(img.data.dim(), (3, 12, 16));
     assert_eq!(img.channel_names, vec!["ch0", "ch1", "ch2"]);
     for p in 0..3 {
-        check_plane(
-            "multipage",
-            img.data.index_axis(ndarray::Axis(0), p),
-            "u16",
-            p,
-        );
+        check_plane("multipage", img.data.index_axis(ndarray::Axis(0), p), "u16", p);
     }
     // As a stack each page is a time point of one channel.
     let stack = read_stack(&fx("multipage_u16.tif")).unwrap();
@@ -171,10 +161,7 @@ fn imagej_cyx_hyperstack_channels_labels_and_pixel_size() {
     }
     let stack = read_stack(&path).unwrap();
     assert_eq!(stack.data.dim(), (1, 3, 12, 16));
-    assert_eq!(
-        stack.channel_names.as_deref(),
-        Some(&["DAPI".to_string(), "GFP".into(), "mCherry".into()][..])
-    );
+    assert_eq!(stack.channel_names.as_deref(), Some(&["DAPI".to_string(), "GFP".into(), "mCherry".into()][..]));
     assert_eq!(stack.pixel_size, Some((0.5, 0.25)));
     assert_eq!(stack.unit.as_deref(), Some("um"));
 }
@@ -214,12 +201,7 @@ fn imagej_single_directory_contiguous_stack() {
     let img = read_image(&fx("imagej_one_ifd_u16.tif")).unwrap();
     assert_eq!(img.data.dim(), (3, 12, 16));
     for c in 0..3 {
-        check_plane(
-            "one ifd",
-            img.data.index_axis(ndarray::Axis(0), c),
-            "u16",
-            c,
-        );
+        check_plane("one ifd", img.data.index_axis(ndarray::Axis(0), c), "u16", c);
     }
 }
 
@@ -255,19 +237,13 @@ fn masks_from_integer_and_integral_float_files() {
 #[test]
 fn mask_errors_name_the_bad_value() {
     let msg = tiff_msg(read_mask(&fx("mask_u16_300.tif")));
-    assert!(
-        msg.contains("300") && msg.contains("row 2, column 3") && msg.contains("0..=255"),
-        "{msg}"
-    );
+    assert!(msg.contains("300") && msg.contains("row 2, column 3") && msg.contains("0..=255"), "{msg}");
     let msg = tiff_msg(read_mask(&fx("mask_i16_negative.tif")));
     assert!(msg.contains("-1") && msg.contains("0..=255"), "{msg}");
     let msg = tiff_msg(read_mask(&fx("mask_f32_fraction.tif")));
     assert!(msg.contains("1.5") && msg.contains("integers"), "{msg}");
     let msg = tiff_msg(read_mask(&fx("multipage_u16.tif")));
-    assert!(
-        msg.contains("3 pages") && msg.contains("single page"),
-        "{msg}"
-    );
+    assert!(msg.contains("3 pages") && msg.contains("single page"), "{msg}");
     let msg = tiff_msg(read_mask(&fx("rgb_u8.tif")));
     assert!(msg.contains("3 samples per pixel"), "{msg}");
 }
@@ -288,24 +264,15 @@ fn missing_file_is_an_io_error_naming_the_path() {
 #[test]
 fn broken_files_give_clear_tiff_errors() {
     let msg = tiff_msg(read_image(&fx("not_a_tiff.tif")));
-    assert!(
-        msg.contains("not a TIFF") && msg.contains("\"This is "),
-        "{msg}"
-    );
+    assert!(msg.contains("not a TIFF") && msg.contains("\"This is "), "{msg}");
     let msg = tiff_msg(read_image(&fx("empty.tif")));
     assert!(msg.contains("empty"), "{msg}");
     let msg = tiff_msg(read_image(&fx("truncated.tif")));
-    assert!(
-        msg.contains("truncated") && msg.contains("872 bytes"),
-        "{msg}"
-    );
+    assert!(msg.contains("truncated") && msg.contains("872 bytes"), "{msg}");
     let msg = tiff_msg(read_image(&fx("truncated_header.tif")));
     assert!(msg.contains("truncated"), "{msg}");
     let msg = tiff_msg(read_stack(&fx("mismatched_pages.tif")));
-    assert!(
-        msg.contains("page 2 is 8x8") && msg.contains("same size"),
-        "{msg}"
-    );
+    assert!(msg.contains("page 2 is 8x8") && msg.contains("same size"), "{msg}");
     let msg = tiff_msg(read_stack(&fx("imagej_bad_count.tif")));
     assert!(msg.contains("3 images") && msg.contains("2 pages"), "{msg}");
     // A directory is not a TIFF either.
@@ -319,13 +286,9 @@ fn broken_files_give_clear_tiff_errors() {
 fn corrupted_files_never_panic() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("bad.tif");
-    for name in [
-        "u16_lzw.tif",
-        "u16_tiled_partial_deflate.tif",
-        "imagej_cyx_u16.tif",
-        "palette_u8.tif",
-        "bilevel_1bit.tif",
-    ] {
+    for name in
+        ["u16_lzw.tif", "u16_tiled_partial_deflate.tif", "imagej_cyx_u16.tif", "palette_u8.tif", "bilevel_1bit.tif"]
+    {
         let good = std::fs::read(fx(name)).unwrap();
         for i in (0..good.len()).step_by(3) {
             for v in [0x00u8, 0xff, 0x7f] {
@@ -353,9 +316,7 @@ fn corrupted_files_never_panic() {
 // ---------------------------------------------------------------------------------------
 
 fn test_image(c: usize, h: usize, w: usize) -> Image {
-    let data = Array3::from_shape_fn((c, h, w), |(c, y, x)| {
-        c as f32 * 100.0 - y as f32 * 0.5 + x as f32 * 0.125
-    });
+    let data = Array3::from_shape_fn((c, h, w), |(c, y, x)| c as f32 * 100.0 - y as f32 * 0.5 + x as f32 * 0.125);
     let names = (0..c).map(|i| format!("stain {i} \u{b5}")).collect();
     Image::with_names(data, names).unwrap()
 }
@@ -376,18 +337,11 @@ fn write_image_f32_round_trip_multi_channel() {
         assert!(a.to_bits() == b.to_bits(), "{a} vs {b}");
     }
     let stack = read_stack(&p).unwrap();
-    assert_eq!(
-        stack.data.dim(),
-        (1, 3, 10, 7),
-        "hyperstack: 3 channels, not 3 frames"
-    );
+    assert_eq!(stack.data.dim(), (1, 3, 10, 7), "hyperstack: 3 channels, not 3 frames");
     assert_eq!(stack.source_dtype, "f32");
     assert_eq!(stack.channel_names.as_ref(), Some(&img.channel_names));
     // Only our temp dir's target remains: no temporary files are left behind.
-    let names: Vec<_> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
+    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(names, vec![std::ffi::OsString::from("img.tif")]);
 }
 
@@ -396,9 +350,7 @@ fn write_image_f32_single_channel_and_overwrite() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("one.tif");
     write_image_f32(&p, &test_image(2, 4, 4)).unwrap();
-    let img = Image::new(Array3::from_shape_fn((1, 5, 6), |(_, y, x)| {
-        (y * 6 + x) as f32 / 7.0
-    }));
+    let img = Image::new(Array3::from_shape_fn((1, 5, 6), |(_, y, x)| (y * 6 + x) as f32 / 7.0));
     write_image_f32(&p, &img).unwrap();
     let back = read_image(&p).unwrap();
     assert_eq!(back, img);
@@ -416,15 +368,15 @@ fn written_hyperstack_is_contiguous_with_imagej_description() {
 
     let mut dec = Decoder::new(std::fs::File::open(&p).unwrap()).unwrap();
     let desc = dec.get_tag_ascii_string(Tag::ImageDescription).unwrap();
-    assert!(desc.starts_with("ImageJ=1.11a\nimages=4\nchannels=4\nslices=1\nframes=1\nhyperstack=true\nmode=grayscale\n"), "{desc}");
+    assert!(
+        desc.starts_with("ImageJ=1.11a\nimages=4\nchannels=4\nslices=1\nframes=1\nhyperstack=true\nmode=grayscale\n"),
+        "{desc}"
+    );
     assert!(desc.contains("min=") && desc.contains("max="), "{desc}");
     let first = dec.get_tag_u64(Tag::StripOffsets).unwrap();
     for k in 1..4u64 {
         dec.next_image().unwrap();
-        assert_eq!(
-            dec.get_tag_u64(Tag::StripOffsets).unwrap(),
-            first + k * 9 * 5 * 4
-        );
+        assert_eq!(dec.get_tag_u64(Tag::StripOffsets).unwrap(), first + k * 9 * 5 * 4);
     }
     assert!(!dec.more_images());
 }
@@ -443,10 +395,7 @@ fn mask_round_trips() {
     write_mask_u16(&p16, &m16).unwrap();
     let s = read_stack(&p16).unwrap();
     assert_eq!(s.source_dtype, "u16");
-    assert_eq!(
-        s.data.slice(ndarray::s![0, 0, .., ..]),
-        m16.mapv(|v| v as f32)
-    );
+    assert_eq!(s.data.slice(ndarray::s![0, 0, .., ..]), m16.mapv(|v| v as f32));
     let msg = tiff_msg(read_mask(&p16));
     assert!(msg.contains("1000"), "{msg}");
 
@@ -494,10 +443,7 @@ fn tool_missing(what: &str) {
 #[test]
 fn tifffile_reads_our_files_when_available() {
     let python = test_python();
-    match Command::new(&python)
-        .args(["-c", "import tifffile"])
-        .output()
-    {
+    match Command::new(&python).args(["-c", "import tifffile"]).output() {
         Ok(o) if o.status.success() => {}
         Ok(o) => {
             let err = String::from_utf8_lossy(&o.stderr);
@@ -519,36 +465,17 @@ with tifffile.TiffFile(sys.argv[1]) as t:
         "labels": md.get("Labels"), "channels": md.get("channels"), "ranges": list(md.get("Ranges", [])),
         "data": [float(v) for v in a.ravel()]}))
 "#;
-    let out = Command::new(&python)
-        .arg("-c")
-        .arg(script)
-        .arg(&p)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new(&python).arg("-c").arg(script).arg(&p).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["shape"], serde_json::json!([3, 4, 5]));
     assert_eq!(v["dtype"], "float32");
     assert_eq!(v["axes"], "CYX");
     assert_eq!(v["channels"], 3);
     assert_eq!(v["labels"], serde_json::json!(img.channel_names));
-    let data: Vec<f32> = v["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect();
+    let data: Vec<f32> = v["data"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
     assert_eq!(data, img.data.iter().copied().collect::<Vec<_>>());
-    let ranges: Vec<f64> = v["ranges"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect();
+    let ranges: Vec<f64> = v["ranges"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
     assert_eq!(ranges.len(), 6);
     assert_eq!(ranges[0], 0.0 - 3.0 * 0.5);
 }
@@ -583,45 +510,24 @@ public class IjCheck {
 "#;
 
 fn imagej_jar() -> Option<PathBuf> {
-    let jar = std::env::var_os("LUMOS_IJ_JAR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| "/usr/share/java/ij.jar".into());
-    let java = Command::new("java")
-        .arg("-version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
+    let jar = std::env::var_os("LUMOS_IJ_JAR").map(PathBuf::from).unwrap_or_else(|| "/usr/share/java/ij.jar".into());
+    let java = Command::new("java").arg("-version").output().map(|o| o.status.success()).unwrap_or(false);
     (java && jar.is_file()).then_some(jar)
 }
 
 fn imagej_open(jar: &Path, dir: &Path, file: &Path) -> Vec<String> {
     let src = dir.join("IjCheck.java");
     std::fs::write(&src, IJ_CHECK).unwrap();
-    let out = Command::new("java")
-        .arg("-Djava.awt.headless=true")
-        .arg("-cp")
-        .arg(jar)
-        .arg(&src)
-        .arg(file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect()
+    let out =
+        Command::new("java").arg("-Djava.awt.headless=true").arg("-cp").arg(jar).arg(&src).arg(file).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
 }
 
 #[test]
 fn imagej_opens_our_files_when_available() {
     let Some(jar) = imagej_jar() else {
-        return tool_missing(
-            "java or ij.jar (LUMOS_IJ_JAR, default /usr/share/java/ij.jar) not found",
-        );
+        return tool_missing("java or ij.jar (LUMOS_IJ_JAR, default /usr/share/java/ij.jar) not found");
     };
     let dir = tempfile::tempdir().unwrap();
 
@@ -635,22 +541,14 @@ fn imagej_opens_our_files_when_available() {
         let f: Vec<&str> = lines[1 + c].split('|').collect();
         assert_eq!(f[1], format!("stain {c} \\u00b5"), "{lines:?}");
         let plane = img.data.index_axis(ndarray::Axis(0), c);
-        let (lo, hi) = plane
-            .iter()
-            .fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+        let (lo, hi) = plane.iter().fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
         assert_eq!(f[2].parse::<f32>().unwrap(), lo, "{lines:?}");
         assert_eq!(f[3].parse::<f32>().unwrap(), hi, "{lines:?}");
-        assert_eq!(
-            f[4].parse::<f32>().unwrap(),
-            img.data[[c, 2, 3]],
-            "{lines:?}"
-        );
+        assert_eq!(f[4].parse::<f32>().unwrap(), img.data[[c, 2, 3]], "{lines:?}");
     }
 
     // Single channel and a u16 label image.
-    let img1 = Image::new(Array3::from_shape_fn((1, 4, 5), |(_, y, x)| {
-        (y * 5 + x) as f32
-    }));
+    let img1 = Image::new(Array3::from_shape_fn((1, 4, 5), |(_, y, x)| (y * 5 + x) as f32));
     write_image_f32(&p, &img1).unwrap();
     let lines = imagej_open(&jar, dir.path(), &p);
     assert_eq!(lines[0], "dims 1 1 1 32", "{lines:?}");

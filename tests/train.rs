@@ -5,10 +5,10 @@ use std::path::Path;
 
 use lumos::engine::metrics;
 use lumos::engine::model::{Model, SegmentOptions};
-use lumos::nnunet::net::UnetConfig;
 use lumos::engine::progress::Monitor;
-use lumos::sim::ssqpm::{write_dataset, SsqpmConfig};
-use lumos::engine::train::{evaluate_samples, train, TrainConfig};
+use lumos::engine::train::{TrainConfig, evaluate_samples, train};
+use lumos::nnunet::net::UnetConfig;
+use lumos::sim::ssqpm::{SsqpmConfig, write_dataset};
 
 fn tiny(seed: u64, epochs: usize, iters: usize) -> TrainConfig {
     TrainConfig {
@@ -126,7 +126,9 @@ fn resume_refuses_other_settings_and_other_data() {
 #[test]
 fn output_and_checkpoint_paths_are_checked_up_front() {
     let dir = tempfile::tempdir().unwrap();
-    let err = |cfg: &TrainConfig, out: &Path| train(cfg, dir.path(), out, &mut Monitor::none()).map(|_| ()).unwrap_err().to_string();
+    let err = |cfg: &TrainConfig, out: &Path| {
+        train(cfg, dir.path(), out, &mut Monitor::none()).map(|_| ()).unwrap_err().to_string()
+    };
     let e = err(&tiny(1, 1, 1), dir.path());
     assert!(e.contains("is a directory"), "{e}");
     let e = err(&tiny(1, 1, 1), &dir.path().join("missing").join("m.lumos"));
@@ -166,7 +168,9 @@ fn cancelled_training_keeps_its_last_checkpoint() {
 #[test]
 fn bad_training_inputs_give_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let err = |c: &TrainConfig, d: &Path| train(c, d, &dir.path().join("x.lumos"), &mut Monitor::none()).err().unwrap().to_string();
+    let err = |c: &TrainConfig, d: &Path| {
+        train(c, d, &dir.path().join("x.lumos"), &mut Monitor::none()).err().unwrap().to_string()
+    };
     assert!(err(&tiny(0, 1, 1), &dir.path().join("missing")).contains("images/"));
     let mut c = tiny(0, 1, 1);
     c.patch_size = [30, 30];

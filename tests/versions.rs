@@ -7,8 +7,7 @@ use std::path::Path;
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 fn read(rel: &str) -> String {
-    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(rel))
-        .unwrap_or_else(|e| panic!("{rel}: {e}"))
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
 }
 
 /// The value of `key = "..."` in the `[section]` table of a TOML file.
@@ -37,37 +36,19 @@ fn library_reports_the_cargo_version() {
 #[test]
 fn python_projects_carry_the_cargo_version() {
     let binding = read("bindings/python/pyproject.toml");
-    assert_eq!(
-        toml_value(&binding, "project", "name").as_deref(),
-        Some("lumos"),
-        "the binding's distribution name"
-    );
-    assert_eq!(
-        toml_value(&binding, "project", "version").as_deref(),
-        Some(VERSION),
-        "bindings/python/pyproject.toml"
-    );
+    assert_eq!(toml_value(&binding, "project", "name").as_deref(), Some("lumos"), "the binding's distribution name");
+    assert_eq!(toml_value(&binding, "project", "version").as_deref(), Some(VERSION), "bindings/python/pyproject.toml");
     let plugin = read("napari-plugin/pyproject.toml");
-    assert_eq!(
-        toml_value(&plugin, "project", "version").as_deref(),
-        Some(VERSION),
-        "napari-plugin/pyproject.toml"
-    );
+    assert_eq!(toml_value(&plugin, "project", "version").as_deref(), Some(VERSION), "napari-plugin/pyproject.toml");
     let deps = toml_value(&plugin, "project", "dependencies").unwrap_or_default();
-    assert!(
-        deps.contains(&format!("\"lumos=={VERSION}\"")),
-        "napari-plugin depends on lumos=={VERSION}: {deps}"
-    );
+    assert!(deps.contains(&format!("\"lumos=={VERSION}\"")), "napari-plugin depends on lumos=={VERSION}: {deps}");
 }
 
 #[test]
 fn maven_project_carries_the_cargo_version() {
     let pom = read("fiji-plugin/pom.xml");
     // the project's own <version>, the first one after </artifactId> of the project
-    let own = pom
-        .split("<artifactId>Lumos_Fiji</artifactId>")
-        .nth(1)
-        .and_then(|r| r.split("<version>").nth(1));
+    let own = pom.split("<artifactId>Lumos_Fiji</artifactId>").nth(1).and_then(|r| r.split("<version>").nth(1));
     let own = own.and_then(|r| r.split("</version>").next()).unwrap_or("");
     assert_eq!(own, VERSION, "fiji-plugin/pom.xml");
 }
@@ -76,8 +57,9 @@ fn maven_project_carries_the_cargo_version() {
 fn changelog_has_an_entry_for_the_version() {
     let log = read("CHANGELOG.md");
     assert!(
-        log.lines().any(|l| l.starts_with("## ")
-            && (l.contains(&format!("[{VERSION}]")) || l.contains(&format!(" {VERSION} ")))),
+        log.lines()
+            .any(|l| l.starts_with("## ")
+                && (l.contains(&format!("[{VERSION}]")) || l.contains(&format!(" {VERSION} ")))),
         "CHANGELOG.md has no '## [{VERSION}] ...' heading"
     );
 }

@@ -14,14 +14,14 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use lumos::engine::dataset::load_folder;
-use lumos::dmqpm::recipes::Preset;
-use lumos::error::{Error, Result};
-use lumos::engine::metrics::{self, MeanStd};
 use lumos::dmqpm::net::{DmQpmConfig, FusionOp, Variant};
+use lumos::dmqpm::recipes::Preset;
+use lumos::engine::dataset::load_folder;
+use lumos::engine::metrics::{self, MeanStd};
 use lumos::engine::progress::{Monitor, Progress, Stage};
-use lumos::sim::ssqpm::{write_dataset, Confluence, SsqpmConfig};
-use lumos::engine::train::{evaluate_samples, train, TrainConfig};
+use lumos::engine::train::{TrainConfig, evaluate_samples, train};
+use lumos::error::{Error, Result};
+use lumos::sim::ssqpm::{Confluence, SsqpmConfig, write_dataset};
 
 /// Which variants to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,12 +57,8 @@ pub fn variants(set: VariantSet, base: &DmQpmConfig) -> Vec<DmQpmConfig> {
         ..base.clone()
     };
     let early = |channels: Vec<usize>| DmQpmConfig { variant: Variant::EarlyFusion, channels, ..base.clone() };
-    let mut v = vec![
-        dual(2, FusionOp::Attention, false),
-        early(vec![0, 1, 2, 3, 4]),
-        early(vec![0, 1, 2, 3]),
-        early(vec![4]),
-    ];
+    let mut v =
+        vec![dual(2, FusionOp::Attention, false), early(vec![0, 1, 2, 3, 4]), early(vec![0, 1, 2, 3]), early(vec![4])];
     if set != VariantSet::Baselines {
         let last = base.n_stages.saturating_sub(2).min(3);
         for stage in [1, 3] {
@@ -149,7 +145,6 @@ pub struct Report {
     pub wall_seconds: f64,
 }
 
-
 /// Runs the comparison; `on_run` is told about each finished run.
 pub fn run(opts: &CompareOptions, monitor: &mut Monitor, mut on_run: impl FnMut(&RunResult)) -> Result<Report> {
     let t0 = Instant::now();
@@ -209,7 +204,11 @@ pub fn run(opts: &CompareOptions, monitor: &mut Monitor, mut on_run: impl FnMut(
                 iou,
                 final_train_loss: outcome.history.last().map(|h| h.train_loss).unwrap_or(f64::NAN),
             };
-            monitor.emit(Progress { stage: Stage::Validation, val_metric: r.mean_dice, ..Progress::new(Stage::Validation) });
+            monitor.emit(Progress {
+                stage: Stage::Validation,
+                val_metric: r.mean_dice,
+                ..Progress::new(Stage::Validation)
+            });
             on_run(&r);
             runs.push(r);
         }
@@ -265,7 +264,10 @@ impl Report {
             self.n_train,
             self.n_test,
             match &self.simulator {
-                Some(c) => format!("simulated with the lumos ssQPM simulator, {}x{}, mixed confluence, data seed {}", c.size, c.size, self.data_seed),
+                Some(c) => format!(
+                    "simulated with the lumos ssQPM simulator, {}x{}, mixed confluence, data seed {}",
+                    c.size, c.size, self.data_seed
+                ),
                 None => format!("from {}", self.data),
             },
             self.seeds,
@@ -281,8 +283,10 @@ impl Report {
             self.lumos_version,
             self.wall_seconds
         ));
-        s.push_str("Dice and IoU of the cell class. \"pooled\": mean ± std over all test images of all seeds \
-                    (n = test images x seeds); \"over seeds\": mean ± std of the per-seed mean Dice.\n\n");
+        s.push_str(
+            "Dice and IoU of the cell class. \"pooled\": mean ± std over all test images of all seeds \
+                    (n = test images x seeds); \"over seeds\": mean ± std of the per-seed mean Dice.\n\n",
+        );
         s.push_str("| variant | parameters | Dice (pooled) | IoU (pooled) | Dice (over seeds) | train s / run |\n");
         s.push_str("|---|---:|---|---|---|---:|\n");
         for v in &self.summary {
@@ -331,7 +335,10 @@ impl Report {
     /// Writes `results.json` and `README.md` (the tables) into `dir`, atomically.
     pub fn write(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        lumos::engine::weights::write_atomic(&dir.join("results.json"), serde_json::to_string_pretty(self).expect("json").as_bytes())?;
+        lumos::engine::weights::write_atomic(
+            &dir.join("results.json"),
+            serde_json::to_string_pretty(self).expect("json").as_bytes(),
+        )?;
         lumos::engine::weights::write_atomic(&dir.join("README.md"), self.markdown().as_bytes())
     }
 }

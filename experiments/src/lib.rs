@@ -19,11 +19,12 @@ pub fn reuse_trained(path: &Path, tc: &TrainConfig) -> Option<(Model, f64)> {
     }
     let m = Model::load(path, parse_device(&tc.device).ok()?).ok()?;
     let p = &m.meta.provenance;
-    let same = p.lumos_version == env!("CARGO_PKG_VERSION") && p.train_config == serde_json::to_value(tc).ok()? && !p.history.is_empty();
+    let same = p.lumos_version == env!("CARGO_PKG_VERSION")
+        && p.train_config == serde_json::to_value(tc).ok()?
+        && !p.history.is_empty();
     let secs = p.wall_seconds;
     same.then(|| {
         log::info!("reusing '{}' (same configuration, trained in {secs:.0} s)", path.display());
         (m, secs)
     })
 }
-

@@ -13,14 +13,14 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use lumos::musplit::recipes::SplitPreset;
-use lumos::error::{Error, Result};
 use lumos::engine::metrics::{self, MeanStd};
-use lumos::musplit::net::SplitVariant;
 use lumos::engine::progress::Monitor;
-use lumos::sim::fluo::{write_dataset, FluoConfig, StructurePair};
-use lumos::musplit::{evaluate_split, load_split_folder, DecomposeOptions};
 use lumos::engine::train::train;
+use lumos::error::{Error, Result};
+use lumos::musplit::net::SplitVariant;
+use lumos::musplit::recipes::SplitPreset;
+use lumos::musplit::{DecomposeOptions, evaluate_split, load_split_folder};
+use lumos::sim::fluo::{FluoConfig, StructurePair, write_dataset};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -168,7 +168,13 @@ fn over_seeds(runs: &[&SplitRun], f: &dyn Fn(&SplitRun) -> &Vec<Vec<f64>>, ch: O
     let per_seed: Vec<f64> = runs
         .iter()
         .map(|r| {
-            let v: Vec<f64> = f(r).iter().map(|frame| match ch { Some(c) => frame[c], None => metrics::mean(frame) }).collect();
+            let v: Vec<f64> = f(r)
+                .iter()
+                .map(|frame| match ch {
+                    Some(c) => frame[c],
+                    None => metrics::mean(frame),
+                })
+                .collect();
             metrics::mean(&v)
         })
         .collect();
@@ -231,6 +237,9 @@ impl SplitReport {
     pub fn write(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         lumos::engine::weights::write_atomic(&dir.join("README.md"), self.markdown().as_bytes())?;
-        lumos::engine::weights::write_atomic(&dir.join("results.json"), serde_json::to_string_pretty(self).expect("json").as_bytes())
+        lumos::engine::weights::write_atomic(
+            &dir.join("results.json"),
+            serde_json::to_string_pretty(self).expect("json").as_bytes(),
+        )
     }
 }

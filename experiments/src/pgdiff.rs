@@ -21,15 +21,15 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use lumos::engine::dataset::{load_folder, Sample};
-use lumos::pgdiff::{evaluate_tiles, reconstruction_psnr, DiffusionOptions, StartNoise};
-use lumos::pgdiff::recipes::DiffPreset;
-use lumos::error::{Error, Result};
+use lumos::engine::dataset::{Sample, load_folder};
 use lumos::engine::metrics::{self, MeanStd};
 use lumos::engine::model::Model;
 use lumos::engine::progress::Monitor;
-use lumos::sim::qpi::{write_dataset, QpiConfig};
-use lumos::engine::train::{train, TrainConfig};
+use lumos::engine::train::{TrainConfig, train};
+use lumos::error::{Error, Result};
+use lumos::pgdiff::recipes::DiffPreset;
+use lumos::pgdiff::{DiffusionOptions, StartNoise, evaluate_tiles, reconstruction_psnr};
+use lumos::sim::qpi::{QpiConfig, write_dataset};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -91,7 +91,12 @@ fn rows(eval_seed: u64) -> Vec<(String, Vec<&'static str>, DiffusionOptions)> {
     let d = DiffusionOptions { seed: eval_seed, ..DiffusionOptions::default() };
     let random = |n: usize| DiffusionOptions { start: StartNoise::Random, samples: n, ..d };
     let fwd = |t: usize| DiffusionOptions { start: StartNoise::Forward, forward_t: t, ..d };
-    let prior = |inv: usize, samp: usize| DiffusionOptions { start: StartNoise::Prior, inversion_steps: inv, sampling_steps: samp, ..d };
+    let prior = |inv: usize, samp: usize| DiffusionOptions {
+        start: StartNoise::Prior,
+        inversion_steps: inv,
+        sampling_steps: samp,
+        ..d
+    };
     let mut v = vec![
         ("Random ×1".to_string(), vec!["table2", "table3"], random(1)),
         ("Random ×3".to_string(), vec!["table2"], random(3)),
@@ -246,11 +251,16 @@ impl DiffReport {
     pub fn cheapest_within(&self, tol: f64) -> Option<(String, usize, f64, f64)> {
         let curve = self.nfe_curve();
         let (_, _, reference, ref_secs) = curve.iter().find(|r| r.1 == 300)?.clone();
-        curve.iter().find(|r| r.2.mean >= reference.mean - tol).map(|r| (r.0.clone(), r.1, r.2.mean, 1.0 - r.3 / ref_secs))
+        curve
+            .iter()
+            .find(|r| r.2.mean >= reference.mean - tol)
+            .map(|r| (r.0.clone(), r.1, r.2.mean, 1.0 - r.3 / ref_secs))
     }
 
     pub fn markdown(&self) -> String {
-        let f3 = |v: MeanStd| if v.n == 0 || v.mean.is_nan() { "–".to_string() } else { format!("{:.3} ± {:.3}", v.mean, v.std) };
+        let f3 = |v: MeanStd| {
+            if v.n == 0 || v.mean.is_nan() { "–".to_string() } else { format!("{:.3} ± {:.3}", v.mean, v.std) }
+        };
         let mut s = String::new();
         s.push_str("# PG-DiffSeg comparisons on simulated QPI (live / dead / background)\n\n");
         s.push_str(&format!(
@@ -315,7 +325,7 @@ impl DiffReport {
         s.push_str(&format!(
             "\nSeconds per tile are wall time on this machine with 8 tiles per batch. Training: {} s per seed (mean). \
              Machine: {}. Total wall time {:.0} s.\n\nCommand: `{}`\n\nTraining configs are in `results.json`.\n",
-            format!("{:.0}", metrics::mean(&self.train_seconds)),
+            metrics::mean(&self.train_seconds).round(),
             self.machine,
             self.total_seconds,
             self.command
@@ -326,7 +336,10 @@ impl DiffReport {
     pub fn write(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         lumos::engine::weights::write_atomic(&dir.join("README.md"), self.markdown().as_bytes())?;
-        lumos::engine::weights::write_atomic(&dir.join("results.json"), serde_json::to_string_pretty(self).expect("json").as_bytes())
+        lumos::engine::weights::write_atomic(
+            &dir.join("results.json"),
+            serde_json::to_string_pretty(self).expect("json").as_bytes(),
+        )
     }
 }
 
@@ -338,7 +351,17 @@ mod tests {
     fn rows_cover_the_papers_tables() {
         let r = rows(0);
         let names: Vec<&str> = r.iter().map(|x| x.0.as_str()).collect();
-        for n in ["Random ×1", "Random ×3", "Random ×5", "Prior (PG-DiffSeg)", "Forward Diff. 0", "Forward Diff. 300", "Forward Diff. 600", "LDM-P 50", "LDM-P 200"] {
+        for n in [
+            "Random ×1",
+            "Random ×3",
+            "Random ×5",
+            "Prior (PG-DiffSeg)",
+            "Forward Diff. 0",
+            "Forward Diff. 300",
+            "Forward Diff. 600",
+            "LDM-P 50",
+            "LDM-P 200",
+        ] {
             assert!(names.contains(&n), "{n}");
         }
         let prior = r.iter().find(|x| x.0 == "Prior (PG-DiffSeg)").unwrap().2;

@@ -51,14 +51,15 @@ fn the_comparison_runs_every_variant_and_writes_its_report() {
     report.write(&out).unwrap();
     let md = std::fs::read_to_string(out.join("README.md")).unwrap();
     assert!(md.contains("| DM-QPMNet stage 2 MHA |") && md.contains("Machine:"));
-    let js: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let js: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
     assert_eq!(js["runs"].as_array().unwrap().len(), 11);
 }
 
 #[test]
 fn tiny_comparison_writes_both_tables() {
-    use lumos_experiments::pgdiff::{run, DiffCompareOptions};
     use lumos::pgdiff::recipes::DiffPreset;
+    use lumos_experiments::pgdiff::{DiffCompareOptions, run};
     let dir = tempfile::tempdir().unwrap();
     let opts = DiffCompareOptions {
         preset: DiffPreset::Tiny,

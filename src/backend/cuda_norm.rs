@@ -28,7 +28,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
-use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
+use cudarc::nvrtc::{CompileOptions, Ptx, compile_ptx_with_opts};
 use once_cell::sync::Lazy;
 use parking_lot::Mutex;
 use tch::{Device, Kind, Tensor};
@@ -133,8 +133,7 @@ static KERNELS: Lazy<Mutex<HashMap<usize, Option<Arc<Kernels>>>>> = Lazy::new(||
 static DISABLED: Lazy<Mutex<std::collections::HashSet<usize>>> = Lazy::new(|| Mutex::new(Default::default()));
 
 fn enabled() -> bool {
-    static ON: Lazy<bool> = Lazy::new(|| !crate::engine::device::switched_off("LUMOS_CUDA_FUSED_NORM"));
-    *ON
+    crate::switches::switches().cuda_fused_norm
 }
 
 /// NVRTC candidates beside the libtorch this process loaded: a PyTorch wheel's libtorch
@@ -143,8 +142,8 @@ fn enabled() -> bool {
 /// library path. `LUMOS_NVRTC` names a file explicitly.
 fn nvrtc_candidates() -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
-    if let Some(p) = std::env::var_os("LUMOS_NVRTC") {
-        out.push(p.into());
+    if let Some(p) = &crate::switches::switches().nvrtc {
+        out.push(p.clone());
     }
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
     let torch_lib = maps
@@ -152,8 +151,11 @@ fn nvrtc_candidates() -> Vec<std::path::PathBuf> {
         .filter_map(|l| l.split_whitespace().nth(5))
         .find(|p| p.ends_with("/libtorch_cpu.so") || p.ends_with("/libtorch_cuda.so"))
         .and_then(|p| std::path::Path::new(p).parent().map(|d| d.to_path_buf()));
-    if let Some(nvidia) = torch_lib.as_deref().and_then(|d| d.parent()).and_then(|d| d.parent()).map(|d| d.join("nvidia")) {
-        let mut dirs: Vec<_> = std::fs::read_dir(&nvidia).into_iter().flatten().flatten().map(|e| e.path().join("lib")).collect();
+    if let Some(nvidia) =
+        torch_lib.as_deref().and_then(|d| d.parent()).and_then(|d| d.parent()).map(|d| d.join("nvidia"))
+    {
+        let mut dirs: Vec<_> =
+            std::fs::read_dir(&nvidia).into_iter().flatten().flatten().map(|e| e.path().join("lib")).collect();
         dirs.sort();
         for d in dirs {
             let mut files: Vec<_> = std::fs::read_dir(&d)
@@ -179,11 +181,13 @@ fn nvrtc_candidates() -> Vec<std::path::PathBuf> {
 pub(crate) fn ensure_nvrtc() -> bool {
     static OK: Lazy<bool> = Lazy::new(|| {
         // SAFETY: only probes whether the shared library can be opened.
-        if std::env::var_os("LUMOS_NVRTC").is_none() && unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        if crate::switches::switches().nvrtc.is_none() && unsafe { cudarc::nvrtc::sys::is_culib_present() } {
             return true;
         }
         let open = |f: &std::path::Path| -> bool {
-            let Ok(c) = std::ffi::CString::new(f.as_os_str().as_encoded_bytes()) else { return false };
+            let Ok(c) = std::ffi::CString::new(f.as_os_str().as_encoded_bytes()) else {
+                return false;
+            };
             // SAFETY: dlopen of a path; the handle is kept (never closed) for the process.
             !unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) }.is_null()
         };
@@ -203,8 +207,8 @@ pub(crate) fn ensure_nvrtc() -> bool {
                 return true;
             }
         }
-        if let Some(p) = std::env::var_os("LUMOS_NVRTC") {
-            log::warn!("LUMOS_NVRTC={} could not be loaded", std::path::Path::new(&p).display());
+        if let Some(p) = &crate::switches::switches().nvrtc {
+            log::warn!("LUMOS_NVRTC={} could not be loaded", p.display());
         }
         // SAFETY: only probes whether the shared library can be opened.
         unsafe { cudarc::nvrtc::sys::is_culib_present() }
@@ -225,17 +229,26 @@ fn build(ordinal: usize) -> Result<Kernels, String> {
     let arch = format!("sm_{major}{minor}");
     // cudarc panics where an NVRTC symbol is missing (an NVRTC without CUBIN output): keep
     // that to this attempt, so that PTX is still tried
-    let cubin = std::panic::catch_unwind(|| compile_cubin(&arch)).unwrap_or_else(|_| Err("NVRTC has no CUBIN output".into()));
+    let cubin =
+        std::panic::catch_unwind(|| compile_cubin(&arch)).unwrap_or_else(|_| Err("NVRTC has no CUBIN output".into()));
     let module = match cubin.and_then(|c| ctx.load_module(Ptx::from_binary(c)).map_err(|e| e.to_string())) {
         Ok(m) => {
             log::info!("fused CUDA InstanceNorm: machine code for {arch} loaded on device {ordinal}");
             m
         }
         Err(cubin_err) => {
-            let opts = CompileOptions { options: vec![format!("--gpu-architecture=compute_{major}{minor}"), "--std=c++17".into()], ..Default::default() };
-            let ptx = compile_ptx_with_opts(SOURCE, opts).map_err(|e| format!("machine code: {cubin_err}; PTX: NVRTC: {e}"))?;
-            let m = ctx.load_module(ptx).map_err(|e| format!("machine code: {cubin_err}; PTX: loading the compiled kernels: {e}"))?;
-            log::info!("fused CUDA InstanceNorm: PTX for compute_{major}{minor} loaded on device {ordinal} (no machine code: {cubin_err})");
+            let opts = CompileOptions {
+                options: vec![format!("--gpu-architecture=compute_{major}{minor}"), "--std=c++17".into()],
+                ..Default::default()
+            };
+            let ptx = compile_ptx_with_opts(SOURCE, opts)
+                .map_err(|e| format!("machine code: {cubin_err}; PTX: NVRTC: {e}"))?;
+            let m = ctx
+                .load_module(ptx)
+                .map_err(|e| format!("machine code: {cubin_err}; PTX: loading the compiled kernels: {e}"))?;
+            log::info!(
+                "fused CUDA InstanceNorm: PTX for compute_{major}{minor} loaded on device {ordinal} (no machine code: {cubin_err})"
+            );
             m
         }
     };
@@ -264,7 +277,9 @@ fn compile_cubin(arch: &str) -> Result<Vec<u8>, String> {
             let log = result::get_program_log(prog)
                 .map(|l| {
                     let bytes: Vec<u8> = l.iter().map(|&c| c as u8).collect();
-                    std::ffi::CStr::from_bytes_until_nul(&bytes).map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
+                    std::ffi::CStr::from_bytes_until_nul(&bytes)
+                        .map(|c| c.to_string_lossy().into_owned())
+                        .unwrap_or_default()
                 })
                 .unwrap_or_default();
             format!("NVRTC ({arch}): {e:?}: {log}")
@@ -276,7 +291,9 @@ fn compile_cubin(arch: &str) -> Result<Vec<u8>, String> {
                 return Err(format!("NVRTC ({arch}) returned no CUBIN"));
             }
             let mut buf = vec![0u8; size];
-            sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr() as *mut std::ffi::c_char).result().map_err(|e| format!("NVRTC CUBIN: {e:?}"))?;
+            sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr() as *mut std::ffi::c_char)
+                .result()
+                .map_err(|e| format!("NVRTC CUBIN: {e:?}"))?;
             Ok(buf)
         });
         let _ = result::destroy_program(prog);
@@ -335,7 +352,9 @@ fn kernels(ordinal: usize) -> Option<Arc<Kernels>> {
                     Some(Arc::new(k))
                 }
                 Err(e) => {
-                    log::warn!("fused CUDA InstanceNorm unavailable on device {ordinal}, using libtorch's operators: {e}");
+                    log::warn!(
+                        "fused CUDA InstanceNorm unavailable on device {ordinal}, using libtorch's operators: {e}"
+                    );
                     None
                 }
             }
@@ -354,7 +373,9 @@ fn disable(ordinal: usize, e: &str) {
 /// type and channel count, at most 65535 samples (the statistics grid's second dimension),
 /// element addresses aligned for the kernels' two-element accesses.
 fn applies(x: &Tensor, weight: &Tensor, bias: &Tensor) -> bool {
-    let Device::Cuda(_) = x.device() else { return false };
+    let Device::Cuda(_) = x.device() else {
+        return false;
+    };
     if !enabled() || x.dim() != 4 || !matches!(x.kind(), Kind::Float | Kind::BFloat16) {
         return false;
     }
@@ -385,7 +406,9 @@ pub fn norm_act(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64, slope: f64
     if !applies(x, weight, bias) {
         return None;
     }
-    let Device::Cuda(ordinal) = x.device() else { return None };
+    let Device::Cuda(ordinal) = x.device() else {
+        return None;
+    };
     let k = kernels(ordinal)?;
     let _ctx = ContextGuard::save();
     match launch(&k, x, weight, bias, eps, slope) {
@@ -405,13 +428,22 @@ fn launch(k: &Kernels, x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64, slo
     let sums = Tensor::zeros([n, 2, c], (Kind::Float, x.device()));
     let wt = weight.to_kind(Kind::Float).contiguous();
     let bt = bias.to_kind(Kind::Float).contiguous();
-    let (xp, yp, sp, wp, bp) = (t.data_ptr() as u64, y.data_ptr() as u64, sums.data_ptr() as u64, wt.data_ptr() as u64, bt.data_ptr() as u64);
+    let (xp, yp, sp, wp, bp) =
+        (t.data_ptr() as u64, y.data_ptr() as u64, sums.data_ptr() as u64, wt.data_ptr() as u64, bt.data_ptr() as u64);
     let (li, ci, rows) = (l as i32, c as i32, ROWS.min(l) as i32);
     let (epsf, slopef) = (eps as f32, slope as f32);
     let pairs = (t.numel() / 2) as u32;
     let bf16 = x.kind() == Kind::BFloat16;
-    let stats_cfg = LaunchConfig { grid_dim: ((l as u32).div_ceil(rows as u32), n as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-    let apply_cfg = LaunchConfig { grid_dim: (pairs.div_ceil(THREADS).min(1 << 20), 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+    let stats_cfg = LaunchConfig {
+        grid_dim: ((l as u32).div_ceil(rows as u32), n as u32, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let apply_cfg = LaunchConfig {
+        grid_dim: (pairs.div_ceil(THREADS).min(1 << 20), 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
     // SAFETY: the pointers are the storage of live contiguous CUDA tensors of the sizes
     // the kernels index (t, y: N*L*C elements of x's type; sums: N*2*C float32; w, b: C
     // float32), on x's device; the launches go to the legacy default stream, libtorch's
@@ -439,12 +471,18 @@ mod tests {
     #[test]
     fn kernel_source_compiles_with_nvrtc() {
         if !ensure_nvrtc() {
-            assert!(std::env::var_os("LUMOS_REQUIRE_NVRTC").is_none(), "LUMOS_REQUIRE_NVRTC is set but NVRTC cannot be loaded");
+            assert!(
+                !crate::switches::switches().require_nvrtc,
+                "LUMOS_REQUIRE_NVRTC is set but NVRTC cannot be loaded"
+            );
             eprintln!("skipped: NVRTC cannot be loaded");
             return;
         }
         // the PTX fallback of build()
-        let opts = CompileOptions { options: vec!["--gpu-architecture=compute_90".into(), "--std=c++17".into()], ..Default::default() };
+        let opts = CompileOptions {
+            options: vec!["--gpu-architecture=compute_90".into(), "--std=c++17".into()],
+            ..Default::default()
+        };
         let ptx = compile_ptx_with_opts(SOURCE, opts).expect("PTX for compute_90").to_src();
         for f in ["lumos_in_stats_f32", "lumos_in_stats_bf16", "lumos_in_apply_f32", "lumos_in_apply_bf16"] {
             assert!(ptx.contains(&format!(".entry {f}")), "compute_90: {f} missing from the PTX");
@@ -462,27 +500,39 @@ mod tests {
     /// operators on the shapes of the networks' stages and on odd spatial sizes.
     #[test]
     fn fused_norm_matches_libtorch_on_cuda() {
-        let Some(dev) = crate::engine::device::cuda_for_test() else { return };
+        let Some(dev) = crate::engine::device::cuda_for_test() else {
+            return;
+        };
         let _g = crate::engine::model::TORCH_RNG.lock();
         tch::manual_seed(5);
         assert!(kernels(0).is_some(), "the fused kernels did not build (see the log)");
-        for (n, c, h, w) in [(2i64, 32i64, 64i64, 64i64), (3, 64, 33, 17), (16, 32, 256, 256), (2, 512, 4, 4), (1, 2, 5, 3), (4, 128, 1, 1)] {
+        for (n, c, h, w) in [
+            (2i64, 32i64, 64i64, 64i64),
+            (3, 64, 33, 17),
+            (16, 32, 256, 256),
+            (2, 512, 4, 4),
+            (1, 2, 5, 3),
+            (4, 128, 1, 1),
+        ] {
             let vs = nn::VarStore::new(dev);
             let norm = crate::nn::blocks::InstanceNorm::new(&vs.root(), c);
             tch::no_grad(|| {
                 let _ = norm.weight.shallow_clone().uniform_(0.5, 1.5);
                 let _ = norm.bias.shallow_clone().uniform_(-0.5, 0.5);
             });
-            let x = Tensor::randn([n, c, h, w], (Kind::Float, dev)) * 2.0 + Tensor::randn([1, c, 1, 1], (Kind::Float, dev)) * 3.0;
+            let x = Tensor::randn([n, c, h, w], (Kind::Float, dev)) * 2.0
+                + Tensor::randn([1, c, 1, 1], (Kind::Float, dev)) * 3.0;
             let xl = crate::engine::model::channels_last(&x);
             for slope in [0.01, 1.0] {
                 let reference = x.group_norm(c, Some(&norm.weight), Some(&norm.bias), 1e-5, true);
                 let reference = if slope == 1.0 { reference } else { reference.leaky_relu() };
-                let y = tch::no_grad(|| norm_act(&xl, &norm.weight, &norm.bias, 1e-5, slope)).expect("the kernels apply");
+                let y =
+                    tch::no_grad(|| norm_act(&xl, &norm.weight, &norm.bias, 1e-5, slope)).expect("the kernels apply");
                 assert!(crate::nn::blocks::is_channels_last(&y) || h * w == 1);
                 let e = (&y - &reference).abs().max().double_value(&[]);
                 assert!(e < 2e-4, "float32 {:?} slope {slope}: max error {e}", (n, c, h, w));
-                let yb = tch::no_grad(|| norm_act(&xl.to_kind(Kind::BFloat16), &norm.weight, &norm.bias, 1e-5, slope)).expect("bf16");
+                let yb = tch::no_grad(|| norm_act(&xl.to_kind(Kind::BFloat16), &norm.weight, &norm.bias, 1e-5, slope))
+                    .expect("bf16");
                 assert_eq!(yb.kind(), Kind::BFloat16);
                 let eb = (yb.to_kind(Kind::Float) - &reference).abs().max().double_value(&[]);
                 assert!(eb < 0.08, "bfloat16 {:?} slope {slope}: max error {eb}", (n, c, h, w));

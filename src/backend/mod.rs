@@ -2,6 +2,7 @@
 //! on its own whether its fast path applies (CPU, CUDA, precision, layout) and falls back
 //! to plain libtorch operators otherwise.
 pub mod cuda_norm;
+pub mod host;
 pub mod onednn;
 pub mod optim;
 pub mod packed;

@@ -101,14 +101,13 @@ constexpr const char *kDefaultName = "libdnnl.3.dylib";
 constexpr const char *kDefaultName = "libdnnl.so.3";
 #endif
 
+// The library file to load instead of kDefaultName; set by lumos_onednn_available before
+// the first load.
+std::string g_library;
+
 Api load_api() {
     Api a;
-    const char *env = std::getenv("LUMOS_ONEDNN");
-    if (env && std::strcmp(env, "0") == 0) {
-        a.error = "switched off by LUMOS_ONEDNN=0";
-        return a;
-    }
-    const char *name = (env && *env) ? env : kDefaultName;
+    const char *name = g_library.empty() ? kDefaultName : g_library.c_str();
 #ifdef _WIN32
     void *h = reinterpret_cast<void *>(LoadLibraryA(name));
     if (!h) {
@@ -758,9 +757,10 @@ extern "C" {
 
 // Whether oneDNN could be loaded; on failure the reason goes to `err`. On success `err`
 // holds the loaded oneDNN's version.
-int lumos_onednn_available(char *err, size_t err_len) {
+int lumos_onednn_available(const char *library, char *err, size_t err_len) {
     bool ok = false;
     const int rc = guarded(err, err_len, [&] {
+        if (library && *library) g_library = library;
         const Api &a = api();
         ok = a.error.empty();
         fail(err, err_len, ok ? a.version.c_str() : a.error.c_str());

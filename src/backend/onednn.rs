@@ -38,7 +38,7 @@ struct AtTensor {
 }
 
 unsafe extern "C" {
-    fn lumos_onednn_available(err: *mut c_char, err_len: usize) -> c_int;
+    fn lumos_onednn_available(library: *const c_char, err: *mut c_char, err_len: usize) -> c_int;
     fn lumos_onednn_conv(
         x: *mut AtTensor,
         w: *mut AtTensor,
@@ -86,20 +86,33 @@ fn message(err: &[u8]) -> String {
 /// `Ok(version)` when the oneDNN library could be loaded, else why not.
 pub fn library() -> &'static std::result::Result<String, String> {
     static LOADED: Lazy<std::result::Result<String, String>> = Lazy::new(|| {
-        let mut err = vec![0u8; 1024];
-        // SAFETY: writes at most err.len() bytes into err.
-        let ok = unsafe { lumos_onednn_available(err.as_mut_ptr() as *mut c_char, err.len()) } != 0;
-        if ok {
-            Ok(message(&err))
-        } else {
-            Err(message(&err))
+        let sw = crate::switches::switches();
+        if sw.onednn_off {
+            return Err("switched off by LUMOS_ONEDNN=0".into());
         }
+        let name = match &sw.onednn_library {
+            Some(p) => match std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) {
+                Ok(c) => Some(c),
+                Err(_) => return Err(format!("LUMOS_ONEDNN={} contains a NUL byte", p.display())),
+            },
+            None => None,
+        };
+        let mut err = vec![0u8; 1024];
+        // SAFETY: `name` is NUL-terminated or null and outlives the call, which writes at
+        // most err.len() bytes into err.
+        let ok = unsafe {
+            lumos_onednn_available(
+                name.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
+                err.as_mut_ptr() as *mut c_char,
+                err.len(),
+            )
+        } != 0;
+        if ok { Ok(message(&err)) } else { Err(message(&err)) }
     });
     &LOADED
 }
 
 static BROKEN: AtomicBool = AtomicBool::new(false);
-
 
 /// Switches the blocked path off for the rest of the process after a failure (logged
 /// once): the callers go on with libtorch's operators. A blocked forward that fails part of
@@ -168,7 +181,9 @@ pub fn applies(x: &Tensor) -> bool {
     }
     static LOGGED: Lazy<()> = Lazy::new(|| match library() {
         Ok(v) => log::info!("training convolutions: oneDNN {v} with blocked activations"),
-        Err(e) => log::info!("training convolutions: libtorch's (blocked oneDNN path unavailable: {e})"),
+        Err(e) => {
+            log::info!("training convolutions: libtorch's (blocked oneDNN path unavailable: {e})")
+        }
     });
     Lazy::force(&LOGGED);
     library().is_ok()
@@ -350,7 +365,7 @@ mod tests {
     fn have_library() -> bool {
         match library() {
             Ok(_) => true,
-            Err(e) if std::env::var_os("LUMOS_REQUIRE_ONEDNN").is_some() => {
+            Err(e) if crate::switches::switches().require_onednn => {
                 panic!("oneDNN is required here (LUMOS_REQUIRE_ONEDNN) but not loadable: {e}")
             }
             Err(e) => {
@@ -622,7 +637,8 @@ mod tests {
                 z_dim: 16,
                 ..Default::default()
             };
-            let name = format!("{variant:?}, {lc_levels} LC levels, {lc_merge:?}, {unet_norm:?}, stochastic {stochastic}");
+            let name =
+                format!("{variant:?}, {lc_levels} LC levels, {lc_merge:?}, {unet_norm:?}, stochastic {stochastic}");
             let net = MuSplitNet::new(&vs.root(), &cfg, 2).unwrap();
             // the ladder's prior and posterior convs start at zero: the deterministic
             // HAE's maps would then be constant and its BatchNorms' gradients huge (the

@@ -102,7 +102,11 @@ fn check_aligned(what: &str, params: &[Tensor], lists: &[&[Tensor]]) -> Result<(
             if !t.defined() || t.size() != size || t.kind() != kind || t.device() != device {
                 return Err(Error::InvalidArgument(format!(
                     "{what}: entry {i} is {} but its parameter is {size:?} {kind:?} on {device:?}; expected the same shape, dtype and device",
-                    if t.defined() { format!("{:?} {:?} on {:?}", t.size(), t.kind(), t.device()) } else { "undefined".to_string() }
+                    if t.defined() {
+                        format!("{:?} {:?} on {:?}", t.size(), t.kind(), t.device())
+                    } else {
+                        "undefined".to_string()
+                    }
                 )));
             }
         }
@@ -212,23 +216,60 @@ pub fn sgd_(
 /// One Adam step (no weight decay) at `step` (1 for the first update): `m = b1 m + (1 -
 /// b1) g`, `v = b2 v + (1 - b2) g^2`, `p -= lr / (1 - b1^step) * m / (sqrt(v / (1 -
 /// b2^step)) + eps)`. `m` and `v` start as zeros.
-pub fn adam_(params: &[Tensor], grads: &[Tensor], m: &[Tensor], v: &[Tensor], step: i64, lr: f64, b1: f64, b2: f64, eps: f64) -> Result<()> {
+#[allow(clippy::too_many_arguments)] // reason: mirrors the arguments of libtorch's kernel one to one
+pub fn adam_(
+    params: &[Tensor],
+    grads: &[Tensor],
+    m: &[Tensor],
+    v: &[Tensor],
+    step: i64,
+    lr: f64,
+    b1: f64,
+    b2: f64,
+    eps: f64,
+) -> Result<()> {
     check_aligned("adam", params, &[grads, m, v])?;
     let (p, g, mp, vp) = (ptrs(params), ptrs(grads), ptrs(m), ptrs(v));
     // SAFETY: live handles, index-aligned lists of equal length.
     call("fused Adam", |e, l| unsafe {
-        lumos_optim_fused_adam(p.as_ptr(), g.as_ptr(), mp.as_ptr(), vp.as_ptr(), p.len(), step as f64, lr, b1, b2, eps, e, l)
+        lumos_optim_fused_adam(
+            p.as_ptr(),
+            g.as_ptr(),
+            mp.as_ptr(),
+            vp.as_ptr(),
+            p.len(),
+            step as f64,
+            lr,
+            b1,
+            b2,
+            eps,
+            e,
+            l,
+        )
     })
 }
 
 /// One Adamax step at `step` (1 for the first update): `m = b1 m + (1 - b1) g`, `u =
 /// max(b2 u, |g| + eps)`, `p -= lr / (1 - b1^step) * m / u`. `m` and `u` start as zeros.
-pub fn adamax_(params: &[Tensor], grads: &[Tensor], m: &[Tensor], u: &[Tensor], step: i64, lr: f64, b1: f64, b2: f64, eps: f64) -> Result<()> {
+#[allow(clippy::too_many_arguments)] // reason: mirrors the arguments of libtorch's kernel one to one
+pub fn adamax_(
+    params: &[Tensor],
+    grads: &[Tensor],
+    m: &[Tensor],
+    u: &[Tensor],
+    step: i64,
+    lr: f64,
+    b1: f64,
+    b2: f64,
+    eps: f64,
+) -> Result<()> {
     check_aligned("adamax", params, &[grads, m, u])?;
     let clr = lr / (1.0 - b1.powi(step as i32));
     let (p, g, mp, up) = (ptrs(params), ptrs(grads), ptrs(m), ptrs(u));
     // SAFETY: live handles, index-aligned lists of equal length.
-    call("Adamax", |e, l| unsafe { lumos_optim_foreach_adamax(p.as_ptr(), g.as_ptr(), mp.as_ptr(), up.as_ptr(), p.len(), clr, b1, b2, eps, e, l) })
+    call("Adamax", |e, l| unsafe {
+        lumos_optim_foreach_adamax(p.as_ptr(), g.as_ptr(), mp.as_ptr(), up.as_ptr(), p.len(), clr, b1, b2, eps, e, l)
+    })
 }
 
 #[cfg(test)]
@@ -289,7 +330,8 @@ mod tests {
             assert!(ps.iter().zip(&before).all(|(p, v)| p.internal_version() > *v));
             let (c1, c2) = (1.0 - b1.powi(step as i32), 1.0 - b2.powi(step as i32));
             for i in 0..ps.len() {
-                let (mut mi, mut vi, mut pi) = (rm[i].shallow_clone(), rv[i].shallow_clone(), reference[i].shallow_clone());
+                let (mut mi, mut vi, mut pi) =
+                    (rm[i].shallow_clone(), rv[i].shallow_clone(), reference[i].shallow_clone());
                 mi.copy_(&(&mi * b1 + &gs[i] * (1.0 - b1)));
                 vi.copy_(&(&vi * b2 + gs[i].square() * (1.0 - b2)));
                 pi.copy_(&(&pi - &mi / ((&vi / c2).sqrt() + eps) * (lr / c1)));
@@ -309,7 +351,8 @@ mod tests {
             assert!(ps.iter().zip(&before).all(|(p, v)| p.internal_version() > *v));
             let c1 = 1.0 - b1.powi(step as i32);
             for i in 0..ps.len() {
-                let (mut mi, mut ui, mut pi) = (rm[i].shallow_clone(), ru[i].shallow_clone(), reference[i].shallow_clone());
+                let (mut mi, mut ui, mut pi) =
+                    (rm[i].shallow_clone(), ru[i].shallow_clone(), reference[i].shallow_clone());
                 mi.copy_(&(&mi * b1 + &gs[i] * (1.0 - b1)));
                 ui.copy_(&(&ui * b2).maximum(&(gs[i].abs() + eps)));
                 pi.copy_(&(&pi - &mi / &ui * (lr / c1)));

@@ -58,7 +58,7 @@ pub fn grad_enabled() -> bool {
 static ENABLED: Lazy<bool> = Lazy::new(|| {
     // SAFETY: reads a build-time property of libtorch.
     let mkldnn = unsafe { lumos_mkldnn_available() != 0 };
-    mkldnn && !crate::engine::device::switched_off("LUMOS_PACKED_CONV")
+    mkldnn && crate::switches::switches().packed_conv
 });
 static BROKEN: AtomicBool = AtomicBool::new(false);
 /// Set when bfloat16 packing fails (oneDNN's bfloat16 convolutions need AVX-512 BW / VL /
@@ -118,14 +118,22 @@ impl PackCache {
     /// `conv2d(x, w, b)` with square stride / padding, dilation 1, groups 1: the packed
     /// path when it applies, else libtorch's `conv2d`.
     pub fn conv2d(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: i64, padding: i64) -> Tensor {
-        if packed_conv_enabled() && !PLAIN.with(|p| p.get()) && x.device() == Device::Cpu && w.kind() == Kind::Float && x.dim() == 4 && !grad_enabled() {
+        if packed_conv_enabled()
+            && !PLAIN.with(|p| p.get())
+            && x.device() == Device::Cpu
+            && w.kind() == Kind::Float
+            && x.dim() == 4
+            && !grad_enabled()
+        {
             // float32, or bfloat16 autocast (what autocast's conv2d would do: the input in
             // bfloat16, a bfloat16 result; here the weight is cast and packed once)
             let kind = if !crate::backend::precision::autocast_enabled(Device::Cpu) {
                 (x.kind() == Kind::Float).then_some(Kind::Float)
             } else {
-                (!BROKEN_BF16.load(Ordering::Relaxed) && crate::backend::precision::autocast_bf16(Device::Cpu) && matches!(x.kind(), Kind::Float | Kind::BFloat16))
-                    .then_some(Kind::BFloat16)
+                (!BROKEN_BF16.load(Ordering::Relaxed)
+                    && crate::backend::precision::autocast_bf16(Device::Cpu)
+                    && matches!(x.kind(), Kind::Float | Kind::BFloat16))
+                .then_some(Kind::BFloat16)
             };
             if let Some(kind) = kind {
                 let xk = if x.kind() == kind { x.shallow_clone() } else { x.to_kind(kind) };
@@ -143,13 +151,31 @@ impl PackCache {
         x.conv2d(w, b, [stride], [padding], [1], 1)
     }
 
-    fn try_packed(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: i64, padding: i64, kind: Kind) -> Result<Tensor, String> {
+    fn try_packed(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        stride: i64,
+        padding: i64,
+        kind: Kind,
+    ) -> Result<Tensor, String> {
         let key = (w.data_ptr() as usize, w.internal_version(), kind);
         let mut slot = self.slot.lock();
         if slot.as_ref().is_none_or(|p| (p.storage, p.version, p.kind) != key) {
-            let dense = w.f_detach().and_then(|d| d.f_to_kind(kind)).and_then(|d| d.f_to_mkldnn(kind)).map_err(|e| e.to_string())?;
+            let dense = w
+                .f_detach()
+                .and_then(|d| d.f_to_kind(kind))
+                .and_then(|d| d.f_to_mkldnn(kind))
+                .map_err(|e| e.to_string())?;
             let weight = dense
-                .f_mkldnn_reorder_conv2d_weight([padding, padding], [stride, stride], [1, 1], 1, Some(x.size().as_slice()))
+                .f_mkldnn_reorder_conv2d_weight(
+                    [padding, padding],
+                    [stride, stride],
+                    [1, 1],
+                    1,
+                    Some(x.size().as_slice()),
+                )
                 .map_err(|e| e.to_string())?;
             *slot = Some(Packed { storage: key.0, version: key.1, kind, weight });
         }

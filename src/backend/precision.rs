@@ -18,12 +18,25 @@ use std::os::raw::{c_char, c_int};
 
 use tch::{Device, Tensor};
 
-use crate::error::{Error, Result};
 use crate::backend::optim::call;
+use crate::error::{Error, Result};
 
 unsafe extern "C" {
-    fn lumos_autocast_enter(device_type: c_int, dtype: c_int, prev_enabled: *mut c_int, prev_dtype: *mut c_int, err: *mut c_char, err_len: usize) -> c_int;
-    fn lumos_autocast_exit(device_type: c_int, prev_enabled: c_int, prev_dtype: c_int, err: *mut c_char, err_len: usize) -> c_int;
+    fn lumos_autocast_enter(
+        device_type: c_int,
+        dtype: c_int,
+        prev_enabled: *mut c_int,
+        prev_dtype: *mut c_int,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn lumos_autocast_exit(
+        device_type: c_int,
+        prev_enabled: c_int,
+        prev_dtype: c_int,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
     fn lumos_autocast_enabled(device_type: c_int) -> c_int;
     fn lumos_autocast_dtype(device_type: c_int) -> c_int;
 }
@@ -59,7 +72,9 @@ impl Precision {
         match s.trim().to_ascii_lowercase().as_str() {
             "float32" | "fp32" | "f32" => Ok(Precision::Float32),
             "bfloat16" | "bf16" => Ok(Precision::Bfloat16),
-            other => Err(Error::InvalidArgument(format!("precision '{other}'; expected float32 (fp32) or bfloat16 (bf16)"))),
+            other => {
+                Err(Error::InvalidArgument(format!("precision '{other}'; expected float32 (fp32) or bfloat16 (bf16)")))
+            }
         }
     }
 
@@ -68,7 +83,9 @@ impl Precision {
         match code {
             0 => Ok(Precision::Float32),
             1 => Ok(Precision::Bfloat16),
-            other => Err(Error::InvalidArgument(format!("precision code {other}; expected 0 (float32) or 1 (bfloat16)"))),
+            other => {
+                Err(Error::InvalidArgument(format!("precision code {other}; expected 0 (float32) or 1 (bfloat16)")))
+            }
         }
     }
 
@@ -97,7 +114,8 @@ pub fn autocast_enabled(device: Device) -> bool {
 /// Whether bfloat16 autocast is on for `device`'s type on this thread.
 pub fn autocast_bf16(device: Device) -> bool {
     // SAFETY: read thread-local dispatch state.
-    device_type(device).is_ok_and(|dt| unsafe { lumos_autocast_enabled(dt) != 0 && lumos_autocast_dtype(dt) == ST_BF16 })
+    device_type(device)
+        .is_ok_and(|dt| unsafe { lumos_autocast_enabled(dt) != 0 && lumos_autocast_dtype(dt) == ST_BF16 })
 }
 
 /// Restores the autocast state saved by `enter` when dropped (also on unwinding).
@@ -110,7 +128,9 @@ struct Guard {
 impl Drop for Guard {
     fn drop(&mut self) {
         // SAFETY: restores the state saved by lumos_autocast_enter on this thread.
-        if let Err(e) = call("autocast exit", |err, len| unsafe { lumos_autocast_exit(self.dt, self.prev_enabled, self.prev_dtype, err, len) }) {
+        if let Err(e) = call("autocast exit", |err, len| unsafe {
+            lumos_autocast_exit(self.dt, self.prev_enabled, self.prev_dtype, err, len)
+        }) {
             log::error!("{e}");
         }
     }
@@ -125,7 +145,9 @@ pub fn with_precision<R>(precision: Precision, device: Device, f: impl FnOnce() 
     let dt = device_type(device)?;
     let (mut prev_enabled, mut prev_dtype) = (0, 0);
     // SAFETY: valid out-pointers; the state is restored by Guard's drop.
-    call("autocast", |err, len| unsafe { lumos_autocast_enter(dt, ST_BF16, &mut prev_enabled, &mut prev_dtype, err, len) })?;
+    call("autocast", |err, len| unsafe {
+        lumos_autocast_enter(dt, ST_BF16, &mut prev_enabled, &mut prev_dtype, err, len)
+    })?;
     let _guard = Guard { dt, prev_enabled, prev_dtype };
     Ok(f())
 }

@@ -22,9 +22,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream};
+use ndarray::{ArrayView3, Axis, s};
 use once_cell::sync::Lazy;
 use parking_lot::Mutex;
 use tch::{Device, Kind, Tensor};
+
+use crate::image::array3_to_tensor;
 
 use crate::backend::cuda_norm::ContextGuard;
 
@@ -130,8 +133,7 @@ thread_local! {
 }
 
 fn enabled() -> bool {
-    static ON: Lazy<bool> = Lazy::new(|| !crate::engine::device::switched_off("LUMOS_CUDA_STAGED_COPY"));
-    *ON
+    crate::switches::switches().cuda_staged_copy
 }
 
 /// A new float32 tensor of shape `dims` on the CUDA `device` holding the host slices
@@ -142,7 +144,9 @@ fn enabled() -> bool {
 /// switched off or does not apply (not CUDA, fewer than one slot of data), and where it
 /// failed: the caller copies another way.
 pub fn to_device(pieces: &[&[f32]], dims: &[i64], device: Device) -> Option<Tensor> {
-    let Device::Cuda(ordinal) = device else { return None };
+    let Device::Cuda(ordinal) = device else {
+        return None;
+    };
     let total: usize = pieces.iter().map(|p| p.len()).sum();
     if !enabled() || total * 4 < SLOT_BYTES || dims.iter().product::<i64>() != total as i64 {
         return None;
@@ -174,7 +178,9 @@ pub fn to_device(pieces: &[&[f32]], dims: &[i64], device: Device) -> Option<Tens
             Some(dst)
         }
         Err(e) => {
-            log::warn!("a staged frame copy failed on device {ordinal} (or an earlier CUDA error surfaced there), libtorch copies the frames from now on: {e}");
+            log::warn!(
+                "a staged frame copy failed on device {ordinal} (or an earlier CUDA error surfaced there), libtorch copies the frames from now on: {e}"
+            );
             // dropping the ring waits for the stream before freeing its memory
             *entry = Owned(None);
             None
@@ -182,10 +188,49 @@ pub fn to_device(pieces: &[&[f32]], dims: &[i64], device: Device) -> Option<Tens
     }
 }
 
+/// Rows `y0..y1` of a `(C, H, W)` frame as a new `(1, C, y1 - y0, W)` float tensor on
+/// `device` that owns its memory, without element-by-element gathering unless the strides
+/// are negative: on the CPU one strided copy; on a CUDA device, 2 MiB or more whose rows are
+/// contiguous within each channel go through page-locked buffers without waiting for the
+/// transfer (see [`to_device`]), anything else is copied by libtorch.
+pub fn rows_to_device(frame: ArrayView3<f32>, y0: usize, y1: usize, device: Device) -> Tensor {
+    let v = frame.slice(s![.., y0..y1, ..]);
+    if v.strides().iter().any(|&st| st < 0) || v.is_empty() {
+        return array3_to_tensor(v, device).unsqueeze(0);
+    }
+    let dims: Vec<i64> = std::iter::once(1).chain(v.shape().iter().map(|&d| d as i64)).collect();
+    let strides: Vec<i64> = std::iter::once(v.len() as i64).chain(v.strides().iter().map(|&st| st as i64)).collect();
+    // SAFETY: the pointer and strides describe the view's elements, all inside the array,
+    // which outlives this function; the borrowing tensor is dropped here, after the copy
+    // (to another device, or into new host memory), so nothing aliases the caller's frame.
+    let borrowed = unsafe { Tensor::from_blob(v.as_ptr() as *const u8, &dims, &strides, Kind::Float, Device::Cpu) };
+    match device {
+        Device::Cpu => {
+            let mut owned = Tensor::empty(dims.as_slice(), (Kind::Float, Device::Cpu));
+            owned.copy_(&borrowed);
+            owned
+        }
+        Device::Cuda(_) => {
+            // through page-locked memory, without waiting for the transfer, where
+            // the ring takes it (2 MiB or more): one piece where the rows are contiguous
+            // across channels (a whole frame), else one per channel (a band of rows, a frame
+            // cropped in height)
+            let pieces: Option<Vec<&[f32]>> = v
+                .to_slice()
+                .map(|s| vec![s])
+                .or_else(|| (0..v.dim().0).map(|ch| v.index_axis(Axis(0), ch).to_slice()).collect());
+            let staged = pieces.and_then(|p| to_device(&p, &dims, device));
+            staged.unwrap_or_else(|| borrowed.to_device(device))
+        }
+        // other devices (MPS, ...)
+        _ => borrowed.to_device(device),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ndarray::{s, Array3};
+    use ndarray::{Array3, s};
 
     /// On a CUDA device (skipped without one): staged copies equal libtorch's, for one piece
     /// and several, one slot and a little more, not a multiple of a slot, and longer than
@@ -193,9 +238,16 @@ mod tests {
     /// be reused as soon as the call returns. Less than a slot is left to libtorch.
     #[test]
     fn staged_copies_equal_libtorchs() {
-        let Some(dev) = crate::engine::device::cuda_for_test() else { return };
+        let Some(dev) = crate::engine::device::cuda_for_test() else {
+            return;
+        };
         assert!(to_device(&[&[1.0f32; 1000]], &[1000], dev).is_none(), "less than a slot is staged");
-        for lens in [vec![SLOT_ELEMS], vec![SLOT_ELEMS + 7], vec![SLOTS * SLOT_ELEMS * 2 + 12345], vec![300_000, 5, SLOT_ELEMS * 3]] {
+        for lens in [
+            vec![SLOT_ELEMS],
+            vec![SLOT_ELEMS + 7],
+            vec![SLOTS * SLOT_ELEMS * 2 + 12345],
+            vec![300_000, 5, SLOT_ELEMS * 3],
+        ] {
             let mut pieces: Vec<Vec<f32>> = lens
                 .iter()
                 .enumerate()
@@ -205,7 +257,8 @@ mod tests {
             let refs: Vec<&[f32]> = pieces.iter().map(|p| p.as_slice()).collect();
             let dst = to_device(&refs, &[1, total], dev).unwrap_or_else(|| panic!("{lens:?}: staging refused"));
             assert_eq!(dst.size(), [1, total]);
-            let want = Tensor::cat(&pieces.iter().map(|p| Tensor::from_slice(p)).collect::<Vec<_>>(), 0).view([1, total]);
+            let want =
+                Tensor::cat(&pieces.iter().map(|p| Tensor::from_slice(p)).collect::<Vec<_>>(), 0).view([1, total]);
             // the caller's memory is free to change once the call has returned
             for p in pieces.iter_mut() {
                 p.iter_mut().for_each(|v| *v = f32::NAN);
@@ -214,22 +267,24 @@ mod tests {
         }
     }
 
-    /// On a CUDA device: `tiling::rows_to_device` through the ring (one piece for the whole
+    /// On a CUDA device: `rows_to_device` through the ring (one piece for the whole
     /// frame, one per channel for a band of rows or a frame cropped in height) gives the
     /// frame's rows as the CPU copy does.
     #[test]
     fn frames_and_bands_reach_the_device_intact() {
-        let Some(dev) = crate::engine::device::cuda_for_test() else { return };
+        let Some(dev) = crate::engine::device::cuda_for_test() else {
+            return;
+        };
         let frame = Array3::from_shape_fn((3, 700, 640), |(c, y, x)| (c * 1_000_000 + y * 1000 + x) as f32);
         let before = STAGED.with(|n| n.get());
         // a frame cropped in height: not contiguous across channels, each channel is
         let cropped = frame.slice(s![.., 100..600, ..]);
-        let got = crate::engine::tiling::rows_to_device(cropped, 0, 500, dev).to_device(Device::Cpu);
-        assert!(got.equal(&crate::engine::tiling::rows_to_device(cropped, 0, 500, Device::Cpu)), "the cropped frame differs");
+        let got = rows_to_device(cropped, 0, 500, dev).to_device(Device::Cpu);
+        assert!(got.equal(&rows_to_device(cropped, 0, 500, Device::Cpu)), "the cropped frame differs");
         for (y0, y1) in [(0usize, 700usize), (123, 700), (5, 650)] {
             assert!(3 * (y1 - y0) * 640 * 4 >= SLOT_BYTES, "the case must be staged");
-            let got = crate::engine::tiling::rows_to_device(frame.view(), y0, y1, dev).to_device(Device::Cpu);
-            let want = crate::engine::tiling::rows_to_device(frame.view(), y0, y1, Device::Cpu);
+            let got = rows_to_device(frame.view(), y0, y1, dev).to_device(Device::Cpu);
+            let want = rows_to_device(frame.view(), y0, y1, Device::Cpu);
             assert!(got.equal(&want), "rows {y0}..{y1} differ");
             let band = frame.slice(s![.., y0..y1, ..]);
             assert_eq!(got.size(), [1, 3, band.dim().1 as i64, 640]);

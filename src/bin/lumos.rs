@@ -4,20 +4,20 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
+use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use lumos::engine::dataset::list_pairs;
 use lumos::engine::device::{device_name, parse_device};
-use lumos::io::tiff;
 use lumos::engine::metrics::{self, ImageScores};
 use lumos::engine::model::{Model, Precision, SegmentOptions, SegmentOutput};
 use lumos::engine::progress::{Monitor, Progress, Stage};
+use lumos::engine::train::{TrainConfig, train};
+use lumos::io::tiff;
+use lumos::musplit::DecomposeOptions;
 use lumos::sim::fluo::{FluoConfig, StructurePair};
 use lumos::sim::ssqpm::{self, Confluence, SsqpmConfig};
-use lumos::musplit::DecomposeOptions;
-use lumos::engine::train::{train, TrainConfig};
-use lumos::{overlay, Error, Result};
+use lumos::{Error, Result, overlay};
 
 #[derive(Parser)]
 #[command(name = "lumos", version, about = "Deep-learning engine for microscopy: simulate, train, segment, evaluate")]
@@ -338,7 +338,13 @@ impl TileArgs {
                 None
             }
         };
-        Ok(SegmentOptions { tile: self.tile.map(|t| [t, t]), step_fraction: self.step, batch_size: self.batch, mirror: self.mirror, diffusion })
+        Ok(SegmentOptions {
+            tile: self.tile.map(|t| [t, t]),
+            step_fraction: self.step,
+            batch_size: self.batch,
+            mirror: self.mirror,
+            diffusion,
+        })
     }
 }
 
@@ -544,7 +550,11 @@ fn say(bar: &ProgressBar, line: String) {
 /// A progress bar for training, driven by the engine's progress events.
 fn train_progress(cfg: &TrainConfig) -> (ProgressBar, impl FnMut(&Progress)) {
     // PG-DiffSeg runs its autoencoder epochs first; its events count them in `epochs`
-    let epochs = if cfg.kind.eq_ignore_ascii_case("pgdiff") { cfg.epochs.saturating_add(cfg.pgdiff.ae_epochs) } else { cfg.epochs };
+    let epochs = if cfg.kind.eq_ignore_ascii_case("pgdiff") {
+        cfg.epochs.saturating_add(cfg.pgdiff.ae_epochs)
+    } else {
+        cfg.epochs
+    };
     let total = (epochs as u64).saturating_mul(cfg.iterations_per_epoch as u64);
     // muSplit validates by PSNR (dB), the segmentation kinds by Dice
     let metric = if cfg.kind.eq_ignore_ascii_case("musplit") { "val PSNR" } else { "val Dice" };
@@ -563,13 +573,16 @@ fn train_progress(cfg: &TrainConfig) -> (ProgressBar, impl FnMut(&Progress)) {
         }
         Stage::Validation => {
             last_val = p.val_metric;
-            say(&b, format!(
-                "epoch {:>3}/{}  train loss {:.4}  {metric} {:.4}",
-                p.epoch + 1,
-                p.epochs,
-                p.loss,
-                p.val_metric
-            ));
+            say(
+                &b,
+                format!(
+                    "epoch {:>3}/{}  train loss {:.4}  {metric} {:.4}",
+                    p.epoch + 1,
+                    p.epochs,
+                    p.loss,
+                    p.val_metric
+                ),
+            );
         }
         _ => {}
     };
@@ -606,12 +619,17 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         if cfg.kind.eq_ignore_ascii_case("musplit") && a.config.is_none() && a.recipe.is_none() && a.patch.is_none() {
             cfg.patch_size = [64, 64];
         }
-        if lumos::engine::model::ModelKind::parse(&cfg.kind)? == lumos::engine::model::ModelKind::Pgdiff && a.config.is_none() && a.recipe.is_none() {
+        if lumos::engine::model::ModelKind::parse(&cfg.kind)? == lumos::engine::model::ModelKind::Pgdiff
+            && a.config.is_none()
+            && a.recipe.is_none()
+        {
             let (pc, patch) = match a.pgdiff_preset.as_str() {
                 "paper" => (lumos::pgdiff::PgDiffConfig::default(), 256),
                 "cpu" => (lumos::pgdiff::PgDiffConfig::cpu(), 128),
                 "tiny" => (lumos::pgdiff::PgDiffConfig::tiny(), 32),
-                o => return Err(Error::InvalidArgument(format!("--pgdiff-preset '{o}'; expected paper, cpu or tiny"))),
+                o => {
+                    return Err(Error::InvalidArgument(format!("--pgdiff-preset '{o}'; expected paper, cpu or tiny")));
+                }
             };
             cfg.pgdiff = pc;
             if a.patch.is_none() {
@@ -658,7 +676,10 @@ fn tiff_files(p: &Path) -> Result<Vec<PathBuf>> {
 
 fn tile_bar(n: usize) -> ProgressBar {
     let bar = ProgressBar::new(n as u64);
-    bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} images {msg}").expect("template"));
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} images {msg}")
+            .expect("template"),
+    );
     bar
 }
 
@@ -710,7 +731,9 @@ fn segment(a: SegmentArgs) -> Result<()> {
                     *l = best as u8;
                 }
             }
-            _ => model.segment(img.data.view(), &opts, SegmentOutput::Labels(labels.view_mut()), &mut Monitor::none())?,
+            _ => {
+                model.segment(img.data.view(), &opts, SegmentOutput::Labels(labels.view_mut()), &mut Monitor::none())?
+            }
         }
         // both outputs computed before either is written
         tiff::write_mask_u8(&a.out.join(format!("{stem}_mask.tif")), &labels)?;
@@ -719,7 +742,12 @@ fn segment(a: SegmentArgs) -> Result<()> {
             tiff::write_image_f32(&a.out.join(format!("{stem}_prob.tif")), &im)?;
         }
         let fg = labels.iter().filter(|&&v| v > 0).count() as f64 / (h * w) as f64 * 100.0;
-        table.add_row([stem.to_string(), format!("{h}x{w}"), format!("{fg:.1}"), format!("{:.2}", t.elapsed().as_secs_f64())]);
+        table.add_row([
+            stem.to_string(),
+            format!("{h}x{w}"),
+            format!("{fg:.1}"),
+            format!("{:.2}", t.elapsed().as_secs_f64()),
+        ]);
         bar.inc(1);
     }
     bar.finish_and_clear();
@@ -760,13 +788,23 @@ fn score_table(model: &Model, ev: &Evaluation) -> (Table, metrics::Summary) {
     let mut table = Table::new();
     table.load_preset(UTF8_FULL_CONDENSED).set_header(["image", "Dice", "IoU", "seconds"]);
     for ((n, s), t) in ev.names.iter().zip(&ev.scores).zip(&ev.seconds) {
-        table.add_row([n.clone(), format!("{:.4}", s.mean_fg_dice()), format!("{:.4}", s.mean_fg_iou()), format!("{t:.2}")]);
+        table.add_row([
+            n.clone(),
+            format!("{:.4}", s.mean_fg_dice()),
+            format!("{:.4}", s.mean_fg_iou()),
+            format!("{t:.2}"),
+        ]);
     }
     let sum = metrics::summarize(&ev.scores);
     table.add_row(["mean ± std".to_string(), sum.mean_fg_dice.to_string(), sum.mean_fg_iou.to_string(), String::new()]);
     if model.n_classes() > 2 {
         for (k, c) in model.meta.classes.iter().enumerate() {
-            table.add_row([format!("class {c}"), sum.dice_per_class[k].to_string(), sum.iou_per_class[k].to_string(), String::new()]);
+            table.add_row([
+                format!("class {c}"),
+                sum.dice_per_class[k].to_string(),
+                sum.iou_per_class[k].to_string(),
+                String::new(),
+            ]);
         }
     }
     (table, sum)
@@ -798,17 +836,25 @@ fn evaluate(a: EvaluateArgs) -> Result<metrics::Summary> {
 }
 
 fn export_cmd(a: ExportArgs) -> Result<()> {
-    use lumos::export::{export_bioimageio, ExportOptions, Person};
+    use lumos::export::{ExportOptions, Person, export_bioimageio};
     let tile = match &a.tile {
         None => None,
         Some(t) => {
-            let v: Vec<usize> = t.split(['x', 'X', ',']).map(|p| p.trim().parse::<usize>()).collect::<std::result::Result<_, _>>().map_err(|_| {
-                lumos::Error::InvalidArgument(format!("--tile '{t}': expected HxW, for example 256x256"))
-            })?;
+            let v: Vec<usize> = t
+                .split(['x', 'X', ','])
+                .map(|p| p.trim().parse::<usize>())
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|_| {
+                    lumos::Error::InvalidArgument(format!("--tile '{t}': expected HxW, for example 256x256"))
+                })?;
             match v[..] {
                 [h, w] => Some([h, w]),
                 [s] => Some([s, s]),
-                _ => return Err(lumos::Error::InvalidArgument(format!("--tile '{t}': expected HxW, for example 256x256"))),
+                _ => {
+                    return Err(lumos::Error::InvalidArgument(format!(
+                        "--tile '{t}': expected HxW, for example 256x256"
+                    )));
+                }
             }
         }
     };
@@ -816,7 +862,11 @@ fn export_cmd(a: ExportArgs) -> Result<()> {
         name: a.name,
         description: a.description,
         authors: a.authors.iter().map(|s| Person::parse(s)).collect::<Result<_>>()?,
-        maintainers: a.maintainers.iter().map(|g| Person { name: g.clone(), github_user: Some(g.clone()), ..Default::default() }).collect(),
+        maintainers: a
+            .maintainers
+            .iter()
+            .map(|g| Person { name: g.clone(), github_user: Some(g.clone()), ..Default::default() })
+            .collect(),
         license: a.license,
         tags: a.tags,
         git_repo: a.git_repo,
@@ -859,8 +909,17 @@ fn info(a: InfoArgs) -> Result<()> {
     t.add_row(["architecture".to_string(), m.architecture.to_string()]);
     t.add_row(["normalization".to_string(), serde_json::to_string(&m.normalization).expect("json")]);
     let p = &m.provenance;
-    t.add_row(["trained".to_string(), format!("{} epochs on {} (seed {}, {:.0} s, lumos {})", p.epochs_completed, p.device, p.seed, p.wall_seconds, p.lumos_version)]);
-    t.add_row(["data".to_string(), format!("{} ({} train / {} validation images)", p.data, p.train_images.len(), p.val_images.len())]);
+    t.add_row([
+        "trained".to_string(),
+        format!(
+            "{} epochs on {} (seed {}, {:.0} s, lumos {})",
+            p.epochs_completed, p.device, p.seed, p.wall_seconds, p.lumos_version
+        ),
+    ]);
+    t.add_row([
+        "data".to_string(),
+        format!("{} ({} train / {} validation images)", p.data, p.train_images.len(), p.val_images.len()),
+    ]);
     t.add_row(["validation Dice".to_string(), p.val_dice.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into())]);
     println!("{t}");
     Ok(())
@@ -934,7 +993,10 @@ fn demo(a: DemoArgs) -> Result<()> {
         "mean_iou": sum.mean_fg_iou.mean,
     });
     let results_path = a.out.join("results.json");
-    lumos::engine::weights::write_atomic(&results_path, serde_json::to_string_pretty(&results).expect("json").as_bytes())?;
+    lumos::engine::weights::write_atomic(
+        &results_path,
+        serde_json::to_string_pretty(&results).expect("json").as_bytes(),
+    )?;
     println!(
         "mean Dice {}  mean IoU {}  (6 held-out simulated test images, seed {}, {:.0} s in all)",
         sum.mean_fg_dice,
@@ -961,7 +1023,9 @@ fn decompose(a: DecomposeArgs) -> Result<()> {
     let mut opts = match a.padding.as_str() {
         "inner" => DecomposeOptions::default(),
         "outer" => DecomposeOptions::outer_padding(patch, 4),
-        o => return Err(Error::InvalidArgument(format!("--padding {o}; expected inner or outer"))),
+        o => {
+            return Err(Error::InvalidArgument(format!("--padding {o}; expected inner or outer")));
+        }
     };
     if let Some(t) = a.tile {
         opts.tile = Some(t);
@@ -993,7 +1057,11 @@ fn decompose(a: DecomposeArgs) -> Result<()> {
         let t = Instant::now();
         let img = tiff::read_image(f)?;
         if img.channels() != 1 {
-            return Err(Error::Shape(format!("'{}' has {} channels; decompose takes single-channel images", f.display(), img.channels())));
+            return Err(Error::Shape(format!(
+                "'{}' has {} channels; decompose takes single-channel images",
+                f.display(),
+                img.channels()
+            )));
         }
         let stem = f.file_stem().and_then(|s| s.to_str()).unwrap_or("image").to_string();
         bar.set_message(stem.clone());
@@ -1004,7 +1072,13 @@ fn decompose(a: DecomposeArgs) -> Result<()> {
             let tp = truth_dir.join(format!("{stem}.tif"));
             let truth = tiff::read_image(&tp)?;
             let s = metrics::split_scores(truth.data.view(), pred.view())?;
-            row.extend(s.psnr.iter().chain(&s.ri_psnr).map(|v| format!("{v:.2}")).chain(s.ssim.iter().map(|v| format!("{v:.3}"))));
+            row.extend(
+                s.psnr
+                    .iter()
+                    .chain(&s.ri_psnr)
+                    .map(|v| format!("{v:.2}"))
+                    .chain(s.ssim.iter().map(|v| format!("{v:.3}"))),
+            );
             all.push(s);
         }
         tiff::write_image_f32(&a.out.join(format!("{stem}_split.tif")), &lumos::Image::with_names(pred, ch.clone())?)?;
@@ -1017,7 +1091,14 @@ fn decompose(a: DecomposeArgs) -> Result<()> {
         for (i, c) in ch.iter().enumerate() {
             let p = metrics::mean_std(&all.iter().map(|s| s.psnr[i]).collect::<Vec<_>>());
             let q = metrics::mean_std(&all.iter().map(|s| s.ssim[i]).collect::<Vec<_>>());
-            println!("{c}: PSNR {:.2} ± {:.2} dB, SSIM {:.3} ± {:.3} over {} images", p.mean, p.std, q.mean, q.std, all.len());
+            println!(
+                "{c}: PSNR {:.2} ± {:.2} dB, SSIM {:.3} ± {:.3} over {} images",
+                p.mean,
+                p.std,
+                q.mean,
+                q.std,
+                all.len()
+            );
         }
     }
     println!("decompositions written to {}", a.out.display());

@@ -2,3 +2,73 @@
 //! It trains through the nnU-Net segmentation trainer ([`crate::nnunet`]).
 pub mod net;
 pub mod recipes;
+
+use std::path::Path;
+
+use tch::nn;
+
+use crate::engine::method::Method;
+use crate::engine::model::{ModelKind, ModelMeta, Net};
+use crate::engine::train::{TrainConfig, TrainingData};
+use crate::error::{Error, Result};
+use net::{DmQpmConfig, DmQpmNet};
+
+/// The `dmqpm` kind: DM-QPMNet or one of its baselines.
+pub struct DmQpm;
+
+pub static DMQPM: DmQpm = DmQpm;
+
+fn architecture(meta: &ModelMeta) -> Result<DmQpmConfig> {
+    serde_json::from_value(meta.architecture.clone())
+        .map_err(|e| Error::ModelFormat(format!("invalid dmqpm architecture: {e}")))
+}
+
+impl Method for DmQpm {
+    fn kind(&self) -> ModelKind {
+        ModelKind::Dmqpm
+    }
+    fn check_config(&self, cfg: &TrainConfig) -> Result<()> {
+        cfg.dmqpm.validate()
+    }
+    fn patch_divisor(&self, cfg: &TrainConfig) -> usize {
+        cfg.dmqpm.divisor()
+    }
+    fn build(&self, meta: &ModelMeta, p: &nn::Path) -> Result<Net> {
+        let cfg = architecture(meta)?;
+        if meta.input_channels.len() != 5 {
+            return Err(Error::Shape(format!(
+                "a dmqpm model takes 5 input channels (I0, I45, I90, I135, phase); the data have {} ({})",
+                meta.input_channels.len(),
+                meta.input_channels.join(", ")
+            )));
+        }
+        Ok(Net::Dmqpm(DmQpmNet::new(p, &cfg, meta.classes.len() as i64)?))
+    }
+    fn divisor(&self, meta: &ModelMeta) -> usize {
+        architecture(meta).map(|c| c.divisor()).unwrap_or(1)
+    }
+    fn load(&self, cfg: &TrainConfig, data_dir: &Path) -> Result<Box<dyn TrainingData>> {
+        crate::nnunet::train::load(ModelKind::Dmqpm, cfg, data_dir)
+    }
+    fn export_info(&self) -> crate::engine::method::ExportInfo {
+        crate::engine::method::ExportInfo {
+            name: "DM-QPMNet",
+            tags: vec![
+                "segmentation",
+                "quantitative-phase-imaging",
+                "polarization",
+                "cells",
+                "2d",
+                "pytorch",
+                "nnu-net",
+            ],
+            cite: vec![
+                serde_json::json!({"text": "Chakraborty R, Espinosa-Momox A, Haskin R, Xu D, Porras-Aguilar R. DM-QPMNet: Dual-modality fusion network for cell segmentation in quantitative phase microscopy. arXiv:2511.00218 (2025).", "url": "https://arxiv.org/abs/2511.00218"}),
+                crate::engine::method::nnunet_citation(),
+            ],
+        }
+    }
+    fn simulator(&self, _meta: &ModelMeta) -> Option<&'static str> {
+        Some("ssqpm")
+    }
+}

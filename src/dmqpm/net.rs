@@ -25,9 +25,9 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
-use crate::nn::blocks::{stage_features, ConvNormAct, Decoder, Encoder};
 use crate::backend::onednn;
 use crate::error::{Error, Result};
+use crate::nn::blocks::{ConvNormAct, Decoder, Encoder, stage_features};
 
 /// The names of the five ssQPM input channels, in order.
 pub const SSQPM_CHANNELS: [&str; 5] = ["I0", "I45", "I90", "I135", "phase"];
@@ -156,7 +156,11 @@ impl DmQpmConfig {
 
     /// The fusion block's token width.
     pub fn width(&self) -> i64 {
-        if self.fusion_width > 0 { self.fusion_width } else { self.features()[self.fusion_stage.min(self.n_stages - 1)] }
+        if self.fusion_width > 0 {
+            self.fusion_width
+        } else {
+            self.features()[self.fusion_stage.min(self.n_stages - 1)]
+        }
     }
 
     /// Input height and width must be multiples of this.
@@ -233,6 +237,7 @@ fn layer_norm(p: &nn::Path, d: i64) -> nn::LayerNorm {
 }
 
 /// The fusion block at the fusion stage: `(a, p)` both `(N, F, h, w)` -> `(N, F, h, w)`.
+#[allow(clippy::large_enum_variant)] // reason: built once per model and never moved in a hot path; boxing the large variant only adds an indirection
 #[derive(Debug)]
 pub enum Fusion {
     Attention {
@@ -336,6 +341,7 @@ impl Fusion {
 
 /// The network: `dual` (DM-QPMNet) or `early_fusion` (a baseline nnU-Net on a channel
 /// selection).
+#[allow(clippy::large_enum_variant)] // reason: built once per model and never moved in a hot path; boxing the large variant only adds an indirection
 #[derive(Debug)]
 pub enum DmQpmNet {
     Dual {
@@ -364,7 +370,8 @@ impl DmQpmNet {
             Variant::EarlyFusion => {
                 let all = cfg.channels == [0, 1, 2, 3, 4];
                 let select = (!all).then(|| {
-                    Tensor::from_slice(&cfg.channels.iter().map(|&i| i as i64).collect::<Vec<_>>()).to_device(p.device())
+                    Tensor::from_slice(&cfg.channels.iter().map(|&i| i as i64).collect::<Vec<_>>())
+                        .to_device(p.device())
                 });
                 DmQpmNet::EarlyFusion {
                     select,

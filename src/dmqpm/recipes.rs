@@ -42,15 +42,33 @@ impl Preset {
         };
         match self {
             Preset::Tiny => (
-                TrainConfig { epochs: 2, iterations_per_epoch: 3, batch_size: 2, patch_size: [32, 32], ..Default::default() },
+                TrainConfig {
+                    epochs: 2,
+                    iterations_per_epoch: 3,
+                    batch_size: 2,
+                    patch_size: [32, 32],
+                    ..Default::default()
+                },
                 base(4, 4, 32, 2),
             ),
             Preset::Cpu => (
-                TrainConfig { epochs: 25, iterations_per_epoch: 16, batch_size: 4, patch_size: [128, 128], ..Default::default() },
+                TrainConfig {
+                    epochs: 25,
+                    iterations_per_epoch: 16,
+                    batch_size: 4,
+                    patch_size: [128, 128],
+                    ..Default::default()
+                },
                 base(5, 16, 128, 4),
             ),
             Preset::Paper => (
-                TrainConfig { epochs: 300, iterations_per_epoch: 250, batch_size: 12, patch_size: [256, 256], ..Default::default() },
+                TrainConfig {
+                    epochs: 300,
+                    iterations_per_epoch: 250,
+                    batch_size: 12,
+                    patch_size: [256, 256],
+                    ..Default::default()
+                },
                 base(5, 32, 512, 8),
             ),
         }

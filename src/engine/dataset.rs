@@ -55,7 +55,13 @@ pub fn list_pairs(dir: &Path) -> Result<Vec<(String, PathBuf, PathBuf)>> {
             .iter()
             .map(|e| mask_dir.join(format!("{stem}.{e}")))
             .find(|m| m.is_file())
-            .ok_or_else(|| Error::InvalidArgument(format!("image '{}' has no mask '{}/{stem}.tif'", p.display(), mask_dir.display())))?;
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "image '{}' has no mask '{}/{stem}.tif'",
+                    p.display(),
+                    mask_dir.display()
+                ))
+            })?;
         out.push((stem, p, mask));
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
@@ -148,11 +154,12 @@ pub fn binary_255_to_1(samples: &mut [Sample]) -> bool {
 /// `val_fraction` of the items (at least one when > 0 and n >= 2) is held out; both lists
 /// are sorted.
 pub fn split_indices(n: usize, val_fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
-    use rand::seq::SliceRandom;
     use rand::SeedableRng;
+    use rand::seq::SliceRandom;
     let mut order: Vec<usize> = (0..n).collect();
     order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
-    let n_val = if val_fraction > 0.0 && n >= 2 { ((n as f64 * val_fraction).round() as usize).clamp(1, n - 1) } else { 0 };
+    let n_val =
+        if val_fraction > 0.0 && n >= 2 { ((n as f64 * val_fraction).round() as usize).clamp(1, n - 1) } else { 0 };
     let (val, train) = order.split_at(n_val);
     let (mut train, mut val) = (train.to_vec(), val.to_vec());
     train.sort();

@@ -25,33 +25,11 @@ static ALLOCATOR_TUNED: OnceCell<bool> = OnceCell::new();
 /// alone. Returns whether the settings were applied. A no-op outside glibc.
 pub fn tune_allocator() -> bool {
     *ALLOCATOR_TUNED.get_or_init(|| {
-        if switched_off("LUMOS_MALLOC_TUNING") {
+        if !crate::switches::switches().malloc_tuning {
             return false;
         }
-        apply_malloc_settings()
+        crate::backend::host::keep_freed_memory()
     })
-}
-
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn apply_malloc_settings() -> bool {
-    // SAFETY: mallopt only changes glibc's allocator parameters; it is thread-safe.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20) == 1
-            && libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30) == 1
-            && libc::mallopt(libc::M_TOP_PAD, 64 << 20) == 1
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn apply_malloc_settings() -> bool {
-    false
-}
-
-/// Whether the environment switches a tuning off (`NAME=0`): the engine's switches
-/// (`LUMOS_MALLOC_TUNING`, `LUMOS_CUDNN_BENCHMARK`, `LUMOS_PACKED_CONV`,
-/// `LUMOS_CUDA_NHWC_NORM`, `LUMOS_CUDA_FUSED_NORM`) are on unless set to 0.
-pub(crate) fn switched_off(name: &str) -> bool {
-    std::env::var(name).is_ok_and(|v| v.trim() == "0")
 }
 
 /// Loads libtorch_cuda.so once (RTLD_GLOBAL so its kernels register with libtorch).
@@ -60,22 +38,8 @@ pub(crate) fn switched_off(name: &str) -> bool {
 pub fn load_cuda() -> std::result::Result<(), String> {
     CUDA_LOAD
         .get_or_init(|| {
-            let mut last = String::new();
             // libtorch ships CUDA for Linux only (macOS has no CUDA builds)
-            for name in ["libtorch_cuda.so"] {
-                let c = std::ffi::CString::new(name).expect("static name");
-                // SAFETY: dlopen with a valid C string; the handle is kept for the process lifetime.
-                let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
-                if !h.is_null() {
-                    return Ok(());
-                }
-                // SAFETY: dlerror returns a thread-local C string or NULL.
-                let e = unsafe { libc::dlerror() };
-                if !e.is_null() {
-                    last = unsafe { std::ffi::CStr::from_ptr(e) }.to_string_lossy().into_owned();
-                }
-            }
-            Err(last)
+            crate::backend::host::open_global(std::ffi::OsStr::new("libtorch_cuda.so"))
         })
         .clone()
 }
@@ -84,11 +48,7 @@ pub fn load_cuda() -> std::result::Result<(), String> {
 /// `TORCH_CUDA_VERSION` build); loading it at run time is not implemented there (docs/platforms.md).
 #[cfg(not(unix))]
 pub fn load_cuda() -> std::result::Result<(), String> {
-    CUDA_LOAD
-        .get_or_init(|| {
-            Err("loading torch_cuda.dll at run time is implemented for Linux only".into())
-        })
-        .clone()
+    CUDA_LOAD.get_or_init(|| Err("loading torch_cuda.dll at run time is implemented for Linux only".into())).clone()
 }
 
 /// Whether a CUDA device is usable (libtorch_cuda loaded and a GPU visible).
@@ -102,7 +62,12 @@ pub fn cuda_available() -> bool {
 pub fn machine_description() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     format!("{cpu}, {cores} cores available")
@@ -124,7 +89,7 @@ pub(crate) fn cuda_for_test() -> Option<Device> {
 fn tune_cudnn() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        if !switched_off("LUMOS_CUDNN_BENCHMARK") {
+        if crate::switches::switches().cudnn_benchmark {
             tch::Cuda::cudnn_set_benchmark(true);
         }
     });
@@ -147,7 +112,9 @@ pub fn parse_device(name: &str) -> Result<Device> {
                 0
             } else if let Some(i) = n.strip_prefix("cuda:") {
                 i.parse::<usize>().map_err(|_| {
-                    Error::Device(format!("'{name}': expected \"cpu\", \"cuda\", \"cuda:N\" (N a GPU index) or \"auto\""))
+                    Error::Device(format!(
+                        "'{name}': expected \"cpu\", \"cuda\", \"cuda:N\" (N a GPU index) or \"auto\""
+                    ))
                 })?
             } else {
                 return Err(Error::Device(format!("'{name}': expected \"cpu\", \"cuda\", \"cuda:N\" or \"auto\"")));

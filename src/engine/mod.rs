@@ -1,6 +1,7 @@
 //! The shared engine: what every method uses, whatever its network.
 pub mod dataset;
 pub mod device;
+pub mod method;
 pub mod metrics;
 pub mod model;
 pub mod normalize;

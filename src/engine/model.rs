@@ -13,20 +13,20 @@ use std::path::Path;
 use ndarray::{ArrayView3, ArrayViewMut2, ArrayViewMut3};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use tch::{nn, Device, Kind, Tensor};
+use tch::{Device, Kind, Tensor, nn};
 
-use crate::error::{Error, Result};
-use crate::image::check_finite;
-use crate::pgdiff::{DiffusionOptions, PgDiffConfig, PgDiffNet};
-use crate::dmqpm::net::{DmQpmConfig, DmQpmNet};
-use crate::musplit::net::{MuSplitConfig, MuSplitNet};
-use crate::backend::precision::{to_float, with_precision};
 pub use crate::backend::precision::Precision;
-use crate::nnunet::net::{Unet, UnetConfig};
+use crate::backend::precision::{to_float, with_precision};
+use crate::dmqpm::net::DmQpmNet;
 use crate::engine::normalize::{DeviceAffine, Normalizer};
 use crate::engine::progress::Monitor;
-use crate::engine::tiling::{mirrored, sliding_window, SlidingWindow};
+use crate::engine::tiling::{SlidingWindow, mirrored, sliding_window};
 use crate::engine::weights;
+use crate::error::{Error, Result};
+use crate::image::check_finite;
+use crate::musplit::net::MuSplitNet;
+use crate::nnunet::net::Unet;
+use crate::pgdiff::{DiffusionOptions, PgDiffNet};
 
 pub const FORMAT: &str = "lumos-model";
 /// Bumped when a file written by this version cannot be read by older versions.
@@ -69,7 +69,9 @@ impl ModelKind {
             "dmqpm" | "dm-qpmnet" | "dm_qpmnet" | "dmqpmnet" => Ok(ModelKind::Dmqpm),
             "musplit" | "usplit" | "mu_split" | "microsplit" => Ok(ModelKind::Musplit),
             "pgdiff" | "pg-diffseg" | "pgdiffseg" | "pg_diffseg" | "diffseg" => Ok(ModelKind::Pgdiff),
-            other => Err(Error::Config(format!("unknown model kind '{other}'; expected one of: unet, dmqpm, musplit, pgdiff"))),
+            other => Err(Error::Config(format!(
+                "unknown model kind '{other}'; expected one of: unet, dmqpm, musplit, pgdiff"
+            ))),
         }
     }
     pub fn can_segment(&self) -> bool {
@@ -193,14 +195,19 @@ impl ModelMeta {
         }
         if let Some(k) = v.get("kind").and_then(|k| k.as_str()) {
             ModelKind::parse(k).map_err(|_| {
-                Error::ModelFormat(format!("'{}' holds a model of kind '{k}', which this lumos does not know", path.display()))
+                Error::ModelFormat(format!(
+                    "'{}' holds a model of kind '{k}', which this lumos does not know",
+                    path.display()
+                ))
             })?;
         }
-        serde_json::from_value(v).map_err(|e| Error::ModelFormat(format!("'{}': invalid lumos metadata ({e})", path.display())))
+        serde_json::from_value(v)
+            .map_err(|e| Error::ModelFormat(format!("'{}': invalid lumos metadata ({e})", path.display())))
     }
 }
 
 /// The networks behind the model kinds.
+#[allow(clippy::large_enum_variant)] // reason: built once per model and never moved in a hot path; boxing the large variant only adds an indirection
 #[derive(Debug)]
 pub enum Net {
     Unet(Unet),
@@ -211,48 +218,7 @@ pub enum Net {
 
 impl Net {
     fn build(meta: &ModelMeta, p: &nn::Path) -> Result<Self> {
-        match meta.kind {
-            ModelKind::Unet => {
-                let cfg: UnetConfig = serde_json::from_value(meta.architecture.clone())
-                    .map_err(|e| Error::ModelFormat(format!("invalid unet architecture: {e}")))?;
-                cfg.validate()?;
-                Ok(Net::Unet(Unet::new(p, &cfg, meta.input_channels.len() as i64, meta.classes.len() as i64)))
-            }
-            ModelKind::Dmqpm => {
-                let cfg: DmQpmConfig = serde_json::from_value(meta.architecture.clone())
-                    .map_err(|e| Error::ModelFormat(format!("invalid dmqpm architecture: {e}")))?;
-                if meta.input_channels.len() != 5 {
-                    return Err(Error::Shape(format!(
-                        "a dmqpm model takes 5 input channels (I0, I45, I90, I135, phase); the data have {} ({})",
-                        meta.input_channels.len(),
-                        meta.input_channels.join(", ")
-                    )));
-                }
-                Ok(Net::Dmqpm(DmQpmNet::new(p, &cfg, meta.classes.len() as i64)?))
-            }
-            ModelKind::Musplit => {
-                let cfg = MuSplitConfig::from_model_architecture(&meta.architecture)
-                    .map_err(|e| Error::ModelFormat(format!("invalid musplit architecture: {e}")))?;
-                if meta.input_channels.len() != 1 {
-                    return Err(Error::Shape(format!(
-                        "a musplit model takes 1 input channel (the superimposed image); the data have {}",
-                        meta.input_channels.len()
-                    )));
-                }
-                if meta.target_normalization.as_ref().map(|n| n.n_channels()) != Some(meta.classes.len()) {
-                    return Err(Error::ModelFormat(format!(
-                        "a musplit model needs target normalization statistics for its {} output channels",
-                        meta.classes.len()
-                    )));
-                }
-                Ok(Net::Musplit(MuSplitNet::new(p, &cfg, meta.classes.len() as i64)?))
-            }
-            ModelKind::Pgdiff => {
-                let cfg: PgDiffConfig = serde_json::from_value(meta.architecture.clone())
-                    .map_err(|e| Error::ModelFormat(format!("invalid pgdiff architecture: {e}")))?;
-                Ok(Net::Pgdiff(PgDiffNet::new(p, &cfg, meta.input_channels.len() as i64, meta.classes.len() as i64)?))
-            }
-        }
+        crate::methods::method(meta.kind).build(meta, p)
     }
     /// `(N, C, H, W)` -> logits, full resolution first (deep supervision outputs follow).
     /// A PG-DiffSeg model has no single forward pass (it samples; see `diffseg`).
@@ -261,7 +227,9 @@ impl Net {
             Net::Unet(u) => Ok(u.forward(x, deep_supervision)),
             Net::Dmqpm(d) => Ok(d.forward(x, deep_supervision)),
             Net::Musplit(m) => Ok(vec![m.predict(x)]),
-            Net::Pgdiff(_) => Err(Error::Unsupported("a pgdiff model has no single forward pass; it segments by diffusion sampling".into())),
+            Net::Pgdiff(_) => Err(Error::Unsupported(
+                "a pgdiff model has no single forward pass; it segments by diffusion sampling".into(),
+            )),
         }
     }
     /// Inference forward (call inside `tch::no_grad`): the full-resolution output only,
@@ -285,12 +253,7 @@ impl Net {
     }
     /// Height and width must be multiples of this.
     pub fn divisor(meta: &ModelMeta) -> usize {
-        match meta.kind {
-            ModelKind::Unet => serde_json::from_value::<UnetConfig>(meta.architecture.clone()).map(|c| c.divisor()).unwrap_or(1),
-            ModelKind::Dmqpm => serde_json::from_value::<DmQpmConfig>(meta.architecture.clone()).map(|c| c.divisor()).unwrap_or(1),
-            ModelKind::Musplit => MuSplitConfig::from_model_architecture(&meta.architecture).map(|c| c.divisor()).unwrap_or(1),
-            ModelKind::Pgdiff => serde_json::from_value::<PgDiffConfig>(meta.architecture.clone()).map(|c| c.divisor()).unwrap_or(1),
-        }
+        crate::methods::method(meta.kind).divisor(meta)
     }
 }
 
@@ -390,7 +353,12 @@ impl Model {
     }
 
     /// Model file plus extra tensors and metadata (used for checkpoints).
-    pub(crate) fn save_with(&self, path: &Path, extra: &[(String, Tensor)], mut md: HashMap<String, String>) -> Result<()> {
+    pub(crate) fn save_with(
+        &self,
+        path: &Path,
+        extra: &[(String, Tensor)],
+        mut md: HashMap<String, String>,
+    ) -> Result<()> {
         let inner = self.inner.lock();
         let mut tensors: Vec<(String, Tensor)> = inner.vs.variables().into_iter().collect();
         tensors.extend(extra.iter().map(|(n, t)| (n.clone(), t.shallow_clone())));
@@ -458,7 +426,13 @@ impl Model {
     }
 
     /// Segments a `(C, H, W)` frame of any size into `out`, tile by tile.
-    pub fn segment(&self, frame: ArrayView3<f32>, opts: &SegmentOptions, out: SegmentOutput, monitor: &mut Monitor) -> Result<()> {
+    pub fn segment(
+        &self,
+        frame: ArrayView3<f32>,
+        opts: &SegmentOptions,
+        out: SegmentOutput,
+        monitor: &mut Monitor,
+    ) -> Result<()> {
         self.segment_region(frame, None, opts, out, monitor)
     }
 
@@ -528,8 +502,10 @@ impl Model {
         };
         let precision = self.precision();
         let mut predict = |x: &Tensor| -> Result<Tensor> {
-            with_precision(precision, device, || tch::no_grad(|| if opts.mirror { mirrored(x, &mut net_probs) } else { net_probs(x) }))?
-                .map(to_float)
+            with_precision(precision, device, || {
+                tch::no_grad(|| if opts.mirror { mirrored(x, &mut net_probs) } else { net_probs(x) })
+            })?
+            .map(to_float)
         };
         let mut sink = |row0: usize, rows: &Tensor| -> Result<()> {
             let n = rows.size()[1] as usize;
@@ -566,7 +542,12 @@ impl Model {
     }
 
     /// Labels of a `(C, H, W)` frame, reporting to and cancelled through `monitor`.
-    pub fn segment_labels_with(&self, frame: ArrayView3<f32>, opts: &SegmentOptions, monitor: &mut Monitor) -> Result<crate::image::Mask> {
+    pub fn segment_labels_with(
+        &self,
+        frame: ArrayView3<f32>,
+        opts: &SegmentOptions,
+        monitor: &mut Monitor,
+    ) -> Result<crate::image::Mask> {
         let (_, h, w) = frame.dim();
         let mut m = crate::image::Mask::zeros((h, w));
         self.segment(frame, opts, SegmentOutput::Labels(m.view_mut()), monitor)?;

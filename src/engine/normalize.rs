@@ -71,19 +71,28 @@ const MAX_QUANTILE_SAMPLES: usize = 4_000_000;
 /// units (optical path lengths of 1e-7 m, say) keep their contrast: an absolute 1e-8
 /// threshold made such channels constant.
 fn safe_std(mean: f64, s: f64) -> f32 {
-    if s.is_finite() && s >= f32::MIN_POSITIVE as f64 && s <= f32::MAX as f64 && s > 1e-6 * mean.abs() { s as f32 } else { 1.0 }
+    if s.is_finite() && s >= f32::MIN_POSITIVE as f64 && s <= f32::MAX as f64 && s > 1e-6 * mean.abs() {
+        s as f32
+    } else {
+        1.0
+    }
 }
 
 impl Normalizer {
     /// Fits the statistics of each channel on training images (all `(C, H, W)` with the
     /// same C). `methods` has one entry per channel, or one entry for all channels.
     pub fn fit(methods: &[NormMethod], images: &[&Image]) -> Result<Self> {
-        let c = images.first().ok_or_else(|| Error::InvalidArgument("no training images to fit normalization on".into()))?.channels();
+        let c = images
+            .first()
+            .ok_or_else(|| Error::InvalidArgument("no training images to fit normalization on".into()))?
+            .channels();
         let methods: Vec<NormMethod> = match methods.len() {
             1 => vec![methods[0]; c],
             n if n == c => methods.to_vec(),
             n => {
-                return Err(Error::Config(format!("normalization lists {n} channel methods; the images have {c} channels")));
+                return Err(Error::Config(format!(
+                    "normalization lists {n} channel methods; the images have {c} channels"
+                )));
             }
         };
         let mut out = Vec::with_capacity(c);
@@ -129,7 +138,11 @@ impl Normalizer {
     /// `(mean, std)` when given: the statistics of a whole frame of which `frame` is a
     /// region (chunked processing of images too large for one call). Channels with
     /// fitted statistics ignore them.
-    pub fn resolve_with(&self, frame: ArrayView3<f32>, frame_stats: Option<&[(f32, f32)]>) -> Result<Vec<ChannelAffine>> {
+    pub fn resolve_with(
+        &self,
+        frame: ArrayView3<f32>,
+        frame_stats: Option<&[(f32, f32)]>,
+    ) -> Result<Vec<ChannelAffine>> {
         if let Some(st) = frame_stats {
             if st.len() != self.channels.len() {
                 return Err(Error::Shape(format!(
@@ -138,7 +151,9 @@ impl Normalizer {
                     self.channels.len()
                 )));
             }
-            if let Some((ch, (m, s))) = st.iter().enumerate().find(|(_, (m, s))| !m.is_finite() || !s.is_finite() || *s < 0.0) {
+            if let Some((ch, (m, s))) =
+                st.iter().enumerate().find(|(_, (m, s))| !m.is_finite() || !s.is_finite() || *s < 0.0)
+            {
                 return Err(Error::InvalidArgument(format!(
                     "frame statistics of channel {ch}: mean {m}, std {s}; expected a finite mean and a finite std >= 0"
                 )));
@@ -283,7 +298,8 @@ mod tests {
         .unwrap();
         let na = n.apply_image(&a).unwrap();
         let nb = n.apply_image(&b).unwrap();
-        let all: Vec<f32> = na.data.index_axis(Axis(0), 0).iter().chain(nb.data.index_axis(Axis(0), 0).iter()).copied().collect();
+        let all: Vec<f32> =
+            na.data.index_axis(Axis(0), 0).iter().chain(nb.data.index_axis(Axis(0), 0).iter()).copied().collect();
         let m = all.iter().sum::<f32>() / all.len() as f32;
         let v = all.iter().map(|x| (x - m).powi(2)).sum::<f32>() / all.len() as f32;
         assert!(m.abs() < 1e-4 && (v - 1.0).abs() < 1e-3, "mean {m} var {v}");

@@ -1,8 +1,8 @@
 //! The one progress and cancellation mechanism, shared by the trainer, the tiling engine,
 //! the CLI (progress bars), the C API (callback + cancel token) and the plugins.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::error::{Error, Result};
 

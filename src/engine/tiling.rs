@@ -8,12 +8,12 @@
 //! handed to the sink at once. Memory beyond the caller's input and output buffers is
 //! therefore bounded by the tile height x frame width x classes, not the frame area.
 
-use ndarray::{s, ArrayView3, Axis};
+use ndarray::ArrayView3;
 use tch::{Device, Kind, Tensor};
 
-use crate::error::{Error, Result};
-use crate::image::{array3_to_tensor, check_finite};
 use crate::engine::progress::{Monitor, Progress, Stage};
+use crate::error::{Error, Result};
+use crate::image::check_finite;
 
 /// The largest tile side the tiling engines accept, in pixels (16384: a float32 tile of
 /// one channel is then at most 1 GiB). Sizes come from callers (C API, CLI, plugins); an
@@ -37,7 +37,10 @@ pub struct SlidingWindow {
 impl SlidingWindow {
     pub fn validate(&self, divisor: usize) -> Result<()> {
         if !(self.step_fraction > 0.0 && self.step_fraction <= 1.0) {
-            return Err(Error::InvalidArgument(format!("step_fraction = {}; the step between tiles must be a fraction in (0, 1] of the tile", self.step_fraction)));
+            return Err(Error::InvalidArgument(format!(
+                "step_fraction = {}; the step between tiles must be a fraction in (0, 1] of the tile",
+                self.step_fraction
+            )));
         }
         if self.batch_size == 0 {
             return Err(Error::InvalidArgument("batch_size = 0; tiles per forward pass must be >= 1".into()));
@@ -94,7 +97,9 @@ pub fn gaussian_importance(th: usize, tw: usize, device: Device) -> Tensor {
     let g1 = |n: usize| {
         let sigma = n as f64 / 8.0;
         let c = (n as f64 - 1.0) / 2.0;
-        Tensor::from_slice(&(0..n).map(|i| (-((i as f64 - c).powi(2)) / (2.0 * sigma * sigma)).exp() as f32).collect::<Vec<_>>())
+        Tensor::from_slice(
+            &(0..n).map(|i| (-((i as f64 - c).powi(2)) / (2.0 * sigma * sigma)).exp() as f32).collect::<Vec<_>>(),
+        )
     };
     let g = g1(th).unsqueeze(1) * g1(tw).unsqueeze(0);
     let g = &g / g.max();
@@ -115,43 +120,6 @@ pub const WHOLE_FRAME_BYTES: usize = 1 << 30;
 /// Bytes of the whole-frame path's working set (see [`WHOLE_FRAME_BYTES`]).
 fn whole_frame_bytes(c: usize, k: usize, h: usize, w: usize) -> usize {
     (2 * c + 2 * k + 3).saturating_mul(h).saturating_mul(w).saturating_mul(4)
-}
-
-/// Rows `y0..y1` of a `(C, H, W)` frame as a new `(1, C, y1 - y0, W)` float tensor on
-/// `device` that owns its memory, without element-by-element gathering unless the strides
-/// are negative: on the CPU one strided copy; on a CUDA device, 2 MiB or more whose rows are
-/// contiguous within each channel go through page-locked buffers without waiting for the
-/// transfer ([`crate::backend::staging`]), anything else is copied by libtorch.
-pub fn rows_to_device(frame: ArrayView3<f32>, y0: usize, y1: usize, device: Device) -> Tensor {
-    let v = frame.slice(s![.., y0..y1, ..]);
-    if v.strides().iter().any(|&st| st < 0) || v.is_empty() {
-        return array3_to_tensor(v, device).unsqueeze(0);
-    }
-    let dims: Vec<i64> = std::iter::once(1).chain(v.shape().iter().map(|&d| d as i64)).collect();
-    let strides: Vec<i64> = std::iter::once(v.len() as i64).chain(v.strides().iter().map(|&st| st as i64)).collect();
-    // SAFETY: the pointer and strides describe the view's elements, all inside the array,
-    // which outlives this function; the borrowing tensor is dropped here, after the copy
-    // (to another device, or into new host memory), so nothing aliases the caller's frame.
-    let borrowed = unsafe { Tensor::from_blob(v.as_ptr() as *const u8, &dims, &strides, Kind::Float, Device::Cpu) };
-    match device {
-        Device::Cpu => {
-            let mut owned = Tensor::empty(dims.as_slice(), (Kind::Float, Device::Cpu));
-            owned.copy_(&borrowed);
-            owned
-        }
-        Device::Cuda(_) => {
-            // through page-locked memory, without waiting for the transfer, where
-            // crate::backend::staging takes it (2 MiB or more): one piece where the rows are contiguous
-            // across channels (a whole frame), else one per channel (a band of rows, a frame
-            // cropped in height)
-            let pieces: Option<Vec<&[f32]>> =
-                v.to_slice().map(|s| vec![s]).or_else(|| (0..v.dim().0).map(|ch| v.index_axis(Axis(0), ch).to_slice()).collect());
-            let staged = pieces.and_then(|p| crate::backend::staging::to_device(&p, &dims, device));
-            staged.unwrap_or_else(|| borrowed.to_device(device))
-        }
-        // other devices (MPS, ...)
-        _ => borrowed.to_device(device),
-    }
 }
 
 /// Predicts a `(C, H, W)` frame tile by tile.
@@ -233,7 +201,7 @@ fn sliding_window_with(
         // the band of rows [y, y + th) across the frame on the device, prepared, zero-padded
         // to th x wp (one host-to-device copy per band)
         let y1 = (y + th).min(h);
-        let band = prepare(rows_to_device(frame, y, y1, device));
+        let band = prepare(crate::backend::staging::rows_to_device(frame, y, y1, device));
         let (ph, pw) = ((th - (y1 - y)) as i64, (wp - w) as i64);
         let band = if ph > 0 || pw > 0 { band.constant_pad_nd([0, pw, 0, ph]) } else { band };
         for chunk in xs.chunks(sw.batch_size) {
@@ -333,9 +301,13 @@ fn whole_frame(
     // weights made before the frame's copy (their copy from host memory waits for the stream)
     let opts = (Kind::Float, device);
     let blending = (!grid).then(|| {
-        (gaussian_importance(th, tw, device), Tensor::zeros([k, hp as i64, wp as i64], opts), Tensor::zeros([1, hp as i64, wp as i64], opts))
+        (
+            gaussian_importance(th, tw, device),
+            Tensor::zeros([k, hp as i64, wp as i64], opts),
+            Tensor::zeros([1, hp as i64, wp as i64], opts),
+        )
     });
-    let raw = rows_to_device(frame, 0, h, device);
+    let raw = crate::backend::staging::rows_to_device(frame, 0, h, device);
     // the finiteness check: one reduction on the device, read after the first batch of
     // predictions (read now, it would hold the host until the frame's copy had finished;
     // after the first batch, the copy has finished); the host search runs only to name the
@@ -344,7 +316,9 @@ fn whole_frame(
     let check = move || -> Result<()> {
         if !bool::try_from(&finite)? {
             check_finite(frame)?;
-            return Err(Error::InvalidInput("the frame has a NaN or infinite pixel; all pixels must be finite numbers".into()));
+            return Err(Error::InvalidInput(
+                "the frame has a NaN or infinite pixel; all pixels must be finite numbers".into(),
+            ));
         }
         Ok(())
     };
@@ -392,13 +366,17 @@ pub struct CentreTiles {
 
 impl CentreTiles {
     pub fn validate(&self, divisor: usize) -> Result<()> {
-        if self.tile == 0 || self.tile % divisor != 0 || self.tile > MAX_TILE_SIDE {
+        if self.tile == 0 || !self.tile.is_multiple_of(divisor) || self.tile > MAX_TILE_SIDE {
             return Err(Error::InvalidArgument(format!(
                 "tile {} must be a positive multiple of {divisor} (the network's downsampling factor), at most {MAX_TILE_SIDE}",
                 self.tile
             )));
         }
-        if self.keep < 2 || self.keep > self.tile || self.keep % 2 != 0 || (self.tile - self.keep) % 2 != 0 {
+        if self.keep < 2
+            || self.keep > self.tile
+            || !self.keep.is_multiple_of(2)
+            || !(self.tile - self.keep).is_multiple_of(2)
+        {
             return Err(Error::InvalidArgument(format!(
                 "keep = {}: the kept centre must be even, >= 2 and <= the tile ({}), with tile - keep even",
                 self.keep, self.tile
@@ -423,6 +401,7 @@ impl CentreTiles {
 /// Memory: one batch of tile predictions, plus what `inputs` holds; independent of the
 /// frame size.
 #[allow(clippy::too_many_arguments)]
+#[allow(clippy::type_complexity)] // reason: the three callbacks are the function's interface, each named by its parameter
 pub fn centre_tiles(
     h: usize,
     w: usize,
@@ -450,7 +429,8 @@ pub fn centre_tiles(
             let x = inputs(cy, &centres, chunk)?;
             let pred = predict(&x)?;
             let ps = pred.size();
-            if ps.len() != 4 || ps[0] != chunk.len() as i64 || ps[1] != out_channels as i64 || ps[2] != t || ps[3] != t {
+            if ps.len() != 4 || ps[0] != chunk.len() as i64 || ps[1] != out_channels as i64 || ps[2] != t || ps[3] != t
+            {
                 return Err(Error::Shape(format!(
                     "a tile prediction has shape {ps:?}; expected [{}, {out_channels}, {t}, {t}]",
                     chunk.len()
@@ -461,7 +441,11 @@ pub fn centre_tiles(
             let col0 = (chunk[0] - k / 2) as usize;
             let block = centre.permute([1, 2, 0, 3]).reshape([out_channels as i64, k, -1]);
             let n_cols = (w - col0).min(chunk.len() * ct.keep) as i64;
-            sink(i * ct.keep, col0, &block.narrow(1, 0, n_rows).narrow(2, 0, n_cols).to_device(Device::Cpu).to_kind(Kind::Float))?;
+            sink(
+                i * ct.keep,
+                col0,
+                &block.narrow(1, 0, n_rows).narrow(2, 0, n_cols).to_device(Device::Cpu).to_kind(Kind::Float),
+            )?;
             done += chunk.len();
             let mut pr = Progress::new(Stage::Inference);
             pr.iteration = done;
@@ -484,7 +468,7 @@ pub fn mirrored(x: &Tensor, f: &mut dyn FnMut(&Tensor) -> Result<Tensor>) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ndarray::Array3;
+    use ndarray::{Array3, s};
 
     #[test]
     fn steps_cover_the_axis() {
@@ -563,7 +547,9 @@ mod tests {
     /// row, in one piece (checked on the device, read after the predictions) or band by band.
     #[test]
     fn non_finite_pixels_fail_before_any_row() {
-        for (bad, whole, step) in [(f32::NAN, true, 0.5), (f32::INFINITY, true, 0.5), (f32::NAN, true, 1.0), (f32::NAN, false, 0.5)] {
+        for (bad, whole, step) in
+            [(f32::NAN, true, 0.5), (f32::INFINITY, true, 0.5), (f32::NAN, true, 1.0), (f32::NAN, false, 0.5)]
+        {
             let mut frame = Array3::<f32>::zeros((2, 48, 48));
             frame[[1, 33, 7]] = bad;
             let sw = SlidingWindow { tile: [16, 16], step_fraction: step, batch_size: 4 };
@@ -606,7 +592,16 @@ mod tests {
         let token = crate::engine::progress::CancelToken::new();
         token.cancel();
         let mut m = Monitor { progress: None, cancel: Some(token) };
-        let r = sliding_window(frame.view(), &sw, 1, Device::Cpu, &|t| t, &mut |b| Ok(b.shallow_clone()), &mut |_, _| Ok(()), &mut m);
+        let r = sliding_window(
+            frame.view(),
+            &sw,
+            1,
+            Device::Cpu,
+            &|t| t,
+            &mut |b| Ok(b.shallow_clone()),
+            &mut |_, _| Ok(()),
+            &mut m,
+        );
         assert!(matches!(r, Err(Error::Cancelled)));
     }
 
@@ -626,8 +621,10 @@ mod tests {
                 &ct,
                 1,
                 &mut |cy, _, chunk| {
-                    let v: Vec<Tensor> =
-                        chunk.iter().map(|&cx| crate::musplit::lc::crops(&frame, cy, cx, t as i64, 1).unsqueeze(0)).collect();
+                    let v: Vec<Tensor> = chunk
+                        .iter()
+                        .map(|&cx| crate::musplit::lc::crops(&frame, cy, cx, t as i64, 1).unsqueeze(0))
+                        .collect();
                     Ok(Tensor::cat(&v, 0))
                 },
                 &mut |b| Ok(b.shallow_clone()),

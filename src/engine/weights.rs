@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::Path;
 
-use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
+use safetensors::tensor::{Dtype, TensorView};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
@@ -85,7 +85,8 @@ pub fn load(path: &Path) -> Result<TensorFile> {
         if view.dtype() != Dtype::F32 {
             return Err(Error::ModelFormat(format!("tensor '{name}' has dtype {:?}; expected F32", view.dtype())));
         }
-        let data: Vec<f32> = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let data: Vec<f32> =
+            view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
         tensors.insert(name, Tensor::f_from_slice(&data)?.f_view(shape.as_slice())?);
     }

@@ -1,17 +1,17 @@
 //! Exported functions. Each body runs under `guard` (no panic crosses the boundary).
 
-use std::ffi::{c_char, c_void, CString};
+use std::ffi::{CString, c_char, c_void};
 use std::path::Path;
 
 use ndarray::{ArrayView3, ArrayViewMut2, ArrayViewMut3};
 
-use super::{arg_str, guard, last_error_ptr, null, Fail, LumosStatus};
+use super::{Fail, LumosStatus, arg_str, guard, last_error_ptr, null};
 use crate::engine::device::{cuda_available, parse_device};
-use crate::pgdiff::{DiffusionOptions, StartNoise};
 use crate::engine::model::{Model, ModelKind, Precision, SegmentOptions, SegmentOutput};
 use crate::engine::progress::{CancelToken, Monitor, Progress};
+use crate::engine::train::{TrainConfig, train};
 use crate::musplit::DecomposeOptions;
-use crate::engine::train::{train, TrainConfig};
+use crate::pgdiff::{DiffusionOptions, StartNoise};
 
 /// The ABI version: bumped only when an existing function, struct or enum changes
 /// incompatibly. Compare with `LUMOS_ABI_VERSION` from the header you compiled against.
@@ -113,7 +113,13 @@ pub struct LumosTileOptions {
 impl Default for LumosTileOptions {
     fn default() -> Self {
         let d = SegmentOptions::default();
-        LumosTileOptions { tile_height: 0, tile_width: 0, step_fraction: d.step_fraction, batch_size: d.batch_size, mirror: d.mirror }
+        LumosTileOptions {
+            tile_height: 0,
+            tile_width: 0,
+            step_fraction: d.step_fraction,
+            batch_size: d.batch_size,
+            mirror: d.mirror,
+        }
     }
 }
 
@@ -148,7 +154,14 @@ pub struct LumosDecomposeOptions {
 impl Default for LumosDecomposeOptions {
     fn default() -> Self {
         let d = DecomposeOptions::default();
-        LumosDecomposeOptions { tile: 0, keep: 0, batch_size: d.batch_size, mirror: d.mirror, samples: d.samples, seed: d.seed }
+        LumosDecomposeOptions {
+            tile: 0,
+            keep: 0,
+            batch_size: d.batch_size,
+            mirror: d.mirror,
+            samples: d.samples,
+            seed: d.seed,
+        }
     }
 }
 
@@ -227,7 +240,9 @@ fn diffusion_options(o: &LumosDiffusionOptions) -> Result<DiffusionOptions, Fail
         other => {
             return Err(Fail(
                 LumosStatus::InvalidArgument,
-                format!("start = {other}; expected LUMOS_START_PRIOR (0), LUMOS_START_RANDOM (1) or LUMOS_START_FORWARD (2)"),
+                format!(
+                    "start = {other}; expected LUMOS_START_PRIOR (0), LUMOS_START_RANDOM (1) or LUMOS_START_FORWARD (2)"
+                ),
             ));
         }
     };
@@ -291,12 +306,18 @@ const MAX_ELEMENTS: usize = 1 << 36;
 
 fn element_count(dims: &[usize], what: &str) -> Result<usize, Fail> {
     if dims.contains(&0) {
-        return Err(Fail(LumosStatus::ShapeMismatch, format!("{what} shape {dims:?} has a zero dimension; every dimension must be >= 1")));
+        return Err(Fail(
+            LumosStatus::ShapeMismatch,
+            format!("{what} shape {dims:?} has a zero dimension; every dimension must be >= 1"),
+        ));
     }
     let n = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
     match n {
         Some(n) if n <= MAX_ELEMENTS => Ok(n),
-        _ => Err(Fail(LumosStatus::ShapeMismatch, format!("{what} shape {dims:?} is too large (more than 2^36 elements)"))),
+        _ => Err(Fail(
+            LumosStatus::ShapeMismatch,
+            format!("{what} shape {dims:?} is too large (more than 2^36 elements)"),
+        )),
     }
 }
 
@@ -313,11 +334,20 @@ fn segment_options(opts: *const LumosTileOptions) -> Result<SegmentOptions, Fail
     let tile = match (o.tile_height, o.tile_width) {
         (0, 0) => None,
         (0, _) | (_, 0) => {
-            return Err(Fail(LumosStatus::InvalidArgument, "tile_height and tile_width must both be 0 (model default) or both > 0".into()));
+            return Err(Fail(
+                LumosStatus::InvalidArgument,
+                "tile_height and tile_width must both be 0 (model default) or both > 0".into(),
+            ));
         }
         (h, w) => Some([h, w]),
     };
-    Ok(SegmentOptions { tile, step_fraction: o.step_fraction, batch_size: o.batch_size, mirror: o.mirror, diffusion: None })
+    Ok(SegmentOptions {
+        tile,
+        step_fraction: o.step_fraction,
+        batch_size: o.batch_size,
+        mirror: o.mirror,
+        diffusion: None,
+    })
 }
 
 fn cancel_of(c: *const LumosCancelToken) -> Option<CancelToken> {
@@ -415,7 +445,11 @@ pub extern "C" fn lumos_set_num_threads(n_threads: u32) -> LumosStatus {
 /// file), MODEL_FORMAT (not a lumos model, corrupt or truncated, newer format, or another
 /// kind's weights), DEVICE. Thread-safe.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn lumos_model_load(path: *const c_char, device: *const c_char, out_model: *mut *mut LumosModel) -> LumosStatus {
+pub unsafe extern "C" fn lumos_model_load(
+    path: *const c_char,
+    device: *const c_char,
+    out_model: *mut *mut LumosModel,
+) -> LumosStatus {
     guard(|| {
         // SAFETY: per this function's contract.
         let path = unsafe { arg_str(path, "path") }?;
@@ -506,7 +540,12 @@ pub unsafe extern "C" fn lumos_model_set_precision(model: *const LumosModel, pre
     guard(|| {
         let m = unsafe { model_ref(model) }?;
         let p = i32::try_from(precision).ok().and_then(|c| Precision::from_code(c).ok()).ok_or_else(|| {
-            Fail(LumosStatus::InvalidArgument, format!("precision = {precision}; expected LUMOS_PRECISION_FLOAT32 (0) or LUMOS_PRECISION_BFLOAT16 (1)"))
+            Fail(
+                LumosStatus::InvalidArgument,
+                format!(
+                    "precision = {precision}; expected LUMOS_PRECISION_FLOAT32 (0) or LUMOS_PRECISION_BFLOAT16 (1)"
+                ),
+            )
         })?;
         m.model.set_precision(p);
         Ok(())
@@ -545,14 +584,21 @@ pub unsafe extern "C" fn lumos_model_kind_name(model: *const LumosModel, out_nam
 /// by the model and valid until `lumos_model_free`.
 /// Errors: NULL_POINTER, INVALID_ARGUMENT (index out of range). Thread-safe.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn lumos_model_channel_name(model: *const LumosModel, index: usize, out_name: *mut *const c_char) -> LumosStatus {
+pub unsafe extern "C" fn lumos_model_channel_name(
+    model: *const LumosModel,
+    index: usize,
+    out_name: *mut *const c_char,
+) -> LumosStatus {
     guard(|| {
         let m = unsafe { model_ref(model) }?;
         if out_name.is_null() {
             return Err(null("out_name"));
         }
         let s = m.channel_names.get(index).ok_or_else(|| {
-            Fail(LumosStatus::InvalidArgument, format!("channel index {index}; the model has {} input channels", m.channel_names.len()))
+            Fail(
+                LumosStatus::InvalidArgument,
+                format!("channel index {index}; the model has {} input channels", m.channel_names.len()),
+            )
         })?;
         unsafe { *out_name = s.as_ptr() };
         Ok(())
@@ -563,14 +609,21 @@ pub unsafe extern "C" fn lumos_model_channel_name(model: *const LumosModel, inde
 /// owned by the model and valid until `lumos_model_free`.
 /// Errors: NULL_POINTER, INVALID_ARGUMENT (index out of range). Thread-safe.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn lumos_model_class_name(model: *const LumosModel, index: usize, out_name: *mut *const c_char) -> LumosStatus {
+pub unsafe extern "C" fn lumos_model_class_name(
+    model: *const LumosModel,
+    index: usize,
+    out_name: *mut *const c_char,
+) -> LumosStatus {
     guard(|| {
         let m = unsafe { model_ref(model) }?;
         if out_name.is_null() {
             return Err(null("out_name"));
         }
         let s = m.class_names.get(index).ok_or_else(|| {
-            Fail(LumosStatus::InvalidArgument, format!("class index {index}; the model has {} classes", m.class_names.len()))
+            Fail(
+                LumosStatus::InvalidArgument,
+                format!("class index {index}; the model has {} classes", m.class_names.len()),
+            )
         })?;
         unsafe { *out_name = s.as_ptr() };
         Ok(())
@@ -581,7 +634,10 @@ pub unsafe extern "C" fn lumos_model_class_name(model: *const LumosModel, index:
 /// training provenance) as a JSON document in `*out_json`, owned by the model and valid
 /// until `lumos_model_free`. Errors: NULL_POINTER. Thread-safe.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn lumos_model_metadata_json(model: *const LumosModel, out_json: *mut *const c_char) -> LumosStatus {
+pub unsafe extern "C" fn lumos_model_metadata_json(
+    model: *const LumosModel,
+    out_json: *mut *const c_char,
+) -> LumosStatus {
     guard(|| {
         let m = unsafe { model_ref(model) }?;
         if out_json.is_null() {
@@ -775,7 +831,9 @@ pub unsafe extern "C" fn lumos_segment_region(
             (true, true) => None,
             (false, false) => {
                 // SAFETY: the caller passes `channels` floats in each.
-                let (mu, sd) = unsafe { (std::slice::from_raw_parts(frame_mean, channels), std::slice::from_raw_parts(frame_std, channels)) };
+                let (mu, sd) = unsafe {
+                    (std::slice::from_raw_parts(frame_mean, channels), std::slice::from_raw_parts(frame_std, channels))
+                };
                 Some(mu.iter().copied().zip(sd.iter().copied()).collect())
             }
             (true, false) | (false, true) => {
@@ -819,7 +877,10 @@ pub unsafe extern "C" fn lumos_diffusion_options_default(out_options: *mut Lumos
 /// `lumos_segment` uses for it).
 /// Errors: NULL_POINTER, UNSUPPORTED (not a PG-DiffSeg model). Thread-safe.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn lumos_model_diffusion_options(model: *const LumosModel, out_options: *mut LumosDiffusionOptions) -> LumosStatus {
+pub unsafe extern "C" fn lumos_model_diffusion_options(
+    model: *const LumosModel,
+    out_options: *mut LumosDiffusionOptions,
+) -> LumosStatus {
     guard(|| {
         let m = unsafe { model_ref(model) }?;
         if out_options.is_null() {
@@ -1077,7 +1138,11 @@ pub unsafe extern "C" fn lumos_export_bioimageio(
 /// Errors: NULL_POINTER, INVALID_ARGUMENT (unknown method or size, text not UTF-8).
 /// Thread-safe (each thread has its own string).
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn lumos_train_recipe(method: *const c_char, size: *const c_char, out_json: *mut *const c_char) -> LumosStatus {
+pub unsafe extern "C" fn lumos_train_recipe(
+    method: *const c_char,
+    size: *const c_char,
+    out_json: *mut *const c_char,
+) -> LumosStatus {
     guard(|| {
         let m = unsafe { arg_str(method, "method") }?;
         let z = unsafe { arg_str(size, "size") }?;
@@ -1312,7 +1377,12 @@ pub unsafe extern "C" fn lumos_image_write_tiff(
 /// Errors: NULL_POINTER, INVALID_ARGUMENT (path not UTF-8), SHAPE_MISMATCH (a zero or
 /// absurd size), IO (missing folder, read-only folder, full disk). Thread-safe.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn lumos_mask_write_tiff(path: *const c_char, labels: *const u8, height: usize, width: usize) -> LumosStatus {
+pub unsafe extern "C" fn lumos_mask_write_tiff(
+    path: *const c_char,
+    labels: *const u8,
+    height: usize,
+    width: usize,
+) -> LumosStatus {
     guard(|| {
         let p = unsafe { arg_str(path, "path") }?;
         if labels.is_null() {

@@ -66,8 +66,8 @@ pub fn read_stack(path: &Path) -> Result<TiffStack> {
         let (mut dec, plan) = open_and_plan(path)?;
         let data = decode_all(path, &mut dec, &plan)?;
         let shape = (plan.t, plan.c, plan.height, plan.width);
-        let data = Array4::from_shape_vec(shape, data)
-            .map_err(|e| Error::tiff(path, format!("internal shape error: {e}")))?;
+        let data =
+            Array4::from_shape_vec(shape, data).map_err(|e| Error::tiff(path, format!("internal shape error: {e}")))?;
         Ok(TiffStack {
             data,
             channel_names: plan.labels,
@@ -135,10 +135,7 @@ pub fn read_mask(path: &Path) -> Result<Mask> {
         if plan.pages.len() != 1 {
             return Err(Error::tiff(
                 path,
-                format!(
-                    "file holds {} pages; a mask must be a single page",
-                    plan.pages.len()
-                ),
+                format!("file holds {} pages; a mask must be a single page", plan.pages.len()),
             ));
         }
         if plan.samples != 1 {
@@ -178,9 +175,7 @@ pub fn write_image_f32(path: &Path, img: &Image) -> Result<()> {
     let (c, h, w) = img.data.dim();
     check_write_dims(c, h, w)?;
     let data = img.data.as_standard_layout();
-    let flat = data
-        .as_slice()
-        .ok_or_else(|| Error::InvalidInput("image data is not contiguous".into()))?;
+    let flat = data.as_slice().ok_or_else(|| Error::InvalidInput("image data is not contiguous".into()))?;
     let planes: Vec<&[f32]> = flat.chunks_exact(h * w).collect();
 
     // Display ranges ignore NaN/Inf so one bad pixel does not blank the display.
@@ -189,9 +184,7 @@ pub fn write_image_f32(path: &Path, img: &Image) -> Result<()> {
     let hi = ranges.iter().map(|r| r.1).fold(f64::NEG_INFINITY, f64::max);
     let mut desc = String::from("ImageJ=1.11a\n");
     if c > 1 {
-        desc += &format!(
-            "images={c}\nchannels={c}\nslices=1\nframes=1\nhyperstack=true\nmode=grayscale\n"
-        );
+        desc += &format!("images={c}\nchannels={c}\nslices=1\nframes=1\nhyperstack=true\nmode=grayscale\n");
     }
     desc += &format!("min={lo}\nmax={hi}\n");
 
@@ -217,9 +210,7 @@ pub fn write_mask_u8(path: &Path, mask: &Mask) -> Result<()> {
     let (h, w) = mask.dim();
     check_write_dims(1, h, w)?;
     let data = mask.as_standard_layout();
-    let flat = data
-        .as_slice()
-        .ok_or_else(|| Error::InvalidInput("mask is not contiguous".into()))?;
+    let flat = data.as_slice().ok_or_else(|| Error::InvalidInput("mask is not contiguous".into()))?;
     let max = flat.iter().copied().max().unwrap_or(0).max(1);
     let desc = format!("ImageJ=1.11a\nmin=0\nmax={max}\n");
     write_pages(path, w as u32, h as u32, &[Pixels::U8(flat)], &desc, None)
@@ -232,9 +223,7 @@ pub fn write_mask_u16(path: &Path, mask: &Array2<u16>) -> Result<()> {
     let (h, w) = mask.dim();
     check_write_dims(1, h, w)?;
     let data = mask.as_standard_layout();
-    let flat = data
-        .as_slice()
-        .ok_or_else(|| Error::InvalidInput("mask is not contiguous".into()))?;
+    let flat = data.as_slice().ok_or_else(|| Error::InvalidInput("mask is not contiguous".into()))?;
     let max = flat.iter().copied().max().unwrap_or(0).max(1);
     let desc = format!("ImageJ=1.11a\nmin=0\nmax={max}\n");
     write_pages(path, w as u32, h as u32, &[Pixels::U16(flat)], &desc, None)
@@ -260,8 +249,7 @@ const TAG_IJ_METADATA: u16 = 50839;
 /// Largest tag value we read (IJMetadata with LUTs/ROIs, big strip tables).
 const MAX_TAG_BYTES: usize = 64 << 20;
 
-const READING: &str =
-    "reading this file; the file is corrupt or uses a layout this reader does not support";
+const READING: &str = "reading this file; the file is corrupt or uses a layout this reader does not support";
 const WRITING: &str = "writing this file";
 
 /// Runs a reader or writer, turning a panic inside the `tiff` crate into `Error::Tiff`,
@@ -275,10 +263,7 @@ fn guarded<T>(path: &Path, what: &str, f: impl FnOnce() -> Result<T>) -> Result<
                 .map(|s| s.to_string())
                 .or_else(|| payload.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
-            Err(Error::tiff(
-                path,
-                format!("the TIFF library panicked while {what} ({msg})"),
-            ))
+            Err(Error::tiff(path, format!("the TIFF library panicked while {what} ({msg})")))
         }
     }
 }
@@ -416,24 +401,17 @@ fn scatter<T: Copy>(src: &[T], out: &mut [f32], s: usize, interleaved: bool, f: 
 }
 
 /// Checks integer labels against 0..=255; returns the index and value of the first bad one.
-fn int_labels<T: Copy + Into<i128> + std::fmt::Display>(
-    v: &[T],
-) -> std::result::Result<Vec<u8>, (usize, String)> {
-    v.iter()
-        .enumerate()
-        .map(|(i, &x)| u8::try_from(x.into()).map_err(|_| (i, x.to_string())))
-        .collect()
+fn int_labels<T: Copy + Into<i128> + std::fmt::Display>(v: &[T]) -> std::result::Result<Vec<u8>, (usize, String)> {
+    v.iter().enumerate().map(|(i, &x)| u8::try_from(x.into()).map_err(|_| (i, x.to_string()))).collect()
 }
 
 fn float_labels(v: impl Iterator<Item = f64>) -> std::result::Result<Vec<u8>, (usize, String)> {
     v.enumerate()
-        .map(|(i, x)| {
-            if x.fract() == 0.0 && (0.0..=255.0).contains(&x) {
-                Ok(x as u8)
-            } else {
-                Err((i, x.to_string()))
-            }
-        })
+        .map(
+            |(i, x)| {
+                if x.fract() == 0.0 && (0.0..=255.0).contains(&x) { Ok(x as u8) } else { Err((i, x.to_string())) }
+            },
+        )
         .collect()
 }
 
@@ -463,11 +441,7 @@ impl Samples {
                     b.chunks_exact($n)
                         .map(|c| {
                             let a: [u8; $n] = c.try_into().unwrap();
-                            if le {
-                                <$t>::from_le_bytes(a)
-                            } else {
-                                <$t>::from_be_bytes(a)
-                            }
+                            if le { <$t>::from_le_bytes(a) } else { <$t>::from_be_bytes(a) }
                         })
                         .collect(),
                 )
@@ -640,17 +614,11 @@ fn open(path: &Path) -> Result<(Dec, u64, bool)> {
     let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
     let meta = file.metadata().map_err(|e| Error::io(path, e))?;
     if !meta.is_file() {
-        return Err(Error::tiff(
-            path,
-            "not a regular file; expected a TIFF image file",
-        ));
+        return Err(Error::tiff(path, "not a regular file; expected a TIFF image file"));
     }
     let len = meta.len();
     if len == 0 {
-        return Err(Error::tiff(
-            path,
-            "file is empty (0 bytes); expected a TIFF image",
-        ));
+        return Err(Error::tiff(path, "file is empty (0 bytes); expected a TIFF image"));
     }
     let mut head = [0u8; 8];
     let got = read_up_to(&mut file, &mut head).map_err(|e| Error::io(path, e))?;
@@ -678,11 +646,8 @@ fn open(path: &Path) -> Result<(Dec, u64, bool)> {
             ),
         ));
     }
-    let magic = if little_endian {
-        u16::from_le_bytes([head[2], head[3]])
-    } else {
-        u16::from_be_bytes([head[2], head[3]])
-    };
+    let magic =
+        if little_endian { u16::from_le_bytes([head[2], head[3]]) } else { u16::from_be_bytes([head[2], head[3]]) };
     if magic != 42 && magic != 43 {
         return Err(Error::tiff(
             path,
@@ -694,9 +659,7 @@ fn open(path: &Path) -> Result<(Dec, u64, bool)> {
     }
     let mut reader = BufReader::new(file);
     validate_structure(path, &mut reader, len, little_endian, magic == 43)?;
-    reader
-        .seek(SeekFrom::Start(0))
-        .map_err(|e| Error::io(path, e))?;
+    reader.seek(SeekFrom::Start(0)).map_err(|e| Error::io(path, e))?;
 
     // We bound sizes ourselves (MAX_TOTAL_SAMPLES before decoding, tag and chunk extents
     // checked against the file length), so the crate's default per-image limit (256 MiB)
@@ -706,9 +669,8 @@ fn open(path: &Path) -> Result<(Dec, u64, bool)> {
     limits.decoding_buffer_size = usize::try_from(MAX_TOTAL_SAMPLES * 8).unwrap_or(usize::MAX);
     limits.intermediate_buffer_size = usize::MAX;
     limits.ifd_value_size = MAX_TAG_BYTES;
-    let dec = Decoder::new(reader)
-        .map_err(|e| tiff_err(path, "reading the first image directory", e))?
-        .with_limits(limits);
+    let dec =
+        Decoder::new(reader).map_err(|e| tiff_err(path, "reading the first image directory", e))?.with_limits(limits);
     Ok((dec, len, little_endian))
 }
 
@@ -716,29 +678,18 @@ fn open(path: &Path) -> Result<(Dec, u64, bool)> {
 /// inside the file, before the `tiff` crate sees it. The crate sizes its buffers from the
 /// counts in the file, so a corrupt count would otherwise become a huge allocation (and an
 /// abort, which no `catch_unwind` can stop); it also gives "truncated" a clear message.
-fn validate_structure(
-    path: &Path,
-    r: &mut BufReader<File>,
-    len: u64,
-    le: bool,
-    big: bool,
-) -> Result<()> {
+fn validate_structure(path: &Path, r: &mut BufReader<File>, len: u64, le: bool, big: bool) -> Result<()> {
     // Directories are read as whole blocks: one seek per page, not per entry.
     let mut read = |off: u64, n: usize| -> Result<Vec<u8>> {
         let mut b = vec![0u8; n];
-        r.seek(SeekFrom::Start(off))
-            .map_err(|e| Error::io(path, e))?;
+        r.seek(SeekFrom::Start(off)).map_err(|e| Error::io(path, e))?;
         r.read_exact(&mut b).map_err(|e| Error::io(path, e))?;
         Ok(b)
     };
     // An unsigned integer of any width in the file's byte order.
     let uint = |b: &[u8]| -> u64 {
         let fold = |a: u64, &x: &u8| (a << 8) | u64::from(x);
-        if le {
-            b.iter().rev().fold(0, fold)
-        } else {
-            b.iter().fold(0, fold)
-        }
+        if le { b.iter().rev().fold(0, fold) } else { b.iter().fold(0, fold) }
     };
     let (count_size, entry_size, ptr_size, inline): (u64, u64, usize, u64) =
         if big { (8, 20, 8, 8) } else { (2, 12, 4, 4) };
@@ -746,25 +697,15 @@ fn validate_structure(
     if len < header {
         return Err(Error::tiff(
             path,
-            format!(
-                "file is only {len} bytes, shorter than the {header}-byte TIFF header; it is truncated"
-            ),
+            format!("file is only {len} bytes, shorter than the {header}-byte TIFF header; it is truncated"),
         ));
     }
     let truncated = |what: String| {
-        Error::tiff(
-            path,
-            format!(
-                "{what} but the file is only {len} bytes long; the file is truncated or corrupt"
-            ),
-        )
+        Error::tiff(path, format!("{what} but the file is only {len} bytes long; the file is truncated or corrupt"))
     };
     let mut off = uint(&read(if big { 8 } else { 4 }, ptr_size)?);
     if off == 0 {
-        return Err(Error::tiff(
-            path,
-            "the file contains no image directory; expected at least one image",
-        ));
+        return Err(Error::tiff(path, "the file contains no image directory; expected at least one image"));
     }
     let mut seen = std::collections::HashSet::new();
     let mut page = 1usize;
@@ -772,32 +713,20 @@ fn validate_structure(
         if !seen.insert(off) {
             return Err(Error::tiff(
                 path,
-                format!(
-                    "the directory chain loops back on itself at page {page}; the file is corrupt"
-                ),
+                format!("the directory chain loops back on itself at page {page}; the file is corrupt"),
             ));
         }
         if page > MAX_PAGES {
-            return Err(Error::tiff(
-                path,
-                format!("file has more than {MAX_PAGES} pages; refusing to read it"),
-            ));
+            return Err(Error::tiff(path, format!("file has more than {MAX_PAGES} pages; refusing to read it")));
         }
         if off.saturating_add(count_size) > len {
-            return Err(truncated(format!(
-                "the directory of page {page} starts at byte {off}"
-            )));
+            return Err(truncated(format!("the directory of page {page} starts at byte {off}")));
         }
         let n = uint(&read(off, count_size as usize)?);
-        let block = n
-            .checked_mul(entry_size)
-            .and_then(|b| b.checked_add(ptr_size as u64))
-            .unwrap_or(u64::MAX);
+        let block = n.checked_mul(entry_size).and_then(|b| b.checked_add(ptr_size as u64)).unwrap_or(u64::MAX);
         let end = (off + count_size).saturating_add(block);
         if end > len {
-            return Err(truncated(format!(
-                "the directory of page {page} ({n} entries) ends at byte {end}"
-            )));
+            return Err(truncated(format!("the directory of page {page} ({n} entries) ends at byte {end}")));
         }
         // Bounded by the file length just checked.
         let ifd = read(off + count_size, block as usize)?;
@@ -816,9 +745,7 @@ fn validate_structure(
             if size > inline {
                 let at = uint(&e[4 + ptr_size..]);
                 if at.saturating_add(size) > len {
-                    return Err(truncated(format!(
-                        "page {page}: tag {tag} holds {size} bytes from byte {at}"
-                    )));
+                    return Err(truncated(format!("page {page}: tag {tag} holds {size} bytes from byte {at}")));
                 }
             }
         }
@@ -860,17 +787,9 @@ fn page_info(path: &Path, dec: &mut Dec, ifd: usize, file_len: u64) -> Result<Op
     let ctx = format!("page {}", ifd + 1);
     let terr = |e: TiffError| tiff_err(path, &ctx, e);
 
-    let subfile = dec
-        .find_tag_unsigned::<u32>(Tag::NewSubfileType)
-        .ok()
-        .flatten()
-        .unwrap_or(0);
+    let subfile = dec.find_tag_unsigned::<u32>(Tag::NewSubfileType).ok().flatten().unwrap_or(0);
     if ifd > 0 && subfile & 1 != 0 {
-        log::debug!(
-            "{}: skipping reduced-resolution page {}",
-            path.display(),
-            ifd + 1
-        );
+        log::debug!("{}: skipping reduced-resolution page {}", path.display(), ifd + 1);
         return Ok(None);
     }
 
@@ -882,68 +801,45 @@ fn page_info(path: &Path, dec: &mut Dec, ifd: usize, file_len: u64) -> Result<Op
     if fill_order != 1 {
         return Err(Error::tiff(
             path,
-            format!("{ctx} has FillOrder {fill_order} (bits stored least significant first); only FillOrder 1 is supported: re-save the file (e.g. with Fiji)"),
+            format!(
+                "{ctx} has FillOrder {fill_order} (bits stored least significant first); only FillOrder 1 is supported: re-save the file (e.g. with Fiji)"
+            ),
         ));
     }
-    let spp = dec
-        .find_tag_unsigned::<u16>(Tag::SamplesPerPixel)
-        .map_err(terr)?
-        .unwrap_or(1);
-    let bits = find_u64s(dec, Tag::BitsPerSample)
-        .map_err(terr)?
-        .and_then(|v| v.first().copied())
-        .unwrap_or(1);
-    let format = find_u64s(dec, Tag::SampleFormat)
-        .map_err(terr)?
-        .and_then(|v| v.first().copied())
-        .unwrap_or(1);
-    let photometric = dec
-        .find_tag_unsigned::<u16>(Tag::PhotometricInterpretation)
-        .map_err(terr)?;
-    let compression = dec
-        .find_tag_unsigned::<u16>(Tag::Compression)
-        .map_err(terr)?
-        .unwrap_or(1);
-    let predictor = dec
-        .find_tag_unsigned::<u16>(Tag::Predictor)
-        .map_err(terr)?
-        .unwrap_or(1);
-    let planar = dec
-        .find_tag_unsigned::<u16>(Tag::PlanarConfiguration)
-        .map_err(terr)?
-        .unwrap_or(1)
-        == 2;
+    let spp = dec.find_tag_unsigned::<u16>(Tag::SamplesPerPixel).map_err(terr)?.unwrap_or(1);
+    let bits = find_u64s(dec, Tag::BitsPerSample).map_err(terr)?.and_then(|v| v.first().copied()).unwrap_or(1);
+    let format = find_u64s(dec, Tag::SampleFormat).map_err(terr)?.and_then(|v| v.first().copied()).unwrap_or(1);
+    let photometric = dec.find_tag_unsigned::<u16>(Tag::PhotometricInterpretation).map_err(terr)?;
+    let compression = dec.find_tag_unsigned::<u16>(Tag::Compression).map_err(terr)?.unwrap_or(1);
+    let predictor = dec.find_tag_unsigned::<u16>(Tag::Predictor).map_err(terr)?.unwrap_or(1);
+    let planar = dec.find_tag_unsigned::<u16>(Tag::PlanarConfiguration).map_err(terr)?.unwrap_or(1) == 2;
     let tiled = dec.get_chunk_type() == ChunkType::Tile;
 
-    let dtype = u16::try_from(format)
-        .ok()
-        .zip(u16::try_from(bits).ok())
-        .and_then(|(f, b)| Dtype::from_tags(f, b))
-        .ok_or_else(|| {
-            let kind = match format {
-                1 => "unsigned integer",
-                2 => "signed integer",
-                3 => "floating point",
-                4 => "untyped",
-                5 | 6 => "complex",
-                _ => "unknown-format",
-            };
-            Error::tiff(
-                path,
-                format!(
-                    "{ctx}: {bits}-bit {kind} samples are not supported; expected 8/16/32/64-bit \
+    let dtype =
+        u16::try_from(format).ok().zip(u16::try_from(bits).ok()).and_then(|(f, b)| Dtype::from_tags(f, b)).ok_or_else(
+            || {
+                let kind = match format {
+                    1 => "unsigned integer",
+                    2 => "signed integer",
+                    3 => "floating point",
+                    4 => "untyped",
+                    5 | 6 => "complex",
+                    _ => "unknown-format",
+                };
+                Error::tiff(
+                    path,
+                    format!(
+                        "{ctx}: {bits}-bit {kind} samples are not supported; expected 8/16/32/64-bit \
                      integers (or 1/2/4-bit unsigned) or 16/32/64-bit floats"
-                ),
-            )
-        })?;
+                    ),
+                )
+            },
+        )?;
 
     // Check every chunk lies inside the file before allocating anything for it: this is
     // the usual symptom of a truncated copy and gives a much clearer message than EOF.
-    let (otag, ctag) = if tiled {
-        (Tag::TileOffsets, Tag::TileByteCounts)
-    } else {
-        (Tag::StripOffsets, Tag::StripByteCounts)
-    };
+    let (otag, ctag) =
+        if tiled { (Tag::TileOffsets, Tag::TileByteCounts) } else { (Tag::StripOffsets, Tag::StripByteCounts) };
     let offsets = find_u64s(dec, otag).map_err(terr)?.unwrap_or_default();
     let counts = find_u64s(dec, ctag).map_err(terr)?.unwrap_or_default();
     let chunk = if tiled { "tile" } else { "strip" };
@@ -960,11 +856,8 @@ fn page_info(path: &Path, dec: &mut Dec, ifd: usize, file_len: u64) -> Result<Op
             ));
         }
     }
-    let rows_per_strip = dec
-        .find_tag_unsigned::<u64>(Tag::RowsPerStrip)
-        .map_err(terr)?
-        .unwrap_or(h as u64)
-        .clamp(1, h as u64) as usize;
+    let rows_per_strip =
+        dec.find_tag_unsigned::<u64>(Tag::RowsPerStrip).map_err(terr)?.unwrap_or(h as u64).clamp(1, h as u64) as usize;
     let raw_ok = compression == 1 && predictor == 1 && !tiled && dtype.bits() >= 8;
 
     let mut source = Source::Decoder { ifd };
@@ -1007,18 +900,8 @@ fn page_info(path: &Path, dec: &mut Dec, ifd: usize, file_len: u64) -> Result<Op
                     ),
                 ));
             }
-            source = Source::Raw {
-                runs: strip_runs(
-                    path,
-                    &ctx,
-                    &offsets,
-                    &counts,
-                    rows_per_strip,
-                    width,
-                    height,
-                    dtype,
-                )?,
-            };
+            source =
+                Source::Raw { runs: strip_runs(path, &ctx, &offsets, &counts, rows_per_strip, width, height, dtype)? };
             1
         }
         Err(e) => return Err(terr(e)),
@@ -1029,25 +912,13 @@ fn page_info(path: &Path, dec: &mut Dec, ifd: usize, file_len: u64) -> Result<Op
     // signed data (so we read it raw when uncompressed).
     let mut undo_invert = false;
     if photometric == Some(0) {
-        let unsigned = matches!(
-            dtype,
-            Dtype::U1 | Dtype::U2 | Dtype::U4 | Dtype::U8 | Dtype::U16 | Dtype::U32 | Dtype::U64
-        );
+        let unsigned =
+            matches!(dtype, Dtype::U1 | Dtype::U2 | Dtype::U4 | Dtype::U8 | Dtype::U16 | Dtype::U32 | Dtype::U64);
         if unsigned && samples == 1 {
             undo_invert = true;
         } else if raw_ok && spp == 1 {
-            source = Source::Raw {
-                runs: strip_runs(
-                    path,
-                    &ctx,
-                    &offsets,
-                    &counts,
-                    rows_per_strip,
-                    width,
-                    height,
-                    dtype,
-                )?,
-            };
+            source =
+                Source::Raw { runs: strip_runs(path, &ctx, &offsets, &counts, rows_per_strip, width, height, dtype)? };
         } else {
             return Err(Error::tiff(
                 path,
@@ -1066,10 +937,7 @@ fn page_info(path: &Path, dec: &mut Dec, ifd: usize, file_len: u64) -> Result<Op
     if samples > 1 && dtype.bits() < 8 {
         return Err(Error::tiff(
             path,
-            format!(
-                "{ctx}: {}-bit data with {samples} samples per pixel is not supported",
-                dtype.bits()
-            ),
+            format!("{ctx}: {}-bit data with {samples} samples per pixel is not supported", dtype.bits()),
         ));
     }
     Ok(Some(PageInfo {
@@ -1112,10 +980,7 @@ fn strip_runs(
     if offsets.len() < n || counts.len() < n {
         return Err(Error::tiff(
             path,
-            format!(
-                "{ctx}: {} strips listed but {n} needed for {height} rows",
-                offsets.len()
-            ),
+            format!("{ctx}: {} strips listed but {n} needed for {height} rows", offsets.len()),
         ));
     }
     (0..n)
@@ -1123,13 +988,7 @@ fn strip_runs(
             let rows = rows_per_strip.min(height - i * rows_per_strip) as u64;
             let need = rows * row_bytes;
             if counts[i] < need {
-                return Err(Error::tiff(
-                    path,
-                    format!(
-                        "{ctx}: strip {i} holds {} bytes; expected {need}",
-                        counts[i]
-                    ),
-                ));
+                return Err(Error::tiff(path, format!("{ctx}: strip {i} holds {} bytes; expected {need}", counts[i])));
             }
             Ok((offsets[i], need))
         })
@@ -1159,9 +1018,7 @@ fn parse_imagej(desc: &str) -> Option<(ImageJRaw, Option<String>)> {
             "cf" => raw.cf = v.parse::<i32>().ok(),
             "c0" => raw.c0 = v.parse::<f64>().ok(),
             "c1" => raw.c1 = v.parse::<f64>().ok(),
-            "unit" if !v.is_empty() => {
-                unit = Some(v.replace("\\u00B5", "\u{b5}").replace("\\u00b5", "\u{b5}"))
-            }
+            "unit" if !v.is_empty() => unit = Some(v.replace("\\u00B5", "\u{b5}").replace("\\u00b5", "\u{b5}")),
             _ => {}
         }
     }
@@ -1198,11 +1055,7 @@ fn parse_ij_labels(data: &[u8], counts: &[u64]) -> Option<Vec<String>> {
     };
     let u32_at = |pos: usize| -> Option<u32> {
         let a: [u8; 4] = data.get(pos..pos + 4)?.try_into().ok()?;
-        Some(if le {
-            u32::from_le_bytes(a)
-        } else {
-            u32::from_be_bytes(a)
-        })
+        Some(if le { u32::from_le_bytes(a) } else { u32::from_be_bytes(a) })
     };
     let header = usize::try_from(*counts.first()?).ok()?;
     if header < 12 || header > data.len() || (header - 4) % 8 != 0 {
@@ -1224,13 +1077,7 @@ fn parse_ij_labels(data: &[u8], counts: &[u64]) -> Option<Vec<String>> {
             if ty == labl {
                 let units: Vec<u16> = bytes
                     .chunks_exact(2)
-                    .map(|c| {
-                        if le {
-                            u16::from_le_bytes([c[0], c[1]])
-                        } else {
-                            u16::from_be_bytes([c[0], c[1]])
-                        }
-                    })
+                    .map(|c| if le { u16::from_le_bytes([c[0], c[1]]) } else { u16::from_be_bytes([c[0], c[1]]) })
                     .collect();
                 // ImageJ may append extra info after a newline; the first line is the label.
                 let s = String::from_utf16_lossy(&units);
@@ -1250,15 +1097,10 @@ fn tag_bytes(dec: &mut Dec, tag: Tag) -> Option<Vec<u8>> {
     let mut ifd = dec.image_ifd();
     let entry = ifd.find_entry(tag)?;
     // Only byte-sized types: that is what text and ImageJ's blob are stored as.
-    if !matches!(
-        entry.field_type(),
-        Type::BYTE | Type::ASCII | Type::UNDEFINED | Type::SBYTE
-    ) {
+    if !matches!(entry.field_type(), Type::BYTE | Type::ASCII | Type::UNDEFINED | Type::SBYTE) {
         return None;
     }
-    let size = usize::try_from(entry.count())
-        .ok()
-        .filter(|&s| s <= MAX_TAG_BYTES)?;
+    let size = usize::try_from(entry.count()).ok().filter(|&s| s <= MAX_TAG_BYTES)?;
     let mut buf = vec![0u8; size];
     let got = ifd.find_tag_bytes(tag, &mut buf, 0).ok()??;
     buf.truncate(got);
@@ -1303,19 +1145,14 @@ fn open_and_plan(path: &Path) -> Result<(Dec, Plan)> {
     let ij = description(&mut dec).and_then(|d| parse_imagej(&d));
     let labels = match (
         tag_bytes(&mut dec, Tag::Unknown(TAG_IJ_METADATA)),
-        dec.find_tag_unsigned_vec::<u64>(Tag::Unknown(TAG_IJ_BYTE_COUNTS))
-            .ok()
-            .flatten(),
+        dec.find_tag_unsigned_vec::<u64>(Tag::Unknown(TAG_IJ_BYTE_COUNTS)).ok().flatten(),
     ) {
         (Some(data), Some(counts)) => parse_ij_labels(&data, &counts),
         _ => None,
     };
     let xres = rational(&mut dec, Tag::XResolution);
     let yres = rational(&mut dec, Tag::YResolution);
-    let res_unit = dec
-        .find_tag_unsigned::<u16>(Tag::ResolutionUnit)
-        .ok()
-        .flatten();
+    let res_unit = dec.find_tag_unsigned::<u16>(Tag::ResolutionUnit).ok().flatten();
 
     let mut pages = Vec::new();
     let mut ifd = 0usize;
@@ -1328,18 +1165,9 @@ fn open_and_plan(path: &Path) -> Result<(Dec, Plan)> {
         }
         ifd += 1;
         if ifd >= MAX_PAGES {
-            return Err(Error::tiff(
-                path,
-                format!("file has more than {MAX_PAGES} pages; refusing to read it"),
-            ));
+            return Err(Error::tiff(path, format!("file has more than {MAX_PAGES} pages; refusing to read it")));
         }
-        dec.next_image().map_err(|e| {
-            tiff_err(
-                path,
-                &format!("reading the directory of page {}", ifd + 1),
-                e,
-            )
-        })?;
+        dec.next_image().map_err(|e| tiff_err(path, &format!("reading the directory of page {}", ifd + 1), e))?;
     }
 
     // All pages must agree, or no (T, C, H, W) array can hold them.
@@ -1384,11 +1212,7 @@ fn open_and_plan(path: &Path) -> Result<(Dec, Plan)> {
             let has_dims = raw.channels.is_some() || raw.slices.is_some() || raw.frames.is_some();
             // Without dimensions ImageJ treats the images as a plain stack of slices.
             let (ch, sl, fr) = if has_dims {
-                (
-                    raw.channels.unwrap_or(1),
-                    raw.slices.unwrap_or(1),
-                    raw.frames.unwrap_or(1),
-                )
+                (raw.channels.unwrap_or(1), raw.slices.unwrap_or(1), raw.frames.unwrap_or(1))
             } else {
                 (1, images, 1)
             };
@@ -1426,12 +1250,7 @@ fn open_and_plan(path: &Path) -> Result<(Dec, Plan)> {
                     ),
                 ));
             }
-            let ij = ImageJ {
-                images,
-                channels: ch,
-                slices: sl,
-                frames: fr,
-            };
+            let ij = ImageJ { images, channels: ch, slices: sl, frames: fr };
             (sl * fr, ch * s, Some(ij), unit)
         }
         None => (pages.len(), s, None, None),
@@ -1471,22 +1290,12 @@ fn open_and_plan(path: &Path) -> Result<(Dec, Plan)> {
 
     // Labels are per page in CZT order: the first C belong to the first time point/slice.
     let labels = match (&imagej, labels) {
-        (Some(ij), Some(l))
-            if s == 1
-                && l.len() >= ij.channels
-                && l[..ij.channels].iter().any(|x| !x.is_empty()) =>
-        {
+        (Some(ij), Some(l)) if s == 1 && l.len() >= ij.channels && l[..ij.channels].iter().any(|x| !x.is_empty()) => {
             Some(
                 l[..ij.channels]
                     .iter()
                     .enumerate()
-                    .map(|(i, x)| {
-                        if x.is_empty() {
-                            format!("ch{i}")
-                        } else {
-                            x.clone()
-                        }
-                    })
+                    .map(|(i, x)| if x.is_empty() { format!("ch{i}") } else { x.clone() })
                     .collect(),
             )
         }
@@ -1527,12 +1336,7 @@ fn open_and_plan(path: &Path) -> Result<(Dec, Plan)> {
 
 /// ImageJ writes large stacks with a directory for the first image only and the pixel
 /// data of all images back to back; rebuild the missing pages when that is what we see.
-fn contiguous_pages(
-    first: &PageInfo,
-    pages: &[PageInfo],
-    images: usize,
-    file_len: u64,
-) -> Option<Vec<PageInfo>> {
+fn contiguous_pages(first: &PageInfo, pages: &[PageInfo], images: usize, file_len: u64) -> Option<Vec<PageInfo>> {
     if images <= pages.len() || !first.raw_ok || !matches!(first.source, Source::Decoder { .. }) {
         return None;
     }
@@ -1541,9 +1345,7 @@ fn contiguous_pages(
     // The first page's strips must themselves be contiguous from `start`.
     let mut pos = start;
     for (i, &(o, n)) in first.strips.iter().enumerate() {
-        let rows = first
-            .rows_per_strip
-            .min(first.height.saturating_sub(i * first.rows_per_strip)) as u64;
+        let rows = first.rows_per_strip.min(first.height.saturating_sub(i * first.rows_per_strip)) as u64;
         let need = rows * (first.width * first.samples * first.dtype.bits() / 8) as u64;
         if o != pos || n < need {
             return None;
@@ -1563,9 +1365,7 @@ fn contiguous_pages(
     Some(
         (0..images as u64)
             .map(|k| PageInfo {
-                source: Source::Raw {
-                    runs: vec![(start + k * page_bytes, page_bytes)],
-                },
+                source: Source::Raw { runs: vec![(start + k * page_bytes, page_bytes)] },
                 ..first.clone()
             })
             .collect(),
@@ -1579,24 +1379,17 @@ fn contiguous_pages(
 /// Decodes page `idx` of the plan into its on-disk sample type.
 fn decode_page(path: &Path, dec: &mut Dec, plan: &Plan, idx: usize) -> Result<Samples> {
     let page = &plan.pages[idx];
-    let ctx = format!(
-        "reading the pixel data of page {} of {}",
-        idx + 1,
-        plan.pages.len()
-    );
+    let ctx = format!("reading the pixel data of page {} of {}", idx + 1, plan.pages.len());
     let samples = match &page.source {
         Source::Decoder { ifd } => {
-            dec.seek_to_image(*ifd)
-                .map_err(|e| tiff_err(path, &ctx, e))?;
+            dec.seek_to_image(*ifd).map_err(|e| tiff_err(path, &ctx, e))?;
             let mut res = DecodingResult::U8(Vec::new());
-            dec.read_image_to_buffer(&mut res)
-                .map_err(|e| tiff_err(path, &ctx, e))?;
+            dec.read_image_to_buffer(&mut res).map_err(|e| tiff_err(path, &ctx, e))?;
             let bits = page.dtype.bits();
             let mut samples = match (bits < 8, res) {
                 (true, DecodingResult::U8(packed)) => Samples::U8(
-                    unpack_bits(&packed, page.width, page.height, bits).ok_or_else(|| {
-                        Error::tiff(path, format!("{ctx}: too few bytes of {bits}-bit data"))
-                    })?,
+                    unpack_bits(&packed, page.width, page.height, bits)
+                        .ok_or_else(|| Error::tiff(path, format!("{ctx}: too few bytes of {bits}-bit data")))?,
                 ),
                 (_, res) => Samples::from_decoded(res),
             };
@@ -1610,30 +1403,17 @@ fn decode_page(path: &Path, dec: &mut Dec, plan: &Plan, idx: usize) -> Result<Sa
             let mut bytes = Vec::with_capacity(total as usize);
             let r = dec.inner();
             for &(off, n) in runs {
-                r.seek(SeekFrom::Start(off))
-                    .map_err(|e| Error::io(path, e))?;
-                let got = r
-                    .by_ref()
-                    .take(n)
-                    .read_to_end(&mut bytes)
-                    .map_err(|e| Error::io(path, e))?;
+                r.seek(SeekFrom::Start(off)).map_err(|e| Error::io(path, e))?;
+                let got = r.by_ref().take(n).read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
                 if got as u64 != n {
                     return Err(Error::tiff(
                         path,
-                        format!(
-                            "{ctx}: the file is truncated (expected {n} bytes at offset {off})"
-                        ),
+                        format!("{ctx}: the file is truncated (expected {n} bytes at offset {off})"),
                     ));
                 }
             }
             Samples::from_bytes(&bytes, page.dtype, plan.little_endian).ok_or_else(|| {
-                Error::tiff(
-                    path,
-                    format!(
-                        "{ctx}: {} data cannot be read in this layout",
-                        page.dtype.name()
-                    ),
-                )
+                Error::tiff(path, format!("{ctx}: {} data cannot be read in this layout", page.dtype.name()))
             })?
         }
     };
@@ -1701,9 +1481,7 @@ fn check_write_dims(c: usize, h: usize, w: usize) -> Result<()> {
         )));
     }
     if h > u32::MAX as usize || w > u32::MAX as usize {
-        return Err(Error::InvalidArgument(format!(
-            "image of {h}x{w} pixels is too large for TIFF"
-        )));
+        return Err(Error::InvalidArgument(format!("image of {h}x{w} pixels is too large for TIFF")));
     }
     Ok(())
 }
@@ -1713,22 +1491,13 @@ fn finite_range(v: &[f32]) -> (f64, f64) {
     let (lo, hi) = v
         .iter()
         .filter(|x| x.is_finite())
-        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &x| {
-            (lo.min(x), hi.max(x))
-        });
-    if lo > hi {
-        (0.0, 1.0)
-    } else {
-        (f64::from(lo), f64::from(hi))
-    }
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+    if lo > hi { (0.0, 1.0) } else { (f64::from(lo), f64::from(hi)) }
 }
 
 /// Builds ImageJ's IJMetadata blob and byte counts (native byte order, matching the file
 /// that `TiffEncoder` writes): 'labl' one UTF-16 label per page, 'rang' display ranges.
-fn ij_metadata(
-    labels: Option<&[String]>,
-    ranges: Option<&[(f64, f64)]>,
-) -> Option<(Vec<u8>, Vec<u32>)> {
+fn ij_metadata(labels: Option<&[String]>, ranges: Option<&[(f64, f64)]>) -> Option<(Vec<u8>, Vec<u32>)> {
     let ne32 = |x: u32| x.to_ne_bytes();
     let mut header = ne32(u32::from_be_bytes(*b"IJIJ")).to_vec();
     let mut body = Vec::new();
@@ -1746,11 +1515,7 @@ fn ij_metadata(
         // One entry holding min,max per channel, as ImageJ writes it.
         header.extend(ne32(u32::from_be_bytes(*b"rang")));
         header.extend(ne32(1));
-        let bytes: Vec<u8> = ranges
-            .iter()
-            .flat_map(|&(a, b)| [a, b])
-            .flat_map(|x| x.to_ne_bytes())
-            .collect();
+        let bytes: Vec<u8> = ranges.iter().flat_map(|&(a, b)| [a, b]).flat_map(|x| x.to_ne_bytes()).collect();
         counts.push(bytes.len() as u32);
         body.extend(bytes);
     }
@@ -1778,17 +1543,11 @@ fn write_pages(
     if !parent.is_dir() {
         return Err(Error::io(
             path,
-            io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("parent directory '{}' does not exist", parent.display()),
-            ),
+            io::Error::new(io::ErrorKind::NotFound, format!("parent directory '{}' does not exist", parent.display())),
         ));
     }
     if path.is_dir() {
-        return Err(Error::io(
-            path,
-            io::Error::other("a directory exists at this path"),
-        ));
+        return Err(Error::io(path, io::Error::other("a directory exists at this path")));
     }
     let mut builder = tempfile::Builder::new();
     builder.prefix(".lumos-").suffix(".tif.tmp");
@@ -1799,18 +1558,12 @@ fn write_pages(
         use std::os::unix::fs::PermissionsExt;
         builder.permissions(std::fs::Permissions::from_mode(0o666));
     }
-    let tmp = builder
-        .tempfile_in(parent)
-        .map_err(|e| Error::io(path, e))?;
+    let tmp = builder.tempfile_in(parent).map_err(|e| Error::io(path, e))?;
 
-    let data_bytes: u64 = pages
-        .iter()
-        .map(|p| u64::from(width) * u64::from(height) * p.format().2)
-        .sum();
+    let data_bytes: u64 = pages.iter().map(|p| u64::from(width) * u64::from(height) * p.format().2).sum();
     let meta_bytes = ij_meta.map_or(0, |m| m.0.len() as u64 + 4 * m.1.len() as u64);
     // Classic TIFF offsets are 32-bit; leave room for directories and tag data.
-    let big = data_bytes + meta_bytes + desc.len() as u64 + 512 * pages.len() as u64 + 4096
-        > u64::from(u32::MAX);
+    let big = data_bytes + meta_bytes + desc.len() as u64 + 512 * pages.len() as u64 + 4096 > u64::from(u32::MAX);
 
     let enc_err = |e: TiffError| match e {
         TiffError::IoError(io) => Error::io(path, io),
@@ -1820,12 +1573,10 @@ fn write_pages(
         let mut w = BufWriter::new(tmp.as_file());
         if big {
             let mut enc = TiffEncoder::new_big(&mut w).map_err(enc_err)?;
-            encode_pages::<_, TiffKindBig>(&mut enc, width, height, pages, desc, ij_meta)
-                .map_err(enc_err)?;
+            encode_pages::<_, TiffKindBig>(&mut enc, width, height, pages, desc, ij_meta).map_err(enc_err)?;
         } else {
             let mut enc = TiffEncoder::new(&mut w).map_err(enc_err)?;
-            encode_pages::<_, TiffKindStandard>(&mut enc, width, height, pages, desc, ij_meta)
-                .map_err(enc_err)?;
+            encode_pages::<_, TiffKindStandard>(&mut enc, width, height, pages, desc, ij_meta).map_err(enc_err)?;
         }
         w.flush().map_err(|e| Error::io(path, e))?;
         Ok(())

@@ -48,7 +48,11 @@ fn pool(x: &Tensor, f: i64) -> Tensor {
     if f == 1 {
         return x.shallow_clone();
     }
-    x.unsqueeze(0).unsqueeze(0).avg_pool2d([f, f], [f, f], [0, 0], false, true, None::<i64>).squeeze_dim(0).squeeze_dim(0)
+    x.unsqueeze(0)
+        .unsqueeze(0)
+        .avg_pool2d([f, f], [f, f], [0, 0], false, true, None::<i64>)
+        .squeeze_dim(0)
+        .squeeze_dim(0)
 }
 
 fn half(tile: i64, k: usize) -> i64 {
@@ -81,7 +85,15 @@ impl LcBand {
     /// Builds the row bands of all levels from a raw `(H, W)` frame (any device),
     /// normalizes them with `aff` and moves them to `device`. `centres_x` are the column
     /// centres of the tiles that will be cropped from this band.
-    pub fn new(frame: &Tensor, cy: i64, tile: i64, levels: usize, aff: &ChannelAffine, centres_x: &[i64], device: Device) -> Self {
+    pub fn new(
+        frame: &Tensor,
+        cy: i64,
+        tile: i64,
+        levels: usize,
+        aff: &ChannelAffine,
+        centres_x: &[i64],
+        device: Device,
+    ) -> Self {
         let (xmin, xmax) = (*centres_x.iter().min().unwrap_or(&0), *centres_x.iter().max().unwrap_or(&0));
         let bands = (0..levels)
             .map(|k| {

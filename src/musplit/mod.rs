@@ -1,4 +1,5 @@
-//! The decompose verb (muSplit): training data, training loop and tiled prediction.
+//! The decompose verb (muSplit): training data, tiled prediction and the method (its
+//! network in `net`, lateral context in `lc`, its trainer in `train`).
 //!
 //! # Data on disk
 //!
@@ -32,31 +33,26 @@
 pub mod lc;
 pub mod net;
 pub mod recipes;
+pub mod train;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use ndarray::{Array3, ArrayView2, ArrayViewMut3, Axis};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
-use tch::{Device, Kind, Tensor};
+use tch::Tensor;
 
+use crate::backend::precision::{to_float, with_precision};
 use crate::engine::dataset::is_tiff;
-use crate::engine::device::parse_device;
+use crate::engine::metrics;
+use crate::engine::model::{Model, ModelKind, ModelMeta, Net, TORCH_RNG};
+use crate::engine::normalize::ChannelNorm;
+use crate::engine::progress::Monitor;
+use crate::engine::tiling::{CentreTiles, centre_tiles, mirrored};
+use crate::engine::train::TrainConfig;
 use crate::error::{Error, Result};
-use crate::image::{array3_to_tensor, Image};
+use crate::image::Image;
 use crate::io::tiff;
 use crate::musplit::lc::LcBand;
-use crate::engine::metrics;
-use crate::musplit::net::SplitVariant;
-use crate::backend::precision::{to_float, with_precision};
-use crate::engine::model::{EpochRecord, Model, ModelKind, ModelMeta, Net, TORCH_RNG};
-use crate::engine::normalize::{ChannelNorm, NormMethod, Normalizer};
-use crate::engine::progress::{Monitor, Progress, Stage};
-use crate::engine::tiling::{centre_tiles, mirrored, CentreTiles};
-use crate::engine::train::{per_epoch_seed, sibling, RunInfo, TrainConfig, TrainOutcome};
+use crate::musplit::net::{MuSplitConfig, MuSplitNet};
 
 /// One training frame: the superimposed input and the two structures.
 #[derive(Debug, Clone)]
@@ -89,7 +85,11 @@ fn find(dir: &Path, stem: &str) -> Option<PathBuf> {
 
 fn plane(img: &Image, what: &Path) -> Result<ndarray::Array2<f32>> {
     if img.channels() != 1 {
-        return Err(Error::Shape(format!("'{}' has {} channels; expected a single-channel image", what.display(), img.channels())));
+        return Err(Error::Shape(format!(
+            "'{}' has {} channels; expected a single-channel image",
+            what.display(),
+            img.channels()
+        )));
     }
     Ok(img.data.index_axis(Axis(0), 0).to_owned())
 }
@@ -133,7 +133,11 @@ pub fn load_split_folder(dir: &Path) -> Result<Vec<SplitSample>> {
                 }
                 None => &targets.data.index_axis(Axis(0), 0) + &targets.data.index_axis(Axis(0), 1),
             };
-            out.push(SplitSample { name, input: Image::with_names(input.insert_axis(Axis(0)), vec!["mixed".into()])?, targets });
+            out.push(SplitSample {
+                name,
+                input: Image::with_names(input.insert_axis(Axis(0)), vec!["mixed".into()])?,
+                targets,
+            });
         }
     } else {
         let d2 = root.join("structure2");
@@ -143,7 +147,13 @@ pub fn load_split_folder(dir: &Path) -> Result<Vec<SplitSample>> {
             })?;
             let (a, b) = (plane(&tiff::read_image(&p1)?, &p1)?, plane(&tiff::read_image(&p2)?, &p2)?);
             if a.dim() != b.dim() {
-                return Err(Error::Shape(format!("'{}' is {:?} but '{}' is {:?}", p1.display(), a.dim(), p2.display(), b.dim())));
+                return Err(Error::Shape(format!(
+                    "'{}' is {:?} but '{}' is {:?}",
+                    p1.display(),
+                    a.dim(),
+                    p2.display(),
+                    b.dim()
+                )));
             }
             let input = &a + &b;
             let t = ndarray::stack(Axis(0), &[a.view(), b.view()]).expect("same shape");
@@ -183,7 +193,15 @@ pub struct DecomposeOptions {
 
 impl Default for DecomposeOptions {
     fn default() -> Self {
-        DecomposeOptions { tile: None, keep: None, batch_size: 16, mirror: false, samples: 1, seed: 0, posterior_mean: false }
+        DecomposeOptions {
+            tile: None,
+            keep: None,
+            batch_size: 16,
+            mirror: false,
+            samples: 1,
+            seed: 0,
+            posterior_mean: false,
+        }
     }
 }
 
@@ -209,7 +227,13 @@ impl Model {
     /// tile with inner padding (or the tiling in `opts`). Memory beyond the caller's
     /// buffers is bounded by one batch of tiles and its lateral context, whatever the
     /// frame size.
-    pub fn decompose(&self, frame: ArrayView2<f32>, opts: &DecomposeOptions, mut out: ArrayViewMut3<f32>, monitor: &mut Monitor) -> Result<()> {
+    pub fn decompose(
+        &self,
+        frame: ArrayView2<f32>,
+        opts: &DecomposeOptions,
+        mut out: ArrayViewMut3<f32>,
+        monitor: &mut Monitor,
+    ) -> Result<()> {
         self.check_decompose()?;
         let (h, w) = frame.dim();
         let k = self.n_classes();
@@ -228,18 +252,24 @@ impl Model {
         let ct = CentreTiles { tile, keep: opts.keep.unwrap_or(tile / 2), batch_size: opts.batch_size };
         ct.validate(Net::divisor(&self.meta))?;
         let aff = self.meta.normalization.resolve(frame3)?[0];
-        let tn = self.meta.target_normalization.as_ref().ok_or_else(|| Error::ModelFormat("the model lacks target normalization".into()))?;
+        let tn = self
+            .meta
+            .target_normalization
+            .as_ref()
+            .ok_or_else(|| Error::ModelFormat("the model lacks target normalization".into()))?;
         let (means, stds): (Vec<f32>, Vec<f32>) = tn.channels.iter().map(mean_std_of).unzip();
         let device = self.device();
         let mean_t = Tensor::from_slice(&means).view([1, k as i64, 1, 1]).to_device(device);
         let std_t = Tensor::from_slice(&stds).view([1, k as i64, 1, 1]).to_device(device);
 
         let contiguous = frame.as_standard_layout();
-        // SAFETY: `contiguous` is a standard-layout (H, W) f32 array that outlives `src`
-        // (declared later, dropped first); libtorch only reads it.
-        let src = unsafe {
-            Tensor::from_blob(contiguous.as_ptr() as *const u8, &[h as i64, w as i64], &[w as i64, 1], Kind::Float, Device::Cpu)
-        };
+        // the frame without a copy (a 3072 x 3072 frame is 36 MiB)
+        let src = crate::backend::host::Borrowed::new(
+            contiguous.as_slice().expect("standard layout"),
+            &[h as i64, w as i64],
+            &[w as i64, 1],
+        )
+        .ok_or_else(|| Error::Shape(format!("the frame is {h} x {w}; expected at least 1 x 1")))?;
         let precision = self.precision();
         let inner = self.lock();
         let Net::Musplit(net) = &inner.net else {
@@ -274,7 +304,9 @@ impl Model {
             Ok((acc / samples as f64).contiguous())
         };
         let mut predict = |x: &Tensor| -> Result<Tensor> {
-            let p = with_precision(precision, device, || tch::no_grad(|| if opts.mirror { mirrored(x, &mut one) } else { one(x) }))??;
+            let p = with_precision(precision, device, || {
+                tch::no_grad(|| if opts.mirror { mirrored(x, &mut one) } else { one(x) })
+            })??;
             Ok(to_float(p) * &std_t + &mean_t)
         };
         let mut sink = |row0: usize, col0: usize, block: &Tensor| -> Result<()> {
@@ -295,7 +327,11 @@ impl Model {
 }
 
 /// Scores of a model on samples: per image, PSNR / RI-PSNR / SSIM per channel.
-pub fn evaluate_split(model: &Model, samples: &[&SplitSample], opts: &DecomposeOptions) -> Result<Vec<metrics::SplitScores>> {
+pub fn evaluate_split(
+    model: &Model,
+    samples: &[&SplitSample],
+    opts: &DecomposeOptions,
+) -> Result<Vec<metrics::SplitScores>> {
     samples
         .iter()
         .map(|s| {
@@ -305,310 +341,61 @@ pub fn evaluate_split(model: &Model, samples: &[&SplitSample], opts: &DecomposeO
         .collect()
 }
 
-/// Adamax (Kingma & Ba, 2015) with betas (0.9, 0.999), eps 1e-8; its state is
-/// checkpointed.
-struct Adamax {
-    params: Vec<(String, Tensor)>,
-    m: HashMap<String, Tensor>,
-    u: HashMap<String, Tensor>,
-    step: i64,
-}
+/// The `musplit` kind: decomposition of one fluorescence image into two structures.
+pub struct MuSplit;
 
-impl Adamax {
-    fn new(vs: &tch::nn::VarStore) -> Self {
-        let mut params: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
-        params.sort_by(|a, b| a.0.cmp(&b.0));
-        Adamax { params, m: HashMap::new(), u: HashMap::new(), step: 0 }
+pub static MUSPLIT: MuSplit = MuSplit;
+
+impl crate::engine::method::Method for MuSplit {
+    fn kind(&self) -> ModelKind {
+        ModelKind::Musplit
     }
-    /// Drops the gradients (the next backward pass writes fresh ones).
-    fn zero_grad(&mut self) -> Result<()> {
-        crate::backend::optim::drop_grads(self.params.iter().map(|(_, p)| p))
-    }
-    /// Clips every gradient element to `[-clip_value, clip_value]` (`<= 0`: no
-    /// clipping), then one Adamax step (libtorch's multi-tensor ops) over the parameters
-    /// with a gradient.
-    fn clip_and_update(&mut self, clip_value: f64, lr: f64) -> Result<()> {
-        let (b1, b2, eps) = (0.9, 0.999, 1e-8);
-        self.step += 1;
-        let (ps, gs, st) = crate::backend::optim::gather(&self.params, &mut [&mut self.m, &mut self.u]);
-        if clip_value > 0.0 {
-            crate::backend::optim::clamp_(&gs, -clip_value, clip_value)?;
+    fn check_config(&self, cfg: &TrainConfig) -> Result<()> {
+        cfg.musplit.validate()?;
+        if cfg.patch_size[0] != cfg.patch_size[1] {
+            return Err(Error::Config(format!(
+                "patch_size {:?}: a musplit model trains on square patches",
+                cfg.patch_size
+            )));
         }
-        crate::backend::optim::adamax_(&ps, &gs, &st[0], &st[1], self.step, lr, b1, b2, eps)
+        Ok(())
     }
-    fn state(&self) -> Vec<(String, Tensor)> {
-        let mut v: Vec<_> = self
-            .m
-            .iter()
-            .map(|(n, t)| (format!("optimizer.m.{n}"), t.shallow_clone()))
-            .chain(self.u.iter().map(|(n, t)| (format!("optimizer.u.{n}"), t.shallow_clone())))
-            .collect();
-        v.push(("optimizer.step".into(), Tensor::from_slice(&[self.step as f32])));
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v
+    fn patch_divisor(&self, cfg: &TrainConfig) -> usize {
+        cfg.musplit.divisor()
     }
-    fn load_state(&mut self, tensors: &std::collections::BTreeMap<String, Tensor>, device: Device) {
-        for (n, t) in tensors {
-            if let Some(name) = n.strip_prefix("optimizer.m.") {
-                self.m.insert(name.to_string(), t.to_device(device));
-            } else if let Some(name) = n.strip_prefix("optimizer.u.") {
-                self.u.insert(name.to_string(), t.to_device(device));
-            } else if n == "optimizer.step" {
-                self.step = t.double_value(&[0]) as i64;
-            }
+    fn build(&self, meta: &ModelMeta, p: &tch::nn::Path) -> Result<Net> {
+        let cfg = MuSplitConfig::from_model_architecture(&meta.architecture)
+            .map_err(|e| Error::ModelFormat(format!("invalid musplit architecture: {e}")))?;
+        if meta.input_channels.len() != 1 {
+            return Err(Error::Shape(format!(
+                "a musplit model takes 1 input channel (the superimposed image); the data have {}",
+                meta.input_channels.len()
+            )));
+        }
+        if meta.target_normalization.as_ref().map(|n| n.n_channels()) != Some(meta.classes.len()) {
+            return Err(Error::ModelFormat(format!(
+                "a musplit model needs target normalization statistics for its {} output channels",
+                meta.classes.len()
+            )));
+        }
+        Ok(Net::Musplit(MuSplitNet::new(p, &cfg, meta.classes.len() as i64)?))
+    }
+    fn divisor(&self, meta: &ModelMeta) -> usize {
+        MuSplitConfig::from_model_architecture(&meta.architecture).map(|c| c.divisor()).unwrap_or(1)
+    }
+    fn load(&self, cfg: &TrainConfig, data_dir: &Path) -> Result<Box<dyn crate::engine::train::TrainingData>> {
+        train::load(cfg, data_dir)
+    }
+    fn export_info(&self) -> crate::engine::method::ExportInfo {
+        crate::engine::method::ExportInfo {
+            name: "muSplit",
+            tags: vec!["image-decomposition", "fluorescence-light-microscopy", "unmixing", "2d", "pytorch"],
+            cite: vec![
+                serde_json::json!({"text": "Ashesh, Krull A, Di Sante M, Pasqualini FS, Jug F. muSplit: image decomposition for fluorescence microscopy. ICCV 2023.", "url": "https://arxiv.org/abs/2211.12872"}),
+            ],
         }
     }
-}
-
-/// One optimization step of the decomposition trainer (kind `musplit`), exactly as
-/// [`train`] runs it for every iteration: the forward pass in training mode, the model's
-/// loss (MSE for the U-Net; Gaussian NLL + KL for the HVAE), the backward pass, gradient
-/// clipping by value (`musplit.grad_clip_value`) and one Adamax step at the given
-/// learning rate. The optimizer's state lives here. [`train`] drives it;
-/// `benches/compare.rs` times it on a fixed batch.
-pub struct DecompositionStep {
-    opt: Adamax,
-    variant: SplitVariant,
-    grad_clip_value: f64,
-}
-
-impl DecompositionStep {
-    /// A fresh Adamax over the model's trainable variables, with `cfg.musplit`'s
-    /// `grad_clip_value`.
-    pub fn new(model: &Model, cfg: &TrainConfig) -> Self {
-        DecompositionStep { opt: Adamax::new(&model.lock().vs), variant: cfg.musplit.variant, grad_clip_value: cfg.musplit.grad_clip_value }
+    fn simulator(&self, _meta: &ModelMeta) -> Option<&'static str> {
+        Some("fluo")
     }
-
-    /// One step on a batch: normalized inputs with their lateral context `x`
-    /// `(N, 1 + lc_levels, T, T)` and normalized targets `y` `(N, 2, T, T)`, on the model's
-    /// device, at learning rate `lr`. The HVAE's latent samples and dropout come from
-    /// libtorch's process-wide generator, seeded with `seed` and held for the step (the
-    /// trainer passes a seed derived from (seed, epoch, iteration)); the U-Net draws
-    /// nothing. Returns the loss before the update (reading it waits for the device).
-    pub fn step(&mut self, model: &Model, x: &Tensor, y: &Tensor, lr: f64, seed: u64) -> Result<f64> {
-        let hvae = self.variant == SplitVariant::Hvae;
-        let _rng = hvae.then(|| TORCH_RNG.lock());
-        // a retry on libtorch's operators (nn::onednn::train_step) draws the same samples
-        let loss = crate::backend::onednn::train_step(|| {
-            if hvae {
-                tch::manual_seed(seed as i64);
-            }
-            let loss = {
-                let inner = model.lock();
-                let Net::Musplit(net) = &inner.net else {
-                    return Err(Error::Unsupported(format!("a '{}' model is not trained by the decomposition trainer", model.meta.kind.name())));
-                };
-                let out = net.forward_t(x, true);
-                if log::log_enabled!(log::Level::Debug) {
-                    let kl = out.kl.as_ref().map(|k| k.double_value(&[])).unwrap_or(f64::NAN);
-                    let mean_abs = out.mean.abs().max().double_value(&[]);
-                    log::debug!("training step: KL {kl:.4}, max |mean| {mean_abs:.3}");
-                }
-                net.loss(&out, y)
-            };
-            self.opt.zero_grad()?;
-            loss.f_backward()?;
-            Ok(loss)
-        })?;
-        self.opt.clip_and_update(self.grad_clip_value, lr)?;
-        Ok(loss.double_value(&[]))
-    }
-}
-
-/// Training state stored in a checkpoint.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct SplitCheckpoint {
-    epochs_completed: usize,
-    config: TrainConfig,
-    history: Vec<EpochRecord>,
-    learning_rate: f64,
-    best_val_psnr: Option<f64>,
-    bad_epochs: usize,
-}
-
-
-/// Training frames on the device, normalized: inputs `(H, W)`, targets `(2, H, W)`.
-struct SplitSet {
-    inputs: Vec<Tensor>,
-    targets: Vec<Tensor>,
-}
-
-impl SplitSet {
-    fn batch(&self, rng: &mut ChaCha8Rng, b: usize, tile: i64, levels: usize) -> (Tensor, Tensor) {
-        let (mut xs, mut ys) = (Vec::with_capacity(b), Vec::with_capacity(b));
-        for _ in 0..b {
-            let i = rng.random_range(0..self.inputs.len());
-            let (h, w) = (self.inputs[i].size()[0], self.inputs[i].size()[1]);
-            let pick = |rng: &mut ChaCha8Rng, n: i64| if n > tile { rng.random_range(tile / 2..=n - tile / 2) } else { n / 2 };
-            let (cy, cx) = (pick(rng, h), pick(rng, w));
-            let x = lc::crops(&self.inputs[i], cy, cx, tile, levels);
-            let y = Tensor::stack(
-                &(0..2).map(|c| lc::gather(&self.targets[i].get(c), cy - tile / 2, tile, cx - tile / 2, tile)).collect::<Vec<_>>(),
-                0,
-            );
-            // the same flip / rotation for the input stack and the targets
-            let rot = rng.random_range(0..4i64);
-            let flip = rng.random_bool(0.5);
-            let aug = |t: Tensor| {
-                let t = if rot > 0 { t.rot90(rot, [1, 2]) } else { t };
-                if flip { t.flip([2]) } else { t }
-            };
-            xs.push(aug(x));
-            ys.push(aug(y));
-        }
-        (Tensor::stack(&xs, 0), Tensor::stack(&ys, 0))
-    }
-}
-
-fn mean_psnr(scores: &[metrics::SplitScores]) -> f64 {
-    metrics::mean(&scores.iter().map(|s| metrics::mean(&s.psnr)).collect::<Vec<_>>())
-}
-
-/// Trains a muSplit model (`cfg.kind == "musplit"`) on a decomposition folder.
-pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Monitor) -> Result<TrainOutcome> {
-    let t0 = Instant::now();
-    cfg.validate()?;
-    if output.as_os_str().is_empty() {
-        return Err(Error::InvalidArgument("the output model path is empty".into()));
-    }
-    let mc = &cfg.musplit;
-    let record_path = sibling(output, "train.json");
-    let ckpt_path = cfg.checkpoint.clone().unwrap_or_else(|| sibling(output, "ckpt"));
-    crate::engine::train::check_output_paths(output, &ckpt_path)?;
-    let device = parse_device(&cfg.device)?;
-    if cfg.threads > 0 {
-        tch::set_num_threads(cfg.threads as i32);
-    }
-    monitor.emit(Progress::new(Stage::Preparing));
-
-    let samples = load_split_folder(data_dir)?;
-    let (train_idx, val_idx) = crate::engine::dataset::split_indices(samples.len(), cfg.val_fraction, cfg.seed);
-    let train_s: Vec<&SplitSample> = train_idx.iter().map(|&i| &samples[i]).collect();
-    let val_s: Vec<&SplitSample> = val_idx.iter().map(|&i| &samples[i]).collect();
-    let names = |v: &[&SplitSample]| v.iter().map(|s| s.name.clone()).collect::<Vec<_>>();
-    let run = RunInfo { cfg, data_dir, train_names: names(&train_s), val_names: names(&val_s), device, t0 };
-    run.write_record(&record_path)?;
-
-    let q = [NormMethod::RobustQuantile { q_low: 0.0, q_high: 0.995 }];
-    let in_norm = Normalizer::fit(&q, &train_s.iter().map(|s| &s.input).collect::<Vec<_>>())?;
-    let tg_norm = Normalizer::fit(&q, &train_s.iter().map(|s| &s.targets).collect::<Vec<_>>())?;
-    let mut meta = ModelMeta::new(
-        ModelKind::Musplit,
-        serde_json::to_value(mc).expect("json"),
-        vec!["mixed".into()],
-        samples[0].targets.channel_names.clone(),
-        cfg.patch_size,
-        in_norm.clone(),
-    );
-    meta.target_normalization = Some(tg_norm.clone());
-    let mut model = Model::new_seeded(meta, device, Some(cfg.seed))?;
-    let data = SplitSet {
-        inputs: train_s
-            .iter()
-            .map(|s| Ok(array3_to_tensor(in_norm.apply_image(&s.input)?.data.view(), device).get(0)))
-            .collect::<Result<_>>()?,
-        targets: train_s.iter().map(|s| Ok(array3_to_tensor(tg_norm.apply_image(&s.targets)?.data.view(), device))).collect::<Result<_>>()?,
-    };
-    let levels = mc.input_channels();
-    let tile = cfg.patch_size[0] as i64;
-
-    let mut stepper = DecompositionStep::new(&model, cfg);
-    let mut start_epoch = 0;
-    let mut history: Vec<EpochRecord> = Vec::new();
-    let (mut lr, mut best, mut bad) = (mc.learning_rate, None::<f64>, 0usize);
-    if cfg.resume && ckpt_path.is_file() {
-        let (file, st, ck) = crate::engine::train::read_checkpoint::<SplitCheckpoint>(&ckpt_path, &model)?;
-        crate::engine::train::check_resume_config(&ckpt_path, &st.config, cfg)?;
-        crate::engine::train::check_resume_data(&ckpt_path, "input", &ck.normalization, &in_norm)?;
-        if let Some(t) = &ck.target_normalization {
-            crate::engine::train::check_resume_data(&ckpt_path, "target", t, &tg_norm)?;
-        }
-        stepper.opt.load_state(&file.tensors, device);
-        model.meta.normalization = ck.normalization;
-        model.meta.target_normalization = ck.target_normalization;
-        start_epoch = st.epochs_completed;
-        history = st.history;
-        (lr, best, bad) = (st.learning_rate, st.best_val_psnr, st.bad_epochs);
-    }
-
-    let eval_opts = DecomposeOptions { seed: cfg.seed, ..Default::default() };
-    for epoch in start_epoch..cfg.epochs {
-        let te = Instant::now();
-        let es = per_epoch_seed(cfg.seed, epoch);
-        let mut rng = ChaCha8Rng::seed_from_u64(es);
-        let mut loss_sum = 0.0;
-        for it in 0..cfg.iterations_per_epoch {
-            monitor.check()?;
-            let (x, y) = data.batch(&mut rng, cfg.batch_size, tile, levels);
-            // the HVAE's samples and dropout come from libtorch's process-wide generator:
-            // seeded per iteration and held for the step, so that other threads cannot
-            // change this run
-            let l = stepper.step(&model, &x, &y, lr, per_epoch_seed(es, it))?;
-            if !l.is_finite() {
-                return Err(Error::InvalidInput(format!(
-                    "training diverged (loss {l}) at epoch {epoch}, iteration {it}; lower musplit.learning_rate"
-                )));
-            }
-            loss_sum += l;
-            monitor.emit(Progress {
-                stage: Stage::Training,
-                epoch,
-                epochs: cfg.epochs,
-                iteration: it,
-                iterations: cfg.iterations_per_epoch,
-                loss: l,
-                val_metric: f64::NAN,
-            });
-        }
-        monitor.check()?;
-        let val_psnr = if val_s.is_empty() { None } else { Some(mean_psnr(&evaluate_split(&model, &val_s, &eval_opts)?)) };
-        if let Some(v) = val_psnr {
-            // a NaN PSNR (a broken prediction) is never the best: it counts as a bad epoch
-            if v.is_finite() && best.is_none_or(|b| v > b + 1e-4) {
-                best = Some(v);
-                bad = 0;
-            } else {
-                bad += 1;
-                if bad > mc.lr_patience {
-                    lr *= 0.5;
-                    bad = 0;
-                }
-            }
-        }
-        let rec = EpochRecord {
-            epoch,
-            learning_rate: lr,
-            train_loss: loss_sum / cfg.iterations_per_epoch as f64,
-            val_dice: f64::NAN,
-            val_psnr,
-            seconds: te.elapsed().as_secs_f64(),
-        };
-        monitor.emit(Progress {
-            stage: Stage::Validation,
-            epoch,
-            epochs: cfg.epochs,
-            iteration: cfg.iterations_per_epoch,
-            iterations: cfg.iterations_per_epoch,
-            loss: rec.train_loss,
-            val_metric: val_psnr.unwrap_or(f64::NAN),
-        });
-        history.push(rec);
-        let st = SplitCheckpoint {
-            epochs_completed: epoch + 1,
-            config: cfg.clone(),
-            history: history.clone(),
-            learning_rate: lr,
-            best_val_psnr: best,
-            bad_epochs: bad,
-        };
-        let mut md = HashMap::new();
-        md.insert(crate::engine::train::CHECKPOINT_KEY.to_string(), serde_json::to_string(&st).expect("json"));
-        model.meta.provenance = run.provenance(epoch + 1, &history);
-        model.save_with(&ckpt_path, &stepper.opt.state(), md)?;
-        monitor.emit(Progress { stage: Stage::Checkpoint, epoch, epochs: cfg.epochs, ..Progress::new(Stage::Checkpoint) });
-    }
-    model.meta.provenance = run.provenance(cfg.epochs, &history);
-    model.save(output)?;
-    monitor.emit(Progress { stage: Stage::Done, epoch: cfg.epochs, epochs: cfg.epochs, ..Progress::new(Stage::Done) });
-    Ok(TrainOutcome { model, history })
 }

@@ -42,10 +42,10 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module, ModuleT};
 use tch::{Kind, Tensor};
 
-use crate::nn::blocks::StackedConvs;
 use crate::backend::onednn;
 use crate::backend::packed::Conv2d;
 use crate::error::{Error, Result};
+use crate::nn::blocks::StackedConvs;
 
 /// Which network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -154,12 +154,18 @@ impl MuSplitConfig {
             )));
         }
         if self.base_channels < 1 || self.max_channels < self.base_channels || self.z_dim < 1 {
-            return Err(Error::Config("musplit base_channels, max_channels and z_dim must be >= 1 (max >= base)".into()));
+            return Err(Error::Config(
+                "musplit base_channels, max_channels and z_dim must be >= 1 (max >= base)".into(),
+            ));
         }
         if !(0.0..1.0).contains(&self.dropout) {
             return Err(Error::Config(format!("musplit dropout = {}; expected [0, 1)", self.dropout)));
         }
-        for (v, n) in [(self.kl_weight, "kl_weight"), (self.learning_rate, "learning_rate"), (self.grad_clip_value, "grad_clip_value")] {
+        for (v, n) in [
+            (self.kl_weight, "kl_weight"),
+            (self.learning_rate, "learning_rate"),
+            (self.grad_clip_value, "grad_clip_value"),
+        ] {
             if !(v.is_finite() && v >= 0.0) {
                 return Err(Error::Config(format!("musplit {n} = {v}; expected a finite number >= 0")));
             }
@@ -184,7 +190,9 @@ impl MuSplitConfig {
     pub fn paper(variant: SplitVariant) -> Self {
         match variant {
             SplitVariant::Unet => MuSplitConfig { variant, base_channels: 32, max_channels: 512, ..Default::default() },
-            SplitVariant::Hvae => MuSplitConfig { variant, base_channels: 64, max_channels: 64, levels: 5, ..Default::default() },
+            SplitVariant::Hvae => {
+                MuSplitConfig { variant, base_channels: 64, max_channels: 64, levels: 5, ..Default::default() }
+            }
         }
     }
 }
@@ -319,10 +327,12 @@ impl ConvBnAct {
     }
     fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
         // not inside packed::plain (a TorchScript trace records the BatchNorm as it is)
-        if !train && !crate::backend::packed::grad_enabled() && !crate::backend::packed::plain_ops() {
-            if let (Some(g), Some(b)) = (&self.norm.ws, &self.norm.bs) {
-                return self.forward_folded(x, g, b);
-            }
+        if !train
+            && !crate::backend::packed::grad_enabled()
+            && !crate::backend::packed::plain_ops()
+            && let (Some(g), Some(b)) = (&self.norm.ws, &self.norm.bs)
+        {
+            return self.forward_folded(x, g, b);
         }
         if train {
             self.stale.store(true, std::sync::atomic::Ordering::Release);
@@ -335,7 +345,9 @@ impl ConvBnAct {
     fn forward_blocked(&self, x: &Tensor) -> Result<Tensor> {
         let (w, g, b) = match (&self.norm.ws, &self.norm.bs) {
             (Some(g), Some(b)) => (&self.conv.conv.ws, g, b),
-            _ => return Err(Error::Config("blocked batch norm needs affine parameters".into())),
+            _ => {
+                return Err(Error::Config("blocked batch norm needs affine parameters".into()));
+            }
         };
         let (x, w) = onednn::first_layer(x, w);
         let y = onednn::conv2d(&x, &w, None, self.conv.stride(), self.conv.padding())?;
@@ -356,7 +368,11 @@ impl ConvBnAct {
             let bias = beta - rm * &s;
             match slot.as_mut() {
                 // updated in place, so that the packed copy of the weight follows it
-                Some(f) if f.weight.size() == weight.size() && f.weight.kind() == weight.kind() && f.weight.device() == weight.device() => {
+                Some(f)
+                    if f.weight.size() == weight.size()
+                        && f.weight.kind() == weight.kind()
+                        && f.weight.device() == weight.device() =>
+                {
                     f.weight.copy_(&weight);
                     f.bias.copy_(&bias);
                     f.key = key;
@@ -405,6 +421,7 @@ impl StackedBn {
 }
 
 /// A processing unit of either variant.
+#[allow(clippy::large_enum_variant)] // reason: built once per model and never moved in a hot path; boxing the large variant only adds an indirection
 #[derive(Debug)]
 enum Unit {
     Conv(StackedConvs),
@@ -521,7 +538,13 @@ impl LcEncoder {
             down.push(match cfg.variant {
                 SplitVariant::Unet => (None, Unit::conv_stack(&dp, cfg, cin, c, 2, 2)),
                 SplitVariant::Hvae => (
-                    Some(nn::conv2d(&dp / "conv", cin, c, 3, nn::ConvConfig { padding: 1, stride: 2, ..Default::default() })),
+                    Some(nn::conv2d(
+                        &dp / "conv",
+                        cin,
+                        c,
+                        3,
+                        nn::ConvConfig { padding: 1, stride: 2, ..Default::default() },
+                    )),
                     Unit::Res(ResGated::new(&(&dp / "block"), c, cfg.dropout)),
                 ),
             });
@@ -538,7 +561,8 @@ impl LcEncoder {
                 });
             }
         }
-        let prunable = cfg.variant == SplitVariant::Unet && cfg.unet_norm == UnetNorm::Batch && cfg.lc_merge == LcMerge::Regular;
+        let prunable =
+            cfg.variant == SplitVariant::Unet && cfg.unet_norm == UnetNorm::Batch && cfg.lc_merge == LcMerge::Regular;
         LcEncoder { stem, down, merges, mode: cfg.lc_merge, prunable }
     }
 
@@ -593,7 +617,11 @@ impl LcEncoder {
                 && (side[k] - need[k]) % 2 == 0
                 && merge[k].is_none_or(|r| {
                     let lc = (r + 4).min(t);
-                    (side[k] - r) % 2 == 0 && (r - need[k]) % 2 == 0 && (r - down_out[k]) % 2 == 0 && (t - lc) % 2 == 0 && (lc - r) % 2 == 0
+                    (side[k] - r) % 2 == 0
+                        && (r - need[k]) % 2 == 0
+                        && (r - down_out[k]) % 2 == 0
+                        && (t - lc) % 2 == 0
+                        && (lc - r) % 2 == 0
                 });
             if !ok {
                 return None;
@@ -682,10 +710,12 @@ impl LcEncoder {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Vec<Tensor> {
-        if !train && self.prunable && !PRUNE_OFF.with(|p| p.get()) {
-            if let Some(plan) = self.prune_plan(x.size()[2]) {
-                return self.forward_pruned(x, &plan);
-            }
+        if !train
+            && self.prunable
+            && !PRUNE_OFF.with(|p| p.get())
+            && let Some(plan) = self.prune_plan(x.size()[2])
+        {
+            return self.forward_pruned(x, &plan);
         }
         let t = x.size()[2];
         let mut y = self.stem.forward_t(&x.narrow(1, 0, 1), train);
@@ -749,6 +779,7 @@ struct Ladder {
     stochastic: bool,
 }
 
+#[allow(clippy::large_enum_variant)] // reason: built once per model and never moved in a hot path; boxing the large variant only adds an indirection
 #[derive(Debug)]
 enum Decoder {
     Unet(UnetDecoder),
@@ -794,10 +825,20 @@ impl MuSplitNet {
                 let stages = (0..l - 1)
                     .map(|i| {
                         let k = l - 2 - i; // target level
-                        Unit::conv_stack(&(&dp / "stages" / i), cfg, cfg.channels(k + 1) + cfg.channels(k), cfg.channels(k), 2, 1)
+                        Unit::conv_stack(
+                            &(&dp / "stages" / i),
+                            cfg,
+                            cfg.channels(k + 1) + cfg.channels(k),
+                            cfg.channels(k),
+                            2,
+                            1,
+                        )
                     })
                     .collect();
-                Decoder::Unet(UnetDecoder { stages, head: nn::conv2d(&dp / "head", cfg.channels(0), n_out, 1, Default::default()) })
+                Decoder::Unet(UnetDecoder {
+                    stages,
+                    head: nn::conv2d(&dp / "head", cfg.channels(0), n_out, 1, Default::default()),
+                })
             }
             SplitVariant::Hvae => {
                 let dp = p / "top_down";
@@ -967,7 +1008,8 @@ impl MuSplitNet {
                             let pp = p_params.chunk(2, 1);
                             let (mu_p, lv_p) = (&pp[0], soft_bound(&pp[1]));
                             let kl = gaussian_kl(mu_q, &lv_q, mu_p, &lv_p);
-                            let per = kl.sum_dim_intlist(&[1i64, 2, 3][..], false, Kind::Float) / (kl.size()[1] * kl.size()[2] * kl.size()[3]) as f64;
+                            let per = kl.sum_dim_intlist(&[1i64, 2, 3][..], false, Kind::Float)
+                                / (kl.size()[1] * kl.size()[2] * kl.size()[3]) as f64;
                             kls.push(per.mean(Kind::Float));
                         }
                         // drawn in NCHW order whatever mu_q's memory layout (the same seed
@@ -1024,11 +1066,20 @@ impl MuSplitNet {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::precision::{to_float, Precision};
-    use tch::{nn::VarStore, Device};
+    use crate::backend::precision::{Precision, to_float};
+    use tch::{Device, nn::VarStore};
 
     fn tiny(variant: SplitVariant, lc: usize, merge: LcMerge) -> MuSplitConfig {
-        MuSplitConfig { variant, levels: 3, lc_levels: lc, lc_merge: merge, base_channels: 4, max_channels: 8, z_dim: 2, ..Default::default() }
+        MuSplitConfig {
+            variant,
+            levels: 3,
+            lc_levels: lc,
+            lc_merge: merge,
+            base_channels: 4,
+            max_channels: 8,
+            z_dim: 2,
+            ..Default::default()
+        }
     }
 
     fn max_diff_t(a: &Tensor, b: &Tensor) -> f64 {
@@ -1052,8 +1103,17 @@ mod tests {
         let reference = |b: &ConvBnAct| {
             let y = x.conv2d(&b.conv.conv.ws, None::<&Tensor>, [2], [1], [1], 1);
             let n = &b.norm;
-            y.batch_norm(n.ws.as_ref(), n.bs.as_ref(), Some(&n.running_mean), Some(&n.running_var), false, 0.1, BN_EPS, false)
-                .leaky_relu()
+            y.batch_norm(
+                n.ws.as_ref(),
+                n.bs.as_ref(),
+                Some(&n.running_mean),
+                Some(&n.running_var),
+                false,
+                0.1,
+                BN_EPS,
+                false,
+            )
+            .leaky_relu()
         };
         let y = tch::no_grad(|| block.forward_t(&x, false));
         assert!(format!("{:?}", block.folded.lock()).contains("Folded"), "inference took the folded path");
@@ -1089,10 +1149,27 @@ mod tests {
     #[test]
     fn pruned_lc_unet_inference_equals_the_full_forward() {
         let _rng = crate::engine::model::TORCH_RNG.lock();
-        let cases = [(3usize, 2usize, 16i64), (4, 3, 32), (5, 4, 64), (4, 2, 32), (3, 2, 8), (5, 4, 128), (4, 1, 32), (5, 1, 64), (4, 3, 48), (5, 4, 80)];
+        let cases = [
+            (3usize, 2usize, 16i64),
+            (4, 3, 32),
+            (5, 4, 64),
+            (4, 2, 32),
+            (3, 2, 8),
+            (5, 4, 128),
+            (4, 1, 32),
+            (5, 1, 64),
+            (4, 3, 48),
+            (5, 4, 80),
+        ];
         for (i, &(levels, lc, t)) in cases.iter().enumerate() {
             tch::manual_seed(20 + i as i64);
-            let cfg = MuSplitConfig { levels, lc_levels: lc, base_channels: 4, max_channels: 16, ..tiny(SplitVariant::Unet, lc, LcMerge::Regular) };
+            let cfg = MuSplitConfig {
+                levels,
+                lc_levels: lc,
+                base_channels: 4,
+                max_channels: 16,
+                ..tiny(SplitVariant::Unet, lc, LcMerge::Regular)
+            };
             let vs = VarStore::new(Device::Cpu);
             let net = MuSplitNet::new(&vs.root(), &cfg, 2).unwrap();
             // BatchNorm statistics and affine parameters away from 0 / 1
@@ -1100,7 +1177,11 @@ mod tests {
                 for (name, mut v) in vs.variables() {
                     if name.contains("norm") {
                         let r = Tensor::rand(v.size(), (Kind::Float, Device::Cpu));
-                        let _ = if name.ends_with("running_var") || name.ends_with("weight") { v.copy_(&(r + 0.5)) } else { v.copy_(&(r - 0.5)) };
+                        if name.ends_with("running_var") || name.ends_with("weight") {
+                            v.copy_(&(r + 0.5))
+                        } else {
+                            v.copy_(&(r - 0.5))
+                        };
                     }
                 }
             });
@@ -1115,13 +1196,19 @@ mod tests {
             let pruned = tch::no_grad(|| net.forward_t(&x, false).mean);
             // a channels-last input (Net::infer's layout) takes the same crops
             let pruned_cl = tch::no_grad(|| net.forward_t(&crate::engine::model::channels_last(&x), false).mean);
-            assert!(max_diff_t(&pruned_cl, &pruned) < 1e-5 * pruned.abs().max().double_value(&[]).max(1.0), "channels-last");
+            assert!(
+                max_diff_t(&pruned_cl, &pruned) < 1e-5 * pruned.abs().max().double_value(&[]).max(1.0),
+                "channels-last"
+            );
             PRUNE_OFF.with(|p| p.set(true));
             let full = tch::no_grad(|| net.forward_t(&x, false).mean);
             PRUNE_OFF.with(|p| p.set(false));
             let scale = full.abs().max().double_value(&[]);
             let d = max_diff_t(&pruned, &full);
-            assert!(d < 1e-5 * scale.max(1.0), "levels {levels}, lc {lc}, tile {t}: pruned differs by {d} (outputs up to {scale})");
+            assert!(
+                d < 1e-5 * scale.max(1.0),
+                "levels {levels}, lc {lc}, tile {t}: pruned differs by {d} (outputs up to {scale})"
+            );
             // and each skip of the encoder
             let fp = tch::no_grad(|| net.encoder.forward_t(&x, false));
             PRUNE_OFF.with(|p| p.set(true));
@@ -1136,19 +1223,27 @@ mod tests {
                 let prec = crate::backend::precision::Precision::Bfloat16;
                 let run = |off: bool| {
                     PRUNE_OFF.with(|p| p.set(off));
-                    let y = crate::backend::precision::with_precision(prec, Device::Cpu, || tch::no_grad(|| net.forward_t(&x, false).mean)).unwrap();
+                    let y = crate::backend::precision::with_precision(prec, Device::Cpu, || {
+                        tch::no_grad(|| net.forward_t(&x, false).mean)
+                    })
+                    .unwrap();
                     PRUNE_OFF.with(|p| p.set(false));
                     y.to_kind(Kind::Float)
                 };
                 let (a, b) = (run(false), run(true));
-                assert!(max_diff_t(&a, &b) < 3e-2 * scale.max(1.0), "bfloat16: pruned differs by {}", max_diff_t(&a, &b));
+                assert!(
+                    max_diff_t(&a, &b) < 3e-2 * scale.max(1.0),
+                    "bfloat16: pruned differs by {}",
+                    max_diff_t(&a, &b)
+                );
             }
         }
         // the paper's LC U-Net at 64 px: the last level's merge on 6 x 6, its down block
         // reading 20 x 20 of level 3
         let paper = MuSplitConfig { variant: SplitVariant::Unet, levels: 5, lc_levels: 4, ..Default::default() };
         let vs = VarStore::new(Device::Cpu);
-        let net = MuSplitNet::new(&vs.root(), &MuSplitConfig { base_channels: 2, max_channels: 4, ..paper }, 2).unwrap();
+        let net =
+            MuSplitNet::new(&vs.root(), &MuSplitConfig { base_channels: 2, max_channels: 4, ..paper }, 2).unwrap();
         let plan = net.encoder.prune_plan(64).expect("a plan at 64 px");
         assert_eq!(plan.merge[4], Some(6));
         assert_eq!((plan.down_in[4], plan.down_out[4]), (20, 6));
@@ -1167,7 +1262,8 @@ mod tests {
     #[test]
     fn shapes_for_every_variant_and_tile_size() {
         for variant in [SplitVariant::Unet, SplitVariant::Hvae] {
-            for (lc, merge) in [(0, LcMerge::Regular), (2, LcMerge::Regular), (2, LcMerge::Lean), (1, LcMerge::Regular)] {
+            for (lc, merge) in [(0, LcMerge::Regular), (2, LcMerge::Regular), (2, LcMerge::Lean), (1, LcMerge::Regular)]
+            {
                 let cfg = tiny(variant, lc, merge);
                 let vs = VarStore::new(Device::Cpu);
                 let net = MuSplitNet::new(&vs.root(), &cfg, 2).unwrap();
@@ -1225,7 +1321,12 @@ mod tests {
         }
         // the targets' mean square is about 2; over seeds 0-7 BatchNorm reached 0.01-0.17 and
         // InstanceNorm 0.36-0.54 (ratio at most 0.39)
-        assert!(final_mse[0] < 0.5 * final_mse[1], "held-out MSE BatchNorm {} vs InstanceNorm {}", final_mse[0], final_mse[1]);
+        assert!(
+            final_mse[0] < 0.5 * final_mse[1],
+            "held-out MSE BatchNorm {} vs InstanceNorm {}",
+            final_mse[0],
+            final_mse[1]
+        );
     }
 
     #[test]
@@ -1240,7 +1341,12 @@ mod tests {
         // the two U-Nets have different parameters (a BatchNorm model's file names them)
         let names = |n: UnetNorm| {
             let vs = VarStore::new(Device::Cpu);
-            let _ = MuSplitNet::new(&vs.root(), &MuSplitConfig { unet_norm: n, ..tiny(SplitVariant::Unet, 1, LcMerge::Regular) }, 2).unwrap();
+            let _ = MuSplitNet::new(
+                &vs.root(),
+                &MuSplitConfig { unet_norm: n, ..tiny(SplitVariant::Unet, 1, LcMerge::Regular) },
+                2,
+            )
+            .unwrap();
             let mut k: Vec<String> = vs.variables().into_keys().collect();
             k.sort();
             k
@@ -1285,7 +1391,7 @@ mod tests {
         tch::no_grad(|| {
             for (name, mut t) in vs.variables() {
                 if name.contains("posterior") || name.contains("prior") {
-                    let _ = t.copy_(&(Tensor::randn(t.size(), (Kind::Float, Device::Cpu)) * 0.3));
+                    t.copy_(&(Tensor::randn(t.size(), (Kind::Float, Device::Cpu)) * 0.3));
                 }
             }
         });
@@ -1309,7 +1415,9 @@ mod tests {
             tch::manual_seed(12);
             tch::no_grad(|| net.forward_t(&x, false).mean)
         };
-        let close = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]) <= 1e-5 * a.abs().max().double_value(&[]).max(1.0);
+        let close = |a: &Tensor, b: &Tensor| {
+            (a - b).abs().max().double_value(&[]) <= 1e-5 * a.abs().max().double_value(&[]).max(1.0)
+        };
         assert!(!close(&run(&x), &other), "the samples matter");
         // seeded passes hold the library's generator lock, but other tests of this binary
         // draw from the same global generator without it: a try counts when two NCHW
@@ -1321,7 +1429,11 @@ mod tests {
             if close(&a, &c) && close(&a, &b) {
                 return;
             }
-            last = format!("NCHW passes differ by {}, channels-last by {}", (&a - &c).abs().max().double_value(&[]), (&a - &b).abs().max().double_value(&[]));
+            last = format!(
+                "NCHW passes differ by {}, channels-last by {}",
+                (&a - &c).abs().max().double_value(&[]),
+                (&a - &b).abs().max().double_value(&[])
+            );
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
         panic!("no try gave the channels-last pass the NCHW sample: {last}");
@@ -1336,7 +1448,8 @@ mod tests {
         let run = |p: Precision| {
             let _rng = crate::engine::model::TORCH_RNG.lock();
             tch::manual_seed(13);
-            crate::backend::precision::with_precision(p, Device::Cpu, || tch::no_grad(|| to_float(net.predict(&x)))).unwrap()
+            crate::backend::precision::with_precision(p, Device::Cpu, || tch::no_grad(|| to_float(net.predict(&x))))
+                .unwrap()
         };
         let mut last = String::new();
         for _ in 0..20 {

@@ -43,13 +43,25 @@ impl SplitPreset {
         match self {
             SplitPreset::Tiny => (
                 t(1, 2, 2, 16),
-                MuSplitConfig { variant, levels: 3, lc_levels: 2, base_channels: 4, max_channels: 8, z_dim: 2, ..Default::default() },
+                MuSplitConfig {
+                    variant,
+                    levels: 3,
+                    lc_levels: 2,
+                    base_channels: 4,
+                    max_channels: 8,
+                    z_dim: 2,
+                    ..Default::default()
+                },
             ),
             SplitPreset::Cpu => (
                 t(8, 50, 8, 64),
                 match variant {
-                    SplitVariant::Unet => MuSplitConfig { variant, base_channels: 16, max_channels: 64, ..Default::default() },
-                    SplitVariant::Hvae => MuSplitConfig { variant, base_channels: 32, max_channels: 32, z_dim: 16, ..Default::default() },
+                    SplitVariant::Unet => {
+                        MuSplitConfig { variant, base_channels: 16, max_channels: 64, ..Default::default() }
+                    }
+                    SplitVariant::Hvae => {
+                        MuSplitConfig { variant, base_channels: 32, max_channels: 32, z_dim: 16, ..Default::default() }
+                    }
                 },
             ),
             SplitPreset::Paper => (t(100, 250, 32, 64), MuSplitConfig::paper(variant)),

@@ -3,7 +3,6 @@
 //! encoder stage carries the stride; decoders upsample with transposed convs.
 //! Parameter names mirror a PyTorch state_dict so weights can be compared 1:1.
 
-use once_cell::sync::Lazy;
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
@@ -44,7 +43,9 @@ impl InstanceNorm {
     /// [`Self::forward_nhwc`].
     pub fn forward_act(&self, x: &Tensor, leaky: bool) -> Tensor {
         let y = if (x.device().is_cuda() || force_nhwc()) && nhwc_norm_enabled() && is_channels_last(x) {
-            if let Some(y) = crate::backend::cuda_norm::norm_act(x, &self.weight, &self.bias, 1e-5, if leaky { 0.01 } else { 1.0 }) {
+            if let Some(y) =
+                crate::backend::cuda_norm::norm_act(x, &self.weight, &self.bias, 1e-5, if leaky { 0.01 } else { 1.0 })
+            {
                 return y;
             }
             self.forward_nhwc(x)
@@ -137,8 +138,7 @@ fn force_nhwc() -> bool {
 /// The CUDA channels-last InstanceNorm ([`InstanceNorm::forward_nhwc`]) unless
 /// `LUMOS_CUDA_NHWC_NORM=0` (which restores libtorch's `group_norm`, for comparisons).
 fn nhwc_norm_enabled() -> bool {
-    static ON: Lazy<bool> = Lazy::new(|| !crate::engine::device::switched_off("LUMOS_CUDA_NHWC_NORM"));
-    *ON
+    crate::switches::switches().cuda_nhwc_norm
 }
 
 /// conv 3x3 -> InstanceNorm -> LeakyReLU(0.01).
@@ -199,7 +199,9 @@ impl StackedConvs {
     pub fn new(p: &nn::Path, cin: i64, cout: i64, n: usize, stride: i64) -> Self {
         let p = p / "convs";
         let convs = (0..n)
-            .map(|i| ConvNormAct::new(&(&p / i), if i == 0 { cin } else { cout }, cout, if i == 0 { stride } else { 1 }))
+            .map(|i| {
+                ConvNormAct::new(&(&p / i), if i == 0 { cin } else { cout }, cout, if i == 0 { stride } else { 1 })
+            })
             .collect();
         StackedConvs { convs }
     }
@@ -361,7 +363,8 @@ mod tests {
             let _ = norm.bias.shallow_clone().uniform_(-0.5, 0.5);
         });
         // a per-channel offset (conv outputs carry one: the bias is not added)
-        let x = Tensor::randn([3, 24, 11, 7], (Kind::Float, Device::Cpu)) * 2.0 + Tensor::randn([1, 24, 1, 1], (Kind::Float, Device::Cpu));
+        let x = Tensor::randn([3, 24, 11, 7], (Kind::Float, Device::Cpu)) * 2.0
+            + Tensor::randn([1, 24, 1, 1], (Kind::Float, Device::Cpu));
         let reference = x.group_norm(24, Some(&norm.weight), Some(&norm.bias), 1e-5, true);
         let xl = crate::engine::model::channels_last(&x);
         assert!(is_channels_last(&xl) && !is_channels_last(&x));
@@ -384,10 +387,20 @@ mod tests {
             let (v0, m0) = t.var_mean_correction(&[1i64][..], 0, true);
             let (v, m) = nhwc_var_mean(&t);
             assert_eq!(v.size(), vec![2, 1, c]);
-            assert!(max_abs(&m, &m0) < 1e-5 && max_abs(&v, &v0) < 1e-4, "{c} channels: {} {}", max_abs(&m, &m0), max_abs(&v, &v0));
+            assert!(
+                max_abs(&m, &m0) < 1e-5 && max_abs(&v, &v0) < 1e-4,
+                "{c} channels: {} {}",
+                max_abs(&m, &m0),
+                max_abs(&v, &v0)
+            );
             let (vb, mb) = nhwc_var_mean(&t.to_kind(Kind::BFloat16));
             assert_eq!(vb.kind(), Kind::Float);
-            assert!(max_abs(&mb, &m0) < 0.03 && max_abs(&vb, &v0) < 0.1, "bfloat16, {c} channels: {} {}", max_abs(&mb, &m0), max_abs(&vb, &v0));
+            assert!(
+                max_abs(&mb, &m0) < 0.03 && max_abs(&vb, &v0) < 0.1,
+                "bfloat16, {c} channels: {} {}",
+                max_abs(&mb, &m0),
+                max_abs(&vb, &v0)
+            );
         }
         // bfloat16 channels whose mean is large against their spread, and a 1 x 1 map (the
         // result is the bias): the statistics and the affine map stay float32

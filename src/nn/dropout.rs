@@ -6,26 +6,7 @@ use tch::{Kind, Tensor};
 /// Whether libtorch's CPU `bernoulli_(p)` draws one float64 uniform per element from the
 /// global generator, in order (its default sampler). Built with MKL and running on an Intel
 /// CPU it uses MKL's vectorized sampler instead (seeded by one draw), and that one is fast.
-static PER_ELEMENT_BERNOULLI: Lazy<bool> = Lazy::new(|| !cpu_is_intel());
-
-fn cpu_is_intel() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        // CPUID leaf 0 exists on every x86-64 CPU (a safe function since Rust 1.87,
-        // `unsafe` before)
-        #[allow(unused_unsafe)]
-        let r = unsafe { std::arch::x86_64::__cpuid(0) };
-        let mut v = Vec::with_capacity(12);
-        for w in [r.ebx, r.edx, r.ecx] {
-            v.extend_from_slice(&w.to_le_bytes());
-        }
-        v == b"GenuineIntel"
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
+static PER_ELEMENT_BERNOULLI: Lazy<bool> = Lazy::new(|| !crate::backend::host::cpu_is_intel());
 
 /// Dropout in place (`train`; otherwise `y` unchanged), with libtorch's mask and scale. Where libtorch samples
 /// the mask element by element (the CPU, unless it is an Intel CPU and libtorch has MKL:
@@ -94,14 +75,18 @@ mod tests {
             let kept = ours.ne(0.0).to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
             assert!((kept - 0.9).abs() < 0.02, "kept fraction {kept}");
             // kept elements are scaled by 1 / 0.9, as libtorch's are
-            let scaled = (&ours - &x / 0.9).abs().where_self(&ours.ne(0.0), &Tensor::zeros_like(&ours)).max().double_value(&[]);
+            let scaled =
+                (&ours - &x / 0.9).abs().where_self(&ours.ne(0.0), &Tensor::zeros_like(&ours)).max().double_value(&[]);
             assert!(scaled < 1e-5, "kept elements scaled wrongly: {scaled}");
             if reference.equal(&ours) {
                 return;
             }
             // another test may have drawn from the global generator in between: try again
         }
-        panic!("the in-place dropout's mask differs from libtorch's dropout (per-element sampler: {})", *PER_ELEMENT_BERNOULLI);
+        panic!(
+            "the in-place dropout's mask differs from libtorch's dropout (per-element sampler: {})",
+            *PER_ELEMENT_BERNOULLI
+        );
     }
 
     #[test]

@@ -107,7 +107,8 @@ pub fn augment_batch(images: &Tensor, masks: &Tensor, cfg: &AugmentConfig, rng: 
             // zoom factor z > 1 enlarges the content: sample coordinates scaled by 1/z
             let z = if scl { uniform(rng, cfg.scale_range) } else { 1.0 };
             let (c, s) = (a.cos() / z, a.sin() / z);
-            let theta = Tensor::from_slice(&[c as f32, -s as f32, 0.0, s as f32, c as f32, 0.0]).view([1, 2, 3]).to_device(dev);
+            let theta =
+                Tensor::from_slice(&[c as f32, -s as f32, 0.0, s as f32, c as f32, 0.0]).view([1, 2, 3]).to_device(dev);
             let grid = Tensor::affine_grid_generator(&theta, [1, 1, h, w], false);
             // interpolation 0 = bilinear, 1 = nearest; padding 0 = zeros, 2 = reflection.
             // Image and mask are padded alike, as nnU-Net does (image 0, the normalized
@@ -185,8 +186,16 @@ mod tests {
         let x = Tensor::randn([3, 2, 32, 32], (Kind::Float, tch::Device::Cpu));
         let m = Tensor::randint(3, [3, 32, 32], (Kind::Int64, tch::Device::Cpu));
         let cfg = AugmentConfig {
-            p_rotation: 1.0, p_scale: 1.0, p_noise: 1.0, p_blur: 1.0, p_brightness: 1.0, p_contrast: 1.0,
-            p_low_resolution: 1.0, p_gamma: 1.0, p_gamma_inverted: 1.0, ..Default::default()
+            p_rotation: 1.0,
+            p_scale: 1.0,
+            p_noise: 1.0,
+            p_blur: 1.0,
+            p_brightness: 1.0,
+            p_contrast: 1.0,
+            p_low_resolution: 1.0,
+            p_gamma: 1.0,
+            p_gamma_inverted: 1.0,
+            ..Default::default()
         };
         let run = || {
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
@@ -205,8 +214,17 @@ mod tests {
 
     fn only(cfg: AugmentConfig) -> AugmentConfig {
         AugmentConfig {
-            p_rotation: 0.0, p_scale: 0.0, p_noise: 0.0, p_blur: 0.0, p_brightness: 0.0, p_contrast: 0.0,
-            p_low_resolution: 0.0, p_gamma: 0.0, p_gamma_inverted: 0.0, mirror: false, ..cfg
+            p_rotation: 0.0,
+            p_scale: 0.0,
+            p_noise: 0.0,
+            p_blur: 0.0,
+            p_brightness: 0.0,
+            p_contrast: 0.0,
+            p_low_resolution: 0.0,
+            p_gamma: 0.0,
+            p_gamma_inverted: 0.0,
+            mirror: false,
+            ..cfg
         }
     }
 

@@ -53,7 +53,7 @@ pub fn deep_supervision_loss(outputs: &[Tensor], target: &Tensor) -> Tensor {
             // nearest picks each block's top-left pixel and shifts the labels
             tf.internal_upsample_nearest_exact2d([s[2], s[3]], None, None).squeeze_dim(1).to_kind(Kind::Int64)
         };
-        total = total + ce_dice_loss(o, &t) * wi;
+        total += ce_dice_loss(o, &t) * wi;
     }
     total
 }

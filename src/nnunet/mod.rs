@@ -3,3 +3,67 @@
 pub mod augment;
 pub mod loss;
 pub mod net;
+pub mod train;
+
+use std::path::Path;
+
+use tch::nn;
+
+use crate::engine::method::Method;
+use crate::engine::model::{ModelKind, ModelMeta, Net};
+use crate::engine::train::{TrainConfig, TrainingData};
+use crate::error::{Error, Result};
+use net::{Unet, UnetConfig};
+
+/// The `unet` kind: a plain nnU-Net on any channels.
+pub struct NnUnet;
+
+pub static NNUNET: NnUnet = NnUnet;
+
+fn architecture(meta: &ModelMeta) -> Result<UnetConfig> {
+    serde_json::from_value(meta.architecture.clone())
+        .map_err(|e| Error::ModelFormat(format!("invalid unet architecture: {e}")))
+}
+
+impl Method for NnUnet {
+    fn kind(&self) -> ModelKind {
+        ModelKind::Unet
+    }
+    fn check_config(&self, cfg: &TrainConfig) -> Result<()> {
+        cfg.unet.validate()
+    }
+    fn patch_divisor(&self, cfg: &TrainConfig) -> usize {
+        cfg.unet.divisor()
+    }
+    fn build(&self, meta: &ModelMeta, p: &nn::Path) -> Result<Net> {
+        let cfg = architecture(meta)?;
+        cfg.validate()?;
+        Ok(Net::Unet(Unet::new(p, &cfg, meta.input_channels.len() as i64, meta.classes.len() as i64)))
+    }
+    fn divisor(&self, meta: &ModelMeta) -> usize {
+        architecture(meta).map(|c| c.divisor()).unwrap_or(1)
+    }
+    fn load(&self, cfg: &TrainConfig, data_dir: &Path) -> Result<Box<dyn TrainingData>> {
+        train::load(ModelKind::Unet, cfg, data_dir)
+    }
+    fn export_info(&self) -> crate::engine::method::ExportInfo {
+        crate::engine::method::ExportInfo {
+            name: "nnU-Net (2D)",
+            tags: vec!["segmentation", "2d", "pytorch", "nnu-net"],
+            cite: vec![crate::engine::method::nnunet_citation()],
+        }
+    }
+    /// ssQPM data when the channels are named as the ssQPM simulator names them, QPI for
+    /// one phase channel.
+    fn simulator(&self, meta: &ModelMeta) -> Option<&'static str> {
+        let ch = &meta.input_channels;
+        let ssqpm = crate::dmqpm::net::SSQPM_CHANNELS;
+        if ch.len() == 5 && ch.iter().zip(ssqpm).all(|(a, b)| a.eq_ignore_ascii_case(b)) {
+            Some("ssqpm")
+        } else if ch.len() == 1 && ch[0].eq_ignore_ascii_case("phase") {
+            Some("qpi")
+        } else {
+            None
+        }
+    }
+}

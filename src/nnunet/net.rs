@@ -1,10 +1,10 @@
 //! The 2D nnU-Net (PlainConvUNet): N input channels to K class logits, with deep supervision.
 
 use serde::{Deserialize, Serialize};
-use tch::{nn, Tensor};
+use tch::{Tensor, nn};
 
-use crate::nn::blocks::{stage_features, Decoder, Encoder};
 use crate::error::{Error, Result};
+use crate::nn::blocks::{Decoder, Encoder, stage_features};
 
 /// Architecture of a plain 2D nnU-Net.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

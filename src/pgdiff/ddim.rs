@@ -22,8 +22,8 @@
 
 use tch::Tensor;
 
-use crate::error::{Error, Result};
 use crate::engine::progress::Monitor;
+use crate::error::{Error, Result};
 
 /// A discrete diffusion schedule of `T` steps.
 #[derive(Debug, Clone, PartialEq)]
@@ -75,7 +75,10 @@ impl Schedule {
     pub fn ddim_timesteps(&self, n: usize) -> Result<Vec<usize>> {
         let t = self.len();
         if n == 0 || n > t - 1 {
-            return Err(Error::InvalidArgument(format!("{n} DDIM steps; expected 1..={} for a {t}-step schedule", t - 1)));
+            return Err(Error::InvalidArgument(format!(
+                "{n} DDIM steps; expected 1..={} for a {t}-step schedule",
+                t - 1
+            )));
         }
         let c = t / n;
         Ok((0..n).map(|i| i * c + 1).collect())
@@ -107,7 +110,7 @@ pub fn ddim_step(x: &Tensor, eps: &Tensor, a_t: f64, a_prev: f64, eta: f64, nois
     let mut out = x0 * a_prev.sqrt() + dir;
     if sigma > 0.0 {
         let z = noise.ok_or_else(|| Error::InvalidArgument("a DDIM step with eta > 0 needs a noise tensor".into()))?;
-        out = out + z * sigma;
+        out += z * sigma;
     }
     Ok(out)
 }

@@ -24,28 +24,25 @@
 pub mod ddim;
 pub mod ldm;
 pub mod recipes;
+pub mod train;
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
 use std::time::Instant;
 
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
-use tch::{nn, Device, Kind, Tensor};
+use tch::{Device, Kind, Tensor, nn};
 
-use crate::engine::dataset::{load_folder, Sample};
-use crate::pgdiff::ddim::Schedule;
-use crate::engine::device::parse_device;
-use crate::error::{Error, Result};
-use crate::image::{array3_to_tensor, mask_to_tensor};
+use crate::engine::dataset::Sample;
 use crate::engine::metrics;
-use crate::engine::model::{EpochRecord, Model, ModelKind, ModelMeta, Net, SegmentOptions, TORCH_RNG};
+use crate::engine::model::{Model, ModelKind, ModelMeta, Net};
+use crate::engine::progress::Monitor;
+use crate::engine::train::{TrainConfig, per_epoch_seed};
+use crate::error::{Error, Result};
+use crate::image::array3_to_tensor;
+use crate::pgdiff::ddim::Schedule;
 use crate::pgdiff::ldm::{Autoencoder, AutoencoderConfig, DiffusionUnet, DiffusionUnetConfig};
-use crate::engine::normalize::{NormMethod, Normalizer};
-use crate::engine::progress::{Monitor, Progress, Stage};
-use crate::engine::train::{per_epoch_seed, sibling, RunInfo, TrainConfig, TrainOutcome};
 
 /// Where the sampler starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -131,7 +128,11 @@ impl DiffusionOptions {
             steps(self.inversion_steps, "inversion_steps")?;
         }
         if self.forward_t >= timesteps {
-            return Err(Error::InvalidArgument(format!("forward_t = {}; expected 0..={}", self.forward_t, timesteps - 1)));
+            return Err(Error::InvalidArgument(format!(
+                "forward_t = {}; expected 0..={}",
+                self.forward_t,
+                timesteps - 1
+            )));
         }
         if !(self.eta.is_finite() && (0.0..=1.0).contains(&self.eta)) {
             return Err(Error::InvalidArgument(format!("eta = {}; expected a number in [0, 1]", self.eta)));
@@ -204,7 +205,14 @@ impl PgDiffConfig {
             groups: 16,
         };
         PgDiffConfig {
-            autoencoder: AutoencoderConfig { ch: 32, ch_mult: vec![1, 2, 2], num_res_blocks: 1, z_channels: 3, groups: 16, kl_weight: 1e-6 },
+            autoencoder: AutoencoderConfig {
+                ch: 32,
+                ch_mult: vec![1, 2, 2],
+                num_res_blocks: 1,
+                z_channels: 3,
+                groups: 16,
+                kl_weight: 1e-6,
+            },
             ldm_p: unet.clone(),
             ldm_s: unet,
             ae_learning_rate: 5e-4,
@@ -224,7 +232,14 @@ impl PgDiffConfig {
             groups: 4,
         };
         PgDiffConfig {
-            autoencoder: AutoencoderConfig { ch: 8, ch_mult: vec![1, 2, 2], num_res_blocks: 1, z_channels: 3, groups: 4, kl_weight: 1e-6 },
+            autoencoder: AutoencoderConfig {
+                ch: 8,
+                ch_mult: vec![1, 2, 2],
+                num_res_blocks: 1,
+                z_channels: 3,
+                groups: 4,
+                kl_weight: 1e-6,
+            },
             ldm_p: unet.clone(),
             ldm_s: unet,
             ae_epochs: 1,
@@ -247,9 +262,12 @@ impl PgDiffConfig {
         self.ldm_s.validate()?;
         self.schedule()?;
         if self.ae_epochs == 0 {
-            return Err(Error::Config("pgdiff.ae_epochs = 0; the autoencoder is trained from scratch and needs >= 1 epoch".into()));
+            return Err(Error::Config(
+                "pgdiff.ae_epochs = 0; the autoencoder is trained from scratch and needs >= 1 epoch".into(),
+            ));
         }
-        for (v, n) in [(self.ae_learning_rate, "pgdiff.ae_learning_rate"), (self.learning_rate, "pgdiff.learning_rate")] {
+        for (v, n) in [(self.ae_learning_rate, "pgdiff.ae_learning_rate"), (self.learning_rate, "pgdiff.learning_rate")]
+        {
             if !(v.is_finite() && v > 0.0 && v < 1.0) {
                 return Err(Error::Config(format!("{n} = {v}; expected a number in (0, 1)")));
             }
@@ -337,7 +355,13 @@ impl PgDiffNet {
     }
 
     /// The starting noise `(N, K, h, w)` for latents `z`.
-    pub fn start_noise(&self, z: &Tensor, opts: &DiffusionOptions, rng: &mut NormalStream, monitor: &Monitor) -> Result<Tensor> {
+    pub fn start_noise(
+        &self,
+        z: &Tensor,
+        opts: &DiffusionOptions,
+        rng: &mut NormalStream,
+        monitor: &Monitor,
+    ) -> Result<Tensor> {
         let (n, _, h, w) = z.size4()?;
         let k = self.n_classes;
         let avg_repeat = |e: Tensor| e.mean_dim(1, true, Kind::Float).expand([n, k, h, w], false).contiguous();
@@ -358,7 +382,14 @@ impl PgDiffNet {
     }
 
     /// DDIM sampling of LDM-S from `noise` given `z`: the mask latent `(N, K, h, w)`.
-    pub fn sample_mask(&self, noise: &Tensor, z: &Tensor, opts: &DiffusionOptions, rng: &mut NormalStream, monitor: &Monitor) -> Result<Tensor> {
+    pub fn sample_mask(
+        &self,
+        noise: &Tensor,
+        z: &Tensor,
+        opts: &DiffusionOptions,
+        rng: &mut NormalStream,
+        monitor: &Monitor,
+    ) -> Result<Tensor> {
         let clip = opts.clip_denoised;
         let mut eps = |x: &Tensor, t: usize| {
             let e = self.eps_s(x, z, t);
@@ -377,7 +408,13 @@ impl PgDiffNet {
 
     /// Segments a batch of normalized tiles `(N, C, T, T)`; `stream_seed` seeds this
     /// batch's random draws.
-    pub fn predict(&self, x: &Tensor, opts: &DiffusionOptions, stream_seed: u64, monitor: &Monitor) -> Result<TileResult> {
+    pub fn predict(
+        &self,
+        x: &Tensor,
+        opts: &DiffusionOptions,
+        stream_seed: u64,
+        monitor: &Monitor,
+    ) -> Result<TileResult> {
         tch::no_grad(|| {
             let (_, _, th, tw) = x.size4()?;
             let mut rng = NormalStream::new(stream_seed);
@@ -427,7 +464,11 @@ impl PgDiffNet {
                 // report vote fractions, but make sure the argmax is the tie-broken winner
                 &votes + Tensor::zeros_like(&votes).scatter_value(1, &win, 1e-4)
             };
-            Ok(TileResult { probabilities, noise: first_noise.expect("samples >= 1"), latent: z.mean_dim(1, false, Kind::Float) })
+            Ok(TileResult {
+                probabilities,
+                noise: first_noise.expect("samples >= 1"),
+                latent: z.mean_dim(1, false, Kind::Float),
+            })
         })
     }
 
@@ -471,189 +512,14 @@ pub fn noise_quality(noise: &Tensor, image: &Tensor, latent: &Tensor) -> Result<
     };
     let a = to_arr(scale(&img))?;
     let raw = metrics::ssim(a.view(), to_arr(scale(noise))?.view())?;
-    let aligned = if orientation < 0.0 { metrics::ssim(a.view(), to_arr(scale(&(noise * -1.0)))?.view())? } else { raw };
+    let aligned =
+        if orientation < 0.0 { metrics::ssim(a.view(), to_arr(scale(&(noise * -1.0)))?.view())? } else { raw };
     let values = Vec::<f32>::try_from(noise.to_kind(Kind::Float).to_device(Device::Cpu).contiguous().view([-1]))?;
     Ok((aligned, raw, metrics::kde_kl_to_standard_normal(&values)))
 }
 
 // ---------------------------------------------------------------------------------------
-// Training
-
-/// Adam (betas 0.9 / 0.999, eps 1e-8) over the variables under some name prefixes; its
-/// state is checkpointed under `optimizer.<tag>.`.
-struct Adam {
-    tag: &'static str,
-    params: Vec<(String, Tensor)>,
-    m: HashMap<String, Tensor>,
-    v: HashMap<String, Tensor>,
-    step: i64,
-}
-
-impl Adam {
-    fn new(vs: &nn::VarStore, tag: &'static str, prefixes: &[&str]) -> Self {
-        let mut params: Vec<(String, Tensor)> =
-            vs.variables().into_iter().filter(|(n, t)| t.requires_grad() && prefixes.iter().any(|p| n.starts_with(p))).collect();
-        params.sort_by(|a, b| a.0.cmp(&b.0));
-        Adam { tag, params, m: HashMap::new(), v: HashMap::new(), step: 0 }
-    }
-    /// Drops the gradients (the next backward pass writes fresh ones).
-    fn zero_grad(&mut self) -> Result<()> {
-        crate::backend::optim::drop_grads(self.params.iter().map(|(_, p)| p))
-    }
-    /// Clips the global gradient norm to `max_norm` (`<= 0`: no clipping), then one step
-    /// of libtorch's fused Adam over the parameters with a gradient.
-    fn clip_and_update(&mut self, max_norm: f64, lr: f64) -> Result<()> {
-        let (b1, b2, eps) = (0.9, 0.999, 1e-8);
-        self.step += 1;
-        let (ps, gs, st) = crate::backend::optim::gather(&self.params, &mut [&mut self.m, &mut self.v]);
-        crate::backend::optim::clip_grad_norm_(&gs, max_norm)?;
-        crate::backend::optim::adam_(&ps, &gs, &st[0], &st[1], self.step, lr, b1, b2, eps)
-    }
-    fn state(&self) -> Vec<(String, Tensor)> {
-        let t = self.tag;
-        let mut out: Vec<_> = self
-            .m
-            .iter()
-            .map(|(n, x)| (format!("optimizer.{t}.m.{n}"), x.shallow_clone()))
-            .chain(self.v.iter().map(|(n, x)| (format!("optimizer.{t}.v.{n}"), x.shallow_clone())))
-            .collect();
-        out.push((format!("optimizer.{t}.step"), Tensor::from_slice(&[self.step as f32])));
-        out
-    }
-    fn load_state(&mut self, tensors: &BTreeMap<String, Tensor>, device: Device) {
-        let (pm, pv, ps) = (format!("optimizer.{}.m.", self.tag), format!("optimizer.{}.v.", self.tag), format!("optimizer.{}.step", self.tag));
-        for (n, t) in tensors {
-            if let Some(name) = n.strip_prefix(&pm) {
-                self.m.insert(name.to_string(), t.to_device(device));
-            } else if let Some(name) = n.strip_prefix(&pv) {
-                self.v.insert(name.to_string(), t.to_device(device));
-            } else if *n == ps {
-                self.step = t.double_value(&[0]) as i64;
-            }
-        }
-    }
-}
-
-/// One optimization step of the PG-DiffSeg trainer (kind `pgdiff`), exactly as [`train`]
-/// runs it for every iteration. Autoencoder phase: L1 reconstruction of a posterior
-/// sample plus the weighted KL, Adam on the autoencoder. Diffusion phase: the image
-/// latents (encoder without gradients), uniform timesteps and Gaussian noise for LDM-P
-/// (image latents) and LDM-S (mask latents conditioned on the image latent), the sum of
-/// both epsilon-prediction L2 losses, Adam on LDM-P and LDM-S. Then the backward pass,
-/// gradient-norm clipping (`pgdiff.grad_clip`) and the Adam update at the phase's learning
-/// rate. Both optimizers' state lives here. [`train`] drives it; `benches/compare.rs`
-/// times it on a fixed batch.
-pub struct DiffusionStep {
-    opt_ae: Adam,
-    opt_dm: Adam,
-    cfg: PgDiffConfig,
-}
-
-impl DiffusionStep {
-    /// Fresh Adam optimizers for the autoencoder (`ae.*`) and the denoisers
-    /// (`ldm_p.*`, `ldm_s.*`), with `cfg.pgdiff`'s learning rates, clipping and KL weight.
-    pub fn new(model: &Model, cfg: &TrainConfig) -> Self {
-        let inner = model.lock();
-        DiffusionStep {
-            opt_ae: Adam::new(&inner.vs, "ae", &["ae."]),
-            opt_dm: Adam::new(&inner.vs, "ldm", &["ldm_p.", "ldm_s."]),
-            cfg: cfg.pgdiff.clone(),
-        }
-    }
-
-    /// One step on a batch: normalized tiles `x` `(N, C, T, T)` and labels `y` `(N, T, T)`
-    /// (int64), on the model's device; `ae_phase` picks the autoencoder step, otherwise
-    /// the diffusion step. Timesteps, noise and posterior samples come from libtorch's
-    /// process-wide generator, seeded with `seed` and held while the loss and gradients
-    /// are computed (the trainer passes a seed derived from (seed, epoch, iteration)).
-    /// Returns the loss before the update (reading it waits for the device).
-    pub fn step(&mut self, model: &Model, x: &Tensor, y: &Tensor, ae_phase: bool, seed: u64) -> Result<f64> {
-        let pc = &self.cfg;
-        let device = model.device();
-        let guard = TORCH_RNG.lock();
-        tch::manual_seed(seed as i64);
-        let loss = {
-            let inner = model.lock();
-            let Net::Pgdiff(net) = &inner.net else {
-                return Err(Error::Unsupported(format!("a '{}' model is not trained by the PG-DiffSeg trainer", model.meta.kind.name())));
-            };
-            if ae_phase {
-                let post = net.ae.encode(x);
-                let rec = net.ae.decode(&post.sample());
-                let per_px = (x.numel() / x.size()[0] as usize) as f64;
-                (x - rec).abs().mean(Kind::Float) + post.kl().mean(Kind::Float) * (pc.autoencoder.kl_weight / per_px)
-            } else {
-                let z = tch::no_grad(|| net.encode(x));
-                let n = z.size()[0];
-                let tp = Tensor::randint(pc.timesteps as i64, [n], (Kind::Int64, device));
-                let ep = z.randn_like();
-                let lp = (net.ldm_p.forward_t(&net.schedule.q_sample(&z, &tp, &ep), &tp, true) - &ep).square().mean(Kind::Float);
-                let m = net.mask_latent(y);
-                let ts = Tensor::randint(pc.timesteps as i64, [n], (Kind::Int64, device));
-                let es_ = m.randn_like();
-                let xs = Tensor::cat(&[net.schedule.q_sample(&m, &ts, &es_), z], 1);
-                let ls = (net.ldm_s.forward_t(&xs, &ts, true) - &es_).square().mean(Kind::Float);
-                lp + ls
-            }
-        };
-        let opt = if ae_phase { &mut self.opt_ae } else { &mut self.opt_dm };
-        opt.zero_grad()?;
-        loss.f_backward()?;
-        drop(guard);
-        opt.clip_and_update(pc.grad_clip, if ae_phase { pc.ae_learning_rate } else { pc.learning_rate })?;
-        Ok(loss.double_value(&[]))
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct DiffCheckpoint {
-    epochs_completed: usize,
-    config: TrainConfig,
-    history: Vec<EpochRecord>,
-}
-
-
-/// Normalized training images `(C, H, W)` and masks `(H, W)` on the device.
-struct TileSet {
-    images: Vec<Tensor>,
-    masks: Vec<Tensor>,
-}
-
-impl TileSet {
-    /// Random `T x T` crops with rot90 / flip and brightness / contrast jitter.
-    fn batch(&self, rng: &mut ChaCha8Rng, b: usize, tile: i64) -> (Tensor, Tensor) {
-        let (mut xs, mut ys) = (Vec::with_capacity(b), Vec::with_capacity(b));
-        for _ in 0..b {
-            let i = rng.random_range(0..self.images.len());
-            let (h, w) = (self.images[i].size()[1], self.images[i].size()[2]);
-            let (ph, pw) = ((tile - h).max(0), (tile - w).max(0));
-            let (img, msk) = if ph > 0 || pw > 0 {
-                (self.images[i].constant_pad_nd([0, pw, 0, ph]), self.masks[i].constant_pad_nd([0, pw, 0, ph]))
-            } else {
-                (self.images[i].shallow_clone(), self.masks[i].shallow_clone())
-            };
-            let y0 = rng.random_range(0..=(h + ph - tile));
-            let x0 = rng.random_range(0..=(w + pw - tile));
-            let x = img.narrow(1, y0, tile).narrow(2, x0, tile);
-            let y = msk.narrow(0, y0, tile).narrow(1, x0, tile);
-            let rot = rng.random_range(0..4i64);
-            let flip = rng.random_bool(0.5);
-            let contrast = rng.random_range(0.9..1.1);
-            let bright = rng.random_range(-0.1..0.1);
-            let x = if rot > 0 { x.rot90(rot, [1, 2]) } else { x };
-            let y = if rot > 0 { y.rot90(rot, [0, 1]) } else { y };
-            let (x, y) = if flip { (x.flip([2]), y.flip([1])) } else { (x, y) };
-            xs.push(x * contrast + bright);
-            ys.push(y);
-        }
-        (Tensor::stack(&xs, 0), Tensor::stack(&ys, 0))
-    }
-}
-
-/// Fast sampling used for validation during training.
-fn validation_options(seed: u64) -> DiffusionOptions {
-    DiffusionOptions { inversion_steps: 10, sampling_steps: 20, seed, ..DiffusionOptions::default() }
-}
+// Autoencoder quality
 
 /// Mean reconstruction PSNR (dB, normalized units, data range of each tile) of the
 /// autoencoder over non-overlapping tiles of `images`.
@@ -676,7 +542,8 @@ pub fn reconstruction_psnr(model: &Model, images: &[&crate::image::Image]) -> Re
                     let a = crate::image::tensor_to_array3(&tile.get(0))?;
                     let b = crate::image::tensor_to_array3(&rec.get(0))?;
                     for c in 0..a.dim().0 {
-                        scores.push(metrics::psnr(a.index_axis(ndarray::Axis(0), c), b.index_axis(ndarray::Axis(0), c))?);
+                        scores
+                            .push(metrics::psnr(a.index_axis(ndarray::Axis(0), c), b.index_axis(ndarray::Axis(0), c))?);
                     }
                 }
             }
@@ -684,180 +551,6 @@ pub fn reconstruction_psnr(model: &Model, images: &[&crate::image::Image]) -> Re
         Ok(())
     })?;
     Ok(metrics::mean(&scores))
-}
-
-/// Trains a PG-DiffSeg model (`cfg.kind == "pgdiff"`) on a segmentation folder
-/// (`DIR/images/*.tif` phase images, `DIR/masks/*.tif` labels).
-pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Monitor) -> Result<TrainOutcome> {
-    let t0 = Instant::now();
-    cfg.validate()?;
-    if output.as_os_str().is_empty() {
-        return Err(Error::InvalidArgument("the output model path is empty".into()));
-    }
-    let pc = &cfg.pgdiff;
-    let record_path = sibling(output, "train.json");
-    let ckpt_path = cfg.checkpoint.clone().unwrap_or_else(|| sibling(output, "ckpt"));
-    crate::engine::train::check_output_paths(output, &ckpt_path)?;
-    let device = parse_device(&cfg.device)?;
-    if cfg.threads > 0 {
-        tch::set_num_threads(cfg.threads as i32);
-    }
-    monitor.emit(Progress::new(Stage::Preparing));
-    let samples = load_folder(data_dir)?;
-    let (train_idx, val_idx) = crate::engine::dataset::split_indices(samples.len(), cfg.val_fraction, cfg.seed);
-    let train_s: Vec<&Sample> = train_idx.iter().map(|&i| &samples[i]).collect();
-    let val_s: Vec<&Sample> = val_idx.iter().map(|&i| &samples[i]).collect();
-    let names = |v: &[&Sample]| v.iter().map(|s| s.name.clone()).collect::<Vec<_>>();
-    let mut classes = crate::engine::train::class_names(cfg, &samples)?;
-    if cfg.classes.is_empty() && classes.len() == 3 {
-        // three labels are the live / dead setting of the paper and the simulator
-        classes = crate::sim::qpi::CLASS_NAMES.iter().map(|s| s.to_string()).collect();
-    }
-    let run = RunInfo { cfg, data_dir, train_names: names(&train_s), val_names: names(&val_s), device, t0 };
-    run.write_record(&record_path)?;
-
-    let norm = if cfg.normalization.is_empty() { vec![NormMethod::DatasetZscore] } else { cfg.normalization.clone() };
-    let normalizer = Normalizer::fit(&norm, &train_s.iter().map(|s| &s.image).collect::<Vec<_>>())?;
-    let meta = ModelMeta::new(
-        ModelKind::Pgdiff,
-        serde_json::to_value(pc).expect("json"),
-        samples[0].image.channel_names.clone(),
-        classes,
-        cfg.patch_size,
-        normalizer.clone(),
-    );
-    let mut model = Model::new_seeded(meta, device, Some(cfg.seed))?;
-    let data = TileSet {
-        images: train_s.iter().map(|s| Ok(array3_to_tensor(normalizer.apply_image(&s.image)?.data.view(), device))).collect::<Result<_>>()?,
-        masks: train_s.iter().map(|s| mask_to_tensor(&s.mask, device).to_kind(Kind::Int64)).collect(),
-    };
-    let tile = cfg.patch_size[0] as i64;
-    let mut stepper = DiffusionStep::new(&model, cfg);
-    let total_epochs = pc.ae_epochs + cfg.epochs;
-    let mut start_epoch = 0;
-    let mut history: Vec<EpochRecord> = Vec::new();
-    if cfg.resume && ckpt_path.is_file() {
-        let (file, st, ck) = crate::engine::train::read_checkpoint::<DiffCheckpoint>(&ckpt_path, &model)?;
-        crate::engine::train::check_resume_config(&ckpt_path, &st.config, cfg)?;
-        crate::engine::train::check_resume_data(&ckpt_path, "image", &ck.normalization, &normalizer)?;
-        stepper.opt_ae.load_state(&file.tensors, device);
-        stepper.opt_dm.load_state(&file.tensors, device);
-        model.meta.normalization = ck.normalization;
-        start_epoch = st.epochs_completed;
-        history = st.history;
-    }
-
-    for epoch in start_epoch..total_epochs {
-        let te = Instant::now();
-        let ae_phase = epoch < pc.ae_epochs;
-        if epoch == pc.ae_epochs {
-            fit_latent_scale(&model, &data, tile, cfg.seed)?;
-        }
-        let es = per_epoch_seed(cfg.seed, epoch);
-        let mut rng = ChaCha8Rng::seed_from_u64(es);
-        let mut loss_sum = 0.0;
-        for it in 0..cfg.iterations_per_epoch {
-            monitor.check()?;
-            let (x, y) = data.batch(&mut rng, cfg.batch_size, tile);
-            // timesteps, noise and posterior samples come from libtorch's generator:
-            // seeded per iteration and held for the step (reproducible while other
-            // threads use the engine)
-            let l = stepper.step(&model, &x, &y, ae_phase, per_epoch_seed(es, it))?;
-            if !l.is_finite() {
-                return Err(Error::InvalidInput(format!(
-                    "training diverged (loss {l}) at epoch {epoch}, iteration {it}; lower pgdiff.{}learning_rate",
-                    if ae_phase { "ae_" } else { "" }
-                )));
-            }
-            loss_sum += l;
-            monitor.emit(Progress {
-                stage: Stage::Training,
-                epoch,
-                epochs: total_epochs,
-                iteration: it,
-                iterations: cfg.iterations_per_epoch,
-                loss: l,
-                val_metric: f64::NAN,
-            });
-        }
-        monitor.check()?;
-        let (mut val_dice, mut val_psnr) = (f64::NAN, None);
-        if !val_s.is_empty() {
-            if ae_phase {
-                val_psnr = Some(reconstruction_psnr(&model, &val_s.iter().map(|s| &s.image).collect::<Vec<_>>())?);
-            } else {
-                let opts = SegmentOptions { step_fraction: 1.0, diffusion: Some(validation_options(cfg.seed)), ..Default::default() };
-                // sampling takes long: a cancel stops it tile by tile and ends the run (the
-                // last checkpoint, the previous epoch's, stays)
-                let mut cancel_only = monitor.cancel_only();
-                let scores = val_s
-                    .iter()
-                    .map(|s| metrics::score(&model.segment_labels_with(s.image.data.view(), &opts, &mut cancel_only)?, &s.mask, model.n_classes()))
-                    .collect::<Result<Vec<_>>>()?;
-                val_dice = metrics::summarize(&scores).mean_fg_dice.mean;
-            }
-        }
-        let rec = EpochRecord {
-            epoch,
-            learning_rate: if ae_phase { pc.ae_learning_rate } else { pc.learning_rate },
-            train_loss: loss_sum / cfg.iterations_per_epoch as f64,
-            val_dice,
-            val_psnr,
-            seconds: te.elapsed().as_secs_f64(),
-        };
-        monitor.emit(Progress {
-            stage: Stage::Validation,
-            epoch,
-            epochs: total_epochs,
-            iteration: cfg.iterations_per_epoch,
-            iterations: cfg.iterations_per_epoch,
-            loss: rec.train_loss,
-            val_metric: if ae_phase { val_psnr.unwrap_or(f64::NAN) } else { val_dice },
-        });
-        log::info!(
-            "pgdiff epoch {}/{} ({}) loss {:.4} val {} {:.1} s",
-            epoch + 1,
-            total_epochs,
-            if ae_phase { "autoencoder" } else { "diffusion" },
-            rec.train_loss,
-            if ae_phase { format!("PSNR {:.2} dB", val_psnr.unwrap_or(f64::NAN)) } else { format!("Dice {val_dice:.3}") },
-            rec.seconds
-        );
-        history.push(rec);
-        let st = DiffCheckpoint { epochs_completed: epoch + 1, config: cfg.clone(), history: history.clone() };
-        let mut md = HashMap::new();
-        md.insert(crate::engine::train::CHECKPOINT_KEY.to_string(), serde_json::to_string(&st).expect("json"));
-        model.meta.provenance = run.provenance(epoch + 1, &history);
-        let mut extra = stepper.opt_ae.state();
-        extra.extend(stepper.opt_dm.state());
-        model.save_with(&ckpt_path, &extra, md)?;
-        monitor.emit(Progress { stage: Stage::Checkpoint, epoch, epochs: total_epochs, ..Progress::new(Stage::Checkpoint) });
-    }
-    if total_epochs == pc.ae_epochs {
-        fit_latent_scale(&model, &data, tile, cfg.seed)?;
-    }
-    model.meta.provenance = run.provenance(total_epochs, &history);
-    model.save(output)?;
-    monitor.emit(Progress { stage: Stage::Done, epoch: total_epochs, epochs: total_epochs, ..Progress::new(Stage::Done) });
-    Ok(TrainOutcome { model, history })
-}
-
-/// `latent_scale = 1 / std` of the latents of (up to) 64 random training tiles.
-fn fit_latent_scale(model: &Model, data: &TileSet, tile: i64, seed: u64) -> Result<()> {
-    let inner = model.lock();
-    let Net::Pgdiff(net) = &inner.net else { unreachable!("a pgdiff model holds a pgdiff net") };
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5ca1e);
-    let (x, _) = data.batch(&mut rng, 64.min(16 * data.images.len()).max(1), tile);
-    let std = tch::no_grad(|| net.ae.encode(&x).mean.std(true)).double_value(&[]);
-    if !(std.is_finite() && std > 1e-8) {
-        return Err(Error::InvalidInput(format!("the autoencoder's latents have standard deviation {std}; cannot scale them")));
-    }
-    tch::no_grad(|| {
-        let mut s = net.latent_scale.shallow_clone();
-        let _ = s.fill_(1.0 / std);
-    });
-    log::info!("pgdiff latent std {std:.4}; latent_scale {:.4}", 1.0 / std);
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -884,20 +577,36 @@ pub struct TileEvaluation {
 /// Segments labelled frames tile by tile (non-overlapping `T x T` tiles; frame sides
 /// must be multiples of the model's patch) and scores them; also measures each tile's
 /// starting noise. Tile batches draw from streams seeded by `(opts.seed, frame, batch)`.
-pub fn evaluate_tiles(model: &Model, samples: &[&Sample], opts: &DiffusionOptions, batch_size: usize, monitor: &Monitor) -> Result<TileEvaluation> {
+pub fn evaluate_tiles(
+    model: &Model,
+    samples: &[&Sample],
+    opts: &DiffusionOptions,
+    batch_size: usize,
+    monitor: &Monitor,
+) -> Result<TileEvaluation> {
     opts.validate(model.with_net(|n| match n {
         Net::Pgdiff(d) => Ok(d.schedule.len()),
         _ => Err(Error::Unsupported(format!("evaluate_tiles needs a pgdiff model, not '{}'", model.meta.kind.name()))),
     })?)?;
     let t = model.meta.patch_size[0];
     let k = model.n_classes();
-    let mut ev = TileEvaluation { miou: Vec::new(), f1: Vec::new(), noise_ssim: Vec::new(), noise_ssim_raw: Vec::new(), noise_kld: Vec::new(), seconds_per_tile: 0.0 };
+    let mut ev = TileEvaluation {
+        miou: Vec::new(),
+        f1: Vec::new(),
+        noise_ssim: Vec::new(),
+        noise_ssim_raw: Vec::new(),
+        noise_kld: Vec::new(),
+        seconds_per_tile: 0.0,
+    };
     let mut tiles_done = 0usize;
     let t0 = Instant::now();
     for (fi, s) in samples.iter().enumerate() {
         let (h, w) = s.mask.dim();
         if h % t != 0 || w % t != 0 {
-            return Err(Error::Shape(format!("frame '{}' is {h} x {w}; evaluation needs multiples of the {t}-pixel tile", s.name)));
+            return Err(Error::Shape(format!(
+                "frame '{}' is {h} x {w}; evaluation needs multiples of the {t}-pixel tile",
+                s.name
+            )));
         }
         let x = array3_to_tensor(model.meta.normalization.apply_image(&s.image)?.data.view(), model.device());
         let origins: Vec<(usize, usize)> = (0..h / t).flat_map(|r| (0..w / t).map(move |c| (r * t, c * t))).collect();
@@ -905,20 +614,27 @@ pub fn evaluate_tiles(model: &Model, samples: &[&Sample], opts: &DiffusionOption
         for (bi, chunk) in origins.chunks(batch_size.max(1)).enumerate() {
             monitor.check()?;
             let batch = Tensor::stack(
-                &chunk.iter().map(|&(y, x0)| x.narrow(1, y as i64, t as i64).narrow(2, x0 as i64, t as i64)).collect::<Vec<_>>(),
+                &chunk
+                    .iter()
+                    .map(|&(y, x0)| x.narrow(1, y as i64, t as i64).narrow(2, x0 as i64, t as i64))
+                    .collect::<Vec<_>>(),
                 0,
             );
             let stream = per_epoch_seed(per_epoch_seed(opts.seed, fi), bi);
             let res = model.with_net(|n| match n {
                 Net::Pgdiff(d) => d.predict(&batch, opts, stream, monitor),
-                _ => unreachable!("checked above"),
+                _ => Err(Error::Unsupported(format!(
+                    "evaluate_tiles needs a pgdiff model, not '{}'",
+                    model.meta.kind.name()
+                ))),
             })?;
             let am = res.probabilities.argmax(1, false).to_kind(Kind::Uint8).to_device(Device::Cpu);
             for (i, &(y, x0)) in chunk.iter().enumerate() {
                 let v = Vec::<u8>::try_from(am.get(i as i64).contiguous().view([-1]))?;
                 let tile = ndarray::ArrayView2::from_shape((t, t), &v).expect("tile shape");
                 labels.slice_mut(ndarray::s![y..y + t, x0..x0 + t]).assign(&tile);
-                let (ssim, raw, kld) = noise_quality(&res.noise.get(i as i64), &batch.get(i as i64).get(0), &res.latent.get(i as i64))?;
+                let (ssim, raw, kld) =
+                    noise_quality(&res.noise.get(i as i64), &batch.get(i as i64).get(0), &res.latent.get(i as i64))?;
                 ev.noise_ssim.push(ssim);
                 ev.noise_ssim_raw.push(raw);
                 ev.noise_kld.push(kld);
@@ -931,6 +647,70 @@ pub fn evaluate_tiles(model: &Model, samples: &[&Sample], opts: &DiffusionOption
     }
     ev.seconds_per_tile = t0.elapsed().as_secs_f64() / tiles_done.max(1) as f64;
     Ok(ev)
+}
+
+/// The `pgdiff` kind: prior-guided latent-diffusion segmentation of QPI.
+pub struct PgDiff;
+
+pub static PGDIFF: PgDiff = PgDiff;
+
+fn architecture(meta: &ModelMeta) -> Result<PgDiffConfig> {
+    serde_json::from_value(meta.architecture.clone())
+        .map_err(|e| Error::ModelFormat(format!("invalid pgdiff architecture: {e}")))
+}
+
+impl crate::engine::method::Method for PgDiff {
+    fn kind(&self) -> ModelKind {
+        ModelKind::Pgdiff
+    }
+    fn check_config(&self, cfg: &TrainConfig) -> Result<()> {
+        cfg.pgdiff.validate()?;
+        if cfg.patch_size[0] != cfg.patch_size[1] {
+            return Err(Error::Config(format!(
+                "patch_size {:?}: a pgdiff model trains on square tiles",
+                cfg.patch_size
+            )));
+        }
+        Ok(())
+    }
+    fn patch_divisor(&self, cfg: &TrainConfig) -> usize {
+        cfg.pgdiff.divisor()
+    }
+    fn build(&self, meta: &ModelMeta, p: &nn::Path) -> Result<Net> {
+        let cfg = architecture(meta)?;
+        Ok(Net::Pgdiff(PgDiffNet::new(p, &cfg, meta.input_channels.len() as i64, meta.classes.len() as i64)?))
+    }
+    fn divisor(&self, meta: &ModelMeta) -> usize {
+        architecture(meta).map(|c| c.divisor()).unwrap_or(1)
+    }
+    fn load(
+        &self,
+        cfg: &TrainConfig,
+        data_dir: &std::path::Path,
+    ) -> Result<Box<dyn crate::engine::train::TrainingData>> {
+        train::load(cfg, data_dir)
+    }
+    fn export_info(&self) -> crate::engine::method::ExportInfo {
+        crate::engine::method::ExportInfo {
+            name: "PG-DiffSeg",
+            tags: vec![
+                "segmentation",
+                "quantitative-phase-imaging",
+                "diffusion",
+                "cells",
+                "live-dead",
+                "2d",
+                "pytorch",
+            ],
+            cite: vec![
+                serde_json::json!({"text": "Shao Z, Anastasio MA, Li H. Prior-guided Diffusion Model for Cell Segmentation in Quantitative Phase Imaging (PG-DiffSeg); built on denoising diffusion implicit models (Song, Meng, Ermon, arXiv:2010.02502).", "url": "https://arxiv.org/abs/2010.02502"}),
+                serde_json::json!({"text": "Rombach R, Blattmann A, Lorenz D, Esser P, Ommer B. High-Resolution Image Synthesis with Latent Diffusion Models. CVPR 2022.", "url": "https://arxiv.org/abs/2112.10752"}),
+            ],
+        }
+    }
+    fn simulator(&self, _meta: &ModelMeta) -> Option<&'static str> {
+        Some("qpi")
+    }
 }
 
 #[cfg(test)]

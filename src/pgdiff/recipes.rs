@@ -40,7 +40,13 @@ impl DiffPreset {
     /// The PG-DiffSeg training recipe.
     pub fn recipe(&self) -> TrainConfig {
         // resume: an interrupted comparison continues from each model's last checkpoint
-        let base = TrainConfig { kind: "pgdiff".into(), val_fraction: 0.0, device: "cpu".into(), resume: true, ..Default::default() };
+        let base = TrainConfig {
+            kind: "pgdiff".into(),
+            val_fraction: 0.0,
+            device: "cpu".into(),
+            resume: true,
+            ..Default::default()
+        };
         match self {
             DiffPreset::Tiny => TrainConfig {
                 pgdiff: PgDiffConfig::tiny(),
@@ -89,7 +95,12 @@ impl DiffPreset {
             resume: true,
             unet: match self {
                 // nnU-Net's planning stops halving at a 4 x 4 bottleneck; tiny runs in seconds
-                DiffPreset::Tiny => crate::nnunet::net::UnetConfig { n_stages: 4, base_features: 8, max_features: 64, convs_per_stage: 2 },
+                DiffPreset::Tiny => crate::nnunet::net::UnetConfig {
+                    n_stages: 4,
+                    base_features: 8,
+                    max_features: 64,
+                    convs_per_stage: 2,
+                },
                 // 256-pixel tiles: 7 stages down to 4 x 4
                 DiffPreset::Paper => crate::nnunet::net::UnetConfig { n_stages: 7, ..Default::default() },
                 // 128-pixel tiles: the default 6 stages end at 4 x 4

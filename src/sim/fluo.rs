@@ -115,7 +115,11 @@ impl FluoConfig {
             return Err(Error::Config(format!("size {} px; expected 16..=16384", self.size)));
         }
         let pos = |v: f64, n: &str| {
-            if v.is_finite() && v > 0.0 { Ok(()) } else { Err(Error::Config(format!("{n} = {v}; expected a positive number"))) }
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(Error::Config(format!("{n} = {v}; expected a positive number")))
+            }
         };
         pos(self.wavelength_nm, "wavelength_nm")?;
         pos(self.numerical_aperture, "numerical_aperture")?;
@@ -183,7 +187,15 @@ impl Canvas {
     }
     /// A filament: line density `amount` per pixel of length along the polyline made by
     /// `steps` steps of 0.5 px from `(y, x)` with direction `theta`, which `turn` updates.
-    fn filament(&mut self, mut y: f64, mut x: f64, mut theta: f64, length: f64, amount: f64, turn: &mut dyn FnMut() -> f64) {
+    fn filament(
+        &mut self,
+        mut y: f64,
+        mut x: f64,
+        mut theta: f64,
+        length: f64,
+        amount: f64,
+        turn: &mut dyn FnMut() -> f64,
+    ) {
         let step = 0.5;
         let n = (length / step) as usize;
         for _ in 0..n {
@@ -376,7 +388,8 @@ pub fn simulate(cfg: &FluoConfig, seed: u64) -> Result<FluoSample> {
         input[i] = if cfg.noiseless {
             lam as f32
         } else {
-            let shot = if lam < 30.0 { cam.poisson_small(lam) } else { (lam + lam.sqrt() * cam.normal()).round().max(0.0) };
+            let shot =
+                if lam < 30.0 { cam.poisson_small(lam) } else { (lam + lam.sqrt() * cam.normal()).round().max(0.0) };
             (shot + cfg.read_noise_e * cam.normal()) as f32
         };
     }
@@ -406,7 +419,13 @@ struct SampleRecord {
 /// Writes `dir/{train,test}/inputs/NAME.tif` (1-channel float32, the superimposed
 /// image) and `dir/{train,test}/targets/NAME.tif` (2-channel float32, the structures),
 /// names `fluo_0000`, ..., and `dir/simulation.json`. Returns the names per split.
-pub fn write_dataset(dir: &Path, n_train: usize, n_test: usize, cfg: &FluoConfig, seed: u64) -> Result<[Vec<String>; 2]> {
+pub fn write_dataset(
+    dir: &Path,
+    n_train: usize,
+    n_test: usize,
+    cfg: &FluoConfig,
+    seed: u64,
+) -> Result<[Vec<String>; 2]> {
     cfg.validate()?;
     let mut names = [Vec::new(), Vec::new()];
     let mut records = [Vec::new(), Vec::new()];
@@ -422,7 +441,12 @@ pub fn write_dataset(dir: &Path, n_train: usize, n_test: usize, cfg: &FluoConfig
             let name = format!("fluo_{i:04}");
             crate::io::tiff::write_image_f32(&in_dir.join(format!("{name}.tif")), &smp.input)?;
             crate::io::tiff::write_image_f32(&tg_dir.join(format!("{name}.tif")), &smp.targets)?;
-            records[si].push(SampleRecord { name: name.clone(), seed: s, brightness_ratio: smp.brightness_ratio, peak_photons: smp.peak_photons });
+            records[si].push(SampleRecord {
+                name: name.clone(),
+                seed: s,
+                brightness_ratio: smp.brightness_ratio,
+                peak_photons: smp.peak_photons,
+            });
             names[si].push(name);
         }
     }
@@ -511,7 +535,8 @@ mod tests {
                         jxy[y * w + x] = gx * gy;
                     }
                 }
-                let (a, b, d) = (gaussian_blur(&jxx, h, w, 8.0), gaussian_blur(&jyy, h, w, 8.0), gaussian_blur(&jxy, h, w, 8.0));
+                let (a, b, d) =
+                    (gaussian_blur(&jxx, h, w, 8.0), gaussian_blur(&jyy, h, w, 8.0), gaussian_blur(&jxy, h, w, 8.0));
                 let (mut num, mut den) = (0.0, 0.0);
                 for i in 0..h * w {
                     num += ((a[i] - b[i]).powi(2) + 4.0 * d[i] * d[i]).sqrt();

@@ -1,9 +1,9 @@
 //! Physically grounded simulators of the three modalities: single-shot QPM (`ssqpm`),
 //! live/dead QPI (`qpi`) and two-structure fluorescence (`fluo`).
 
-pub mod ssqpm;
 pub mod fluo;
 pub mod qpi;
+pub mod ssqpm;
 
 use crate::error::{Error, Result};
 use crate::image::Image;
@@ -55,7 +55,10 @@ pub fn simulate_frame(modality: &str, config_json: &str, seed: u64) -> Result<Fr
             let s = fluo::simulate(&cfg, seed)?;
             Ok(Frame { image: s.input, truth: s.targets })
         }
-        other => Err(Error::InvalidArgument(format!("unknown modality '{other}'; expected one of {}", MODALITIES.join(", ")))),
+        other => Err(Error::InvalidArgument(format!(
+            "unknown modality '{other}'; expected one of {}",
+            MODALITIES.join(", ")
+        ))),
     }
 }
 
@@ -65,7 +68,9 @@ mod tests {
 
     #[test]
     fn frames_have_the_documented_shapes_and_are_seeded() {
-        for (m, cfg, c, t) in [("ssqpm", r#"{"size": 64}"#, 5, 1), ("qpi", r#"{"size": 64}"#, 1, 1), ("fluo", r#"{"size": 64}"#, 1, 2)] {
+        for (m, cfg, c, t) in
+            [("ssqpm", r#"{"size": 64}"#, 5, 1), ("qpi", r#"{"size": 64}"#, 1, 1), ("fluo", r#"{"size": 64}"#, 1, 2)]
+        {
             let a = simulate_frame(m, cfg, 3).unwrap();
             assert_eq!(a.image.data.dim(), (c, 64, 64), "{m}");
             assert_eq!(a.truth.data.dim(), (t, 64, 64), "{m}");

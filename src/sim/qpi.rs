@@ -39,7 +39,7 @@ use std::path::Path;
 use ndarray::{Array2, Array3};
 use serde::{Deserialize, Serialize};
 
-use super::ssqpm::{gaussian_blur, pmath, sample_seed, smooth_field, Rng};
+use super::ssqpm::{Rng, gaussian_blur, pmath, sample_seed, smooth_field};
 use crate::error::{Error, Result};
 use crate::image::{Image, Mask};
 
@@ -94,12 +94,20 @@ impl QpiConfig {
             return Err(Error::Config(format!("size {} px; expected 16..=16384", self.size)));
         }
         let pos = |v: f64, n: &str| {
-            if v.is_finite() && v > 0.0 { Ok(()) } else { Err(Error::Config(format!("{n} = {v}; expected a positive number"))) }
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(Error::Config(format!("{n} = {v}; expected a positive number")))
+            }
         };
         pos(self.pixel_size_um, "pixel_size_um")?;
         pos(self.wavelength_um, "wavelength_um")?;
         pos(self.numerical_aperture, "numerical_aperture")?;
-        for (r, n, hi) in [(self.coverage, "coverage", 0.9), (self.dead_fraction, "dead_fraction", 1.0), (self.live_radius_um, "live_radius_um", 1e4)] {
+        for (r, n, hi) in [
+            (self.coverage, "coverage", 0.9),
+            (self.dead_fraction, "dead_fraction", 1.0),
+            (self.live_radius_um, "live_radius_um", 1e4),
+        ] {
             if !(r[0].is_finite() && r[1].is_finite() && r[0] >= 0.0 && r[0] <= r[1] && r[1] <= hi) {
                 return Err(Error::Config(format!("{n} = {r:?}; expected [lo, hi] with 0 <= lo <= hi <= {hi}")));
             }
@@ -107,7 +115,11 @@ impl QpiConfig {
         if self.live_radius_um[0] <= 0.0 {
             return Err(Error::Config("live_radius_um must be positive".into()));
         }
-        for (v, n) in [(self.debris_density, "debris_density"), (self.noise_rad, "noise_rad"), (self.background_rad, "background_rad")] {
+        for (v, n) in [
+            (self.debris_density, "debris_density"),
+            (self.noise_rad, "noise_rad"),
+            (self.background_rad, "background_rad"),
+        ] {
             if !(v.is_finite() && v >= 0.0) {
                 return Err(Error::Config(format!("{n} = {v}; expected >= 0")));
             }
@@ -156,7 +168,11 @@ impl Outline {
         let aspect = rng.range(aspect);
         let o = rng.between(0.0, std::f64::consts::PI);
         let (sin_o, cos_o) = pmath::sin_cos(o);
-        let modes = (2..=5).map(|k| (mode_amp / k as f64 * (2.0 * rng.uniform() - 1.0), mode_amp / k as f64 * (2.0 * rng.uniform() - 1.0))).collect();
+        let modes = (2..=5)
+            .map(|k| {
+                (mode_amp / k as f64 * (2.0 * rng.uniform() - 1.0), mode_amp / k as f64 * (2.0 * rng.uniform() - 1.0))
+            })
+            .collect();
         let bumps = (0..bumps)
             .map(|_| {
                 let (s, c) = pmath::sin_cos(rng.between(-std::f64::consts::PI, std::f64::consts::PI));
@@ -295,8 +311,10 @@ pub fn simulate(cfg: &QpiConfig, seed: u64) -> Result<QpiSample> {
                 let br = geo.between(0.5, 1.25) / px; // radius in px
                 let bh = 2.0 * br * px; // sphere: height = diameter (um)
                 let bdn = dn * geo.between(0.8, 1.1);
-                let (bx0, bx1) = ((bx - br - 1.0).floor().max(0.0) as usize, ((bx + br + 1.0).ceil().max(0.0) as usize).min(n));
-                let (by0, by1) = ((by - br - 1.0).floor().max(0.0) as usize, ((by + br + 1.0).ceil().max(0.0) as usize).min(n));
+                let (bx0, bx1) =
+                    ((bx - br - 1.0).floor().max(0.0) as usize, ((bx + br + 1.0).ceil().max(0.0) as usize).min(n));
+                let (by0, by1) =
+                    ((by - br - 1.0).floor().max(0.0) as usize, ((by + br + 1.0).ceil().max(0.0) as usize).min(n));
                 for y in by0..by1 {
                     for x in bx0..bx1 {
                         let i = y * n + x;
@@ -403,11 +421,17 @@ pub fn simulate(cfg: &QpiConfig, seed: u64) -> Result<QpiSample> {
     for y in 0..n {
         for x in 0..n {
             let (u, v) = (2.0 * x as f64 / n as f64 - 1.0, 2.0 * y as f64 / n as f64 - 1.0);
-            let bg = s * (0.5 * (tx * u + ty * v) + 0.3 * (cxx * (u * u - 1.0 / 3.0) + cyy * (v * v - 1.0 / 3.0)) + 0.5 * bgf[y * n + x]);
+            let bg = s
+                * (0.5 * (tx * u + ty * v)
+                    + 0.3 * (cxx * (u * u - 1.0 / 3.0) + cyy * (v * v - 1.0 / 3.0))
+                    + 0.5 * bgf[y * n + x]);
             out[y * n + x] = clean[y * n + x] + bg + cfg.noise_rad * noise.normal();
         }
     }
-    let image = Image::with_names(Array3::from_shape_vec((1, n, n), out.iter().map(|&v| v as f32).collect()).expect("shape"), vec!["phase".into()])?;
+    let image = Image::with_names(
+        Array3::from_shape_vec((1, n, n), out.iter().map(|&v| v as f32).collect()).expect("shape"),
+        vec!["phase".into()],
+    )?;
     let mask = Mask::from_shape_vec((n, n), label).expect("shape");
     let clean_phase = Array2::from_shape_vec((n, n), clean.iter().map(|&v| v as f32).collect()).expect("shape");
     Ok(QpiSample { image, mask, clean_phase, n_live, n_dead })
@@ -422,7 +446,13 @@ struct SampleRecord {
 }
 
 /// Writes `DIR/{train,test}/{images,masks}/qpi_NNNN.tif` and `DIR/simulation.json`.
-pub fn write_dataset(dir: &Path, n_train: usize, n_test: usize, cfg: &QpiConfig, seed: u64) -> Result<[Vec<String>; 2]> {
+pub fn write_dataset(
+    dir: &Path,
+    n_train: usize,
+    n_test: usize,
+    cfg: &QpiConfig,
+    seed: u64,
+) -> Result<[Vec<String>; 2]> {
     cfg.validate()?;
     let mut names = [Vec::new(), Vec::new()];
     let mut records = [Vec::new(), Vec::new()];
@@ -466,7 +496,8 @@ mod tests {
     }
 
     fn class_mean(s: &QpiSample, c: u8) -> Option<f64> {
-        let v: Vec<f64> = s.mask.iter().zip(s.clean_phase.iter()).filter(|(m, _)| **m == c).map(|(_, p)| *p as f64).collect();
+        let v: Vec<f64> =
+            s.mask.iter().zip(s.clean_phase.iter()).filter(|(m, _)| **m == c).map(|(_, p)| *p as f64).collect();
         (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
     }
 

@@ -255,29 +255,16 @@ fn check_scalar(name: &str, v: f64, lo: f64, hi: f64, lo_open: bool) -> Result<(
     if ok {
         return Ok(());
     }
-    let lo_s = if lo_open {
-        format!("> {lo}")
-    } else {
-        format!(">= {lo}")
-    };
-    let hi_s = if hi.is_finite() {
-        format!(" and <= {hi}")
-    } else {
-        String::new()
-    };
-    Err(cfg_err(format!(
-        "{name} must be a finite number {lo_s}{hi_s}, got {v}"
-    )))
+    let lo_s = if lo_open { format!("> {lo}") } else { format!(">= {lo}") };
+    let hi_s = if hi.is_finite() { format!(" and <= {hi}") } else { String::new() };
+    Err(cfg_err(format!("{name} must be a finite number {lo_s}{hi_s}, got {v}")))
 }
 
 fn check_range(name: &str, r: [f64; 2], lo: f64, hi: f64, lo_open: bool) -> Result<()> {
     check_scalar(&format!("{name}[0]"), r[0], lo, hi, lo_open)?;
     check_scalar(&format!("{name}[1]"), r[1], lo, hi, lo_open)?;
     if r[0] > r[1] {
-        return Err(cfg_err(format!(
-            "{name} must be [min, max] with min <= max, got [{}, {}]",
-            r[0], r[1]
-        )));
+        return Err(cfg_err(format!("{name} must be [min, max] with min <= max, got [{}, {}]", r[0], r[1])));
     }
     Ok(())
 }
@@ -287,46 +274,25 @@ impl SsqpmConfig {
     pub fn validate(&self) -> Result<()> {
         const INF: f64 = f64::INFINITY;
         if !(16..=8192).contains(&self.size) {
-            return Err(cfg_err(format!(
-                "size must be between 16 and 8192 pixels, got {}",
-                self.size
-            )));
+            return Err(cfg_err(format!("size must be between 16 and 8192 pixels, got {}", self.size)));
         }
         check_scalar("pixel_size_um", self.pixel_size_um, 0.0, INF, true)?;
         check_scalar("wavelength_um", self.wavelength_um, 0.0, INF, true)?;
         check_scalar("n_medium", self.n_medium, 1.0, INF, false)?;
-        check_scalar(
-            "numerical_aperture",
-            self.numerical_aperture,
-            0.0,
-            self.n_medium,
-            true,
-        )?;
+        check_scalar("numerical_aperture", self.numerical_aperture, 0.0, self.n_medium, true)?;
         check_range("coverage_low", self.coverage_low, 0.0, 0.95, true)?;
         check_range("coverage_medium", self.coverage_medium, 0.0, 0.95, true)?;
         check_range("coverage_high", self.coverage_high, 0.0, 0.95, true)?;
         check_range("cell_diameter_um", self.cell_diameter_um, 0.0, INF, true)?;
         check_range("cell_aspect", self.cell_aspect, 1.0, 10.0, false)?;
-        check_scalar(
-            "outline_irregularity",
-            self.outline_irregularity,
-            0.0,
-            0.5,
-            false,
-        )?;
+        check_scalar("outline_irregularity", self.outline_irregularity, 0.0, 0.5, false)?;
         check_range("cell_height_um", self.cell_height_um, 0.0, INF, true)?;
         check_range("lamella_height_um", self.lamella_height_um, 0.0, INF, false)?;
         check_range("lamella_width", self.lamella_width, 0.0, 0.8, false)?;
         check_range("dome_exponent", self.dome_exponent, 0.0, 10.0, true)?;
         check_range("n_cell", self.n_cell, 1.0, INF, false)?;
         check_scalar("granularity_dn", self.granularity_dn, 0.0, 0.1, false)?;
-        check_range(
-            "nucleus_diameter_frac",
-            self.nucleus_diameter_frac,
-            0.0,
-            0.9,
-            false,
-        )?;
+        check_range("nucleus_diameter_frac", self.nucleus_diameter_frac, 0.0, 0.9, false)?;
         check_range("nucleus_height_um", self.nucleus_height_um, 0.0, INF, false)?;
         check_range("nucleus_dn", self.nucleus_dn, -0.2, 0.2, false)?;
         if self.nucleoli_count[0] > self.nucleoli_count[1] || self.nucleoli_count[1] > 16 {
@@ -338,38 +304,14 @@ impl SsqpmConfig {
         check_scalar("nucleolus_dn", self.nucleolus_dn, -0.2, 0.2, false)?;
         check_scalar("junction_depth", self.junction_depth, 0.0, 1.0, false)?;
         check_range("birefringence", self.birefringence, 0.0, 0.1, false)?;
-        check_scalar(
-            "fast_axis_variation_rad",
-            self.fast_axis_variation_rad,
-            0.0,
-            INF,
-            false,
-        )?;
+        check_scalar("fast_axis_variation_rad", self.fast_axis_variation_rad, 0.0, INF, false)?;
         check_range("fibre_period_um", self.fibre_period_um, 0.0, INF, true)?;
         check_scalar("fibre_contrast", self.fibre_contrast, 0.0, 1.0, false)?;
-        check_scalar(
-            "edge_scattering_um2",
-            self.edge_scattering_um2,
-            0.0,
-            INF,
-            false,
-        )?;
+        check_scalar("edge_scattering_um2", self.edge_scattering_um2, 0.0, INF, false)?;
         check_scalar("defocus_um", self.defocus_um, -INF, INF, false)?;
         check_scalar("vignetting", self.vignetting, 0.0, 0.9, false)?;
-        check_scalar(
-            "illumination_gradient",
-            self.illumination_gradient,
-            0.0,
-            0.9,
-            false,
-        )?;
-        check_scalar(
-            "analyser_gain_spread",
-            self.analyser_gain_spread,
-            0.0,
-            0.2,
-            false,
-        )?;
+        check_scalar("illumination_gradient", self.illumination_gradient, 0.0, 0.9, false)?;
+        check_scalar("analyser_gain_spread", self.analyser_gain_spread, 0.0, 0.2, false)?;
         check_scalar("extinction_ratio", self.extinction_ratio, 1.0, INF, false)?;
         check_scalar("full_well_e", self.full_well_e, 0.0, INF, true)?;
         check_scalar("exposure_fill", self.exposure_fill, 0.0, 1.0, true)?;
@@ -377,19 +319,10 @@ impl SsqpmConfig {
         check_scalar("gain_e_per_adu", self.gain_e_per_adu, 0.0, INF, true)?;
         check_scalar("black_level_adu", self.black_level_adu, 0.0, INF, false)?;
         if !(1..=24).contains(&self.bit_depth) {
-            return Err(cfg_err(format!(
-                "bit_depth must be between 1 and 24, got {}",
-                self.bit_depth
-            )));
+            return Err(cfg_err(format!("bit_depth must be between 1 and 24, got {}", self.bit_depth)));
         }
         check_scalar("phase_noise_rad", self.phase_noise_rad, 0.0, INF, false)?;
-        check_scalar(
-            "phase_background_rad",
-            self.phase_background_rad,
-            0.0,
-            INF,
-            false,
-        )?;
+        check_scalar("phase_background_rad", self.phase_background_rad, 0.0, INF, false)?;
         Ok(())
     }
 
@@ -685,9 +618,7 @@ pub(crate) fn gaussian_blur(src: &[f64], h: usize, w: usize, sigma: f64) -> Vec<
         return src.to_vec();
     }
     let r = (3.5 * sigma).ceil().max(1.0) as isize;
-    let mut k: Vec<f64> = (-r..=r)
-        .map(|i| pexp(-((i * i) as f64) / (2.0 * sigma * sigma)))
-        .collect();
+    let mut k: Vec<f64> = (-r..=r).map(|i| pexp(-((i * i) as f64) / (2.0 * sigma * sigma))).collect();
     let sum: f64 = k.iter().sum();
     k.iter_mut().for_each(|v| *v /= sum);
     // Horizontal pass.
@@ -840,9 +771,7 @@ impl Cell {
         let rn = rng.range(cfg.nucleus_diameter_frac) * r_eq;
         let sqn = rng.between(1.0, 1.4).sqrt();
         let (mut nuc_a, mut nuc_b) = (rn * sqn, rn / sqn);
-        let fit = 1.0_f64
-            .min(0.6 * a * rho_body / nuc_a.max(1e-9))
-            .min(0.65 * b * rho_body / nuc_b.max(1e-9));
+        let fit = 1.0_f64.min(0.6 * a * rho_body / nuc_a.max(1e-9)).min(0.65 * b * rho_body / nuc_b.max(1e-9));
         nuc_a *= fit;
         nuc_b *= fit;
         let nuc_u = rng.between(-1.0, 1.0) * 0.35 * (a * rho_body - nuc_a).max(0.0);
@@ -982,10 +911,7 @@ fn place_cells(cfg: &SsqpmConfig, conf: Confluence, rng: &mut Rng) -> (Vec<Cell>
     let fov_h = h as f64;
 
     for _ in 0..MAX_PROPOSALS {
-        if covered as f64 >= target * npx as f64
-            || rasterized >= MAX_RASTERIZED
-            || cells.len() >= 60_000
-        {
+        if covered as f64 >= target * npx as f64 || rasterized >= MAX_RASTERIZED || cells.len() >= 60_000 {
             break;
         }
         let r_eq_um = 0.5 * rng.range(cfg.cell_diameter_um);
@@ -1045,9 +971,10 @@ fn place_cells(cfg: &SsqpmConfig, conf: Confluence, rng: &mut Rng) -> (Vec<Cell>
         if (covered + fresh) as f64 > band[1] * npx as f64 {
             continue;
         }
-        let hurts = stolen.iter().enumerate().any(|(j, &s)| {
-            s > 0 && ((own_count[j] - s) as f64) < MIN_OWN_FRACTION * shape_count[j] as f64
-        });
+        let hurts = stolen
+            .iter()
+            .enumerate()
+            .any(|(j, &s)| s > 0 && ((own_count[j] - s) as f64) < MIN_OWN_FRACTION * shape_count[j] as f64);
         if hurts {
             continue;
         }
@@ -1237,21 +1164,12 @@ pub fn simulate(cfg: &SsqpmConfig, seed: u64) -> Result<SsqpmSample> {
             let (xm, xp) = (x.saturating_sub(1), (x + 1).min(w - 1));
             let p = y * w + x;
             let c0 = phi[p];
-            let (l, r, u, d) = (
-                phi[y * w + xm],
-                phi[y * w + xp],
-                phi[ym * w + x],
-                phi[yp * w + x],
-            );
+            let (l, r, u, d) = (phi[y * w + xm], phi[y * w + xp], phi[ym * w + x], phi[yp * w + x]);
             let gx = (r - l) / (2.0 * px_um);
             let gy = (d - u) / (2.0 * px_um);
             let lap = (l + r + u + d - 4.0 * c0) / (px_um * px_um);
             let g2 = gx * gx + gy * gy;
-            let trans = if g2 == 0.0 {
-                1.0
-            } else {
-                pexp(-cfg.edge_scattering_um2 * g2)
-            };
+            let trans = if g2 == 0.0 { 1.0 } else { pexp(-cfg.edge_scattering_um2 * g2) };
             let s0 = trans * (1.0 - tie * lap).clamp(0.05, 3.0);
             let (a, b) = (ext * s1n[p], ext * s2n[p]);
             chans[0][p] = 0.5 * s0 * (1.0 + a);
@@ -1275,12 +1193,8 @@ pub fn simulate(cfg: &SsqpmConfig, seed: u64) -> Result<SsqpmSample> {
             [1.0 + s * ill.normal(), s * ill.normal(), s * ill.normal()]
         })
         .collect();
-    let bg_coef = [
-        ill.between(-1.0, 1.0),
-        ill.between(-1.0, 1.0),
-        0.5 * ill.between(-1.0, 1.0),
-        0.5 * ill.between(-1.0, 1.0),
-    ];
+    let bg_coef =
+        [ill.between(-1.0, 1.0), ill.between(-1.0, 1.0), 0.5 * ill.between(-1.0, 1.0), 0.5 * ill.between(-1.0, 1.0)];
     let r2max = xc * xc + yc * yc;
     let mut base = vec![0.0; npx];
     let mut xs = vec![0.0; npx];
@@ -1321,9 +1235,7 @@ pub fn simulate(cfg: &SsqpmConfig, seed: u64) -> Result<SsqpmSample> {
             } else {
                 mean_e
             };
-            let adu = (electrons / cfg.gain_e_per_adu + cfg.black_level_adu)
-                .round()
-                .clamp(0.0, max_adu);
+            let adu = (electrons / cfg.gain_e_per_adu + cfg.black_level_adu).round().clamp(0.0, max_adu);
             data.push(adu as f32);
         }
     }
@@ -1339,11 +1251,7 @@ pub fn simulate(cfg: &SsqpmConfig, seed: u64) -> Result<SsqpmSample> {
     let bg_mean = bg.iter().sum::<f64>() / npx as f64;
     let mut ph = Rng::new(seed, STREAM_PHASE);
     for p in 0..npx {
-        let noise = if cfg.phase_noise_rad > 0.0 {
-            cfg.phase_noise_rad * ph.normal()
-        } else {
-            0.0
-        };
+        let noise = if cfg.phase_noise_rad > 0.0 { cfg.phase_noise_rad * ph.normal() } else { 0.0 };
         let v = phi_b[p] + cfg.phase_background_rad * (bg[p] - bg_mean) + noise;
         data.push(v as f32);
     }
@@ -1363,22 +1271,12 @@ pub fn simulate(cfg: &SsqpmConfig, seed: u64) -> Result<SsqpmSample> {
             remap[i] = next;
         }
     }
-    let inst: Vec<u16> = lab
-        .best
-        .iter()
-        .map(|&l| if l == NONE { 0 } else { remap[l as usize] })
-        .collect();
-    let instances =
-        Array2::from_shape_vec((h, w), inst).map_err(|e| Error::Shape(e.to_string()))?;
+    let inst: Vec<u16> = lab.best.iter().map(|&l| if l == NONE { 0 } else { remap[l as usize] }).collect();
+    let instances = Array2::from_shape_vec((h, w), inst).map_err(|e| Error::Shape(e.to_string()))?;
     let mask: Mask = instances.mapv(|v| u8::from(v != 0));
     let data = Array3::from_shape_vec((5, h, w), data).map_err(|e| Error::Shape(e.to_string()))?;
     let image = Image::with_names(data, CHANNEL_NAMES.iter().map(|s| s.to_string()).collect())?;
-    Ok(SsqpmSample {
-        image,
-        mask,
-        instances,
-        confluence: conf,
-    })
+    Ok(SsqpmSample { image, mask, instances, confluence: conf })
 }
 
 // ---------------------------------------------------------------------------------
@@ -1443,10 +1341,7 @@ pub fn write_dataset(
     cfg.validate()?;
     let mut names = [Vec::new(), Vec::new()];
     let mut records = [Vec::new(), Vec::new()];
-    for (si, (split, n)) in [("train", n_train), ("test", n_test)]
-        .into_iter()
-        .enumerate()
-    {
+    for (si, (split, n)) in [("train", n_train), ("test", n_test)].into_iter().enumerate() {
         let img_dir = dir.join(split).join("images");
         let mask_dir = dir.join(split).join("masks");
         let inst_dir = dir.join(split).join("instances");
@@ -1463,10 +1358,7 @@ pub fn write_dataset(
             let name = format!("ssqpm_{i:04}");
             crate::io::tiff::write_image_f32(&img_dir.join(format!("{name}.tif")), &sample.image)?;
             crate::io::tiff::write_mask_u8(&mask_dir.join(format!("{name}.tif")), &sample.mask)?;
-            crate::io::tiff::write_mask_u16(
-                &inst_dir.join(format!("{name}.tif")),
-                &sample.instances,
-            )?;
+            crate::io::tiff::write_mask_u16(&inst_dir.join(format!("{name}.tif")), &sample.instances)?;
             records[si].push(SampleRecord {
                 name: name.clone(),
                 seed: s,
@@ -1487,10 +1379,7 @@ pub fn write_dataset(
         channel_names: CHANNEL_NAMES,
         train: train.clone(),
         test: test.clone(),
-        samples: SplitRecords {
-            train: rec_train,
-            test: rec_test,
-        },
+        samples: SplitRecords { train: rec_train, test: rec_test },
     };
     let json = serde_json::to_string_pretty(&record)
         .map_err(|e| Error::InvalidArgument(format!("cannot serialize simulation.json: {e}")))?;
@@ -1510,22 +1399,13 @@ mod tests {
             let e = pmath::exp(x);
             assert!(((e - x.exp()) / x.exp()).abs() < 1e-14, "exp({x})");
             let (s, c) = pmath::sin_cos(x);
-            assert!(
-                (s - x.sin()).abs() < 1e-14 && (c - x.cos()).abs() < 1e-14,
-                "sin_cos({x})"
-            );
+            assert!((s - x.sin()).abs() < 1e-14 && (c - x.cos()).abs() < 1e-14, "sin_cos({x})");
             let a = x.abs() + 1e-3;
-            assert!(
-                (pmath::ln(a) - a.ln()).abs() < 1e-14 * a.ln().abs().max(1.0),
-                "ln({a})"
-            );
+            assert!((pmath::ln(a) - a.ln()).abs() < 1e-14 * a.ln().abs().max(1.0), "ln({a})");
             x += 0.01731;
         }
         for &a in &[1e-300, 1e-310, 0.5, 1.0, 2.0, 1e300] {
-            assert!(
-                (pmath::ln(a) - f64::ln(a)).abs() < 1e-12 * f64::ln(a).abs().max(1.0),
-                "ln({a})"
-            );
+            assert!((pmath::ln(a) - f64::ln(a)).abs() < 1e-12 * f64::ln(a).abs().max(1.0), "ln({a})");
         }
         assert_eq!(pmath::ln(1.0), 0.0);
     }
@@ -1562,14 +1442,8 @@ mod tests {
             let v: Vec<f64> = (0..n).map(|_| rng.poisson_small(lam)).collect();
             let mean = v.iter().sum::<f64>() / n as f64;
             let var = v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n as f64;
-            assert!(
-                (mean - lam).abs() < 0.03 * lam.max(1.0),
-                "mean {mean} for {lam}"
-            );
-            assert!(
-                (var - lam).abs() < 0.05 * lam.max(1.0),
-                "variance {var} for {lam}"
-            );
+            assert!((mean - lam).abs() < 0.03 * lam.max(1.0), "mean {mean} for {lam}");
+            assert!((var - lam).abs() < 0.05 * lam.max(1.0), "variance {var} for {lam}");
         }
     }
 }

@@ -15,6 +15,7 @@ pub fn tiny_nnunet(dir: &Path, size: usize, n_train: usize, n_test: usize, seed:
     cfg.val_fraction = 0.0;
     cfg.epochs = 1;
     cfg.iterations_per_epoch = 2;
-    lumos::engine::train::train(&cfg, &data.join("train"), &model, &mut lumos::engine::progress::Monitor::none()).unwrap();
+    lumos::engine::train::train(&cfg, &data.join("train"), &model, &mut lumos::engine::progress::Monitor::none())
+        .unwrap();
     (model, data.join("test").join("images"))
 }

@@ -3,7 +3,7 @@
 //! simulated data with one budget and writes the report of `docs/results/<method>/`.
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
+use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 
@@ -189,7 +189,10 @@ fn compare(a: CompareArgs) -> Result<()> {
     let (_, base) = opts.preset.recipe();
     let n_runs = lumos_experiments::dmqpm::variants(opts.set, &base).len() * opts.seeds.len();
     let bar = ProgressBar::new(n_runs as u64);
-    bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} runs  {msg}").expect("template"));
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} runs  {msg}")
+            .expect("template"),
+    );
     let b = bar.clone();
     let mut on_progress = move |p: &Progress| {
         if p.stage == Stage::Training {
@@ -198,17 +201,32 @@ fn compare(a: CompareArgs) -> Result<()> {
     };
     let mut mon = Monitor { progress: Some(&mut on_progress), cancel: None };
     let report = lumos_experiments::dmqpm::run(&opts, &mut mon, |r| {
-        say(&bar, format!(
-            "{:<40} seed {}  Dice {:.4}  IoU {:.4}  ({} parameters, {:.0} s)",
-            r.variant, r.seed, r.mean_dice, r.mean_iou, r.parameters, r.train_seconds
-        ));
+        say(
+            &bar,
+            format!(
+                "{:<40} seed {}  Dice {:.4}  IoU {:.4}  ({} parameters, {:.0} s)",
+                r.variant, r.seed, r.mean_dice, r.mean_iou, r.parameters, r.train_seconds
+            ),
+        );
         bar.inc(1);
     })?;
     bar.finish_and_clear();
     let mut t = Table::new();
-    t.load_preset(UTF8_FULL_CONDENSED).set_header(["variant", "parameters", "Dice (pooled)", "IoU (pooled)", "Dice over seeds"]);
+    t.load_preset(UTF8_FULL_CONDENSED).set_header([
+        "variant",
+        "parameters",
+        "Dice (pooled)",
+        "IoU (pooled)",
+        "Dice over seeds",
+    ]);
     for v in &report.summary {
-        t.add_row([v.variant.clone(), v.parameters.to_string(), v.dice.to_string(), v.iou.to_string(), v.dice_seed_means.to_string()]);
+        t.add_row([
+            v.variant.clone(),
+            v.parameters.to_string(),
+            v.dice.to_string(),
+            v.iou.to_string(),
+            v.dice_seed_means.to_string(),
+        ]);
     }
     println!("{t}");
     report.write(&a.out)?;
@@ -228,19 +246,24 @@ fn diff_compare(a: DiffCompareArgs) -> Result<()> {
     };
     let command = command_line();
     let bar = ProgressBar::new((19 * opts.seeds.len()) as u64);
-    bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} rows").expect("template"));
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} rows").expect("template"),
+    );
     let report = lumos_experiments::pgdiff::run(&opts, &command, |r| {
-        say(&bar, format!(
-            "{:<26} seed {}  mIoU {:.3}  F1 {:.3}  noise SSIM {:.3}  KLD {:.4}  ({} evaluations, {:.3} s/tile)",
-            r.row,
-            r.seed,
-            metrics::mean(&r.miou),
-            metrics::mean(&r.f1),
-            metrics::mean(&r.noise_ssim),
-            metrics::mean(&r.noise_kld),
-            r.evaluations,
-            r.seconds_per_tile
-        ));
+        say(
+            &bar,
+            format!(
+                "{:<26} seed {}  mIoU {:.3}  F1 {:.3}  noise SSIM {:.3}  KLD {:.4}  ({} evaluations, {:.3} s/tile)",
+                r.row,
+                r.seed,
+                metrics::mean(&r.miou),
+                metrics::mean(&r.f1),
+                metrics::mean(&r.noise_ssim),
+                metrics::mean(&r.noise_kld),
+                r.evaluations,
+                r.seconds_per_tile
+            ),
+        );
         bar.inc(1);
     })?;
     bar.finish_and_clear();
@@ -264,13 +287,27 @@ fn split_compare(a: SplitCompareArgs) -> Result<()> {
     };
     let command = command_line();
     let bar = ProgressBar::new((4 * 2 * opts.seeds.len()) as u64);
-    bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} evaluations").expect("template"));
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} evaluations")
+            .expect("template"),
+    );
     let report = lumos_experiments::musplit::run(&opts, &command, |r| {
         let m = |v: &Vec<Vec<f64>>, c: usize| metrics::mean(&v.iter().map(|f| f[c]).collect::<Vec<_>>());
-        say(&bar, format!(
-            "{:<20} {:<6} seed {}  PSNR {:.2} / {:.2}  SSIM {:.3} / {:.3}  ({} parameters, trained in {:.0} s)",
-            r.model, r.tiling, r.seed, m(&r.psnr, 0), m(&r.psnr, 1), m(&r.ssim, 0), m(&r.ssim, 1), r.parameters, r.train_seconds
-        ));
+        say(
+            &bar,
+            format!(
+                "{:<20} {:<6} seed {}  PSNR {:.2} / {:.2}  SSIM {:.3} / {:.3}  ({} parameters, trained in {:.0} s)",
+                r.model,
+                r.tiling,
+                r.seed,
+                m(&r.psnr, 0),
+                m(&r.psnr, 1),
+                m(&r.ssim, 0),
+                m(&r.ssim, 1),
+                r.parameters,
+                r.train_seconds
+            ),
+        );
         bar.inc(1);
     })?;
     bar.finish_and_clear();

@@ -1,36 +1,41 @@
-//! The one training loop (every model kind trains through it).
+//! The one training loop: every model kind trains through [`train`].
 //!
 //! Order of work: the config and seed are written next to the output first
 //! (`OUTPUT.train.json`); the data are loaded, split and normalized; each epoch runs
-//! `iterations_per_epoch` SGD steps on augmented random patches, validates, and writes a
-//! checkpoint atomically. Each epoch seeds its own RNGs from (seed, epoch), so a run
-//! resumed from a checkpoint continues exactly as the uninterrupted run would have.
-//! Cancellation (from any thread) stops at the next iteration; the last checkpoint stays.
+//! `iterations_per_epoch` optimizer steps on batches from the kind's [`Sampler`],
+//! validates, and writes a checkpoint atomically. Each epoch seeds its own RNGs from
+//! (seed, epoch), so a run resumed from a checkpoint continues exactly as the uninterrupted
+//! run would have. Cancellation (from any thread) stops at the next iteration; the last
+//! checkpoint stays.
+//!
+//! What differs between the kinds (their data, sampling, loss, optimizers, validation and
+//! learning-rate schedule) sits in each method's folder behind [`TrainingData`] and
+//! [`KindTrainer`]; [`crate::methods`] maps a kind to its [`Method`](crate::engine::method::Method).
+
+pub mod optim;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
-use crate::nnunet::augment::{augment_batch, AugmentConfig};
-use crate::engine::dataset::{load_folder, Sample};
+use crate::dmqpm::net::DmQpmConfig;
+use crate::engine::dataset::Sample;
 use crate::engine::device::{device_name, parse_device};
-use crate::error::{Error, Result};
-use crate::image::{array3_to_tensor, mask_to_tensor, Image};
 use crate::engine::metrics;
 use crate::engine::model::{EpochRecord, Model, ModelKind, ModelMeta, SegmentOptions};
-use crate::nnunet::loss::deep_supervision_loss;
-use crate::dmqpm::net::DmQpmConfig;
-use crate::pgdiff::PgDiffConfig;
-use crate::musplit::net::MuSplitConfig;
-use crate::nnunet::net::UnetConfig;
 use crate::engine::normalize::{NormMethod, Normalizer};
 use crate::engine::progress::{Monitor, Progress, Stage};
 use crate::engine::weights;
+use crate::error::{Error, Result};
+use crate::musplit::net::MuSplitConfig;
+use crate::nnunet::augment::AugmentConfig;
+use crate::nnunet::net::UnetConfig;
+use crate::pgdiff::PgDiffConfig;
 
 /// Everything that defines a training run (JSON; unknown fields are rejected).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -118,42 +123,22 @@ impl Default for TrainConfig {
 
 impl TrainConfig {
     pub fn from_json(s: &str) -> Result<Self> {
-        let c: TrainConfig = serde_json::from_str(s).map_err(|e| Error::Config(format!("training config JSON: {e}")))?;
+        let c: TrainConfig =
+            serde_json::from_str(s).map_err(|e| Error::Config(format!("training config JSON: {e}")))?;
         c.validate()?;
         Ok(c)
     }
 
     pub fn validate(&self) -> Result<()> {
-        let kind = ModelKind::parse(&self.kind)?;
-        match kind {
-            ModelKind::Unet => self.unet.validate()?,
-            ModelKind::Dmqpm => self.dmqpm.validate()?,
-            ModelKind::Pgdiff => {
-                self.pgdiff.validate()?;
-                if self.patch_size[0] != self.patch_size[1] {
-                    return Err(Error::Config(format!("patch_size {:?}: a pgdiff model trains on square tiles", self.patch_size)));
-                }
-            }
-            ModelKind::Musplit => {
-                self.musplit.validate()?;
-                if self.patch_size[0] != self.patch_size[1] {
-                    return Err(Error::Config(format!(
-                        "patch_size {:?}: a musplit model trains on square patches",
-                        self.patch_size
-                    )));
-                }
-            }
-        }
-        let pos = |v: usize, n: &str| if v == 0 { Err(Error::Config(format!("{n} must be >= 1"))) } else { Ok(()) };
+        let method = crate::methods::method(ModelKind::parse(&self.kind)?);
+        method.check_config(self)?;
+        let pos = |v: usize, n: &str| {
+            if v == 0 { Err(Error::Config(format!("{n} must be >= 1"))) } else { Ok(()) }
+        };
         pos(self.epochs, "epochs")?;
         pos(self.iterations_per_epoch, "iterations_per_epoch")?;
         pos(self.batch_size, "batch_size")?;
-        let d = match kind {
-            ModelKind::Unet => self.unet.divisor(),
-            ModelKind::Dmqpm => self.dmqpm.divisor(),
-            ModelKind::Musplit => self.musplit.divisor(),
-            ModelKind::Pgdiff => self.pgdiff.divisor(),
-        };
+        let d = method.patch_divisor(self);
         if self.patch_size.iter().any(|&p| p == 0 || p % d != 0) {
             return Err(Error::Config(format!(
                 "patch_size {:?} must be positive multiples of {d} (2^(n_stages-1))",
@@ -188,7 +173,10 @@ impl TrainConfig {
 pub(crate) fn check_output_paths(output: &Path, checkpoint: &Path) -> Result<()> {
     for (what, p) in [("output model", output), ("checkpoint", checkpoint)] {
         if p.is_dir() {
-            return Err(Error::InvalidArgument(format!("the {what} path '{}' is a directory; expected a file path", p.display())));
+            return Err(Error::InvalidArgument(format!(
+                "the {what} path '{}' is a directory; expected a file path",
+                p.display()
+            )));
         }
         if p.file_name().is_none() {
             return Err(Error::InvalidArgument(format!("the {what} path '{}' names no file", p.display())));
@@ -222,168 +210,25 @@ pub struct TrainOutcome {
     pub history: Vec<EpochRecord>,
 }
 
-/// Training state stored in a checkpoint's `lumos.checkpoint` metadata.
+/// The training state stored in a checkpoint's `lumos.checkpoint` metadata, one format
+/// for every kind: where the run is, its config and history, and what the kind's loop
+/// keeps between epochs (`state`, e.g. muSplit's plateau schedule), flattened into the
+/// same JSON object. The optimizers' tensors sit next to the weights
+/// ([`optim`]'s names).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct CheckpointState {
-    epochs_completed: usize,
-    config: TrainConfig,
-    history: Vec<EpochRecord>,
+pub struct Checkpoint {
+    pub epochs_completed: usize,
+    pub config: TrainConfig,
+    pub history: Vec<EpochRecord>,
+    #[serde(flatten)]
+    pub state: serde_json::Map<String, serde_json::Value>,
 }
 
 pub(crate) const CHECKPOINT_KEY: &str = "lumos.checkpoint";
 
 pub(crate) fn per_epoch_seed(seed: u64, epoch: usize) -> u64 {
-    seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add((epoch as u64).wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(1))
-}
-
-/// DM-QPMNet's per-modality normalization for ssQPM data (any dmqpm model, or five
-/// channels named as the simulator names them); per-image z-score otherwise.
-fn default_normalization(kind: ModelKind, channel_names: &[String]) -> Vec<NormMethod> {
-    let ssqpm = crate::dmqpm::net::SSQPM_CHANNELS;
-    let named = channel_names.len() == 5 && channel_names.iter().zip(ssqpm).all(|(a, b)| a.eq_ignore_ascii_case(b));
-    if named || (kind == ModelKind::Dmqpm && channel_names.len() == 5) {
-        let mut v = vec![NormMethod::DatasetZscore; 4];
-        v.push(NormMethod::RobustQuantile { q_low: 0.005, q_high: 0.995 });
-        v
-    } else {
-        vec![NormMethod::PerImageZscore]
-    }
-}
-
-/// In-memory training data on the device: normalized images and masks, padded to at
-/// least one patch, with the foreground pixel positions of each image.
-struct TrainSet {
-    images: Vec<Tensor>,
-    masks: Vec<Tensor>,
-    foreground: Vec<Vec<(usize, usize)>>,
-    sizes: Vec<(usize, usize)>,
-}
-
-impl TrainSet {
-    fn new(samples: &[&Sample], norm: &Normalizer, patch: [usize; 2], device: Device) -> Result<Self> {
-        let mut s = TrainSet { images: vec![], masks: vec![], foreground: vec![], sizes: vec![] };
-        for smp in samples {
-            let img = norm.apply_image(&smp.image)?;
-            let (h, w) = smp.mask.dim();
-            let (ph, pw) = (patch[0].saturating_sub(h) as i64, patch[1].saturating_sub(w) as i64);
-            let t = array3_to_tensor(img.data.view(), device).constant_pad_nd([0, pw, 0, ph]);
-            let m = mask_to_tensor(&smp.mask, device).constant_pad_nd([0, pw, 0, ph]);
-            s.foreground.push(smp.mask.indexed_iter().filter(|(_, v)| **v > 0).map(|(i, _)| i).collect());
-            s.sizes.push((h.max(patch[0]), w.max(patch[1])));
-            s.images.push(t);
-            s.masks.push(m);
-        }
-        Ok(s)
-    }
-
-    /// A batch `(B, C, ph, pw)`, `(B, ph, pw)`; the last `fg_fraction` of it is centred
-    /// on foreground pixels (nnU-Net's oversampling).
-    fn batch(&self, rng: &mut ChaCha8Rng, b: usize, patch: [usize; 2], fg_fraction: f64) -> (Tensor, Tensor) {
-        let n_fg = (b as f64 * fg_fraction).round() as usize;
-        let (mut xs, mut ms) = (Vec::with_capacity(b), Vec::with_capacity(b));
-        for k in 0..b {
-            let i = rng.random_range(0..self.images.len());
-            let (h, w) = self.sizes[i];
-            let (y, x) = if k >= b - n_fg && !self.foreground[i].is_empty() {
-                let (cy, cx) = self.foreground[i][rng.random_range(0..self.foreground[i].len())];
-                (
-                    cy.saturating_sub(patch[0] / 2).min(h - patch[0]),
-                    cx.saturating_sub(patch[1] / 2).min(w - patch[1]),
-                )
-            } else {
-                (rng.random_range(0..=h - patch[0]), rng.random_range(0..=w - patch[1]))
-            };
-            let crop = |t: &Tensor, d0: i64| t.narrow(d0, y as i64, patch[0] as i64).narrow(d0 + 1, x as i64, patch[1] as i64);
-            xs.push(crop(&self.images[i], 1).unsqueeze(0));
-            ms.push(crop(&self.masks[i], 0).unsqueeze(0));
-        }
-        (Tensor::cat(&xs, 0), Tensor::cat(&ms, 0))
-    }
-}
-
-/// SGD with Nesterov momentum and decoupled-from-nothing (PyTorch-style) weight decay;
-/// written out so that its momentum buffers can be checkpointed and restored.
-struct Sgd {
-    params: Vec<(String, Tensor)>,
-    momentum_buffers: HashMap<String, Tensor>,
-    momentum: f64,
-    weight_decay: f64,
-}
-
-impl Sgd {
-    fn new(vs: &tch::nn::VarStore, momentum: f64, weight_decay: f64) -> Self {
-        let mut params: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
-        params.sort_by(|a, b| a.0.cmp(&b.0));
-        Sgd { params, momentum_buffers: HashMap::new(), momentum, weight_decay }
-    }
-    /// Drops the gradients (the next backward pass writes fresh ones).
-    fn zero_grad(&mut self) -> Result<()> {
-        crate::backend::optim::drop_grads(self.params.iter().map(|(_, p)| p))
-    }
-    /// Clips the global gradient norm to `max_norm` (`<= 0`: no clipping), then one step
-    /// of libtorch's fused SGD over every parameter with a gradient. Returns the norm
-    /// before clipping.
-    fn clip_and_step(&mut self, max_norm: f64, lr: f64) -> Result<f64> {
-        let (ps, gs, bufs) = crate::backend::optim::gather(&self.params, &mut [&mut self.momentum_buffers]);
-        let norm = crate::backend::optim::clip_grad_norm_(&gs, max_norm)?;
-        crate::backend::optim::sgd_(&ps, &gs, &bufs[0], lr, self.momentum, self.weight_decay, true)?;
-        Ok(norm)
-    }
-    fn state(&self) -> Vec<(String, Tensor)> {
-        let mut v: Vec<_> = self.momentum_buffers.iter().map(|(n, t)| (format!("optimizer.momentum.{n}"), t.shallow_clone())).collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v
-    }
-    fn load_state(&mut self, tensors: &std::collections::BTreeMap<String, Tensor>, device: Device) {
-        for (n, t) in tensors {
-            if let Some(name) = n.strip_prefix("optimizer.momentum.") {
-                self.momentum_buffers.insert(name.to_string(), t.to_device(device));
-            }
-        }
-    }
-}
-
-/// One optimization step of the segmentation trainer (kinds `unet` and `dmqpm`), exactly
-/// as [`train`] runs it for every iteration: the forward pass (with deep supervision when
-/// the config asks for it), nnU-Net's loss (`deep_supervision_loss`: CE + soft Dice), the
-/// backward pass, gradient-norm clipping at `grad_clip`, and one step of the SGD Nesterov
-/// optimizer (`momentum`, `weight_decay`) at the given learning rate. The optimizer's
-/// momentum buffers live here. [`train`] drives it; `benches/compare.rs` times it on a
-/// fixed batch.
-pub struct SegmentationStep {
-    sgd: Sgd,
-    deep_supervision: bool,
-    grad_clip: f64,
-}
-
-impl SegmentationStep {
-    /// A fresh optimizer over the model's trainable variables, with `cfg`'s `momentum`,
-    /// `weight_decay`, `grad_clip` and `deep_supervision`.
-    pub fn new(model: &Model, cfg: &TrainConfig) -> Self {
-        SegmentationStep {
-            sgd: Sgd::new(&model.lock().vs, cfg.momentum, cfg.weight_decay),
-            deep_supervision: cfg.deep_supervision,
-            grad_clip: cfg.grad_clip,
-        }
-    }
-
-    /// One step on a batch: normalized images `x` `(N, C, H, W)` and labels `y` `(N, H, W)`
-    /// (int64), on the model's device, at learning rate `lr`. Returns the loss before the
-    /// update (reading it waits for the device).
-    pub fn step(&mut self, model: &Model, x: &Tensor, y: &Tensor, lr: f64) -> Result<f64> {
-        let loss = crate::backend::onednn::train_step(|| {
-            let loss = {
-                let inner = model.lock();
-                let outs = inner.net.forward(x, self.deep_supervision)?;
-                deep_supervision_loss(&outs, y)
-            };
-            self.sgd.zero_grad()?;
-            loss.f_backward()?;
-            Ok(loss)
-        })?;
-        self.sgd.clip_and_step(self.grad_clip, lr)?;
-        Ok(loss.double_value(&[]))
-    }
+    seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add((epoch as u64).wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(1))
 }
 
 /// Mean foreground Dice of `model` on raw (unnormalized) samples.
@@ -393,7 +238,11 @@ pub fn evaluate_samples(model: &Model, samples: &[&Sample]) -> Result<Vec<metric
 
 /// [`evaluate_samples`], stopped by `monitor`'s cancel token (checked tile by tile; its
 /// progress callback is not called): a cancelled training does not wait for validation.
-pub fn evaluate_samples_with(model: &Model, samples: &[&Sample], monitor: &Monitor) -> Result<Vec<metrics::ImageScores>> {
+pub fn evaluate_samples_with(
+    model: &Model,
+    samples: &[&Sample],
+    monitor: &Monitor,
+) -> Result<Vec<metrics::ImageScores>> {
     let mut cancel_only = monitor.cancel_only();
     samples
         .iter()
@@ -408,17 +257,98 @@ pub(crate) fn now_unix() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
+/// Where a kind's training batches come from: random crops of the training data on the
+/// device, with the kind's augmentation, drawn from `rng` only (so that a resumed run draws
+/// what the uninterrupted one would have).
+pub trait Sampler {
+    /// One batch `(inputs, targets)` of `batch_size` samples, normalized, on the device.
+    fn batch(&self, rng: &mut ChaCha8Rng, batch_size: usize) -> (Tensor, Tensor);
+}
+
+/// A kind's training folder, loaded and split into training and validation images
+/// ([`Method::load`](crate::engine::method::Method::load)).
+pub trait TrainingData {
+    /// The names of the training and the validation images (recorded with the run).
+    fn names(&self) -> (Vec<String>, Vec<String>);
+    /// The new model's metadata: its architecture, channels, classes and the
+    /// normalization fitted on the training images.
+    fn model_meta(&mut self, cfg: &TrainConfig) -> Result<ModelMeta>;
+    /// The kind's side of the loop for `model` (built from [`model_meta`](Self::model_meta)):
+    /// the training data on the model's device, the optimizers and the schedule.
+    fn trainer(self: Box<Self>, model: &Model, cfg: &TrainConfig) -> Result<Box<dyn KindTrainer>>;
+}
+
+/// One epoch's validation.
+#[derive(Debug, Clone, Copy)]
+pub struct Validation {
+    /// Mean foreground Dice (NaN where not measured).
+    pub dice: f64,
+    /// Mean PSNR in dB, where the kind measures it.
+    pub psnr: Option<f64>,
+}
+
+impl Validation {
+    /// Nothing measured (no validation images).
+    pub const NONE: Validation = Validation { dice: f64::NAN, psnr: None };
+    /// The number progress reports: the PSNR where measured, else the Dice.
+    pub fn metric(&self) -> f64 {
+        self.psnr.unwrap_or(self.dice)
+    }
+}
+
+/// What a model kind does inside the loop. [`train`] calls, per epoch: `begin_epoch`, then
+/// for each iteration `sampler().batch` and `step`, then `validate`, `end_epoch`, and
+/// writes a checkpoint with `optimizer_state` and `loop_state`.
+pub trait KindTrainer {
+    /// Epochs of the whole run (PG-DiffSeg: its autoencoder epochs and its diffusion
+    /// epochs).
+    fn epochs(&self, cfg: &TrainConfig) -> usize {
+        cfg.epochs
+    }
+    /// Before the epoch's first step: the learning rate, the training phase.
+    fn begin_epoch(&mut self, _model: &Model, _epoch: usize) -> Result<()> {
+        Ok(())
+    }
+    fn sampler(&self) -> &dyn Sampler;
+    /// One optimizer step on a batch; `seed` (from seed, epoch and iteration) seeds what
+    /// the step draws from libtorch's generator. Returns the loss before the update.
+    fn step(&mut self, model: &Model, x: &Tensor, y: &Tensor, seed: u64) -> Result<f64>;
+    /// The learning rate recorded for the epoch (asked after `end_epoch`).
+    fn learning_rate(&self) -> f64;
+    /// The config setting to lower when the loss diverges.
+    fn learning_rate_setting(&self) -> &'static str;
+    /// Scores the model on the validation images; a cancel stops it.
+    fn validate(&mut self, model: &Model, monitor: &Monitor) -> Result<Validation>;
+    /// After validation: a schedule that follows the validation score.
+    fn end_epoch(&mut self, _v: &Validation) {}
+    /// The optimizers' state, for the checkpoint.
+    fn optimizer_state(&self) -> Vec<(String, Tensor)>;
+    /// What the kind's loop keeps between epochs, for the checkpoint.
+    fn loop_state(&self) -> serde_json::Map<String, serde_json::Value> {
+        serde_json::Map::new()
+    }
+    /// Restores the optimizers and the loop state from a checkpoint.
+    fn resume(
+        &mut self,
+        tensors: &std::collections::BTreeMap<String, Tensor>,
+        ck: &Checkpoint,
+        device: Device,
+    ) -> Result<()>;
+    /// What the name of the input normalization is in messages ("image", "input").
+    fn input_label(&self) -> &'static str {
+        "image"
+    }
+    /// After the last epoch, before the model is written.
+    fn finish(&mut self, _model: &Model) -> Result<()> {
+        Ok(())
+    }
+}
+
 /// Trains a model on `data_dir` and writes it to `output`.
 pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Monitor) -> Result<TrainOutcome> {
     let t0 = Instant::now();
     cfg.validate()?;
-    let kind = ModelKind::parse(&cfg.kind)?;
-    if kind == ModelKind::Musplit {
-        return crate::musplit::train(cfg, data_dir, output, monitor);
-    }
-    if kind == ModelKind::Pgdiff {
-        return crate::pgdiff::train(cfg, data_dir, output, monitor);
-    }
+    let method = crate::methods::method(ModelKind::parse(&cfg.kind)?);
     if output.as_os_str().is_empty() {
         return Err(Error::InvalidArgument("the output model path is empty".into()));
     }
@@ -431,87 +361,54 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
     }
     monitor.emit(Progress::new(Stage::Preparing));
 
-    // the data, split reproducibly by the seed
-    let samples = load_folder(data_dir)?;
-    let (train_idx, val_idx) = crate::engine::dataset::split_indices(samples.len(), cfg.val_fraction, cfg.seed);
-    let train_s: Vec<&Sample> = train_idx.iter().map(|&i| &samples[i]).collect();
-    let val_s: Vec<&Sample> = val_idx.iter().map(|&i| &samples[i]).collect();
-
-    // the run is recorded before any work
-    let run = RunInfo {
-        cfg,
-        data_dir,
-        train_names: train_s.iter().map(|s| s.name.clone()).collect(),
-        val_names: val_s.iter().map(|s| s.name.clone()).collect(),
-        device,
-        t0,
-    };
+    // the data, split reproducibly by the seed; the run is recorded before any work
+    let mut data = method.load(cfg, data_dir)?;
+    let (train_names, val_names) = data.names();
+    let run = RunInfo { cfg, data_dir, train_names, val_names, device, t0 };
     run.write_record(&record_path)?;
-
-    let channel_names = samples[0].image.channel_names.clone();
-    let classes = class_names(cfg, &samples)?;
-    let methods = if cfg.normalization.is_empty() { default_normalization(kind, &channel_names) } else { cfg.normalization.clone() };
-    let normalizer = Normalizer::fit(&methods, &train_s.iter().map(|s| &s.image).collect::<Vec<&Image>>())?;
-    let architecture = match kind {
-        ModelKind::Unet => serde_json::to_value(&cfg.unet).expect("json"),
-        ModelKind::Dmqpm => serde_json::to_value(&cfg.dmqpm).expect("json"),
-        ModelKind::Musplit => unreachable!("musplit trains in split::train"),
-        ModelKind::Pgdiff => unreachable!("pgdiff trains in diffseg::train"),
-    };
-    let meta = ModelMeta::new(kind, architecture, channel_names, classes, cfg.patch_size, normalizer.clone());
-
+    let meta = data.model_meta(cfg)?;
     let mut model = Model::new_seeded(meta, device, Some(cfg.seed))?;
-    let data = TrainSet::new(&train_s, &normalizer, cfg.patch_size, device)?;
+    let mut trainer = data.trainer(&model, cfg)?;
+    let epochs = trainer.epochs(cfg);
 
-    let mut stepper = SegmentationStep::new(&model, cfg);
     let mut start_epoch = 0;
     let mut history: Vec<EpochRecord> = Vec::new();
     if cfg.resume && ckpt_path.is_file() {
-        let file = weights::load(&ckpt_path)?;
-        let st: CheckpointState = serde_json::from_str(
-            file.metadata.get(CHECKPOINT_KEY).ok_or_else(|| {
-                Error::ModelFormat(format!("'{}' is a model file, not a training checkpoint", ckpt_path.display()))
-            })?,
-        )
-        .map_err(|e| Error::ModelFormat(format!("'{}': corrupt checkpoint state ({e})", ckpt_path.display())))?;
+        let (file, st, ck) = read_checkpoint(&ckpt_path, &model)?;
         check_resume_config(&ckpt_path, &st.config, cfg)?;
-        let ck_meta = ModelMeta::from_metadata(&ckpt_path, &file.metadata)?;
-        check_resume_data(&ckpt_path, "image", &ck_meta.normalization, &normalizer)?;
-        if ck_meta.architecture != model.meta.architecture || ck_meta.classes != model.meta.classes || ck_meta.input_channels != model.meta.input_channels {
-            return Err(Error::Config(format!(
-                "checkpoint '{}' was written for another architecture, channels or classes; delete it or set resume = false",
-                ckpt_path.display()
-            )));
+        check_resume_data(&ckpt_path, trainer.input_label(), &ck.normalization, &model.meta.normalization)?;
+        if let (Some(saved), Some(now)) = (&ck.target_normalization, &model.meta.target_normalization) {
+            check_resume_data(&ckpt_path, "target", saved, now)?;
         }
-        weights::copy_into(&model.lock().vs, &file.tensors, &["optimizer."])?;
-        stepper.sgd.load_state(&file.tensors, device);
-        model.meta.normalization = ck_meta.normalization;
+        trainer.resume(&file.tensors, &st, device)?;
+        model.meta.normalization = ck.normalization;
+        model.meta.target_normalization = ck.target_normalization;
         start_epoch = st.epochs_completed;
         history = st.history;
         log::info!("resuming from '{}' after epoch {start_epoch}", ckpt_path.display());
     }
 
-    for epoch in start_epoch..cfg.epochs {
+    for epoch in start_epoch..epochs {
         let te = Instant::now();
-        let lr = cfg.learning_rate * (1.0 - epoch as f64 / cfg.epochs as f64).powf(0.9);
+        trainer.begin_epoch(&model, epoch)?;
         let es = per_epoch_seed(cfg.seed, epoch);
         let mut rng = ChaCha8Rng::seed_from_u64(es);
         let mut loss_sum = 0.0;
         for it in 0..cfg.iterations_per_epoch {
             monitor.check()?;
-            let (x, y) = data.batch(&mut rng, cfg.batch_size, cfg.patch_size, cfg.foreground_oversampling);
-            let (x, y) = augment_batch(&x, &y, &cfg.augmentation, &mut rng);
-            let l = stepper.step(&model, &x, &y, lr)?;
+            let (x, y) = trainer.sampler().batch(&mut rng, cfg.batch_size);
+            let l = trainer.step(&model, &x, &y, per_epoch_seed(es, it))?;
             if !l.is_finite() {
                 return Err(Error::InvalidInput(format!(
-                    "training diverged (loss {l}) at epoch {epoch}, iteration {it}; lower learning_rate"
+                    "training diverged (loss {l}) at epoch {epoch}, iteration {it}; lower {}",
+                    trainer.learning_rate_setting()
                 )));
             }
             loss_sum += l;
             monitor.emit(Progress {
                 stage: Stage::Training,
                 epoch,
-                epochs: cfg.epochs,
+                epochs,
                 iteration: it,
                 iterations: cfg.iterations_per_epoch,
                 loss: l,
@@ -519,42 +416,65 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
             });
         }
         monitor.check()?;
-        let val_dice = if val_s.is_empty() {
-            f64::NAN
-        } else {
-            // a cancel during validation ends the run at once; the last checkpoint (the previous
-            // epoch's) stays
-            metrics::mean(&evaluate_samples_with(&model, &val_s, monitor)?.iter().map(|s| s.mean_fg_dice()).collect::<Vec<_>>())
-        };
+        // a cancel during validation ends the run at once; the last checkpoint (the
+        // previous epoch's) stays
+        let v = trainer.validate(&model, monitor)?;
+        trainer.end_epoch(&v);
         let rec = EpochRecord {
             epoch,
-            learning_rate: lr,
+            learning_rate: trainer.learning_rate(),
             train_loss: loss_sum / cfg.iterations_per_epoch as f64,
-            val_dice,
-            val_psnr: None,
+            val_dice: v.dice,
+            val_psnr: v.psnr,
             seconds: te.elapsed().as_secs_f64(),
         };
         monitor.emit(Progress {
             stage: Stage::Validation,
             epoch,
-            epochs: cfg.epochs,
+            epochs,
             iteration: cfg.iterations_per_epoch,
             iterations: cfg.iterations_per_epoch,
             loss: rec.train_loss,
-            val_metric: val_dice,
+            val_metric: v.metric(),
         });
+        log::info!(
+            "{} epoch {}/{epochs}: loss {:.4}, validation {:.4}, {:.1} s",
+            cfg.kind,
+            epoch + 1,
+            rec.train_loss,
+            v.metric(),
+            rec.seconds
+        );
         history.push(rec);
-        let st = CheckpointState { epochs_completed: epoch + 1, config: cfg.clone(), history: history.clone() };
+        let st = Checkpoint {
+            epochs_completed: epoch + 1,
+            config: cfg.clone(),
+            history: history.clone(),
+            state: trainer.loop_state(),
+        };
         let mut md = HashMap::new();
         md.insert(CHECKPOINT_KEY.to_string(), serde_json::to_string(&st).expect("json"));
         model.meta.provenance = run.provenance(epoch + 1, &history);
-        model.save_with(&ckpt_path, &stepper.sgd.state(), md)?;
-        monitor.emit(Progress { stage: Stage::Checkpoint, epoch, epochs: cfg.epochs, ..Progress::new(Stage::Checkpoint) });
+        model.save_with(&ckpt_path, &trainer.optimizer_state(), md)?;
+        monitor.emit(Progress { stage: Stage::Checkpoint, epoch, epochs, ..Progress::new(Stage::Checkpoint) });
     }
-    model.meta.provenance = run.provenance(cfg.epochs, &history);
+    trainer.finish(&model)?;
+    model.meta.provenance = run.provenance(epochs, &history);
     model.save(output)?;
-    monitor.emit(Progress { stage: Stage::Done, epoch: cfg.epochs, epochs: cfg.epochs, ..Progress::new(Stage::Done) });
+    monitor.emit(Progress { stage: Stage::Done, epoch: epochs, epochs, ..Progress::new(Stage::Done) });
     Ok(TrainOutcome { model, history })
+}
+
+/// Splits `items` into the training and the validation part by `cfg`'s `val_fraction`
+/// and `seed` (the same split for every kind), each in the order the split draws.
+pub fn split_train_val<T>(items: Vec<T>, cfg: &TrainConfig) -> (Vec<T>, Vec<T>) {
+    let (train_idx, val_idx) = crate::engine::dataset::split_indices(items.len(), cfg.val_fraction, cfg.seed);
+    let mut slots: Vec<Option<T>> = items.into_iter().map(Some).collect();
+    let mut take =
+        |idx: Vec<usize>| idx.into_iter().map(|i| slots[i].take().expect("indices are distinct")).collect::<Vec<T>>();
+    let train = take(train_idx);
+    let val = take(val_idx);
+    (train, val)
 }
 
 /// One training run's identity: written as `OUTPUT.train.json` before any work and
@@ -632,11 +552,7 @@ pub(crate) fn check_resume_config(path: &Path, saved: &TrainConfig, now: &TrainC
     }
     let short = |v: Option<&serde_json::Value>| -> String {
         let s = v.map_or_else(|| "absent".to_string(), |v| v.to_string());
-        if s.chars().count() > 80 {
-            format!("{}...", s.chars().take(77).collect::<String>())
-        } else {
-            s
-        }
+        if s.chars().count() > 80 { format!("{}...", s.chars().take(77).collect::<String>()) } else { s }
     };
     let mut keys: Vec<&String> = a.keys().chain(b.keys().filter(|k| !a.contains_key(*k))).collect();
     keys.sort();
@@ -668,16 +584,11 @@ pub(crate) fn check_resume_data(path: &Path, what: &str, saved: &Normalizer, now
     )))
 }
 
-pub(crate) fn read_checkpoint<T: serde::de::DeserializeOwned>(
-    path: &Path,
-    model: &Model,
-) -> Result<(weights::TensorFile, T, ModelMeta)> {
+fn read_checkpoint(path: &Path, model: &Model) -> Result<(weights::TensorFile, Checkpoint, ModelMeta)> {
     let file = weights::load(path)?;
-    let st: T = serde_json::from_str(
-        file.metadata
-            .get(CHECKPOINT_KEY)
-            .ok_or_else(|| Error::ModelFormat(format!("'{}' is a model file, not a training checkpoint", path.display())))?,
-    )
+    let st: Checkpoint = serde_json::from_str(file.metadata.get(CHECKPOINT_KEY).ok_or_else(|| {
+        Error::ModelFormat(format!("'{}' is a model file, not a training checkpoint", path.display()))
+    })?)
     .map_err(|e| Error::ModelFormat(format!("'{}': corrupt checkpoint state ({e})", path.display())))?;
     let ck = ModelMeta::from_metadata(path, &file.metadata)?;
     if ck.kind != model.meta.kind
@@ -731,11 +642,16 @@ pub(crate) fn class_names(cfg: &TrainConfig, samples: &[Sample]) -> Result<Vec<S
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::image::Image;
     use ndarray::{Array2, Array3};
 
     fn sample(labels: Vec<u8>) -> Sample {
         let n = labels.len();
-        Sample { name: "s".into(), image: Image::new(Array3::zeros((1, 1, n))), mask: Array2::from_shape_vec((1, n), labels).unwrap() }
+        Sample {
+            name: "s".into(),
+            image: Image::new(Array3::zeros((1, 1, n))),
+            mask: Array2::from_shape_vec((1, n), labels).unwrap(),
+        }
     }
 
     /// Instance masks (a label per cell) and sparse labels are refused unless the classes
