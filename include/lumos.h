@@ -548,7 +548,7 @@ LumosStatus lumos_tile_options_default(struct LumosTileOptions *out_options);
  *   (frame, normalized frame, class maps) fits in 1 GiB is held on the device whole
  *   (larger ones go by rows of tiles), and frames of 2 MiB or more are copied through
  *   16 MiB of page-locked host memory per device, allocated at the first such call and
- *   kept until the process ends (environment `LUMOS_CUDA_STAGED_COPY=0`: not used).
+ *   kept until the process ends.
  * - `options`: tiling and mirroring; NULL = defaults (`lumos_tile_options_default`).
  * - `cancel`: NULL or a token; cancelling stops at the next tile (CANCELLED).
  * - `out_labels`: caller-owned buffer of `out_len >= height * width` bytes; receives the

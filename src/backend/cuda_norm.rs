@@ -2,9 +2,9 @@
 //!
 //! In eager libtorch an InstanceNorm of a channels-last map is a statistics reduction, a
 //! handful of small kernels for the per-(sample, channel) scale and shift, an affine pass
-//! and a LeakyReLU pass ([`crate::nn::blocks::InstanceNorm::forward_nhwc`]); on an H200 these took
-//! about 3.8 ms of a 9.6 ms DM-QPMNet forward pass of 16 tiles of 256 x 256 (libtorch's
-//! reduction reads a map with few channels poorly). Here it is two kernels: one reads the
+//! and a LeakyReLU pass ([`crate::nn::blocks::InstanceNorm::forward_nhwc`]), a large share of a
+//! DM-QPMNet forward pass on a GPU (libtorch's reduction reads a map with few channels
+//! poorly; docs/engine-notes.md). Here it is two kernels: one reads the
 //! map once and adds per-(sample, channel) sums of the values and of their squares (shifted
 //! by each sample's first pixel, so that the variance does not cancel) into a float32
 //! buffer; one reads it again and writes `leaky((x - mean) / sqrt(var + eps) * w + b)`.
@@ -224,8 +224,7 @@ fn build(ordinal: usize) -> Result<Kernels, String> {
     }
     let ctx = CudaContext::new(ordinal).map_err(|e| format!("CUDA context of device {ordinal}: {e}"))?;
     let (major, minor) = ctx.compute_capability().map_err(|e| format!("compute capability: {e}"))?;
-    // machine code for the device; PTX for the driver to compile where that fails (the path
-    // session 13's GPU runs took)
+    // machine code for the device; PTX for the driver to compile where that fails
     let arch = format!("sm_{major}{minor}");
     // cudarc panics where an NVRTC symbol is missing (an NVRTC without CUBIN output): keep
     // that to this attempt, so that PTX is still tried

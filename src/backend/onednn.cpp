@@ -4,8 +4,7 @@
 //
 // Why: libtorch's CPU convolutions take and return plain NCHW tensors, so each convolution
 // reorders its input to oneDNN's blocked layout and its output back, forward and in both
-// backward passes (about a third of the time of a 32-channel 3x3 convolution at 256 x 256
-// on a 2-core AMD EPYC: benches/results/cpu-notes.md). Kept blocked between layers, the
+// backward passes (a large share of a convolution's time: docs/engine-notes.md). Kept blocked between layers, the
 // activations are dense 5-d tensors (N, C/16, H, W, 16) that autograd carries like any
 // other; libtorch's own oneDNN cannot be called (it is linked statically with hidden
 // symbols), so this file calls a oneDNN 3.x library of its own, loaded with dlopen on first

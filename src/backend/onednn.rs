@@ -3,10 +3,8 @@
 //!
 //! libtorch's CPU convolutions take and return plain NCHW tensors: every convolution of a
 //! training step reorders its input into oneDNN's blocked `nChw16c` layout and its output
-//! back, in the forward pass and again in both backward passes. For a 32-channel 3x3
-//! convolution at 256 x 256, batch 2, that is about a third of its forward + backward time
-//! (2-core AMD EPYC, 2026-11-26: 54.6 ms through libtorch, 35.5 ms for the same three
-//! oneDNN primitives on blocked tensors; benches/results/cpu-notes.md). Here the
+//! back, in the forward pass and again in both backward passes. Those reorders are a large
+//! share of a convolution's time (docs/engine-notes.md). Here the
 //! activations stay blocked from one layer to the next, as dense 5-d tensors
 //! `(N, C/16, H, W, 16)` that autograd carries like any other: convolutions and transposed
 //! convolutions are autograd functions over oneDNN primitives (created once per shape),

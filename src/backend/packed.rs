@@ -2,10 +2,8 @@
 //!
 //! Eager libtorch hands a dense weight to oneDNN on every call, and oneDNN reorders it
 //! into its blocked layout each time; for the deep, wide layers of these networks
-//! (hundreds of channels at 8x8 to 32x32) that reorder is a large share of the call (a
-//! 3x3 conv, 896 channels at 8x8: 7.0 ms NCHW, 4.7 ms channels-last with the packed
-//! weight; measured with PyTorch on the same libtorch 2.11, 2-core AMD EPYC,
-//! 2026-11-26).
+//! (hundreds of channels at 8x8 to 32x32) that reorder is a large share of the call
+//! (docs/engine-notes.md).
 //! Without gradients, on the CPU, a [`Conv2d`] packs its weight once
 //! (`mkldnn_reorder_conv2d_weight`, as `torch.jit.freeze` or torch.compile's CPU backend
 //! do) and calls libtorch's `mkldnn::_convolution_pointwise` with the packed weight. The
@@ -13,8 +11,7 @@
 //! optimizer step, `copy_` or a reload repacks it. Under CPU bfloat16 autocast (bfloat16
 //! inference) the weight is cast to bfloat16 and packed once, and the input is cast to
 //! bfloat16 as autocast's `conv2d` would (every call, with the weight cast and reordered
-//! anew: a 3x3 conv of 512 channels at 8x8, batch 8, 8.8 ms against 5.1 ms packed, measured
-//! with PyTorch on the same libtorch, 2-core AMD EPYC, 2026-11-26); the bias stays float32.
+//! anew); the bias stays float32.
 //! Training (grad mode on), CUDA, other dtypes and `LUMOS_PACKED_CONV=0` take the ordinary
 //! `conv2d`. Any error on the packed path falls back to `conv2d` for good (logged once; a
 //! bfloat16 failure, on CPUs whose oneDNN lacks bfloat16 convolutions, only for bfloat16).

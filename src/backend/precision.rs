@@ -7,10 +7,8 @@
 //! (autocast's cache). Outputs are returned as float32. It changes results at the level of
 //! bfloat16 rounding (8 bits of mantissa): class probabilities move by about 1e-2 at most,
 //! labels only where two classes were nearly tied. On a CPU it pays only where the CPU has
-//! bfloat16 arithmetic (AVX-512 BF16 or AMX): on a 2-core AMD EPYC with AVX-512 BF16
-//! (2026-11-26, docs/benchmarks.md) the nnU-Net-style networks and the LC U-Net ran 1.7 to
-//! 2.1x faster, PG-DiffSeg's diffusion U-Nets 0.9x (slower). On an NVIDIA H200 DM-QPMNet ran
-//! 1.9x faster and the PlainConvUNet 0.9x (docs/benchmarks-cuda.md). Hence opt-in.
+//! bfloat16 arithmetic (AVX-512 BF16 or AMX), and even there not for every network, on the CPU
+//! or the GPU (docs/benchmarks.md, docs/benchmarks-cuda.md). Hence opt-in.
 //!
 //! Training always runs in float32.
 

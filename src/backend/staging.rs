@@ -1,9 +1,8 @@
 //! Host frames to a CUDA device through page-locked staging buffers.
 //!
 //! libtorch copies a tensor from pageable host memory (a caller's frame) through the CUDA
-//! driver's own staging, one thread copying into it: a 5 x 1024 x 1024 float32 frame took
-//! 1.6 ms on the session-13 GPU machines, where the transfer from page-locked memory alone
-//! took 0.84 ms. Here the frame goes through a ring of page-locked slots: libtorch's CPU
+//! driver's own staging, one thread copying into it, about twice the time of the transfer from page-locked
+//! memory alone (docs/engine-notes.md). Here the frame goes through a ring of page-locked slots: libtorch's CPU
 //! thread pool copies a piece of the frame into a slot while the DMA engine transfers the
 //! previous piece, and the host does not wait for the last transfer. The transfers are
 //! queued on the legacy default stream, the stream on which libtorch (through tch) runs

@@ -16,9 +16,8 @@ static ALLOCATOR_TUNED: OnceCell<bool> = OnceCell::new();
 /// `mmap`s, and the heap is trimmed only when 1 GiB at its top is free). libtorch's CPU
 /// allocator is plain `malloc`, and a training step or a batch of tiles frees and
 /// re-allocates the same activation sizes every time: with glibc's defaults each large
-/// tensor is a new `mmap` whose pages the kernel faults in and zeroes again. Measured
-/// on a 2-core AMD EPYC (2026-11-26, early-fusion DM-QPMNet training step, batch 2 x
-/// 256 x 256, alternating runs): 0.91-0.94 s tuned against 1.02-1.07 s untuned. The price is
+/// tensor is a new `mmap` whose pages the kernel faults in and zeroes again (the gain:
+/// docs/engine-notes.md). The price is
 /// that the resident size stays near its high-water mark after a large job. Applied
 /// once per process, the first time a model is created or loaded or a device parsed;
 /// `LUMOS_MALLOC_TUNING=0` in the environment leaves the host's allocator settings

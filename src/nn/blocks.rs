@@ -26,10 +26,8 @@ impl InstanceNorm {
     /// (per-sample, per-channel mean and biased variance, eps 1e-5, per-channel affine):
     /// libtorch's `instance_norm` reshapes to `(1, N*C, H, W)`, repeats the affine
     /// parameters and runs batch norm, whereas its `group_norm` kernel normalizes in one
-    /// fused pass and keeps a channels-last input channels-last. Measured with PyTorch on
-    /// the same libtorch 2.11 (2-core AMD EPYC, 2026-11-26, PlainConvUNet 7 stages,
-    /// 4 x 5 x 256 x 256, no grad): forward 0.87 s against 0.96 s with `instance_norm`;
-    /// training steps gained less, within that machine's timing noise.
+    /// fused pass and keeps a channels-last input channels-last (faster at inference;
+    /// docs/engine-notes.md).
     ///
     /// On a CUDA device a channels-last input stays channels-last ([`Self::forward_nhwc`]):
     /// libtorch's CUDA `group_norm` copies it to NCHW first, so every later convolution
@@ -90,9 +88,8 @@ impl InstanceNorm {
 /// libtorch's CUDA reduction reads poorly. So for up to 32 channels `L` is split into `k`
 /// interleaved parts, `(N, L/k, k*C)` reduced over dimension 1 (k*C contiguous outputs per
 /// sample), and the parts' statistics combined exactly (equal counts: the mean of the
-/// means, and the mean of the variances plus the variance of the means). Measured on an
-/// H200 (bfloat16, 16 x 256 x 256 x 32, `var_mean`): 0.125 ms against 0.165 ms; no gain at
-/// 64 channels and a loss from 128 (the extra small kernels), hence the limit.
+/// means, and the mean of the variances plus the variance of the means). Above 32 channels the
+/// extra small kernels cost more than they gain, hence the limit (docs/engine-notes.md).
 pub fn nhwc_var_mean(t: &Tensor) -> (Tensor, Tensor) {
     let (n, l, c) = t.size3().expect("(N, L, C)");
     let mut k = 1;

@@ -12,8 +12,7 @@ static PER_ELEMENT_BERNOULLI: Lazy<bool> = Lazy::new(|| !crate::backend::host::c
 /// the mask element by element (the CPU, unless it is an Intel CPU and libtorch has MKL:
 /// [`PER_ELEMENT_BERNOULLI`]), it keeps an element when one float64 uniform draw of the
 /// global generator is below `1 - p`; `rand` in float64 makes the same draws in the same
-/// order 1.5x faster (9.9 ms against 14.8 ms for 2 M elements; PyTorch 2.11, 2-core AMD
-/// EPYC, 2026-11-26), so the mask, the generator's state afterwards and the result are
+/// order faster (docs/engine-notes.md), so the mask, the generator's state afterwards and the result are
 /// libtorch's (`dropout_matches_libtorch` checks it). Elsewhere (CUDA, Intel + MKL) this
 /// is libtorch's own in-place dropout.
 pub fn dropout_(y: Tensor, p: f64, train: bool) -> Tensor {

@@ -478,8 +478,8 @@ impl MhAttention {
         // q, k, v as (N, heads, T, d) with unit stride along d: libtorch's fused (flash)
         // attention kernel, which never materializes the T x T weights (forward and
         // backward). With 3-D or strided inputs scaled_dot_product_attention takes its
-        // unfused path (bmm, softmax, bmm): the same function, 6x slower at T = 4096, 128
-        // channels (410 ms against 65 ms; PyTorch 2.11, 2-core AMD EPYC, 2026-11-26).
+        // unfused path (bmm, softmax, bmm): the same function, several times slower
+        // (docs/engine-notes.md).
         let tok = |i: i64| qkv.narrow(2, i * d, d).transpose(2, 3).contiguous();
         let a =
             Tensor::scaled_dot_product_attention(&tok(0), &tok(1), &tok(2), None::<&Tensor>, 0.0, false, None, false);
