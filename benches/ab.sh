@@ -3,7 +3,7 @@
 # an older commit and one from HEAD: `cargo bench --bench compare --no-run`, then copy the
 # executable), run alternately on the CPU rows (the five convolutional training steps and
 # their float32 inference), ROUNDS rounds, with one work folder so that both use the same
-# model files and inputs. Writes one JSON line per run to OUT and prints the medians.
+# model files and inputs. Writes one JSON line per run to OUT and prints each side's median over all its timed repetitions.
 #
 #   benches/ab.sh BEFORE_EXE AFTER_EXE [OUT.jsonl] [ROUNDS]
 #
@@ -38,7 +38,7 @@ import collections, json, statistics, sys
 d = collections.defaultdict(lambda: {"before": [], "after": []})
 for l in open(sys.argv[1]):
     r = json.loads(l); x = r["row"]
-    d[(x["model"], x["mode"], x["batch"])][r["side"]].append(x["median_s"])
+    d[(x["model"], x["mode"], x["batch"])][r["side"]].extend(x.get("times_s") or [x["median_s"]])
 print("| row | before median s | after median s | after / before |\n|---|---|---|---|")
 for k, v in d.items():
     b, a = statistics.median(v["before"]), statistics.median(v["after"])
