@@ -28,14 +28,13 @@ pub(crate) struct SplitData {
     classes: Vec<String>,
     train: Vec<SplitSample>,
     val: Vec<SplitSample>,
-    norms: Option<(Normalizer, Normalizer)>,
 }
 
 pub(crate) fn load(cfg: &TrainConfig, data_dir: &Path) -> Result<Box<dyn TrainingData>> {
     let samples = load_split_folder(data_dir)?;
     let classes = samples[0].targets.channel_names.clone();
     let (train, val) = split_train_val(samples, cfg);
-    Ok(Box::new(SplitData { classes, train, val, norms: None }))
+    Ok(Box::new(SplitData { classes, train, val }))
 }
 
 impl TrainingData for SplitData {
@@ -46,7 +45,7 @@ impl TrainingData for SplitData {
 
     /// Input and targets: clipped at the 0.995 quantile of the training data and z-scored,
     /// the input with one mean / std, each target channel with its own.
-    fn model_meta(&mut self, cfg: &TrainConfig) -> Result<ModelMeta> {
+    fn model_meta(&self, cfg: &TrainConfig) -> Result<ModelMeta> {
         let q = [NormMethod::RobustQuantile { q_low: 0.0, q_high: 0.995 }];
         let in_norm = Normalizer::fit(&q, &self.train.iter().map(|s| &s.input).collect::<Vec<_>>())?;
         let tg_norm = Normalizer::fit(&q, &self.train.iter().map(|s| &s.targets).collect::<Vec<_>>())?;
@@ -56,15 +55,19 @@ impl TrainingData for SplitData {
             vec!["mixed".into()],
             self.classes.clone(),
             cfg.patch_size,
-            in_norm.clone(),
+            in_norm,
         );
-        meta.target_normalization = Some(tg_norm.clone());
-        self.norms = Some((in_norm, tg_norm));
+        meta.target_normalization = Some(tg_norm);
         Ok(meta)
     }
 
     fn trainer(self: Box<Self>, model: &Model, cfg: &TrainConfig) -> Result<Box<dyn KindTrainer>> {
-        let (in_norm, tg_norm) = self.norms.as_ref().expect("model_meta comes first");
+        let in_norm = &model.meta.normalization;
+        let tg_norm = model
+            .meta
+            .target_normalization
+            .as_ref()
+            .ok_or_else(|| Error::ModelFormat("a musplit model needs target normalization statistics".into()))?;
         let device = model.device();
         let set = SplitSet {
             inputs: self

@@ -46,7 +46,6 @@ pub(crate) struct SegmentationData {
     classes: Vec<String>,
     train: Vec<Sample>,
     val: Vec<Sample>,
-    normalizer: Option<Normalizer>,
 }
 
 /// Loads a segmentation folder for a `kind` model.
@@ -55,7 +54,7 @@ pub(crate) fn load(kind: ModelKind, cfg: &TrainConfig, data_dir: &Path) -> Resul
     let channel_names = samples[0].image.channel_names.clone();
     let classes = class_names(cfg, &samples)?;
     let (train, val) = split_train_val(samples, cfg);
-    Ok(Box::new(SegmentationData { kind, channel_names, classes, train, val, normalizer: None }))
+    Ok(Box::new(SegmentationData { kind, channel_names, classes, train, val }))
 }
 
 fn names(v: &[Sample]) -> Vec<String> {
@@ -67,14 +66,13 @@ impl TrainingData for SegmentationData {
         (names(&self.train), names(&self.val))
     }
 
-    fn model_meta(&mut self, cfg: &TrainConfig) -> Result<ModelMeta> {
+    fn model_meta(&self, cfg: &TrainConfig) -> Result<ModelMeta> {
         let methods = if cfg.normalization.is_empty() {
             default_normalization(self.kind, &self.channel_names)
         } else {
             cfg.normalization.clone()
         };
         let normalizer = Normalizer::fit(&methods, &self.train.iter().map(|s| &s.image).collect::<Vec<&Image>>())?;
-        self.normalizer = Some(normalizer.clone());
         let architecture = match self.kind {
             ModelKind::Dmqpm => serde_json::to_value(&cfg.dmqpm),
             _ => serde_json::to_value(&cfg.unet),
@@ -91,7 +89,7 @@ impl TrainingData for SegmentationData {
     }
 
     fn trainer(self: Box<Self>, model: &Model, cfg: &TrainConfig) -> Result<Box<dyn KindTrainer>> {
-        let norm = self.normalizer.as_ref().expect("model_meta comes first");
+        let norm = &model.meta.normalization;
         let refs: Vec<&Sample> = self.train.iter().collect();
         let set = TrainSet::new(&refs, norm, cfg, model.device())?;
         Ok(Box::new(SegmentationTrainer {

@@ -30,7 +30,6 @@ pub(crate) struct TileData {
     classes: Vec<String>,
     train: Vec<Sample>,
     val: Vec<Sample>,
-    normalizer: Option<Normalizer>,
 }
 
 pub(crate) fn load(cfg: &TrainConfig, data_dir: &Path) -> Result<Box<dyn TrainingData>> {
@@ -42,7 +41,7 @@ pub(crate) fn load(cfg: &TrainConfig, data_dir: &Path) -> Result<Box<dyn Trainin
     }
     let channel_names = samples[0].image.channel_names.clone();
     let (train, val) = split_train_val(samples, cfg);
-    Ok(Box::new(TileData { channel_names, classes, train, val, normalizer: None }))
+    Ok(Box::new(TileData { channel_names, classes, train, val }))
 }
 
 impl TrainingData for TileData {
@@ -51,11 +50,10 @@ impl TrainingData for TileData {
         (names(&self.train), names(&self.val))
     }
 
-    fn model_meta(&mut self, cfg: &TrainConfig) -> Result<ModelMeta> {
+    fn model_meta(&self, cfg: &TrainConfig) -> Result<ModelMeta> {
         let norm =
             if cfg.normalization.is_empty() { vec![NormMethod::DatasetZscore] } else { cfg.normalization.clone() };
         let normalizer = Normalizer::fit(&norm, &self.train.iter().map(|s| &s.image).collect::<Vec<_>>())?;
-        self.normalizer = Some(normalizer.clone());
         Ok(ModelMeta::new(
             ModelKind::Pgdiff,
             serde_json::to_value(&cfg.pgdiff).expect("json"),
@@ -67,7 +65,7 @@ impl TrainingData for TileData {
     }
 
     fn trainer(self: Box<Self>, model: &Model, cfg: &TrainConfig) -> Result<Box<dyn KindTrainer>> {
-        let normalizer = self.normalizer.as_ref().expect("model_meta comes first");
+        let normalizer = &model.meta.normalization;
         let device = model.device();
         let set = TileSet {
             images: self

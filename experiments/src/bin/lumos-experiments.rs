@@ -2,7 +2,7 @@
 //! part of the shipped CLI). Each command trains every variant of one paper on the same
 //! simulated data with one budget and writes the report of `docs/results/<method>/`.
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
@@ -96,8 +96,9 @@ struct SplitCompareArgs {
     /// tiny (seconds), cpu (about half an hour on 2 cores with 2 seeds) or paper (GPU).
     #[arg(long, default_value = "cpu")]
     preset: String,
-    #[arg(long, value_enum, default_value = "actin-tubulin")]
-    pair: PairArg,
+    /// actin-tubulin or vesicles-nuclei.
+    #[arg(long, default_value = "actin-tubulin", value_parser = StructurePair::parse)]
+    pair: StructurePair,
     /// Training seeds, comma-separated.
     #[arg(long, default_value = "0,1", value_delimiter = ',')]
     seeds: Vec<u64>,
@@ -142,23 +143,6 @@ struct DiffCompareArgs {
     work: PathBuf,
     #[arg(long, default_value = "cpu")]
     device: String,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum PairArg {
-    /// Straight actin-like fibres + curved microtubule-like networks.
-    ActinTubulin,
-    /// Punctate vesicles + large nuclei.
-    VesiclesNuclei,
-}
-
-impl PairArg {
-    fn pair(self) -> StructurePair {
-        match self {
-            PairArg::ActinTubulin => StructurePair::ActinTubulin,
-            PairArg::VesiclesNuclei => StructurePair::VesiclesNuclei,
-        }
-    }
 }
 
 fn say(bar: &ProgressBar, line: String) {
@@ -276,7 +260,7 @@ fn diff_compare(a: DiffCompareArgs) -> Result<()> {
 fn split_compare(a: SplitCompareArgs) -> Result<()> {
     let opts = lumos_experiments::musplit::SplitCompareOptions {
         preset: lumos::musplit::recipes::SplitPreset::parse(&a.preset)?,
-        pair: a.pair.pair(),
+        pair: a.pair,
         seeds: a.seeds.clone(),
         data: a.data.clone(),
         data_seed: a.data_seed,

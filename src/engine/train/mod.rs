@@ -272,9 +272,10 @@ pub trait TrainingData {
     fn names(&self) -> (Vec<String>, Vec<String>);
     /// The new model's metadata: its architecture, channels, classes and the
     /// normalization fitted on the training images.
-    fn model_meta(&mut self, cfg: &TrainConfig) -> Result<ModelMeta>;
-    /// The kind's side of the loop for `model` (built from [`model_meta`](Self::model_meta)):
-    /// the training data on the model's device, the optimizers and the schedule.
+    fn model_meta(&self, cfg: &TrainConfig) -> Result<ModelMeta>;
+    /// The kind's side of the loop for `model` (built from [`model_meta`](Self::model_meta);
+    /// the training data are normalized with its metadata's statistics): the training data
+    /// on the model's device, the optimizers and the schedule.
     fn trainer(self: Box<Self>, model: &Model, cfg: &TrainConfig) -> Result<Box<dyn KindTrainer>>;
 }
 
@@ -362,7 +363,7 @@ pub fn train(cfg: &TrainConfig, data_dir: &Path, output: &Path, monitor: &mut Mo
     monitor.emit(Progress::new(Stage::Preparing));
 
     // the data, split reproducibly by the seed; the run is recorded before any work
-    let mut data = method.load(cfg, data_dir)?;
+    let data = method.load(cfg, data_dir)?;
     let (train_names, val_names) = data.names();
     let run = RunInfo { cfg, data_dir, train_names, val_names, device, t0 };
     run.write_record(&record_path)?;
