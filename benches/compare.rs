@@ -55,15 +55,16 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use lumos::Image;
 use lumos::backend::precision::with_precision;
-use lumos::engine::model::{Model, ModelKind, ModelMeta, Net, Precision, SegmentOptions, SegmentOutput};
+use lumos::engine::model::{Model, ModelKind, ModelMeta, Precision, SegmentOptions, SegmentOutput};
 use lumos::engine::normalize::{NormMethod, Normalizer};
 use lumos::engine::progress::Monitor;
 use lumos::engine::train::TrainConfig;
 use lumos::musplit::DecomposeOptions;
+use lumos::musplit::net::MuSplitNet;
 use lumos::musplit::train::DecompositionStep;
 use lumos::nnunet::train::SegmentationStep;
-use lumos::pgdiff::DiffusionOptions;
 use lumos::pgdiff::train::DiffusionStep;
+use lumos::pgdiff::{DiffusionOptions, PgDiffNet};
 use ndarray::{Array2, Array3, Axis};
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
@@ -488,10 +489,8 @@ fn run(o: &Opts) -> Res<Value> {
                 ModelKind::Pgdiff => {
                     let (x, _) = frame_batch(model, "qpi", o.batch, t, 2000)?;
                     let k = model.n_classes() as i64;
-                    let factor = model.with_net(|n| match n {
-                        Net::Pgdiff(d) => d.cfg.autoencoder.factor(),
-                        _ => 1,
-                    }) as i64;
+                    let factor =
+                        model.with_net(|n| n.downcast::<PgDiffNet>().map_or(1, |d| d.cfg.autoencoder.factor())) as i64;
                     tch::manual_seed(7);
                     let m = Tensor::randn(
                         [o.batch as i64, k, (t as i64) / factor, (t as i64) / factor],
@@ -500,10 +499,7 @@ fn run(o: &Opts) -> Res<Value> {
                     save_tensors(&inputs, cfg, &[("x", &x), ("m", &m)])?;
                     let (x, m) = (x.to_device(dev), m.to_device(dev));
                     let z = tch::no_grad(|| {
-                        model.with_net(|n| match n {
-                            Net::Pgdiff(d) => d.encode(&x),
-                            _ => unreachable!(),
-                        })
+                        model.with_net(|n| n.downcast::<PgDiffNet>().expect("a pgdiff model").encode(&x))
                     });
                     extra.insert(
                         "what".into(),
@@ -514,15 +510,15 @@ fn run(o: &Opts) -> Res<Value> {
                     extra.insert("base_rss_mib".into(), json!(status_kib("VmRSS:") / 1024.0));
                     let r = timed(o.warmup, o.reps, dev, &mut |_| {
                         tch::no_grad(|| {
-                            model.with_net(|n| match n {
-                                Net::Pgdiff(d) => with_precision(prec, dev, || {
+                            model.with_net(|n| {
+                                let d = n.downcast::<PgDiffNet>().expect("a pgdiff model");
+                                with_precision(prec, dev, || {
                                     let a = d.eps_p(&z, 500);
                                     let b = d.eps_s(&m, &z, 500);
                                     a.abs().mean(Kind::Float).double_value(&[])
                                         + b.abs().mean(Kind::Float).double_value(&[])
                                 })
-                                .map_err(err),
-                                _ => unreachable!(),
+                                .map_err(err)
                             })
                         })
                     })?;
@@ -653,12 +649,10 @@ fn run(o: &Opts) -> Res<Value> {
             let r = timed(o.warmup, o.reps, dev, &mut |warm| {
                 let op = if warm { &warm_opts } else { &opts };
                 let p = model
-                    .with_net(|n| match n {
-                        Net::Pgdiff(d) => with_precision(prec, dev, || {
-                            d.predict(&x, op, 0, &Monitor::none()).map(|r| r.probabilities)
-                        })
-                        .and_then(|r| r),
-                        _ => unreachable!(),
+                    .with_net(|n| {
+                        let d = n.downcast::<PgDiffNet>().expect("a pgdiff model");
+                        with_precision(prec, dev, || d.predict(&x, op, 0, &Monitor::none()).map(|r| r.probabilities))
+                            .and_then(|r| r)
                     })
                     .map_err(err)?;
                 Ok(p.select(1, 1).mean(Kind::Float).double_value(&[]))
@@ -771,12 +765,14 @@ fn breakdown(o: &Opts, built: &Built, x: &Tensor, y: &Tensor, extra: &mut serde_
     let model = &built.model;
     let cfg = &built.cfg;
     let loss = || -> Res<Tensor> {
-        model.with_net(|n| match n {
-            Net::Musplit(m) => {
+        model.with_net(|n| match n.downcast::<MuSplitNet>() {
+            Some(m) => {
                 tch::manual_seed(1);
                 Ok(m.loss(&m.forward_t(x, true), y))
             }
-            n => Ok(lumos::nnunet::loss::deep_supervision_loss(&n.forward(x, cfg.deep_supervision).map_err(err)?, y)),
+            None => {
+                Ok(lumos::nnunet::loss::deep_supervision_loss(&n.forward(x, cfg.deep_supervision).map_err(err)?, y))
+            }
         })
     };
     let reps = o.reps.max(1);

@@ -221,13 +221,8 @@ fn plan(model: &Model, opts: &ExportOptions) -> Result<Plan> {
                     meta.patch_size
                 )));
             }
-            let t = meta.patch_size[0];
-            let levels = model.with_net(|n| match n {
-                Net::Musplit(m) => m.cfg.input_channels(),
-                _ => 1,
-            });
-            let w = t << (levels - 1);
-            Ok(Plan { in_hw: [w, w], out_hw: [t, t], out_channels: meta.classes.clone(), per_image, graph_affine })
+            let in_hw = model.with_net(|n| n.input_window(meta.patch_size));
+            Ok(Plan { in_hw, out_hw: meta.patch_size, out_channels: meta.classes.clone(), per_image, graph_affine })
         }
     }
 }
@@ -311,39 +306,15 @@ fn trace(model: &Model, plan: &Plan, example: &Tensor) -> Result<CModule> {
         let k = mu.len() as i64;
         (Tensor::from_slice(&mu).view([1, k, 1, 1]), Tensor::from_slice(&sd).view([1, k, 1, 1]))
     });
-    let out_hw = plan.out_hw;
     let mut f = |inputs: &[Tensor]| -> Vec<Tensor> {
         let x = (inputs[0].maximum(&lo).minimum(&hi) - &mean) / &std;
-        let r: Result<Tensor> = match net {
-            Net::Unet(_) | Net::Dmqpm(_) => {
-                net.forward(&x, false).map(|mut v| v.swap_remove(0).softmax(1, Kind::Float))
+        let r: Result<Tensor> = net.export_forward(&x).and_then(|y| match &target {
+            Some((mu, sd)) => Ok(y * sd + mu),
+            None if model.meta.kind.can_decompose() => {
+                Err(Error::ModelFormat("the decomposition model lacks target normalization statistics".into()))
             }
-            Net::Pgdiff(d) => {
-                let o = d.cfg.sampling;
-                d.predict(&x, &o, crate::engine::train::per_epoch_seed(o.seed, 0), &Monitor::none())
-                    .map(|r| r.probabilities)
-            }
-            Net::Musplit(m) => {
-                let levels = m.cfg.input_channels();
-                let t = out_hw[0] as i64;
-                let w = x.size()[2];
-                let crops: Vec<Tensor> = (0..levels)
-                    .map(|k| {
-                        let side = t << k;
-                        let off = (w - side) / 2;
-                        let c = x.narrow(2, off, side).narrow(3, off, side);
-                        let f = 1i64 << k;
-                        if f == 1 { c } else { c.avg_pool2d([f, f], [f, f], [0, 0], false, true, None::<i64>) }
-                    })
-                    .collect();
-                let lc = Tensor::cat(&crops, 1);
-                let y = m.forward_posterior_mean(&lc);
-                match &target {
-                    Some((mu, sd)) => Ok(y * sd + mu),
-                    None => Err(Error::ModelFormat("the muSplit model lacks target normalization statistics".into())),
-                }
-            }
-        };
+            None => Ok(y),
+        });
         match r {
             Ok(t) => vec![t],
             Err(e) => {

@@ -3,11 +3,11 @@
 
 use std::collections::VecDeque;
 
-use lumos::engine::model::{ModelKind, Net};
+use lumos::engine::model::ModelKind;
 use lumos::engine::progress::{CancelToken, Monitor};
 use lumos::engine::train::{TrainConfig, train};
 use lumos::pgdiff::ddim::{self, Schedule};
-use lumos::pgdiff::{DiffusionOptions, PgDiffConfig, StartNoise};
+use lumos::pgdiff::{DiffusionOptions, PgDiffConfig, PgDiffNet, StartNoise};
 use lumos::{Model, SegmentOptions};
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
@@ -106,10 +106,7 @@ fn tiny_model_trains_saves_reloads_and_segments_deterministically() {
     assert_eq!(m1.meta.classes, vec!["background", "live", "dead"]);
     assert!(dir.path().join("pg.lumos.ckpt").is_file());
     // the latent scale was fitted (1 / std of the latents), not left at 1
-    let scale = m1.with_net(|n| match n {
-        Net::Pgdiff(net) => net.latent_scale.double_value(&[0]),
-        _ => panic!("pgdiff net"),
-    });
+    let scale = m1.with_net(|n| n.downcast::<PgDiffNet>().expect("pgdiff net").latent_scale.double_value(&[0]));
     assert!(scale.is_finite() && scale > 0.0 && (scale - 1.0).abs() > 1e-6, "latent_scale {scale}");
 
     let img = lumos::io::tiff::read_image(&data.join("test/images/qpi_0000.tif")).unwrap();
@@ -168,7 +165,7 @@ fn tiny_model_trains_saves_reloads_and_segments_deterministically() {
     let x = lumos::image::array3_to_tensor(x.data.view(), Device::Cpu).unsqueeze(0).narrow(2, 0, 32).narrow(3, 0, 32);
     let round_trip = |steps: usize| {
         m2.with_net(|n| {
-            let Net::Pgdiff(net) = n else { panic!("pgdiff net") };
+            let net = n.downcast::<PgDiffNet>().expect("pgdiff net");
             let _g = tch::no_grad_guard();
             let z = net.encode(&x);
             let mut eps = |v: &Tensor, t: usize| Ok(net.eps_p(v, t));

@@ -5,10 +5,10 @@ pub mod recipes;
 
 use std::path::Path;
 
-use tch::nn;
+use tch::{Tensor, nn};
 
 use crate::engine::method::Method;
-use crate::engine::model::{ModelKind, ModelMeta, Net};
+use crate::engine::model::{ModelKind, ModelMeta, Net, Network};
 use crate::engine::train::{TrainConfig, TrainingData};
 use crate::error::{Error, Result};
 use net::{DmQpmConfig, DmQpmNet};
@@ -42,7 +42,7 @@ impl Method for DmQpm {
                 meta.input_channels.join(", ")
             )));
         }
-        Ok(Net::Dmqpm(DmQpmNet::new(p, &cfg, meta.classes.len() as i64)?))
+        Ok(Net::new(DmQpmNet::new(p, &cfg, meta.classes.len() as i64)?))
     }
     fn divisor(&self, meta: &ModelMeta) -> usize {
         architecture(meta).map(|c| c.divisor()).unwrap_or(1)
@@ -70,5 +70,11 @@ impl Method for DmQpm {
     }
     fn simulator(&self, _meta: &ModelMeta) -> Option<&'static str> {
         Some("ssqpm")
+    }
+}
+
+impl Network for DmQpmNet {
+    fn forward(&self, x: &Tensor, deep_supervision: bool) -> Result<Vec<Tensor>> {
+        Ok(DmQpmNet::forward(self, x, deep_supervision))
     }
 }

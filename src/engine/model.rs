@@ -17,16 +17,13 @@ use tch::{Device, Kind, Tensor, nn};
 
 pub use crate::backend::precision::Precision;
 use crate::backend::precision::{to_float, with_precision};
-use crate::dmqpm::net::DmQpmNet;
 use crate::engine::normalize::{DeviceAffine, Normalizer};
 use crate::engine::progress::Monitor;
 use crate::engine::tiling::{SlidingWindow, mirrored, sliding_window};
 use crate::engine::weights;
 use crate::error::{Error, Result};
 use crate::image::check_finite;
-use crate::musplit::net::MuSplitNet;
-use crate::nnunet::net::Unet;
-use crate::pgdiff::{DiffusionOptions, PgDiffNet};
+use crate::pgdiff::DiffusionOptions;
 
 pub const FORMAT: &str = "lumos-model";
 /// Bumped when a file written by this version cannot be read by older versions.
@@ -206,54 +203,95 @@ impl ModelMeta {
     }
 }
 
-/// The networks behind the model kinds.
-#[allow(clippy::large_enum_variant)] // reason: built once per model and never moved in a hot path; boxing the large variant only adds an indirection
-#[derive(Debug)]
-pub enum Net {
-    Unet(Unet),
-    Dmqpm(DmQpmNet),
-    Musplit(MuSplitNet),
-    Pgdiff(PgDiffNet),
+/// What the engine needs from a method's network. Each method folder implements it for
+/// its network; the engine holds the network as a [`Net`] and never names the type.
+pub trait Network: std::fmt::Debug + Send + std::any::Any {
+    /// `(N, C, H, W)` -> outputs, full resolution first (deep supervision outputs follow
+    /// where the network has them). A network without a single forward pass (PG-DiffSeg
+    /// samples) returns [`Error::Unsupported`].
+    fn forward(&self, x: &Tensor, deep_supervision: bool) -> Result<Vec<Tensor>>;
+    /// Whether inference runs on channels-last (NHWC-strided) inputs. The same function
+    /// either way; the layout only decides which kernels run.
+    fn infers_channels_last(&self) -> bool {
+        true
+    }
+    /// The segment verb's per-batch predictor: normalized tiles `(N, C, T, T)` -> class
+    /// probabilities `(N, K, T, T)`. By default the softmax of [`Net::infer`];
+    /// `monitor` only carries cancellation.
+    fn tile_predictor<'a>(&'a self, opts: &SegmentOptions, monitor: &'a Monitor) -> Result<TilePredictor<'a>> {
+        let _ = (opts, monitor);
+        Ok(Box::new(move |x: &Tensor| -> Result<Tensor> { Ok(infer_with(self, x)?.f_softmax(1, Kind::Float)?) }))
+    }
+    /// The input window `[height, width]` that gives an output tile of `tile`: the tile
+    /// itself, unless the network reads context around it (muSplit's lateral context).
+    fn input_window(&self, tile: [usize; 2]) -> [usize; 2] {
+        tile
+    }
+    /// The deterministic function that export traces: a normalized input window
+    /// `(1, C, H, W)` -> the output tile in normalized units (class probabilities for a
+    /// segmentation network). By default the softmax of the plain (NCHW) forward.
+    fn export_forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.forward(x, false)?.swap_remove(0).f_softmax(1, Kind::Float)?)
+    }
 }
 
+/// See [`Network::tile_predictor`].
+pub type TilePredictor<'a> = Box<dyn FnMut(&Tensor) -> Result<Tensor> + 'a>;
+
+/// The network behind a model, whatever its method.
+#[derive(Debug)]
+pub struct Net(Box<dyn Network>);
+
 impl Net {
+    pub fn new(net: impl Network) -> Self {
+        Net(Box::new(net))
+    }
     fn build(meta: &ModelMeta, p: &nn::Path) -> Result<Self> {
         crate::methods::method(meta.kind).build(meta, p)
     }
-    /// `(N, C, H, W)` -> logits, full resolution first (deep supervision outputs follow).
-    /// A PG-DiffSeg model has no single forward pass (it samples; see `diffseg`).
+    /// The method's own network type, when it is `T`.
+    pub fn downcast<T: Network>(&self) -> Option<&T> {
+        let any: &dyn std::any::Any = self.0.as_ref();
+        any.downcast_ref::<T>()
+    }
+    /// `(N, C, H, W)` -> outputs, full resolution first (deep supervision outputs follow).
+    /// A PG-DiffSeg model has no single forward pass (it samples; see `pgdiff`).
     pub fn forward(&self, x: &Tensor, deep_supervision: bool) -> Result<Vec<Tensor>> {
-        match self {
-            Net::Unet(u) => Ok(u.forward(x, deep_supervision)),
-            Net::Dmqpm(d) => Ok(d.forward(x, deep_supervision)),
-            Net::Musplit(m) => Ok(vec![m.predict(x)]),
-            Net::Pgdiff(_) => Err(Error::Unsupported(
-                "a pgdiff model has no single forward pass; it segments by diffusion sampling".into(),
-            )),
-        }
+        self.0.forward(x, deep_supervision)
     }
     /// Inference forward (call inside `tch::no_grad`): the full-resolution output only,
     /// `(N, K, H, W)` logits for `unet` / `dmqpm`, the predicted structures `(N, 2, T, T)`
     /// for `musplit`, as a contiguous tensor. The convolutional segmentation networks and
-    /// the muSplit networks run channels-last here (NHWC strides; oneDNN's native layout, so no per-conv reorders,
-    /// and the GroupNorm kernel keeps it): the same function as [`Net::forward`], faster
-    /// on the CPU (docs/benchmarks.md). Training keeps NCHW, where channels-last
-    /// backward passes measured slower.
+    /// the muSplit networks run channels-last here (NHWC strides; oneDNN's native layout,
+    /// so no per-conv reorders, and the GroupNorm kernel keeps it): the same function as
+    /// [`Net::forward`], faster on the CPU (docs/benchmarks.md). Training keeps NCHW,
+    /// where channels-last backward passes measured slower.
     pub fn infer(&self, x: &Tensor) -> Result<Tensor> {
-        // the HVAE too: its latent draws are made in NCHW order whatever the layout
-        let nhwc = match self {
-            Net::Unet(_) | Net::Dmqpm(_) | Net::Musplit(_) => true,
-            Net::Pgdiff(_) => false,
-        };
-        if nhwc {
-            Ok(self.forward(&channels_last(x), false)?.swap_remove(0).contiguous())
-        } else {
-            Ok(self.forward(x, false)?.swap_remove(0))
-        }
+        infer_with(self.0.as_ref(), x)
+    }
+    /// See [`Network::tile_predictor`].
+    pub fn tile_predictor<'a>(&'a self, opts: &SegmentOptions, monitor: &'a Monitor) -> Result<TilePredictor<'a>> {
+        self.0.tile_predictor(opts, monitor)
+    }
+    /// See [`Network::input_window`].
+    pub fn input_window(&self, tile: [usize; 2]) -> [usize; 2] {
+        self.0.input_window(tile)
+    }
+    /// See [`Network::export_forward`].
+    pub fn export_forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.0.export_forward(x)
     }
     /// Height and width must be multiples of this.
     pub fn divisor(meta: &ModelMeta) -> usize {
         crate::methods::method(meta.kind).divisor(meta)
+    }
+}
+
+fn infer_with<N: Network + ?Sized>(net: &N, x: &Tensor) -> Result<Tensor> {
+    if net.infers_channels_last() {
+        Ok(net.forward(&channels_last(x), false)?.swap_remove(0).contiguous())
+    } else {
+        Ok(net.forward(x, false)?.swap_remove(0))
     }
 }
 
@@ -475,35 +513,16 @@ impl Model {
         let aff = self.meta.normalization.resolve_with(frame, frame_stats)?;
         let device = self.device;
         let inner = self.inner.lock();
-        let diff_opts = match (&inner.net, opts.diffusion) {
-            (Net::Pgdiff(d), o) => {
-                let o = o.unwrap_or(d.cfg.sampling);
-                o.validate(d.schedule.len())?;
-                Some(o)
-            }
-            _ => None,
-        };
-        // the sampler checks for cancellation between its steps
+        // the predictor checks for cancellation between its steps (diffusion sampling)
         let inner_monitor = monitor.cancel_only();
-        let mut batch_no = 0u64;
+        let mut net_probs = inner.net.tile_predictor(opts, &inner_monitor)?;
         // the affine maps' parameters go to the device now, before the frame's copy
         let dev_aff = DeviceAffine::new(&aff, 4, device);
         let prepare = |t: Tensor| dev_aff.apply_owned(t);
-        let mut net_probs = |x: &Tensor| -> Result<Tensor> {
-            match (&inner.net, diff_opts) {
-                (Net::Pgdiff(d), Some(o)) => {
-                    // every batch of tiles draws from its own stream: (seed, batch index)
-                    let stream = crate::engine::train::per_epoch_seed(o.seed, batch_no as usize);
-                    batch_no += 1;
-                    Ok(d.predict(x, &o, stream, &inner_monitor)?.probabilities)
-                }
-                (net, _) => Ok(net.infer(x)?.f_softmax(1, Kind::Float)?),
-            }
-        };
         let precision = self.precision();
         let mut predict = |x: &Tensor| -> Result<Tensor> {
             with_precision(precision, device, || {
-                tch::no_grad(|| if opts.mirror { mirrored(x, &mut net_probs) } else { net_probs(x) })
+                tch::no_grad(|| if opts.mirror { mirrored(x, &mut *net_probs) } else { net_probs(x) })
             })?
             .map(to_float)
         };
@@ -552,17 +571,6 @@ impl Model {
         let mut m = crate::image::Mask::zeros((h, w));
         self.segment(frame, opts, SegmentOutput::Labels(m.view_mut()), monitor)?;
         Ok(m)
-    }
-
-    /// The sampling a PG-DiffSeg model was saved with.
-    pub fn diffusion_defaults(&self) -> Result<DiffusionOptions> {
-        match &self.inner.lock().net {
-            Net::Pgdiff(d) => Ok(d.cfg.sampling),
-            _ => Err(Error::Unsupported(format!(
-                "diffusion options apply to pgdiff models; this is a '{}' model",
-                self.meta.kind.name()
-            ))),
-        }
     }
 
     /// The decompose verb: not available for segmentation kinds.

@@ -43,7 +43,7 @@ use tch::Tensor;
 use crate::backend::precision::{to_float, with_precision};
 use crate::engine::dataset::is_tiff;
 use crate::engine::metrics;
-use crate::engine::model::{Model, ModelKind, ModelMeta, Net, TORCH_RNG};
+use crate::engine::model::{Model, ModelKind, ModelMeta, Net, Network, TORCH_RNG};
 use crate::engine::normalize::ChannelNorm;
 use crate::engine::progress::Monitor;
 use crate::engine::tiling::{CentreTiles, centre_tiles, mirrored};
@@ -272,9 +272,10 @@ impl Model {
         .ok_or_else(|| Error::Shape(format!("the frame is {h} x {w}; expected at least 1 x 1")))?;
         let precision = self.precision();
         let inner = self.lock();
-        let Net::Musplit(net) = &inner.net else {
-            return Err(Error::Unsupported(format!("a '{}' model cannot decompose", self.meta.kind.name())));
-        };
+        let net = inner
+            .net
+            .downcast::<MuSplitNet>()
+            .ok_or_else(|| Error::Unsupported(format!("a '{}' model cannot decompose", self.meta.kind.name())))?;
         let levels = net.cfg.input_channels();
         let stochastic = net.is_stochastic() && !opts.posterior_mean;
         let _rng = if stochastic {
@@ -378,7 +379,7 @@ impl crate::engine::method::Method for MuSplit {
                 meta.classes.len()
             )));
         }
-        Ok(Net::Musplit(MuSplitNet::new(p, &cfg, meta.classes.len() as i64)?))
+        Ok(Net::new(MuSplitNet::new(p, &cfg, meta.classes.len() as i64)?))
     }
     fn divisor(&self, meta: &ModelMeta) -> usize {
         MuSplitConfig::from_model_architecture(&meta.architecture).map(|c| c.divisor()).unwrap_or(1)
@@ -397,5 +398,35 @@ impl crate::engine::method::Method for MuSplit {
     }
     fn simulator(&self, _meta: &ModelMeta) -> Option<&'static str> {
         Some("fluo")
+    }
+}
+
+/// A muSplit network's forward is its prediction (one draw for the HVAE); the segment
+/// verb does not apply (the model decomposes), so its tile predictor refuses.
+impl Network for MuSplitNet {
+    fn forward(&self, x: &Tensor, _deep_supervision: bool) -> Result<Vec<Tensor>> {
+        Ok(vec![self.predict(x)])
+    }
+    /// The widest lateral-context level: `2^(levels - 1)` times the tile.
+    fn input_window(&self, tile: [usize; 2]) -> [usize; 2] {
+        let k = self.cfg.input_channels() - 1;
+        [tile[0] << k, tile[1] << k]
+    }
+    /// The lateral-context stack cut from the centred input window (level `k` is the
+    /// centre `T * 2^k` square, average-pooled by `2^k`), then the posterior mean.
+    fn export_forward(&self, x: &Tensor) -> Result<Tensor> {
+        let levels = self.cfg.input_channels();
+        let w = x.size()[2];
+        let t = w >> (levels - 1);
+        let crops: Vec<Tensor> = (0..levels)
+            .map(|k| {
+                let side = t << k;
+                let off = (w - side) / 2;
+                let c = x.narrow(2, off, side).narrow(3, off, side);
+                let f = 1i64 << k;
+                if f == 1 { c } else { c.avg_pool2d([f, f], [f, f], [0, 0], false, true, None::<i64>) }
+            })
+            .collect();
+        Ok(self.forward_posterior_mean(&Tensor::cat(&crops, 1)))
     }
 }

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
 use crate::engine::metrics;
-use crate::engine::model::{Model, ModelKind, ModelMeta, Net, TORCH_RNG};
+use crate::engine::model::{Model, ModelKind, ModelMeta, TORCH_RNG};
 use crate::engine::normalize::{NormMethod, Normalizer};
 use crate::engine::progress::Monitor;
 use crate::engine::train::optim::{Clip, Optimizer, Rule};
@@ -20,7 +20,7 @@ use crate::engine::train::{Checkpoint, KindTrainer, Sampler, TrainConfig, Traini
 use crate::error::{Error, Result};
 use crate::image::array3_to_tensor;
 use crate::musplit::lc;
-use crate::musplit::net::SplitVariant;
+use crate::musplit::net::{MuSplitNet, SplitVariant};
 use crate::musplit::{DecomposeOptions, SplitSample, evaluate_split, load_split_folder};
 
 /// A decomposition folder, split.
@@ -171,12 +171,12 @@ impl DecompositionStep {
             }
             let loss = {
                 let inner = model.lock();
-                let Net::Musplit(net) = &inner.net else {
-                    return Err(Error::Unsupported(format!(
+                let net = inner.net.downcast::<MuSplitNet>().ok_or_else(|| {
+                    Error::Unsupported(format!(
                         "a '{}' model is not trained by the decomposition trainer",
                         model.meta.kind.name()
-                    )));
-                };
+                    ))
+                })?;
                 let out = net.forward_t(x, true);
                 if log::log_enabled!(log::Level::Debug) {
                     let kl = out.kl.as_ref().map(|k| k.double_value(&[])).unwrap_or(f64::NAN);

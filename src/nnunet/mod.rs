@@ -7,10 +7,10 @@ pub mod train;
 
 use std::path::Path;
 
-use tch::nn;
+use tch::{Tensor, nn};
 
 use crate::engine::method::Method;
-use crate::engine::model::{ModelKind, ModelMeta, Net};
+use crate::engine::model::{ModelKind, ModelMeta, Net, Network};
 use crate::engine::train::{TrainConfig, TrainingData};
 use crate::error::{Error, Result};
 use net::{Unet, UnetConfig};
@@ -38,7 +38,7 @@ impl Method for NnUnet {
     fn build(&self, meta: &ModelMeta, p: &nn::Path) -> Result<Net> {
         let cfg = architecture(meta)?;
         cfg.validate()?;
-        Ok(Net::Unet(Unet::new(p, &cfg, meta.input_channels.len() as i64, meta.classes.len() as i64)))
+        Ok(Net::new(Unet::new(p, &cfg, meta.input_channels.len() as i64, meta.classes.len() as i64)))
     }
     fn divisor(&self, meta: &ModelMeta) -> usize {
         architecture(meta).map(|c| c.divisor()).unwrap_or(1)
@@ -65,5 +65,11 @@ impl Method for NnUnet {
         } else {
             None
         }
+    }
+}
+
+impl Network for Unet {
+    fn forward(&self, x: &Tensor, deep_supervision: bool) -> Result<Vec<Tensor>> {
+        Ok(Unet::forward(self, x, deep_supervision))
     }
 }

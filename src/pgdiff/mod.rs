@@ -36,7 +36,7 @@ use tch::{Device, Kind, Tensor, nn};
 
 use crate::engine::dataset::Sample;
 use crate::engine::metrics;
-use crate::engine::model::{Model, ModelKind, ModelMeta, Net};
+use crate::engine::model::{Model, ModelKind, ModelMeta, Net, Network, SegmentOptions};
 use crate::engine::progress::Monitor;
 use crate::engine::train::{TrainConfig, per_epoch_seed};
 use crate::error::{Error, Result};
@@ -525,9 +525,7 @@ pub fn noise_quality(noise: &Tensor, image: &Tensor, latent: &Tensor) -> Result<
 /// autoencoder over non-overlapping tiles of `images`.
 pub fn reconstruction_psnr(model: &Model, images: &[&crate::image::Image]) -> Result<f64> {
     let inner = model.lock();
-    let Net::Pgdiff(net) = &inner.net else {
-        return Err(Error::Unsupported(format!("a '{}' model has no autoencoder", model.meta.kind.name())));
-    };
+    let net = pgdiff_net(&inner.net, model, "has no autoencoder")?;
     let t = model.meta.patch_size[0] as i64;
     let mut scores = Vec::new();
     tch::no_grad(|| -> Result<()> {
@@ -584,10 +582,9 @@ pub fn evaluate_tiles(
     batch_size: usize,
     monitor: &Monitor,
 ) -> Result<TileEvaluation> {
-    opts.validate(model.with_net(|n| match n {
-        Net::Pgdiff(d) => Ok(d.schedule.len()),
-        _ => Err(Error::Unsupported(format!("evaluate_tiles needs a pgdiff model, not '{}'", model.meta.kind.name()))),
-    })?)?;
+    opts.validate(
+        model.with_net(|n| pgdiff_net(n, model, "cannot be evaluated by evaluate_tiles").map(|d| d.schedule.len()))?,
+    )?;
     let t = model.meta.patch_size[0];
     let k = model.n_classes();
     let mut ev = TileEvaluation {
@@ -621,12 +618,8 @@ pub fn evaluate_tiles(
                 0,
             );
             let stream = per_epoch_seed(per_epoch_seed(opts.seed, fi), bi);
-            let res = model.with_net(|n| match n {
-                Net::Pgdiff(d) => d.predict(&batch, opts, stream, monitor),
-                _ => Err(Error::Unsupported(format!(
-                    "evaluate_tiles needs a pgdiff model, not '{}'",
-                    model.meta.kind.name()
-                ))),
+            let res = model.with_net(|n| {
+                pgdiff_net(n, model, "cannot be evaluated by evaluate_tiles")?.predict(&batch, opts, stream, monitor)
             })?;
             let am = res.probabilities.argmax(1, false).to_kind(Kind::Uint8).to_device(Device::Cpu);
             for (i, &(y, x0)) in chunk.iter().enumerate() {
@@ -678,7 +671,7 @@ impl crate::engine::method::Method for PgDiff {
     }
     fn build(&self, meta: &ModelMeta, p: &nn::Path) -> Result<Net> {
         let cfg = architecture(meta)?;
-        Ok(Net::Pgdiff(PgDiffNet::new(p, &cfg, meta.input_channels.len() as i64, meta.classes.len() as i64)?))
+        Ok(Net::new(PgDiffNet::new(p, &cfg, meta.input_channels.len() as i64, meta.classes.len() as i64)?))
     }
     fn divisor(&self, meta: &ModelMeta) -> usize {
         architecture(meta).map(|c| c.divisor()).unwrap_or(1)
@@ -710,6 +703,57 @@ impl crate::engine::method::Method for PgDiff {
     }
     fn simulator(&self, _meta: &ModelMeta) -> Option<&'static str> {
         Some("qpi")
+    }
+}
+
+/// The PG-DiffSeg network of `model`, or an error saying that a model of its kind `what`.
+pub(crate) fn pgdiff_net<'a>(net: &'a Net, model: &Model, what: &str) -> Result<&'a PgDiffNet> {
+    net.downcast::<PgDiffNet>()
+        .ok_or_else(|| Error::Unsupported(format!("a '{}' model {what}", model.meta.kind.name())))
+}
+
+/// A PG-DiffSeg network has no single forward pass: it segments by diffusion sampling.
+impl Network for PgDiffNet {
+    fn forward(&self, _x: &Tensor, _deep_supervision: bool) -> Result<Vec<Tensor>> {
+        Err(Error::Unsupported("a pgdiff model has no single forward pass; it segments by diffusion sampling".into()))
+    }
+    fn infers_channels_last(&self) -> bool {
+        false
+    }
+    /// The saved sampling on the first stream (export needs it deterministic).
+    fn export_forward(&self, x: &Tensor) -> Result<Tensor> {
+        let o = self.cfg.sampling;
+        Ok(self.predict(x, &o, per_epoch_seed(o.seed, 0), &Monitor::none())?.probabilities)
+    }
+    /// Diffusion sampling with the call's options (the model's defaults when unset);
+    /// every batch of tiles draws from its own stream, `(seed, batch index)`.
+    fn tile_predictor<'a>(
+        &'a self,
+        opts: &SegmentOptions,
+        monitor: &'a Monitor,
+    ) -> Result<crate::engine::model::TilePredictor<'a>> {
+        let o = opts.diffusion.unwrap_or(self.cfg.sampling);
+        o.validate(self.schedule.len())?;
+        let mut batch_no = 0usize;
+        Ok(Box::new(move |x: &Tensor| -> Result<Tensor> {
+            let stream = per_epoch_seed(o.seed, batch_no);
+            batch_no += 1;
+            Ok(self.predict(x, &o, stream, monitor)?.probabilities)
+        }))
+    }
+}
+
+impl Model {
+    /// The sampling a PG-DiffSeg model was saved with.
+    pub fn diffusion_defaults(&self) -> Result<DiffusionOptions> {
+        self.with_net(|n| {
+            n.downcast::<PgDiffNet>().map(|d| d.cfg.sampling).ok_or_else(|| {
+                Error::Unsupported(format!(
+                    "diffusion options apply to pgdiff models; this is a '{}' model",
+                    self.meta.kind.name()
+                ))
+            })
+        })
     }
 }
 

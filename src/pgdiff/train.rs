@@ -13,7 +13,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::engine::dataset::{Sample, load_folder};
 use crate::engine::metrics;
-use crate::engine::model::{Model, ModelKind, ModelMeta, Net, SegmentOptions, TORCH_RNG};
+use crate::engine::model::{Model, ModelKind, ModelMeta, SegmentOptions, TORCH_RNG};
 use crate::engine::normalize::{NormMethod, Normalizer};
 use crate::engine::progress::Monitor;
 use crate::engine::train::optim::{Clip, Optimizer, Rule};
@@ -133,12 +133,7 @@ impl DiffusionStep {
         tch::manual_seed(seed as i64);
         let loss = {
             let inner = model.lock();
-            let Net::Pgdiff(net) = &inner.net else {
-                return Err(Error::Unsupported(format!(
-                    "a '{}' model is not trained by the PG-DiffSeg trainer",
-                    model.meta.kind.name()
-                )));
-            };
+            let net = super::pgdiff_net(&inner.net, model, "is not trained by the PG-DiffSeg trainer")?;
             if ae_phase {
                 let post = net.ae.encode(x);
                 let rec = net.ae.decode(&post.sample());
@@ -289,9 +284,7 @@ impl KindTrainer for DiffusionTrainer {
 /// `latent_scale = 1 / std` of the latents of (up to) 64 random training tiles.
 fn fit_latent_scale(model: &Model, data: &TileSet, seed: u64) -> Result<()> {
     let inner = model.lock();
-    let Net::Pgdiff(net) = &inner.net else {
-        return Err(Error::Unsupported(format!("a '{}' model has no autoencoder", model.meta.kind.name())));
-    };
+    let net = super::pgdiff_net(&inner.net, model, "has no autoencoder")?;
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5ca1e);
     let (x, _) = data.batch(&mut rng, 64.min(16 * data.images.len()).max(1));
     let std = tch::no_grad(|| net.ae.encode(&x).mean.std(true)).double_value(&[]);
