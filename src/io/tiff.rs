@@ -781,69 +781,41 @@ fn find_u64s(dec: &mut Dec, tag: Tag) -> std::result::Result<Option<Vec<u64>>, T
     dec.find_tag_unsigned_vec::<u64>(tag)
 }
 
-/// Reads the current page's directory into a `PageInfo`; `None` for a reduced-resolution
-/// page (thumbnail/pyramid level), which is not part of the image data.
-fn page_info(path: &Path, dec: &mut Dec, ifd: usize, file_len: u64) -> Result<Option<PageInfo>> {
-    let ctx = format!("page {}", ifd + 1);
-    let terr = |e: TiffError| tiff_err(path, &ctx, e);
+/// The sample type of a page from its SampleFormat and BitsPerSample tags.
+fn sample_dtype(path: &Path, ctx: &str, format: u64, bits: u64) -> Result<Dtype> {
+    u16::try_from(format).ok().zip(u16::try_from(bits).ok()).and_then(|(f, b)| Dtype::from_tags(f, b)).ok_or_else(
+        || {
+            let kind = match format {
+                1 => "unsigned integer",
+                2 => "signed integer",
+                3 => "floating point",
+                4 => "untyped",
+                5 | 6 => "complex",
+                _ => "unknown-format",
+            };
+            Error::tiff(
+                path,
+                format!(
+                    "{ctx}: {bits}-bit {kind} samples are not supported; expected 8/16/32/64-bit \
+                 integers (or 1/2/4-bit unsigned) or 16/32/64-bit floats"
+                ),
+            )
+        },
+    )
+}
 
-    let subfile = dec.find_tag_unsigned::<u32>(Tag::NewSubfileType).ok().flatten().unwrap_or(0);
-    if ifd > 0 && subfile & 1 != 0 {
-        log::debug!("{}: skipping reduced-resolution page {}", path.display(), ifd + 1);
-        return Ok(None);
-    }
-
-    let (w, h) = dec.dimensions().map_err(terr)?;
-    let (width, height) = (w as usize, h as usize);
-    // FillOrder 2 (least significant bit first within a byte) is not undone by the decoder:
-    // bit-packed data would come out bit-reversed, so refuse it
-    let fill_order = dec.find_tag_unsigned::<u16>(Tag::FillOrder).ok().flatten().unwrap_or(1);
-    if fill_order != 1 {
-        return Err(Error::tiff(
-            path,
-            format!(
-                "{ctx} has FillOrder {fill_order} (bits stored least significant first); only FillOrder 1 is supported: re-save the file (e.g. with Fiji)"
-            ),
-        ));
-    }
-    let spp = dec.find_tag_unsigned::<u16>(Tag::SamplesPerPixel).map_err(terr)?.unwrap_or(1);
-    let bits = find_u64s(dec, Tag::BitsPerSample).map_err(terr)?.and_then(|v| v.first().copied()).unwrap_or(1);
-    let format = find_u64s(dec, Tag::SampleFormat).map_err(terr)?.and_then(|v| v.first().copied()).unwrap_or(1);
-    let photometric = dec.find_tag_unsigned::<u16>(Tag::PhotometricInterpretation).map_err(terr)?;
-    let compression = dec.find_tag_unsigned::<u16>(Tag::Compression).map_err(terr)?.unwrap_or(1);
-    let predictor = dec.find_tag_unsigned::<u16>(Tag::Predictor).map_err(terr)?.unwrap_or(1);
-    let planar = dec.find_tag_unsigned::<u16>(Tag::PlanarConfiguration).map_err(terr)?.unwrap_or(1) == 2;
-    let tiled = dec.get_chunk_type() == ChunkType::Tile;
-
-    let dtype =
-        u16::try_from(format).ok().zip(u16::try_from(bits).ok()).and_then(|(f, b)| Dtype::from_tags(f, b)).ok_or_else(
-            || {
-                let kind = match format {
-                    1 => "unsigned integer",
-                    2 => "signed integer",
-                    3 => "floating point",
-                    4 => "untyped",
-                    5 | 6 => "complex",
-                    _ => "unknown-format",
-                };
-                Error::tiff(
-                    path,
-                    format!(
-                        "{ctx}: {bits}-bit {kind} samples are not supported; expected 8/16/32/64-bit \
-                     integers (or 1/2/4-bit unsigned) or 16/32/64-bit floats"
-                    ),
-                )
-            },
-        )?;
-
-    // Check every chunk lies inside the file before allocating anything for it: this is
-    // the usual symptom of a truncated copy and gives a much clearer message than EOF.
-    let (otag, ctag) =
-        if tiled { (Tag::TileOffsets, Tag::TileByteCounts) } else { (Tag::StripOffsets, Tag::StripByteCounts) };
-    let offsets = find_u64s(dec, otag).map_err(terr)?.unwrap_or_default();
-    let counts = find_u64s(dec, ctag).map_err(terr)?.unwrap_or_default();
+/// Checks that every chunk lies inside the file, before anything is allocated for it:
+/// this is the usual symptom of a truncated copy and gives a much clearer message than EOF.
+fn check_chunks_in_file(
+    path: &Path,
+    ctx: &str,
+    tiled: bool,
+    offsets: &[u64],
+    counts: &[u64],
+    file_len: u64,
+) -> Result<()> {
     let chunk = if tiled { "tile" } else { "strip" };
-    for (i, (&o, &n)) in offsets.iter().zip(&counts).enumerate() {
+    for (i, (&o, &n)) in offsets.iter().zip(counts).enumerate() {
         if o.checked_add(n).is_none_or(|end| end > file_len) {
             return Err(Error::tiff(
                 path,
@@ -856,10 +828,59 @@ fn page_info(path: &Path, dec: &mut Dec, ifd: usize, file_len: u64) -> Result<Op
             ));
         }
     }
-    let rows_per_strip =
-        dec.find_tag_unsigned::<u64>(Tag::RowsPerStrip).map_err(terr)?.unwrap_or(h as u64).clamp(1, h as u64) as usize;
-    let raw_ok = compression == 1 && predictor == 1 && !tiled && dtype.bits() >= 8;
+    Ok(())
+}
 
+/// The storage tags of a page that decide how its samples are read.
+struct Layout {
+    spp: u16,
+    photometric: Option<u16>,
+    compression: u16,
+    predictor: u16,
+    tiled: bool,
+    /// Uncompressed strips of whole bytes: readable without the decoder.
+    raw_ok: bool,
+    dtype: Dtype,
+}
+
+/// Where an uncompressed page's strips are.
+struct Strips<'a> {
+    offsets: &'a [u64],
+    counts: &'a [u64],
+    rows_per_strip: usize,
+    width: usize,
+    height: usize,
+}
+
+impl Strips<'_> {
+    fn raw_source(&self, path: &Path, ctx: &str, dtype: Dtype) -> Result<Source> {
+        Ok(Source::Raw {
+            runs: strip_runs(
+                path,
+                ctx,
+                self.offsets,
+                self.counts,
+                self.rows_per_strip,
+                self.width,
+                self.height,
+                dtype,
+            )?,
+        })
+    }
+}
+
+/// The number of channels a page's pixels give, where its samples are read from (the
+/// decoder, or raw strips for what the decoder refuses), and whether the decoder's
+/// WhiteIsZero inversion must be undone.
+fn channel_source(
+    path: &Path,
+    ctx: &str,
+    dec: &mut Dec,
+    ifd: usize,
+    l: &Layout,
+    strips: &Strips,
+) -> Result<(usize, Source, bool)> {
+    let Layout { spp, photometric, compression, predictor, tiled, raw_ok, dtype } = *l;
     let mut source = Source::Decoder { ifd };
     let samples = match dec.colortype() {
         Ok(ColorType::Gray(_)) => 1,
@@ -900,11 +921,10 @@ fn page_info(path: &Path, dec: &mut Dec, ifd: usize, file_len: u64) -> Result<Op
                     ),
                 ));
             }
-            source =
-                Source::Raw { runs: strip_runs(path, &ctx, &offsets, &counts, rows_per_strip, width, height, dtype)? };
+            source = strips.raw_source(path, ctx, dtype)?;
             1
         }
-        Err(e) => return Err(terr(e)),
+        Err(e) => return Err(tiff_err(path, ctx, e)),
     };
     // WhiteIsZero: keep the stored values, as ImageJ and tifffile do. Fiji saves binary
     // masks with an inverting LUT this way, and inverting them would swap object and
@@ -917,8 +937,7 @@ fn page_info(path: &Path, dec: &mut Dec, ifd: usize, file_len: u64) -> Result<Op
         if unsigned && samples == 1 {
             undo_invert = true;
         } else if raw_ok && spp == 1 {
-            source =
-                Source::Raw { runs: strip_runs(path, &ctx, &offsets, &counts, rows_per_strip, width, height, dtype)? };
+            source = strips.raw_source(path, ctx, dtype)?;
         } else {
             return Err(Error::tiff(
                 path,
@@ -931,6 +950,57 @@ fn page_info(path: &Path, dec: &mut Dec, ifd: usize, file_len: u64) -> Result<Op
             ));
         }
     }
+    Ok((samples, source, undo_invert))
+}
+
+/// Reads the current page's directory into a `PageInfo`; `None` for a reduced-resolution
+/// page (thumbnail/pyramid level), which is not part of the image data.
+fn page_info(path: &Path, dec: &mut Dec, ifd: usize, file_len: u64) -> Result<Option<PageInfo>> {
+    let ctx = format!("page {}", ifd + 1);
+    let terr = |e: TiffError| tiff_err(path, &ctx, e);
+
+    let subfile = dec.find_tag_unsigned::<u32>(Tag::NewSubfileType).ok().flatten().unwrap_or(0);
+    if ifd > 0 && subfile & 1 != 0 {
+        log::debug!("{}: skipping reduced-resolution page {}", path.display(), ifd + 1);
+        return Ok(None);
+    }
+
+    let (w, h) = dec.dimensions().map_err(terr)?;
+    let (width, height) = (w as usize, h as usize);
+    // FillOrder 2 (least significant bit first within a byte) is not undone by the decoder:
+    // bit-packed data would come out bit-reversed, so refuse it
+    let fill_order = dec.find_tag_unsigned::<u16>(Tag::FillOrder).ok().flatten().unwrap_or(1);
+    if fill_order != 1 {
+        return Err(Error::tiff(
+            path,
+            format!(
+                "{ctx} has FillOrder {fill_order} (bits stored least significant first); only FillOrder 1 is supported: re-save the file (e.g. with Fiji)"
+            ),
+        ));
+    }
+    let spp = dec.find_tag_unsigned::<u16>(Tag::SamplesPerPixel).map_err(terr)?.unwrap_or(1);
+    let bits = find_u64s(dec, Tag::BitsPerSample).map_err(terr)?.and_then(|v| v.first().copied()).unwrap_or(1);
+    let format = find_u64s(dec, Tag::SampleFormat).map_err(terr)?.and_then(|v| v.first().copied()).unwrap_or(1);
+    let photometric = dec.find_tag_unsigned::<u16>(Tag::PhotometricInterpretation).map_err(terr)?;
+    let compression = dec.find_tag_unsigned::<u16>(Tag::Compression).map_err(terr)?.unwrap_or(1);
+    let predictor = dec.find_tag_unsigned::<u16>(Tag::Predictor).map_err(terr)?.unwrap_or(1);
+    let planar = dec.find_tag_unsigned::<u16>(Tag::PlanarConfiguration).map_err(terr)?.unwrap_or(1) == 2;
+    let tiled = dec.get_chunk_type() == ChunkType::Tile;
+
+    let dtype = sample_dtype(path, &ctx, format, bits)?;
+
+    let (otag, ctag) =
+        if tiled { (Tag::TileOffsets, Tag::TileByteCounts) } else { (Tag::StripOffsets, Tag::StripByteCounts) };
+    let offsets = find_u64s(dec, otag).map_err(terr)?.unwrap_or_default();
+    let counts = find_u64s(dec, ctag).map_err(terr)?.unwrap_or_default();
+    check_chunks_in_file(path, &ctx, tiled, &offsets, &counts, file_len)?;
+    let rows_per_strip =
+        dec.find_tag_unsigned::<u64>(Tag::RowsPerStrip).map_err(terr)?.unwrap_or(h as u64).clamp(1, h as u64) as usize;
+    let raw_ok = compression == 1 && predictor == 1 && !tiled && dtype.bits() >= 8;
+
+    let layout = Layout { spp, photometric, compression, predictor, tiled, raw_ok, dtype };
+    let strips = Strips { offsets: &offsets, counts: &counts, rows_per_strip, width, height };
+    let (samples, source, undo_invert) = channel_source(path, &ctx, dec, ifd, &layout, &strips)?;
     if samples == 0 {
         return Err(Error::tiff(path, format!("{ctx}: zero samples per pixel")));
     }
@@ -1137,27 +1207,12 @@ fn rational(dec: &mut Dec, tag: Tag) -> Option<f64> {
     (v.is_finite() && v > 0.0).then_some(v)
 }
 
-/// Scans all directories, validates them against each other and decides the layout.
-fn open_and_plan(path: &Path) -> Result<(Dec, Plan)> {
-    let (mut dec, file_len, little_endian) = open(path)?;
-
-    // First-page metadata: ImageJ description and labels, resolution.
-    let ij = description(&mut dec).and_then(|d| parse_imagej(&d));
-    let labels = match (
-        tag_bytes(&mut dec, Tag::Unknown(TAG_IJ_METADATA)),
-        dec.find_tag_unsigned_vec::<u64>(Tag::Unknown(TAG_IJ_BYTE_COUNTS)).ok().flatten(),
-    ) {
-        (Some(data), Some(counts)) => parse_ij_labels(&data, &counts),
-        _ => None,
-    };
-    let xres = rational(&mut dec, Tag::XResolution);
-    let yres = rational(&mut dec, Tag::YResolution);
-    let res_unit = dec.find_tag_unsigned::<u16>(Tag::ResolutionUnit).ok().flatten();
-
+/// Every full-resolution page's `PageInfo`, in file order.
+fn read_pages(path: &Path, dec: &mut Dec, file_len: u64) -> Result<Vec<PageInfo>> {
     let mut pages = Vec::new();
     let mut ifd = 0usize;
     loop {
-        if let Some(p) = page_info(path, &mut dec, ifd, file_len)? {
+        if let Some(p) = page_info(path, dec, ifd, file_len)? {
             pages.push(p);
         }
         if !dec.more_images() {
@@ -1169,9 +1224,12 @@ fn open_and_plan(path: &Path) -> Result<(Dec, Plan)> {
         }
         dec.next_image().map_err(|e| tiff_err(path, &format!("reading the directory of page {}", ifd + 1), e))?;
     }
+    Ok(pages)
+}
 
-    // All pages must agree, or no (T, C, H, W) array can hold them.
-    let first = pages[0].clone();
+/// All pages must agree with the first, or no (T, C, H, W) array can hold them.
+fn check_pages_agree(path: &Path, pages: &[PageInfo]) -> Result<()> {
+    let first = &pages[0];
     for (i, p) in pages.iter().enumerate().skip(1) {
         if (p.width, p.height) != (first.width, first.height) {
             return Err(Error::tiff(
@@ -1202,60 +1260,63 @@ fn open_and_plan(path: &Path) -> Result<(Dec, Plan)> {
             ));
         }
     }
-    let s = first.samples;
-    let signed16 = first.dtype == Dtype::U16 && ij.as_ref().is_some_and(|(raw, _)| raw.signed16());
+    Ok(())
+}
 
-    let (t, c, imagej, unit_ij) = match ij {
-        Some((raw, unit)) => {
-            let n = pages.len();
-            let images = raw.images.unwrap_or(n);
-            let has_dims = raw.channels.is_some() || raw.slices.is_some() || raw.frames.is_some();
-            // Without dimensions ImageJ treats the images as a plain stack of slices.
-            let (ch, sl, fr) = if has_dims {
-                (raw.channels.unwrap_or(1), raw.slices.unwrap_or(1), raw.frames.unwrap_or(1))
-            } else {
-                (1, images, 1)
-            };
-            let product = ch.checked_mul(sl).and_then(|x| x.checked_mul(fr));
-            if product != Some(images) {
-                return Err(Error::tiff(
-                    path,
-                    format!(
-                        "ImageJ description is inconsistent: channels={ch} x slices={sl} x \
-                         frames={fr} does not equal images={images}"
-                    ),
-                ));
-            }
-            if images != n {
-                match contiguous_pages(&first, &pages, images, file_len) {
-                    Some(virt) => pages = virt,
-                    None => {
-                        return Err(Error::tiff(
-                            path,
-                            format!(
-                                "ImageJ description says the file holds {images} images \
-                                 (channels={ch} x slices={sl} x frames={fr}) but it has {n} \
-                                 pages; expected pages == channels x slices x frames"
-                            ),
-                        ));
-                    }
-                }
-            }
-            if s > 1 && ch > 1 {
-                return Err(Error::tiff(
-                    path,
-                    format!(
-                        "ImageJ hyperstack with {ch} channels of {s}-sample (RGB) pixels is not \
-                         supported; expected grayscale channels"
-                    ),
-                ));
-            }
-            let ij = ImageJ { images, channels: ch, slices: sl, frames: fr };
-            (sl * fr, ch * s, Some(ij), unit)
-        }
-        None => (pages.len(), s, None, None),
+/// The hyperstack layout an ImageJ description gives, checked against the pages; a large
+/// stack written with one directory gets its missing pages rebuilt in `pages`.
+fn imagej_layout(path: &Path, raw: &ImageJRaw, pages: &mut Vec<PageInfo>, file_len: u64) -> Result<ImageJ> {
+    let n = pages.len();
+    let s = pages[0].samples;
+    let images = raw.images.unwrap_or(n);
+    let has_dims = raw.channels.is_some() || raw.slices.is_some() || raw.frames.is_some();
+    // Without dimensions ImageJ treats the images as a plain stack of slices.
+    let (ch, sl, fr) = if has_dims {
+        (raw.channels.unwrap_or(1), raw.slices.unwrap_or(1), raw.frames.unwrap_or(1))
+    } else {
+        (1, images, 1)
     };
+    let product = ch.checked_mul(sl).and_then(|x| x.checked_mul(fr));
+    if product != Some(images) {
+        return Err(Error::tiff(
+            path,
+            format!(
+                "ImageJ description is inconsistent: channels={ch} x slices={sl} x \
+                 frames={fr} does not equal images={images}"
+            ),
+        ));
+    }
+    if images != n {
+        match contiguous_pages(&pages[0], pages, images, file_len) {
+            Some(virt) => *pages = virt,
+            None => {
+                return Err(Error::tiff(
+                    path,
+                    format!(
+                        "ImageJ description says the file holds {images} images \
+                         (channels={ch} x slices={sl} x frames={fr}) but it has {n} \
+                         pages; expected pages == channels x slices x frames"
+                    ),
+                ));
+            }
+        }
+    }
+    if s > 1 && ch > 1 {
+        return Err(Error::tiff(
+            path,
+            format!(
+                "ImageJ hyperstack with {ch} channels of {s}-sample (RGB) pixels is not \
+                 supported; expected grayscale channels"
+            ),
+        ));
+    }
+    Ok(ImageJ { images, channels: ch, slices: sl, frames: fr })
+}
 
+/// Refuses a header that asks for more samples than allowed, or than the file's bytes
+/// could hold.
+fn check_size(path: &Path, t: usize, c: usize, pages: &[PageInfo], file_len: u64) -> Result<()> {
+    let first = &pages[0];
     let total = (t as u64) * (c as u64) * (first.width as u64) * (first.height as u64);
     if total > MAX_TOTAL_SAMPLES {
         return Err(Error::tiff(
@@ -1267,7 +1328,6 @@ fn open_and_plan(path: &Path) -> Result<(Dec, Plan)> {
             ),
         ));
     }
-
     // Compressed pixel data expands at most about 2730x (LZW with 12-bit codes; Deflate
     // about 1032x, PackBits 64x; fax codes: see max_expansion). A header that claims more
     // pixels than the file's bytes could hold is corrupt: refuse it before allocating (a
@@ -1287,10 +1347,17 @@ fn open_and_plan(path: &Path) -> Result<(Dec, Plan)> {
             ),
         ));
     }
+    Ok(())
+}
 
-    // Labels are per page in CZT order: the first C belong to the first time point/slice.
-    let labels = match (&imagej, labels) {
-        (Some(ij), Some(l)) if s == 1 && l.len() >= ij.channels && l[..ij.channels].iter().any(|x| !x.is_empty()) => {
+/// ImageJ's channel labels, when every channel is a single-sample plane and some label is
+/// set (unset ones become `ch{i}`). Labels are per page in CZT order: the first C belong
+/// to the first time point / slice.
+fn channel_labels(imagej: Option<&ImageJ>, labels: Option<Vec<String>>, samples: usize) -> Option<Vec<String>> {
+    match (imagej, labels) {
+        (Some(ij), Some(l))
+            if samples == 1 && l.len() >= ij.channels && l[..ij.channels].iter().any(|x| !x.is_empty()) =>
+        {
             Some(
                 l[..ij.channels]
                     .iter()
@@ -1300,9 +1367,17 @@ fn open_and_plan(path: &Path) -> Result<(Dec, Plan)> {
             )
         }
         _ => None,
-    };
+    }
+}
 
-    // XResolution is pixels per unit; the pixel size is its inverse.
+/// The pixel size `(x, y)` from the resolution tags (pixels per unit, so the size is the
+/// inverse), and its unit: ImageJ's, else the ResolutionUnit's.
+fn pixel_size_and_unit(
+    xres: Option<f64>,
+    yres: Option<f64>,
+    res_unit: Option<u16>,
+    unit_ij: Option<String>,
+) -> (Option<(f64, f64)>, Option<String>) {
     let pixel_size = match (xres, yres) {
         (Some(x), Some(y)) => Some((1.0 / x, 1.0 / y)),
         (Some(x), None) => Some((1.0 / x, 1.0 / x)),
@@ -1315,12 +1390,47 @@ fn open_and_plan(path: &Path) -> Result<(Dec, Plan)> {
         (_, Some(2) | None) => Some("inch".to_string()),
         (_, Some(_)) => None,
     });
+    (pixel_size, unit)
+}
+
+/// Scans all directories, validates them against each other and decides the layout.
+fn open_and_plan(path: &Path) -> Result<(Dec, Plan)> {
+    let (mut dec, file_len, little_endian) = open(path)?;
+
+    // First-page metadata: ImageJ description and labels, resolution.
+    let ij = description(&mut dec).and_then(|d| parse_imagej(&d));
+    let labels = match (
+        tag_bytes(&mut dec, Tag::Unknown(TAG_IJ_METADATA)),
+        dec.find_tag_unsigned_vec::<u64>(Tag::Unknown(TAG_IJ_BYTE_COUNTS)).ok().flatten(),
+    ) {
+        (Some(data), Some(counts)) => parse_ij_labels(&data, &counts),
+        _ => None,
+    };
+    let xres = rational(&mut dec, Tag::XResolution);
+    let yres = rational(&mut dec, Tag::YResolution);
+    let res_unit = dec.find_tag_unsigned::<u16>(Tag::ResolutionUnit).ok().flatten();
+
+    let mut pages = read_pages(path, &mut dec, file_len)?;
+    check_pages_agree(path, &pages)?;
+    let (height, width, s, dtype) = (pages[0].height, pages[0].width, pages[0].samples, pages[0].dtype);
+    let signed16 = dtype == Dtype::U16 && ij.as_ref().is_some_and(|(raw, _)| raw.signed16());
+
+    let (t, c, imagej, unit_ij) = match ij {
+        Some((raw, unit)) => {
+            let ij = imagej_layout(path, &raw, &mut pages, file_len)?;
+            (ij.slices * ij.frames, ij.channels * s, Some(ij), unit)
+        }
+        None => (pages.len(), s, None, None),
+    };
+    check_size(path, t, c, &pages, file_len)?;
+    let labels = channel_labels(imagej.as_ref(), labels, s);
+    let (pixel_size, unit) = pixel_size_and_unit(xres, yres, res_unit, unit_ij);
 
     let plan = Plan {
-        height: first.height,
-        width: first.width,
+        height,
+        width,
         samples: s,
-        dtype: first.dtype,
+        dtype,
         pages,
         t,
         c,

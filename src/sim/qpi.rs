@@ -225,7 +225,211 @@ fn smoothstep(t: f64) -> f64 {
     t * t * (3.0 - 2.0 * t)
 }
 
-/// Simulates one frame.
+/// The frame being painted: optical path difference (µm), class labels and which cell
+/// owns each pixel (`u32::MAX`: none), all `n x n`, row-major.
+struct Canvas {
+    n: usize,
+    opd: Vec<f64>,
+    label: Vec<u8>,
+    owner: Vec<u32>,
+}
+
+/// One cell's footprint: the bounding box `[x0, x1) x [y0, y1)` and the outline's `rho`
+/// (< 1 inside) at each pixel of it.
+struct Footprint {
+    x0: usize,
+    x1: usize,
+    y0: usize,
+    y1: usize,
+    rho: Vec<f64>,
+    /// Pixels inside the outline.
+    inside: usize,
+    /// Of those, pixels some other cell owns already.
+    overlap: usize,
+    /// The cell's centre (pixels).
+    centre: (f64, f64),
+}
+
+impl Footprint {
+    fn rasterize(c: &Canvas, outline: &Outline, cx: f64, cy: f64) -> Self {
+        let n = c.n;
+        let reach = outline.reach();
+        let (x0, x1) = ((cx - reach).floor().max(0.0) as usize, ((cx + reach).ceil() as usize).min(n));
+        let (y0, y1) = ((cy - reach).floor().max(0.0) as usize, ((cy + reach).ceil() as usize).min(n));
+        let bw = x1.saturating_sub(x0);
+        let mut rho = vec![f64::INFINITY; bw * y1.saturating_sub(y0)];
+        let (mut inside, mut overlap) = (0usize, 0usize);
+        for y in y0..y1 {
+            for x in x0..x1 {
+                let r = outline.rho(x as f64 + 0.5, y as f64 + 0.5);
+                rho[(y - y0) * bw + x - x0] = r;
+                if r < 1.0 {
+                    inside += 1;
+                    if c.owner[y * n + x] != u32::MAX {
+                        overlap += 1;
+                    }
+                }
+            }
+        }
+        Footprint { x0, x1, y0, y1, rho, inside, overlap, centre: (cx, cy) }
+    }
+
+    /// `(frame index, rho)` of the footprint's free pixels inside the outline.
+    fn free_pixels<'a>(&'a self, c: &'a Canvas) -> impl Iterator<Item = (usize, usize, usize, f64)> + 'a {
+        let bw = self.x1 - self.x0;
+        (self.y0..self.y1).flat_map(move |y| {
+            (self.x0..self.x1).filter_map(move |x| {
+                let i = y * c.n + x;
+                let r = self.rho[(y - self.y0) * bw + x - self.x0];
+                (r < 1.0 && c.owner[i] == u32::MAX).then_some((x, y, i, r))
+            })
+        })
+    }
+}
+
+/// A dead cell: a shrunken, granular dome with blebs on its rim.
+fn paint_dead(c: &mut Canvas, geo: &mut Rng, fp: &Footprint, outline: &Outline, px: f64, grain: &[f64], id: u32) {
+    let (cx, cy) = fp.centre;
+    let n = c.n;
+    let height = geo.between(4.0, 7.0);
+    let dn = geo.between(0.04, 0.06);
+    let tex_amp = geo.between(0.2, 0.3);
+    let body: Vec<(usize, f64)> = fp.free_pixels(c).map(|(_, _, i, r)| (i, r)).collect();
+    for (i, r) in body {
+        let h = height * (1.0 - r * r).max(0.0).sqrt();
+        c.opd[i] += dn * (1.0 + tex_amp * grain[i]) * h;
+        c.owner[i] = id;
+        c.label[i] = 2;
+    }
+    let nb = 2 + geo.below(5);
+    for _ in 0..nb {
+        let a = geo.between(-std::f64::consts::PI, std::f64::consts::PI);
+        let (s, co) = pmath::sin_cos(a);
+        let rr = outline.r0 * geo.between(0.9, 1.1);
+        let (bx, by) = (cx + rr * co, cy + rr * s);
+        let br = geo.between(0.5, 1.25) / px; // radius in px
+        let bh = 2.0 * br * px; // sphere: height = diameter (um)
+        let bdn = dn * geo.between(0.8, 1.1);
+        let (bx0, bx1) = ((bx - br - 1.0).floor().max(0.0) as usize, ((bx + br + 1.0).ceil().max(0.0) as usize).min(n));
+        let (by0, by1) = ((by - br - 1.0).floor().max(0.0) as usize, ((by + br + 1.0).ceil().max(0.0) as usize).min(n));
+        for y in by0..by1 {
+            for x in bx0..bx1 {
+                let i = y * n + x;
+                let q = ((x as f64 + 0.5 - bx).powi(2) + (y as f64 + 0.5 - by).powi(2)).sqrt() / br;
+                if q >= 1.0 || (c.owner[i] != u32::MAX && c.owner[i] != id) {
+                    continue;
+                }
+                // the bleb's chord length, on top of whatever the body has there
+                let chord = bh * (1.0 - q * q).sqrt();
+                let on_body = if c.owner[i] == id { 0.5 } else { 1.0 };
+                c.opd[i] += bdn * chord * on_body;
+                c.owner[i] = id;
+                c.label[i] = 2;
+            }
+        }
+    }
+}
+
+/// A live cell: a thin lamella around a dome, with fine texture and an offset nucleus
+/// holding one to three nucleoli.
+fn paint_live(c: &mut Canvas, geo: &mut Rng, fp: &Footprint, outline: &Outline, px: f64, fine: &[f64], id: u32) {
+    let (cx, cy) = fp.centre;
+    let lamella = geo.between(0.3, 0.6);
+    let dome = geo.between(1.5, 3.5);
+    let rho_b = geo.between(0.45, 0.65);
+    let dn = geo.between(0.025, 0.04);
+    let tex_amp = geo.between(0.08, 0.12);
+    let taper = (1.0 / px / outline.r0).clamp(0.03, 0.3); // ~1 um of the radius
+    // nucleus: an ellipse offset from the centre, inside the dome
+    let (nr, nasp) = (outline.r0 * geo.between(0.25, 0.35), geo.between(1.0, 1.4));
+    let na = geo.between(-std::f64::consts::PI, std::f64::consts::PI);
+    let (ns, nc) = pmath::sin_cos(na);
+    let off = outline.r0 * geo.between(0.0, 0.15);
+    let (ncx, ncy) = (cx + off * nc, cy + off * ns);
+    let n_dn = geo.between(0.005, 0.015);
+    let n_h = geo.between(1.0, 2.0);
+    let nucleoli: Vec<(f64, f64, f64)> = (0..1 + geo.below(3))
+        .map(|_| {
+            let a = geo.between(-std::f64::consts::PI, std::f64::consts::PI);
+            let (s, co) = pmath::sin_cos(a);
+            let rr = nr * geo.between(0.0, 0.5);
+            (ncx + rr * co, ncy + rr * s, geo.between(0.6, 1.2) / px)
+        })
+        .collect();
+    let body: Vec<(usize, usize, usize, f64)> = fp.free_pixels(c).collect();
+    for (x, y, i, r) in body {
+        let (fx, fy) = (x as f64 + 0.5, y as f64 + 0.5);
+        let mut h = lamella * smoothstep((1.0 - r) / taper);
+        if r < rho_b {
+            h += dome * pmath::powf(1.0 - (r / rho_b).powi(2), 1.5);
+        }
+        let mut path = dn * (1.0 + tex_amp * fine[i]) * h;
+        let (dx, dy) = (fx - ncx, fy - ncy);
+        let (u, v) = (dx * nc + dy * ns, -dx * ns + dy * nc);
+        let rn2 = (u / (nr * nasp.sqrt())).powi(2) + (v / (nr / nasp.sqrt())).powi(2);
+        if rn2 < 1.0 {
+            let t = (1.0 - rn2).sqrt();
+            path += (dn + n_dn) * n_h * t + n_dn * h * t;
+            for &(ox, oy, orad) in &nucleoli {
+                let q2 = ((fx - ox).powi(2) + (fy - oy).powi(2)) / (orad * orad);
+                if q2 < 1.0 {
+                    path += 0.02 * 2.0 * orad * px * (1.0 - q2).sqrt();
+                }
+            }
+        }
+        c.opd[i] += path;
+        c.owner[i] = id;
+        c.label[i] = 1;
+    }
+}
+
+/// Debris in the background: small spheres on free pixels, labelled background.
+fn paint_debris(c: &mut Canvas, geo: &mut Rng, cfg: &QpiConfig, k0: f64) {
+    let n = c.n;
+    let px = cfg.pixel_size_um;
+    let fov = n as f64 * px;
+    let n_debris = (cfg.debris_density * fov * fov / 1e4).round() as usize;
+    for _ in 0..n_debris {
+        let (dx, dy) = (geo.between(0.0, n as f64), geo.between(0.0, n as f64));
+        let r = geo.between(0.5, 1.5) / px;
+        let peak = geo.between(0.3, 1.5) / k0; // OPD (um) of the particle's centre
+        let (x0, x1) = ((dx - r - 1.0).floor().max(0.0) as usize, ((dx + r + 1.0).ceil() as usize).min(n));
+        let (y0, y1) = ((dy - r - 1.0).floor().max(0.0) as usize, ((dy + r + 1.0).ceil() as usize).min(n));
+        for y in y0..y1 {
+            for x in x0..x1 {
+                let i = y * n + x;
+                let q2 = ((x as f64 + 0.5 - dx).powi(2) + (y as f64 + 0.5 - dy).powi(2)) / (r * r);
+                if q2 < 1.0 && c.owner[i] == u32::MAX {
+                    c.opd[i] += peak * (1.0 - q2).sqrt();
+                }
+            }
+        }
+    }
+}
+
+/// The measured phase: `clean` plus the background that phase retrieval leaves (tilt,
+/// curvature and a smooth field, zero mean) and white noise.
+fn add_background(clean: &[f64], n: usize, cfg: &QpiConfig, noise: &mut Rng) -> Vec<f64> {
+    let (tx, ty, cxx, cyy) = (noise.normal(), noise.normal(), noise.normal(), noise.normal());
+    let bgf = smooth_field(noise, n, n, n as f64 / 6.0);
+    let mut out = vec![0.0f64; n * n];
+    let s = cfg.background_rad;
+    for y in 0..n {
+        for x in 0..n {
+            let (u, v) = (2.0 * x as f64 / n as f64 - 1.0, 2.0 * y as f64 / n as f64 - 1.0);
+            let bg = s
+                * (0.5 * (tx * u + ty * v)
+                    + 0.3 * (cxx * (u * u - 1.0 / 3.0) + cyy * (v * v - 1.0 / 3.0))
+                    + 0.5 * bgf[y * n + x]);
+            out[y * n + x] = clean[y * n + x] + bg + cfg.noise_rad * noise.normal();
+        }
+    }
+    out
+}
+
+/// Simulates one frame: cells are placed until the drawn coverage is reached (a cell
+/// that would overlap others by more than 5 % is redrawn), then debris, blur, the
+/// retrieval background and noise.
 pub fn simulate(cfg: &QpiConfig, seed: u64) -> Result<QpiSample> {
     cfg.validate()?;
     let n = cfg.size;
@@ -235,9 +439,7 @@ pub fn simulate(cfg: &QpiConfig, seed: u64) -> Result<QpiSample> {
     let mut tex = Rng::new(seed, STREAM_TEXTURE);
     let mut noise = Rng::new(seed, STREAM_NOISE);
 
-    let mut opd = vec![0.0f64; n * n]; // um
-    let mut label = vec![0u8; n * n];
-    let mut owner = vec![u32::MAX; n * n];
+    let mut c = Canvas { n, opd: vec![0.0; n * n], label: vec![0; n * n], owner: vec![u32::MAX; n * n] };
     let fine = smooth_field(&mut tex, n, n, 1.5); // organelles of live cells
     let grain = smooth_field(&mut tex, n, n, 0.7); // granularity of dead cells
 
@@ -259,180 +461,30 @@ pub fn simulate(cfg: &QpiConfig, seed: u64) -> Result<QpiSample> {
             let nb = geo.below(4);
             Outline::random(&mut geo, cx, cy, r_live, [1.0, 1.8], 0.25, nb)
         };
-        let reach = outline.reach();
-        let (x0, x1) = ((cx - reach).floor().max(0.0) as usize, ((cx + reach).ceil() as usize).min(n));
-        let (y0, y1) = ((cy - reach).floor().max(0.0) as usize, ((cy + reach).ceil() as usize).min(n));
-        // rasterize rho once
-        let bw = x1.saturating_sub(x0);
-        let mut rho = vec![f64::INFINITY; bw * y1.saturating_sub(y0)];
-        let (mut inside, mut overlap) = (0usize, 0usize);
-        for y in y0..y1 {
-            for x in x0..x1 {
-                let r = outline.rho(x as f64 + 0.5, y as f64 + 0.5);
-                rho[(y - y0) * bw + x - x0] = r;
-                if r < 1.0 {
-                    inside += 1;
-                    if owner[y * n + x] != u32::MAX {
-                        overlap += 1;
-                    }
-                }
-            }
-        }
-        if inside < 12 || overlap as f64 > 0.05 * inside as f64 {
+        let fp = Footprint::rasterize(&c, &outline, cx, cy);
+        if fp.inside < 12 || fp.overlap as f64 > 0.05 * fp.inside as f64 {
             continue;
         }
         let id = (n_live + n_dead) as u32;
-        let class = if dead { 2u8 } else { 1u8 };
-        // per-cell parameters
         if dead {
-            let height = geo.between(4.0, 7.0);
-            let dn = geo.between(0.04, 0.06);
-            let tex_amp = geo.between(0.2, 0.3);
-            for y in y0..y1 {
-                for x in x0..x1 {
-                    let i = y * n + x;
-                    let r = rho[(y - y0) * bw + x - x0];
-                    if r >= 1.0 || owner[i] != u32::MAX {
-                        continue;
-                    }
-                    let h = height * (1.0 - r * r).max(0.0).sqrt();
-                    opd[i] += dn * (1.0 + tex_amp * grain[i]) * h;
-                    owner[i] = id;
-                    label[i] = class;
-                }
-            }
-            // blebs on the rim
-            let nb = 2 + geo.below(5);
-            for _ in 0..nb {
-                let a = geo.between(-std::f64::consts::PI, std::f64::consts::PI);
-                let (s, c) = pmath::sin_cos(a);
-                let rr = outline.r0 * geo.between(0.9, 1.1);
-                let (bx, by) = (cx + rr * c, cy + rr * s);
-                let br = geo.between(0.5, 1.25) / px; // radius in px
-                let bh = 2.0 * br * px; // sphere: height = diameter (um)
-                let bdn = dn * geo.between(0.8, 1.1);
-                let (bx0, bx1) =
-                    ((bx - br - 1.0).floor().max(0.0) as usize, ((bx + br + 1.0).ceil().max(0.0) as usize).min(n));
-                let (by0, by1) =
-                    ((by - br - 1.0).floor().max(0.0) as usize, ((by + br + 1.0).ceil().max(0.0) as usize).min(n));
-                for y in by0..by1 {
-                    for x in bx0..bx1 {
-                        let i = y * n + x;
-                        let q = ((x as f64 + 0.5 - bx).powi(2) + (y as f64 + 0.5 - by).powi(2)).sqrt() / br;
-                        if q >= 1.0 || (owner[i] != u32::MAX && owner[i] != id) {
-                            continue;
-                        }
-                        // the bleb's chord length, on top of whatever the body has there
-                        let chord = bh * (1.0 - q * q).sqrt();
-                        let body = if owner[i] == id { 0.5 } else { 1.0 };
-                        opd[i] += bdn * chord * body;
-                        owner[i] = id;
-                        label[i] = class;
-                    }
-                }
-            }
+            paint_dead(&mut c, &mut geo, &fp, &outline, px, &grain, id);
             n_dead += 1;
         } else {
-            let lamella = geo.between(0.3, 0.6);
-            let dome = geo.between(1.5, 3.5);
-            let rho_b = geo.between(0.45, 0.65);
-            let dn = geo.between(0.025, 0.04);
-            let tex_amp = geo.between(0.08, 0.12);
-            let taper = (1.0 / px / outline.r0).clamp(0.03, 0.3); // ~1 um of the radius
-            // nucleus: an ellipse offset from the centre, inside the dome
-            let (nr, nasp) = (outline.r0 * geo.between(0.25, 0.35), geo.between(1.0, 1.4));
-            let na = geo.between(-std::f64::consts::PI, std::f64::consts::PI);
-            let (ns, nc) = pmath::sin_cos(na);
-            let off = outline.r0 * geo.between(0.0, 0.15);
-            let (ncx, ncy) = (cx + off * nc, cy + off * ns);
-            let n_dn = geo.between(0.005, 0.015);
-            let n_h = geo.between(1.0, 2.0);
-            let nucleoli: Vec<(f64, f64, f64)> = (0..1 + geo.below(3))
-                .map(|_| {
-                    let a = geo.between(-std::f64::consts::PI, std::f64::consts::PI);
-                    let (s, c) = pmath::sin_cos(a);
-                    let rr = nr * geo.between(0.0, 0.5);
-                    (ncx + rr * c, ncy + rr * s, geo.between(0.6, 1.2) / px)
-                })
-                .collect();
-            for y in y0..y1 {
-                for x in x0..x1 {
-                    let i = y * n + x;
-                    let r = rho[(y - y0) * bw + x - x0];
-                    if r >= 1.0 || owner[i] != u32::MAX {
-                        continue;
-                    }
-                    let (fx, fy) = (x as f64 + 0.5, y as f64 + 0.5);
-                    let mut h = lamella * smoothstep((1.0 - r) / taper);
-                    if r < rho_b {
-                        h += dome * pmath::powf(1.0 - (r / rho_b).powi(2), 1.5);
-                    }
-                    let mut path = dn * (1.0 + tex_amp * fine[i]) * h;
-                    let (dx, dy) = (fx - ncx, fy - ncy);
-                    let (u, v) = (dx * nc + dy * ns, -dx * ns + dy * nc);
-                    let rn2 = (u / (nr * nasp.sqrt())).powi(2) + (v / (nr / nasp.sqrt())).powi(2);
-                    if rn2 < 1.0 {
-                        let t = (1.0 - rn2).sqrt();
-                        path += (dn + n_dn) * n_h * t + n_dn * h * t;
-                        for &(ox, oy, orad) in &nucleoli {
-                            let q2 = ((fx - ox).powi(2) + (fy - oy).powi(2)) / (orad * orad);
-                            if q2 < 1.0 {
-                                path += 0.02 * 2.0 * orad * px * (1.0 - q2).sqrt();
-                            }
-                        }
-                    }
-                    opd[i] += path;
-                    owner[i] = id;
-                    label[i] = class;
-                }
-            }
+            paint_live(&mut c, &mut geo, &fp, &outline, px, &fine, id);
             n_live += 1;
         }
-        covered += inside as f64;
+        covered += fp.inside as f64;
     }
+    paint_debris(&mut c, &mut geo, cfg, k0);
 
-    // debris in the background (labelled background)
-    let fov = n as f64 * px;
-    let n_debris = (cfg.debris_density * fov * fov / 1e4).round() as usize;
-    for _ in 0..n_debris {
-        let (dx, dy) = (geo.between(0.0, n as f64), geo.between(0.0, n as f64));
-        let r = geo.between(0.5, 1.5) / px;
-        let peak = geo.between(0.3, 1.5) / k0; // OPD (um) of the particle's centre
-        let (x0, x1) = ((dx - r - 1.0).floor().max(0.0) as usize, ((dx + r + 1.0).ceil() as usize).min(n));
-        let (y0, y1) = ((dy - r - 1.0).floor().max(0.0) as usize, ((dy + r + 1.0).ceil() as usize).min(n));
-        for y in y0..y1 {
-            for x in x0..x1 {
-                let i = y * n + x;
-                let q2 = ((x as f64 + 0.5 - dx).powi(2) + (y as f64 + 0.5 - dy).powi(2)) / (r * r);
-                if q2 < 1.0 && owner[i] == u32::MAX {
-                    opd[i] += peak * (1.0 - q2).sqrt();
-                }
-            }
-        }
-    }
-
-    let phase: Vec<f64> = opd.iter().map(|o| k0 * o).collect();
+    let phase: Vec<f64> = c.opd.iter().map(|o| k0 * o).collect();
     let clean = gaussian_blur(&phase, n, n, cfg.psf_sigma_px());
-    // background left by phase retrieval: tilt + curvature + a smooth field, zero mean
-    let (tx, ty, cxx, cyy) = (noise.normal(), noise.normal(), noise.normal(), noise.normal());
-    let bgf = smooth_field(&mut noise, n, n, n as f64 / 6.0);
-    let mut out = vec![0.0f64; n * n];
-    let s = cfg.background_rad;
-    for y in 0..n {
-        for x in 0..n {
-            let (u, v) = (2.0 * x as f64 / n as f64 - 1.0, 2.0 * y as f64 / n as f64 - 1.0);
-            let bg = s
-                * (0.5 * (tx * u + ty * v)
-                    + 0.3 * (cxx * (u * u - 1.0 / 3.0) + cyy * (v * v - 1.0 / 3.0))
-                    + 0.5 * bgf[y * n + x]);
-            out[y * n + x] = clean[y * n + x] + bg + cfg.noise_rad * noise.normal();
-        }
-    }
+    let out = add_background(&clean, n, cfg, &mut noise);
     let image = Image::with_names(
         Array3::from_shape_vec((1, n, n), out.iter().map(|&v| v as f32).collect()).expect("shape"),
         vec!["phase".into()],
     )?;
-    let mask = Mask::from_shape_vec((n, n), label).expect("shape");
+    let mask = Mask::from_shape_vec((n, n), c.label).expect("shape");
     let clean_phase = Array2::from_shape_vec((n, n), clean.iter().map(|&v| v as f32).collect()).expect("shape");
     Ok(QpiSample { image, mask, clean_phase, n_live, n_dead })
 }

@@ -1080,22 +1080,21 @@ fn remove_fragments(lab: &mut Labels, w: usize, h: usize) {
 // ---------------------------------------------------------------------------------
 // Simulation.
 
-/// Simulates one ssQPM field of view. Deterministic for `(cfg, seed)`.
-pub fn simulate(cfg: &SsqpmConfig, seed: u64) -> Result<SsqpmSample> {
-    cfg.validate()?;
+/// The sample's optical fields: the phase delay `phi` (rad) and the normalised Stokes
+/// parameters S1/S0 and S2/S0 of the light behind the sample, per pixel.
+struct SampleFields {
+    phi: Vec<f64>,
+    s1n: Vec<f64>,
+    s2n: Vec<f64>,
+}
+
+/// Pass 1: each labelled pixel's height (lamellipodium, dome, nucleus, thinned towards
+/// a neighbour), its optical path and its linear retardance.
+fn sample_fields(cfg: &SsqpmConfig, cells: &[Cell], lab: &Labels, seed: u64) -> SampleFields {
     let (w, h) = (cfg.size, cfg.size);
     let npx = w * h;
     let px_um = cfg.pixel_size_um;
-    let lambda = cfg.wavelength_um;
-    let k0 = 2.0 * PI / lambda;
-
-    let mut geo = Rng::new(seed, STREAM_GEOMETRY);
-    let conf = match cfg.confluence {
-        Confluence::Mixed => [Confluence::Low, Confluence::Medium, Confluence::High][geo.below(3)],
-        c => c,
-    };
-    let (cells, lab) = place_cells(cfg, conf, &mut geo);
-
+    let k0 = 2.0 * PI / cfg.wavelength_um;
     // Textures: cytoplasmic granularity (~0.6 um), fast-axis wander (~4 um) and fibre
     // waviness (~2 um), each a unit-variance smooth field.
     let mut tex = Rng::new(seed, STREAM_TEXTURE);
@@ -1103,7 +1102,6 @@ pub fn simulate(cfg: &SsqpmConfig, seed: u64) -> Result<SsqpmSample> {
     let axis_field = smooth_field(&mut tex, h, w, 4.0 / px_um);
     let warp_field = smooth_field(&mut tex, h, w, 2.0 / px_um);
 
-    // Pass 1: phase, and the normalised Stokes S1/S0, S2/S0 behind the sample.
     let mut phi = vec![0.0; npx];
     let mut s1n = vec![0.0; npx];
     let mut s2n = vec![0.0; npx];
@@ -1153,8 +1151,17 @@ pub fn simulate(cfg: &SsqpmConfig, seed: u64) -> Result<SsqpmSample> {
         s2n[p] = cos2t * sin_d;
     }
 
-    // Pass 2: transmitted S0 with edge scattering and the defocus (TIE) term, then the
-    // four analyser intensities before blur.
+    SampleFields { phi, s1n, s2n }
+}
+
+/// Pass 2: transmitted S0 with edge scattering and the defocus (TIE) term, then the four
+/// analyser intensities (0, 45, 90, 135 degrees) before blur.
+fn analyser_intensities(cfg: &SsqpmConfig, f: &SampleFields) -> Vec<Vec<f64>> {
+    let (w, h) = (cfg.size, cfg.size);
+    let npx = w * h;
+    let px_um = cfg.pixel_size_um;
+    let lambda = cfg.wavelength_um;
+    let SampleFields { phi, s1n, s2n } = f;
     let ext = (cfg.extinction_ratio - 1.0) / (cfg.extinction_ratio + 1.0);
     let tie = cfg.defocus_um * lambda / (2.0 * PI);
     let mut chans: Vec<Vec<f64>> = vec![vec![0.0; npx]; 4];
@@ -1179,8 +1186,25 @@ pub fn simulate(cfg: &SsqpmConfig, seed: u64) -> Result<SsqpmSample> {
         }
     }
 
-    // Illumination: vignetting about a slightly off-centre point times a gradient, with
-    // a small per-analyser gain and tilt.
+    chans
+}
+
+/// The illumination: vignetting about a slightly off-centre point times a gradient
+/// (`base`), a per-analyser gain and tilt, and the phase background's coefficients.
+struct Illumination {
+    base: Vec<f64>,
+    /// Pixel coordinates normalised to [-1, 1].
+    xs: Vec<f64>,
+    ys: Vec<f64>,
+    /// Per analyser: gain, x tilt, y tilt.
+    chan_gain: Vec<[f64; 3]>,
+    /// Phase background: x, y, radial and cross terms.
+    bg_coef: [f64; 4],
+}
+
+fn illumination(cfg: &SsqpmConfig, seed: u64) -> Illumination {
+    let (w, h) = (cfg.size, cfg.size);
+    let npx = w * h;
     let mut ill = Rng::new(seed, STREAM_ILLUMINATION);
     let (xc, yc) = ((w as f64 - 1.0) / 2.0, (h as f64 - 1.0) / 2.0);
     let vx = xc * (1.0 + ill.between(-0.2, 0.2));
@@ -1212,12 +1236,19 @@ pub fn simulate(cfg: &SsqpmConfig, seed: u64) -> Result<SsqpmSample> {
         }
     }
 
-    // Optics blur, illumination and camera.
+    Illumination { base, xs, ys, chan_gain, bg_coef }
+}
+
+/// Optics blur, illumination and camera (shot and read noise, gain, black level,
+/// quantization): the four intensity channels in ADU, appended to `data`.
+fn camera(cfg: &SsqpmConfig, chans: &[Vec<f64>], ill: &Illumination, seed: u64, data: &mut Vec<f32>) {
+    let (w, h) = (cfg.size, cfg.size);
+    let npx = w * h;
+    let Illumination { base, xs, ys, chan_gain, .. } = ill;
     let sigma = cfg.psf_sigma_px();
     let e_per_unit = cfg.exposure_fill * cfg.full_well_e / 0.5;
     let max_adu = ((1u64 << cfg.bit_depth) - 1) as f64;
     let mut cam = Rng::new(seed, STREAM_CAMERA);
-    let mut data: Vec<f32> = Vec::with_capacity(5 * npx);
     for (ci, ch) in chans.iter().enumerate() {
         let blurred = gaussian_blur(ch, h, w, sigma);
         let [g, tx, ty] = chan_gain[ci];
@@ -1239,9 +1270,16 @@ pub fn simulate(cfg: &SsqpmConfig, seed: u64) -> Result<SsqpmSample> {
             data.push(adu as f32);
         }
     }
+}
 
-    // Retrieved phase: band-limited phase, zero-mean low-order background, white noise.
-    let phi_b = gaussian_blur(&phi, h, w, sigma);
+/// The retrieved phase: band-limited phase, zero-mean low-order background and white
+/// noise, appended to `data`.
+fn retrieved_phase(cfg: &SsqpmConfig, phi: &[f64], ill: &Illumination, seed: u64, data: &mut Vec<f32>) {
+    let (w, h) = (cfg.size, cfg.size);
+    let npx = w * h;
+    let sigma = cfg.psf_sigma_px();
+    let Illumination { xs, ys, bg_coef, .. } = ill;
+    let phi_b = gaussian_blur(phi, h, w, sigma);
     let bg: Vec<f64> = (0..npx)
         .map(|p| {
             let (x, y) = (xs[p], ys[p]);
@@ -1255,10 +1293,13 @@ pub fn simulate(cfg: &SsqpmConfig, seed: u64) -> Result<SsqpmSample> {
         let v = phi_b[p] + cfg.phase_background_rad * (bg[p] - bg_mean) + noise;
         data.push(v as f32);
     }
+}
 
-    // Labels: consecutive instance ids in placement order.
-    let mut remap = vec![0u16; cells.len()];
-    let mut used = vec![false; cells.len()];
+/// Instance labels: consecutive ids in placement order, 0 for the background.
+fn instance_labels(cfg: &SsqpmConfig, n_cells: usize, lab: &Labels) -> Result<Array2<u16>> {
+    let (w, h) = (cfg.size, cfg.size);
+    let mut remap = vec![0u16; n_cells];
+    let mut used = vec![false; n_cells];
     for &l in &lab.best {
         if l != NONE {
             used[l as usize] = true;
@@ -1272,7 +1313,26 @@ pub fn simulate(cfg: &SsqpmConfig, seed: u64) -> Result<SsqpmSample> {
         }
     }
     let inst: Vec<u16> = lab.best.iter().map(|&l| if l == NONE { 0 } else { remap[l as usize] }).collect();
-    let instances = Array2::from_shape_vec((h, w), inst).map_err(|e| Error::Shape(e.to_string()))?;
+    Array2::from_shape_vec((h, w), inst).map_err(|e| Error::Shape(e.to_string()))
+}
+
+/// Simulates one ssQPM field of view. Deterministic for `(cfg, seed)`.
+pub fn simulate(cfg: &SsqpmConfig, seed: u64) -> Result<SsqpmSample> {
+    cfg.validate()?;
+    let (w, h) = (cfg.size, cfg.size);
+    let mut geo = Rng::new(seed, STREAM_GEOMETRY);
+    let conf = match cfg.confluence {
+        Confluence::Mixed => [Confluence::Low, Confluence::Medium, Confluence::High][geo.below(3)],
+        c => c,
+    };
+    let (cells, lab) = place_cells(cfg, conf, &mut geo);
+    let fields = sample_fields(cfg, &cells, &lab, seed);
+    let chans = analyser_intensities(cfg, &fields);
+    let ill = illumination(cfg, seed);
+    let mut data: Vec<f32> = Vec::with_capacity(5 * w * h);
+    camera(cfg, &chans, &ill, seed, &mut data);
+    retrieved_phase(cfg, &fields.phi, &ill, seed, &mut data);
+    let instances = instance_labels(cfg, cells.len(), &lab)?;
     let mask: Mask = instances.mapv(|v| u8::from(v != 0));
     let data = Array3::from_shape_vec((5, h, w), data).map_err(|e| Error::Shape(e.to_string()))?;
     let image = Image::with_names(data, CHANNEL_NAMES.iter().map(|s| s.to_string()).collect())?;
