@@ -4,6 +4,7 @@
 pub mod cuda_norm;
 pub mod host;
 pub mod onednn;
+pub mod ops;
 pub mod optim;
 pub mod packed;
 pub mod precision;

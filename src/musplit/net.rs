@@ -43,6 +43,7 @@ use tch::nn::{self, Module, ModuleT};
 use tch::{Kind, Tensor};
 
 use crate::backend::onednn;
+use crate::backend::ops::{Ops, centre_pad};
 use crate::backend::packed::Conv2d;
 use crate::error::{Error, Result};
 use crate::nn::blocks::StackedConvs;
@@ -206,21 +207,6 @@ pub fn centre_crop(x: &Tensor, size: i64) -> Tensor {
     x.narrow(2, (h - size) / 2, size).narrow(3, (w - size) / 2, size)
 }
 
-/// Zero-pads `(N, C, h, w)` to `(size, size)`, centred.
-fn centre_pad(x: &Tensor, size: i64) -> Tensor {
-    let (h, w) = (x.size()[2], x.size()[3]);
-    let (ph, pw) = (size - h, size - w);
-    if ph == 0 && pw == 0 {
-        return x.shallow_clone();
-    }
-    x.constant_pad_nd([pw / 2, pw - pw / 2, ph / 2, ph - ph / 2])
-}
-
-fn upsample2(x: &Tensor) -> Tensor {
-    let s = x.size();
-    x.upsample_bilinear2d([s[2] * 2, s[3] * 2], false, None, None)
-}
-
 /// Gated residual block (LadderVAE): BN-ELU-conv-dropout-BN-ELU-conv, a 1x1 gate
 /// (`a * sigmoid(b)`), plus the input.
 #[derive(Debug)]
@@ -245,43 +231,19 @@ impl ResGated {
             dropout,
         }
     }
-    fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+    /// On blocked tensors the gate's halves are the first and last halves of the channel
+    /// blocks: the same function.
+    fn forward(&self, x: &Tensor, ops: Ops) -> Result<Tensor> {
         // ELU and dropout in place: neither BatchNorm's nor a conv's backward needs its
         // output, and ELU's backward works from its own result
-        let mut y = self.conv1.forward(&self.bn1.forward_t(x, train).elu_());
-        y = crate::nn::dropout::dropout_(y, self.dropout, train);
-        let y = self.conv2.forward(&self.bn2.forward_t(&y, train).elu_());
+        let y = ops.conv(&self.conv1, &ops.batch_norm(&self.bn1, x)?.elu_(), 1)?;
+        let y = ops.dropout_(y, self.dropout);
+        let y = ops.conv(&self.conv2, &ops.batch_norm(&self.bn2, &y)?.elu_(), 1)?;
         // a * sigmoid(b) over the two halves of the gate's channels: libtorch's fused GLU
         // (one pass, no chunk / sigmoid / product intermediates; its backward writes the
         // gate's gradient directly instead of concatenating two halves)
-        self.gate.forward(&y).glu(1) + x
+        Ok(ops.conv(&self.gate, &y, 1)?.glu(1) + x)
     }
-    /// Training on blocked tensors ([`crate::backend::onednn`]): the same function, the gate's
-    /// halves being the first and last halves of the channel blocks.
-    fn forward_blocked(&self, x: &Tensor) -> Result<Tensor> {
-        let y = bn_blocked(&self.bn1, x)?.elu_();
-        let y = conv_blocked(&self.conv1, &y, 1, 1)?;
-        let y = crate::nn::dropout::dropout_blocked_(y, self.dropout, true);
-        let y = bn_blocked(&self.bn2, &y)?.elu_();
-        let y = conv_blocked(&self.conv2, &y, 1, 1)?;
-        Ok(conv_blocked(&self.gate, &y, 1, 0)?.glu(1) + x)
-    }
-}
-
-/// A training-mode BatchNorm (tch's defaults: eps 1e-5, momentum 0.1) of a blocked tensor.
-fn bn_blocked(bn: &nn::BatchNorm, x: &Tensor) -> Result<Tensor> {
-    let (Some(g), Some(b)) = (&bn.ws, &bn.bs) else {
-        return Err(Error::Config("blocked batch norm needs affine parameters".into()));
-    };
-    let cfg = nn::BatchNormConfig::default();
-    // slope 1: the identity after the normalization
-    onednn::batch_norm_act(x, g, b, &bn.running_mean, &bn.running_var, cfg.momentum, cfg.eps, 1.0)
-}
-
-/// A tch conv (weights and bias) on a blocked tensor, or on a plain first-layer input.
-fn conv_blocked(c: &nn::Conv2D, x: &Tensor, stride: i64, padding: i64) -> Result<Tensor> {
-    let (x, w) = onednn::first_layer(x, &c.ws);
-    onednn::conv2d(&x, &w, c.bs.as_ref(), stride, padding)
 }
 
 /// conv 3x3 (no bias: BatchNorm's shift replaces it) -> BatchNorm -> LeakyReLU(0.01).
@@ -323,6 +285,14 @@ impl ConvBnAct {
             norm: nn::batch_norm2d(p / "norm", cout, nn::BatchNormConfig { eps: BN_EPS, ..Default::default() }),
             folded: parking_lot::Mutex::new(None),
             stale: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+    /// The layer on either path: oneDNN's fused conv + BatchNorm + LeakyReLU kernels on
+    /// blocked tensors, else libtorch's (with the folded weights in inference).
+    fn forward(&self, x: &Tensor, ops: Ops) -> Result<Tensor> {
+        match ops {
+            Ops::Plain { train } => Ok(self.forward_t(x, train)),
+            Ops::Blocked => self.forward_blocked(x),
         }
     }
     fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
@@ -404,17 +374,10 @@ impl StackedBn {
             .collect();
         StackedBn { convs }
     }
-    fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        let mut y = self.convs[0].forward_t(x, train);
+    fn forward(&self, x: &Tensor, ops: Ops) -> Result<Tensor> {
+        let mut y = self.convs[0].forward(x, ops)?;
         for c in &self.convs[1..] {
-            y = c.forward_t(&y, train);
-        }
-        y
-    }
-    fn forward_blocked(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = self.convs[0].forward_blocked(x)?;
-        for c in &self.convs[1..] {
-            y = c.forward_blocked(&y)?;
+            y = c.forward(&y, ops)?;
         }
         Ok(y)
     }
@@ -437,19 +400,11 @@ impl Unit {
             UnetNorm::Instance => Unit::Conv(StackedConvs::new(p, cin, cout, n, stride)),
         }
     }
-    fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+    fn forward(&self, x: &Tensor, ops: Ops) -> Result<Tensor> {
         match self {
-            Unit::Conv(s) => s.forward(x),
-            Unit::Bn(s) => s.forward_t(x, train),
-            Unit::Res(r) => r.forward_t(x, train),
-        }
-    }
-    /// Training on blocked tensors (the U-Net's units only).
-    fn forward_blocked(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Unit::Conv(s) => s.forward_blocked(x),
-            Unit::Bn(s) => s.forward_blocked(x),
-            Unit::Res(r) => r.forward_blocked(x),
+            Unit::Conv(s) => s.forward_ops(x, ops),
+            Unit::Bn(s) => s.forward(x, ops),
+            Unit::Res(r) => r.forward(x, ops),
         }
     }
 }
@@ -471,16 +426,10 @@ impl Stem {
             },
         }
     }
-    fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+    fn forward(&self, x: &Tensor, ops: Ops) -> Result<Tensor> {
         match &self.conv {
-            Some(c) => self.unit.forward_t(&c.forward(x).elu_(), train),
-            None => self.unit.forward_t(x, train),
-        }
-    }
-    fn forward_blocked(&self, x: &Tensor) -> Result<Tensor> {
-        match &self.conv {
-            Some(c) => self.unit.forward_blocked(&conv_blocked(c, x, 1, c.ws.size()[2] / 2)?.elu_()),
-            None => self.unit.forward_blocked(x),
+            Some(c) => self.unit.forward(&ops.conv(c, x, 1)?.elu_(), ops),
+            None => self.unit.forward(x, ops),
         }
     }
 }
@@ -631,7 +580,7 @@ impl LcEncoder {
         pruned.then_some(PrunePlan { down_in, down_out, merge, need })
     }
 
-    /// Inference on the regions the decoder depends on only: equal to [`Self::forward_t`]
+    /// Inference on the regions the decoder depends on only: equal to [`Self::forward`]
     /// with `train == false` (tested), computed on centre crops.
     ///
     /// With the regular merge every level from 1 on is a map of the LC crop's side `t`
@@ -643,74 +592,35 @@ impl LcEncoder {
     /// block runs on 6 x 6, its down block reads 20 x 20 of level 3). In training the
     /// BatchNorm statistics are taken over the whole maps, so training runs the full
     /// forward.
-    fn forward_pruned(&self, x: &Tensor, plan: &PrunePlan) -> Vec<Tensor> {
+    fn forward_pruned(&self, x: &Tensor, plan: &PrunePlan) -> Result<Vec<Tensor>> {
+        let ops = Ops::Plain { train: false };
         let t = x.size()[2];
-        let mut y = self.stem.forward_t(&x.narrow(1, 0, 1), false);
+        let mut y = self.stem.forward(&x.narrow(1, 0, 1), ops)?;
         let mut out = vec![y.shallow_clone()];
         for (k, (_, unit)) in self.down.iter().enumerate() {
             let k = k + 1;
-            let d = unit.forward_t(&centre_crop(&y, plan.down_in[k]), false);
+            let d = unit.forward(&centre_crop(&y, plan.down_in[k]), ops)?;
             let d = centre_crop(&d, plan.down_out[k]);
             y = match (self.merges.get(k - 1), plan.merge[k]) {
                 (Some(m), Some(r)) => {
                     let lc_side = (r + 4).min(t);
-                    let lc = centre_crop(&m.stem.forward_t(&centre_crop(&x.narrow(1, k as i64, 1), lc_side), false), r);
+                    let lc = centre_crop(&m.stem.forward(&centre_crop(&x.narrow(1, k as i64, 1), lc_side), ops)?, r);
                     let a = if r <= d.size()[2] { centre_crop(&d, r) } else { centre_pad(&d, r) };
-                    let z = m.unit.forward_t(&m.proj.forward(&Tensor::cat(&[a, lc], 1)), false);
+                    let z = m.unit.forward(&ops.conv(&m.proj, &Tensor::cat(&[a, lc], 1), 1)?, ops)?;
                     centre_crop(&z, plan.need[k])
                 }
                 _ => d,
             };
             out.push(centre_crop(&y, t >> k));
         }
-        out
-    }
-
-    /// Training forward with blocked activations ([`crate::backend::onednn`]): the same function
-    /// as [`Self::forward_t`] with `train`; the features are blocked.
-    fn forward_blocked(&self, x: &Tensor) -> Result<Vec<Tensor>> {
-        let t = x.size()[2];
-        let mut y = self.stem.forward_blocked(&x.narrow(1, 0, 1))?;
-        let mut out = vec![y.shallow_clone()];
-        for (k, (conv, unit)) in self.down.iter().enumerate() {
-            let k = k + 1;
-            y = match conv {
-                Some(c) => unit.forward_blocked(&conv_blocked(c, &y, 2, 1)?.elu_())?,
-                None => unit.forward_blocked(&y)?,
-            };
-            if let Some(m) = self.merges.get(k - 1) {
-                let lc = m.stem.forward_blocked(&x.narrow(1, k as i64, 1))?;
-                let merged = match self.mode {
-                    LcMerge::Regular => {
-                        // proj(cat(centre_pad(y), lc)) without the products with the padding's
-                        // zeros: the 1x1 conv's half for lc over the LC map, plus its half for
-                        // y on the centre where y is (the same function; at paper size it
-                        // halves the merge's work, 4 x 4 of y in a 64 x 64 map at level 4)
-                        let c = onednn::channels(&y);
-                        let (w, (s, big)) = (&m.proj.ws, (y.size()[2], lc.size()[2]));
-                        let out = onednn::conv2d(&lc, &w.narrow(1, c, c), m.proj.bs.as_ref(), 1, 0)?;
-                        let from_y = onednn::conv2d(&y, &w.narrow(1, 0, c), None, 1, 0)?;
-                        let o = (big - s) / 2;
-                        let mut centre = out.narrow(2, o, s).narrow(3, o, s);
-                        centre += from_y;
-                        out
-                    }
-                    LcMerge::Lean => {
-                        let s = y.size()[2];
-                        let cat = Tensor::cat(&[y.shallow_clone(), centre_crop(&lc, s)], 1);
-                        onednn::conv2d(&cat, &m.proj.ws, m.proj.bs.as_ref(), 1, 0)?
-                    }
-                };
-                y = m.unit.forward_blocked(&merged)?;
-            }
-            // the spatial dimensions of a blocked tensor are 2 and 3, as in NCHW
-            out.push(centre_crop(&y, t >> k));
-        }
         Ok(out)
     }
 
-    fn forward_t(&self, x: &Tensor, train: bool) -> Vec<Tensor> {
-        if !train
+    /// The features per level, on either path (blocked features in training on oneDNN's
+    /// layout). Inference of a prunable encoder computes only the centres the output
+    /// depends on ([`Self::forward_pruned`]).
+    fn forward(&self, x: &Tensor, ops: Ops) -> Result<Vec<Tensor>> {
+        if ops == (Ops::Plain { train: false })
             && self.prunable
             && !PRUNE_OFF.with(|p| p.get())
             && let Some(plan) = self.prune_plan(x.size()[2])
@@ -718,28 +628,29 @@ impl LcEncoder {
             return self.forward_pruned(x, &plan);
         }
         let t = x.size()[2];
-        let mut y = self.stem.forward_t(&x.narrow(1, 0, 1), train);
+        let mut y = self.stem.forward(&x.narrow(1, 0, 1), ops)?;
         let mut out = vec![y.shallow_clone()];
         for (k, (conv, unit)) in self.down.iter().enumerate() {
             let k = k + 1;
             y = match conv {
-                Some(c) => unit.forward_t(&c.forward(&y).elu_(), train),
-                None => unit.forward_t(&y, train),
+                Some(c) => unit.forward(&ops.conv(c, &y, 2)?.elu_(), ops)?,
+                None => unit.forward(&y, ops)?,
             };
             if let Some(m) = self.merges.get(k - 1) {
-                let lc = m.stem.forward_t(&x.narrow(1, k as i64, 1), train);
-                let (a, b) = match self.mode {
-                    LcMerge::Regular => (centre_pad(&y, lc.size()[2]), lc),
+                let lc = m.stem.forward(&x.narrow(1, k as i64, 1), ops)?;
+                let merged = match self.mode {
+                    LcMerge::Regular => ops.conv_padded_cat(&m.proj, &y, &lc)?,
                     LcMerge::Lean => {
                         let s = y.size()[2];
-                        (y.shallow_clone(), centre_crop(&lc, s))
+                        ops.conv(&m.proj, &Tensor::cat(&[y.shallow_clone(), centre_crop(&lc, s)], 1), 1)?
                     }
                 };
-                y = m.unit.forward_t(&m.proj.forward(&Tensor::cat(&[a, b], 1)), train);
+                y = m.unit.forward(&merged, ops)?;
             }
+            // the spatial dimensions of a blocked tensor are 2 and 3, as in NCHW
             out.push(centre_crop(&y, t >> k));
         }
-        out
+        Ok(out)
     }
 }
 
@@ -902,23 +813,39 @@ impl MuSplitNet {
             && (self.cfg.variant == SplitVariant::Unet || self.cfg.z_dim % onednn::BLOCK == 0)
     }
 
-    /// The training forward (`forward_opts(x, true, true, true)`) with blocked activations
-    /// ([`crate::backend::onednn`]); the outputs are plain. Random draws (dropout masks, latent
-    /// samples) are made in the plain order, so a seed gives the same draws on either path.
-    fn forward_train_blocked(&self, x: &Tensor) -> Result<SplitOutput> {
-        let feats = self.encoder.forward_blocked(x)?;
+    /// The forward on the backend's path: oneDNN's blocked layout for a training pass
+    /// where it applies, libtorch's operators otherwise (and where the blocked pass fails:
+    /// it is then disabled for the process, with a warning).
+    fn forward_opts(&self, x: &Tensor, train: bool, sample: bool, with_kl: bool) -> SplitOutput {
+        if train && sample && with_kl && self.blockable() && onednn::applies(x) {
+            match self.forward_ops(x, Ops::Blocked, true, true) {
+                Ok(out) => return out,
+                Err(e) => onednn::disable(&e),
+            }
+        }
+        self.forward_ops(x, Ops::Plain { train }, sample, with_kl)
+            .expect("libtorch's operators report failures by panicking, not through Result")
+    }
+
+    /// The forward, written once over [`Ops`]; the outputs are plain on either path.
+    /// `sample`: draw the HVAE's latents (else their posterior means); `with_kl`: compute
+    /// the KL term (only the loss needs it; inference skips the prior convs). Random draws
+    /// (dropout masks, latent samples) are made in NCHW order, so a seed gives the same
+    /// draws on either path.
+    fn forward_ops(&self, x: &Tensor, ops: Ops, sample: bool, with_kl: bool) -> Result<SplitOutput> {
+        let feats = self.encoder.forward(x, ops)?;
         let n = feats.len();
         match &self.decoder {
             Decoder::Unet(d) => {
                 let mut g = feats[n - 1].shallow_clone();
                 for (i, st) in d.stages.iter().enumerate() {
                     let k = n - 2 - i;
-                    let up = onednn::upsample2_bilinear(&g);
-                    g = st.forward_blocked(&Tensor::cat(&[up, feats[k].shallow_clone()], 1))?;
+                    g = st.forward(&Tensor::cat(&[ops.upsample2(&g), feats[k].shallow_clone()], 1), ops)?;
                 }
-                Ok(SplitOutput { mean: onednn::head(&g, &d.head.ws, d.head.bs.as_ref())?, logvar: None, kl: None })
+                Ok(SplitOutput { mean: ops.head(&d.head, &g)?, logvar: None, kl: None })
             }
             Decoder::Ladder(d) => {
+                // stochastic layers at levels n-1 .. 1
                 let mut h: Option<Tensor> = None;
                 let mut kls = Vec::new();
                 for (i, layer) in d.layers.iter().enumerate() {
@@ -927,113 +854,37 @@ impl MuSplitNet {
                         None => bu.shallow_clone(),
                         Some(td) => Tensor::cat(&[td.shallow_clone(), bu.shallow_clone()], 1),
                     };
-                    let q = conv_blocked(&layer.posterior, &q_in, 1, 1)?.chunk(2, 1);
-                    let mu_q = &q[0];
-                    let z = if d.stochastic {
-                        let lv_q = soft_bound(&q[1]);
-                        let p_params = match &h {
-                            None => onednn::to_blocked(&d.top_prior),
-                            Some(td) => {
-                                let prior = layer.prior.as_ref().expect("lower layers have priors");
-                                conv_blocked(prior, td, 1, 1)?
-                            }
-                        };
-                        let pp = p_params.chunk(2, 1);
-                        let (mu_p, lv_p) = (&pp[0], soft_bound(&pp[1]));
-                        let kl = gaussian_kl(mu_q, &lv_q, mu_p, &lv_p);
-                        let count = onednn::channels(&kl) * kl.size()[2] * kl.size()[3];
-                        let per = kl.sum_dim_intlist(&[1i64, 2, 3, 4][..], false, Kind::Float) / count as f64;
-                        kls.push(per.mean(Kind::Float));
-                        let s = mu_q.size();
-                        let eps = Tensor::randn([s[0], s[1] * onednn::BLOCK, s[2], s[3]], (Kind::Float, mu_q.device()));
-                        mu_q + (&lv_q * 0.5).exp() * onednn::to_blocked(&eps)
-                    } else {
-                        mu_q.shallow_clone()
-                    };
-                    let zf = conv_blocked(&layer.z_proj, &z, 1, 0)?;
-                    let mixed = match &h {
-                        None => conv_blocked(&layer.mix, &zf, 1, 0)?,
-                        Some(td) => conv_blocked(&layer.mix, &Tensor::cat(&[td.shallow_clone(), zf], 1), 1, 0)?,
-                    };
-                    let out = layer.unit.forward_blocked(&mixed)?;
-                    h = Some(d.up_units[i].forward_blocked(&onednn::upsample2_bilinear(&out))?);
-                }
-                let y = d.final_unit.forward_blocked(h.as_ref().expect("at least one layer"))?;
-                let o = onednn::head(&y, &d.head.ws, d.head.bs.as_ref())?.chunk(2, 1);
-                let kl = if kls.is_empty() { None } else { Some(Tensor::stack(&kls, 0).mean(Kind::Float)) };
-                Ok(SplitOutput { mean: o[0].shallow_clone(), logvar: Some(soft_floor(&o[1])), kl })
-            }
-        }
-    }
-
-    fn forward_opts(&self, x: &Tensor, train: bool, sample: bool, with_kl: bool) -> SplitOutput {
-        if train && sample && with_kl && self.blockable() && onednn::applies(x) {
-            match self.forward_train_blocked(x) {
-                Ok(out) => return out,
-                Err(e) => onednn::disable(&e),
-            }
-        }
-        let feats = self.encoder.forward_t(x, train);
-        match &self.decoder {
-            Decoder::Unet(d) => {
-                let n = feats.len();
-                let mut g = feats[n - 1].shallow_clone();
-                for (i, st) in d.stages.iter().enumerate() {
-                    let k = n - 2 - i;
-                    g = st.forward_t(&Tensor::cat(&[upsample2(&g), feats[k].shallow_clone()], 1), train);
-                }
-                SplitOutput { mean: d.head.forward(&g), logvar: None, kl: None }
-            }
-            Decoder::Ladder(d) => {
-                let n = feats.len(); // levels; stochastic layers at levels n-1 .. 1
-                let mut h: Option<Tensor> = None;
-                let mut kls = Vec::new();
-                for (i, layer) in d.layers.iter().enumerate() {
-                    let level = n - 1 - i;
-                    let bu = &feats[level];
-                    let q_in = match &h {
-                        None => bu.shallow_clone(),
-                        Some(td) => Tensor::cat(&[td.shallow_clone(), bu.shallow_clone()], 1),
-                    };
-                    let q = layer.posterior.forward(&q_in).chunk(2, 1);
+                    let q = ops.conv(&layer.posterior, &q_in, 1)?.chunk(2, 1);
                     let mu_q = &q[0];
                     let z = if d.stochastic && sample {
                         let lv_q = soft_bound(&q[1]);
                         if with_kl {
-                            // the prior only enters the KL term: inference skips its conv
                             let p_params = match &h {
-                                None => d.top_prior.shallow_clone(),
-                                Some(td) => layer.prior.as_ref().expect("lower layers have priors").forward(td),
+                                None => ops.param(&d.top_prior),
+                                Some(td) => ops.conv(layer.prior.as_ref().expect("lower layers have priors"), td, 1)?,
                             };
                             let pp = p_params.chunk(2, 1);
                             let (mu_p, lv_p) = (&pp[0], soft_bound(&pp[1]));
                             let kl = gaussian_kl(mu_q, &lv_q, mu_p, &lv_p);
-                            let per = kl.sum_dim_intlist(&[1i64, 2, 3][..], false, Kind::Float)
-                                / (kl.size()[1] * kl.size()[2] * kl.size()[3]) as f64;
-                            kls.push(per.mean(Kind::Float));
+                            kls.push(ops.sample_mean(&kl).mean(Kind::Float));
                         }
-                        // drawn in NCHW order whatever mu_q's memory layout (the same seed
-                        // gives the same sample in a channels-last inference pass) and in
-                        // float32 whatever the precision (bfloat16 inference draws the float32
-                        // samples; libtorch's bfloat16 normal_ is also 5x slower on the CPU)
-                        let eps = Tensor::randn(mu_q.size(), (Kind::Float, mu_q.device()));
-                        mu_q + (&lv_q * 0.5).exp() * eps
+                        mu_q + (&lv_q * 0.5).exp() * ops.standard_normal(mu_q)
                     } else {
                         mu_q.shallow_clone()
                     };
-                    let zf = layer.z_proj.forward(&z);
+                    let zf = ops.conv(&layer.z_proj, &z, 1)?;
                     let mixed = match &h {
-                        None => layer.mix.forward(&zf),
-                        Some(td) => layer.mix.forward(&Tensor::cat(&[td.shallow_clone(), zf], 1)),
+                        None => ops.conv(&layer.mix, &zf, 1)?,
+                        Some(td) => ops.conv(&layer.mix, &Tensor::cat(&[td.shallow_clone(), zf], 1), 1)?,
                     };
-                    let out = layer.unit.forward_t(&mixed, train);
+                    let out = layer.unit.forward(&mixed, ops)?;
                     // up to the next level
-                    h = Some(d.up_units[i].forward_t(&upsample2(&out), train));
+                    h = Some(d.up_units[i].forward(&ops.upsample2(&out), ops)?);
                 }
-                let y = d.final_unit.forward_t(h.as_ref().expect("at least one layer"), train);
-                let o = d.head.forward(&y).chunk(2, 1);
+                let y = d.final_unit.forward(h.as_ref().expect("at least one layer"), ops)?;
+                let o = ops.head(&d.head, &y)?.chunk(2, 1);
                 let kl = if kls.is_empty() { None } else { Some(Tensor::stack(&kls, 0).mean(Kind::Float)) };
-                SplitOutput { mean: o[0].shallow_clone(), logvar: Some(soft_floor(&o[1])), kl }
+                Ok(SplitOutput { mean: o[0].shallow_clone(), logvar: Some(soft_floor(&o[1])), kl })
             }
         }
     }
@@ -1210,9 +1061,9 @@ mod tests {
                 "levels {levels}, lc {lc}, tile {t}: pruned differs by {d} (outputs up to {scale})"
             );
             // and each skip of the encoder
-            let fp = tch::no_grad(|| net.encoder.forward_t(&x, false));
+            let fp = tch::no_grad(|| net.encoder.forward(&x, Ops::Plain { train: false }).unwrap());
             PRUNE_OFF.with(|p| p.set(true));
-            let ff = tch::no_grad(|| net.encoder.forward_t(&x, false));
+            let ff = tch::no_grad(|| net.encoder.forward(&x, Ops::Plain { train: false }).unwrap());
             PRUNE_OFF.with(|p| p.set(false));
             for (k, (a, b)) in fp.iter().zip(&ff).enumerate() {
                 assert_eq!(a.size(), b.size(), "skip {k}");

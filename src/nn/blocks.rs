@@ -219,6 +219,14 @@ impl StackedConvs {
         }
         Ok(y)
     }
+
+    /// [`Self::forward`] on the pass's path (blocked tensors on [`Ops::Blocked`]).
+    pub fn forward_ops(&self, x: &Tensor, ops: crate::backend::ops::Ops) -> Result<Tensor> {
+        match ops {
+            crate::backend::ops::Ops::Plain { .. } => Ok(self.forward(x)),
+            crate::backend::ops::Ops::Blocked => self.forward_blocked(x),
+        }
+    }
 }
 
 /// Features per stage: `base * 2^s`, capped at `max`.
