@@ -62,6 +62,14 @@ impl Ops {
         }
     }
 
+    /// A transposed convolution whose kernel equals its stride (nnU-Net's upsampling).
+    pub fn conv_transpose(self, c: &nn::ConvTranspose2D, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Ops::Plain { .. } => Ok(c.forward(x)),
+            Ops::Blocked => onednn::conv_transpose2d(x, &c.ws, c.bs.as_ref(), c.ws.size()[2]),
+        }
+    }
+
     /// A network's output convolution: the result is plain `(N, K, H, W)` on either path.
     pub fn head(self, c: &nn::Conv2D, x: &Tensor) -> Result<Tensor> {
         match self {
@@ -112,8 +120,9 @@ impl Ops {
         }
     }
 
-    /// A parameter `(1, C, H, W)` as a feature map of this layout.
-    pub fn param(self, t: &Tensor) -> Tensor {
+    /// A plain `(N, C, H, W)` tensor (a parameter, or what a plain-only part of the
+    /// network computed) as a feature map of this layout.
+    pub fn from_plain(self, t: &Tensor) -> Tensor {
         match self {
             Ops::Plain { .. } => t.shallow_clone(),
             Ops::Blocked => onednn::to_blocked(t),

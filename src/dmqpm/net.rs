@@ -26,6 +26,7 @@ use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
 use crate::backend::onednn;
+use crate::backend::ops::Ops;
 use crate::error::{Error, Result};
 use crate::nn::blocks::{ConvNormAct, Decoder, Encoder, stage_features};
 
@@ -287,23 +288,15 @@ impl Fusion {
         }
     }
 
-    pub fn forward(&self, a: &Tensor, ph: &Tensor) -> Tensor {
+    /// `a`, `ph`: the two encoders' stage maps (blocked on [`Ops::Blocked`], as the
+    /// result). The attention runs on plain token sequences: the 1x1 projections read the
+    /// maps and write plain ones.
+    pub fn forward(&self, a: &Tensor, ph: &Tensor, ops: Ops) -> Result<Tensor> {
         match self {
-            Fusion::Concat(c) => c.forward(&Tensor::cat(&[a, ph], 1)),
-            Fusion::Attention { proj_a, proj_p, .. } => self.attend(&proj_a.forward(a), &proj_p.forward(ph)),
-        }
-    }
-
-    /// [`Self::forward`] on blocked maps ([`crate::backend::onednn`]); the result is blocked. The
-    /// attention runs on plain token sequences: the 1x1 projections read the blocked maps
-    /// and write plain ones.
-    pub fn forward_blocked(&self, a: &Tensor, ph: &Tensor) -> Result<Tensor> {
-        match self {
-            Fusion::Concat(c) => c.forward_blocked(&Tensor::cat(&[a, ph], 1)),
+            Fusion::Concat(c) => c.forward(&Tensor::cat(&[a, ph], 1), ops),
             Fusion::Attention { proj_a, proj_p, .. } => {
-                let pa = onednn::head(a, &proj_a.ws, proj_a.bs.as_ref())?;
-                let pp = onednn::head(ph, &proj_p.ws, proj_p.bs.as_ref())?;
-                Ok(onednn::to_blocked(&self.attend(&pa, &pp)))
+                let (pa, pp) = (ops.head(proj_a, a)?, ops.head(proj_p, ph)?);
+                Ok(ops.from_plain(&self.attend(&pa, &pp)))
             }
         }
     }
@@ -402,31 +395,13 @@ impl DmQpmNet {
     /// blocked layout when every stage has a multiple of 16 features ([`crate::backend::onednn`]).
     pub fn forward(&self, x: &Tensor, deep_supervision: bool) -> Vec<Tensor> {
         if self.blockable() && onednn::applies(x) {
-            match self.forward_blocked(x, deep_supervision) {
+            match self.forward_ops(x, deep_supervision, Ops::Blocked) {
                 Ok(outs) => return outs,
                 Err(e) => onednn::disable(&e),
             }
         }
-        match self {
-            DmQpmNet::EarlyFusion { select, encoder, decoder } => {
-                let skips = match select {
-                    Some(idx) => encoder.forward(&x.index_select(1, idx)),
-                    None => encoder.forward(x),
-                };
-                decoder.forward(&skips, deep_supervision)
-            }
-            DmQpmNet::Dual { enc_angles, enc_phase, skip_compress, fusion, tail, decoder } => {
-                let a = enc_angles.forward(&x.narrow(1, 0, 4));
-                let p = enc_phase.forward(&x.narrow(1, 4, 1));
-                let k = skip_compress.len();
-                let mut skips: Vec<Tensor> =
-                    (0..k).map(|s| skip_compress[s].forward(&Tensor::cat(&[&a[s], &p[s]], 1))).collect();
-                let fused = fusion.forward(&a[k], &p[k]);
-                skips.extend(tail.forward(&fused));
-                skips.insert(k, fused);
-                decoder.forward(&skips, deep_supervision)
-            }
-        }
+        self.forward_ops(x, deep_supervision, Ops::Plain { train: crate::backend::packed::grad_enabled() })
+            .expect("libtorch's operators report failures by panicking, not through Result")
     }
 
     fn blockable(&self) -> bool {
@@ -436,27 +411,27 @@ impl DmQpmNet {
         }
     }
 
-    /// [`Self::forward`] with blocked activations (the same function and parameters).
-    fn forward_blocked(&self, x: &Tensor, deep_supervision: bool) -> Result<Vec<Tensor>> {
+    /// The forward on either path ([`Ops`]); the logits are plain.
+    fn forward_ops(&self, x: &Tensor, deep_supervision: bool, ops: Ops) -> Result<Vec<Tensor>> {
         match self {
             DmQpmNet::EarlyFusion { select, encoder, decoder } => {
                 let skips = match select {
-                    Some(idx) => encoder.forward_blocked(&x.index_select(1, idx))?,
-                    None => encoder.forward_blocked(x)?,
+                    Some(idx) => encoder.forward(&x.index_select(1, idx), ops)?,
+                    None => encoder.forward(x, ops)?,
                 };
-                decoder.forward_blocked(&skips, deep_supervision)
+                decoder.forward(&skips, deep_supervision, ops)
             }
             DmQpmNet::Dual { enc_angles, enc_phase, skip_compress, fusion, tail, decoder } => {
-                let a = enc_angles.forward_blocked(&x.narrow(1, 0, 4))?;
-                let p = enc_phase.forward_blocked(&x.narrow(1, 4, 1))?;
+                let a = enc_angles.forward(&x.narrow(1, 0, 4), ops)?;
+                let p = enc_phase.forward(&x.narrow(1, 4, 1), ops)?;
                 let k = skip_compress.len();
                 let mut skips = (0..k)
-                    .map(|s| skip_compress[s].forward_blocked(&Tensor::cat(&[&a[s], &p[s]], 1)))
+                    .map(|s| skip_compress[s].forward(&Tensor::cat(&[&a[s], &p[s]], 1), ops))
                     .collect::<Result<Vec<_>>>()?;
-                let fused = fusion.forward_blocked(&a[k], &p[k])?;
-                skips.extend(tail.forward_blocked(&fused)?);
+                let fused = fusion.forward(&a[k], &p[k], ops)?;
+                skips.extend(tail.forward(&fused, ops)?);
                 skips.insert(k, fused);
-                decoder.forward_blocked(&skips, deep_supervision)
+                decoder.forward(&skips, deep_supervision, ops)
             }
         }
     }

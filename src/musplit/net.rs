@@ -402,7 +402,7 @@ impl Unit {
     }
     fn forward(&self, x: &Tensor, ops: Ops) -> Result<Tensor> {
         match self {
-            Unit::Conv(s) => s.forward_ops(x, ops),
+            Unit::Conv(s) => s.forward(x, ops),
             Unit::Bn(s) => s.forward(x, ops),
             Unit::Res(r) => r.forward(x, ops),
         }
@@ -860,7 +860,7 @@ impl MuSplitNet {
                         let lv_q = soft_bound(&q[1]);
                         if with_kl {
                             let p_params = match &h {
-                                None => ops.param(&d.top_prior),
+                                None => ops.from_plain(&d.top_prior),
                                 Some(td) => ops.conv(layer.prior.as_ref().expect("lower layers have priors"), td, 1)?,
                             };
                             let pp = p_params.chunk(2, 1);

@@ -3,10 +3,11 @@
 //! encoder stage carries the stride; decoders upsample with transposed convs.
 //! Parameter names mirror a PyTorch state_dict so weights can be compared 1:1.
 
-use tch::nn::{self, Module};
+use tch::nn;
 use tch::{Kind, Tensor};
 
 use crate::backend::onednn;
+use crate::backend::ops::Ops;
 use crate::error::Result;
 
 /// InstanceNorm2d with affine parameters, no running statistics.
@@ -170,16 +171,21 @@ impl ConvNormAct {
     /// before a per-channel mean subtraction cancels exactly, so the output is the same
     /// function and the pass saves the bias add and its gradient reduction. Its gradient
     /// is therefore zero (undefined), and the optimizers leave it untouched.
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        // without gradients on the CPU: oneDNN with the weight packed once (nn::packed)
-        let y = self.packed.conv2d(x, &self.conv.ws, None, self.stride, self.padding);
-        self.norm.forward_act(&y, true)
+    pub fn forward(&self, x: &Tensor, ops: Ops) -> Result<Tensor> {
+        match ops {
+            Ops::Plain { .. } => {
+                // without gradients on the CPU: oneDNN with the weight packed once (nn::packed)
+                let y = self.packed.conv2d(x, &self.conv.ws, None, self.stride, self.padding);
+                Ok(self.norm.forward_act(&y, true))
+            }
+            Ops::Blocked => self.forward_blocked(x),
+        }
     }
 
-    /// The training path of [`Self::forward`] on oneDNN's blocked layout
-    /// ([`crate::backend::onednn`]): `x` blocked `(N, cin/16, H, W, 16)`, or plain `(N, cin, H, W)`
-    /// for a network's first layer; the result is blocked. `cout` must be a multiple of 16.
-    pub fn forward_blocked(&self, x: &Tensor) -> Result<Tensor> {
+    /// The training path on oneDNN's blocked layout ([`crate::backend::onednn`]): `x`
+    /// blocked `(N, cin/16, H, W, 16)`, or plain `(N, cin, H, W)` for a network's first
+    /// layer; the result is blocked. `cout` must be a multiple of 16.
+    fn forward_blocked(&self, x: &Tensor) -> Result<Tensor> {
         let (x, w) = onednn::first_layer(x, &self.conv.ws);
         let y = onednn::conv2d(&x, &w, None, self.stride, self.padding)?;
         onednn::norm_act(&y, &self.norm.weight, &self.norm.bias, 1e-5, 0.01)
@@ -203,29 +209,12 @@ impl StackedConvs {
         StackedConvs { convs }
     }
     /// `(N, cin, H, W) -> (N, cout, H/stride, W/stride)`
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        let mut y = self.convs[0].forward(x);
+    pub fn forward(&self, x: &Tensor, ops: Ops) -> Result<Tensor> {
+        let mut y = self.convs[0].forward(x, ops)?;
         for c in &self.convs[1..] {
-            y = c.forward(&y);
-        }
-        y
-    }
-
-    /// [`Self::forward`] on blocked tensors ([`ConvNormAct::forward_blocked`]).
-    pub fn forward_blocked(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = self.convs[0].forward_blocked(x)?;
-        for c in &self.convs[1..] {
-            y = c.forward_blocked(&y)?;
+            y = c.forward(&y, ops)?;
         }
         Ok(y)
-    }
-
-    /// [`Self::forward`] on the pass's path (blocked tensors on [`Ops::Blocked`]).
-    pub fn forward_ops(&self, x: &Tensor, ops: crate::backend::ops::Ops) -> Result<Tensor> {
-        match ops {
-            crate::backend::ops::Ops::Plain { .. } => Ok(self.forward(x)),
-            crate::backend::ops::Ops::Blocked => self.forward_blocked(x),
-        }
     }
 }
 
@@ -255,24 +244,13 @@ impl Encoder {
         }
         Encoder { stages, features: features.to_vec() }
     }
-    /// `(N, cin, H, W)` -> one skip per stage, `(N, f_s, H/2^s, W/2^s)`.
-    pub fn forward(&self, x: &Tensor) -> Vec<Tensor> {
+    /// `(N, cin, H, W)` -> one skip per stage, `(N, f_s, H/2^s, W/2^s)` (blocked on
+    /// [`Ops::Blocked`], where `x` may be plain: a network's first stage).
+    pub fn forward(&self, x: &Tensor, ops: Ops) -> Result<Vec<Tensor>> {
         let mut skips = Vec::with_capacity(self.stages.len());
         let mut y = x.shallow_clone();
         for s in &self.stages {
-            y = s.forward(&y);
-            skips.push(y.shallow_clone());
-        }
-        skips
-    }
-
-    /// [`Self::forward`] with blocked skips ([`crate::backend::onednn`]); `x` plain (first stage of
-    /// a network) or blocked.
-    pub fn forward_blocked(&self, x: &Tensor) -> Result<Vec<Tensor>> {
-        let mut skips = Vec::with_capacity(self.stages.len());
-        let mut y = x.shallow_clone();
-        for s in &self.stages {
-            y = s.forward_blocked(&y)?;
+            y = s.forward(&y, ops)?;
             skips.push(y.shallow_clone());
         }
         Ok(skips)
@@ -315,32 +293,16 @@ impl Decoder {
     /// `skips[s]` is `(N, skip_f_s, H/2^s, W/2^s)`; the last entry is the bottleneck.
     /// Returns logits per decoder stage, full resolution first:
     /// `[(N, K, H, W), (N, K, H/2, W/2), ...]`. With `deep_supervision == false` only the first.
-    pub fn forward(&self, skips: &[Tensor], deep_supervision: bool) -> Vec<Tensor> {
+    /// The logits are plain on either path.
+    pub fn forward(&self, skips: &[Tensor], deep_supervision: bool, ops: Ops) -> Result<Vec<Tensor>> {
         let n = skips.len();
         let mut x = skips[n - 1].shallow_clone();
         let mut outs = Vec::new();
         for i in 0..self.stages.len() {
-            let up = self.transpconvs[i].forward(&x);
-            x = self.stages[i].forward(&Tensor::cat(&[up, skips[n - 2 - i].shallow_clone()], 1));
+            let up = ops.conv_transpose(&self.transpconvs[i], &x)?;
+            x = self.stages[i].forward(&Tensor::cat(&[up, skips[n - 2 - i].shallow_clone()], 1), ops)?;
             if deep_supervision || i == self.stages.len() - 1 {
-                outs.push(self.seg_layers[i].forward(&x));
-            }
-        }
-        outs.reverse();
-        outs
-    }
-
-    /// [`Self::forward`] with blocked skips ([`crate::backend::onednn`]); the logits are plain.
-    pub fn forward_blocked(&self, skips: &[Tensor], deep_supervision: bool) -> Result<Vec<Tensor>> {
-        let n = skips.len();
-        let mut x = skips[n - 1].shallow_clone();
-        let mut outs = Vec::new();
-        for i in 0..self.stages.len() {
-            let tc = &self.transpconvs[i];
-            let up = onednn::conv_transpose2d(&x, &tc.ws, tc.bs.as_ref(), 2)?;
-            x = self.stages[i].forward_blocked(&Tensor::cat(&[up, skips[n - 2 - i].shallow_clone()], 1))?;
-            if deep_supervision || i == self.stages.len() - 1 {
-                outs.push(onednn::head(&x, &self.seg_layers[i].ws, self.seg_layers[i].bs.as_ref())?);
+                outs.push(ops.head(&self.seg_layers[i], &x)?);
             }
         }
         outs.reverse();

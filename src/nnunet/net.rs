@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 use tch::{Tensor, nn};
 
+use crate::backend::ops::Ops;
 use crate::error::{Error, Result};
 use crate::nn::blocks::{Decoder, Encoder, stage_features};
 
@@ -68,12 +69,17 @@ impl Unet {
     /// layers when every stage has a multiple of 16 features ([`crate::backend::onednn`]).
     pub fn forward(&self, x: &Tensor, deep_supervision: bool) -> Vec<Tensor> {
         if self.encoder.blockable() && crate::backend::onednn::applies(x) {
-            match self.encoder.forward_blocked(x).and_then(|s| self.decoder.forward_blocked(&s, deep_supervision)) {
+            match self.forward_ops(x, deep_supervision, Ops::Blocked) {
                 Ok(outs) => return outs,
                 Err(e) => crate::backend::onednn::disable(&e),
             }
         }
-        let skips = self.encoder.forward(x);
-        self.decoder.forward(&skips, deep_supervision)
+        self.forward_ops(x, deep_supervision, Ops::Plain { train: crate::backend::packed::grad_enabled() })
+            .expect("libtorch's operators report failures by panicking, not through Result")
+    }
+
+    /// The forward on either path ([`Ops`]); the logits are plain.
+    fn forward_ops(&self, x: &Tensor, deep_supervision: bool, ops: Ops) -> Result<Vec<Tensor>> {
+        self.decoder.forward(&self.encoder.forward(x, ops)?, deep_supervision, ops)
     }
 }
