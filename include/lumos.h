@@ -543,12 +543,10 @@ LumosStatus lumos_tile_options_default(struct LumosTileOptions *out_options);
  * - `input`: `channels * height * width` floats, channel-major `(C, H, W)`, row-major
  *   within a channel, in the units the model was trained on (for ssQPM: the four
  *   polarized intensities in camera counts, then phase in radians). Not modified.
- *   Frames of any size are processed tile by tile. On the CPU, memory beyond the caller's
- *   buffers is bounded by one row of tiles; on a CUDA device a frame whose working set
- *   (frame, normalized frame, class maps) fits in 1 GiB is held on the device whole
- *   (larger ones go by rows of tiles), and frames of 2 MiB or more are copied through
- *   16 MiB of page-locked host memory per device, allocated at the first such call and
- *   kept until the process ends.
+ *   Frames of any size are processed tile by tile. Memory beyond the caller's buffers is
+ *   bounded: on the CPU by one row of tiles; on a CUDA device by about 1 GiB of device
+ *   memory or one row of tiles, whichever is larger, plus at most 16 MiB of page-locked
+ *   host memory per device, which the library keeps until the process ends.
  * - `options`: tiling and mirroring; NULL = defaults (`lumos_tile_options_default`).
  * - `cancel`: NULL or a token; cancelling stops at the next tile (CANCELLED).
  * - `out_labels`: caller-owned buffer of `out_len >= height * width` bytes; receives the

@@ -12,3 +12,6 @@ pub fn method(kind: ModelKind) -> &'static dyn Method {
         ModelKind::Pgdiff => &crate::pgdiff::PGDIFF,
     }
 }
+
+/// Every kind, in the order hosts list their recipes.
+pub const KINDS: [ModelKind; 4] = [ModelKind::Dmqpm, ModelKind::Unet, ModelKind::Pgdiff, ModelKind::Musplit];

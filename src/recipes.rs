@@ -6,63 +6,34 @@
 //! Sizes: `tiny` (seconds on a laptop, for trying the pipeline), `cpu` (the recipe of the
 //! CPU comparisons in docs/results), `paper` (the papers' sizes; a GPU job).
 
-use crate::dmqpm::net::{DmQpmConfig, Variant};
-use crate::dmqpm::recipes::Preset;
+use crate::engine::method::Recipe;
 use crate::engine::train::TrainConfig;
 use crate::error::{Error, Result};
-use crate::musplit::net::SplitVariant;
-use crate::musplit::recipes::SplitPreset;
-use crate::pgdiff::recipes::DiffPreset;
+use crate::methods::{KINDS, method};
 
-/// `(name, what it trains, input)`, in the order hosts list them.
-pub const METHODS: [(&str, &str, &str); 8] = [
-    ("dm-qpmnet", "DM-QPMNet: angles and phase encoders fused by attention (segmentation)", "ssqpm"),
-    ("early-fusion", "nnU-Net on the five ssQPM channels stacked (DM-QPMNet baseline)", "ssqpm"),
-    ("angles-only", "nnU-Net on the four polarized intensities (DM-QPMNet baseline)", "ssqpm"),
-    ("phase-only", "nnU-Net on the phase map (DM-QPMNet baseline)", "ssqpm"),
-    ("nnunet", "plain nnU-Net on any channels (segmentation)", "any"),
-    ("pg-diffseg", "PG-DiffSeg: prior-guided latent diffusion (live / dead / background)", "qpi"),
-    ("musplit-unet", "muSplit U-Net with lateral context (two-structure decomposition)", "fluo"),
-    ("musplit-hvae", "muSplit hierarchical VAE with lateral context (two-structure decomposition)", "fluo"),
-];
+/// Every recipe, in the order hosts list them (each kind's, from its method).
+pub fn all() -> Vec<&'static Recipe> {
+    KINDS.iter().flat_map(|&k| method(k).recipes()).collect()
+}
 
 /// The sizes every method has.
 pub const SIZES: [&str; 3] = ["tiny", "cpu", "paper"];
 
-/// The training configuration of `method` (see [`METHODS`]) at `size` (see [`SIZES`]).
+/// The training configuration of `name` (see [`all`]) at `size` (see [`SIZES`]).
 /// Device "auto"; seed 0. Callers adjust epochs, device, seed and so on.
-pub fn recipe(method: &str, size: &str) -> Result<TrainConfig> {
+pub fn recipe(name: &str, size: &str) -> Result<TrainConfig> {
     if !SIZES.contains(&size) {
         return Err(Error::InvalidArgument(format!(
             "unknown recipe size '{size}'; expected one of {}",
             SIZES.join(", ")
         )));
     }
-    let dmqpm = |f: &dyn Fn(DmQpmConfig) -> DmQpmConfig| -> Result<TrainConfig> {
-        let (tc, base) = Preset::parse(size)?.recipe();
-        Ok(TrainConfig { kind: "dmqpm".into(), dmqpm: f(base), ..tc })
+    let owner = KINDS.iter().map(|&k| method(k)).find(|m| m.recipes().iter().any(|r| r.name == name));
+    let Some(m) = owner else {
+        let names: Vec<&str> = all().iter().map(|r| r.name).collect();
+        return Err(Error::InvalidArgument(format!("unknown method '{name}'; expected one of {}", names.join(", "))));
     };
-    let early = |channels: Vec<usize>| {
-        move |b: DmQpmConfig| DmQpmConfig { variant: Variant::EarlyFusion, channels: channels.clone(), ..b }
-    };
-    let musplit = |variant| -> Result<TrainConfig> {
-        let (tc, mc) = SplitPreset::parse(size)?.recipe(variant);
-        Ok(TrainConfig { musplit: mc, ..tc })
-    };
-    let mut cfg = match method {
-        "dm-qpmnet" => dmqpm(&|b| DmQpmConfig { variant: Variant::Dual, ..b })?,
-        "early-fusion" => dmqpm(&early(vec![0, 1, 2, 3, 4]))?,
-        "angles-only" => dmqpm(&early(vec![0, 1, 2, 3]))?,
-        "phase-only" => dmqpm(&early(vec![4]))?,
-        "nnunet" => DiffPreset::parse(size)?.baseline_recipe(),
-        "pg-diffseg" => DiffPreset::parse(size)?.recipe(),
-        "musplit-unet" => musplit(SplitVariant::Unet)?,
-        "musplit-hvae" => musplit(SplitVariant::Hvae)?,
-        o => {
-            let names: Vec<&str> = METHODS.iter().map(|m| m.0).collect();
-            return Err(Error::InvalidArgument(format!("unknown method '{o}'; expected one of {}", names.join(", "))));
-        }
-    };
+    let mut cfg = m.recipe(name, size)?;
     // the comparisons pin these for their own bookkeeping; a user's training starts fresh
     cfg.device = "auto".into();
     cfg.resume = false;
@@ -77,7 +48,8 @@ mod tests {
 
     #[test]
     fn every_method_has_every_size() {
-        for (m, _, _) in METHODS {
+        assert_eq!(all().len(), 8);
+        for m in all().iter().map(|r| r.name) {
             for s in SIZES {
                 let c = recipe(m, s).unwrap_or_else(|e| panic!("{m} {s}: {e}"));
                 let back = TrainConfig::from_json(&serde_json::to_string(&c).unwrap()).unwrap();

@@ -7,11 +7,11 @@ use std::path::Path;
 
 use tch::{Tensor, nn};
 
-use crate::engine::method::Method;
+use crate::engine::method::{Method, Recipe};
 use crate::engine::model::{ModelKind, ModelMeta, Net, Network};
 use crate::engine::train::{TrainConfig, TrainingData};
 use crate::error::{Error, Result};
-use net::{DmQpmConfig, DmQpmNet};
+use net::{DmQpmConfig, DmQpmNet, Variant};
 
 /// The `dmqpm` kind: DM-QPMNet or one of its baselines.
 pub struct DmQpm;
@@ -70,6 +70,38 @@ impl Method for DmQpm {
     }
     fn simulator(&self, _meta: &ModelMeta) -> Option<&'static str> {
         Some("ssqpm")
+    }
+    fn recipes(&self) -> &'static [Recipe] {
+        &[
+            Recipe {
+                name: "dm-qpmnet",
+                what: "DM-QPMNet: angles and phase encoders fused by attention (segmentation)",
+                input: "ssqpm",
+            },
+            Recipe {
+                name: "early-fusion",
+                what: "nnU-Net on the five ssQPM channels stacked (DM-QPMNet baseline)",
+                input: "ssqpm",
+            },
+            Recipe {
+                name: "angles-only",
+                what: "nnU-Net on the four polarized intensities (DM-QPMNet baseline)",
+                input: "ssqpm",
+            },
+            Recipe { name: "phase-only", what: "nnU-Net on the phase map (DM-QPMNet baseline)", input: "ssqpm" },
+        ]
+    }
+    fn recipe(&self, name: &str, size: &str) -> Result<TrainConfig> {
+        let (tc, base) = recipes::Preset::parse(size)?.recipe();
+        let early = |channels: Vec<usize>| DmQpmConfig { variant: Variant::EarlyFusion, channels, ..base.clone() };
+        let dmqpm = match name {
+            "dm-qpmnet" => DmQpmConfig { variant: Variant::Dual, ..base.clone() },
+            "early-fusion" => early(vec![0, 1, 2, 3, 4]),
+            "angles-only" => early(vec![0, 1, 2, 3]),
+            "phase-only" => early(vec![4]),
+            o => return Err(Error::InvalidArgument(format!("'{o}' is not a dmqpm recipe"))),
+        };
+        Ok(TrainConfig { kind: "dmqpm".into(), dmqpm, ..tc })
     }
 }
 

@@ -29,6 +29,23 @@ pub trait Method: Sync {
     fn export_info(&self) -> ExportInfo;
     /// The simulator (`lumos simulate <name>`) whose data a model file takes, if any.
     fn simulator(&self, meta: &ModelMeta) -> Option<&'static str>;
+    /// The named training recipes of this kind (the method and its baselines), in the
+    /// order hosts list them.
+    fn recipes(&self) -> &'static [Recipe];
+    /// The training configuration of `name` (one of [`Method::recipes`]) at `size`
+    /// (`tiny`, `cpu` or `paper`; checked by the caller, [`crate::recipes::recipe`]).
+    fn recipe(&self, name: &str, size: &str) -> Result<TrainConfig>;
+}
+
+/// A named training recipe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recipe {
+    /// `dm-qpmnet`, `early-fusion`, ...: what `lumos train --recipe` takes.
+    pub name: &'static str,
+    /// What it trains, for listings.
+    pub what: &'static str,
+    /// The data it takes: a simulator's name, or `any`.
+    pub input: &'static str,
 }
 
 /// A method's name, tags and citations for bioimage.io's `rdf.yaml`.

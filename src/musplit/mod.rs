@@ -399,6 +399,29 @@ impl crate::engine::method::Method for MuSplit {
     fn simulator(&self, _meta: &ModelMeta) -> Option<&'static str> {
         Some("fluo")
     }
+    fn recipes(&self) -> &'static [crate::engine::method::Recipe] {
+        &[
+            crate::engine::method::Recipe {
+                name: "musplit-unet",
+                what: "muSplit U-Net with lateral context (two-structure decomposition)",
+                input: "fluo",
+            },
+            crate::engine::method::Recipe {
+                name: "musplit-hvae",
+                what: "muSplit hierarchical VAE with lateral context (two-structure decomposition)",
+                input: "fluo",
+            },
+        ]
+    }
+    fn recipe(&self, name: &str, size: &str) -> Result<TrainConfig> {
+        let variant = match name {
+            "musplit-unet" => crate::musplit::net::SplitVariant::Unet,
+            "musplit-hvae" => crate::musplit::net::SplitVariant::Hvae,
+            o => return Err(Error::InvalidArgument(format!("'{o}' is not a musplit recipe"))),
+        };
+        let (tc, musplit) = recipes::SplitPreset::parse(size)?.recipe(variant);
+        Ok(TrainConfig { musplit, ..tc })
+    }
 }
 
 /// A muSplit network's forward is its prediction (one draw for the HVAE); the segment

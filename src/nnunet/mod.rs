@@ -9,7 +9,7 @@ use std::path::Path;
 
 use tch::{Tensor, nn};
 
-use crate::engine::method::Method;
+use crate::engine::method::{Method, Recipe};
 use crate::engine::model::{ModelKind, ModelMeta, Net, Network};
 use crate::engine::train::{TrainConfig, TrainingData};
 use crate::error::{Error, Result};
@@ -64,6 +64,16 @@ impl Method for NnUnet {
             Some("qpi")
         } else {
             None
+        }
+    }
+    fn recipes(&self) -> &'static [Recipe] {
+        &[Recipe { name: "nnunet", what: "plain nnU-Net on any channels (segmentation)", input: "any" }]
+    }
+    /// The nnU-Net baseline of the PG-DiffSeg comparison, at its sizes.
+    fn recipe(&self, name: &str, size: &str) -> Result<TrainConfig> {
+        match name {
+            "nnunet" => Ok(crate::pgdiff::recipes::DiffPreset::parse(size)?.baseline_recipe()),
+            o => Err(Error::InvalidArgument(format!("'{o}' is not a unet recipe"))),
         }
     }
 }

@@ -704,6 +704,19 @@ impl crate::engine::method::Method for PgDiff {
     fn simulator(&self, _meta: &ModelMeta) -> Option<&'static str> {
         Some("qpi")
     }
+    fn recipes(&self) -> &'static [crate::engine::method::Recipe] {
+        &[crate::engine::method::Recipe {
+            name: "pg-diffseg",
+            what: "PG-DiffSeg: prior-guided latent diffusion (live / dead / background)",
+            input: "qpi",
+        }]
+    }
+    fn recipe(&self, name: &str, size: &str) -> Result<TrainConfig> {
+        match name {
+            "pg-diffseg" => Ok(recipes::DiffPreset::parse(size)?.recipe()),
+            o => Err(Error::InvalidArgument(format!("'{o}' is not a pgdiff recipe"))),
+        }
+    }
 }
 
 /// The PG-DiffSeg network of `model`, or an error saying that a model of its kind `what`.
