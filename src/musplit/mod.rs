@@ -424,8 +424,9 @@ impl crate::engine::method::Method for MuSplit {
     }
 }
 
-/// A muSplit network's forward is its prediction (one draw for the HVAE); the segment
-/// verb does not apply (the model decomposes), so its tile predictor refuses.
+/// A muSplit network's forward is its prediction (one draw for the HVAE). The segment
+/// verb never reaches its tile predictor: `Model::segment` refuses decomposition models
+/// first.
 impl Network for MuSplitNet {
     fn forward(&self, x: &Tensor, _deep_supervision: bool) -> Result<Vec<Tensor>> {
         Ok(vec![self.predict(x)])
