@@ -18,6 +18,9 @@ pub struct Image {
 /// A label mask, `(H, W)`, one class index per pixel (0 = background).
 pub type Mask = Array2<u8>;
 
+/// An instance label image, `(H, W)`: 0 = background, one id per object.
+pub type Labels = Array2<u32>;
+
 impl Image {
     /// Wraps `(C, H, W)` data; channel names default to `ch0..chN`.
     pub fn new(data: Array3<f32>) -> Self {

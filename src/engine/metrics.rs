@@ -293,10 +293,194 @@ pub fn split_scores(truth: ndarray::ArrayView3<f32>, pred: ndarray::ArrayView3<f
     Ok(s)
 }
 
+// ---------------------------------------------------------------------------------------
+// Object (instance) metrics
+// ---------------------------------------------------------------------------------------
+
+/// The IoU thresholds object metrics are reported at: 0.5, 0.55, ..., 0.9.
+pub const IOU_THRESHOLDS: [f64; 9] = [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9];
+
+/// Matched objects of one or more images at one IoU threshold: sums, from which every
+/// score follows (summing over images before dividing, as StarDist's `matching_dataset`
+/// with `by_image=False`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ObjectCounts {
+    pub threshold: f64,
+    pub n_true: u64,
+    pub n_pred: u64,
+    /// Matched pairs (true positives).
+    pub tp: u64,
+    /// Sum of the matched pairs' IoU.
+    pub sum_matched_iou: f64,
+}
+
+/// Object scores at one IoU threshold.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ObjectScores {
+    pub threshold: f64,
+    pub n_true: u64,
+    pub n_pred: u64,
+    pub tp: u64,
+    pub fp: u64,
+    #[serde(rename = "fn")]
+    pub fn_: u64,
+    pub precision: f64,
+    pub recall: f64,
+    pub f1: f64,
+    /// TP / (TP + FP + FN): the "average precision" of the DSB 2018 challenge, StarDist
+    /// and Cellpose (StarDist's `accuracy`).
+    pub ap: f64,
+    /// Mean IoU of the matched pairs.
+    pub mean_matched_iou: f64,
+    /// Panoptic quality: sum of matched IoU / (TP + FP/2 + FN/2).
+    pub pq: f64,
+}
+
+impl ObjectCounts {
+    pub fn add(&mut self, o: &ObjectCounts) {
+        self.n_true += o.n_true;
+        self.n_pred += o.n_pred;
+        self.tp += o.tp;
+        self.sum_matched_iou += o.sum_matched_iou;
+    }
+
+    pub fn scores(&self) -> ObjectScores {
+        let (tp, fp, fneg) = (self.tp, self.n_pred - self.tp, self.n_true - self.tp);
+        let r = |num: f64, den: f64| {
+            if den == 0.0 { if self.n_true == 0 && self.n_pred == 0 { 1.0 } else { 0.0 } } else { num / den }
+        };
+        let t = tp as f64;
+        ObjectScores {
+            threshold: self.threshold,
+            n_true: self.n_true,
+            n_pred: self.n_pred,
+            tp,
+            fp,
+            fn_: fneg,
+            precision: r(t, (tp + fp) as f64),
+            recall: r(t, (tp + fneg) as f64),
+            f1: r(2.0 * t, (2 * tp + fp + fneg) as f64),
+            ap: r(t, (tp + fp + fneg) as f64),
+            mean_matched_iou: if tp == 0 { 0.0 } else { self.sum_matched_iou / t },
+            pq: r(self.sum_matched_iou, t + 0.5 * (fp + fneg) as f64),
+        }
+    }
+}
+
+/// Dense ids 1..=N for the non-zero labels of `l` (sorted by label), and their areas.
+fn dense_ids(l: &[u32]) -> (Vec<u32>, Vec<u64>) {
+    let mut ids: Vec<u32> = l.iter().copied().filter(|&v| v != 0).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut area = vec![0u64; ids.len() + 1];
+    let dense = l
+        .iter()
+        .map(|v| {
+            if *v == 0 {
+                0
+            } else {
+                let d = ids.binary_search(v).expect("present") as u32 + 1;
+                area[d as usize] += 1;
+                d
+            }
+        })
+        .collect();
+    (dense, area)
+}
+
+/// Matches the objects of `pred` to those of `truth` at each threshold of `thresholds`
+/// (each at least 0.5).
+///
+/// Matching is one-to-one by IoU: a pair is matched when its IoU is at least the threshold.
+/// Pairs are taken greedily in order of decreasing IoU, each object at most once. Above
+/// IoU 0.5 an object can overlap at most one other object that much, so the matching is
+/// unique. It is then the one StarDist's `matching` finds with its optimal assignment.
+/// Labels need not be consecutive; 0 is background in both.
+pub fn match_objects(
+    truth: &crate::image::Labels,
+    pred: &crate::image::Labels,
+    thresholds: &[f64],
+) -> Result<Vec<ObjectCounts>> {
+    if pred.dim() != truth.dim() {
+        return Err(Error::Shape(format!("prediction is {:?} but ground truth is {:?}", pred.dim(), truth.dim())));
+    }
+    if let Some(t) = thresholds.iter().find(|t| !(0.5..=1.0).contains(*t)) {
+        return Err(Error::InvalidArgument(format!("IoU threshold {t}; expected thresholds in 0.5..=1")));
+    }
+    let (t, p) = (truth.as_standard_layout(), pred.as_standard_layout());
+    let (td, ta) = dense_ids(t.as_slice().expect("standard layout"));
+    let (pd, pa) = dense_ids(p.as_slice().expect("standard layout"));
+    let mut inter: std::collections::HashMap<(u32, u32), u64> = std::collections::HashMap::new();
+    for (&a, &b) in td.iter().zip(&pd) {
+        if a != 0 && b != 0 {
+            *inter.entry((a, b)).or_default() += 1;
+        }
+    }
+    let mut pairs: Vec<(f64, u32, u32)> = inter
+        .into_iter()
+        .map(|((a, b), i)| (i as f64 / (ta[a as usize] + pa[b as usize] - i) as f64, a, b))
+        .filter(|(iou, _, _)| *iou >= thresholds.iter().copied().fold(1.0, f64::min))
+        .collect();
+    // decreasing IoU; ties by ids, so the result does not depend on hash order
+    pairs.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)).then(x.2.cmp(&y.2)));
+    let (n_true, n_pred) = ((ta.len() - 1) as u64, (pa.len() - 1) as u64);
+    Ok(thresholds
+        .iter()
+        .map(|&thr| {
+            let mut used_t = vec![false; ta.len()];
+            let mut used_p = vec![false; pa.len()];
+            let mut c = ObjectCounts { threshold: thr, n_true, n_pred, tp: 0, sum_matched_iou: 0.0 };
+            for &(iou, a, b) in pairs.iter().take_while(|p| p.0 >= thr) {
+                if !used_t[a as usize] && !used_p[b as usize] {
+                    used_t[a as usize] = true;
+                    used_p[b as usize] = true;
+                    c.tp += 1;
+                    c.sum_matched_iou += iou;
+                }
+            }
+            c
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     /// Precision of a class present but never predicted, and recall of a class predicted but
     /// absent, are 0 (not the 1.0 of a class absent from both); a NaN prediction has no PSNR.
+    #[test]
+    fn object_matching_counts_split_and_missed_cells() {
+        use crate::image::Labels;
+        // truth: three 4x4 cells; prediction: the first exact, the second split in two
+        // halves (IoU 0.5 and 0.5 before the tie rule: only one may match), the third missed,
+        // and one false object
+        let mut t = Labels::zeros((8, 20));
+        let mut p = Labels::zeros((8, 20));
+        for y in 0..4 {
+            for x in 0..4 {
+                t[[y, x]] = 10;
+                p[[y, x]] = 3;
+                t[[y, x + 6]] = 20;
+                p[[y, x + 6]] = if x < 2 { 4 } else { 5 };
+                t[[y, x + 12]] = 30;
+                p[[y + 4, x + 16]] = 9;
+            }
+        }
+        let c = match_objects(&t, &p, &[0.5, 0.9]).unwrap();
+        let s5 = c[0].scores();
+        assert_eq!((s5.n_true, s5.n_pred, s5.tp, s5.fp, s5.fn_), (3, 4, 2, 2, 1));
+        assert!((s5.ap - 2.0 / 5.0).abs() < 1e-12);
+        assert!((s5.mean_matched_iou - 0.75).abs() < 1e-12);
+        assert!((s5.pq - 1.5 / 3.5).abs() < 1e-12);
+        let s9 = c[1].scores();
+        assert_eq!((s9.tp, s9.fp, s9.fn_), (1, 3, 2));
+        assert!((s9.f1 - 2.0 / 7.0).abs() < 1e-12);
+        // no objects on either side: perfect; thresholds below 0.5 are refused
+        let z = Labels::zeros((2, 2));
+        assert_eq!(match_objects(&z, &z, &[0.5]).unwrap()[0].scores().ap, 1.0);
+        assert!(match_objects(&z, &z, &[0.3]).is_err());
+        assert!(match_objects(&z, &Labels::zeros((2, 3)), &[0.5]).is_err());
+    }
+
     #[test]
     fn empty_denominators_and_broken_predictions() {
         use ndarray::array;

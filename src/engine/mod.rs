@@ -1,6 +1,8 @@
 //! The shared engine: what every method uses, whatever its network.
 pub mod dataset;
 pub mod device;
+pub mod instances;
+pub mod measure;
 pub mod method;
 pub mod metrics;
 pub mod model;

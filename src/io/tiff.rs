@@ -36,7 +36,7 @@ use tiff::tags::{Tag, Type};
 use tiff::{ColorType, TiffError};
 
 use crate::error::{Error, Result};
-use crate::image::{Image, Mask};
+use crate::image::{Image, Labels, Mask};
 
 /// A stack of images read from one TIFF file, `(T, C, H, W)`.
 #[derive(Debug, Clone, PartialEq)]
@@ -131,24 +131,7 @@ pub fn read_image(path: &Path) -> Result<Image> {
 /// fractional, NaN) is an error naming the first offending pixel.
 pub fn read_mask(path: &Path) -> Result<Mask> {
     guarded(path, READING, || {
-        let (mut dec, plan) = open_and_plan(path)?;
-        if plan.pages.len() != 1 {
-            return Err(Error::tiff(
-                path,
-                format!("file holds {} pages; a mask must be a single page", plan.pages.len()),
-            ));
-        }
-        if plan.samples != 1 {
-            return Err(Error::tiff(
-                path,
-                format!(
-                    "mask has {} samples per pixel (e.g. RGB); a mask must be a single-sample \
-                     integer image",
-                    plan.samples
-                ),
-            ));
-        }
-        let samples = decode_page(path, &mut dec, &plan, 0)?;
+        let (plan, samples) = read_label_page(path)?;
         let labels = samples.to_labels().map_err(|(i, v)| {
             Error::tiff(
                 path,
@@ -164,6 +147,67 @@ pub fn read_mask(path: &Path) -> Result<Mask> {
         Array2::from_shape_vec((plan.height, plan.width), labels)
             .map_err(|e| Error::tiff(path, format!("internal shape error: {e}")))
     })
+}
+
+/// A label image as read from disk.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LabelImage {
+    /// `(H, W)` labels, 0 = background.
+    pub labels: Labels,
+    /// Whether the file stores more than 8 bits per pixel (16- or 32-bit integers, or
+    /// floats): instance label images (Cellpose, StarDist, lumos) are stored that way.
+    pub wide: bool,
+}
+
+/// Reads a single-page label image of any integer width, for instance labels (one id
+/// per object, any number of objects).
+///
+/// Accepts 1–64-bit unsigned or signed integers and floats whose values are all integral.
+/// Every value must be in 0..=4294967295 (and at most 2^24 for 32-bit floats, the largest
+/// range a float32 stores exactly); negative, fractional or non-finite values are an error
+/// naming the first offending pixel.
+pub fn read_labels(path: &Path) -> Result<LabelImage> {
+    guarded(path, READING, || {
+        let (plan, samples) = read_label_page(path)?;
+        let wide = !matches!(samples, Samples::U8(_) | Samples::I8(_));
+        let labels = samples.to_labels_u32().map_err(|(i, v, want)| {
+            Error::tiff(
+                path,
+                format!(
+                    "label pixel (row {}, column {}) is {v}; labels must be integers in {want} ({} data)",
+                    i / plan.width,
+                    i % plan.width,
+                    plan.dtype.name()
+                ),
+            )
+        })?;
+        let labels = Array2::from_shape_vec((plan.height, plan.width), labels)
+            .map_err(|e| Error::tiff(path, format!("internal shape error: {e}")))?;
+        Ok(LabelImage { labels, wide })
+    })
+}
+
+/// The single page of a label image, decoded; refuses several pages or samples.
+fn read_label_page(path: &Path) -> Result<(Plan, Samples)> {
+    let (mut dec, plan) = open_and_plan(path)?;
+    if plan.pages.len() != 1 {
+        return Err(Error::tiff(
+            path,
+            format!("file holds {} pages; a mask or label image must be a single page", plan.pages.len()),
+        ));
+    }
+    if plan.samples != 1 {
+        return Err(Error::tiff(
+            path,
+            format!(
+                "mask has {} samples per pixel (e.g. RGB); a mask or label image must be a single-sample \
+                 integer image",
+                plan.samples
+            ),
+        ));
+    }
+    let samples = decode_page(path, &mut dec, &plan, 0)?;
+    Ok((plan, samples))
 }
 
 /// Writes a `(C, H, W)` image as float32, one page per channel.
@@ -227,6 +271,28 @@ pub fn write_mask_u16(path: &Path, mask: &Array2<u16>) -> Result<()> {
     let max = flat.iter().copied().max().unwrap_or(0).max(1);
     let desc = format!("ImageJ=1.11a\nmin=0\nmax={max}\n");
     write_pages(path, w as u32, h as u32, &[Pixels::U16(flat)], &desc, None)
+}
+
+/// Writes an `(H, W)` label image as a single page: uint16 when every label fits
+/// (at most 65,535), else uint32, so that no label is ever truncated.
+///
+/// ImageJ `min`/`max` are set to 0..max label so labels are visible when opened in Fiji.
+/// Returns the bits per sample written (16 or 32).
+pub fn write_labels(path: &Path, labels: &Labels) -> Result<u16> {
+    let (h, w) = labels.dim();
+    check_write_dims(1, h, w)?;
+    let data = labels.as_standard_layout();
+    let flat = data.as_slice().ok_or_else(|| Error::InvalidInput("label image is not contiguous".into()))?;
+    let max = flat.iter().copied().max().unwrap_or(0);
+    let desc = format!("ImageJ=1.11a\nmin=0\nmax={}\n", max.max(1));
+    if max <= u32::from(u16::MAX) {
+        let narrow: Vec<u16> = flat.iter().map(|&v| v as u16).collect();
+        write_pages(path, w as u32, h as u32, &[Pixels::U16(&narrow)], &desc, None)?;
+        Ok(16)
+    } else {
+        write_pages(path, w as u32, h as u32, &[Pixels::U32(flat)], &desc, None)?;
+        Ok(32)
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -405,6 +471,32 @@ fn int_labels<T: Copy + Into<i128> + std::fmt::Display>(v: &[T]) -> std::result:
     v.iter().enumerate().map(|(i, &x)| u8::try_from(x.into()).map_err(|_| (i, x.to_string()))).collect()
 }
 
+/// Checks integer labels against 0..=u32::MAX; returns the index, value and wanted range
+/// of the first bad one.
+fn int_labels_u32<T: Copy + Into<i128> + std::fmt::Display>(
+    v: &[T],
+) -> std::result::Result<Vec<u32>, (usize, String, &'static str)> {
+    v.iter()
+        .enumerate()
+        .map(|(i, &x)| u32::try_from(x.into()).map_err(|_| (i, x.to_string(), "0..=4294967295")))
+        .collect()
+}
+
+/// Float labels must be integral, non-negative and at most `max` (exactly representable).
+fn float_labels_u32(
+    v: impl Iterator<Item = f64>,
+    max: f64,
+    want: &'static str,
+) -> std::result::Result<Vec<u32>, (usize, String, &'static str)> {
+    v.enumerate()
+        .map(
+            |(i, x)| {
+                if x.fract() == 0.0 && (0.0..=max).contains(&x) { Ok(x as u32) } else { Err((i, x.to_string(), want)) }
+            },
+        )
+        .collect()
+}
+
 fn float_labels(v: impl Iterator<Item = f64>) -> std::result::Result<Vec<u8>, (usize, String)> {
     v.enumerate()
         .map(
@@ -416,6 +508,23 @@ fn float_labels(v: impl Iterator<Item = f64>) -> std::result::Result<Vec<u8>, (u
 }
 
 impl Samples {
+    fn to_labels_u32(&self) -> std::result::Result<Vec<u32>, (usize, String, &'static str)> {
+        match self {
+            Samples::U8(v) => Ok(v.iter().map(|&x| u32::from(x)).collect()),
+            Samples::U16(v) => Ok(v.iter().map(|&x| u32::from(x)).collect()),
+            Samples::U32(v) => Ok(v.clone()),
+            Samples::U64(v) => int_labels_u32(v),
+            Samples::I8(v) => int_labels_u32(v),
+            Samples::I16(v) => int_labels_u32(v),
+            Samples::I32(v) => int_labels_u32(v),
+            Samples::I64(v) => int_labels_u32(v),
+            Samples::F32(v) => {
+                float_labels_u32(v.iter().map(|&x| f64::from(x)), 16_777_216.0, "0..=16777216 (float32)")
+            }
+            Samples::F64(v) => float_labels_u32(v.iter().copied(), f64::from(u32::MAX), "0..=4294967295"),
+        }
+    }
+
     fn from_decoded(r: DecodingResult) -> Samples {
         match r {
             DecodingResult::U8(v) => Samples::U8(v),
@@ -1570,6 +1679,7 @@ enum Pixels<'a> {
     F32(&'a [f32]),
     U8(&'a [u8]),
     U16(&'a [u16]),
+    U32(&'a [u32]),
 }
 
 impl Pixels<'_> {
@@ -1579,6 +1689,7 @@ impl Pixels<'_> {
             Pixels::F32(_) => (32, 3, 4),
             Pixels::U8(_) => (8, 1, 1),
             Pixels::U16(_) => (16, 1, 2),
+            Pixels::U32(_) => (32, 1, 4),
         }
     }
 }
@@ -1713,6 +1824,7 @@ fn encode_pages<W: Write + Seek, K: TiffKind>(
             Pixels::F32(s) => dir.write_data(*s)?,
             Pixels::U8(s) => dir.write_data(*s)?,
             Pixels::U16(s) => dir.write_data(*s)?,
+            Pixels::U32(s) => dir.write_data(*s)?,
         });
     }
     page_tags::<W, K>(&mut dir, width, height, &pages[0], offsets[0])?;
