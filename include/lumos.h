@@ -179,6 +179,22 @@ typedef struct LumosCancelToken LumosCancelToken;
 typedef struct LumosModel LumosModel;
 
 /**
+ * Opaque per-object measurement table: one row per object, in increasing label order,
+ * and named columns of doubles (see `lumos_table_column_name`).
+ *
+ * Columns: `label`; `centroid_y`, `centroid_x` (pixels); `area_px` (and `area_um2` when
+ * the pixel size is known); `perimeter_px` (`perimeter_um`); `equivalent_diameter_px`
+ * (`equivalent_diameter_um`); `eccentricity` (0 = disc); `mean_NAME` and
+ * `integrated_NAME` for each image channel NAME; `class` (the model's class index, >= 1;
+ * segmenting only); `dry_mass_pg` (a phase image with a known wavelength and pixel size:
+ * m = λ / (2π α) · Σ φ · pixel area).
+ *
+ * Thread safety: a table is immutable; it may be read from several threads at once.
+ * `lumos_table_free` must not run concurrently with any other call on the same table.
+ */
+typedef struct LumosTable LumosTable;
+
+/**
  * Facts about a loaded model, filled by `lumos_model_info`.
  */
 typedef struct LumosModelInfo {
@@ -394,6 +410,36 @@ typedef struct LumosImage {
    */
   size_t width;
 } LumosImage;
+
+/**
+ * What the measurements know about the pixels. Fill with
+ * `lumos_measure_options_default`, then set what is known.
+ */
+typedef struct LumosMeasureOptions {
+  /**
+   * Pixel size in micrometres (square pixels). NaN = unknown: the table then has no
+   * µm columns and no dry mass. Zero, negative or infinite is INVALID_ARGUMENT.
+   */
+  double pixel_size_um;
+  /**
+   * Illumination wavelength in nanometres, for the dry mass of a phase channel in
+   * radians. NaN = no dry mass. Zero, negative or infinite is INVALID_ARGUMENT.
+   */
+  double wavelength_nm;
+  /**
+   * Specific refraction increment α in µm³/pg (default 0.19).
+   */
+  double alpha_um3_per_pg;
+  /**
+   * The phase channel for the dry mass; -1 = the channel named "phase", or the only
+   * channel of a single-channel image.
+   */
+  int32_t phase_channel;
+  /**
+   * Objects smaller than this many pixels are removed (segmenting only; default 10).
+   */
+  size_t min_size;
+} LumosMeasureOptions;
 
 #ifdef __cplusplus
 extern "C" {
@@ -894,6 +940,137 @@ LumosStatus lumos_mask_write_tiff(const char *path,
                                   const uint8_t *labels,
                                   size_t height,
                                   size_t width);
+
+/**
+ * Fills `*out_options` with the defaults: pixel size and wavelength unknown (NaN), α =
+ * 0.19 µm³/pg, phase channel -1 (automatic), min_size 10 pixels.
+ *
+ * Errors: NULL_POINTER. Thread-safe.
+ */
+LumosStatus lumos_measure_options_default(struct LumosMeasureOptions *out_options);
+
+/**
+ * Segments one frame into instances: one label per cell, and optionally its
+ * measurement table.
+ *
+ * The model's class map of the whole frame (as `lumos_segment` computes it) is turned
+ * into objects. Models trained from instance masks separate touching cells through their
+ * predicted boundaries (seeded growth from the cell interiors); models trained on class
+ * masks give the connected regions of each class. The objects are labelled over the whole
+ * frame, so a cell that crosses a tile seam keeps one label. Each object's class is the
+ * class most of its pixels were predicted as.
+ *
+ * - `input`, `channels`, `height`, `width`, `options`, `cancel`: as for `lumos_segment`.
+ * - `diffusion`: PG-DiffSeg sampling as for `lumos_segment_diffusion`; NULL = the model's
+ *   saved sampling. Ignored by other kinds.
+ * - `measure_options`: NULL = defaults (`lumos_measure_options_default`); its `min_size`
+ *   applies to the objects. Measurements use the input's channels, named as the model's.
+ * - `out_labels`: caller-owned buffer of `out_len >= height * width` uint32 values; gets
+ *   each pixel's object label (0 = background, objects 1..N in raster order of their
+ *   first pixel), `(H, W)` row-major. Unspecified on failure.
+ * - `out_count`: NULL, or receives N, the number of objects.
+ * - `out_table`: NULL (no table), or receives a new table owned by the caller; release
+ *   it with `lumos_table_free`. Untouched on failure.
+ *
+ * Errors: as `lumos_segment`, and INVALID_ARGUMENT (bad measure options, such as a zero
+ * pixel size, or a wavelength with no phase channel). Thread-safe: concurrent calls on one
+ * model are serialized.
+ */
+LumosStatus lumos_segment_instances(const struct LumosModel *model,
+                                    const float *input,
+                                    size_t channels,
+                                    size_t height,
+                                    size_t width,
+                                    const struct LumosTileOptions *options,
+                                    const struct LumosDiffusionOptions *diffusion,
+                                    const struct LumosMeasureOptions *measure_options,
+                                    const struct LumosCancelToken *cancel,
+                                    uint32_t *out_labels,
+                                    size_t out_len,
+                                    size_t *out_count,
+                                    struct LumosTable **out_table);
+
+/**
+ * Measures the objects of a label image (for example one corrected by hand).
+ *
+ * - `labels`: `height * width` uint32 values, `(H, W)` row-major; 0 = background, any
+ *   other value an object (labels need not be consecutive). Not modified.
+ * - `image`: NULL (shape measurements only), or `channels * height * width` floats,
+ *   `(C, H, W)`, on which intensities and dry mass are measured; channels are named
+ *   `ch0`, `ch1`, ... in the table.
+ * - `options`: NULL = defaults. Dry mass needs the wavelength, the pixel size and
+ *   `phase_channel` (or a single-channel image).
+ * - `out_table`: receives a new table owned by the caller (`lumos_table_free`).
+ *   Untouched on failure.
+ *
+ * Errors: NULL_POINTER, SHAPE_MISMATCH (zero or absurd sizes), INVALID_ARGUMENT (bad
+ * options), INVALID_INPUT (NaN or Inf pixels). Thread-safe.
+ */
+LumosStatus lumos_measure(const uint32_t *labels,
+                          size_t height,
+                          size_t width,
+                          const float *image,
+                          size_t channels,
+                          const struct LumosMeasureOptions *options,
+                          struct LumosTable **out_table);
+
+/**
+ * The number of rows (objects) and columns of a table, in `*out_rows` and `*out_columns`
+ * (either may be NULL).
+ *
+ * Errors: NULL_POINTER (table). Thread-safe.
+ */
+LumosStatus lumos_table_shape(const struct LumosTable *table,
+                              size_t *out_rows,
+                              size_t *out_columns);
+
+/**
+ * The name of column `index` (0-based) in `*out_name`: a NUL-terminated UTF-8 string
+ * owned by the table, valid until `lumos_table_free`.
+ *
+ * Errors: NULL_POINTER, INVALID_ARGUMENT (index out of range). Thread-safe.
+ */
+LumosStatus lumos_table_column_name(const struct LumosTable *table,
+                                    size_t index,
+                                    const char **out_name);
+
+/**
+ * The table's values in `*out_values`: `rows * columns` doubles, row-major (row r,
+ * column c at `r * columns + c`), owned by the table and valid until `lumos_table_free`.
+ * An empty table gives a non-NULL pointer to no values.
+ *
+ * Errors: NULL_POINTER. Thread-safe.
+ */
+LumosStatus lumos_table_values(const struct LumosTable *table,
+                               const double **out_values);
+
+/**
+ * Writes the table as CSV (a header row, then one row per object; with a `class` column
+ * also `class_name`), atomically: a temporary file renamed into place.
+ *
+ * Errors: NULL_POINTER, INVALID_ARGUMENT (path not UTF-8), IO. Thread-safe.
+ */
+LumosStatus lumos_table_write_csv(const struct LumosTable *table,
+                                  const char *path);
+
+/**
+ * Releases a table. NULL is ignored. The table and every pointer read from it become
+ * invalid.
+ */
+void lumos_table_free(struct LumosTable *table);
+
+/**
+ * Writes an instance label image `(H, W)` (`height * width` uint32 values, row-major) as
+ * a TIFF: uint16 when every label is at most 65,535, else uint32 (never truncated).
+ * Atomic: a temporary file renamed into place.
+ *
+ * Errors: NULL_POINTER, INVALID_ARGUMENT (path not UTF-8), SHAPE_MISMATCH (zero or absurd
+ * size), IO. Thread-safe.
+ */
+LumosStatus lumos_labels_write_tiff(const char *path,
+                                    const uint32_t *labels,
+                                    size_t height,
+                                    size_t width);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -127,6 +127,43 @@ def test_segment_dmqpm_from_five_layers(make_napari_viewer, qtbot, models, scree
     screenshot(viewer, screenshot_dir / "napari-segment-dmqpm.png")
 
 
+def test_segment_instances_with_measurements(make_napari_viewer, qtbot, models, screenshot_dir):
+    viewer = make_napari_viewer(show=True)
+    viewer.open_sample(PLUGIN, "ssqpm")
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    widget.load(models["dmqpm"], "cpu")
+    widget.instances.value = True
+    assert not widget.pixel_size.native.isHidden() and not widget.wavelength.native.isHidden()
+    widget.pixel_size.value = 0.5
+    widget.wavelength.value = 532.0
+    widget.run_button.clicked()
+    wait_done(qtbot, widget)
+    assert widget.status.value.startswith("done"), widget.status.value
+    layer = viewer.layers["phase cells"]
+    assert layer.data.shape == (256, 256) and layer.data.dtype == np.uint16
+    n = int(layer.data.max())
+    assert n >= 1
+    # one feature row per cell, keyed by its label, with the engine's measurements
+    f = layer.features
+    assert list(f["index"]) == list(range(1, n + 1)) == list(f["label"])
+    for col in ("area_px", "area_um2", "dry_mass_pg", "mean_phase", "class"):
+        assert col in f.columns, list(f.columns)
+    areas = np.bincount(layer.data.ravel(), minlength=n + 1)[1:]
+    np.testing.assert_array_equal(f["area_px"].to_numpy(), areas)
+    np.testing.assert_allclose(f["area_um2"].to_numpy(), areas * 0.25)
+    # the binding gives the same cells
+    with lumos.Model(models["dmqpm"], device="cpu") as m:
+        x = np.stack([viewer.layers[c].data for c in ["I0", "I45", "I90", "I135", "phase"]])
+        lab, table = m.segment(x, instances=True, pixel_size=0.5, wavelength_nm=532.0)
+        np.testing.assert_array_equal(layer.data, lab)
+        np.testing.assert_allclose(table["dry_mass_pg"], f["dry_mass_pg"].to_numpy())
+    # the table view shows one row per cell
+    assert widget.table.shape[0] == n
+    viewer.layers["cells (truth)"].visible = False
+    canvas_not_blank(viewer)
+    screenshot(viewer, screenshot_dir / "napari-instances.png")
+
+
 def test_segment_one_multichannel_layer_time_series(make_napari_viewer, qtbot, models):
     viewer = make_napari_viewer(show=True)
     stack = np.stack([lumos.simulate("ssqpm", seed=s, size=64)[0] for s in (3, 4)])  # (T, 5, H, W)

@@ -33,12 +33,18 @@ struct Cli {
 enum Cmd {
     /// Simulate a labelled data set.
     Simulate(SimulateArgs),
-    /// Train a model on a data folder (DIR/images/*.tif + DIR/masks/*.tif).
+    /// Train a model on a data folder (DIR/images/*.tif + DIR/masks/*.tif). The masks may
+    /// be class masks or instance label images (one id per cell, 16- or 32-bit).
     Train(TrainArgs),
     /// Segment TIFF images (a file or a folder) with a model.
     Segment(SegmentArgs),
-    /// Segment a labelled folder and report Dice and IoU per image and mean ± std.
+    /// Segment a labelled folder and report Dice and IoU per image and mean ± std, and
+    /// object metrics (precision, recall, F1, AP, PQ at IoU 0.5-0.9) when the truth holds
+    /// instance labels.
     Evaluate(EvaluateArgs),
+    /// Measure the objects of instance label images (area, shape, intensities, dry mass)
+    /// and write one CSV table per image.
+    Measure(MeasureCmdArgs),
     /// Show a model's kind, channels, classes, normalization and provenance.
     Info(InfoArgs),
     /// The main job: simulate ssQPM data, train on CPU, segment the test images, report.
@@ -248,6 +254,16 @@ struct TrainArgs {
     /// Continue from OUT.ckpt when it exists.
     #[arg(long)]
     resume: bool,
+    /// How to read the masks: auto (8-bit masks are classes; 16-bit or wider masks are
+    /// instance labels, one id per cell, as Cellpose and StarDist write them), classes, or
+    /// instances (DIR/instances/NAME.tif when present, each cell taking its class from
+    /// DIR/masks; else DIR/masks). A model trained from instances segments cells apart.
+    #[arg(long)]
+    masks: Option<String>,
+    /// What a model learns from instance masks: boundary (cell interiors and boundaries,
+    /// the default) or foreground (cells only; touching cells merge).
+    #[arg(long)]
+    instance_targets: Option<String>,
     /// Print the training history as JSON at the end.
     #[arg(long)]
     json: bool,
@@ -355,14 +371,83 @@ struct SegmentArgs {
     /// A TIFF file or a folder of TIFF files.
     #[arg(long, short)]
     input: PathBuf,
-    /// Output folder for NAME_mask.tif (and NAME_prob.tif).
+    /// Output folder for NAME_mask.tif (and NAME_prob.tif); with --instances, NAME.tif
+    /// (instance labels) and NAME.csv (one row per cell).
     #[arg(long, short)]
     out: PathBuf,
     /// Also write class probabilities as a float32 stack.
     #[arg(long)]
     probabilities: bool,
+    /// Write instance labels (uint16, or uint32 past 65,535 cells) and a measurement table
+    /// per image instead of the class mask.
+    #[arg(long)]
+    instances: bool,
+    /// With --instances: objects smaller than this many pixels are removed.
+    #[arg(long, default_value_t = 10)]
+    min_size: usize,
+    #[command(flatten)]
+    measure: MeasureArgs,
     #[command(flatten)]
     tiles: TileArgs,
+}
+
+/// What the measurements need to know about the pixels.
+#[derive(Args, Clone)]
+struct MeasureArgs {
+    /// Pixel size in µm (default: from the image's TIFF metadata, if it states one).
+    #[arg(long)]
+    pixel_size: Option<f64>,
+    /// Illumination wavelength in nm, for the dry mass of a phase image in radians.
+    #[arg(long)]
+    wavelength: Option<f64>,
+    /// Specific refraction increment α in µm³/pg, for the dry mass.
+    #[arg(long, default_value_t = lumos::engine::measure::DEFAULT_ALPHA_UM3_PER_PG)]
+    alpha: f64,
+    /// The phase channel, by index or name (default: the channel named "phase", or the only
+    /// channel).
+    #[arg(long)]
+    phase_channel: Option<String>,
+}
+
+impl MeasureArgs {
+    fn options(&self, image_path: &Path, img: &lumos::Image) -> Result<lumos::engine::measure::MeasureOptions> {
+        use lumos::engine::measure::{MeasureOptions, check_positive};
+        let pixel_size_um = match self.pixel_size {
+            Some(p) => Some(check_positive("--pixel-size", "µm", p)?),
+            None => tiff::pixel_size_um(image_path)?,
+        };
+        let wavelength_um =
+            self.wavelength.map(|l| check_positive("--wavelength", "nm", l).map(|l| l / 1000.0)).transpose()?;
+        let phase_channel = match &self.phase_channel {
+            None => None,
+            Some(s) => Some(match s.parse::<usize>() {
+                Ok(i) => i,
+                Err(_) => img.channel_names.iter().position(|n| n == s).ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "--phase-channel '{s}' is not one of the channels {:?}",
+                        img.channel_names
+                    ))
+                })?,
+            }),
+        };
+        Ok(MeasureOptions { pixel_size_um, wavelength_um, alpha_um3_per_pg: self.alpha, phase_channel })
+    }
+}
+
+#[derive(Args)]
+struct MeasureCmdArgs {
+    /// An instance label image, or a folder of them (NAME.tif, matched to the images by name).
+    #[arg(long, short)]
+    labels: PathBuf,
+    /// The image to measure intensities on (a file, or a folder of NAME.tif); optional.
+    #[arg(long, short)]
+    image: Option<PathBuf>,
+    /// Output CSV file (a single label image) or folder (default: beside each label image,
+    /// NAME.csv).
+    #[arg(long, short)]
+    out: Option<PathBuf>,
+    #[command(flatten)]
+    measure: MeasureArgs,
 }
 
 #[derive(Args)]
@@ -412,6 +497,7 @@ fn main() {
         Cmd::Train(a) => train_cmd(a),
         Cmd::Segment(a) => segment(a),
         Cmd::Evaluate(a) => evaluate(a).map(|_| ()),
+        Cmd::Measure(a) => measure_cmd(a),
         Cmd::Info(a) => info(a),
         Cmd::Demo(a) => demo(a),
         Cmd::Decompose(a) => decompose(a),
@@ -639,6 +725,15 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         cfg.validate()?;
     }
     cfg.resume |= a.resume;
+    if let Some(m) = &a.masks {
+        cfg.masks = serde_json::from_value(serde_json::Value::String(m.clone()))
+            .map_err(|_| Error::InvalidArgument(format!("--masks '{m}'; expected auto, classes or instances")))?;
+    }
+    if let Some(t) = &a.instance_targets {
+        cfg.instance_targets = serde_json::from_value(serde_json::Value::String(t.clone())).map_err(|_| {
+            Error::InvalidArgument(format!("--instance-targets '{t}'; expected boundary or foreground"))
+        })?;
+    }
     cfg.validate()?;
     let (bar, mut f) = train_progress(&cfg);
     let mut mon = Monitor { progress: Some(&mut f), cancel: None };
@@ -701,7 +796,12 @@ fn segment(a: SegmentArgs) -> Result<()> {
     std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
     let bar = tile_bar(files.len());
     let mut table = Table::new();
-    table.load_preset(UTF8_FULL_CONDENSED).set_header(["image", "size", "foreground %", "seconds"]);
+    let header: &[&str] = if a.instances {
+        &["image", "size", "foreground %", "cells", "seconds"]
+    } else {
+        &["image", "size", "foreground %", "seconds"]
+    };
+    table.load_preset(UTF8_FULL_CONDENSED).set_header(header.to_vec());
     for f in &files {
         let t = Instant::now();
         let img = tiff::read_image(f)?;
@@ -735,24 +835,108 @@ fn segment(a: SegmentArgs) -> Result<()> {
                 model.segment(img.data.view(), &opts, SegmentOutput::Labels(labels.view_mut()), &mut Monitor::none())?
             }
         }
-        // both outputs computed before either is written
-        tiff::write_mask_u8(&a.out.join(format!("{stem}_mask.tif")), &labels)?;
+        let fg = labels.iter().filter(|&&v| v > 0).count() as f64 / (h * w) as f64 * 100.0;
+        let mut cells = String::new();
+        // all outputs computed before any is written
+        if a.instances {
+            let inst = lumos::engine::instances::instances_from_classes(
+                &labels,
+                model.n_classes(),
+                model.meta.instances.as_ref(),
+                &lumos::engine::instances::InstanceOptions { min_size: a.min_size },
+            )?;
+            let mopts = a.measure.options(f, &img)?;
+            let measured = lumos::engine::measure::measure(
+                &inst.labels,
+                Some(&img),
+                Some(&inst.classes),
+                &model.meta.classes,
+                &mopts,
+            )?;
+            tiff::write_labels(&a.out.join(format!("{stem}.tif")), &inst.labels)?;
+            measured.save_csv(&a.out.join(format!("{stem}.csv")))?;
+            cells = inst.count().to_string();
+        } else {
+            tiff::write_mask_u8(&a.out.join(format!("{stem}_mask.tif")), &labels)?;
+        }
         if let Some(p) = probabilities {
             let im = lumos::Image::with_names(p, model.meta.classes.clone())?;
             tiff::write_image_f32(&a.out.join(format!("{stem}_prob.tif")), &im)?;
         }
-        let fg = labels.iter().filter(|&&v| v > 0).count() as f64 / (h * w) as f64 * 100.0;
-        table.add_row([
-            stem.to_string(),
-            format!("{h}x{w}"),
-            format!("{fg:.1}"),
-            format!("{:.2}", t.elapsed().as_secs_f64()),
-        ]);
+        let mut row = vec![stem.to_string(), format!("{h}x{w}"), format!("{fg:.1}")];
+        if a.instances {
+            row.push(cells);
+        }
+        row.push(format!("{:.2}", t.elapsed().as_secs_f64()));
+        table.add_row(row);
         bar.inc(1);
     }
     bar.finish_and_clear();
     println!("{table}");
-    println!("masks written to {}", a.out.display());
+    if a.instances {
+        println!("instance labels (NAME.tif) and measurements (NAME.csv) written to {}", a.out.display());
+    } else {
+        println!("masks written to {}", a.out.display());
+    }
+    Ok(())
+}
+
+/// Pairs each label image with its image (same name) when `image` is a folder.
+fn measure_cmd(a: MeasureCmdArgs) -> Result<()> {
+    let label_files = tiff_files(&a.labels)?;
+    let single = a.labels.is_file();
+    if let Some(o) = &a.out
+        && !single
+    {
+        std::fs::create_dir_all(o).map_err(|e| Error::io(o, e))?;
+    }
+    let mut table = Table::new();
+    table.load_preset(UTF8_FULL_CONDENSED).set_header(["labels", "objects", "table"]);
+    for lf in &label_files {
+        let stem = lf.file_stem().and_then(|s| s.to_str()).unwrap_or("labels").to_string();
+        let labels = tiff::read_labels(lf)?.labels;
+        let image_path = match &a.image {
+            None => None,
+            Some(p) if p.is_dir() => Some(
+                ["tif", "tiff", "TIF", "TIFF"]
+                    .iter()
+                    .map(|e| p.join(format!("{stem}.{e}")))
+                    .find(|c| c.is_file())
+                    .ok_or_else(|| {
+                        Error::InvalidArgument(format!(
+                            "'{}' holds no image named '{stem}.tif' for '{}'",
+                            p.display(),
+                            lf.display()
+                        ))
+                    })?,
+            ),
+            Some(p) => Some(p.clone()),
+        };
+        let (img, mopts) = match &image_path {
+            Some(ip) => {
+                let img = tiff::read_image(ip)?;
+                let o = a.measure.options(ip, &img)?;
+                (Some(img), o)
+            }
+            None => {
+                let mut o = a.measure.options(lf, &lumos::Image::new(ndarray::Array3::zeros((0, 1, 1))))?;
+                if o.pixel_size_um.is_none() {
+                    o.pixel_size_um = tiff::pixel_size_um(lf)?;
+                }
+                (None, o)
+            }
+        };
+        let t = lumos::engine::measure::measure(&labels, img.as_ref(), None, &[], &mopts)
+            .map_err(|e| Error::InvalidInput(format!("'{}': {e}", lf.display())))?;
+        let out = match &a.out {
+            Some(o) if single => o.clone(),
+            Some(o) => o.join(format!("{stem}.csv")),
+            None => lf.with_extension("csv"),
+        };
+        t.save_csv(&out)?;
+        table.add_row([lf.display().to_string(), t.n_rows().to_string(), out.display().to_string()]);
+    }
+    println!("{table}");
     Ok(())
 }
 
@@ -760,28 +944,132 @@ fn segment(a: SegmentArgs) -> Result<()> {
 struct Evaluation {
     names: Vec<String>,
     scores: Vec<ImageScores>,
+    /// Per image, object counts at each of `metrics::IOU_THRESHOLDS`, when the truth holds
+    /// instances (16-bit or wider masks, or DIR/instances); else empty.
+    objects: Vec<Vec<metrics::ObjectCounts>>,
     preds: Vec<lumos::Mask>,
     seconds: Vec<f64>,
+}
+
+/// The classes Dice is scored over: the model's, less a `boundary` class of instances.
+fn cell_classes(model: &Model) -> usize {
+    model.n_classes() - usize::from(model.meta.instances.is_some_and(|s| s.boundary_class.is_some()))
+}
+
+/// The truth of one test image: class labels, and instance labels when it has them.
+fn read_truth(mask: &Path, name: &str) -> Result<(lumos::Mask, Option<lumos::image::Labels>)> {
+    let inst_file = mask.parent().and_then(Path::parent).map(|d| d.join("instances").join(format!("{name}.tif")));
+    let read = tiff::read_labels(mask)?;
+    if read.wide {
+        // the mask is the instance image: every cell is class 1
+        let classes = read.labels.mapv(|v| u8::from(v != 0));
+        return Ok((classes, Some(read.labels)));
+    }
+    let classes = tiff::read_mask(mask)?;
+    let inst = match inst_file {
+        Some(f) if f.is_file() => Some(tiff::read_labels(&f)?.labels),
+        _ => None,
+    };
+    Ok((classes, inst))
 }
 
 fn evaluate_folder(model: &Model, data: &Path, opts: &SegmentOptions) -> Result<Evaluation> {
     let pairs = list_pairs(data)?;
     let bar = tile_bar(pairs.len());
-    let mut ev = Evaluation { names: vec![], scores: vec![], preds: vec![], seconds: vec![] };
+    let mut ev = Evaluation { names: vec![], scores: vec![], objects: vec![], preds: vec![], seconds: vec![] };
+    let k = cell_classes(model);
     for (name, ip, mp) in pairs {
         bar.set_message(name.clone());
         let img = tiff::read_image(&ip)?;
-        let truth = tiff::read_mask(&mp)?;
+        let (truth, truth_inst) = read_truth(&mp, &name)?;
         let t = Instant::now();
-        let pred = model.segment_labels(img.data.view(), opts)?;
+        let mut pred = model.segment_labels(img.data.view(), opts)?;
+        let pred_inst = if truth_inst.is_some() || model.meta.instances.is_some() {
+            let inst = lumos::engine::instances::instances_from_classes(
+                &pred,
+                model.n_classes(),
+                model.meta.instances.as_ref(),
+                &Default::default(),
+            )?;
+            if model.meta.instances.is_some() {
+                // pixel scores of an instance model: each cell painted with its class
+                pred = inst.labels.mapv(|l| if l == 0 { 0 } else { inst.classes[l as usize - 1] });
+            }
+            Some(inst)
+        } else {
+            None
+        };
         ev.seconds.push(t.elapsed().as_secs_f64());
-        ev.scores.push(metrics::score(&pred, &truth, model.n_classes())?);
+        ev.scores.push(
+            metrics::score(&pred, &truth, k).map_err(|e| Error::InvalidInput(format!("'{}': {e}", mp.display())))?,
+        );
+        if let (Some(ti), Some(pi)) = (&truth_inst, &pred_inst) {
+            ev.objects.push(metrics::match_objects(ti, &pi.labels, &metrics::IOU_THRESHOLDS)?);
+        }
         ev.preds.push(pred);
         ev.names.push(name);
         bar.inc(1);
     }
     bar.finish_and_clear();
+    if ev.objects.len() != ev.names.len() {
+        ev.objects.clear();
+    }
     Ok(ev)
+}
+
+/// Object scores over all images at each IoU threshold (counts summed, then divided).
+fn object_summary(ev: &Evaluation) -> Vec<metrics::ObjectScores> {
+    let Some(first) = ev.objects.first() else { return vec![] };
+    (0..first.len())
+        .map(|i| {
+            let mut c = metrics::ObjectCounts {
+                threshold: first[i].threshold,
+                n_true: 0,
+                n_pred: 0,
+                tp: 0,
+                sum_matched_iou: 0.0,
+            };
+            for img in &ev.objects {
+                c.add(&img[i]);
+            }
+            c.scores()
+        })
+        .collect()
+}
+
+fn object_table(scores: &[metrics::ObjectScores]) -> Table {
+    let mut table = Table::new();
+    table.load_preset(UTF8_FULL_CONDENSED).set_header([
+        "IoU ≥",
+        "true",
+        "pred",
+        "TP",
+        "FP",
+        "FN",
+        "precision",
+        "recall",
+        "F1",
+        "AP",
+        "matched IoU",
+        "PQ",
+    ]);
+    for s in scores {
+        table.add_row([
+            format!("{:.2}", s.threshold),
+            s.n_true.to_string(),
+            s.n_pred.to_string(),
+            s.tp.to_string(),
+            s.fp.to_string(),
+            s.fn_.to_string(),
+            format!("{:.3}", s.precision),
+            format!("{:.3}", s.recall),
+            format!("{:.3}", s.f1),
+            format!("{:.3}", s.ap),
+            format!("{:.3}", s.mean_matched_iou),
+            format!("{:.3}", s.pq),
+        ]);
+    }
+    table
 }
 
 fn score_table(model: &Model, ev: &Evaluation) -> (Table, metrics::Summary) {
@@ -797,8 +1085,8 @@ fn score_table(model: &Model, ev: &Evaluation) -> (Table, metrics::Summary) {
     }
     let sum = metrics::summarize(&ev.scores);
     table.add_row(["mean ± std".to_string(), sum.mean_fg_dice.to_string(), sum.mean_fg_iou.to_string(), String::new()]);
-    if model.n_classes() > 2 {
-        for (k, c) in model.meta.classes.iter().enumerate() {
+    if cell_classes(model) > 2 {
+        for (k, c) in model.meta.classes.iter().take(cell_classes(model)).enumerate() {
             table.add_row([
                 format!("class {c}"),
                 sum.dice_per_class[k].to_string(),
@@ -811,14 +1099,28 @@ fn score_table(model: &Model, ev: &Evaluation) -> (Table, metrics::Summary) {
 }
 
 fn evaluation_json(model_path: &Path, data: &Path, ev: &Evaluation, sum: &metrics::Summary) -> serde_json::Value {
-    serde_json::json!({
+    let mut v = serde_json::json!({
         "model": model_path.display().to_string(),
         "data": data.display().to_string(),
-        "images": ev.names.iter().zip(&ev.scores).zip(&ev.seconds).map(|((n, s), t)| serde_json::json!({
-            "name": n, "dice": s.mean_fg_dice(), "iou": s.mean_fg_iou(), "per_class": s.classes, "seconds": t,
-        })).collect::<Vec<_>>(),
+        "images": ev.names.iter().zip(&ev.scores).zip(&ev.seconds).enumerate().map(|(i, ((n, s), t))| {
+            let mut img = serde_json::json!({
+                "name": n, "dice": s.mean_fg_dice(), "iou": s.mean_fg_iou(), "per_class": s.classes, "seconds": t,
+            });
+            if let Some(o) = ev.objects.get(i) {
+                img["objects"] = serde_json::json!(o.iter().map(metrics::ObjectCounts::scores).collect::<Vec<_>>());
+            }
+            img
+        }).collect::<Vec<_>>(),
         "summary": sum,
-    })
+    });
+    if !ev.objects.is_empty() {
+        v["objects"] = serde_json::json!({
+            "matching": "one-to-one by IoU >= threshold, greedy by decreasing IoU (unique above IoU 0.5, as StarDist's matching); counts summed over images",
+            "ap_definition": "TP / (TP + FP + FN)",
+            "thresholds": object_summary(ev),
+        });
+    }
+    v
 }
 
 fn evaluate(a: EvaluateArgs) -> Result<metrics::Summary> {
@@ -828,6 +1130,10 @@ fn evaluate(a: EvaluateArgs) -> Result<metrics::Summary> {
     let ev = evaluate_folder(&model, &a.data, &a.tiles.options(&model)?)?;
     let (table, sum) = score_table(&model, &ev);
     println!("{table}");
+    if !ev.objects.is_empty() {
+        println!("objects (one-to-one matching by IoU, counts over all images):");
+        println!("{}", object_table(&object_summary(&ev)));
+    }
     if let Some(j) = &a.json {
         let v = evaluation_json(&a.model, &a.data, &ev, &sum);
         lumos::engine::weights::write_atomic(j, serde_json::to_string_pretty(&v).expect("json").as_bytes())?;

@@ -136,6 +136,10 @@ pub struct ModelMeta {
     /// training (one per output channel); predictions are mapped back with them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_normalization: Option<Normalizer>,
+    /// Segmentation models trained from instance masks: how the classes map to objects
+    /// (see `engine::instances`). `None` for models trained on class masks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instances: Option<crate::engine::instances::InstanceSpec>,
     pub provenance: Provenance,
 }
 
@@ -158,6 +162,7 @@ impl ModelMeta {
             patch_size,
             normalization,
             target_normalization: None,
+            instances: None,
             provenance: Provenance::default(),
         }
     }
@@ -571,6 +576,26 @@ impl Model {
         let mut m = crate::image::Mask::zeros((h, w));
         self.segment(frame, opts, SegmentOutput::Labels(m.view_mut()), monitor)?;
         Ok(m)
+    }
+
+    /// Instance labels of a `(C, H, W)` frame, with a class per object: the frame's
+    /// stitched class map from [`segment`](Self::segment), post-processed as a whole (see
+    /// [`crate::engine::instances`]), so that objects crossing tile seams keep one label.
+    /// Models trained on class masks give the connected regions of each class.
+    pub fn segment_instances(
+        &self,
+        frame: ArrayView3<f32>,
+        opts: &SegmentOptions,
+        instance_opts: &crate::engine::instances::InstanceOptions,
+        monitor: &mut Monitor,
+    ) -> Result<crate::engine::instances::Instances> {
+        let classes = self.segment_labels_with(frame, opts, monitor)?;
+        crate::engine::instances::instances_from_classes(
+            &classes,
+            self.n_classes(),
+            self.meta.instances.as_ref(),
+            instance_opts,
+        )
     }
 
     /// The decompose verb: not available for segmentation kinds.

@@ -23,7 +23,7 @@ pub const LUMOS_ABI_VERSION: u32 = 1;
 /// save); calls on one handle are serialized internally. `lumos_model_free` must not run
 /// concurrently with any other call on the same handle.
 pub struct LumosModel {
-    model: Model,
+    pub(super) model: Model,
     kind_name: CString,
     channel_names: Vec<CString>,
     class_names: Vec<CString>,
@@ -232,7 +232,7 @@ impl From<DiffusionOptions> for LumosDiffusionOptions {
     }
 }
 
-fn diffusion_options(o: &LumosDiffusionOptions) -> Result<DiffusionOptions, Fail> {
+pub(super) fn diffusion_options(o: &LumosDiffusionOptions) -> Result<DiffusionOptions, Fail> {
     let start = match o.start {
         LUMOS_START_PRIOR => StartNoise::Prior,
         LUMOS_START_RANDOM => StartNoise::Random,
@@ -304,7 +304,7 @@ pub type LumosProgressCallback = Option<unsafe extern "C" fn(progress: *const Lu
 /// or garbage shapes).
 const MAX_ELEMENTS: usize = 1 << 36;
 
-fn element_count(dims: &[usize], what: &str) -> Result<usize, Fail> {
+pub(super) fn element_count(dims: &[usize], what: &str) -> Result<usize, Fail> {
     if dims.contains(&0) {
         return Err(Fail(
             LumosStatus::ShapeMismatch,
@@ -323,12 +323,12 @@ fn element_count(dims: &[usize], what: &str) -> Result<usize, Fail> {
 
 /// # Safety
 /// `p` must be NULL or point to a live `LumosModel`.
-unsafe fn model_ref<'a>(p: *const LumosModel) -> Result<&'a LumosModel, Fail> {
+pub(super) unsafe fn model_ref<'a>(p: *const LumosModel) -> Result<&'a LumosModel, Fail> {
     // SAFETY: per the caller's contract.
     unsafe { p.as_ref() }.ok_or_else(|| null("model"))
 }
 
-fn segment_options(opts: *const LumosTileOptions) -> Result<SegmentOptions, Fail> {
+pub(super) fn segment_options(opts: *const LumosTileOptions) -> Result<SegmentOptions, Fail> {
     // SAFETY: the caller passes NULL or a valid LumosTileOptions.
     let o = unsafe { opts.as_ref() }.copied().unwrap_or_default();
     let tile = match (o.tile_height, o.tile_width) {
@@ -350,7 +350,7 @@ fn segment_options(opts: *const LumosTileOptions) -> Result<SegmentOptions, Fail
     })
 }
 
-fn cancel_of(c: *const LumosCancelToken) -> Option<CancelToken> {
+pub(super) fn cancel_of(c: *const LumosCancelToken) -> Option<CancelToken> {
     // SAFETY: the caller passes NULL or a live token.
     unsafe { c.as_ref() }.map(|t| t.token.clone())
 }
@@ -665,7 +665,12 @@ pub unsafe extern "C" fn lumos_tile_options_default(out_options: *mut LumosTileO
 }
 
 /// Borrows the caller's input as a `(C, H, W)` view after checking pointer and shape.
-unsafe fn input_view<'a>(input: *const f32, c: usize, h: usize, w: usize) -> Result<ArrayView3<'a, f32>, Fail> {
+pub(super) unsafe fn input_view<'a>(
+    input: *const f32,
+    c: usize,
+    h: usize,
+    w: usize,
+) -> Result<ArrayView3<'a, f32>, Fail> {
     if input.is_null() {
         return Err(null("input"));
     }
@@ -675,7 +680,7 @@ unsafe fn input_view<'a>(input: *const f32, c: usize, h: usize, w: usize) -> Res
     Ok(ArrayView3::from_shape((c, h, w), s).expect("length checked"))
 }
 
-fn check_out_len(len: usize, need: usize, what: &str) -> Result<(), Fail> {
+pub(super) fn check_out_len(len: usize, need: usize, what: &str) -> Result<(), Fail> {
     if len < need {
         return Err(Fail(LumosStatus::BufferTooSmall, format!("{what} holds {len} elements; {need} are needed")));
     }

@@ -18,6 +18,9 @@ use crate::error::Error;
 #[allow(clippy::missing_safety_doc)]
 mod api;
 pub use api::*;
+#[allow(clippy::missing_safety_doc)]
+mod instances;
+pub use instances::*;
 
 /// Status codes returned by every fallible function. The numbers are stable: new codes
 /// are appended, none is ever renumbered or reused.

@@ -124,6 +124,42 @@ pub fn read_image(path: &Path) -> Result<Image> {
     })
 }
 
+/// The pixel size of a TIFF file in µm, when its metadata states one in a length unit
+/// (ImageJ's `unit=`, or the TIFF resolution unit inch or cm). Non-square pixels give the
+/// x size with a warning; a file without a pixel size or unit gives `None`.
+pub fn pixel_size_um(path: &Path) -> Result<Option<f64>> {
+    guarded(path, READING, || {
+        let (_, plan) = open_and_plan(path)?;
+        let (Some((x, y)), Some(unit)) = (plan.pixel_size, plan.unit.as_deref()) else {
+            return Ok(None);
+        };
+        let Some(scale) = unit_in_um(unit) else {
+            log::warn!("'{}': unknown length unit '{unit}'; its pixel size is not used", path.display());
+            return Ok(None);
+        };
+        if !(x.is_finite() && x > 0.0) {
+            return Ok(None);
+        }
+        if (x - y).abs() > 1e-6 * x.abs() {
+            log::warn!("'{}': pixels are {x} x {y} {unit}; using the x size", path.display());
+        }
+        Ok(Some(x * scale))
+    })
+}
+
+/// µm per `unit`, for the length units TIFF and ImageJ files name.
+fn unit_in_um(unit: &str) -> Option<f64> {
+    Some(match unit.trim() {
+        "micron" | "microns" | "um" | "µm" | "\u{3bc}m" | "\\u00B5m" | "micrometer" | "micrometre" => 1.0,
+        "nm" | "nanometer" | "nanometre" => 1e-3,
+        "mm" | "millimeter" | "millimetre" => 1e3,
+        "cm" | "centimeter" | "centimetre" => 1e4,
+        "m" | "meter" | "metre" => 1e6,
+        "inch" | "in" => 25_400.0,
+        _ => return None,
+    })
+}
+
 /// Reads a single-page integer label image as a mask.
 ///
 /// Accepts 1–32-bit unsigned or signed integers, palette indices, and floats whose values

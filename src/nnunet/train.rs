@@ -10,7 +10,8 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use tch::{Device, Tensor};
 
-use crate::engine::dataset::{Sample, load_folder};
+use crate::engine::dataset::{Loaded, Sample, load_segmentation};
+use crate::engine::instances::InstanceSpec;
 use crate::engine::metrics;
 use crate::engine::model::{Model, ModelKind, ModelMeta};
 use crate::engine::normalize::{NormMethod, Normalizer};
@@ -44,17 +45,18 @@ pub(crate) struct SegmentationData {
     kind: ModelKind,
     channel_names: Vec<String>,
     classes: Vec<String>,
+    instances: Option<InstanceSpec>,
     train: Vec<Sample>,
     val: Vec<Sample>,
 }
 
 /// Loads a segmentation folder for a `kind` model.
 pub(crate) fn load(kind: ModelKind, cfg: &TrainConfig, data_dir: &Path) -> Result<Box<dyn TrainingData>> {
-    let samples = load_folder(data_dir)?;
+    let Loaded { samples, instances } = load_segmentation(data_dir, cfg.masks, cfg.instance_targets)?;
     let channel_names = samples[0].image.channel_names.clone();
-    let classes = class_names(cfg, &samples)?;
+    let classes = class_names(cfg, &samples, instances.as_ref())?;
     let (train, val) = split_train_val(samples, cfg);
-    Ok(Box::new(SegmentationData { kind, channel_names, classes, train, val }))
+    Ok(Box::new(SegmentationData { kind, channel_names, classes, instances, train, val }))
 }
 
 fn names(v: &[Sample]) -> Vec<String> {
@@ -78,14 +80,16 @@ impl TrainingData for SegmentationData {
             _ => serde_json::to_value(&cfg.unet),
         }
         .expect("json");
-        Ok(ModelMeta::new(
+        let mut meta = ModelMeta::new(
             self.kind,
             architecture,
             self.channel_names.clone(),
             self.classes.clone(),
             cfg.patch_size,
             normalizer,
-        ))
+        );
+        meta.instances = self.instances;
+        Ok(meta)
     }
 
     fn trainer(self: Box<Self>, model: &Model, cfg: &TrainConfig) -> Result<Box<dyn KindTrainer>> {

@@ -11,7 +11,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tch::{Device, Kind, Tensor};
 
-use crate::engine::dataset::{Sample, load_folder};
+use crate::engine::dataset::{Loaded, Sample, load_segmentation};
+use crate::engine::instances::InstanceSpec;
 use crate::engine::metrics;
 use crate::engine::model::{Model, ModelKind, ModelMeta, SegmentOptions, TORCH_RNG};
 use crate::engine::normalize::{NormMethod, Normalizer};
@@ -28,20 +29,24 @@ use crate::pgdiff::{DiffusionOptions, PgDiffConfig, reconstruction_psnr};
 pub(crate) struct TileData {
     channel_names: Vec<String>,
     classes: Vec<String>,
+    instances: Option<InstanceSpec>,
     train: Vec<Sample>,
     val: Vec<Sample>,
 }
 
 pub(crate) fn load(cfg: &TrainConfig, data_dir: &Path) -> Result<Box<dyn TrainingData>> {
-    let samples = load_folder(data_dir)?;
-    let mut classes = class_names(cfg, &samples)?;
-    if cfg.classes.is_empty() && classes.len() == 3 {
+    let Loaded { samples, instances } = load_segmentation(data_dir, cfg.masks, cfg.instance_targets)?;
+    let mut classes = class_names(cfg, &samples, instances.as_ref())?;
+    let boundary = usize::from(instances.is_some_and(|s| s.boundary_class.is_some()));
+    if cfg.classes.is_empty() && classes.len() - boundary == 3 {
         // three labels are the live / dead setting of the paper and the simulator
-        classes = crate::sim::qpi::CLASS_NAMES.iter().map(|s| s.to_string()).collect();
+        for (c, name) in classes.iter_mut().zip(crate::sim::qpi::CLASS_NAMES) {
+            *c = name.to_string();
+        }
     }
     let channel_names = samples[0].image.channel_names.clone();
     let (train, val) = split_train_val(samples, cfg);
-    Ok(Box::new(TileData { channel_names, classes, train, val }))
+    Ok(Box::new(TileData { channel_names, classes, instances, train, val }))
 }
 
 impl TrainingData for TileData {
@@ -54,14 +59,16 @@ impl TrainingData for TileData {
         let norm =
             if cfg.normalization.is_empty() { vec![NormMethod::DatasetZscore] } else { cfg.normalization.clone() };
         let normalizer = Normalizer::fit(&norm, &self.train.iter().map(|s| &s.image).collect::<Vec<_>>())?;
-        Ok(ModelMeta::new(
+        let mut meta = ModelMeta::new(
             ModelKind::Pgdiff,
             serde_json::to_value(&cfg.pgdiff).expect("json"),
             self.channel_names.clone(),
             self.classes.clone(),
             cfg.patch_size,
             normalizer,
-        ))
+        );
+        meta.instances = self.instances;
+        Ok(meta)
     }
 
     fn trainer(self: Box<Self>, model: &Model, cfg: &TrainConfig) -> Result<Box<dyn KindTrainer>> {

@@ -82,3 +82,45 @@ mod tests {
         assert!(e.contains("sise"), "{e}");
     }
 }
+
+/// Writes the truth of each cell of a frame as CSV: `label`, `class` (the class most of
+/// the cell's pixels have in `mask`, when given, named by `class_names`) and
+/// `dry_mass_pg` (`dry_mass_pg[i]` for label `i + 1`).
+pub(crate) fn write_truth(
+    path: &std::path::Path,
+    instances: &crate::image::Labels,
+    mask: Option<&crate::image::Mask>,
+    dry_mass_pg: &[f64],
+    class_names: &[&str],
+) -> Result<()> {
+    let n = dry_mass_pg.len();
+    let mut votes = vec![[0u32; 256]; n + 1];
+    if let Some(m) = mask {
+        for (&l, &c) in instances.iter().zip(m.iter()) {
+            if l != 0 && (l as usize) <= n {
+                votes[l as usize][c as usize] += 1;
+            }
+        }
+    }
+    let mut columns = vec!["label".to_string()];
+    if mask.is_some() {
+        columns.push("class".into());
+    }
+    columns.push("dry_mass_pg".into());
+    let mut values = Vec::with_capacity(n * columns.len());
+    for (i, &dm) in dry_mass_pg.iter().enumerate() {
+        values.push((i + 1) as f64);
+        if mask.is_some() {
+            let v = &votes[i + 1];
+            let class = (1..256).fold(1usize, |b, k| if v[k] > v[b] { k } else { b });
+            values.push(class as f64);
+        }
+        values.push(dm);
+    }
+    let t = crate::engine::measure::Table {
+        columns,
+        values,
+        class_names: class_names.iter().map(|s| s.to_string()).collect(),
+    };
+    t.save_csv(path)
+}

@@ -41,7 +41,7 @@ use serde::{Deserialize, Serialize};
 
 use super::ssqpm::{Rng, gaussian_blur, pmath, sample_seed, smooth_field};
 use crate::error::{Error, Result};
-use crate::image::{Image, Mask};
+use crate::image::{Image, Labels, Mask};
 
 /// Class names of the masks.
 pub const CLASS_NAMES: [&str; 3] = ["background", "live", "dead"];
@@ -139,6 +139,11 @@ pub struct QpiSample {
     pub image: Image,
     /// 0 background, 1 live, 2 dead.
     pub mask: Mask,
+    /// One label per cell, 1..=n in placement order, 0 elsewhere (debris included).
+    pub instances: Labels,
+    /// `dry_mass_pg[i]` is the dry mass of cell `i + 1`: the optical path difference the
+    /// cell adds, integrated over its pixels, over α = 0.19 µm³/pg.
+    pub dry_mass_pg: Vec<f64>,
     /// The noise-free, background-free phase (radians).
     pub clean_phase: Array2<f32>,
     pub n_live: usize,
@@ -486,7 +491,17 @@ pub fn simulate(cfg: &QpiConfig, seed: u64) -> Result<QpiSample> {
     )?;
     let mask = Mask::from_shape_vec((n, n), c.label).expect("shape");
     let clean_phase = Array2::from_shape_vec((n, n), clean.iter().map(|&v| v as f32).collect()).expect("shape");
-    Ok(QpiSample { image, mask, clean_phase, n_live, n_dead })
+    let n_cells = n_live + n_dead;
+    let mut dry_mass_pg = vec![0.0; n_cells];
+    for (&o, &opd) in c.owner.iter().zip(&c.opd) {
+        if o != u32::MAX {
+            dry_mass_pg[o as usize] += opd * px * px / crate::engine::measure::DEFAULT_ALPHA_UM3_PER_PG;
+        }
+    }
+    let instances =
+        Labels::from_shape_vec((n, n), c.owner.iter().map(|&o| if o == u32::MAX { 0 } else { o + 1 }).collect())
+            .expect("shape");
+    Ok(QpiSample { image, mask, instances, dry_mass_pg, clean_phase, n_live, n_dead })
 }
 
 #[derive(Serialize)]
@@ -497,7 +512,9 @@ struct SampleRecord {
     n_dead: usize,
 }
 
-/// Writes `DIR/{train,test}/{images,masks}/qpi_NNNN.tif` and `DIR/simulation.json`.
+/// Writes `DIR/{train,test}/{images,masks,instances}/qpi_NNNN.tif` (phase, classes,
+/// one label per cell), `DIR/{train,test}/truth/qpi_NNNN.csv` (each cell's class and dry
+/// mass) and `DIR/simulation.json`.
 pub fn write_dataset(
     dir: &Path,
     n_train: usize,
@@ -511,7 +528,9 @@ pub fn write_dataset(
     for (si, (split, count)) in [("train", n_train), ("test", n_test)].into_iter().enumerate() {
         let img_dir = dir.join(split).join("images");
         let mask_dir = dir.join(split).join("masks");
-        for d in [&img_dir, &mask_dir] {
+        let inst_dir = dir.join(split).join("instances");
+        let truth_dir = dir.join(split).join("truth");
+        for d in [&img_dir, &mask_dir, &inst_dir, &truth_dir] {
             std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
         }
         for i in 0..count {
@@ -520,6 +539,14 @@ pub fn write_dataset(
             let name = format!("qpi_{i:04}");
             crate::io::tiff::write_image_f32(&img_dir.join(format!("{name}.tif")), &smp.image)?;
             crate::io::tiff::write_mask_u8(&mask_dir.join(format!("{name}.tif")), &smp.mask)?;
+            crate::io::tiff::write_labels(&inst_dir.join(format!("{name}.tif")), &smp.instances)?;
+            super::write_truth(
+                &truth_dir.join(format!("{name}.csv")),
+                &smp.instances,
+                Some(&smp.mask),
+                &smp.dry_mass_pg,
+                &CLASS_NAMES,
+            )?;
             records[si].push(SampleRecord { name: name.clone(), seed: s, n_live: smp.n_live, n_dead: smp.n_dead });
             names[si].push(name);
         }

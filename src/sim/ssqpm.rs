@@ -365,6 +365,9 @@ pub struct SsqpmSample {
     pub mask: Mask,
     /// Instance labels `1..=n`, 0 background.
     pub instances: Array2<u16>,
+    /// `dry_mass_pg[i]` is the dry mass of cell `i + 1`: its optical path difference
+    /// integrated over its pixels, over α = 0.19 µm³/pg.
+    pub dry_mass_pg: Vec<f64>,
     /// The confluence level actually simulated (never `Mixed`).
     pub confluence: Confluence,
 }
@@ -1334,9 +1337,18 @@ pub fn simulate(cfg: &SsqpmConfig, seed: u64) -> Result<SsqpmSample> {
     retrieved_phase(cfg, &fields.phi, &ill, seed, &mut data);
     let instances = instance_labels(cfg, cells.len(), &lab)?;
     let mask: Mask = instances.mapv(|v| u8::from(v != 0));
+    let mut dry_mass_pg = vec![0.0; cells.len()];
+    let per_rad = cfg.wavelength_um / (2.0 * PI * crate::engine::measure::DEFAULT_ALPHA_UM3_PER_PG)
+        * cfg.pixel_size_um
+        * cfg.pixel_size_um;
+    for (&l, &phi) in instances.iter().zip(&fields.phi) {
+        if l != 0 {
+            dry_mass_pg[l as usize - 1] += phi * per_rad;
+        }
+    }
     let data = Array3::from_shape_vec((5, h, w), data).map_err(|e| Error::Shape(e.to_string()))?;
     let image = Image::with_names(data, CHANNEL_NAMES.iter().map(|s| s.to_string()).collect())?;
-    Ok(SsqpmSample { image, mask, instances, confluence: conf })
+    Ok(SsqpmSample { image, mask, instances, dry_mass_pg, confluence: conf })
 }
 
 // ---------------------------------------------------------------------------------
@@ -1405,7 +1417,8 @@ pub fn write_dataset(
         let img_dir = dir.join(split).join("images");
         let mask_dir = dir.join(split).join("masks");
         let inst_dir = dir.join(split).join("instances");
-        for d in [&img_dir, &mask_dir, &inst_dir] {
+        let truth_dir = dir.join(split).join("truth");
+        for d in [&img_dir, &mask_dir, &inst_dir, &truth_dir] {
             std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
         }
         for i in 0..n {
@@ -1419,6 +1432,13 @@ pub fn write_dataset(
             crate::io::tiff::write_image_f32(&img_dir.join(format!("{name}.tif")), &sample.image)?;
             crate::io::tiff::write_mask_u8(&mask_dir.join(format!("{name}.tif")), &sample.mask)?;
             crate::io::tiff::write_mask_u16(&inst_dir.join(format!("{name}.tif")), &sample.instances)?;
+            super::write_truth(
+                &truth_dir.join(format!("{name}.csv")),
+                &sample.instances.mapv(u32::from),
+                None,
+                &sample.dry_mass_pg,
+                &[],
+            )?;
             records[si].push(SampleRecord {
                 name: name.clone(),
                 seed: s,

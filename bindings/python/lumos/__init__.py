@@ -78,6 +78,11 @@ class _DiffusionOptions(C.Structure):
 _STARTS = {"prior": 0, "random": 1, "forward": 2}
 
 
+class _MeasureOptions(C.Structure):
+    _fields_ = [("pixel_size_um", C.c_double), ("wavelength_nm", C.c_double), ("alpha_um3_per_pg", C.c_double),
+                ("phase_channel", C.c_int32), ("min_size", C.c_size_t)]
+
+
 class _Progress(C.Structure):
     _fields_ = [("stage", C.c_uint32), ("epoch", C.c_size_t), ("epochs", C.c_size_t),
                 ("iteration", C.c_size_t), ("iterations", C.c_size_t),
@@ -232,6 +237,15 @@ def _load():
             "lumos_train_recipe": ([C.c_char_p, C.c_char_p, C.POINTER(C.c_char_p)], st),
             "lumos_export_bioimageio": ([C.c_char_p, C.c_char_p, C.c_char_p, C.POINTER(C.c_char_p)], st),
             "lumos_simulate": ([C.c_char_p, C.c_char_p, C.c_uint64, C.POINTER(_Image), C.POINTER(_Image)], st),
+            "lumos_measure_options_default": ([C.POINTER(_MeasureOptions)], st),
+            "lumos_segment_instances": ([P, P, S, S, S, C.POINTER(_TileOptions), C.POINTER(_DiffusionOptions),
+                                         C.POINTER(_MeasureOptions), P, P, S, C.POINTER(S), C.POINTER(P)], st),
+            "lumos_measure": ([P, S, S, P, S, C.POINTER(_MeasureOptions), C.POINTER(P)], st),
+            "lumos_table_shape": ([P, C.POINTER(S), C.POINTER(S)], st),
+            "lumos_table_column_name": ([P, S, C.POINTER(C.c_char_p)], st),
+            "lumos_table_values": ([P, C.POINTER(C.POINTER(C.c_double))], st),
+            "lumos_table_free": ([P], None),
+            "lumos_labels_write_tiff": ([C.c_char_p, P, S, S], st),
         }
         for name, (args, res) in sig.items():
             f = getattr(lib, name)
@@ -448,14 +462,24 @@ class Model:
                 "eta": d.eta, "samples": d.samples, "forward_t": d.forward_t, "seed": d.seed,
                 "clip_denoised": bool(d.clip_denoised)}
 
-    def segment(self, image: np.ndarray, *, probabilities: bool = False, tile=None, step_fraction: float = 0.5,
-                batch_size: int = 4, mirror: bool = False, cancel: Optional[CancelToken] = None,
-                diffusion: Optional[dict] = None) -> np.ndarray:
+    def segment(self, image: np.ndarray, *, probabilities: bool = False, instances: bool = False, tile=None,
+                step_fraction: float = 0.5, batch_size: int = 4, mirror: bool = False,
+                cancel: Optional[CancelToken] = None, diffusion: Optional[dict] = None, pixel_size=None,
+                wavelength_nm=None, min_size: int = 10):
         """``image`` is (C, H, W). Returns (H, W) uint8 labels, or (K, H, W) float32 probabilities.
+
+        ``instances=True`` returns ``(labels, table)`` instead: one label per cell and its
+        measurements (see ``segment_instances``, which takes all measurement options).
 
         ``diffusion`` (PG-DiffSeg models, labels only): overrides of the model's sampling, keys
         ``start`` ("prior", "random", "forward"), ``inversion_steps``, ``sampling_steps``, ``eta``,
         ``samples``, ``forward_t``, ``seed``, ``clip_denoised``."""
+        if instances:
+            if probabilities:
+                raise ValueError("instances=True returns labels and a table; drop probabilities=True")
+            return self.segment_instances(image, pixel_size=pixel_size, wavelength_nm=wavelength_nm,
+                                          min_size=min_size, tile=tile, step_fraction=step_fraction,
+                                          batch_size=batch_size, mirror=mirror, cancel=cancel, diffusion=diffusion)
         x = _as_input(image, 3)
         c, h, w = x.shape
         opts = _options(tile, step_fraction, batch_size, mirror)
@@ -480,6 +504,37 @@ class Model:
                 _check(_load().lumos_segment(m, x.ctypes.data, c, h, w, C.byref(opts), tok, out.ctypes.data,
                                              out.size))
         return out
+
+    def segment_instances(self, image: np.ndarray, *, pixel_size=None, wavelength_nm=None, alpha=0.19,
+                          phase_channel=None, min_size: int = 10, tile=None, step_fraction: float = 0.5,
+                          batch_size: int = 4, mirror: bool = False, cancel: Optional[CancelToken] = None,
+                          diffusion: Optional[dict] = None):
+        """Instances of ``image`` (C, H, W): ``(labels, table)``.
+
+        ``labels`` is (H, W), one id per cell (0 = background, 1..N), uint16, or uint32 past 65,535
+        cells. ``table`` maps each column name (``label``, ``centroid_y``, ``area_px``, ``area_um2``,
+        ``mean_<channel>``, ``class``, ``dry_mass_pg``, ...) to a numpy array with one value per cell,
+        plus ``class_name``. ``pixel_size`` is in µm, ``wavelength_nm`` enables the dry mass of a phase
+        channel in radians (m = λ / (2π α) · Σ φ · pixel area, α in µm³/pg). ``diffusion``: PG-DiffSeg
+        sampling overrides, as for ``segment``; each cell takes the class most of its pixels have."""
+        x = _as_input(image, 3)
+        c, h, w = x.shape
+        opts = _options(tile, step_fraction, batch_size, mirror)
+        mo = _measure_options(pixel_size, wavelength_nm, alpha, phase_channel, min_size)
+        tok = cancel._h if cancel is not None else None
+        out = np.empty((h, w), dtype=np.uint32)
+        count = C.c_size_t()
+        table = C.c_void_p()
+        d = C.byref(self._diffusion(diffusion)) if diffusion is not None else None
+        with self._use() as m:
+            _check(_load().lumos_segment_instances(m, x.ctypes.data, c, h, w, C.byref(opts), d, C.byref(mo), tok,
+                                                   out.ctypes.data, out.size, C.byref(count), C.byref(table)))
+        columns = _take_table(table)
+        if "class" in columns:
+            names = self.class_names
+            columns["class_name"] = np.array([names[int(k)] if 0 <= int(k) < len(names) else "" for k in columns["class"]],
+                                             dtype=object)
+        return _narrow_labels(out), columns
 
     def _diffusion(self, diffusion: dict) -> _DiffusionOptions:
         merged = {**self.diffusion_options(), **diffusion}
@@ -588,6 +643,84 @@ def simulate(modality: str, seed: int = 0, **config) -> tuple:
     _check(_load().lumos_simulate(modality.encode(), json.dumps(config).encode(), seed, C.byref(im), C.byref(tr)))
     image = _take_image(im)
     return image, _take_image(tr)
+
+
+def _measure_options(pixel_size, wavelength_nm, alpha, phase_channel, min_size) -> _MeasureOptions:
+    mo = _MeasureOptions()
+    _check(_load().lumos_measure_options_default(C.byref(mo)))
+    mo.pixel_size_um = float("nan") if pixel_size is None else float(pixel_size)
+    mo.wavelength_nm = float("nan") if wavelength_nm is None else float(wavelength_nm)
+    mo.alpha_um3_per_pg = float(alpha)
+    mo.phase_channel = -1 if phase_channel is None else _size("phase_channel", phase_channel)
+    mo.min_size = _size("min_size", min_size)
+    return mo
+
+
+def _take_table(handle: C.c_void_p) -> dict:
+    """Copies a library table into {column: float64 array} and frees it."""
+    lib = _load()
+    try:
+        rows, cols = C.c_size_t(), C.c_size_t()
+        _check(lib.lumos_table_shape(handle, C.byref(rows), C.byref(cols)))
+        vals = C.POINTER(C.c_double)()
+        _check(lib.lumos_table_values(handle, C.byref(vals)))
+        n, k = rows.value, cols.value
+        data = np.ctypeslib.as_array(vals, shape=(n * k,)).copy().reshape(n, k) if n * k else np.zeros((n, k))
+        out = {}
+        for j in range(k):
+            name = C.c_char_p()
+            _check(lib.lumos_table_column_name(handle, j, C.byref(name)))
+            col = data[:, j]
+            key = name.value.decode("utf-8")
+            out[key] = col.astype(np.int64) if key in ("label", "class", "area_px") else col
+        return out
+    finally:
+        lib.lumos_table_free(handle)
+
+
+def _narrow_labels(labels: np.ndarray) -> np.ndarray:
+    return labels.astype(np.uint16) if labels.size == 0 or labels.max() <= 65535 else labels
+
+
+def measure(labels: np.ndarray, image: Optional[np.ndarray] = None, *, pixel_size=None, wavelength_nm=None,
+            alpha=0.19, phase_channel=None) -> dict:
+    """Measures each object of an (H, W) label image (any non-negative integer dtype): a table as
+    returned by ``Model.segment_instances``; intensities on ``image`` (C, H, W) when given."""
+    lab = np.asarray(labels)
+    if lab.ndim != 2:
+        raise ValueError(f"labels must be (H, W); got shape {lab.shape}")
+    if lab.dtype.kind == "f":
+        if not np.all(np.isfinite(lab)) or np.any(lab != np.round(lab)):
+            raise ValueError("labels are floats with fractional or non-finite values; labels must be integers")
+    elif lab.dtype.kind not in "ui" and lab.dtype != np.bool_:
+        raise ValueError(f"labels have dtype {lab.dtype}; expected an integer image")
+    if lab.size and lab.min() < 0:
+        raise ValueError(f"labels hold the negative value {lab.min()}; labels must be >= 0")
+    if lab.size and lab.max() > 0xFFFFFFFF:
+        raise ValueError(f"labels hold {lab.max()}, more than uint32 holds")
+    lab = np.ascontiguousarray(lab, dtype=np.uint32)
+    h, w = lab.shape
+    mo = _measure_options(pixel_size, wavelength_nm, alpha, phase_channel, 0)
+    ptr, c = None, 0
+    if image is not None:
+        x = _as_input(image, 3)
+        if x.shape[1:] != (h, w):
+            raise ValueError(f"image is {x.shape[1]} x {x.shape[2]} but labels are {h} x {w}; they must match")
+        ptr, c = x.ctypes.data, x.shape[0]
+    table = C.c_void_p()
+    _check(_load().lumos_measure(lab.ctypes.data, h, w, ptr, c, C.byref(mo), C.byref(table)))
+    return _take_table(table)
+
+
+def write_labels_tiff(path, labels: np.ndarray) -> None:
+    """Writes (H, W) instance labels as a uint16 TIFF (uint32 past 65,535 objects), atomically."""
+    lab = np.asarray(labels)
+    if lab.ndim != 2:
+        raise ValueError(f"labels must be (H, W); got shape {lab.shape}")
+    if lab.size and (lab.min() < 0 or lab.max() > 0xFFFFFFFF):
+        raise ValueError("labels must be in 0..4294967295")
+    x = np.ascontiguousarray(lab, dtype=np.uint32)
+    _check(_load().lumos_labels_write_tiff(os.fsencode(str(path)), x.ctypes.data, x.shape[0], x.shape[1]))
 
 
 def write_mask_tiff(path, labels: np.ndarray) -> None:

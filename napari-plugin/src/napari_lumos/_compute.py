@@ -70,6 +70,38 @@ def segment(model: lumos.Model, frames: np.ndarray, *, cancel: Optional[lumos.Ca
     return out
 
 
+def segment_instances(model: lumos.Model, frames: np.ndarray, *, cancel: Optional[lumos.CancelToken] = None,
+                      pixel_size: Optional[float] = None, wavelength_nm: Optional[float] = None,
+                      min_size: int = 10, diffusion: Optional[dict] = None):
+    """Segments ``(T, C, H, W)`` frames into cells; returns ``(labels, table)``.
+
+    ``labels`` is ``(T, H, W)``, uint16 (uint32 past 65,535 cells), one label per cell. With
+    several frames the labels continue from frame to frame, so that every cell of the stack has
+    its own label and its own row. ``table`` maps column names to one value per cell: the
+    engine's measurements (see ``lumos.Model.segment_instances``), plus ``frame``."""
+    n = frames.shape[0]
+    labels, tables = [], []
+    offset = 0
+    for i in range(n):
+        yield f"segmenting cells in frame {i + 1} of {n}", i, n
+        lab, table = model.segment_instances(frames[i], pixel_size=pixel_size, wavelength_nm=wavelength_nm,
+                                             min_size=min_size, cancel=cancel, diffusion=diffusion)
+        lab = lab.astype(np.uint32)
+        if offset:
+            lab[lab > 0] += offset
+            table["label"] = table["label"] + offset
+        offset = int(lab.max()) if lab.size and lab.max() > offset else offset
+        table["frame"] = np.full(len(table["label"]), i, dtype=np.int64)
+        labels.append(lab)
+        tables.append(table)
+    yield "done", n, n
+    out = np.stack(labels)
+    if out.size == 0 or out.max() <= 65535:
+        out = out.astype(np.uint16)
+    merged = {k: np.concatenate([t[k] for t in tables]) for k in tables[0]} if tables else {}
+    return out, merged
+
+
 def decompose(model: lumos.Model, frames: np.ndarray, *, cancel: Optional[lumos.CancelToken] = None,
               **options):
     """Decomposes ``(T, H, W)`` frames; returns ``(2, T, H, W)`` float32 (one per structure)."""

@@ -277,8 +277,18 @@ class _ModelJob(_Job):
         return self.model
 
 
+def _pixel_size_of(layer) -> float:
+    """The layer's pixel size in its scale's units (µm by convention), or 0 when the scale is
+    napari's default of 1 (unknown) or not square."""
+    if layer is None:
+        return 0.0
+    sy, sx = (float(v) for v in layer.scale[-2:])
+    return sx if sx == sy and sx != 1.0 and sx > 0 else 0.0
+
+
 class SegmentWidget(_ModelJob):
-    """Segments image layers with a DM-QPMNet, nnU-Net or PG-DiffSeg model into a labels layer."""
+    """Segments image layers with a DM-QPMNet, nnU-Net or PG-DiffSeg model into a labels layer:
+    pixel classes, or one label per cell with a measurement table (instances)."""
 
     run_text = "Segment"
 
@@ -297,11 +307,25 @@ class SegmentWidget(_ModelJob):
         self.samples = SpinBox(label="samples (voting)", min=1, max=50, value=1, visible=False)
         self.eta = FloatSpinBox(label="eta", min=0.0, max=1.0, step=0.1, value=0.0, visible=False)
         self.seed = SpinBox(label="seed", min=0, max=2**31 - 1, value=0, visible=False)
+        # instances: one label per cell, measured
+        self.instances = CheckBox(text="instances (one label per cell, with measurements)", value=False)
+        self.pixel_size = FloatSpinBox(label="pixel size (µm, 0 = unknown)", min=0.0, max=1000.0, step=0.01,
+                                       value=0.0, visible=False)
+        self.wavelength = FloatSpinBox(label="wavelength (nm, 0 = no dry mass)", min=0.0, max=10000.0, step=1.0,
+                                       value=0.0, visible=False)
+        self.min_size = SpinBox(label="smallest cell (pixels)", min=0, max=10**6, value=10, visible=False)
+        self.instances.changed.connect(self._show_instance_options)
         self.layout_choice.changed.connect(self._show_inputs)
         self.extend([self.model_file, self.device, self.bf16, self.model_info, self.layout_choice, self.stacked,
                      *self.channels,
                      self.start, self.inversion_steps, self.sampling_steps, self.samples, self.eta, self.seed,
+                     self.instances, self.pixel_size, self.wavelength, self.min_size,
                      *self._controls()])
+
+    def _show_instance_options(self, *_):
+        on = self.instances.value
+        for w in (self.pixel_size, self.wavelength, self.min_size):
+            w.visible = on
 
     def _diffusion_widgets(self):
         return [self.start, self.inversion_steps, self.sampling_steps, self.samples, self.eta, self.seed]
@@ -359,16 +383,44 @@ class SegmentWidget(_ModelJob):
             diffusion = {"start": self.start.value, "inversion_steps": self.inversion_steps.value,
                          "sampling_steps": self.sampling_steps.value, "samples": self.samples.value,
                          "eta": self.eta.value, "seed": self.seed.value}
+        self._instances = self.instances.value
+        if self._instances:
+            src = self._viewer.layers[names[-1]]
+            px = self.pixel_size.value or _pixel_size_of(src)
+            return _compute.segment_instances(m, frames, cancel=self._new_token(), pixel_size=px or None,
+                                              wavelength_nm=self.wavelength.value or None,
+                                              min_size=self.min_size.value, diffusion=diffusion)
         return _compute.segment(m, frames, cancel=self._new_token(), diffusion=diffusion)
 
-    def _on_result(self, labels):
+    def _on_result(self, result):
         m = self._job_model
-        data = labels if self._has_t else labels[0]
         src = self._viewer.layers[self._source] if self._source in self._viewer.layers else None
+        if self._instances:
+            labels, table = result
+            data = labels if self._has_t else labels[0]
+            features = {"index": table["label"], **table}
+            layer = self._viewer.add_labels(data, name=f"{self._source} cells", features=features,
+                                            metadata={"class_names": m.class_names, "measurements": table},
+                                            opacity=0.5, **_placement(src, data.ndim))
+            self.table = show_table(self._viewer, table, f"{layer.name} measurements")
+            self.status.value = f"done: {layer.name}, {len(table['label'])} cells"
+            return
+        data = result if self._has_t else result[0]
         layer = self._viewer.add_labels(data, name=f"{self._source} {m.kind} labels",
                                         metadata={"class_names": m.class_names}, opacity=0.5, **_placement(src, data.ndim))
         classes = ", ".join(f"{i} {n}" for i, n in enumerate(m.class_names))
         self.status.value = f"done: {layer.name} ({classes})"
+
+
+def show_table(viewer, table: dict, name: str):
+    """Docks a table view of per-cell measurements (one row per cell) below the canvas."""
+    from magicgui.widgets import Table
+
+    shown = {k: [v.item() if hasattr(v, "item") else v for v in col] for k, col in table.items()}
+    widget = Table(value=shown)
+    widget.read_only = True
+    viewer.window.add_dock_widget(widget, name=name, area="bottom")
+    return widget
 
 
 class DecomposeWidget(_ModelJob):

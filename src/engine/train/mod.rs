@@ -24,8 +24,9 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
 use crate::dmqpm::net::DmQpmConfig;
-use crate::engine::dataset::Sample;
+use crate::engine::dataset::{MaskMode, Sample};
 use crate::engine::device::{device_name, parse_device};
+use crate::engine::instances::{InstanceSpec, InstanceTargets};
 use crate::engine::metrics;
 use crate::engine::model::{EpochRecord, Model, ModelKind, ModelMeta, SegmentOptions};
 use crate::engine::normalize::{NormMethod, Normalizer};
@@ -82,8 +83,15 @@ pub struct TrainConfig {
     /// libtorch intra-op threads (0 = libtorch's default).
     pub threads: usize,
     /// Class names; empty = from the masks ("background", "class1", ...; binary masks:
-    /// "background", "cell").
+    /// "background", "cell"). With instance masks, name the background and the cell
+    /// classes; the `boundary` class is added.
     pub classes: Vec<String>,
+    /// How the masks are read: "auto" (8-bit = classes, 16-bit or wider = instance labels),
+    /// "classes" or "instances" (see `engine::dataset`).
+    pub masks: MaskMode,
+    /// What a model learns from instance masks: "boundary" (background, cell interiors and
+    /// their boundaries; touching cells stay apart) or "foreground" (cells only).
+    pub instance_targets: InstanceTargets,
     /// Checkpoint path; default `OUTPUT.ckpt`.
     pub checkpoint: Option<PathBuf>,
     /// Continue from the checkpoint when it exists.
@@ -115,6 +123,8 @@ impl Default for TrainConfig {
             device: "auto".into(),
             threads: 0,
             classes: Vec::new(),
+            masks: MaskMode::Auto,
+            instance_targets: InstanceTargets::Boundary,
             checkpoint: None,
             resume: false,
         }
@@ -607,37 +617,55 @@ fn read_checkpoint(path: &Path, model: &Model) -> Result<(weights::TensorFile, C
 }
 
 /// Class names: the config's (at least one per mask label), or "background" and "cell"
-/// for binary masks, or "background", "class1", ... otherwise.
-pub(crate) fn class_names(cfg: &TrainConfig, samples: &[Sample]) -> Result<Vec<String>> {
+/// for binary masks, or "background", "class1", ... otherwise. With boundary targets from
+/// instance masks, `boundary` is the last class.
+pub(crate) fn class_names(
+    cfg: &TrainConfig,
+    samples: &[Sample],
+    instances: Option<&InstanceSpec>,
+) -> Result<Vec<String>> {
     let used = crate::engine::dataset::labels_used(samples);
-    let max_label = (0..256).rev().find(|&v| used[v]).unwrap_or(0);
+    let boundary = instances.and_then(|s| s.boundary_class);
+    // the labels the names are for: background and cell classes
+    let max_label = match boundary {
+        Some(b) => b as usize - 1,
+        None => (0..256).rev().find(|&v| used[v]).unwrap_or(0),
+    };
     // class masks use few, dense labels; instance masks (one label per cell) or 8-bit
     // intensities would silently become a network of up to 256 classes
-    if cfg.classes.is_empty() && max_label > 1 {
+    if cfg.classes.is_empty() && max_label > 1 && instances.is_none() {
         let n_used = (1..=max_label).filter(|&v| used[v]).count();
         if max_label > 32 || 2 * n_used < max_label {
             return Err(Error::InvalidInput(format!(
                 "the masks use {n_used} different labels between 1 and {max_label}: they look like instance IDs (one label \
-                 per cell) or intensities, not classes. lumos learns classes: background 0, then 1, 2, ... Convert the \
-                 masks (e.g. every cell to 1), or list {} class names in the config's `classes` to confirm that many classes",
+                 per cell) or intensities, not classes. Train from instance labels with masks = \"instances\" \
+                 (--masks instances), or convert the masks (e.g. every cell to 1), or list {} class names in the config's \
+                 `classes` to confirm that many classes",
                 max_label + 1
             )));
         }
     }
-    Ok(if !cfg.classes.is_empty() {
-        if cfg.classes.len() <= max_label {
+    let mut names = if !cfg.classes.is_empty() {
+        let given_boundary = boundary.is_some() && cfg.classes.last().is_some_and(|c| c == "boundary");
+        let n = cfg.classes.len() - usize::from(given_boundary);
+        if n <= max_label {
             return Err(Error::Config(format!(
                 "{} class names given but the masks contain label {max_label}; expected at least {} names",
-                cfg.classes.len(),
+                n,
                 max_label + 1
             )));
         }
-        cfg.classes.clone()
+        cfg.classes[..n].to_vec()
     } else if max_label <= 1 {
         vec!["background".into(), "cell".into()]
     } else {
         std::iter::once("background".to_string()).chain((1..=max_label).map(|k| format!("class{k}"))).collect()
-    })
+    };
+    if let Some(b) = boundary {
+        names.truncate(b as usize);
+        names.push("boundary".into());
+    }
+    Ok(names)
 }
 
 #[cfg(test)]
@@ -660,13 +688,13 @@ mod tests {
     #[test]
     fn instance_like_masks_are_refused_unless_the_classes_are_named() {
         let cfg = TrainConfig::default();
-        assert_eq!(class_names(&cfg, &[sample(vec![0, 1, 2])]).unwrap(), vec!["background", "class1", "class2"]);
+        assert_eq!(class_names(&cfg, &[sample(vec![0, 1, 2])], None).unwrap(), vec!["background", "class1", "class2"]);
         let instances = sample((0..=40).collect());
-        let e = class_names(&cfg, std::slice::from_ref(&instances)).unwrap_err().to_string();
+        let e = class_names(&cfg, std::slice::from_ref(&instances), None).unwrap_err().to_string();
         assert!(e.contains("instance IDs"), "{e}");
         let sparse = sample(vec![0, 3, 9]);
-        assert!(class_names(&cfg, std::slice::from_ref(&sparse)).is_err());
+        assert!(class_names(&cfg, std::slice::from_ref(&sparse), None).is_err());
         let named = TrainConfig { classes: (0..=40).map(|k| format!("c{k}")).collect(), ..TrainConfig::default() };
-        assert_eq!(class_names(&named, &[instances]).unwrap().len(), 41);
+        assert_eq!(class_names(&named, &[instances], None).unwrap().len(), 41);
     }
 }
