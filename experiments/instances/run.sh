@@ -4,9 +4,10 @@
 # QPI live/dead simulators, nnU-Net with the demo's budget (5 stages, 16-256 features,
 # 12 epochs x 25 iterations of 4 patches of 128 x 128), two training seeds each.
 # Resumable: a run whose result file exists is skipped. Results: one JSON per run in OUT.
-#   experiments/instances/run.sh LUMOS_BINARY OUT
+#   experiments/instances/run.sh LUMOS_BINARY OUT [EPOCHS [SEEDS [SIMS]]]
 set -euo pipefail
-L=${1:?lumos binary}; OUT=${2:?output folder}
+L=${1:?lumos binary}; OUT=${2:?output folder}; EPOCHS=${3:-12}; SEEDS=${4:-"0 1"}; SIMS=${5:-"ssqpm qpi"}
+tag=""; [ "$EPOCHS" = 12 ] || tag="-e$EPOCHS"
 mkdir -p "$OUT"
 for sim in ssqpm qpi; do
   d="$OUT/data-$sim"
@@ -14,14 +15,14 @@ for sim in ssqpm qpi; do
     "$L" simulate "$sim" --out "$d" --train 24 --test 6 --size 256 --seed 7 >/dev/null
   fi
 done
-for seed in 0 1; do
-  for sim in ssqpm qpi; do
+for seed in $SEEDS; do
+  for sim in $SIMS; do
     for targets in boundary foreground; do
-      name="$sim-$targets-s$seed"
+      name="$sim-$targets$tag-s$seed"
       [ -f "$OUT/$name.eval.json" ] && continue
       cat > "$OUT/$name.config.json" <<JSON
 {"kind": "unet", "unet": {"n_stages": 5, "base_features": 16, "max_features": 256, "convs_per_stage": 2},
- "epochs": 12, "iterations_per_epoch": 25, "batch_size": 4, "patch_size": [128, 128],
+ "epochs": $EPOCHS, "iterations_per_epoch": 25, "batch_size": 4, "patch_size": [128, 128],
  "seed": $seed, "device": "cpu", "masks": "instances", "instance_targets": "$targets"}
 JSON
       t0=$(date +%s)

@@ -1227,6 +1227,12 @@ fn info(a: InfoArgs) -> Result<()> {
         format!("{} ({} train / {} validation images)", p.data, p.train_images.len(), p.val_images.len()),
     ]);
     t.add_row(["validation Dice".to_string(), p.val_dice.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into())]);
+    if let Some(i) = &m.instances {
+        t.add_row([
+            "instances".to_string(),
+            format!("trained from instance masks ({} targets); segment --instances separates cells", i.targets.name()),
+        ]);
+    }
     println!("{t}");
     Ok(())
 }

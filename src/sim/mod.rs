@@ -62,27 +62,6 @@ pub fn simulate_frame(modality: &str, config_json: &str, seed: u64) -> Result<Fr
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn frames_have_the_documented_shapes_and_are_seeded() {
-        for (m, cfg, c, t) in
-            [("ssqpm", r#"{"size": 64}"#, 5, 1), ("qpi", r#"{"size": 64}"#, 1, 1), ("fluo", r#"{"size": 64}"#, 1, 2)]
-        {
-            let a = simulate_frame(m, cfg, 3).unwrap();
-            assert_eq!(a.image.data.dim(), (c, 64, 64), "{m}");
-            assert_eq!(a.truth.data.dim(), (t, 64, 64), "{m}");
-            let b = simulate_frame(m, cfg, 3).unwrap();
-            assert_eq!(a.image.data, b.image.data, "{m}: same seed, same frame");
-        }
-        assert!(matches!(simulate_frame("sem", "", 0), Err(Error::InvalidArgument(_))));
-        let e = simulate_frame("qpi", r#"{"sise": 64}"#, 0).unwrap_err().to_string();
-        assert!(e.contains("sise"), "{e}");
-    }
-}
-
 /// Writes the truth of each cell of a frame as CSV: `label`, `class` (the class most of
 /// the cell's pixels have in `mask`, when given, named by `class_names`) and
 /// `dry_mass_pg` (`dry_mass_pg[i]` for label `i + 1`).
@@ -123,4 +102,25 @@ pub(crate) fn write_truth(
         class_names: class_names.iter().map(|s| s.to_string()).collect(),
     };
     t.save_csv(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_have_the_documented_shapes_and_are_seeded() {
+        for (m, cfg, c, t) in
+            [("ssqpm", r#"{"size": 64}"#, 5, 1), ("qpi", r#"{"size": 64}"#, 1, 1), ("fluo", r#"{"size": 64}"#, 1, 2)]
+        {
+            let a = simulate_frame(m, cfg, 3).unwrap();
+            assert_eq!(a.image.data.dim(), (c, 64, 64), "{m}");
+            assert_eq!(a.truth.data.dim(), (t, 64, 64), "{m}");
+            let b = simulate_frame(m, cfg, 3).unwrap();
+            assert_eq!(a.image.data, b.image.data, "{m}: same seed, same frame");
+        }
+        assert!(matches!(simulate_frame("sem", "", 0), Err(Error::InvalidArgument(_))));
+        let e = simulate_frame("qpi", r#"{"sise": 64}"#, 0).unwrap_err().to_string();
+        assert!(e.contains("sise"), "{e}");
+    }
 }
